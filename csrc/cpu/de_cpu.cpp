@@ -1,0 +1,139 @@
+// CPU kernels: fused DE mutation + binomial crossover and the debug mask, threaded with ATen's OpenMP pool.
+//
+// Work is cut into blocks of kGroups Philox groups (4 * kGroups elements, aligned to the global index so a
+// block's random words never depend on how the caller chunked the tensor). Per block: Philox over the
+// groups lane-wise (vectorised), then one contiguous element loop (vectorised) that reads each input once
+// and writes the output once. No allocation beyond a few hundred bytes of stack per thread.
+#include "de_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../bf16_bits.h"
+#include "../philox.h"
+
+namespace evolver_kernels {
+namespace {
+
+constexpr int kGroups = 64;          // Philox groups per block: 256 elements
+constexpr int64_t kGrainBlocks = 64;  // blocks per parallel task: 16K elements
+
+struct Float32Codec {
+  using Bits = uint32_t;
+  static float load(Bits v) { return bits_to_float(v); }
+  static Bits store(float f) { return float_to_bits(f); }
+};
+
+struct BFloat16Codec {
+  using Bits = uint16_t;
+  static float load(Bits v) { return bf16_bits_to_float(v); }
+  static Bits store(float f) { return float_to_bf16_bits(f); }
+};
+
+struct Float16Codec {
+  using Bits = uint16_t;
+  static float load(Bits v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
+  static Bits store(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
+};
+
+// Calls body(words, delta, p_lo, p_hi) for every block: the element at local index p in [p_lo, p_hi)
+// has global index offset + p and its random word is words[p + delta].
+template <typename Body>
+void for_each_block(int64_t numel, uint64_t seed, uint64_t stream, uint64_t offset, const Body& body) {
+  if (numel <= 0) return;
+  const uint64_t first_group = offset >> 2;
+  const uint64_t end_group = (offset + static_cast<uint64_t>(numel) + 3) >> 2;
+  const int64_t nblocks = static_cast<int64_t>((end_group - first_group + kGroups - 1) / kGroups);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+    alignas(64) uint32_t words[4 * kGroups];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const uint64_t g = first_group + static_cast<uint64_t>(blk) * kGroups;
+      for (int l = 0; l < kGroups; ++l) {
+        const uint64_t q = g + l;
+        c0[l] = static_cast<uint32_t>(q);
+        c1[l] = static_cast<uint32_t>(q >> 32);
+        c2[l] = s0;
+        c3[l] = s1;
+      }
+      philox4x32_10_lanes<kGroups>(c0, c1, c2, c3, k0, k1);
+      for (int l = 0; l < kGroups; ++l) {
+        words[4 * l] = c0[l];
+        words[4 * l + 1] = c1[l];
+        words[4 * l + 2] = c2[l];
+        words[4 * l + 3] = c3[l];
+      }
+      const int64_t delta = static_cast<int64_t>(offset - 4 * g);  // in (-2**63, 3]
+      const int64_t p_lo = std::max<int64_t>(-delta, 0);
+      const int64_t p_hi = std::min<int64_t>(4 * kGroups - delta, numel);
+      body(words, delta, p_lo, p_hi);
+    }
+  });
+}
+
+template <typename Codec, bool kTwoInputs>
+void de_kernel(const DEParams& p) {
+  using Bits = typename Codec::Bits;
+  const Bits* __restrict__ x = static_cast<const Bits*>(p.x);
+  const Bits* __restrict__ a = static_cast<const Bits*>(p.a);
+  const Bits* __restrict__ base = static_cast<const Bits*>(p.base ? p.base : p.x);
+  const Bits* __restrict__ b = static_cast<const Bits*>(p.b ? p.b : p.x);
+  Bits* out = static_cast<Bits*>(p.out);  // may alias x: each element is read before it is written
+  const float F = p.F;
+  const Threshold threshold(p.threshold);
+  for_each_block(p.numel, p.seed, p.stream, p.offset,
+                 [&](const uint32_t* words, int64_t delta, int64_t p_lo, int64_t p_hi) {
+                   for (int64_t i = p_lo; i < p_hi; ++i) {
+                     const Bits xb = x[i];
+                     float r;
+                     if (kTwoInputs) {
+                       const float xf = Codec::load(xb);
+                       r = xf + F * (Codec::load(a[i]) - xf);
+                     } else {
+                       r = Codec::load(base[i]) + F * (Codec::load(a[i]) - Codec::load(b[i]));
+                     }
+                     out[i] = threshold.selects(words[i + delta]) ? Codec::store(r) : xb;
+                   }
+                 });
+}
+
+template <typename Codec>
+void de_dispatch_inputs(const DEParams& p) {
+  if (p.base == nullptr && p.b == nullptr) {
+    de_kernel<Codec, true>(p);
+  } else {
+    de_kernel<Codec, false>(p);
+  }
+}
+
+}  // namespace
+
+void de_mutate_crossover_cpu(const DEParams& p) {
+  switch (p.dtype) {
+    case ElementType::kFloat32:
+      de_dispatch_inputs<Float32Codec>(p);
+      break;
+    case ElementType::kBFloat16:
+      de_dispatch_inputs<BFloat16Codec>(p);
+      break;
+    case ElementType::kFloat16:
+      de_dispatch_inputs<Float16Codec>(p);
+      break;
+  }
+}
+
+void crossover_mask_cpu(const MaskParams& p) {
+  bool* out = p.out;
+  const Threshold threshold(p.threshold);
+  for_each_block(p.numel, p.seed, p.stream, p.offset,
+                 [&](const uint32_t* words, int64_t delta, int64_t p_lo, int64_t p_hi) {
+                   for (int64_t i = p_lo; i < p_hi; ++i) out[i] = threshold.selects(words[i + delta]);
+                 });
+}
+
+}  // namespace evolver_kernels

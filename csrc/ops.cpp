@@ -1,0 +1,62 @@
+// The one place the operators are declared (TORCH_LIBRARY) and the CPU backend is registered.
+// The CUDA extension (csrc/cuda/bind_cuda.cpp) adds CUDA implementations of the same schemas;
+// evolver_kernels/ops.py registers the fake (meta) implementations.
+#include <Python.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "cpu/de_cpu.h"
+#include "philox.h"
+#include "tensor_params.h"
+
+namespace evolver_kernels {
+namespace {
+
+void de_mutate_crossover_cpu_op(const at::Tensor& x, const at::Tensor& a, const c10::optional<at::Tensor>& base,
+                                const c10::optional<at::Tensor>& b, double F, int64_t threshold, int64_t seed,
+                                int64_t stream, int64_t offset, const at::Tensor& out) {
+  de_mutate_crossover_cpu(make_de_params(x, a, base, b, F, threshold, seed, stream, offset, out));
+}
+
+// Test hook: Philox4x32-10 of each row of an int64 [n, 4] tensor of 32-bit counters, for the known answers.
+at::Tensor philox4x32_10_cpu_op(const at::Tensor& counters, int64_t k0, int64_t k1) {
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
+              "evolver_kernels: counters must be an int64 [n, 4] tensor");
+  const at::Tensor in = counters.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const int64_t* src = in.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.size(0); ++i) {
+    uint32_t c[4];
+    for (int k = 0; k < 4; ++k) c[k] = static_cast<uint32_t>(src[4 * i + k]);
+    philox4x32_10(c[0], c[1], c[2], c[3], static_cast<uint32_t>(k0), static_cast<uint32_t>(k1));
+    for (int k = 0; k < 4; ++k) dst[4 * i + k] = c[k];
+  }
+  return out;
+}
+
+void crossover_mask_cpu_op(const at::Tensor& out, int64_t threshold, int64_t seed, int64_t stream, int64_t offset) {
+  crossover_mask_cpu(make_mask_params(out, threshold, seed, stream, offset));
+}
+
+}  // namespace
+}  // namespace evolver_kernels
+
+TORCH_LIBRARY(evolver_kernels, m) {
+  // base and b default to x (the evolver strategy); out may be x.
+  m.def(
+      "de_mutate_crossover_(Tensor x, Tensor a, Tensor? base, Tensor? b, float F, int threshold, int seed, "
+      "int stream, int offset, Tensor(a!) out) -> ()");
+  m.def("crossover_mask_(Tensor(a!) out, int threshold, int seed, int stream, int offset) -> ()");
+  m.def("philox4x32_10(Tensor counters, int k0, int k1) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
+  m.impl("de_mutate_crossover_", &evolver_kernels::de_mutate_crossover_cpu_op);
+  m.impl("crossover_mask_", &evolver_kernels::crossover_mask_cpu_op);
+  m.impl("philox4x32_10", &evolver_kernels::philox4x32_10_cpu_op);
+}
+
+// A Python module with no functions: importing it runs the registrations above.
+static struct PyModuleDef evolver_kernels_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&evolver_kernels_c_module); }

@@ -1,0 +1,83 @@
+// Turns the op's tensor arguments into DEParams / MaskParams, checking what the kernels rely on.
+// The Python layer (evolver_kernels/ops.py) gives the user-facing errors; these checks guard direct
+// torch.ops calls.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "de_params.h"
+
+namespace evolver_kernels {
+
+inline ElementType element_type_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return ElementType::kFloat32;
+    case at::kBFloat16:
+      return ElementType::kBFloat16;
+    case at::kHalf:
+      return ElementType::kFloat16;
+    default:
+      TORCH_CHECK(false, "evolver_kernels: dtype must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "evolver_kernels: ", name, " has dtype ", t.scalar_type(),
+              ", x has ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "evolver_kernels: ", name, " is on ", t.device(), ", x on ", x.device());
+  TORCH_CHECK(t.numel() == x.numel(), "evolver_kernels: ", name, " has ", t.numel(), " elements, x has ", x.numel());
+  TORCH_CHECK(t.is_contiguous(), "evolver_kernels: ", name, " must be contiguous");
+}
+
+inline void check_stream_args(int64_t threshold, int64_t offset) {
+  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t{1} << 32), "evolver_kernels: threshold ", threshold,
+              " outside [0, 2**32]");
+  TORCH_CHECK(offset >= 0, "evolver_kernels: offset must be non-negative, got ", offset);
+}
+
+// seed and stream travel through the schema as int64; the contract reads them as uint64.
+inline DEParams make_de_params(const at::Tensor& x, const at::Tensor& a, const c10::optional<at::Tensor>& base,
+                               const c10::optional<at::Tensor>& b, double F, int64_t threshold, int64_t seed,
+                               int64_t stream, int64_t offset, const at::Tensor& out) {
+  const ElementType dtype = element_type_of(x);
+  TORCH_CHECK(x.is_contiguous(), "evolver_kernels: x must be contiguous");
+  check_like(a, x, "a");
+  check_like(out, x, "out");
+  if (base) check_like(*base, x, "base");
+  if (b) check_like(*b, x, "b");
+  check_stream_args(threshold, offset);
+  DEParams p;
+  p.x = x.data_ptr();
+  p.a = a.data_ptr();
+  p.base = base ? base->data_ptr() : nullptr;
+  p.b = b ? b->data_ptr() : nullptr;
+  if (p.base == p.x && p.b == p.x) p.base = p.b = nullptr;  // evolver strategy: read two tensors, not four
+  p.out = out.data_ptr();
+  p.numel = x.numel();
+  p.F = static_cast<float>(F);
+  p.threshold = threshold;
+  p.seed = static_cast<uint64_t>(seed);
+  p.stream = static_cast<uint64_t>(stream);
+  p.offset = static_cast<uint64_t>(offset);
+  p.dtype = dtype;
+  return p;
+}
+
+inline MaskParams make_mask_params(const at::Tensor& out, int64_t threshold, int64_t seed, int64_t stream,
+                                   int64_t offset) {
+  TORCH_CHECK(out.scalar_type() == at::kBool, "evolver_kernels: mask out must be bool, got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "evolver_kernels: mask out must be contiguous");
+  check_stream_args(threshold, offset);
+  MaskParams p;
+  p.out = out.data_ptr<bool>();
+  p.numel = out.numel();
+  p.threshold = threshold;
+  p.seed = static_cast<uint64_t>(seed);
+  p.stream = static_cast<uint64_t>(stream);
+  p.offset = static_cast<uint64_t>(offset);
+  return p;
+}
+
+}  // namespace evolver_kernels

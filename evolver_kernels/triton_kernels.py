@@ -1,0 +1,267 @@
+"""Triton kernels: Philox4x32-10, the fused DE mutation + crossover and the debug mask.
+
+Import this module only after TRITON_INTERPRET is decided: Triton reads it when kernels are defined.
+evolver_kernels.backends imports it lazily.
+
+Layout: a program owns GROUPS Philox groups aligned to the global index (4 * GROUPS elements), computes
+each group's four words once and lays its elements out as a [GROUPS, 4] block, so the random words never
+depend on how the caller chunked the tensor. Tensors travel as integer views of their bits: unselected
+elements are stored from the loaded bits (bit for bit, NaN payloads included), and bfloat16 is widened
+and rounded on bits (the interpreter's bf16 arithmetic is not trustworthy). Launches pass
+enable_fp_fusion=False so a + F * d is two roundings, as in the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .rng import MASK32
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter pays per program, a GPU wants many programs in flight.
+GROUPS_PER_PROGRAM = 4096 if INTERPRETED else 512
+NUM_WARPS = 4
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Ten Philox rounds on uint32 blocks (c0..c3) with uint32 key (k0, k1)."""
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _join_i64(hi, lo):
+    """hi * 2**31 + lo from two int32-typed pieces (a uint32-typed scalar widens wrongly in the interpreter)."""
+    return (hi.to(tl.int64) << 31) | lo.to(tl.int64)
+
+
+@triton.jit
+def _selects(word, bound, take_all):
+    """The contract's word < threshold, as a 32-bit compare plus the threshold == 2**32 flag."""
+    return (word < bound.to(tl.uint32)) | (take_all != 0)
+
+
+@triton.jit
+def _words_block(pid, offset, k0, k1, s0, s1, GROUPS: tl.constexpr):
+    """Global indices [GROUPS, 4] of this program's block and the Philox word of each."""
+    q = (offset >> 2) + pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
+    zero = tl.zeros([GROUPS], dtype=tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(
+        (q & 0xFFFFFFFF).to(tl.uint32),
+        (q >> 32).to(tl.uint32),
+        zero + s0.to(tl.uint32),
+        zero + s1.to(tl.uint32),
+        k0.to(tl.uint32),
+        k1.to(tl.uint32),
+    )
+    lane = tl.arange(0, 4)[None, :]
+    word = tl.where(
+        lane == 0, w0[:, None], tl.where(lane == 1, w1[:, None], tl.where(lane == 2, w2[:, None], w3[:, None]))
+    )
+    j = q[:, None] * 4 + lane.to(tl.int64)
+    return j, word
+
+
+@triton.jit
+def _bits_to_f32(bits, DTYPE: tl.constexpr):
+    if DTYPE == 0:
+        f = bits.to(tl.float32, bitcast=True)
+    elif DTYPE == 1:
+        f = (bits.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        f = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    return f
+
+
+@triton.jit
+def _f32_to_bits(f, DTYPE: tl.constexpr):
+    if DTYPE == 0:
+        bits = f.to(tl.int32, bitcast=True)
+    elif DTYPE == 1:
+        u = f.to(tl.uint32, bitcast=True)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # round to nearest even
+        quiet_nan = (u >> 16) | 0x40
+        bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, quiet_nan, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
+    else:
+        bits = f.to(tl.float16).to(tl.int16, bitcast=True)
+    return bits
+
+
+_RUNTIME_INTS = ["numel_hi", "numel_lo", "offset_hi", "offset_lo", "bound", "take_all", "k0", "k1", "s0", "s1"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _de_kernel(
+    x_ptr,
+    a_ptr,
+    base_ptr,
+    b_ptr,
+    out_ptr,
+    numel_hi,
+    numel_lo,
+    F,
+    bound,
+    take_all,
+    k0,
+    k1,
+    s0,
+    s1,
+    offset_hi,
+    offset_lo,
+    TWO_INPUTS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offset = _join_i64(offset_hi, offset_lo)
+    j, word = _words_block(pid, offset, k0, k1, s0, s1, GROUPS)
+    p = j - offset
+    valid = (p >= 0) & (p < _join_i64(numel_hi, numel_lo))
+    x_bits = tl.load(x_ptr + p, mask=valid)
+    xf = _bits_to_f32(x_bits, DTYPE)
+    af = _bits_to_f32(tl.load(a_ptr + p, mask=valid), DTYPE)
+    if TWO_INPUTS:
+        r = xf + F * (af - xf)
+    else:
+        basef = _bits_to_f32(tl.load(base_ptr + p, mask=valid), DTYPE)
+        bf = _bits_to_f32(tl.load(b_ptr + p, mask=valid), DTYPE)
+        r = basef + F * (af - bf)
+    selected = _selects(word, bound, take_all)
+    tl.store(out_ptr + p, tl.where(selected, _f32_to_bits(r, DTYPE), x_bits), mask=valid)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _mask_kernel(
+    out_ptr, numel_hi, numel_lo, bound, take_all, k0, k1, s0, s1, offset_hi, offset_lo, GROUPS: tl.constexpr
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offset = _join_i64(offset_hi, offset_lo)
+    j, word = _words_block(pid, offset, k0, k1, s0, s1, GROUPS)
+    p = j - offset
+    selected = _selects(word, bound, take_all)
+    tl.store(out_ptr + p, selected.to(tl.uint8), mask=(p >= 0) & (p < _join_i64(numel_hi, numel_lo)))
+
+
+def _grid(numel: int, offset: int) -> tuple[int]:
+    groups = ((offset + numel + 3) >> 2) - (offset >> 2)
+    return (triton.cdiv(groups, GROUPS_PER_PROGRAM),)
+
+
+def _split(v: int) -> tuple[int, int]:
+    """(lo, hi) 32-bit words of a 64-bit value: Philox key and stream words."""
+    return v & MASK32, v >> 32
+
+
+def _i64_parts(v: int) -> tuple[int, int]:
+    """(hi, lo) with v = hi * 2**31 + lo, both below 2**31, for v < 2**62 (see _join_i64)."""
+    return v >> 31, v & 0x7FFFFFFF
+
+
+def _threshold_args(threshold: int) -> tuple[int, int]:
+    """(bound, take_all) for _selects."""
+    return (0, 1) if threshold > MASK32 else (threshold, 0)
+
+
+def de_mutate_crossover(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    base: torch.Tensor | None,
+    b: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    F: float,
+    threshold: int,
+    seed: int,
+    stream: int,
+    offset: int,
+) -> None:
+    """Writes the offspring into `out` (may be x). base = b = None: the evolver strategy, two reads."""
+    n = x.numel()
+    if n == 0:
+        return
+    bits = BITS_VIEW[x.dtype]
+    two_inputs = base is None and b is None
+    base = x if base is None else base
+    b = x if b is None else b
+    k0, k1 = _split(seed)
+    s0, s1 = _split(stream)
+    _de_kernel[_grid(n, offset)](
+        x.view(bits),
+        a.view(bits),
+        base.view(bits),
+        b.view(bits),
+        out.view(bits),
+        *_i64_parts(n),
+        F,
+        *_threshold_args(threshold),
+        k0,
+        k1,
+        s0,
+        s1,
+        *_i64_parts(offset),
+        TWO_INPUTS=two_inputs,
+        DTYPE=DTYPE_CODES[x.dtype],
+        GROUPS=GROUPS_PER_PROGRAM,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
+    )
+
+
+def crossover_mask(out: torch.Tensor, *, threshold: int, seed: int, stream: int, offset: int) -> None:
+    """Writes the crossover mask of elements offset .. offset + out.numel() - 1 into the bool tensor `out`."""
+    n = out.numel()
+    if n == 0:
+        return
+    k0, k1 = _split(seed)
+    s0, s1 = _split(stream)
+    _mask_kernel[_grid(n, offset)](
+        out.view(torch.uint8),
+        *_i64_parts(n),
+        *_threshold_args(threshold),
+        k0,
+        k1,
+        s0,
+        s1,
+        *_i64_parts(offset),
+        GROUPS=GROUPS_PER_PROGRAM,
+        num_warps=NUM_WARPS,
+    )
+
+
+def philox_block(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """Test hook: Philox4x32-10 of each row of an int64 [n, 4] counter tensor (values < 2**32), as int64 [n, 4]."""
+    n = counters.shape[0]
+    out = torch.empty_like(counters)
+    block = triton.next_power_of_2(max(n, 1))
+    _philox_test_kernel[(1,)](counters, out, n, k0, k1, BLOCK=block)
+    return out
+
+
+@triton.jit(do_not_specialize=["n", "k0", "k1"])
+def _philox_test_kernel(c_ptr, out_ptr, n, k0, k1, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK).to(tl.int64)
+    valid = i < n
+    c0 = tl.load(c_ptr + 4 * i, mask=valid, other=0).to(tl.uint32)
+    c1 = tl.load(c_ptr + 4 * i + 1, mask=valid, other=0).to(tl.uint32)
+    c2 = tl.load(c_ptr + 4 * i + 2, mask=valid, other=0).to(tl.uint32)
+    c3 = tl.load(c_ptr + 4 * i + 3, mask=valid, other=0).to(tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, c3, k0.to(tl.uint32), k1.to(tl.uint32))
+    tl.store(out_ptr + 4 * i, w0.to(tl.int64), mask=valid)
+    tl.store(out_ptr + 4 * i + 1, w1.to(tl.int64), mask=valid)
+    tl.store(out_ptr + 4 * i + 2, w2.to(tl.int64), mask=valid)
+    tl.store(out_ptr + 4 * i + 3, w3.to(tl.int64), mask=valid)

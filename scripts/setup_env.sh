@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Sets up everything from a fresh clone: a virtual environment (.venv, or $EVOLVER_VENV), the pinned
+# packages, and the compiled extensions (C++/OpenMP always; CUDA when nvcc is found).
+# Idempotent: a second run reuses the environment and rebuilds only the extensions.
+# Source it (`. scripts/setup_env.sh`) to get the venv's python on PATH, or run it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${EVOLVER_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.requirements.sha"
+WANT="$(sha256sum "$ROOT/scripts/requirements-dev.txt" | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[setup] installing packages (scripts/requirements-dev.txt)"
+  "$VENV/bin/pip" install --quiet -r "$ROOT/scripts/requirements-dev.txt"
+  echo "$WANT" > "$STAMP"
+fi
+echo "[setup] building the extensions"
+( cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/pip" install --quiet --no-build-isolation --no-deps -e . )
+export PATH="$VENV/bin:$PATH"
+export VIRTUAL_ENV="$VENV"
+echo "[setup] ready: $("$VENV/bin/python" -c 'import torch, evolver_kernels as ek; print("torch", torch.__version__, "| backends on cpu:", ek.available_backends("cpu"))')"

@@ -1,0 +1,39 @@
+"""Comparison helpers for kernel tests."""
+
+from __future__ import annotations
+
+import torch
+
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor as int64 (sign-magnitude order made monotone for ulp distances)."""
+    raw = t.contiguous().view(BITS[t.dtype]).to(torch.int64)
+    width = 32 if t.dtype == torch.float32 else 16
+    raw = raw & ((1 << width) - 1)
+    sign = raw >> (width - 1)
+    magnitude = raw & ((1 << (width - 1)) - 1)
+    return torch.where(sign == 1, -magnitude, magnitude)
+
+
+def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    g = got.contiguous().view(BITS[got.dtype])
+    w = want.contiguous().view(BITS[want.dtype])
+    bad = (g != w).nonzero()
+    assert bad.numel() == 0, f"{what}: {bad.numel()} elements differ in bits, first at {bad[:5].flatten().tolist()}"
+
+
+def assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """Values within 1 ulp of the output dtype; NaN where the reference is NaN; +0 and -0 both zero."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    g64, w64 = got.double(), want.double()
+    both_nan = torch.isnan(g64) & torch.isnan(w64)
+    equal = (g64 == w64) | both_nan
+    close = (bits(got) - bits(want)).abs() <= 1
+    ok = equal | (close & ~torch.isnan(g64) & ~torch.isnan(w64))
+    bad = (~ok).nonzero().flatten()
+    assert bad.numel() == 0, (
+        f"{what}: {bad.numel()} elements beyond 1 ulp, first at {bad[:5].tolist()}: "
+        f"got {got.flatten()[bad[:5]].tolist()} want {want.flatten()[bad[:5]].tolist()}"
+    )

@@ -1,0 +1,48 @@
+"""The build: the compiled extensions import, the ops are registered once with fake implementations,
+and the CUDA extension exists wherever nvcc does (a .cu that does not compile fails here)."""
+
+import shutil
+
+import pytest
+import torch
+
+import evolver_kernels as ek
+from evolver_kernels import backends
+
+
+def test_cpu_extension_imports():
+    assert backends.cpu_extension() is not None, backends.unavailable_reason("cpu", "cpu")
+    assert "cpu" in ek.available_backends("cpu")
+
+
+def test_ops_are_registered_with_schemas():
+    schema = str(torch.ops.evolver_kernels.de_mutate_crossover_.default._schema)
+    assert "Tensor(a!) out" in schema and "Tensor? base" in schema
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH: the CUDA extension is not built here")
+def test_cuda_extension_was_built_where_nvcc_exists():
+    import os
+
+    if os.environ.get("EVOLVER_KERNELS_SKIP_CUDA_BUILD"):
+        pytest.skip("EVOLVER_KERNELS_SKIP_CUDA_BUILD is set")
+    assert backends.cuda_extension() is not None, backends._import("evolver_kernels._cuda")[1]
+
+
+def test_fake_implementation_traces_without_running():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(64)
+    ek.de_mutate_crossover(x, x, torch.randn(64), x, F=0.5, CR=0.5, seed=0)  # registers the fakes
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        out = torch.empty_like(fx)
+        torch.ops.evolver_kernels.de_mutate_crossover_(fx, fx, None, None, 0.5, 2**31, 0, 0, 0, out)
+    assert out.shape == x.shape
+
+
+def test_available_backends_on_cpu_lists_known_names_in_order():
+    names = ek.available_backends("cpu")
+    assert names[0] == "reference"
+    assert names == [n for n in backends.BACKENDS if n in names]
+    assert "cuda" not in names

@@ -1,0 +1,25 @@
+"""64-bit indexing on a real GPU: a tensor of more than 2**31 elements (4.3 GB in bf16 per tensor)."""
+
+import pytest
+import torch
+from _util import assert_bitwise_equal
+from conftest import CUDA_ONLY, KERNEL_CASES
+
+import evolver_kernels as ek
+from evolver_kernels.reference import de_mutate_crossover_reference
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
+def test_more_than_2_pow_31_elements(backend):
+    n = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * 2 * n + (1 << 30):
+        pytest.skip(f"needs {3 * 2 * n / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    a = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    out = ek.de_mutate_crossover(x, x, a, x, F=0.5, CR=0.5, seed=3, backend=backend)
+    for lo in (0, 2**31 - 1000, n - 5000):
+        hi = min(lo + 5000, n)
+        want = de_mutate_crossover_reference(x[lo:hi], x[lo:hi], a[lo:hi], x[lo:hi], F=0.5, CR=0.5, seed=3, offset=lo)
+        assert_bitwise_equal(out[lo:hi], want, f"slice at {lo}")
