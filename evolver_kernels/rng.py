@@ -98,3 +98,24 @@ def derive_seed(run_seed: int, *path: int) -> int:
     c = [torch.tensor(v, dtype=torch.int64) for v in counter + [STREAM_SEED_DERIVATION]]
     w = philox4x32_10(*c, run_seed & MASK32, run_seed >> 32)
     return int(w[0]) | (int(w[1]) << 32)
+
+
+STREAM_ORDER = 0x0DE5
+
+# Purposes (the third path component of derive_seed / random_order) of the driver's random choices.
+PURPOSE_VISIT_ORDER = 1
+PURPOSE_PICKS = 2
+PURPOSE_OFFSPRING = 3
+
+
+def random_order(run_seed: int, n: int, *path: int) -> list[int]:
+    """A permutation of range(n) determined by (run_seed, path): items sorted by a 64-bit Philox key each
+    (counter (path[0], path[1], k, STREAM_ORDER)). The same on every machine and torch version."""
+    if len(path) > 2 or any(not 0 <= p <= MASK32 for p in path):
+        raise ValueError(f"random_order takes up to two path components in [0, 2**32), got {path}")
+    counter = list(path) + [0] * (2 - len(path))
+    k = torch.arange(n, dtype=torch.int64)
+    zeros = torch.zeros(n, dtype=torch.int64)
+    w = philox4x32_10(zeros + counter[0], zeros + counter[1], k, zeros + STREAM_ORDER, run_seed & MASK32, run_seed >> 32)
+    keys = [(int(w[0][j]) << 32 | int(w[1][j]), j) for j in range(n)]
+    return [j for _, j in sorted(keys)]

@@ -1,0 +1,211 @@
+"""Flat parameter arenas: one contiguous buffer per dtype for all of a model's evolved parameters.
+
+A `Layout` maps each parameter to (group, offset, shape) in a canonical order (dtype groups sorted by
+name; parameters sorted by name; each start aligned to ALIGN elements so every tensor begins on a
+16-byte boundary and a Philox group boundary). Tied weights appear once (under their first name in
+sorted order); buffers are not parameters and are not evolved.
+
+Every element of an individual has one global index: the group's base index plus its offset in the
+group. Operators run over whole groups (or chunks of them) with that index as `offset`, so results never
+depend on how the work is chunked or which storage tier holds the individual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+ALIGN = 64  # elements: 128-256 bytes, a multiple of 4 (Philox groups) and of 16-byte vectors
+
+_DTYPE_NAMES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str  # canonical parameter name
+    aliases: tuple[str, ...]  # every name the parameter has (tied weights), canonical first
+    group: str  # dtype name of the group
+    offset: int  # element offset within the group
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each parameter lives. groups: dtype name -> (global base index, padded numel)."""
+
+    entries: tuple[Entry, ...]
+    groups: dict[str, tuple[int, int]]
+
+    @property
+    def numel(self) -> int:
+        return sum(size for _, size in self.groups.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size * torch.empty((), dtype=getattr(torch, g)).element_size() for g, (_, size) in self.groups.items())
+
+    def group_dtype(self, group: str) -> torch.dtype:
+        return getattr(torch, group)
+
+    def by_name(self) -> dict[str, Entry]:
+        return {alias: e for e in self.entries for alias in e.aliases}
+
+    def fingerprint(self) -> str:
+        """A short description that two layouts share exactly when they are interchangeable."""
+        return json.dumps([[e.name, e.group, e.offset, list(e.shape)] for e in self.entries])
+
+    @staticmethod
+    def from_params(params: Iterable[tuple[tuple[str, ...], torch.dtype, tuple[int, ...]]]) -> Layout:
+        """Canonical layout of parameters given as (names, dtype, shape); names[0] need not be canonical."""
+        items = sorted((tuple(sorted(names)), dtype_name(dtype), tuple(shape)) for names, dtype, shape in params)
+        group_sizes: dict[str, int] = {}
+        entries = []
+        for names, group, shape in items:
+            start = group_sizes.get(group, 0)
+            entry = Entry(names[0], names, group, start, shape)
+            group_sizes[group] = start + _aligned(entry.numel)
+            entries.append(entry)
+        groups, base = {}, 0
+        for group in sorted(group_sizes):
+            groups[group] = (base, group_sizes[group])
+            base += group_sizes[group]
+        return Layout(tuple(entries), groups)
+
+    @staticmethod
+    def of_model(model: torch.nn.Module) -> Layout:
+        """The layout of a model's parameters (not its buffers); tied parameters once, with all their names."""
+        names_of: dict[int, list[str]] = {}
+        param_of: dict[int, torch.nn.Parameter] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(p), []).append(name)
+            param_of[id(p)] = p
+        return Layout.from_params((tuple(names_of[k]), p.dtype, tuple(p.shape)) for k, p in param_of.items())
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Arena:
+    """One individual's parameters: a flat tensor per dtype group, laid out by `layout`."""
+
+    def __init__(self, layout: Layout, buffers: dict[str, torch.Tensor]):
+        self.layout = layout
+        self.buffers = buffers
+
+    @staticmethod
+    def empty(layout: Layout, device: torch.device | str = "cpu", pin_memory: bool = False) -> Arena:
+        """Zero-filled (padding stays zero, so arenas compare and hash deterministically)."""
+        buffers = {
+            g: torch.zeros(size, dtype=layout.group_dtype(g), device=device, pin_memory=pin_memory)
+            for g, (_, size) in layout.groups.items()
+        }
+        return Arena(layout, buffers)
+
+    def view(self, entry: Entry) -> torch.Tensor:
+        return self.buffers[entry.group][entry.offset : entry.offset + entry.numel].view(entry.shape)
+
+    def copy_(self, other: Arena) -> Arena:
+        for g, buf in self.buffers.items():
+            buf.copy_(other.buffers[g], non_blocking=True)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Canonical names -> views (tied weights under their canonical name only)."""
+        return {e.name: self.view(e) for e in self.layout.entries}
+
+
+class LayoutMismatchError(ValueError):
+    """Two models (or a model and its checkpoint) do not share parameter names, shapes or dtypes."""
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    """The weight files of an HF model directory (sharded or not), or a clear error."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, s) for s in shards]
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    others = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))] if os.path.isdir(model_dir) else []
+    if others:
+        raise ValueError(
+            f"{model_dir}: only pickle weights ({', '.join(sorted(others))}); convert them to safetensors "
+            "(pickle files can run code when loaded), or pass --allow-pickle to load them anyway"
+        )
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def tensor_index(files: list[str]) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
+    """name -> (file, dtype, shape) from safetensors headers, without reading any tensor data."""
+    index = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                index[key] = (path, _DTYPE_NAMES[sl.get_dtype()], tuple(sl.get_shape()))
+    return index
+
+
+def resolve_names(layout: Layout, index: dict, source: str) -> dict[str, str]:
+    """Canonical parameter name -> key in the checkpoint (any alias of a tied weight), checking dtype and
+    shape; raises LayoutMismatchError naming the tensor that differs."""
+    keys = {}
+    for e in layout.entries:
+        key = next((a for a in e.aliases if a in index), None)
+        if key is None:
+            raise LayoutMismatchError(f"{source}: parameter {e.name} is missing")
+        _, dtype, shape = index[key]
+        if tuple(shape) != e.shape:
+            raise LayoutMismatchError(f"{source}: {key} has shape {list(shape)}, expected {list(e.shape)}")
+        if dtype_name(dtype) != e.group:
+            raise LayoutMismatchError(f"{source}: {key} has dtype {dtype_name(dtype)}, expected {e.group}")
+        keys[e.name] = key
+    return keys
+
+
+def load_into(arena: Arena, files: list[str], source: str) -> None:
+    """Reads a model's parameters tensor by tensor from safetensors files into `arena` (no state_dict)."""
+    index = tensor_index(files)
+    keys = resolve_names(arena.layout, index, source)
+    by_file: dict[str, list[tuple[Entry, str]]] = {}
+    for e in arena.layout.entries:
+        by_file.setdefault(index[keys[e.name]][0], []).append((e, keys[e.name]))
+    for path, items in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for e, key in items:
+                arena.view(e).copy_(f.get_tensor(key))
+
+
+def iter_chunks(size: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, size, chunk):
+        yield lo, min(lo + chunk, size)

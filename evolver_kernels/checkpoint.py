@@ -1,0 +1,67 @@
+"""Atomic checkpoints of an evolution run, for --resume.
+
+Layout under <out>/checkpoint/: state.json (the run's progress, written last, by rename) and
+individuals/ind<i>-v<version>.safetensors (an individual that differs from its model directory). A new
+individual file gets a new name and becomes current only when state.json names it, so a run killed at any
+moment resumes from the last state.json with files that match it; files it does not name are leftovers
+of an interrupted step and are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .population import Population
+
+STATE_VERSION = 1
+
+
+class Checkpoint:
+    def __init__(self, out_dir: str):
+        self.dir = os.path.join(out_dir, "checkpoint")
+        self.state_path = os.path.join(self.dir, "state.json")
+        self.ind_dir = os.path.join(self.dir, "individuals")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.state_path)
+
+    def load_state(self) -> dict:
+        with open(self.state_path) as f:
+            state = json.load(f)
+        if state.get("state_version") != STATE_VERSION:
+            raise ValueError(f"{self.state_path}: written by another version of evolver-kernels")
+        return state
+
+    def save(self, state: dict, pop: Population, changed: list[int]) -> None:
+        """Writes the individuals in `changed` under new names, then state.json pointing at them."""
+        os.makedirs(self.ind_dir, exist_ok=True)
+        files = dict(state.get("individual_files", {}))
+        for i in changed:
+            state["file_version"] = state.get("file_version", 0) + 1
+            name = f"ind{i}-v{state['file_version']}.safetensors"
+            pop.save(i, os.path.join(self.ind_dir, name))
+            files[str(i)] = name
+        state["individual_files"] = files
+        state["state_version"] = STATE_VERSION
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+        self.remove_unreferenced(files)
+
+    def restore(self, state: dict, pop: Population) -> None:
+        """Loads the individuals that state.json names into the population."""
+        for i, name in state.get("individual_files", {}).items():
+            pop.load(int(i), os.path.join(self.ind_dir, name))
+        self.remove_unreferenced(state.get("individual_files", {}))
+
+    def remove_unreferenced(self, files: dict) -> None:
+        if not os.path.isdir(self.ind_dir):
+            return
+        keep = set(files.values())
+        for name in os.listdir(self.ind_dir):
+            if name not in keep:
+                os.remove(os.path.join(self.ind_dir, name))

@@ -1,0 +1,144 @@
+"""The options of `python -m evolver_kernels.evolve`, defined once: the dataclass below is the YAML schema,
+the argparse parser (flags override the file) and the validation before any heavy work."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from typing import Any
+
+import yaml
+
+from .offspring import STRATEGIES
+from .population import TIERS
+
+FITNESS_MODES = ("individual", "merged")
+SCHEDULES = ("sequential", "synchronous")
+
+
+def _opt(default, help: str, **kw):
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class EvolveConfig:
+    models: list[str] = _opt(None, "Hugging Face model directories (safetensors), fine-tunes of one base model", nargs="+")
+    dev: list[str] = _opt(None, "development data: JSONL, CSV/TSV or load_from_disk directories; one per domain", nargs="+")
+    out: str = _opt(None, "output directory: the fused model, evolution.json, a fitness plot, a model card")
+    task: str | None = _opt(None, "sequence-classification, causal-lm, seq2seq or module:function (default: from the architecture)")
+    metric: str | None = _opt(None, "accuracy, macro-f1, multilabel-f1, neg-loss or exact-match (default: by task)")
+    generations: int = _opt(15, "number of generations")
+    population_size: int | None = _opt(None, "individuals (default: the number of models)")
+    strategy: str = _opt("evolver", "mutation strategy", choices=tuple(STRATEGIES))
+    fitness: str = _opt("merged", "individual: score each offspring alone; merged: score the population's average with the offspring in its slot", choices=FITNESS_MODES)
+    schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
+    F: float = _opt(0.5, "mutation scale, in (0, 2]")
+    CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value, in [0, 1]")
+    seed: int = _opt(0, "run seed: every random choice and offspring derives from it")
+    population_on: str = _opt("gpu", "where the population lives: gpu (device memory; RAM without a GPU), cpu (host memory) or disk", choices=TIERS)
+    device: str | None = _opt(None, "compute device (default: cuda if available, else cpu)")
+    resume: bool = _opt(False, "continue the run checkpointed in --out (same config required)")
+    accept_ties: bool = _opt(False, "accept an offspring whose fitness equals its parent's (default: strict improvement)")
+    batch_size: int = _opt(32, "evaluation batch size")
+    max_length: int = _opt(256, "tokens per example at most")
+    max_dev_examples: int | None = _opt(None, "use at most this many examples of each dev file")
+    threshold: float = _opt(0.5, "multi-label decision threshold on sigmoid probabilities")
+    chunk_elements: int = _opt(1 << 22, "elements per chunk of the streamed weight operators")
+    backend: str | None = _opt(None, "operator backend (default: the fastest available)")
+    allow_pickle: bool = _opt(False, "accept pickle (.bin) weights; off by default because unpickling can run code")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evolver_kernels.evolve",
+        description="Fuse fine-tuned models of one base model by evolving their weights (Evolver).",
+    )
+    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    for f in dataclasses.fields(EvolveConfig):
+        flag = "--" + f.name.replace("_", "-")
+        # SUPPRESS keeps unset flags out of the namespace, so that they do not override the YAML file
+        kw = {"help": f"{f.metadata['help']} (default: {f.default})", "default": argparse.SUPPRESS}
+        if f.type in ("bool",):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+            for key in ("nargs", "choices"):
+                if key in f.metadata:
+                    kw[key] = f.metadata[key]
+        parser.add_argument(flag, **kw)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> EvolveConfig:
+    """Flags over the YAML file over the defaults; unknown YAML keys are an error naming them."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path:
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"--config {config_path}: no such file")
+        with open(config_path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {config_path}: must be a mapping of option names to values")
+        known = {f.name for f in dataclasses.fields(EvolveConfig)}
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ValueError(f"--config {config_path}: unknown option(s) {', '.join(unknown)}")
+        values.update(loaded)
+    values.update(args)
+    for key in ("models", "dev"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+    return EvolveConfig(**values)
+
+
+class ConfigError(ValueError):
+    """An option that cannot work; the message names it."""
+
+
+def validate(cfg: EvolveConfig) -> None:
+    """Checks that need no model loaded: presence, types, ranges, paths."""
+    for name in ("models", "dev", "out"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"--{name} is required")
+    for path in cfg.models:
+        if not os.path.isdir(path):
+            raise ConfigError(f"--models {path}: no such directory")
+    for path in cfg.dev:
+        if not os.path.exists(path):
+            raise ConfigError(f"--dev {path}: no such file or directory")
+    if len(set(map(os.path.realpath, cfg.models))) != len(cfg.models):
+        raise ConfigError("--models lists the same directory twice")
+    n = cfg.population_size if cfg.population_size is not None else len(cfg.models)
+    if n != len(cfg.models):
+        raise ConfigError(
+            f"--population-size {n} differs from the {len(cfg.models)} models given; the population is the models "
+            "themselves (extra merged individuals are not supported yet)"
+        )
+    need = STRATEGIES[cfg.strategy]
+    if n < need:
+        raise ConfigError(f"--strategy {cfg.strategy} needs a population of at least {need}, got {n}")
+    if cfg.strategy == "best/1" and cfg.fitness == "merged":
+        raise ConfigError("--strategy best/1 needs per-individual fitness: use --fitness individual")
+    if not (isinstance(cfg.F, (int, float)) and math.isfinite(cfg.F) and 0 < cfg.F <= 2):
+        raise ConfigError(f"--F must be in (0, 2], got {cfg.F}")
+    if not (isinstance(cfg.CR, (int, float)) and 0 <= cfg.CR <= 1):
+        raise ConfigError(f"--CR must be in [0, 1], got {cfg.CR}")
+    if not (isinstance(cfg.generations, int) and cfg.generations >= 0):
+        raise ConfigError(f"--generations must be a non-negative integer, got {cfg.generations}")
+    if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**64):
+        raise ConfigError(f"--seed must be an integer in [0, 2**64), got {cfg.seed}")
+    for name in ("batch_size", "max_length", "chunk_elements"):
+        if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) > 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.chunk_elements % 64:
+        raise ConfigError(f"--chunk-elements must be a multiple of 64, got {cfg.chunk_elements}")
+    if not 0 < cfg.threshold < 1:
+        raise ConfigError(f"--threshold must be in (0, 1), got {cfg.threshold}")

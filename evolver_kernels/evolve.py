@@ -1,0 +1,316 @@
+"""The Evolver algorithm and `python -m evolver_kernels.evolve` (shared/DESIGN.md sections 1 and 6).
+
+Random choices, all derived from the run seed through Philox (evolver_kernels.rng), so a run is
+reproducible from its config alone and a resumed run repeats exactly what an uninterrupted one does:
+  visiting order of generation g (sequential)  random_order(seed, N, g, 0xFFFFFFFF)
+  partners of individual i in generation g     random_order(seed, N, g, i), without i (and without the
+                                               best individual for best/1), first 1 to 3
+  crossover seed of that offspring             derive_seed(seed, g, i, PURPOSE_OFFSPRING), stream 0
+Generation numbers start at 1; generation 0 in the history is the initial population.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from . import model_io
+from .arena import Arena, Layout, resolve_names, safetensors_files, tensor_index
+from .checkpoint import Checkpoint
+from .config import ConfigError, EvolveConfig, parse_config, validate
+from .evaluate import Evaluator, Fitness, infer_task
+from .offspring import OffspringSpec, WeightPipeline
+from .population import make_population
+from .report import plot_fitness, write_evolution_json, write_model_card
+from .rng import MASK32, PURPOSE_OFFSPRING, derive_seed, random_order
+
+PARTNERS = {"evolver": 1, "rand/1": 3, "best/1": 2}
+
+
+def offspring_spec(cfg: EvolveConfig, n: int, generation: int, i: int, fitness: list[float] | None) -> OffspringSpec:
+    """The offspring of individual i in `generation`: partners and crossover seed, from the run seed."""
+    exclude = {i}
+    best = None
+    if cfg.strategy == "best/1":
+        best = max(range(n), key=lambda k: (fitness[k], -k))
+        exclude.add(best)
+    candidates = [k for k in random_order(cfg.seed, n, generation, i) if k not in exclude]
+    picks = tuple(candidates[: PARTNERS[cfg.strategy]])
+    if best is not None:
+        picks = (best,) + picks
+    seed = derive_seed(cfg.seed, generation, i, PURPOSE_OFFSPRING)
+    return OffspringSpec(i=i, strategy=cfg.strategy, picks=picks, F=float(cfg.F), CR=float(cfg.CR), seed=seed)
+
+
+def visiting_order(cfg: EvolveConfig, n: int, generation: int) -> list[int]:
+    if cfg.schedule == "synchronous":
+        return list(range(n))
+    return random_order(cfg.seed, n, generation, MASK32)
+
+
+class Run:
+    """One evolution run: models, data, population, evaluation model, checkpoint; `run()` does the work."""
+
+    def __init__(self, cfg: EvolveConfig, log=print):
+        validate(cfg)
+        self.cfg = cfg
+        self.log = log
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device}: torch sees no CUDA GPU")
+        configs = [model_io.load_config(m) for m in cfg.models]
+        for m, c in zip(cfg.models[1:], configs[1:]):
+            if c.model_type != configs[0].model_type or (c.architectures or [None])[0] != (configs[0].architectures or [None])[0]:
+                raise ConfigError(
+                    f"--models {m} is a {c.model_type} {c.architectures}, {cfg.models[0]} a {configs[0].model_type} "
+                    f"{configs[0].architectures}: the models must share one architecture"
+                )
+        self.config = configs[0]
+        self.task = cfg.task or infer_task(self.config)
+        self.files = [self._weight_files(m) for m in cfg.models]
+        self.model = model_io.empty_model(self.config, self.task)
+        self.layout = Layout.of_model(self.model)
+        for m, files in zip(cfg.models, self.files):
+            resolve_names(self.layout, tensor_index(files), f"--models {m}")
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.models[0], trust_remote_code=False)
+        self.evaluator = Evaluator(
+            self.task, self.tokenizer, cfg.dev, config=self.config, metric=cfg.metric, batch_size=cfg.batch_size,
+            max_length=cfg.max_length, device=self.device, threshold=cfg.threshold, max_examples=cfg.max_dev_examples,
+        )
+        self.n = len(cfg.models)
+        self.checkpoint = Checkpoint(cfg.out)
+        if self.checkpoint.exists() and not cfg.resume:
+            raise ConfigError(f"--out {cfg.out} holds a checkpointed run: pass --resume to continue it, or choose another --out")
+        if cfg.resume and not self.checkpoint.exists():
+            raise ConfigError(f"--resume: no checkpoint in {cfg.out}")
+        self.log(self.memory_plan())
+        self.pop = make_population(cfg.population_on, self.layout, self.files, list(cfg.models), self.device)
+        self.arena = Arena.empty(self.layout, self.device)
+        model_io.bind_to_arena(self.model, self.arena)
+        model_io.load_checkpoint_buffers(self.model, self.files[0])
+        self.model.to(self.device)
+        self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend)
+        self.weights_s = 0.0
+        self.evaluation_s = 0.0
+
+    def _weight_files(self, model_dir: str) -> list[str]:
+        try:
+            return safetensors_files(model_dir)
+        except ValueError:
+            if not self.cfg.allow_pickle:
+                raise
+            return [model_io.convert_pickle_weights(model_dir, os.path.join(self.cfg.out, "converted", os.path.basename(os.path.normpath(model_dir))))]
+
+    def memory_plan(self) -> str:
+        copy = self.layout.nbytes
+        gib = 1 << 30
+        where = {"gpu": str(self.device), "cpu": "host memory", "disk": "disk"}[self.cfg.population_on]
+        chunk = self.cfg.chunk_elements * (4 + 4 * 4)
+        return (
+            f"memory plan: one model copy = {copy / gib:.3f} GiB ({self.layout.numel:,} evolved elements); "
+            f"population {self.n} copies on {where} = {self.n * copy / gib:.3f} GiB; "
+            f"evaluation model 1 copy on {self.device} = {copy / gib:.3f} GiB; chunk buffers <= {chunk / gib:.3f} GiB"
+        )
+
+    # -- the pieces of a step --------------------------------------------------------------------------------
+    def evaluate(self) -> Fitness:
+        start = time.perf_counter()
+        fit = self.evaluator(self.model)
+        self.evaluation_s += time.perf_counter() - start
+        return fit
+
+    def _timed(self, fn, *args, **kw):
+        start = time.perf_counter()
+        fn(*args, **kw)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.weights_s += time.perf_counter() - start
+
+    def better(self, new: float, old: float) -> bool:
+        return new > old or (self.cfg.accept_ties and new == old)
+
+    def candidate_fitness(self, spec: OffspringSpec) -> float:
+        if self.cfg.fitness == "individual":
+            self._timed(self.pipeline.offspring_into, spec, self.arena)
+        else:
+            self._timed(self.pipeline.merged_into, self.arena, replace=[spec])
+        return self.evaluate().score
+
+    def accept(self, state: dict, specs: list[OffspringSpec], scores: dict[int, float]) -> None:
+        """Replaces each spec's parent by its offspring (already in the arena for a lone individual-mode one)."""
+        if self.cfg.fitness == "individual" and len(specs) == 1 and self.cfg.schedule == "sequential":
+            self._timed(self.pipeline.write_from, specs[0].i, self.arena)
+        else:
+            self._timed(self.pipeline.apply, specs)
+        for spec in specs:
+            if state["fitness"] is not None:
+                state["fitness"][spec.i] = scores[spec.i]
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def fresh_state(self) -> dict:
+        config = self.cfg.to_dict()
+        config.pop("resume")
+        return {
+            "config": config, "generation": 0, "position": 0, "fitness": None, "merged_fitness": None,
+            "pending": {}, "accepted_now": [], "history": [], "evaluations": 0,
+        }
+
+    def load_state(self) -> dict:
+        state = self.checkpoint.load_state()
+        config = self.cfg.to_dict()
+        config.pop("resume")
+        differing = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+        if differing:
+            raise ConfigError(
+                "--resume with a different configuration: "
+                + ", ".join(f"{k} (checkpoint {state['config'].get(k)!r}, now {config.get(k)!r})" for k in differing)
+            )
+        self.checkpoint.restore(state, self.pop)
+        return state
+
+    def population_fitness(self, state: dict):
+        return list(state["fitness"]) if self.cfg.fitness == "individual" else state["merged_fitness"]
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        state = self.load_state() if cfg.resume else self.fresh_state()
+        extra_merged = 1 if (cfg.fitness == "merged" and cfg.schedule == "synchronous") else 0
+        total = (self.n if cfg.fitness == "individual" else 1) + cfg.generations * (self.n + extra_merged)
+        bar = tqdm(total=total, initial=min(state["evaluations"], total), desc="evolve", unit="eval", file=sys.stderr,
+                   disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0")
+
+        if state["generation"] == 0:  # the initial population's fitness
+            if cfg.fitness == "individual":
+                fitness = []
+                for i in range(self.n):
+                    self._timed(self.pipeline.copy_into, i, self.arena)
+                    fitness.append(self.evaluate().score)
+                    bar.update(1)
+                state["fitness"] = fitness
+            else:
+                self._timed(self.pipeline.merged_into, self.arena)
+                state["merged_fitness"] = self.evaluate().score
+                bar.update(1)
+            state["evaluations"] = bar.n
+            state["history"].append({"generation": 0, "population_fitness": self.population_fitness(state), "accepted": []})
+            state["generation"] = 1
+            self.checkpoint.save(state, self.pop, [])
+
+        while state["generation"] <= cfg.generations:
+            g = state["generation"]
+            order = visiting_order(cfg, self.n, g)
+            while state["position"] < self.n:
+                i = order[state["position"]]
+                spec = offspring_spec(cfg, self.n, g, i, state["fitness"])
+                score = self.candidate_fitness(spec)
+                bar.update(1)
+                state["evaluations"] += 1
+                state["position"] += 1
+                changed = []
+                if cfg.schedule == "synchronous":
+                    state["pending"][str(i)] = score
+                else:
+                    parent = state["fitness"][i] if cfg.fitness == "individual" else state["merged_fitness"]
+                    if self.better(score, parent):
+                        self.accept(state, [spec], {i: score})
+                        if cfg.fitness == "merged":
+                            state["merged_fitness"] = score
+                        state["accepted_now"].append(i)
+                        changed = [i]
+                self.checkpoint.save(state, self.pop, changed)  # after every evaluation; individuals when accepted
+                bar.set_postfix(gen=g, best=f"{self._best(state):.4f}")
+            changed = []
+            if cfg.schedule == "synchronous":
+                changed = self._end_synchronous_generation(state, g, bar)
+            state["history"].append(
+                {"generation": g, "population_fitness": self.population_fitness(state), "accepted": sorted(state["accepted_now"])}
+            )
+            self.log(f"generation {g}: fitness {self._describe(state)}, accepted {sorted(state['accepted_now'])}")
+            state.update(generation=g + 1, position=0, pending={}, accepted_now=[])
+            self.checkpoint.save(state, self.pop, changed)
+        bar.close()
+        return self.finish(state)
+
+    def _end_synchronous_generation(self, state: dict, g: int, bar) -> list[int]:
+        cfg = self.cfg
+        accepted = []
+        for i in range(self.n):
+            parent = state["fitness"][i] if cfg.fitness == "individual" else state["merged_fitness"]
+            if self.better(state["pending"][str(i)], parent):
+                accepted.append(i)
+        scores = {i: state["pending"][str(i)] for i in accepted}
+        if cfg.fitness == "merged" and len(accepted) > 1:
+            # Each offspring improved the merged model alone; together they may not. Score them together
+            # and keep the better of the combination and the best single offspring, so the merged fitness
+            # never decreases.
+            specs = [offspring_spec(cfg, self.n, g, i, state["fitness"]) for i in accepted]
+            self._timed(self.pipeline.merged_into, self.arena, replace=specs)
+            combined = self.evaluate().score
+            bar.update(1)
+            state["evaluations"] += 1
+            best = max(accepted, key=lambda i: (scores[i], -i))
+            if combined < scores[best]:
+                accepted = [best]
+            state["merged_fitness"] = max(combined, scores[best])
+        elif cfg.fitness == "merged" and accepted:
+            state["merged_fitness"] = scores[accepted[0]]
+        specs = [offspring_spec(cfg, self.n, g, i, state["fitness"]) for i in accepted]
+        self.accept(state, specs, scores)
+        state["accepted_now"] = accepted
+        return accepted
+
+    def _best(self, state: dict) -> float:
+        return max(state["fitness"]) if self.cfg.fitness == "individual" else state["merged_fitness"]
+
+    def _describe(self, state: dict) -> str:
+        if self.cfg.fitness == "individual":
+            return "[" + ", ".join(f"{f:.4f}" for f in state["fitness"]) + "]"
+        return f"{state['merged_fitness']:.4f} (merged)"
+
+    def finish(self, state: dict) -> dict:
+        cfg = self.cfg
+        if cfg.fitness == "individual":
+            best = max(range(self.n), key=lambda k: (state["fitness"][k], -k))
+            self._timed(self.pipeline.copy_into, best, self.arena)
+            kind = f"the best individual (#{best}, from {cfg.models[best]})"
+        else:
+            self._timed(self.pipeline.merged_into, self.arena)
+            kind = "the simple average of the evolved population"
+        final = self.evaluate()
+        model_io.save_model(self.arena, cfg.models[0], self.files[0], cfg.out)
+        config = dict(state["config"])
+        extra = {
+            "task": self.task,
+            "metric": self.evaluator.metric,
+            "output": kind,
+            "evaluations": state["evaluations"],
+            "timing_s": {"weights": round(self.weights_s, 3), "evaluation": round(self.evaluation_s, 3)},
+        }
+        write_evolution_json(cfg.out, config, state["history"], final.as_dict(), extra)
+        plot_fitness(cfg.out, state["history"], self.evaluator.metric)
+        write_model_card(cfg.out, config, state["history"], final.as_dict(), self.evaluator.metric, kind)
+        self.log(f"final fitness {final.score:.4f} ({self.evaluator.metric}); wrote {cfg.out}")
+        return {"final_fitness": final.score, "per_file": final.per_file, "history": state["history"], **extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        result = Run(cfg, log=lambda msg: print(msg, file=sys.stderr)).run()
+    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"final_fitness {result['final_fitness']:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

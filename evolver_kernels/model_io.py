@@ -1,0 +1,165 @@
+"""Hugging Face model directories in and out: configs, the evaluation model bound to an arena, outputs.
+
+The evaluation model is built without weights (accelerate's init_empty_weights) and its parameters are
+then set to views into its own arena, so an offspring written into the arena is the model evaluated.
+Outputs are written shard by shard under the first model's tensor names, so `from_pretrained(out)` loads
+them; buffers stored in the first model's checkpoint are carried over unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .arena import Arena, Layout, resolve_names, tensor_index
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "added_tokens.json",
+)
+
+
+def load_config(model_dir: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"--models {model_dir}: no config.json (not a Hugging Face model directory)")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    if raw.get("auto_map"):
+        raise ValueError(f"--models {model_dir}: the model needs remote code (auto_map in config.json), which is never run")
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def model_class(config, task: str):
+    """The transformers class that evaluates `task`; for a user function, the checkpoint's own architecture."""
+    import transformers
+
+    if task == "sequence-classification":
+        return transformers.AutoModelForSequenceClassification
+    if task == "causal-lm":
+        return transformers.AutoModelForCausalLM
+    if task == "seq2seq":
+        return transformers.AutoModelForSeq2SeqLM
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return cls if cls is not None else transformers.AutoModel
+
+
+def empty_model(config, task: str) -> torch.nn.Module:
+    """The model of `config` with parameters on the meta device (buffers real)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        cls = model_class(config, task)
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # from_config does not always tie (transformers 5), from_pretrained does
+    return model.eval()
+
+
+def bind_to_arena(model: torch.nn.Module, arena: Arena) -> None:
+    """Makes every parameter of `model` a view into `arena` (tied parameters share one view)."""
+    for entry in arena.layout.entries:
+        param = torch.nn.Parameter(arena.view(entry), requires_grad=False)
+        for alias in entry.aliases:
+            module_name, _, attr = alias.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            module._parameters[attr] = param
+
+
+def load_checkpoint_buffers(model: torch.nn.Module, files: list[str]) -> None:
+    """Copies buffers that the checkpoint stores (e.g. BatchNorm statistics) into the model."""
+    index = tensor_index(files)
+    for name, buf in model.named_buffers():
+        if name in index and buf is not None:
+            with safe_open(index[name][0], framework="pt", device="cpu") as f:
+                buf.copy_(f.get_tensor(name))
+
+
+def eval_model(config, task: str, arena: Arena, files: list[str], device: torch.device) -> torch.nn.Module:
+    model = empty_model(config, task)
+    layout = Layout.of_model(model)
+    if layout.fingerprint() != arena.layout.fingerprint():
+        raise ValueError("the evaluation model's parameters differ from the population's layout")
+    bind_to_arena(model, arena)
+    load_checkpoint_buffers(model, files)
+    return model.to(device)
+
+
+def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
+    """--allow-pickle: converts a model's .bin weights to one safetensors file under dest_dir (tensor data
+    only: torch.load with weights_only=True refuses arbitrary objects)."""
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, "model.safetensors")
+    if os.path.exists(dest):
+        return dest
+    names = sorted(f for f in os.listdir(model_dir) if f.endswith(".bin"))
+    if not names:
+        raise FileNotFoundError(f"--models {model_dir}: no safetensors and no .bin weights")
+    state = {}
+    for name in names:
+        state.update(torch.load(os.path.join(model_dir, name), map_location="cpu", weights_only=True))
+    seen, tensors = {}, {}
+    for key, t in state.items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen:  # a tied weight saved twice: keep one name, as safetensors requires
+            continue
+        seen[ptr] = key
+        tensors[key] = t.contiguous().clone()
+    tmp = dest + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, dest)
+    return dest
+
+
+def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30) -> list[str]:
+    """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
+    source's buffers, config, generation config and tokenizer files. Returns the shard paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    index = tensor_index(src_files)
+    keys = resolve_names(arena.layout, index, src_dir)
+    evolved = {keys[e.name]: e for e in arena.layout.entries}
+    tied = {alias for e in arena.layout.entries for alias in e.aliases if alias != keys[e.name]}
+    names = [k for k in sorted(index) if k not in tied]
+
+    def nbytes(key):
+        _, dtype, shape = index[key]
+        return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+    # Plan shards from the headers, then write one shard at a time: host memory holds one shard at most.
+    plan, size = [[]], 0
+    for key in names:
+        if plan[-1] and size + nbytes(key) > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(key)
+        size += nbytes(key)
+
+    def tensor_for(key):
+        if key in evolved:
+            return arena.view(evolved[key]).detach().to("cpu").contiguous().clone()
+        with safe_open(index[key][0], framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+    paths, weight_map = [], {}
+    for n, keys_in_shard in enumerate(plan, 1):
+        fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
+        tmp = os.path.join(out_dir, fname + ".tmp")
+        save_file({k: tensor_for(k) for k in keys_in_shard}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out_dir, fname))
+        paths.append(os.path.join(out_dir, fname))
+        weight_map.update({k: fname for k in keys_in_shard})
+    if len(plan) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(nbytes(k) for k in names)}, "weight_map": weight_map}, f, indent=2)
+    for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+    return paths

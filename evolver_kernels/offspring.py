@@ -1,0 +1,144 @@
+"""The weight side of a generation: offspring, merged candidates and accepted replacements, streamed in
+chunks over the population's arenas through evolver_kernels.ops.
+
+Memory: nothing here allocates a model-sized tensor. Offspring are written straight into the evaluation
+arena (fitness "individual") or, for fitness "merged", recomputed chunk by chunk into chunk buffers, because
+an offspring is a pure function of (x_i, x_r..., seed): there is no need to keep it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .arena import Arena, iter_chunks
+from .ops import de_mutate_crossover
+from .population import Population
+from .rng import STREAM_CROSSOVER
+
+STRATEGIES = {"evolver": 2, "rand/1": 4, "best/1": 3}  # name -> smallest population
+
+
+@dataclasses.dataclass(frozen=True)
+class OffspringSpec:
+    """Everything that determines offspring i: u = where(mask(seed), base + F (a - b), x_i)."""
+
+    i: int
+    strategy: str
+    picks: tuple[int, ...]  # r (evolver); r1, r2, r3 (rand/1); best, r1, r2 (best/1)
+    F: float
+    CR: float
+    seed: int
+
+    def roles(self) -> tuple[int, int, int]:
+        """(base, a, b) individuals; for evolver base and b are x_i itself."""
+        if self.strategy == "evolver":
+            return self.i, self.picks[0], self.i
+        return self.picks[0], self.picks[1], self.picks[2]
+
+
+class ChunkBuffers:
+    """Reusable chunk-sized buffers per (dtype, role) on the compute device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+
+    def get(self, dtype: torch.dtype, role: str, n: int) -> torch.Tensor:
+        key = (dtype, role)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=self.device)
+            self._bufs[key] = buf
+        return buf[:n]
+
+
+class WeightPipeline:
+    """Chunked operators over a population, on `device`, `chunk` elements at a time."""
+
+    def __init__(self, population: Population, device: torch.device, chunk: int = 1 << 22, backend: str | None = None):
+        self.pop = population
+        self.device = torch.device(device)
+        self.chunk = chunk
+        self.backend = backend
+        self.buffers = ChunkBuffers(self.device)
+
+    def _read(self, k: int, group: str, lo: int, hi: int) -> torch.Tensor:
+        return self.pop.read(k, group, lo, hi).to(self.device, non_blocking=True)
+
+    def _offspring_chunk(self, spec: OffspringSpec, group: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        base_index = self.pop.layout.groups[group][0]
+        x = self._read(spec.i, group, lo, hi)
+        ib, ia, ibb = spec.roles()
+        if spec.strategy == "evolver":
+            base = b = x  # the same object: the kernels read two tensors
+        else:
+            base, b = self._read(ib, group, lo, hi), self._read(ibb, group, lo, hi)
+        a = self._read(ia, group, lo, hi)
+        return de_mutate_crossover(
+            x, base, a, b, F=spec.F, CR=spec.CR, seed=spec.seed, stream=STREAM_CROSSOVER,
+            offset=base_index + lo, out=out, backend=self.backend,
+        )
+
+    def offspring_into(self, spec: OffspringSpec, arena: Arena) -> None:
+        """Writes offspring spec.i into `arena` (the evaluation model's own arena)."""
+        for group, (_, size) in self.pop.layout.groups.items():
+            for lo, hi in iter_chunks(size, self.chunk):
+                self._offspring_chunk(spec, group, lo, hi, arena.buffers[group][lo:hi])
+
+    def merged_into(self, arena: Arena, replace: list[OffspringSpec] = ()) -> None:
+        """arena = the simple average of the population, each slot spec.i holding that offspring for the
+        specs in `replace` (all computed from the population as it is now).
+
+        Summed in fp32 in slot order and rounded once, so the result depends only on the population's
+        values (never on earlier candidates): rejecting an offspring needs no undo, and the same state
+        always gives the same bits.
+        """
+        n = self.pop.size
+        offspring = {spec.i: spec for spec in replace}
+        for group, (_, size) in self.pop.layout.groups.items():
+            dtype = self.pop.layout.group_dtype(group)
+            for lo, hi in iter_chunks(size, self.chunk):
+                acc = self.buffers.get(torch.float32, "acc", hi - lo).zero_()
+                for k in range(n):
+                    if k in offspring:
+                        part = self._offspring_chunk(offspring[k], group, lo, hi, self.buffers.get(dtype, "u", hi - lo))
+                    else:
+                        part = self._read(k, group, lo, hi)
+                    acc.add_(part)
+                arena.buffers[group][lo:hi].copy_(acc.div_(n))
+
+    def copy_into(self, k: int, arena: Arena) -> None:
+        """arena = individual k."""
+        for group, (_, size) in self.pop.layout.groups.items():
+            for lo, hi in iter_chunks(size, self.chunk):
+                arena.buffers[group][lo:hi].copy_(self.pop.read(k, group, lo, hi), non_blocking=True)
+
+    def apply(self, specs: list[OffspringSpec]) -> None:
+        """Replaces each specs[j].i by its offspring, all computed from the population as it is now
+        (so offspring that read each other's parents, as in the synchronous schedule, are unaffected by
+        the order of the writes)."""
+        if not specs:
+            return
+        for spec in specs:
+            self.pop.begin_write(spec.i)
+        for group, (_, size) in self.pop.layout.groups.items():
+            dtype = self.pop.layout.group_dtype(group)
+            for lo, hi in iter_chunks(size, self.chunk):
+                chunks = [
+                    self._offspring_chunk(spec, group, lo, hi, self.buffers.get(dtype, f"apply{j}", hi - lo))
+                    for j, spec in enumerate(specs)
+                ]
+                for spec, values in zip(specs, chunks):
+                    self.pop.write(spec.i, group, lo, values)
+        for spec in specs:
+            self.pop.commit_write(spec.i)
+
+    def write_from(self, i: int, arena: Arena) -> None:
+        """Replaces individual i by the contents of `arena` (an accepted offspring already built there)."""
+        self.pop.begin_write(i)
+        for group, (_, size) in self.pop.layout.groups.items():
+            for lo, hi in iter_chunks(size, self.chunk):
+                self.pop.write(i, group, lo, arena.buffers[group][lo:hi])
+        self.pop.commit_write(i)

@@ -1,0 +1,92 @@
+"""What a run leaves beside the model: evolution.json (pinned keys), a fitness plot and a model card."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_evolution_json(out_dir: str, config: dict, history: list[dict], final: dict, extra: dict) -> str:
+    """Pinned keys: config, generations [{generation, population_fitness, accepted}], final_fitness."""
+    doc = {"config": config, "generations": history, "final_fitness": final["score"], "final_per_file": final["per_file"]}
+    doc.update(extra)
+    path = os.path.join(out_dir, "evolution.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def _summary(value) -> tuple[float, float]:
+    """(best, mean) of a generation's population_fitness: a list (individual mode) or one number (merged)."""
+    if isinstance(value, list):
+        return max(value), sum(value) / len(value)
+    return value, value
+
+
+def plot_fitness(out_dir: str, history: list[dict], metric: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = [h["generation"] for h in history]
+    best = [_summary(h["population_fitness"])[0] for h in history]
+    mean = [_summary(h["population_fitness"])[1] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(gens, best, marker="o", label="best")
+    if mean != best:
+        ax.plot(gens, mean, marker=".", linestyle="--", label="population mean")
+    ax.set_xlabel("generation (0 = initial population)")
+    ax.set_ylabel(f"dev fitness ({metric})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "fitness.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_model_card(out_dir: str, config: dict, history: list[dict], final: dict, metric: str, output_kind: str) -> str:
+    rows = "\n".join(
+        f"| {h['generation']} | {_summary(h['population_fitness'])[0]:.4f} | {_summary(h['population_fitness'])[1]:.4f} "
+        f"| {len(h['accepted'])} |"
+        for h in history
+    )
+    per_file = "\n".join(f"| {name} | {score:.4f} |" for name, score in final["per_file"].items())
+    cfg = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in config.items())
+    text = f"""---
+tags: [evolver, model-merging, evolver-kernels]
+---
+# Evolved model
+
+Fused from {len(config['models'])} models by Evolver (differential evolution on the weights;
+evolver-kernels). This directory holds {output_kind}. Fitness is `{metric}` on the development
+data (higher is better); no test data was used for selection.
+
+Final dev fitness: **{final['score']:.4f}**
+
+| dev file | score |
+| --- | --- |
+{per_file}
+
+## Fitness by generation
+
+| generation | best | mean | accepted |
+| --- | --- | --- | --- |
+{rows}
+
+![fitness](fitness.png)
+
+## Configuration
+
+```yaml
+{cfg}
+```
+"""
+    path = os.path.join(out_dir, "README.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
