@@ -1,0 +1,177 @@
+"""Bad inputs to the driver: each stops before heavy work with one clear message naming the culprit."""
+
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from evolver_kernels import tiny_models
+from evolver_kernels.config import ConfigError, parse_config
+from evolver_kernels.evolve import Run, main
+
+
+@pytest.fixture(scope="module")
+def pop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errs")
+    models = tiny_models.make_population("bert", str(root), 3)
+    dev = tiny_models.write_jsonl(str(root / "dev.jsonl"), tiny_models.sentiment_rows(16, 0))
+    return root, models, dev
+
+
+def _error(capsys, argv):
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def _args(models, dev, out, *extra):
+    return ["--models", *models, "--dev", dev, "--out", str(out), "--generations", "1", *extra]
+
+
+def test_missing_model_directory(pop, tmp_path, capsys):
+    _, models, dev = pop
+    assert "--models /nope: no such directory" in _error(capsys, _args(["/nope", *models[1:]], dev, tmp_path / "o"))
+
+
+def test_missing_dev_file(pop, tmp_path, capsys):
+    _, models, _ = pop
+    assert "--dev /nope.jsonl: no such file" in _error(capsys, _args(models, "/nope.jsonl", tmp_path / "o"))
+
+
+def test_required_options(capsys):
+    assert "--models is required" in _error(capsys, ["--dev", "x.jsonl", "--out", "o"])
+
+
+def test_mismatched_shapes_name_the_tensor(pop, tmp_path, capsys):
+    root, models, dev = pop
+    other = tmp_path / "other"
+    shutil.copytree(models[1], other)
+    weights = load_file(str(other / "model.safetensors"))
+    key = "bert.encoder.layer.1.output.dense.bias"
+    weights[key] = weights[key][:-1].clone()
+    save_file(weights, str(other / "model.safetensors"))
+    err = _error(capsys, _args([models[0], str(other), models[2]], dev, tmp_path / "o"))
+    assert f"{key} has shape [31], expected [32]" in err and str(other) in err
+
+
+def test_missing_tensor_named(pop, tmp_path, capsys):
+    _, models, dev = pop
+    other = tmp_path / "other"
+    shutil.copytree(models[1], other)
+    weights = load_file(str(other / "model.safetensors"))
+    del weights["classifier.bias"]
+    save_file(weights, str(other / "model.safetensors"))
+    assert "parameter classifier.bias is missing" in _error(capsys, _args([models[0], str(other)], dev, tmp_path / "o"))
+
+
+def test_different_architectures(pop, tmp_path, capsys):
+    _, models, dev = pop
+    gpt = tiny_models.make_population("gpt2", str(tmp_path), 1)[0]
+    assert "must share one architecture" in _error(capsys, _args([models[0], gpt], dev, tmp_path / "o"))
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "no examples"),
+    ('{"text": "good day", "label": 2}\n{"text": "bad", \n', "dev.jsonl:2: not valid JSON"),
+    ('{"text": "good day", "label": 2}\n{"text": "bad day"}\n', "dev.jsonl:2: missing label"),
+    ('{"text": "good day", "label": 7}\n', "dev.jsonl:1: label 7 outside the model's head (num_labels = 3)"),
+    ('{"text": "good day", "label": "joy"}\n', "dev.jsonl:1: unknown label 'joy'"),
+    ('[1, 2]\n', "dev.jsonl:1: each line must be a JSON object"),
+])
+def test_malformed_data_names_file_and_line(pop, tmp_path, capsys, content, message):
+    _, models, _ = pop
+    bad = tmp_path / "dev.jsonl"
+    bad.write_text(content)
+    assert message in _error(capsys, _args(models, str(bad), tmp_path / "o"))
+
+
+def test_csv_and_tsv_inputs_with_label_names(pop, tmp_path):
+    _, models, _ = pop
+    (tmp_path / "d.csv").write_text('text,label\n"good day, really",label2\nbad day,label0\n')
+    (tmp_path / "d.tsv").write_text("text\tlabel\ngood day\t2\nbad day\t0\n")
+    assert main(_args(models, str(tmp_path / "d.csv"), tmp_path / "o", "--dev", str(tmp_path / "d.csv"),
+                      str(tmp_path / "d.tsv"))) == 0
+
+
+def test_csv_error_line_counts_header(pop, tmp_path, capsys):
+    _, models, _ = pop
+    (tmp_path / "d.csv").write_text("text,label\ngood day,2\nbad day,9\n")
+    assert "d.csv:3: label 9 outside" in _error(capsys, _args(models, str(tmp_path / "d.csv"), tmp_path / "o"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--strategy", "rand/1"], "--strategy rand/1 needs a population of at least 4, got 3"),
+    (["--F", "0"], "--F must be in (0, 2]"),
+    (["--F", "nan"], "--F must be in (0, 2]"),
+    (["--CR", "1.5"], "--CR must be in [0, 1]"),
+    (["--generations", "-1"], "--generations must be a non-negative integer"),
+    (["--population-size", "5"], "--population-size 5 differs from the 3 models"),
+    (["--strategy", "best/1"], "--strategy best/1 needs per-individual fitness"),
+    (["--population-on", "disk"], "--population-on disk is not implemented yet"),
+    (["--metric", "neg-loss"], "--metric 'neg-loss' does not apply to sequence-classification"),
+    (["--task", "nosuchmodule:fn"], "cannot import module 'nosuchmodule'"),
+    (["--chunk-elements", "100"], "--chunk-elements must be a multiple of 64"),
+])
+def test_bad_options(pop, tmp_path, capsys, extra, message):
+    _, models, dev = pop
+    assert message in _error(capsys, _args(models, dev, tmp_path / "o", *extra))
+
+
+def test_unknown_choice_is_rejected_by_the_parser():
+    with pytest.raises(SystemExit):
+        parse_config(["--strategy", "current-to-best"])
+
+
+def test_unknown_yaml_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("models: [a]\ngenerashuns: 3\n")
+    with pytest.raises(ValueError, match="unknown option\\(s\\) generashuns"):
+        parse_config(["--config", str(tmp_path / "c.yaml")])
+
+
+def test_pickle_weights_refused_unless_allowed(pop, tmp_path, capsys):
+    import torch
+
+    _, models, dev = pop
+    pk = tmp_path / "pk"
+    shutil.copytree(models[1], pk)
+    torch.save(load_file(str(pk / "model.safetensors")), str(pk / "pytorch_model.bin"))
+    os.remove(pk / "model.safetensors")
+    err = _error(capsys, _args([models[0], str(pk)], dev, tmp_path / "o"))
+    assert "only pickle weights (pytorch_model.bin)" in err and "--allow-pickle" in err
+    assert main(_args([models[0], str(pk)], dev, tmp_path / "o2", "--allow-pickle")) == 0
+
+
+def test_remote_code_refused(pop, tmp_path, capsys):
+    _, models, dev = pop
+    rc = tmp_path / "rc"
+    shutil.copytree(models[1], rc)
+    cfg = json.loads((rc / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_x.X"}
+    (rc / "config.json").write_text(json.dumps(cfg))
+    assert "needs remote code" in _error(capsys, _args([models[0], str(rc)], dev, tmp_path / "o"))
+
+
+def test_existing_checkpoint_needs_resume_and_same_config(pop, tmp_path, capsys):
+    _, models, dev = pop
+    assert main(_args(models, dev, tmp_path / "o")) == 0
+    assert "pass --resume" in _error(capsys, _args(models, dev, tmp_path / "o"))
+    assert "--resume with a different configuration: CR" in _error(capsys, _args(models, dev, tmp_path / "o", "--resume", "--CR", "0.3"))
+    assert "--resume: no checkpoint" in _error(capsys, _args(models, dev, tmp_path / "fresh", "--resume"))
+
+
+def test_errors_come_before_heavy_work(pop, tmp_path, monkeypatch):
+    """Data errors surface before the population is loaded."""
+    import evolver_kernels.evolve as ev
+
+    _, models, _ = pop
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    called = []
+    monkeypatch.setattr(ev, "make_population", lambda *a, **k: called.append(1))
+    with pytest.raises(ValueError, match="missing label"):
+        Run(parse_config(_args(models, str(tmp_path / "bad.jsonl"), tmp_path / "o")))
+    assert not called
+
+
+def test_config_error_type():
+    assert issubclass(ConfigError, ValueError)
