@@ -188,25 +188,36 @@ class Evaluator:
                 per_file[os.path.basename(path) if _unique_basenames(self.dev_paths) else path] = self._score_file(model, batches)
         return Fitness(sum(per_file.values()) / len(per_file), per_file)
 
+    def classification_report(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        """Every classification metric on every dev file: {file: {metric: value}}."""
+        if self.task != "sequence-classification":
+            raise ValueError("classification_report needs --task sequence-classification")
+        model.eval()
+        with torch.inference_mode():
+            return {path: self._classification_metrics(*self._classify(model, batches)) for path, batches in self.files}
+
+    def _classify(self, model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        preds, golds = [], []
+        for batch in batches:
+            logits = model(**self._inputs(batch)).logits.float()
+            if self.multi_label:
+                preds.append((torch.sigmoid(logits) > self.threshold).cpu())
+            else:
+                preds.append(logits.argmax(-1).cpu())
+            golds.append(batch["gold"])
+        return torch.cat(preds), torch.cat(golds)
+
+    def _classification_metrics(self, pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
+        if self.multi_label:
+            return {"accuracy": float((pred == gold).all(-1).double().mean()), "multilabel-f1": _multilabel_f1(pred, gold)}
+        return {"accuracy": float((pred == gold).double().mean()), "macro-f1": _macro_f1(pred, gold, self.num_labels)}
+
     def _inputs(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def _score_file(self, model, batches) -> float:
         if self.task == "sequence-classification":
-            preds, golds = [], []
-            for batch in batches:
-                logits = model(**self._inputs(batch)).logits.float()
-                if self.multi_label:
-                    preds.append((torch.sigmoid(logits) > self.threshold).cpu())
-                else:
-                    preds.append(logits.argmax(-1).cpu())
-                golds.append(batch["gold"])
-            pred, gold = torch.cat(preds), torch.cat(golds)
-            if self.metric == "accuracy":
-                return float((pred == gold).double().mean()) if not self.multi_label else float((pred == gold).all(-1).double().mean())
-            if self.metric == "macro-f1":
-                return _macro_f1(pred, gold, self.num_labels)
-            return _multilabel_f1(pred, gold)
+            return self._classification_metrics(*self._classify(model, batches))[self.metric]
         if self.task == "causal-lm":
             total, count = 0.0, 0
             for batch in batches:

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from .arena import Arena, iter_chunks
+from .merging import mean_into
 from .ops import de_mutate_crossover
 from .population import Population
 from .rng import STREAM_CROSSOVER
@@ -95,19 +96,18 @@ class WeightPipeline:
         values (never on earlier candidates): rejecting an offspring needs no undo, and the same state
         always gives the same bits.
         """
-        n = self.pop.size
         offspring = {spec.i: spec for spec in replace}
+        weights = [1.0] * self.pop.size
         for group, (_, size) in self.pop.layout.groups.items():
             dtype = self.pop.layout.group_dtype(group)
             for lo, hi in iter_chunks(size, self.chunk):
-                acc = self.buffers.get(torch.float32, "acc", hi - lo).zero_()
-                for k in range(n):
-                    if k in offspring:
-                        part = self._offspring_chunk(offspring[k], group, lo, hi, self.buffers.get(dtype, "u", hi - lo))
-                    else:
-                        part = self._read(k, group, lo, hi)
-                    acc.add_(part)
-                arena.buffers[group][lo:hi].copy_(acc.div_(n))
+                parts = (
+                    self._offspring_chunk(offspring[k], group, lo, hi, self.buffers.get(dtype, "u", hi - lo))
+                    if k in offspring
+                    else self._read(k, group, lo, hi)
+                    for k in range(self.pop.size)
+                )
+                mean_into(arena.buffers[group][lo:hi], parts, weights, self.buffers.get(torch.float32, "acc", hi - lo))
 
     def copy_into(self, k: int, arena: Arena) -> None:
         """arena = individual k."""

