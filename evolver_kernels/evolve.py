@@ -12,6 +12,7 @@ Generation numbers start at 1; generation 0 in the history is the initial popula
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 
@@ -28,6 +29,25 @@ from .report import plot_fitness, write_evolution_json, write_model_card
 from .rng import MASK32, PURPOSE_OFFSPRING, derive_seed, random_order
 
 PARTNERS = {"evolver": 1, "rand/1": 3, "best/1": 2}
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _host_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def offspring_spec(cfg: EvolveConfig, n: int, generation: int, i: int, fitness: list[float] | None) -> OffspringSpec:
@@ -89,8 +109,15 @@ class Run:
             raise ConfigError(f"--out {cfg.out} holds a checkpointed run: pass --resume to continue it, or choose another --out")
         if cfg.resume and not self.checkpoint.exists():
             raise ConfigError(f"--resume: no checkpoint in {cfg.out}")
-        self.log(self.memory_plan())
-        self.pop = make_population(cfg.population_on, self.layout, self.files, list(cfg.models), self.device)
+        plan, problem = self.memory_plan()
+        self.log(plan)
+        if problem:
+            raise ConfigError(problem)
+        self.dry_run = cfg.dry_run
+        if self.dry_run:
+            return
+        self.pop = make_population(cfg.population_on, self.layout, self.files, list(cfg.models), self.device,
+                                   disk_dir=cfg.population_dir or os.path.join(cfg.out, "population"))
         self.arena = Arena.empty(self.layout, self.device)
         model_io.bind_to_arena(self.model, self.arena)
         model_io.load_checkpoint_buffers(self.model, self.files[0])
@@ -107,16 +134,47 @@ class Run:
                 raise
             return [model_io.convert_pickle_weights(model_dir, os.path.join(self.cfg.out, "converted", os.path.basename(os.path.normpath(model_dir))))]
 
-    def memory_plan(self) -> str:
+    def memory_plan(self) -> tuple[str, str | None]:
+        """The plan printed before any heavy work, and a refusal (naming the numbers) when it cannot fit."""
+        cfg = self.cfg
         copy = self.layout.nbytes
-        gib = 1 << 30
-        where = {"gpu": str(self.device), "cpu": "host memory", "disk": "disk"}[self.cfg.population_on]
-        chunk = self.cfg.chunk_elements * (4 + 4 * 4)
-        return (
-            f"memory plan: one model copy = {copy / gib:.3f} GiB ({self.layout.numel:,} evolved elements); "
-            f"population {self.n} copies on {where} = {self.n * copy / gib:.3f} GiB; "
-            f"evaluation model 1 copy on {self.device} = {copy / gib:.3f} GiB; chunk buffers <= {chunk / gib:.3f} GiB"
-        )
+        chunk = cfg.chunk_elements * (4 + 4 * 4)  # fp32 accumulator and up to four input chunks
+        pop_bytes = self.n * copy
+        host_need = chunk + (copy if self.device.type == "cpu" else 0)
+        device_need = chunk + copy if self.device.type == "cuda" else 0
+        disk_need = 0
+        if cfg.population_on == "disk":
+            disk_need = pop_bytes + copy  # a replacement is written beside the file it replaces
+        elif cfg.population_on == "gpu" and self.device.type == "cuda":
+            device_need += pop_bytes
+        else:
+            host_need += pop_bytes
+        lines = [
+            f"memory plan: one model copy = {_bytes(copy)} ({self.layout.numel:,} evolved elements); "
+            f"population: {self.n} copies on {cfg.population_on} ({_bytes(pop_bytes)}); "
+            f"evaluation model: 1 copy on {self.device}; chunk buffers <= {_bytes(chunk)}",
+            f"  needs: host {_bytes(host_need)}" + (f", {self.device} {_bytes(device_need)}" if device_need else "")
+            + (f", disk {_bytes(disk_need)}" if disk_need else ""),
+        ]
+        problem = None
+        host_free = _host_available()
+        if host_free is not None and host_need > host_free:
+            problem = f"the plan needs {_bytes(host_need)} of host memory, {_bytes(host_free)} is available"
+        if device_need:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if device_need > free:
+                problem = f"the plan needs {_bytes(device_need)} on {self.device}, {_bytes(free)} is free"
+        if disk_need:
+            root = cfg.population_dir or cfg.out
+            probe = root
+            while probe and not os.path.exists(probe):
+                probe = os.path.dirname(probe) or "."
+            free = shutil.disk_usage(probe or ".").free
+            if disk_need > free:
+                problem = f"the disk tier needs {_bytes(disk_need)} under {root}, {_bytes(free)} is free"
+        if problem:
+            problem += " (try --population-on cpu or disk, fewer models, or another --device)"
+        return "\n".join(lines), problem
 
     # -- the pieces of a step --------------------------------------------------------------------------------
     def evaluate(self) -> Fitness:
@@ -153,9 +211,15 @@ class Run:
                 state["fitness"][spec.i] = scores[spec.i]
 
     # -- the run ---------------------------------------------------------------------------------------------
-    def fresh_state(self) -> dict:
+    def run_config(self) -> dict:
+        """The options that define the run's result (what --resume must match)."""
         config = self.cfg.to_dict()
-        config.pop("resume")
+        for transient in ("resume", "dry_run"):
+            config.pop(transient)
+        return config
+
+    def fresh_state(self) -> dict:
+        config = self.run_config()
         return {
             "config": config, "generation": 0, "position": 0, "fitness": None, "merged_fitness": None,
             "pending": {}, "accepted_now": [], "history": [], "evaluations": 0,
@@ -163,8 +227,7 @@ class Run:
 
     def load_state(self) -> dict:
         state = self.checkpoint.load_state()
-        config = self.cfg.to_dict()
-        config.pop("resume")
+        config = self.run_config()
         differing = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
         if differing:
             raise ConfigError(
@@ -181,6 +244,8 @@ class Run:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if self.dry_run:
+            return {"dry_run": True}
         state = self.load_state() if cfg.resume else self.fresh_state()
         extra_merged = 1 if (cfg.fitness == "merged" and cfg.schedule == "synchronous") else 0
         total = (self.n if cfg.fitness == "individual" else 1) + cfg.generations * (self.n + extra_merged)
@@ -308,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if result.get("dry_run"):
+        print("dry run: inputs checked, nothing evolved")
+        return 0
     print(f"final_fitness {result['final_fitness']:.6f}")
     return 0
 

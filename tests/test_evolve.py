@@ -89,6 +89,8 @@ def test_same_seed_same_bytes_on_every_tier_and_backend(bert_pop, tmp_path):
     _run(models, dev, tmp_path / "b", "--fitness", "individual", "--population-on", "cpu", "--backend", "reference",
          "--chunk-elements", "4096")
     assert _same_weights(tmp_path / "a", tmp_path / "b")
+    _run(models, dev, tmp_path / "d", "--fitness", "individual", "--population-on", "disk", "--chunk-elements", "1024")
+    assert _same_weights(tmp_path / "a", tmp_path / "d")
     _run(models, dev, tmp_path / "c", "--fitness", "individual", "--seed", "8")
     assert not _same_weights(tmp_path / "a", tmp_path / "c")
 
@@ -155,12 +157,14 @@ KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fitness,schedule,kill_after", [("individual", "sequential", 7), ("merged", "sequential", 5),
-                                                          ("merged", "synchronous", 6), ("individual", "synchronous", 9)])
-def test_resume_after_kill_gives_the_same_bytes(bert_pop, tmp_path, fitness, schedule, kill_after):
+@pytest.mark.parametrize("fitness,schedule,kill_after,tier", [
+    ("individual", "sequential", 7, "gpu"), ("merged", "sequential", 5, "cpu"), ("merged", "synchronous", 6, "gpu"),
+    ("individual", "synchronous", 9, "gpu"), ("merged", "sequential", 8, "disk"), ("individual", "sequential", 6, "disk"),
+])
+def test_resume_after_kill_gives_the_same_bytes(bert_pop, tmp_path, fitness, schedule, kill_after, tier):
     models, dev = bert_pop
     args = ["--models", *models, "--dev", *dev, "--generations", "3", "--seed", "11", "--fitness", fitness,
-            "--schedule", schedule]
+            "--schedule", schedule, "--population-on", tier]
     _run(models, dev, tmp_path / "straight", *args[args.index("--generations"):])
     killed = subprocess.run([sys.executable, "-c", KILLER, str(kill_after), *args, "--out", str(tmp_path / "k")],
                             capture_output=True, text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})

@@ -108,7 +108,6 @@ def test_csv_error_line_counts_header(pop, tmp_path, capsys):
     (["--generations", "-1"], "--generations must be a non-negative integer"),
     (["--population-size", "5"], "--population-size 5 differs from the 3 models"),
     (["--strategy", "best/1"], "--strategy best/1 needs per-individual fitness"),
-    (["--population-on", "disk"], "--population-on disk is not implemented yet"),
     (["--metric", "neg-loss"], "--metric 'neg-loss' does not apply to sequence-classification"),
     (["--task", "nosuchmodule:fn"], "cannot import module 'nosuchmodule'"),
     (["--chunk-elements", "100"], "--chunk-elements must be a multiple of 64"),
@@ -116,6 +115,24 @@ def test_csv_error_line_counts_header(pop, tmp_path, capsys):
 def test_bad_options(pop, tmp_path, capsys, extra, message):
     _, models, dev = pop
     assert message in _error(capsys, _args(models, dev, tmp_path / "o", *extra))
+
+
+def test_dry_run_prints_the_plan_and_stops(pop, tmp_path, capsys):
+    _, models, dev = pop
+    assert main(_args(models, dev, tmp_path / "o", "--dry-run", "--population-on", "disk")) == 0
+    captured = capsys.readouterr()
+    assert "memory plan: one model copy" in captured.err and "disk" in captured.err
+    assert "dry run" in captured.out
+    assert not (tmp_path / "o" / "population").exists() and not (tmp_path / "o" / "checkpoint").exists()
+
+
+def test_plan_that_cannot_fit_is_refused_with_numbers(pop, tmp_path, capsys, monkeypatch):
+    import evolver_kernels.evolve as ev
+
+    _, models, dev = pop
+    monkeypatch.setattr(ev, "_host_available", lambda: 1000)
+    err = _error(capsys, _args(models, dev, tmp_path / "o"))
+    assert "of host memory, 1000 B is available" in err and "--population-on" in err
 
 
 def test_unknown_choice_is_rejected_by_the_parser():
