@@ -19,32 +19,12 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-SIZES = {  # hidden, intermediate, layers, vocab, heads, kv heads
-    "tiny": (256, 688, 4, 32000, 4, 4),
-    "125m": (768, 2048, 12, 32000, 12, 12),
-    "1b": (2048, 5632, 22, 32000, 32, 4),
-    "7b": (4096, 11008, 32, 32000, 32, 32),
-}
-
-
-def llama_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
-    h, inter, layers, vocab, heads, kv = SIZES[size]
-    kv_dim = h // heads * kv
-    shapes = [("model.embed_tokens.weight", (vocab, h)), ("lm_head.weight", (vocab, h)), ("model.norm.weight", (h,))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes += [
-            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv_dim, h)),
-            (p + "self_attn.v_proj.weight", (kv_dim, h)), (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
-            (p + "mlp.down_proj.weight", (h, inter)), (p + "input_layernorm.weight", (h,)),
-            (p + "post_attention_layernorm.weight", (h,)),
-        ]
-    return shapes
+from evolver_kernels.synthetic import SIZES, AnonPeak, llama_layout, llama_shapes, synthetic_population, weight_generation
 
 
 def fill(t: torch.Tensor, seed: int) -> None:
@@ -55,39 +35,20 @@ def fill(t: torch.Tensor, seed: int) -> None:
 
 
 def synthetic_fitness(values: torch.Tensor) -> float:
-    """Cheap and deterministic: a strided sample's mean (stands in for an evaluation pass)."""
-    return float(values.view(-1)[:: 4099].float().mean())
+    return float(values.view(-1)[::4099].float().sum())
 
 
-def run_ours(size: str, n: int, device: str) -> dict:
-    from evolver_kernels.arena import Arena, Layout
-    from evolver_kernels.offspring import OffspringSpec, WeightPipeline
-    from evolver_kernels.population import MemoryPopulation
-
-    layout = Layout.from_params(((name,), torch.bfloat16, shape) for name, shape in llama_shapes(size))
-    pop = MemoryPopulation(layout, n, device)
-    for i, arena in enumerate(pop.arenas):
-        for buf in arena.buffers.values():
-            fill(buf, i)
-    arena = Arena.empty(layout, device)
-    pipe = WeightPipeline(pop, torch.device(device))
-    group = next(iter(layout.groups))
-    pipe.merged_into(arena)
-    best = synthetic_fitness(arena.buffers[group])
+def run_ours(size: str, n: int, device: str, tier: str, root: str) -> dict:
+    layout = llama_layout(size)
+    pop = synthetic_population(layout, n, tier, root=root, device=device)
     start = time.perf_counter()
-    for i in range(n):
-        spec = OffspringSpec(i=i, strategy="evolver", picks=((i + 1) % n,), F=0.5, CR=0.5, seed=1000 + i)
-        pipe.merged_into(arena, replace=[spec])
-        score = synthetic_fitness(arena.buffers[group])
-        if score > best:
-            pipe.apply([spec])
-            best = score
+    accepted = weight_generation(pop, device)
     if device == "cuda":
         torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - start, "numel": layout.numel}
+    return {"seconds": time.perf_counter() - start, "numel": layout.numel, "accepted": accepted}
 
 
-def run_reference(size: str, n: int, device: str) -> dict:
+def run_reference(size: str, n: int, device: str, tier: str, root: str) -> dict:
     """The reference code's data flow: fp32 flat vectors, host mask, stacked merge."""
     shapes = llama_shapes(size)
     numel = sum(torch.Size(s).numel() for _, s in shapes)
@@ -118,16 +79,16 @@ def run_reference(size: str, n: int, device: str) -> dict:
     return {"seconds": time.perf_counter() - start, "numel": numel}
 
 
-def child(mode: str, size: str, n: int, device: str) -> None:
+def child(mode: str, size: str, n: int, device: str, tier: str, root: str) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = AnonPeak.now()
+    sampler = AnonPeak()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = (run_ours if mode == "ours" else run_reference)(size, n, device)
-    if device == "cuda":
-        result["peak_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        result["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    result = (run_ours if mode == "ours" else run_reference)(size, n, device, tier, root)
+    result["peak_anon_bytes"] = sampler.stop() - base
+    result["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else result["peak_anon_bytes"]
+    result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result))
 
 
@@ -137,35 +98,41 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--modes", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
+    parser.add_argument("--tier", default="cpu", choices=["gpu", "cpu", "disk"], help="population tier for ours")
+    parser.add_argument("--root", default=None, help="disk tier directory (default: a temporary one)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child, args.size, args.n, args.device)
+        child(args.child, args.size, args.n, args.device, args.tier, args.root)
         return
+    root = args.root or tempfile.mkdtemp(prefix="evolver-e2e-")
     copy_bytes = sum(torch.Size(s).numel() for _, s in llama_shapes(args.size)) * 2
     results = {}
     for mode in args.modes:
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--size", args.size, "--n", str(args.n),
-                              "--device", args.device], capture_output=True, text=True)
+                              "--device", args.device, "--tier", args.tier, "--root", root],
+                             capture_output=True, text=True)
         if out.returncode != 0:
             results[mode] = {"error": (out.stderr or "")[-500:] or f"exit code {out.returncode} (killed: out of memory?)"}
         else:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["copies"] = r["peak_bytes"] / copy_bytes
             results[mode] = r
-    print(f"| pipeline | size | N | one copy GiB | peak GiB | model copies | generation s |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("| pipeline | tier | size | N | one copy GiB | peak GiB | model copies | generation s |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for mode, r in results.items():
         if "error" in r:
-            print(f"| {mode} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | failed: {r['error'][-120:]!r} | | |")
+            print(f"| {mode} | {args.tier} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | failed: {r['error'][-120:]!r} | | |")
             continue
-        print(f"| {mode} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
+        tier = args.tier if mode == "ours" else "-"
+        print(f"| {mode} | {tier} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
               f"{r['copies']:.2f} | {r['seconds']:.2f} |")
     if all("copies" in results.get(m, {}) for m in ("ours", "reference")):
         print(f"\nreference / ours peak memory: {results['reference']['peak_bytes'] / results['ours']['peak_bytes']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "n": args.n, "device": args.device, "copy_bytes": copy_bytes,
+            json.dump({"size": args.size, "n": args.n, "device": args.device, "tier": args.tier, "copy_bytes": copy_bytes,
                        "results": results}, f, indent=2)
 
 
