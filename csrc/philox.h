@@ -89,52 +89,74 @@ inline void philox4x32_10_lanes(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32
                                 uint32_t k1) {
   int done = 0;
 #if defined(__AVX512F__)
+  // Four vectors of 16 lanes per pass: four independent dependency chains keep the multipliers busy
+  // (one chain is bound by the multiply-blend-xor latency of each round).
+  constexpr int kV = 4, kW = 16;
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
-  for (; done + 16 <= L; done += 16) {
-    __m512i x0 = _mm512_loadu_si512(c0 + done), x1 = _mm512_loadu_si512(c1 + done);
-    __m512i x2 = _mm512_loadu_si512(c2 + done), x3 = _mm512_loadu_si512(c3 + done);
+  for (; done + kV * kW <= L; done += kV * kW) {
+    __m512i x0[kV], x1[kV], x2[kV], x3[kV];
+    for (int v = 0; v < kV; ++v) {
+      x0[v] = _mm512_loadu_si512(c0 + done + v * kW);
+      x1[v] = _mm512_loadu_si512(c1 + done + v * kW);
+      x2[v] = _mm512_loadu_si512(c2 + done + v * kW);
+      x3[v] = _mm512_loadu_si512(c3 + done + v * kW);
+    }
     uint32_t r0 = k0, r1 = k1;
     for (int round = 0; round < 10; ++round) {
-      __m512i hi0, lo0, hi1, lo1;
-      philox_mul_hi_lo_avx512(x0, m0, hi0, lo0);
-      philox_mul_hi_lo_avx512(x2, m1, hi1, lo1);
-      x0 = _mm512_ternarylogic_epi32(hi1, x1, _mm512_set1_epi32(static_cast<int>(r0)), 0x96);  // three-way xor
-      x1 = lo1;
-      x2 = _mm512_ternarylogic_epi32(hi0, x3, _mm512_set1_epi32(static_cast<int>(r1)), 0x96);
-      x3 = lo0;
+      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(r0)), key1 = _mm512_set1_epi32(static_cast<int>(r1));
+      for (int v = 0; v < kV; ++v) {
+        __m512i hi0, lo0, hi1, lo1;
+        philox_mul_hi_lo_avx512(x0[v], m0, hi0, lo0);
+        philox_mul_hi_lo_avx512(x2[v], m1, hi1, lo1);
+        x0[v] = _mm512_ternarylogic_epi32(hi1, x1[v], key0, 0x96);  // three-way xor
+        x1[v] = lo1;
+        x2[v] = _mm512_ternarylogic_epi32(hi0, x3[v], key1, 0x96);
+        x3[v] = lo0;
+      }
       r0 += kPhiloxW0;
       r1 += kPhiloxW1;
     }
-    _mm512_storeu_si512(c0 + done, x0);
-    _mm512_storeu_si512(c1 + done, x1);
-    _mm512_storeu_si512(c2 + done, x2);
-    _mm512_storeu_si512(c3 + done, x3);
+    for (int v = 0; v < kV; ++v) {
+      _mm512_storeu_si512(c0 + done + v * kW, x0[v]);
+      _mm512_storeu_si512(c1 + done + v * kW, x1[v]);
+      _mm512_storeu_si512(c2 + done + v * kW, x2[v]);
+      _mm512_storeu_si512(c3 + done + v * kW, x3[v]);
+    }
   }
 #elif defined(__AVX2__)
+  constexpr int kV = 4, kW = 8;
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  for (; done + 8 <= L; done += 8) {
-    __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + done));
-    __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + done));
-    __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c2 + done));
-    __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c3 + done));
+  for (; done + kV * kW <= L; done += kV * kW) {
+    __m256i x0[kV], x1[kV], x2[kV], x3[kV];
+    for (int v = 0; v < kV; ++v) {
+      x0[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + done + v * kW));
+      x1[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + done + v * kW));
+      x2[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c2 + done + v * kW));
+      x3[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c3 + done + v * kW));
+    }
     uint32_t r0 = k0, r1 = k1;
     for (int round = 0; round < 10; ++round) {
-      __m256i hi0, lo0, hi1, lo1;
-      philox_mul_hi_lo_avx2(x0, m0, hi0, lo0);
-      philox_mul_hi_lo_avx2(x2, m1, hi1, lo1);
-      x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(r0)));
-      x1 = lo1;
-      x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(r1)));
-      x3 = lo0;
+      const __m256i key0 = _mm256_set1_epi32(static_cast<int>(r0)), key1 = _mm256_set1_epi32(static_cast<int>(r1));
+      for (int v = 0; v < kV; ++v) {
+        __m256i hi0, lo0, hi1, lo1;
+        philox_mul_hi_lo_avx2(x0[v], m0, hi0, lo0);
+        philox_mul_hi_lo_avx2(x2[v], m1, hi1, lo1);
+        x0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, x1[v]), key0);
+        x1[v] = lo1;
+        x2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, x3[v]), key1);
+        x3[v] = lo0;
+      }
       r0 += kPhiloxW0;
       r1 += kPhiloxW1;
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c0 + done), x0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c1 + done), x1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c2 + done), x2);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c3 + done), x3);
+    for (int v = 0; v < kV; ++v) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c0 + done + v * kW), x0[v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c1 + done + v * kW), x1[v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c2 + done + v * kW), x2[v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c3 + done + v * kW), x3[v]);
+    }
   }
 #endif
   for (int l = done; l < L; ++l) philox4x32_10(c0[l], c1[l], c2[l], c3[l], k0, k1);

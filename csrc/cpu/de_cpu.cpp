@@ -40,9 +40,14 @@ struct Float16Codec {
 };
 
 // Calls body(words, delta, p_lo, p_hi) for every block: the element at local index p in [p_lo, p_hi)
-// has global index offset + p and its random word is words[p + delta].
-template <typename Body>
-void for_each_block(int64_t numel, uint64_t seed, uint64_t stream, uint64_t offset, const Body& body) {
+// has global index offset + p and its random word is words[p + delta]. prefetch(p_lo, p_hi) is called
+// for a block kPrefetchBlocks ahead before each block's Philox, so that memory traffic continues while
+// the random words are computed (the element loop alone would leave the memory system idle meanwhile).
+constexpr int kPrefetchBlocks = 4;
+
+template <typename Body, typename Prefetch>
+void for_each_block(int64_t numel, uint64_t seed, uint64_t stream, uint64_t offset, const Body& body,
+                    const Prefetch& prefetch) {
   if (numel <= 0) return;
   const uint64_t first_group = offset >> 2;
   const uint64_t end_group = (offset + static_cast<uint64_t>(numel) + 3) >> 2;
@@ -53,6 +58,10 @@ void for_each_block(int64_t numel, uint64_t seed, uint64_t stream, uint64_t offs
     alignas(64) uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
     alignas(64) uint32_t words[4 * kGroups];
     for (int64_t blk = begin; blk < end; ++blk) {
+      if (blk + kPrefetchBlocks < end) {
+        const int64_t ahead = static_cast<int64_t>(4 * (first_group + static_cast<uint64_t>(blk + kPrefetchBlocks) * kGroups) - offset);
+        prefetch(std::max<int64_t>(ahead, 0), std::min<int64_t>(ahead + 4 * kGroups, numel));
+      }
       const uint64_t g = first_group + static_cast<uint64_t>(blk) * kGroups;
       for (int l = 0; l < kGroups; ++l) {
         const uint64_t q = g + l;
@@ -99,6 +108,18 @@ void de_kernel(const DEParams& p) {
                      }
                      out[i] = threshold.selects(words[i + delta]) ? Codec::store(r) : xb;
                    }
+                 },
+                 [&](int64_t p_lo, int64_t p_hi) {
+                   constexpr int64_t kLine = 64 / sizeof(Bits);
+                   for (int64_t i = p_lo; i < p_hi; i += kLine) {
+                     __builtin_prefetch(x + i);
+                     __builtin_prefetch(a + i);
+                     if (!kTwoInputs) {
+                       __builtin_prefetch(base + i);
+                       __builtin_prefetch(b + i);
+                     }
+                     __builtin_prefetch(out + i, 1);
+                   }
                  });
 }
 
@@ -133,7 +154,8 @@ void crossover_mask_cpu(const MaskParams& p) {
   for_each_block(p.numel, p.seed, p.stream, p.offset,
                  [&](const uint32_t* words, int64_t delta, int64_t p_lo, int64_t p_hi) {
                    for (int64_t i = p_lo; i < p_hi; ++i) out[i] = threshold.selects(words[i + delta]);
-                 });
+                 },
+                 [](int64_t, int64_t) {});
 }
 
 }  // namespace evolver_kernels
