@@ -38,14 +38,29 @@ def synthetic_fitness(values: torch.Tensor) -> float:
     return float(values.view(-1)[::4099].float().sum())
 
 
+def _io() -> dict[str, int]:
+    """Bytes this process has read from and written to storage so far (/proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f)}
+
+
 def run_ours(size: str, n: int, device: str, tier: str, root: str) -> dict:
     layout = llama_layout(size)
     pop = synthetic_population(layout, n, tier, root=root, device=device)
+    if tier == "disk":
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:  # measure the generation's reads, not the page cache
+            f.write("1\n")
+    io_before = _io()
     start = time.perf_counter()
     accepted = weight_generation(pop, device)
     if device == "cuda":
         torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - start, "numel": layout.numel, "accepted": accepted}
+    seconds = time.perf_counter() - start
+    io_after = _io()
+    return {"seconds": seconds, "numel": layout.numel, "accepted": accepted,
+            "disk_read_bytes": io_after["read_bytes"] - io_before["read_bytes"],
+            "disk_write_bytes": io_after["write_bytes"] - io_before["write_bytes"]}
 
 
 def run_reference(size: str, n: int, device: str, tier: str, root: str) -> dict:
@@ -86,6 +101,9 @@ def child(mode: str, size: str, n: int, device: str, tier: str, root: str) -> No
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = (run_ours if mode == "ours" else run_reference)(size, n, device, tier, root)
+    result.setdefault("disk_read_bytes", 0)
+    result.setdefault("disk_write_bytes", 0)
+    result["seconds_per_offspring"] = result["seconds"] / n
     result["peak_anon_bytes"] = sampler.stop() - base
     result["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else result["peak_anon_bytes"]
     result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -108,6 +126,8 @@ def main(argv=None) -> None:
         return
     root = args.root or tempfile.mkdtemp(prefix="evolver-e2e-")
     copy_bytes = sum(torch.Size(s).numel() for _, s in llama_shapes(args.size)) * 2
+    print(f"generation: the weight side of one generation on N = {args.n} {args.size}-shaped models; disk traffic "
+          "counts the generation only (the page cache is dropped after the population is written)")
     results = {}
     for mode in args.modes:
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--size", args.size, "--n", str(args.n),
@@ -119,15 +139,16 @@ def main(argv=None) -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["copies"] = r["peak_bytes"] / copy_bytes
             results[mode] = r
-    print("| pipeline | tier | size | N | one copy GiB | peak GiB | model copies | generation s |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| pipeline | tier | size | N | one copy GiB | peak GiB | model copies | generation s | s / offspring "
+          "| disk read GiB | disk write GiB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for mode, r in results.items():
         if "error" in r:
             print(f"| {mode} | {args.tier} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | failed: {r['error'][-120:]!r} | | |")
             continue
         tier = args.tier if mode == "ours" else "-"
         print(f"| {mode} | {tier} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
-              f"{r['copies']:.2f} | {r['seconds']:.2f} |")
+              f"{r['copies']:.2f} | {r['seconds']:.2f} | {r['seconds_per_offspring']:.2f} | "
+              f"{r['disk_read_bytes'] / 2**30:.2f} | {r['disk_write_bytes'] / 2**30:.2f} |")
     if all("copies" in results.get(m, {}) for m in ("ours", "reference")):
         print(f"\nreference / ours peak memory: {results['reference']['peak_bytes'] / results['ours']['peak_bytes']:.2f}x")
     if args.json:
