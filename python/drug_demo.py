@@ -3,7 +3,7 @@
 1. Builds (or reuses) the population of python/drug_population.py: 4 MiniLM domain experts.
 2. Runs `python -m evolver_kernels.evolve` (in process, same code path) with the paper's defaults
    (F = 0.5, CR = 0.5) in both fitness modes for 3 seeds; selection on the dev splits only.
-3. Scores every expert, the simple average, task arithmetic (scale chosen on dev) and the Evolver
+3. Scores every expert, the simple average, task arithmetic and TIES (settings chosen on dev) and the Evolver
    outputs on each in-domain test split and the held-out domain, and prints a Markdown table
    (also written to <out>/results.md and results.json).
 
@@ -30,10 +30,11 @@ from evolver_kernels.arena import Arena, Layout, safetensors_files  # noqa: E402
 from evolver_kernels.config import EvolveConfig  # noqa: E402
 from evolver_kernels.evaluate import Evaluator  # noqa: E402
 from evolver_kernels.evolve import Run  # noqa: E402
-from evolver_kernels.merging import average, task_arithmetic  # noqa: E402
+from evolver_kernels.merging import average, task_arithmetic, ties  # noqa: E402
 from evolver_kernels.population import make_population  # noqa: E402
 
 TA_SCALES = [0.3, 0.5, 0.7, 1.0]
+TIES_GRID = [(0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0)]  # (density, scale), chosen on dev
 MAX_LENGTH = 128
 
 
@@ -90,6 +91,17 @@ def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> dict[str,
     task_arithmetic(pop, base, arena, best[1])
     name = f"task arithmetic (scale {best[1]})"
     dirs[name] = os.path.join(out, "task_arithmetic")
+    model_io.save_model(arena, experts[0], files[0], dirs[name])
+    best = None
+    for density, scale in TIES_GRID:
+        ties(pop, base, arena, density=density, scale=scale)
+        score = dev_eval(model).score
+        log(f"[demo] TIES density {density} scale {scale}: dev macro-F1 {score:.4f}")
+        if best is None or score > best[0]:
+            best = (score, density, scale)
+    ties(pop, base, arena, density=best[1], scale=best[2])
+    name = f"TIES (density {best[1]}, scale {best[2]})"
+    dirs[name] = os.path.join(out, "ties")
     model_io.save_model(arena, experts[0], files[0], dirs[name])
     return dirs
 

@@ -1,0 +1,124 @@
+"""Streaming merge methods against straightforward stacking references (peft's merge_utils semantics)."""
+
+import pytest
+import torch
+from _util import assert_within_one_ulp
+
+from evolver_kernels import merging
+from evolver_kernels.arena import Arena, Layout
+from evolver_kernels.population import MemoryPopulation
+from evolver_kernels.reference import crossover_mask_reference
+from evolver_kernels.rng import STREAM_DARE
+
+
+def _setup(dtype=torch.float32, n=4, seed=0):
+    layout = Layout.from_params([(("w1",), dtype, (37, 11)), (("w2",), dtype, (129,)), (("w3",), dtype, (5, 3))])
+    pop = MemoryPopulation(layout, n, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    base = Arena.empty(layout)
+    for e in layout.entries:
+        base.view(e).copy_(torch.randn(e.shape, generator=gen))
+    for arena in pop.arenas:
+        for e in layout.entries:
+            arena.view(e).copy_(base.view(e).float() + 0.1 * torch.randn(e.shape, generator=gen))
+    return layout, pop, base
+
+
+def _stack(pop, e):
+    return torch.stack([pop.arenas[k].view(e).float() for k in range(pop.size)])
+
+
+def _dare_ref(tau, k, e, layout, p, seed):
+    offset = layout.groups[e.group][0] + e.offset
+    drop = crossover_mask_reference(e.numel, CR=p, seed=seed, stream=STREAM_DARE + k, offset=offset).view(e.shape)
+    return torch.where(drop, 0.0, tau) / (1 - p)
+
+
+def _ties_ref(taus, density, weights):
+    """peft: magnitude prune (topk), majority sign by total, disjoint merge."""
+    pruned = []
+    for t in taus:
+        k = int(density * t.numel())
+        mask = torch.zeros(t.numel(), dtype=torch.bool)
+        if k:
+            mask[t.abs().flatten().topk(k).indices] = True
+        pruned.append(t * mask.view(t.shape))
+    stacked = torch.stack(pruned) * torch.tensor(weights).view(-1, *[1] * taus[0].dim())
+    sign = stacked.sum(0).sign()
+    agree = (stacked.sign() == sign) & (stacked != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+def test_weighted_average(chunk):
+    layout, pop, _ = _setup()
+    out = merging.average(pop, Arena.empty(layout), weights=[1, 2, 0, 1], chunk=chunk)
+    for e in layout.entries:
+        want = (_stack(pop, e) * torch.tensor([1.0, 2, 0, 1]).view(-1, 1, *[1] * (len(e.shape) - 1))).sum(0) / 4
+        assert_within_one_ulp(out.view(e), want.to(out.view(e).dtype), e.name)
+
+
+@pytest.mark.parametrize("drop_p", [0.0, 0.3])
+def test_task_arithmetic_and_dare(drop_p):
+    layout, pop, base = _setup()
+    out = merging.task_arithmetic(pop, base, Arena.empty(layout), scale=0.7, drop_p=drop_p, seed=5, chunk=64)
+    for e in layout.entries:
+        b = base.view(e).float()
+        taus = [pop.arenas[k].view(e).float() - b for k in range(4)]
+        if drop_p:
+            taus = [_dare_ref(t, k, e, layout, drop_p, 5) for k, t in enumerate(taus)]
+        torch.testing.assert_close(out.view(e), b + 0.7 * sum(taus), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("drop_p", [0.0, 0.25])
+def test_ties_matches_peft_semantics(density, drop_p):
+    layout, pop, base = _setup()
+    weights = [1.0, 0.5, 1.0, 2.0]
+    out = merging.ties(pop, base, Arena.empty(layout), density=density, scale=0.9, weights=weights, drop_p=drop_p, seed=2)
+    for e in layout.entries:
+        b = base.view(e).float()
+        taus = [pop.arenas[k].view(e).float() - b for k in range(4)]
+        if drop_p:
+            taus = [_dare_ref(t, k, e, layout, drop_p, 2) for k, t in enumerate(taus)]
+        torch.testing.assert_close(out.view(e), b + 0.9 * _ties_ref(taus, density, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_named():
+    layout, pop, base = _setup()
+    out = Arena.empty(layout)
+    with pytest.raises(ValueError, match="needs a base model"):
+        merging.ties(pop, None, out, density=0.5)
+    with pytest.raises(ValueError, match="density must be in \\(0, 1\\]"):
+        merging.ties(pop, base, out, density=0.0)
+    with pytest.raises(ValueError, match="density must be in \\(0, 1\\]"):
+        merging.ties(pop, base, out, density=1.5)
+    with pytest.raises(ValueError, match="drop_p must be in \\[0, 1\\)"):
+        merging.task_arithmetic(pop, base, out, scale=1.0, drop_p=1.0)
+    with pytest.raises(ValueError, match="weights: 3 given for 4 models"):
+        merging.average(pop, out, weights=[1, 1, 1])
+    other, _, _ = _setup(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="base: its parameters differ"):
+        merging.task_arithmetic(pop, Arena.empty(other), out, scale=1.0)
+
+
+def test_merges_never_stack_the_population():
+    """Peak extra memory of a merge is O(chunk) (average, task arithmetic) or O(tensor) (TIES), not O(N x model)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layout, pop, base = _setup(n=6)
+    out = Arena.empty(layout)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        merging.average(pop, out, chunk=64)
+    biggest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+    assert biggest <= 64 * 4 * 2
+
+
+def test_inputs_are_left_untouched():
+    layout, pop, base = _setup()
+    before = [a.buffers["float32"].clone() for a in pop.arenas] + [base.buffers["float32"].clone()]
+    merging.task_arithmetic(pop, base, Arena.empty(layout), scale=0.5, drop_p=0.1)
+    merging.ties(pop, base, Arena.empty(layout), density=0.3)
+    merging.average(pop, Arena.empty(layout))
+    after = [a.buffers["float32"] for a in pop.arenas] + [base.buffers["float32"]]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
