@@ -1,0 +1,74 @@
+"""`python -m evolver_kernels.merge`: one-shot merges of model directories, YAML and flags, clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from evolver_kernels import tiny_models
+from evolver_kernels.merge import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    return tiny_models.make_population("bert", str(root), 4, noise=0.1)
+
+
+def _weights(d):
+    return load_file(f"{d}/model.safetensors")
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_average_by_flags_equals_the_mean(models, tmp_path, tier):
+    assert main(["--models", *models[1:], "--out", str(tmp_path / "avg"), "--population-on", tier]) == 0
+    out = _weights(tmp_path / "avg")
+    ws = [_weights(m) for m in models[1:]]
+    for key in out:
+        torch.testing.assert_close(out[key], sum(w[key] for w in ws) / 3, rtol=1e-6, atol=1e-6)
+    assert not (tmp_path / "avg" / "population").exists()
+    import transformers
+
+    transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "avg")
+
+
+def test_yaml_ties_matches_flags(models, tmp_path):
+    import yaml
+
+    cfg = {"merge_method": "dare_ties", "base_model": models[0],
+           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models[1:], [1.0, 0.5, 1.0])],
+           "parameters": {"density": 0.4, "lambda": 0.8, "drop_p": 0.2, "seed": 3}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "y")]) == 0
+    assert main(["--method", "dare_ties", "--base", models[0], "--models", *models[1:], "--weights", "1", "0.5", "1",
+                 "--density", "0.4", "--scale", "0.8", "--drop-p", "0.2", "--seed", "3", "--out", str(tmp_path / "f")]) == 0
+    a, b = _weights(tmp_path / "y"), _weights(tmp_path / "f")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "y" / "merge.json").read_text())
+    assert record["method"] == "dare_ties" and record["scale"] == 0.8
+    base = _weights(models[0])
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "ties"], "ties needs a base model"),
+    (["--method", "ties", "--base", "{base}", "--density", "0"], "density must be in (0, 1]"),
+    (["--weights", "1", "2"], "--weights: 2 given for 3 models"),
+    (["--method", "dare_linear", "--base", "{base}", "--drop-p", "1.0"], "drop_p must be in [0, 1)"),
+])
+def test_errors(models, tmp_path, capsys, argv, message):
+    argv = [a.replace("{base}", models[0]) for a in argv]
+    assert main(["--models", *models[1:], "--out", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_mismatched_model_named(models, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(models[2], other)
+    w = _weights(other)
+    w["classifier.weight"] = w["classifier.weight"][:2].clone()
+    save_file(w, str(other / "model.safetensors"))
+    assert main(["--models", models[1], str(other), "--out", str(tmp_path / "o")]) == 2
+    assert "classifier.weight has shape [2, 32], expected [3, 32]" in capsys.readouterr().err
