@@ -22,6 +22,7 @@ from . import model_io
 from .arena import Arena, Layout, resolve_names, safetensors_files, tensor_index
 from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, parse_config, validate
+from .distributed import Ranks
 from .evaluate import Evaluator, Fitness, infer_task
 from .offspring import OffspringSpec, WeightPipeline
 from .population import make_population
@@ -81,6 +82,12 @@ class Run:
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device}: torch sees no CUDA GPU")
+        self.ranks = Ranks.from_env(self.device.type)
+        if self.ranks.enabled and cfg.schedule != "synchronous":
+            raise ConfigError(
+                f"{self.ranks.world} ranks need --schedule synchronous (the sequential schedule is serial by definition)"
+            )
+        self.device = self.ranks.device(self.device)
         configs = [model_io.load_config(m) for m in cfg.models]
         for m, c in zip(cfg.models[1:], configs[1:]):
             if c.model_type != configs[0].model_type or (c.architectures or [None])[0] != (configs[0].architectures or [None])[0]:
@@ -116,8 +123,11 @@ class Run:
         self.dry_run = cfg.dry_run
         if self.dry_run:
             return
+        disk_dir = cfg.population_dir or os.path.join(cfg.out, "population")
+        if self.ranks.enabled:
+            disk_dir = os.path.join(disk_dir, f"rank{self.ranks.rank}")
         self.pop = make_population(cfg.population_on, self.layout, self.files, list(cfg.models), self.device,
-                                   disk_dir=cfg.population_dir or os.path.join(cfg.out, "population"))
+                                   disk_dir=disk_dir)
         self.arena = Arena.empty(self.layout, self.device)
         model_io.bind_to_arena(self.model, self.arena)
         model_io.load_checkpoint_buffers(self.model, self.files[0])
@@ -249,36 +259,42 @@ class Run:
         state = self.load_state() if cfg.resume else self.fresh_state()
         extra_merged = 1 if (cfg.fitness == "merged" and cfg.schedule == "synchronous") else 0
         total = (self.n if cfg.fitness == "individual" else 1) + cfg.generations * (self.n + extra_merged)
+        ranks = self.ranks
         bar = tqdm(total=total, initial=min(state["evaluations"], total), desc="evolve", unit="eval", file=sys.stderr,
-                   disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0")
+                   disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0" or not ranks.is_main)
 
         if state["generation"] == 0:  # the initial population's fitness
             if cfg.fitness == "individual":
-                fitness = []
+                scores = {}
                 for i in range(self.n):
-                    self._timed(self.pipeline.copy_into, i, self.arena)
-                    fitness.append(self.evaluate().score)
+                    if ranks.mine(i):
+                        self._timed(self.pipeline.copy_into, i, self.arena)
+                        scores[i] = self.evaluate().score
                     bar.update(1)
-                state["fitness"] = fitness
+                scores = ranks.gather(scores)
+                state["fitness"] = [scores[i] for i in range(self.n)]
             else:
-                self._timed(self.pipeline.merged_into, self.arena)
-                state["merged_fitness"] = self.evaluate().score
+                if ranks.is_main:
+                    self._timed(self.pipeline.merged_into, self.arena)
+                state["merged_fitness"] = ranks.broadcast(self.evaluate().score if ranks.is_main else None)
                 bar.update(1)
             state["evaluations"] = bar.n
             state["history"].append({"generation": 0, "population_fitness": self.population_fitness(state), "accepted": []})
             state["generation"] = 1
-            self.checkpoint.save(state, self.pop, [])
+            self._save(state, [])
 
         while state["generation"] <= cfg.generations:
             g = state["generation"]
             order = visiting_order(cfg, self.n, g)
             while state["position"] < self.n:
                 i = order[state["position"]]
-                spec = offspring_spec(cfg, self.n, g, i, state["fitness"])
-                score = self.candidate_fitness(spec)
                 bar.update(1)
                 state["evaluations"] += 1
                 state["position"] += 1
+                if not ranks.mine(i):
+                    continue  # another rank scores this offspring; its score arrives with the gather below
+                spec = offspring_spec(cfg, self.n, g, i, state["fitness"])
+                score = self.candidate_fitness(spec)
                 changed = []
                 if cfg.schedule == "synchronous":
                     state["pending"][str(i)] = score
@@ -290,19 +306,27 @@ class Run:
                             state["merged_fitness"] = score
                         state["accepted_now"].append(i)
                         changed = [i]
-                self.checkpoint.save(state, self.pop, changed)  # after every evaluation; individuals when accepted
+                if not ranks.enabled:  # ranks checkpoint at generation ends: their pending scores are split
+                    self._save(state, changed)  # after every evaluation; individuals when accepted
                 bar.set_postfix(gen=g, best=f"{self._best(state):.4f}")
             changed = []
             if cfg.schedule == "synchronous":
+                state["pending"] = ranks.gather(state["pending"])
                 changed = self._end_synchronous_generation(state, g, bar)
             state["history"].append(
                 {"generation": g, "population_fitness": self.population_fitness(state), "accepted": sorted(state["accepted_now"])}
             )
             self.log(f"generation {g}: fitness {self._describe(state)}, accepted {sorted(state['accepted_now'])}")
             state.update(generation=g + 1, position=0, pending={}, accepted_now=[])
-            self.checkpoint.save(state, self.pop, changed)
+            self._save(state, changed)
         bar.close()
+        if not ranks.is_main:
+            return {"rank": ranks.rank, "final_fitness": None}
         return self.finish(state)
+
+    def _save(self, state: dict, changed: list[int]) -> None:
+        if self.ranks.is_main:
+            self.checkpoint.save(state, self.pop, changed)
 
     def _end_synchronous_generation(self, state: dict, g: int, bar) -> list[int]:
         cfg = self.cfg
@@ -317,8 +341,9 @@ class Run:
             # and keep the better of the combination and the best single offspring, so the merged fitness
             # never decreases.
             specs = [offspring_spec(cfg, self.n, g, i, state["fitness"]) for i in accepted]
-            self._timed(self.pipeline.merged_into, self.arena, replace=specs)
-            combined = self.evaluate().score
+            if self.ranks.is_main:
+                self._timed(self.pipeline.merged_into, self.arena, replace=specs)
+            combined = self.ranks.broadcast(self.evaluate().score if self.ranks.is_main else None)
             bar.update(1)
             state["evaluations"] += 1
             best = max(accepted, key=lambda i: (scores[i], -i))
@@ -375,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result.get("dry_run"):
         print("dry run: inputs checked, nothing evolved")
+        return 0
+    if result.get("final_fitness") is None:  # a rank other than 0: rank 0 reports
         return 0
     print(f"final_fitness {result['final_fitness']:.6f}")
     return 0
