@@ -90,6 +90,20 @@ __global__ void __launch_bounds__(kThreads) de_vec_kernel(DEParams p, int64_t nv
   }
 }
 
+// Grid-stride over Philox groups [first_group, end_group): fn(q, words) for each, words computed once.
+template <typename Fn>
+__device__ __forceinline__ void for_each_group(uint64_t first_group, uint64_t end_group, uint64_t seed,
+                                               uint64_t stream, const Fn& fn) {
+  const int64_t ngroups = static_cast<int64_t>(end_group - first_group);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < ngroups; i += stride) {
+    const uint64_t q = first_group + i;
+    uint32_t w[4];
+    philox_group(q, seed, stream, w);
+    fn(q, w);
+  }
+}
+
 // One thread per Philox group, for local elements [start, numel).
 template <typename Codec, bool kTwoInputs>
 __global__ void __launch_bounds__(kThreads) de_group_kernel(DEParams p, int64_t start) {
@@ -100,40 +114,28 @@ __global__ void __launch_bounds__(kThreads) de_group_kernel(DEParams p, int64_t 
   const Bits* b = static_cast<const Bits*>(p.b);
   Bits* out = static_cast<Bits*>(p.out);
   const Threshold threshold(p.threshold);
-  const uint64_t first_group = (p.offset + start) >> 2;
-  const uint64_t end_group = (p.offset + p.numel + 3) >> 2;
-  const int64_t ngroups = static_cast<int64_t>(end_group - first_group);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < ngroups; i += stride) {
-    const uint64_t q = first_group + i;
-    uint32_t w[4];
-    philox_group(q, p.seed, p.stream, w);
+  for_each_group((p.offset + start) >> 2, (p.offset + p.numel + 3) >> 2, p.seed, p.stream,
+                 [&](uint64_t q, const uint32_t* w) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t local = static_cast<int64_t>(4 * q + k - p.offset);
-      if (local < start || local >= p.numel) continue;
-      out[local] = de_element<Codec, kTwoInputs>(x[local], a[local], kTwoInputs ? Bits{} : base[local],
-                                                 kTwoInputs ? Bits{} : b[local], p.F, threshold.selects(w[k]));
-    }
-  }
+                   for (int k = 0; k < 4; ++k) {
+                     const int64_t local = static_cast<int64_t>(4 * q + k - p.offset);
+                     if (local < start || local >= p.numel) continue;
+                     out[local] = de_element<Codec, kTwoInputs>(x[local], a[local], kTwoInputs ? Bits{} : base[local],
+                                                                kTwoInputs ? Bits{} : b[local], p.F,
+                                                                threshold.selects(w[k]));
+                   }
+                 });
 }
 
 __global__ void __launch_bounds__(kThreads) mask_group_kernel(MaskParams p) {
   const Threshold threshold(p.threshold);
-  const uint64_t first_group = p.offset >> 2;
-  const uint64_t end_group = (p.offset + p.numel + 3) >> 2;
-  const int64_t ngroups = static_cast<int64_t>(end_group - first_group);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < ngroups; i += stride) {
-    const uint64_t q = first_group + i;
-    uint32_t w[4];
-    philox_group(q, p.seed, p.stream, w);
+  for_each_group(p.offset >> 2, (p.offset + p.numel + 3) >> 2, p.seed, p.stream, [&](uint64_t q, const uint32_t* w) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t local = static_cast<int64_t>(4 * q + k - p.offset);
       if (local >= 0 && local < p.numel) p.out[local] = threshold.selects(w[k]);
     }
-  }
+  });
 }
 
 __global__ void philox_test_kernel(const int64_t* counters, int64_t* out, int64_t n, uint32_t k0, uint32_t k1) {
