@@ -37,7 +37,7 @@ class Ranks:
         return i % self.world == self.rank
 
     def gather(self, scores: dict) -> dict:
-        """The union of every rank's {individual: score}."""
+        """The union of every rank's dict (keys are individuals: no two ranks write one key)."""
         if not self.enabled:
             return scores
         import torch.distributed as dist

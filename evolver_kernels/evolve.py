@@ -203,12 +203,12 @@ class Run:
     def better(self, new: float, old: float) -> bool:
         return new > old or (self.cfg.accept_ties and new == old)
 
-    def candidate_fitness(self, spec: OffspringSpec) -> float:
+    def candidate_fitness(self, spec: OffspringSpec) -> Fitness:
         if self.cfg.fitness == "individual":
             self._timed(self.pipeline.offspring_into, spec, self.arena)
         else:
             self._timed(self.pipeline.merged_into, self.arena, replace=[spec])
-        return self.evaluate().score
+        return self.evaluate()
 
     def accept(self, state: dict, specs: list[OffspringSpec], scores: dict[int, float]) -> None:
         """Replaces each spec's parent by its offspring (already in the arena for a lone individual-mode one)."""
@@ -232,7 +232,7 @@ class Run:
         config = self.run_config()
         return {
             "config": config, "generation": 0, "position": 0, "fitness": None, "merged_fitness": None,
-            "pending": {}, "accepted_now": [], "history": [], "evaluations": 0,
+            "pending": {}, "pending_per_file": {}, "per_file": {}, "accepted_now": [], "history": [], "evaluations": 0,
         }
 
     def load_state(self) -> dict:
@@ -265,21 +265,24 @@ class Run:
 
         if state["generation"] == 0:  # the initial population's fitness
             if cfg.fitness == "individual":
-                scores = {}
+                fits = {}
                 for i in range(self.n):
                     if ranks.mine(i):
                         self._timed(self.pipeline.copy_into, i, self.arena)
-                        scores[i] = self.evaluate().score
+                        fits[str(i)] = self.evaluate().as_dict()
                     bar.update(1)
-                scores = ranks.gather(scores)
-                state["fitness"] = [scores[i] for i in range(self.n)]
+                fits = ranks.gather(fits)
+                state["fitness"] = [fits[str(i)]["score"] for i in range(self.n)]
+                state["per_file"] = {k: v["per_file"] for k, v in fits.items()}
             else:
                 if ranks.is_main:
                     self._timed(self.pipeline.merged_into, self.arena)
-                state["merged_fitness"] = ranks.broadcast(self.evaluate().score if ranks.is_main else None)
+                fit = ranks.broadcast(self.evaluate().as_dict() if ranks.is_main else None)
+                state["merged_fitness"] = fit["score"]
+                state["per_file"] = {"merged": fit["per_file"]}
                 bar.update(1)
             state["evaluations"] = bar.n
-            state["history"].append({"generation": 0, "population_fitness": self.population_fitness(state), "accepted": []})
+            state["history"].append(self._history_entry(state, 0, []))
             state["generation"] = 1
             self._save(state, [])
 
@@ -294,16 +297,21 @@ class Run:
                 if not ranks.mine(i):
                     continue  # another rank scores this offspring; its score arrives with the gather below
                 spec = offspring_spec(cfg, self.n, g, i, state["fitness"])
-                score = self.candidate_fitness(spec)
+                fit = self.candidate_fitness(spec)
+                score = fit.score
                 changed = []
                 if cfg.schedule == "synchronous":
                     state["pending"][str(i)] = score
+                    state["pending_per_file"][str(i)] = fit.per_file
                 else:
                     parent = state["fitness"][i] if cfg.fitness == "individual" else state["merged_fitness"]
                     if self.better(score, parent):
                         self.accept(state, [spec], {i: score})
                         if cfg.fitness == "merged":
                             state["merged_fitness"] = score
+                            state["per_file"]["merged"] = fit.per_file
+                        else:
+                            state["per_file"][str(i)] = fit.per_file
                         state["accepted_now"].append(i)
                         changed = [i]
                 if not ranks.enabled:  # ranks checkpoint at generation ends: their pending scores are split
@@ -312,12 +320,14 @@ class Run:
             changed = []
             if cfg.schedule == "synchronous":
                 state["pending"] = ranks.gather(state["pending"])
+                state["pending_per_file"] = ranks.gather(state["pending_per_file"])
                 changed = self._end_synchronous_generation(state, g, bar)
-            state["history"].append(
-                {"generation": g, "population_fitness": self.population_fitness(state), "accepted": sorted(state["accepted_now"])}
-            )
-            self.log(f"generation {g}: fitness {self._describe(state)}, accepted {sorted(state['accepted_now'])}")
-            state.update(generation=g + 1, position=0, pending={}, accepted_now=[])
+            entry = self._history_entry(state, g, sorted(state["accepted_now"]))
+            state["history"].append(entry)
+            per_file = ", ".join(f"{name} {score:.4f}" for name, score in entry["per_file"].items())
+            self.log(f"generation {g}: fitness {self._describe(state)}, accepted {entry['accepted']}; "
+                     f"{'merged' if cfg.fitness == 'merged' else 'best'} model per dev file: {per_file}")
+            state.update(generation=g + 1, position=0, pending={}, pending_per_file={}, accepted_now=[])
             self._save(state, changed)
         bar.close()
         if not ranks.is_main:
@@ -343,19 +353,38 @@ class Run:
             specs = [offspring_spec(cfg, self.n, g, i, state["fitness"]) for i in accepted]
             if self.ranks.is_main:
                 self._timed(self.pipeline.merged_into, self.arena, replace=specs)
-            combined = self.ranks.broadcast(self.evaluate().score if self.ranks.is_main else None)
+            combined = self.ranks.broadcast(self.evaluate().as_dict() if self.ranks.is_main else None)
             bar.update(1)
             state["evaluations"] += 1
             best = max(accepted, key=lambda i: (scores[i], -i))
-            if combined < scores[best]:
+            if combined["score"] < scores[best]:
                 accepted = [best]
-            state["merged_fitness"] = max(combined, scores[best])
+                state["merged_fitness"] = scores[best]
+                state["per_file"]["merged"] = state["pending_per_file"][str(best)]
+            else:
+                state["merged_fitness"] = combined["score"]
+                state["per_file"]["merged"] = combined["per_file"]
         elif cfg.fitness == "merged" and accepted:
             state["merged_fitness"] = scores[accepted[0]]
+            state["per_file"]["merged"] = state["pending_per_file"][str(accepted[0])]
+        elif cfg.fitness == "individual":
+            for i in accepted:
+                state["per_file"][str(i)] = state["pending_per_file"][str(i)]
         specs = [offspring_spec(cfg, self.n, g, i, state["fitness"]) for i in accepted]
         self.accept(state, specs, scores)
         state["accepted_now"] = accepted
         return accepted
+
+    def _history_entry(self, state: dict, generation: int, accepted: list[int]) -> dict:
+        """Pinned keys (generation, population_fitness, accepted) plus the per-file scores of the best
+        individual (fitness individual) or of the merged model (fitness merged)."""
+        if self.cfg.fitness == "individual":
+            best = max(range(self.n), key=lambda k: (state["fitness"][k], -k))
+            per_file = state["per_file"][str(best)]
+        else:
+            per_file = state["per_file"]["merged"]
+        return {"generation": generation, "population_fitness": self.population_fitness(state), "accepted": accepted,
+                "per_file": per_file}
 
     def _best(self, state: dict) -> float:
         return max(state["fitness"]) if self.cfg.fitness == "individual" else state["merged_fitness"]
