@@ -1,11 +1,8 @@
 """The README's main job: Evolver on the embedded drug-review population, against the usual baselines.
 
-1. Builds (or reuses) the population of python/drug_population.py: 4 MiniLM domain experts.
-2. Runs `python -m evolver_kernels.evolve` (in process, same code path) with the paper's defaults
-   (F = 0.5, CR = 0.5) in both fitness modes for 3 seeds; selection on the dev splits only.
-3. Scores every expert, the simple average, task arithmetic and TIES (settings chosen on dev) and the Evolver
-   outputs on each in-domain test split and the held-out domain, and prints a Markdown table
-   (also written to <out>/results.md and results.json).
+Builds (or reuses) the population of python/drug_population.py (4 MiniLM domain experts on drug reviews),
+then runs the scenario of python/scenario.py: Evolver in both fitness modes for 3 seeds, experts, simple
+average, task arithmetic and TIES, scored on each in-domain test split and the held-out domain.
 
     python python/drug_demo.py --generations 5
 """
@@ -13,9 +10,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 
@@ -24,116 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import drug_population  # noqa: E402
-
-from evolver_kernels import model_io  # noqa: E402
-from evolver_kernels.arena import Arena, Layout, safetensors_files  # noqa: E402
-from evolver_kernels.config import EvolveConfig  # noqa: E402
-from evolver_kernels.evaluate import Evaluator  # noqa: E402
-from evolver_kernels.evolve import Run  # noqa: E402
-from evolver_kernels.merging import average, task_arithmetic, ties  # noqa: E402
-from evolver_kernels.population import make_population  # noqa: E402
-
-TA_SCALES = [0.3, 0.5, 0.7, 1.0]
-TIES_GRID = [(0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0)]  # (density, scale), chosen on dev
-MAX_LENGTH = 128
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int) -> str:
-    """Runs (or reuses a finished run of) the driver; returns the output model directory."""
-    cfg = EvolveConfig(
-        models=manifest["experts"], dev=manifest["dev"], out=out, generations=generations, fitness=fitness,
-        seed=seed, F=0.5, CR=0.5, max_length=MAX_LENGTH, metric="macro-f1",
-    )
-    done = os.path.join(out, "evolution.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            recorded = json.load(f)["config"]
-        wanted = cfg.to_dict()
-        wanted.pop("resume")
-        if recorded == wanted:
-            log(f"[demo] reusing {out}")
-            return out
-    cfg.resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))
-    start = time.perf_counter()
-    Run(cfg, log=log).run()
-    log(f"[demo] evolver {fitness} seed {seed}: {time.perf_counter() - start:.0f} s")
-    return out
-
-
-def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> dict[str, str]:
-    """Simple average and task arithmetic (scale chosen on the dev splits), written as model directories."""
-    experts, base_dir = manifest["experts"], manifest["base"]
-    config = model_io.load_config(experts[0])
-    model = model_io.empty_model(config, "sequence-classification")
-    layout = Layout.of_model(model)
-    files = [safetensors_files(m) for m in experts]
-    pop = make_population("cpu", layout, files, experts, torch.device("cpu"))
-    arena = Arena.empty(layout)
-    model_io.bind_to_arena(model, arena)
-    model_io.load_checkpoint_buffers(model, files[0])
-    dirs = {}
-    average(pop, arena)
-    dirs["simple average"] = os.path.join(out, "average")
-    model_io.save_model(arena, experts[0], files[0], dirs["simple average"])
-    base_pop = make_population("cpu", layout, [safetensors_files(base_dir)], [base_dir], torch.device("cpu"))
-    base = base_pop.arenas[0]
-    best = None
-    for scale in TA_SCALES:
-        task_arithmetic(pop, base, arena, scale)
-        score = dev_eval(model).score
-        log(f"[demo] task arithmetic scale {scale}: dev macro-F1 {score:.4f}")
-        if best is None or score > best[0]:
-            best = (score, scale)
-    task_arithmetic(pop, base, arena, best[1])
-    name = f"task arithmetic (scale {best[1]})"
-    dirs[name] = os.path.join(out, "task_arithmetic")
-    model_io.save_model(arena, experts[0], files[0], dirs[name])
-    best = None
-    for density, scale in TIES_GRID:
-        ties(pop, base, arena, density=density, scale=scale)
-        score = dev_eval(model).score
-        log(f"[demo] TIES density {density} scale {scale}: dev macro-F1 {score:.4f}")
-        if best is None or score > best[0]:
-            best = (score, density, scale)
-    ties(pop, base, arena, density=best[1], scale=best[2])
-    name = f"TIES (density {best[1]}, scale {best[2]})"
-    dirs[name] = os.path.join(out, "ties")
-    model_io.save_model(arena, experts[0], files[0], dirs[name])
-    return dirs
-
-
-def score_model(path: str, test_eval: Evaluator) -> dict[str, dict[str, float]]:
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    return test_eval.classification_report(model)
-
-
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
-
-
-def table(rows: dict[str, list[dict]], domains: list[str], held_out: str) -> str:
-    head = ["model"] + [f"{d} F1 / acc" for d in domains] + ["in-domain mean F1 / acc", f"held-out {held_out} F1 / acc"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name, reports in rows.items():
-        cells = [name]
-        for d in domains + ["__mean__", held_out]:
-            if d == "__mean__":
-                f1 = [statistics.mean(r[x]["macro-f1"] for x in domains) for r in reports]
-                acc = [statistics.mean(r[x]["accuracy"] for x in domains) for r in reports]
-            else:
-                f1 = [r[d]["macro-f1"] for r in reports]
-                acc = [r[d]["accuracy"] for r in reports]
-            cells.append(f"{fmt(f1)} / {fmt(acc)}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+import scenario  # noqa: E402
 
 
 def main() -> None:
@@ -145,47 +31,11 @@ def main() -> None:
     parser.add_argument("--population-seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    start = time.perf_counter()
-    manifest = drug_population.build(os.path.join(args.cache, "drug-population"), seed=args.population_seed, log=log)
-    domains, held_out = manifest["expert_domains"], manifest["held_out_domain"]
-    runs = os.path.join(args.cache, "drug-runs")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(manifest["experts"][0])
-    config = model_io.load_config(manifest["experts"][0])
-    test_files = [manifest["test"][d] for d in domains + [held_out]]
-    test_eval = Evaluator("sequence-classification", tok, test_files, config=config, max_length=MAX_LENGTH)
-    dev_eval = Evaluator("sequence-classification", tok, manifest["dev"], config=config, metric="macro-f1",
-                         max_length=MAX_LENGTH)
-
-    def by_domain(report):
-        return {os.path.basename(p).split(".")[0]: v for p, v in report.items()}
-
-    rows: dict[str, list[dict]] = {}
-    for d, path in zip(domains, manifest["experts"]):
-        rows[f"expert: {d}"] = [by_domain(score_model(path, test_eval))]
-    for name, path in merged_baselines(manifest, runs, dev_eval).items():
-        rows[name] = [by_domain(score_model(path, test_eval))]
-    for fitness in ("merged", "individual"):
-        reports = []
-        for seed in args.seeds:
-            out = evolve(manifest, os.path.join(runs, f"evolver-{fitness}-seed{seed}"), fitness, seed, args.generations)
-            reports.append(by_domain(score_model(out, test_eval)))
-        rows[f"Evolver, fitness {fitness} ({args.generations} gen.)"] = reports
-    md = table(rows, domains, held_out)
-    elapsed = time.perf_counter() - start
-    note = (
-        f"\nMacro-F1 / accuracy (%) on the test splits. Evolver rows: mean ± standard deviation over seeds "
-        f"{args.seeds}; the other rows are deterministic given the population (population seed "
-        f"{args.population_seed}). Selection used the dev splits only. {elapsed:.0f} s on {os.cpu_count()} cores.\n"
-    )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md + "\n" + note)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "seeds": args.seeds, "generations": args.generations, "seconds": elapsed}, f, indent=2)
-    print(md)
-    print(note)
+    started = time.perf_counter()
+    manifest = drug_population.build(os.path.join(args.cache, "drug-population"), seed=args.population_seed,
+                                     log=scenario.log)
+    print(scenario.run(manifest, os.path.join(args.cache, "drug-runs"), args.out, args.generations, args.seeds,
+                       max_length=128, population_seed=args.population_seed, started=started))
 
 
 if __name__ == "__main__":

