@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import html
 import importlib.util
 import io
@@ -25,14 +24,11 @@ import json
 import os
 import random
 import sys
-import time
 import zipfile
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from recipes import build_base, fine_tune  # noqa: E402
+from recipes import build_base, cached_manifest, train_experts, write_manifest  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
 DOMAINS = {
@@ -118,37 +114,21 @@ def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size
     out = os.path.abspath(out)
     params = {"recipe": RECIPE_VERSION, "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
               "max_length": max_length}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    manifest_path = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("key") == key:
-            log(f"[population] reusing {out} (key {key})")
-            return manifest
+    manifest = cached_manifest(out, params, log)
+    if manifest is not None:
+        return manifest
     os.makedirs(out, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     counts = write_splits(drug_reviews(), out, seed)
     log(f"[population] splits: {counts}")
     base = build_base(out, seed, LABELS)
-    experts = []
-    for k, domain in enumerate(EXPERT_DOMAINS):
-        start = time.perf_counter()
-        path = os.path.join(out, "experts", domain)
-        fine_tune(base, os.path.join(out, "data", f"{domain}.train.jsonl"), path, seed * 100 + k, epochs, lr,
-                  batch_size, max_length)
-        experts.append(path)
-        log(f"[population] expert {domain}: fine-tuned in {time.perf_counter() - start:.0f} s")
-    manifest = {
-        "key": key, "params": params, "base": base, "experts": experts, "expert_domains": EXPERT_DOMAINS,
-        "held_out_domain": HELD_OUT_DOMAIN, "counts": counts,
-        "dev": [os.path.join(out, "data", f"{d}.dev.jsonl") for d in EXPERT_DOMAINS],
+    experts = train_experts(base, out, EXPERT_DOMAINS,
+                            [os.path.join(out, "data", f"{d}.train.jsonl") for d in EXPERT_DOMAINS],
+                            seed, epochs, lr, batch_size, max_length, log)
+    return write_manifest(out, params, {
+        "base": base, "experts": experts, "expert_domains": EXPERT_DOMAINS, "held_out_domain": HELD_OUT_DOMAIN,
+        "counts": counts, "dev": [os.path.join(out, "data", f"{d}.dev.jsonl") for d in EXPERT_DOMAINS],
         "test": {d: os.path.join(out, "data", f"{d}.test.jsonl") for d in EXPERT_DOMAINS + [HELD_OUT_DOMAIN]},
-    }
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(manifest_path + ".tmp", manifest_path)
-    return manifest
+    })
 
 
 if __name__ == "__main__":

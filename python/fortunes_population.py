@@ -14,18 +14,14 @@ knows two topics well and the rest poorly. Each expert starts from the same Mini
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
 import sys
-import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from recipes import build_base, fine_tune  # noqa: E402
+from recipes import build_base, cached_manifest, train_experts, write_manifest  # noqa: E402
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 CATEGORIES = ["computers", "politics", "science", "work", "art", "literature", "law", "food"]
@@ -99,37 +95,21 @@ def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size
     out = os.path.abspath(out)
     params = {"recipe": RECIPE_VERSION, "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
               "max_length": max_length, "categories": CATEGORIES, "per_category": PER_CATEGORY}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    manifest_path = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("key") == key:
-            log(f"[population] reusing {out} (key {key})")
-            return manifest
+    manifest = cached_manifest(out, params, log)
+    if manifest is not None:
+        return manifest
     os.makedirs(out, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     info = write_splits(out, seed)
     log(f"[population] splits: {info['counts']}")
     base = build_base(out, seed, CATEGORIES)
-    experts = []
-    for k in range(EXPERTS):
-        start = time.perf_counter()
-        path = os.path.join(out, "experts", f"expert{k}")
-        fine_tune(base, os.path.join(out, "data", f"expert{k}.train.jsonl"), path, seed * 100 + k, epochs, lr,
-                  batch_size, max_length)
-        experts.append(path)
-        log(f"[population] expert {k} ({info['expert_names'][k]}): fine-tuned in {time.perf_counter() - start:.0f} s")
-    manifest = {
-        "key": key, "params": params, "base": base, "experts": experts, "expert_names": info["expert_names"],
-        "expert_domains": ["all"], "held_out_domain": None, "counts": info["counts"],
-        "dev": [os.path.join(out, "data", "all.dev.jsonl")],
+    names = [f"expert{k}" for k in range(EXPERTS)]
+    experts = train_experts(base, out, names, [os.path.join(out, "data", f"{n}.train.jsonl") for n in names],
+                            seed, epochs, lr, batch_size, max_length, log)
+    return write_manifest(out, params, {
+        "base": base, "experts": experts, "expert_names": info["expert_names"], "expert_domains": ["all"],
+        "held_out_domain": None, "counts": info["counts"], "dev": [os.path.join(out, "data", "all.dev.jsonl")],
         "test": {"all": os.path.join(out, "data", "all.test.jsonl")},
-    }
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(manifest_path + ".tmp", manifest_path)
-    return manifest
+    })
 
 
 if __name__ == "__main__":

@@ -6,11 +6,54 @@ parameters); nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import time
 
 import torch
+
+
+def recipe_key(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_manifest(out: str, params: dict, log=print) -> dict | None:
+    """The manifest of a population already built under `out` with exactly these parameters, or None."""
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("key") != recipe_key(params):
+        return None
+    log(f"[population] reusing {out} (key {manifest['key']})")
+    return manifest
+
+
+def write_manifest(out: str, params: dict, manifest: dict) -> dict:
+    """Written last and by rename: a population whose build was interrupted is rebuilt, never half-reused."""
+    manifest = {"key": recipe_key(params), "params": params, **manifest}
+    path = os.path.join(out, "manifest.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return manifest
+
+
+def train_experts(base: str, out: str, names: list[str], train_files: list[str], seed: int, epochs: int, lr: float,
+                  batch_size: int, max_length: int, log=print) -> list[str]:
+    """Fine-tunes one expert per train file from `base` (seeds seed * 100 + k), under out/experts/<name>."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    experts = []
+    for k, (name, train) in enumerate(zip(names, train_files)):
+        start = time.perf_counter()
+        path = os.path.join(out, "experts", name)
+        fine_tune(base, train, path, seed * 100 + k, epochs, lr, batch_size, max_length)
+        experts.append(path)
+        log(f"[population] expert {name}: fine-tuned in {time.perf_counter() - start:.0f} s")
+    return experts
 
 
 def build_base(out: str, seed: int, labels: list[str]) -> str:

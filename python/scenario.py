@@ -175,3 +175,21 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"rows": rows, "seeds": seeds, "generations": generations, "seconds": elapsed}, f, indent=2)
     return md + "\n" + note
+
+
+def main(description: str, build, name: str, max_length: int, default_out: str) -> None:
+    """The command line of a demo: builds (or reuses) the population with `build`, runs the scenario, prints."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default=".cache", help="population and runs are cached here")
+    parser.add_argument("--out", default=default_out, help="results.md and results.json go here")
+    parser.add_argument("--generations", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--population-seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    manifest = build(os.path.join(args.cache, f"{name}-population"), seed=args.population_seed, log=log)
+    print(run(manifest, os.path.join(args.cache, f"{name}-runs"), args.out, args.generations, args.seeds,
+              max_length=max_length, population_seed=args.population_seed, started=started))
