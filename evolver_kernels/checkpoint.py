@@ -33,7 +33,7 @@ class Checkpoint:
             raise ValueError(f"{self.state_path}: written by another version of evolver-kernels")
         return state
 
-    def save(self, state: dict, pop: Population, changed: list[int]) -> None:
+    def save(self, state: dict, pop: Population | None, changed: list[int]) -> None:
         """Writes the individuals in `changed` under new names, then state.json pointing at them."""
         os.makedirs(self.ind_dir, exist_ok=True)
         files = dict(state.get("individual_files", {}))
@@ -51,6 +51,15 @@ class Checkpoint:
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
         self.remove_unreferenced(files)
+
+    def finished(self) -> bool:
+        return self.exists() and bool(self.load_state().get("finished"))
+
+    def mark_finished(self, state: dict) -> None:
+        """After the outputs are written: the individual files are no longer needed (they can be N model
+        copies); state.json stays as the record of the run."""
+        state = dict(state, finished=True, individual_files={})
+        self.save(state, None, [])
 
     def restore(self, state: dict, pop: Population) -> None:
         """Loads the individuals that state.json names into the population."""

@@ -112,6 +112,8 @@ class Run:
         )
         self.n = len(cfg.models)
         self.checkpoint = Checkpoint(cfg.out)
+        if self.checkpoint.finished():
+            raise ConfigError(f"--out {cfg.out} holds a finished run (its outputs are there): choose another --out")
         if self.checkpoint.exists() and not cfg.resume:
             raise ConfigError(f"--out {cfg.out} holds a checkpointed run: pass --resume to continue it, or choose another --out")
         if cfg.resume and not self.checkpoint.exists():
@@ -331,6 +333,8 @@ class Run:
             self._save(state, changed)
         bar.close()
         if not ranks.is_main:
+            if hasattr(self.pop, "close"):
+                self.pop.close(remove_files=True)
             return {"rank": ranks.rank, "final_fitness": None}
         return self.finish(state)
 
@@ -416,6 +420,9 @@ class Run:
         write_evolution_json(cfg.out, config, state["history"], final.as_dict(), extra)
         plot_fitness(cfg.out, state["history"], self.evaluator.metric)
         write_model_card(cfg.out, config, state["history"], final.as_dict(), self.evaluator.metric, kind)
+        self.checkpoint.mark_finished(state)
+        if hasattr(self.pop, "close"):  # the disk tier's files are scratch once the outputs exist
+            self.pop.close(remove_files=True)
         self.log(f"final fitness {final.score:.4f} ({self.evaluator.metric}); wrote {cfg.out}")
         return {"final_fitness": final.score, "per_file": final.per_file, "history": state["history"], **extra}
 

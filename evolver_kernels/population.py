@@ -220,9 +220,19 @@ class DiskPopulation(Population):
                     self.write(i, g, lo, sl[lo:hi])
         self.commit_write(i)
 
-    def close(self) -> None:
+    def close(self, remove_files: bool = False) -> None:
+        """Unmaps every file; with remove_files, deletes the individuals (and the folder when left empty)."""
         for i in list(self._maps):
             self._unmap(i)
+        if remove_files:
+            for i in range(self.size):
+                for path in (self.path(i), self.path(i) + ".new"):
+                    if os.path.exists(path):
+                        os.remove(path)
+            try:
+                os.rmdir(self.root)
+            except OSError:
+                pass
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -43,11 +44,13 @@ def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, 
         with open(done) as f:
             recorded = json.load(f)["config"]
         wanted = cfg.to_dict()
-        wanted.pop("resume")
+        for transient in ("resume", "dry_run"):
+            wanted.pop(transient)
         if recorded == wanted:
             log(f"[demo] reusing {out}")
             return out
-    cfg.resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))
+        shutil.rmtree(out)  # a finished run with other settings: start over
+    cfg.resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))  # an interrupted run: continue it
     start = time.perf_counter()
     Run(cfg, log=log).run()
     log(f"[demo] evolver {fitness} seed {seed}: {time.perf_counter() - start:.0f} s")

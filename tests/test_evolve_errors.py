@@ -172,9 +172,30 @@ def test_remote_code_refused(pop, tmp_path, capsys):
 def test_existing_checkpoint_needs_resume_and_same_config(pop, tmp_path, capsys):
     _, models, dev = pop
     assert main(_args(models, dev, tmp_path / "o")) == 0
-    assert "pass --resume" in _error(capsys, _args(models, dev, tmp_path / "o"))
-    assert "--resume with a different configuration: CR" in _error(capsys, _args(models, dev, tmp_path / "o", "--resume", "--CR", "0.3"))
+    assert "holds a finished run" in _error(capsys, _args(models, dev, tmp_path / "o"))
+    assert not os.listdir(tmp_path / "o" / "checkpoint" / "individuals")
     assert "--resume: no checkpoint" in _error(capsys, _args(models, dev, tmp_path / "fresh", "--resume"))
+    # an interrupted run: a checkpoint that is not finished
+    import evolver_kernels.evolve as ev
+
+    calls = []
+
+    def crash(self):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    original = ev.Run.evaluate
+    ev.Run.evaluate = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(_args(models, dev, tmp_path / "i"))
+    finally:
+        ev.Run.evaluate = original
+    assert "pass --resume" in _error(capsys, _args(models, dev, tmp_path / "i"))
+    assert "--resume with a different configuration: CR" in _error(capsys, _args(models, dev, tmp_path / "i", "--resume", "--CR", "0.3"))
+    assert main(_args(models, dev, tmp_path / "i", "--resume")) == 0
 
 
 def test_errors_come_before_heavy_work(pop, tmp_path, monkeypatch):
