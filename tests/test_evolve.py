@@ -91,6 +91,11 @@ def test_same_seed_same_bytes_on_every_tier_and_backend(bert_pop, tmp_path):
     assert _same_weights(tmp_path / "a", tmp_path / "b")
     _run(models, dev, tmp_path / "d", "--fitness", "individual", "--population-on", "disk", "--chunk-elements", "1024")
     assert _same_weights(tmp_path / "a", tmp_path / "d")
+    import evolver_kernels as ek
+
+    if "triton" in ek.available_backends("cpu"):  # under the interpreter on a CPU-only machine
+        _run(models, dev, tmp_path / "t", "--fitness", "individual", "--backend", "triton")
+        assert _same_weights(tmp_path / "a", tmp_path / "t")
     _run(models, dev, tmp_path / "c", "--fitness", "individual", "--seed", "8")
     assert not _same_weights(tmp_path / "a", tmp_path / "c")
 
