@@ -74,9 +74,6 @@ class Layout:
     def group_dtype(self, group: str) -> torch.dtype:
         return getattr(torch, group)
 
-    def by_name(self) -> dict[str, Entry]:
-        return {alias: e for e in self.entries for alias in e.aliases}
-
     def fingerprint(self) -> str:
         """A short description that two layouts share exactly when they are interchangeable."""
         return json.dumps([[e.name, e.group, e.offset, list(e.shape)] for e in self.entries])
@@ -131,15 +128,6 @@ class Arena:
 
     def view(self, entry: Entry) -> torch.Tensor:
         return self.buffers[entry.group][entry.offset : entry.offset + entry.numel].view(entry.shape)
-
-    def copy_(self, other: Arena) -> Arena:
-        for g, buf in self.buffers.items():
-            buf.copy_(other.buffers[g], non_blocking=True)
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Canonical names -> views (tied weights under their canonical name only)."""
-        return {e.name: self.view(e) for e in self.layout.entries}
 
 
 class LayoutMismatchError(ValueError):

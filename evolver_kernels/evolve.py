@@ -131,9 +131,7 @@ class Run:
         self.pop = make_population(cfg.population_on, self.layout, self.files, list(cfg.models), self.device,
                                    disk_dir=disk_dir)
         self.arena = Arena.empty(self.layout, self.device)
-        model_io.bind_to_arena(self.model, self.arena)
-        model_io.load_checkpoint_buffers(self.model, self.files[0])
-        self.model.to(self.device)
+        model_io.attach_arena(self.model, self.arena, self.files[0], self.device)
         self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend)
         self.weights_s = 0.0
         self.evaluation_s = 0.0

@@ -82,10 +82,10 @@ def load_checkpoint_buffers(model: torch.nn.Module, files: list[str]) -> None:
                 buf.copy_(f.get_tensor(name))
 
 
-def eval_model(config, task: str, arena: Arena, files: list[str], device: torch.device) -> torch.nn.Module:
-    model = empty_model(config, task)
-    layout = Layout.of_model(model)
-    if layout.fingerprint() != arena.layout.fingerprint():
+def attach_arena(model: torch.nn.Module, arena: Arena, files: list[str], device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Makes an empty_model() evaluable: parameters become views into `arena`, buffers stored in the
+    checkpoint `files` are loaded, and the model moves to `device` (the arena's device for its parameters)."""
+    if Layout.of_model(model).fingerprint() != arena.layout.fingerprint():
         raise ValueError("the evaluation model's parameters differ from the population's layout")
     bind_to_arena(model, arena)
     load_checkpoint_buffers(model, files)

@@ -66,8 +66,7 @@ def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> dict[str,
     files = [safetensors_files(m) for m in experts]
     pop = make_population("cpu", layout, files, experts, torch.device("cpu"))
     arena = Arena.empty(layout)
-    model_io.bind_to_arena(model, arena)
-    model_io.load_checkpoint_buffers(model, files[0])
+    model_io.attach_arena(model, arena, files[0])
     dirs = {}
     average(pop, arena)
     dirs["simple average"] = os.path.join(out, "average")
