@@ -28,6 +28,10 @@ timeout 240 "$PY" -m pytest -q -x tests/test_philox.py tests/test_crossover_mask
   tests/test_large_gpu.py tests/test_build.py > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -5 "$OUT/tests.log"
+# the driver on the GPU (default device cuda): gpu, cpu (pinned host memory) and disk tiers give the same bytes
+timeout 150 "$PY" -m pytest -q -x tests/test_evolve.py -k "same_seed or sequence_classification" > "$OUT/driver.log" 2>&1
+driver_rc=$?
+tail -3 "$OUT/driver.log"
 
 echo "== operator benchmark"
 timeout 200 "$PY" benchmarks/opbench.py --device cuda --min-exp 20 --max-exp 30 --step 2 \
@@ -39,6 +43,6 @@ timeout 120 "$PY" benchmarks/e2e_memory.py --device cuda --size 1b --n 5 --json 
 e2e_rc=$?
 
 echo
-echo "build rc=$build_rc tests rc=$tests_rc ops rc=$ops_rc e2e rc=$e2e_rc"
+echo "build rc=$build_rc tests rc=$tests_rc driver rc=$driver_rc ops rc=$ops_rc e2e rc=$e2e_rc"
 grep -E "^\| (device|cuda) " "$OUT/ops.log" | grep -E "2\^(28|30) " | head -40
 tail -6 "$OUT/e2e.log"
