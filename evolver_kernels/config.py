@@ -33,6 +33,11 @@ class EvolveConfig:
     population_size: int | None = _opt(None, "individuals (default: the number of models)")
     strategy: str = _opt("evolver", "mutation strategy", choices=tuple(STRATEGIES))
     fitness: str = _opt("merged", "individual: score each offspring alone; merged: score the population's average with the offspring in its slot", choices=FITNESS_MODES)
+    merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=("average", "task_arithmetic", "ties", "dare_linear", "dare_ties"))
+    base_model: str | None = _opt(None, "the models' common ancestor (HF directory), needed by every --merge-method but average")
+    merge_scale: float = _opt(1.0, "task-vector scale (lambda) of task_arithmetic, ties and dare_*")
+    merge_density: float = _opt(0.5, "fraction of each task vector TIES keeps, in (0, 1]")
+    merge_drop_p: float = _opt(0.5, "DARE drop probability, in [0, 1)")
     schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
     F: float = _opt(0.5, "mutation scale, in (0, 2]")
     CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value, in [0, 1]")
@@ -129,6 +134,17 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"--strategy {cfg.strategy} needs a population of at least {need}, got {n}")
     if cfg.strategy == "best/1" and cfg.fitness == "merged":
         raise ConfigError("--strategy best/1 needs per-individual fitness: use --fitness individual")
+    if cfg.merge_method != "average":
+        if cfg.fitness != "merged":
+            raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged")
+        if not cfg.base_model:
+            raise ConfigError(f"--merge-method {cfg.merge_method} needs --base-model (the models' common ancestor)")
+        if not os.path.isdir(cfg.base_model):
+            raise ConfigError(f"--base-model {cfg.base_model}: no such directory")
+        if not 0 < cfg.merge_density <= 1:
+            raise ConfigError(f"--merge-density must be in (0, 1], got {cfg.merge_density}")
+        if not 0 <= cfg.merge_drop_p < 1:
+            raise ConfigError(f"--merge-drop-p must be in [0, 1), got {cfg.merge_drop_p}")
     if not (isinstance(cfg.F, (int, float)) and math.isfinite(cfg.F) and 0 < cfg.F <= 2):
         raise ConfigError(f"--F must be in (0, 2], got {cfg.F}")
     if not (isinstance(cfg.CR, (int, float)) and 0 <= cfg.CR <= 1):

@@ -6,6 +6,7 @@ reproducible from its config alone and a resumed run repeats exactly what an uni
   partners of individual i in generation g     random_order(seed, N, g, i), without i (and without the
                                                best individual for best/1), first 1 to 3
   crossover seed of that offspring             derive_seed(seed, g, i, PURPOSE_OFFSPRING), stream 0
+  DARE seed of --merge-method dare_*           derive_seed(seed, 0, 0, PURPOSE_MERGE)
 Generation numbers start at 1; generation 0 in the history is the initial population.
 """
 
@@ -19,15 +20,16 @@ import time
 import torch
 
 from . import model_io
-from .arena import Arena, Layout, resolve_names, safetensors_files, tensor_index
+from .arena import Arena, Layout, load_into, resolve_names, safetensors_files, tensor_index
 from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, parse_config, validate
 from .distributed import Ranks
 from .evaluate import Evaluator, Fitness, infer_task
+from .merging import Merger
 from .offspring import OffspringSpec, WeightPipeline
 from .population import make_population
 from .report import plot_fitness, write_evolution_json, write_model_card
-from .rng import MASK32, PURPOSE_OFFSPRING, derive_seed, random_order
+from .rng import MASK32, PURPOSE_MERGE, PURPOSE_OFFSPRING, derive_seed, random_order
 
 PARTNERS = {"evolver": 1, "rand/1": 3, "best/1": 2}
 
@@ -132,9 +134,19 @@ class Run:
                                    disk_dir=disk_dir)
         self.arena = Arena.empty(self.layout, self.device)
         model_io.attach_arena(self.model, self.arena, self.files[0], self.device)
-        self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend)
+        self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend,
+                                       merger=self._merger())
         self.weights_s = 0.0
         self.evaluation_s = 0.0
+
+    def _merger(self) -> Merger:
+        cfg = self.cfg
+        base = None
+        if cfg.base_model:
+            base = Arena.empty(self.layout, self.device)
+            load_into(base, self._weight_files(cfg.base_model), f"--base-model {cfg.base_model}")
+        return Merger(cfg.merge_method, base, scale=cfg.merge_scale, density=cfg.merge_density, drop_p=cfg.merge_drop_p,
+                      seed=derive_seed(cfg.seed, 0, 0, PURPOSE_MERGE))
 
     def _weight_files(self, model_dir: str) -> list[str]:
         try:
@@ -150,8 +162,9 @@ class Run:
         copy = self.layout.nbytes
         chunk = cfg.chunk_elements * (4 + 4 * 4)  # fp32 accumulator and up to four input chunks
         pop_bytes = self.n * copy
-        host_need = chunk + (copy if self.device.type == "cpu" else 0)
-        device_need = chunk + copy if self.device.type == "cuda" else 0
+        evaluation = copy * (2 if cfg.base_model else 1)  # the evaluation arena, and the base model's for merges
+        host_need = chunk + (evaluation if self.device.type == "cpu" else 0)
+        device_need = chunk + evaluation if self.device.type == "cuda" else 0
         disk_need = 0
         if cfg.population_on == "disk":
             disk_need = pop_bytes + copy  # a replacement is written beside the file it replaces
@@ -162,7 +175,8 @@ class Run:
         lines = [
             f"memory plan: one model copy = {_bytes(copy)} ({self.layout.numel:,} evolved elements); "
             f"population: {self.n} copies on {cfg.population_on} ({_bytes(pop_bytes)}); "
-            f"evaluation model: 1 copy on {self.device}; chunk buffers <= {_bytes(chunk)}",
+            f"evaluation model: 1 copy on {self.device}" + ("; base model: 1 copy there" if cfg.base_model else "")
+            + f"; chunk buffers <= {_bytes(chunk)}",
             f"  needs: host {_bytes(host_need)}" + (f", {self.device} {_bytes(device_need)}" if device_need else "")
             + (f", disk {_bytes(disk_need)}" if disk_need else ""),
         ]
@@ -404,7 +418,7 @@ class Run:
             kind = f"the best individual (#{best}, from {cfg.models[best]})"
         else:
             self._timed(self.pipeline.merged_into, self.arena)
-            kind = "the simple average of the evolved population"
+            kind = f"the merge ({self.pipeline.merger.describe()}) of the evolved population"
         final = self.evaluate()
         model_io.save_model(self.arena, cfg.models[0], self.files[0], cfg.out)
         config = dict(state["config"])

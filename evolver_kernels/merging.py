@@ -144,3 +144,36 @@ def _ties_tensor(pop, base, out, e: Entry, density, scale, w, drop_p, seed) -> N
         total.add_(tau.masked_fill_(~agree, 0.0))
         count.add_(agree)
     out.buffers[e.group][lo:hi].copy_(total.div_(count.clamp_(min=1)).mul_(scale).add_(b))
+
+
+METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
+class Merger:
+    """A merge method with its settings, checked once; `merger(pop, out)` merges any Population-like reader
+    (the driver passes a view of the population with offspring in some slots)."""
+
+    def __init__(self, method: str = "average", base: Arena | None = None, scale: float = 1.0, density: float = 0.5,
+                 drop_p: float = 0.5, seed: int = 0, weights: list[float] | None = None):
+        if method not in METHODS:
+            raise ValueError(f"merge method must be one of {', '.join(METHODS)}, got {method!r}")
+        if method != "average" and base is None:
+            raise ValueError(f"{method} needs a base model (the common ancestor of the merged models)")
+        if method in ("ties", "dare_ties") and not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        self.method, self.base, self.scale, self.density, self.seed, self.weights = method, base, scale, density, seed, weights
+        self.drop_p = _check_p(drop_p) if method.startswith("dare") else 0.0
+
+    def describe(self) -> str:
+        if self.method == "average":
+            return "simple average"
+        extra = f", density {self.density}" if "ties" in self.method else ""
+        extra += f", drop p {self.drop_p}" if self.drop_p else ""
+        return f"{self.method} (scale {self.scale}{extra})"
+
+    def __call__(self, pop: Population, out: Arena, chunk: int = 1 << 22) -> Arena:
+        if self.method == "average":
+            return average(pop, out, self.weights, chunk)
+        if self.method in ("task_arithmetic", "dare_linear"):
+            return task_arithmetic(pop, self.base, out, self.scale, self.weights, self.drop_p, self.seed, chunk)
+        return ties(pop, self.base, out, self.density, self.scale, self.weights, self.drop_p, self.seed)

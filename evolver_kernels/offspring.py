@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from .arena import Arena, iter_chunks
-from .merging import mean_into
+from .merging import Merger
 from .ops import de_mutate_crossover
 from .population import Population
 from .rng import STREAM_CROSSOVER
@@ -58,11 +58,13 @@ class ChunkBuffers:
 class WeightPipeline:
     """Chunked operators over a population, on `device`, `chunk` elements at a time."""
 
-    def __init__(self, population: Population, device: torch.device, chunk: int = 1 << 22, backend: str | None = None):
+    def __init__(self, population: Population, device: torch.device, chunk: int = 1 << 22, backend: str | None = None,
+                 merger: Merger | None = None):
         self.pop = population
         self.device = torch.device(device)
         self.chunk = chunk
         self.backend = backend
+        self.merger = merger or Merger("average")
         self.buffers = ChunkBuffers(self.device)
 
     def _read(self, k: int, group: str, lo: int, hi: int) -> torch.Tensor:
@@ -89,25 +91,14 @@ class WeightPipeline:
                 self._offspring_chunk(spec, group, lo, hi, arena.buffers[group][lo:hi])
 
     def merged_into(self, arena: Arena, replace: list[OffspringSpec] = ()) -> None:
-        """arena = the simple average of the population, each slot spec.i holding that offspring for the
-        specs in `replace` (all computed from the population as it is now).
+        """arena = the merge (self.merger; the simple average by default) of the population, each slot spec.i
+        holding that offspring for the specs in `replace` (all computed from the population as it is now).
 
-        Summed in fp32 in slot order and rounded once, so the result depends only on the population's
-        values (never on earlier candidates): rejecting an offspring needs no undo, and the same state
-        always gives the same bits.
+        The offspring are recomputed chunk by chunk as the merge reads them, and the merge is a pure function
+        of what it reads (fp32 sums in slot order, one rounding): rejecting an offspring needs no undo, and
+        the same state always gives the same bits.
         """
-        offspring = {spec.i: spec for spec in replace}
-        weights = [1.0] * self.pop.size
-        for group, (_, size) in self.pop.layout.groups.items():
-            dtype = self.pop.layout.group_dtype(group)
-            for lo, hi in iter_chunks(size, self.chunk):
-                parts = (
-                    self._offspring_chunk(offspring[k], group, lo, hi, self.buffers.get(dtype, "u", hi - lo))
-                    if k in offspring
-                    else self._read(k, group, lo, hi)
-                    for k in range(self.pop.size)
-                )
-                mean_into(arena.buffers[group][lo:hi], parts, weights, self.buffers.get(torch.float32, "acc", hi - lo))
+        self.merger(CandidateView(self, replace), arena, chunk=self.chunk)
 
     def copy_into(self, k: int, arena: Arena) -> None:
         """arena = individual k."""
@@ -142,3 +133,29 @@ class WeightPipeline:
             for lo, hi in iter_chunks(size, self.chunk):
                 self.pop.write(i, group, lo, arena.buffers[group][lo:hi])
         self.pop.commit_write(i)
+
+
+class CandidateView(Population):
+    """The population as a merge sees it with offspring in some slots: a read-only Population whose reads of
+    slot spec.i return that offspring, computed on the fly into a reusable buffer."""
+
+    def __init__(self, pipeline: WeightPipeline, replace: list[OffspringSpec]):
+        self.pipeline = pipeline
+        self.layout = pipeline.pop.layout
+        self.size = pipeline.pop.size
+        self.offspring = {spec.i: spec for spec in replace}
+
+    def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
+        if i not in self.offspring:
+            return self.pipeline._read(i, group, lo, hi)
+        buf = self.pipeline.buffers.get(self.layout.group_dtype(group), f"u{i}", hi - lo)
+        return self.pipeline._offspring_chunk(self.offspring[i], group, lo, hi, buf)
+
+    def write(self, i, group, lo, values):
+        raise TypeError("a candidate view is read-only")
+
+    def save(self, i, path):
+        raise TypeError("a candidate view is read-only")
+
+    def load(self, i, path):
+        raise TypeError("a candidate view is read-only")

@@ -106,6 +106,7 @@ STREAM_ORDER = 0x0DE5
 PURPOSE_VISIT_ORDER = 1
 PURPOSE_PICKS = 2
 PURPOSE_OFFSPRING = 3
+PURPOSE_MERGE = 4
 
 
 def random_order(run_seed: int, n: int, *path: int) -> list[int]:

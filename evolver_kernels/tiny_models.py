@@ -87,12 +87,17 @@ def _model_class(kind: str):
 
 
 def make_population(kind: str, root: str, n: int, *, seed: int = 0, noise: float = 0.05, dtype=torch.float32,
-                    num_labels: int = 3, multi_label: bool = False) -> list[str]:
-    """n model directories under root: one seeded base model plus a different seeded perturbation each."""
+                    num_labels: int = 3, multi_label: bool = False, save_base: bool = False) -> list[str]:
+    """n model directories under root: one seeded base model plus a different seeded perturbation each.
+    With save_base, the unperturbed ancestor is written too, as root/<kind>-base."""
     config = make_config(kind, num_labels=num_labels, multi_label=multi_label)
     tokenizer = make_tokenizer(kind)
     torch.manual_seed(seed)
     base = _model_class(kind)(config).eval()
+    if save_base:
+        base.to(dtype).save_pretrained(os.path.join(root, f"{kind}-base"), safe_serialization=True)
+        tokenizer.save_pretrained(os.path.join(root, f"{kind}-base"))
+        base = base.float()
     paths = []
     for k in range(n):
         model = _model_class(kind)(config).eval()

@@ -19,7 +19,7 @@ from evolver_kernels.evolve import main
 @pytest.fixture(scope="session")
 def bert_pop(tmp_path_factory):
     root = tmp_path_factory.mktemp("bert")
-    models = tiny_models.make_population("bert", str(root), 4, noise=0.3)
+    models = tiny_models.make_population("bert", str(root), 4, noise=0.3, save_base=True)
     dev = [tiny_models.write_jsonl(str(root / f"dev{k}.jsonl"), tiny_models.sentiment_rows(48, k)) for k in range(2)]
     return models, dev
 
@@ -210,3 +210,37 @@ def test_sequential_schedule_refuses_several_ranks(bert_pop, tmp_path, monkeypat
     monkeypatch.setattr(distributed.Ranks, "from_env", staticmethod(lambda device_type: distributed.Ranks(0, 2)))
     assert main(["--models", *models, "--dev", *dev, "--out", str(tmp_path / "o")]) == 2
     assert "2 ranks need --schedule synchronous" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,extra,kw", [
+    ("ties", ["--merge-density", "0.4"], {"density": 0.4}),
+    ("dare_linear", ["--merge-scale", "0.5", "--merge-drop-p", "0.3"], {"scale": 0.5, "drop_p": 0.3}),
+    ("task_arithmetic", [], {}),
+])
+def test_merged_fitness_with_other_merge_methods(bert_pop, tmp_path, method, extra, kw):
+    from evolver_kernels import model_io
+    from evolver_kernels.arena import Arena, Layout, safetensors_files
+    from evolver_kernels.merging import Merger
+    from evolver_kernels.population import make_population
+    from evolver_kernels.rng import PURPOSE_MERGE, derive_seed
+
+    models, dev = bert_pop
+    base_dir = os.path.join(os.path.dirname(models[0]), "bert-base")
+    args = ["--merge-method", method, "--base-model", base_dir, *extra]
+    doc = _run(models, dev, tmp_path / "m", *args)
+    fits = [g["population_fitness"] for g in doc["generations"]]
+    assert fits == sorted(fits) and doc["final_fitness"] == pytest.approx(fits[-1])
+    assert method in doc["output"]
+    _run(models, dev, tmp_path / "m2", *args)
+    assert _same_weights(tmp_path / "m", tmp_path / "m2")
+
+    # with no generation, the output is exactly the merge of the models, as merging.Merger computes it
+    _run(models, dev, tmp_path / "g0", *args, "--generations", "0")
+    layout = Layout.of_model(model_io.empty_model(model_io.load_config(models[0]), "sequence-classification"))
+    pop = make_population("cpu", layout, [safetensors_files(m) for m in models], models, torch.device("cpu"))
+    base = make_population("cpu", layout, [safetensors_files(base_dir)], [base_dir], torch.device("cpu")).arenas[0]
+    want = Merger(method, base, seed=derive_seed(7, 0, 0, PURPOSE_MERGE), **kw)(pop, Arena.empty(layout))
+    got = load_file(os.path.join(tmp_path / "g0", "model.safetensors"))
+    for e in layout.entries:
+        key = next(a for a in e.aliases if a in got)
+        assert torch.equal(got[key], want.view(e)), key

@@ -111,9 +111,15 @@ def test_csv_error_line_counts_header(pop, tmp_path, capsys):
     (["--metric", "neg-loss"], "--metric 'neg-loss' does not apply to sequence-classification"),
     (["--task", "nosuchmodule:fn"], "cannot import module 'nosuchmodule'"),
     (["--chunk-elements", "100"], "--chunk-elements must be a multiple of 64"),
+    (["--merge-method", "ties"], "--merge-method ties needs --base-model"),
+    (["--merge-method", "ties", "--fitness", "individual"], "--merge-method ties applies to --fitness merged"),
+    (["--merge-method", "ties", "--base-model", "/nope"], "--base-model /nope: no such directory"),
+    (["--merge-method", "dare_ties", "--base-model", "{m0}", "--merge-drop-p", "1"], "--merge-drop-p must be in [0, 1)"),
+    (["--merge-method", "ties", "--base-model", "{m0}", "--merge-density", "0"], "--merge-density must be in (0, 1]"),
 ])
 def test_bad_options(pop, tmp_path, capsys, extra, message):
     _, models, dev = pop
+    extra = [a.replace("{m0}", models[0]) for a in extra]
     assert message in _error(capsys, _args(models, dev, tmp_path / "o", *extra))
 
 
