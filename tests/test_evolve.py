@@ -193,7 +193,12 @@ def test_synchronous_schedule_on_two_ranks_gives_the_same_bytes(bert_pop, tmp_pa
     one = subprocess.run([sys.executable, "-m", "evolver_kernels.evolve", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    import socket
+
+    with socket.socket() as sock:  # a free port, so that concurrent runs of this test do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "-m", "evolver_kernels.evolve", *args, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
