@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from evolver_kernels.synthetic import SIZES, AnonPeak, llama_layout, llama_shapes, synthetic_population, weight_generation
+from evolver_kernels.synthetic import (SIZES, AnonPeak, llama_layout, llama_shapes, sample_score, synthetic_population,
+                                       weight_generation)
 
 
 def fill(t: torch.Tensor, seed: int) -> None:
@@ -32,10 +33,6 @@ def fill(t: torch.Tensor, seed: int) -> None:
     for lo in range(0, t.numel(), 1 << 20):
         hi = min(lo + (1 << 20), t.numel())
         t.view(-1)[lo:hi].copy_(torch.randn(hi - lo, generator=g))
-
-
-def synthetic_fitness(values: torch.Tensor) -> float:
-    return float(values.view(-1)[::4099].float().sum())
 
 
 def _io() -> dict[str, int]:
@@ -74,7 +71,7 @@ def run_reference(size: str, n: int, device: str, tier: str, root: str) -> dict:
             fill(t, i)
         models.append(sd)
     pop = [torch.cat([t.reshape(-1).float() for t in sd.values()]) for sd in models]  # models_to_pop
-    best = synthetic_fitness(torch.stack(pop).mean(0))
+    best = sample_score(torch.stack(pop).mean(0))
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     for i in range(n):
@@ -84,7 +81,7 @@ def run_reference(size: str, n: int, device: str, tier: str, root: str) -> dict:
         u = torch.where(mask, v, pop[i])
         candidate = [u if k == i else pop[k] for k in range(n)]
         merged = torch.stack(candidate).mean(0)
-        score = synthetic_fitness(merged)
+        score = sample_score(merged)
         if score > best:
             pop[i] = u
             best = score

@@ -69,10 +69,14 @@ class Layout:
 
     @property
     def nbytes(self) -> int:
-        return sum(size * torch.empty((), dtype=getattr(torch, g)).element_size() for g, (_, size) in self.groups.items())
+        return sum(self.group_nbytes(g) for g in self.groups)
 
     def group_dtype(self, group: str) -> torch.dtype:
         return getattr(torch, group)
+
+    def group_nbytes(self, group: str) -> int:
+        """Bytes of one individual's `group` buffer (padding included)."""
+        return self.groups[group][1] * self.group_dtype(group).itemsize
 
     def fingerprint(self) -> str:
         """A short description that two layouts share exactly when they are interchangeable."""

@@ -53,12 +53,17 @@ def _host_available() -> int | None:
     return None
 
 
+def best_index(fitness: list[float]) -> int:
+    """The best individual: highest fitness, the lowest index among ties."""
+    return max(range(len(fitness)), key=lambda k: (fitness[k], -k))
+
+
 def offspring_spec(cfg: EvolveConfig, n: int, generation: int, i: int, fitness: list[float] | None) -> OffspringSpec:
     """The offspring of individual i in `generation`: partners and crossover seed, from the run seed."""
     exclude = {i}
     best = None
     if cfg.strategy == "best/1":
-        best = max(range(n), key=lambda k: (fitness[k], -k))
+        best = best_index(fitness)
         exclude.add(best)
     candidates = [k for k in random_order(cfg.seed, n, generation, i) if k not in exclude]
     picks = tuple(candidates[: PARTNERS[cfg.strategy]])
@@ -395,7 +400,7 @@ class Run:
         """Pinned keys (generation, population_fitness, accepted) plus the per-file scores of the best
         individual (fitness individual) or of the merged model (fitness merged)."""
         if self.cfg.fitness == "individual":
-            best = max(range(self.n), key=lambda k: (state["fitness"][k], -k))
+            best = best_index(state["fitness"])
             per_file = state["per_file"][str(best)]
         else:
             per_file = state["per_file"]["merged"]
@@ -413,7 +418,7 @@ class Run:
     def finish(self, state: dict) -> dict:
         cfg = self.cfg
         if cfg.fitness == "individual":
-            best = max(range(self.n), key=lambda k: (state["fitness"][k], -k))
+            best = best_index(state["fitness"])
             self._timed(self.pipeline.copy_into, best, self.arena)
             kind = f"the best individual (#{best}, from {cfg.models[best]})"
         else:

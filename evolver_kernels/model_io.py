@@ -130,7 +130,7 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
 
     def nbytes(key):
         _, dtype, shape = index[key]
-        return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        return torch.Size(shape).numel() * dtype.itemsize
 
     # Plan shards from the headers, then write one shard at a time: host memory holds one shard at most.
     plan, size = [[]], 0

@@ -110,7 +110,7 @@ def _flat_header(layout: Layout) -> tuple[bytes, dict[str, int]]:
     """The safetensors header of a flat individual file (one tensor per group) and each group's byte start."""
     entries, starts, pos = {}, {}, 0
     for g, (_, size) in layout.groups.items():
-        nbytes = size * torch.empty((), dtype=layout.group_dtype(g)).element_size()
+        nbytes = layout.group_nbytes(g)
         entries[g] = {"dtype": _SAFETENSORS_DTYPES[g], "shape": [size], "data_offsets": [pos, pos + nbytes]}
         starts[g] = pos
         pos += nbytes
@@ -130,7 +130,7 @@ class DiskPopulation(Population):
         self.root = root
         os.makedirs(root, exist_ok=True)
         self.header, self.group_start = _flat_header(layout)
-        self.elsize = {g: torch.empty((), dtype=layout.group_dtype(g)).element_size() for g in layout.groups}
+        self.elsize = {g: layout.group_dtype(g).itemsize for g in layout.groups}
         self._maps: dict[int, tuple[mmap.mmap, object]] = {}
         self._writing: dict[int, int] = {}
 
