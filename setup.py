@@ -105,7 +105,7 @@ def _extensions():
     extensions = [
         CppExtension(
             "evolver_kernels._C",
-            sources=["csrc/ops.cpp", "csrc/cpu/de_cpu.cpp"],
+            sources=["csrc/ops.cpp", "csrc/cpu/de_cpu.cpp", "csrc/cpu/merge_cpu.cpp"],
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
@@ -125,7 +125,7 @@ def _extensions():
     extensions.append(
         CUDAExtension(
             "evolver_kernels._cuda",
-            sources=["csrc/cuda/bind_cuda.cpp", "csrc/cuda/de_cuda.cu"],
+            sources=["csrc/cuda/bind_cuda.cpp", "csrc/cuda/de_cuda.cu", "csrc/cuda/merge_cuda.cu"],
             include_dirs=include_dirs + _torch_nvidia_includes(),
             extra_compile_args={
                 "cxx": ["-O3"],

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/de_cpu.h"
+#include "cpu/merge_cpu.h"
 #include "philox.h"
 #include "tensor_params.h"
 
@@ -39,6 +40,14 @@ void crossover_mask_cpu_op(const at::Tensor& out, int64_t threshold, int64_t see
   crossover_mask_cpu(make_mask_params(out, threshold, seed, stream, offset));
 }
 
+void merge_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
+                  c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, double scale, double rescale,
+                  int64_t drop_threshold, bool ties, bool normalize, int64_t seed, int64_t stream, int64_t offset,
+                  const at::Tensor& out) {
+  merge_cpu(make_merge_params(xs, base, fisher, weights, trim, scale, rescale, drop_threshold, ties, normalize, seed,
+                              stream, offset, out));
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -49,12 +58,17 @@ TORCH_LIBRARY(evolver_kernels, m) {
       "int stream, int offset, Tensor(a!) out) -> ()");
   m.def("crossover_mask_(Tensor(a!) out, int threshold, int seed, int stream, int offset) -> ()");
   m.def("philox4x32_10(Tensor counters, int k0, int k1) -> Tensor");
+  // Fused merge (evolver_kernels.reference.merge_reference); fisher empty = none; out may be an input.
+  m.def(
+      "merge_(Tensor[] xs, Tensor? base, Tensor[] fisher, float[] weights, float[] trim, float scale, float rescale, "
+      "int drop_threshold, bool ties, bool normalize, int seed, int stream, int offset, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("de_mutate_crossover_", &evolver_kernels::de_mutate_crossover_cpu_op);
   m.impl("crossover_mask_", &evolver_kernels::crossover_mask_cpu_op);
   m.impl("philox4x32_10", &evolver_kernels::philox4x32_10_cpu_op);
+  m.impl("merge_", &evolver_kernels::merge_cpu_op);
 }
 
 // A Python module with no functions: importing it runs the registrations above.

@@ -4,9 +4,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
 #include "de_params.h"
+#include "merge_params.h"
 
 namespace evolver_kernels {
 
@@ -74,6 +76,49 @@ inline MaskParams make_mask_params(const at::Tensor& out, int64_t threshold, int
   p.out = out.data_ptr<bool>();
   p.numel = out.numel();
   p.threshold = threshold;
+  p.seed = static_cast<uint64_t>(seed);
+  p.stream = static_cast<uint64_t>(stream);
+  p.offset = static_cast<uint64_t>(offset);
+  return p;
+}
+
+inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
+                                     c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, double scale,
+                                     double rescale, int64_t drop_threshold, bool ties, bool normalize, int64_t seed,
+                                     int64_t stream, int64_t offset, const at::Tensor& out) {
+  const int64_t n = static_cast<int64_t>(xs.size());
+  TORCH_CHECK(n >= 1 && n <= kMaxMergeInputs, "evolver_kernels: merge takes 1 to ", kMaxMergeInputs, " inputs, got ", n);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == n, "evolver_kernels: ", weights.size(), " weights for ", n, " inputs");
+  TORCH_CHECK(static_cast<int64_t>(trim.size()) == n, "evolver_kernels: ", trim.size(), " trim values for ", n, " inputs");
+  TORCH_CHECK(fisher.empty() || static_cast<int64_t>(fisher.size()) == n, "evolver_kernels: ", fisher.size(),
+              " fisher tensors for ", n, " inputs");
+  TORCH_CHECK(out.is_contiguous(), "evolver_kernels: out must be contiguous");
+  check_stream_args(drop_threshold, offset);
+  MergeParams p{};
+  p.dtype = element_type_of(out);
+  for (int64_t k = 0; k < n; ++k) {
+    check_like(xs[k], out, "an input");
+    p.x[k] = xs[k].data_ptr();
+    p.weight[k] = static_cast<float>(weights[k]);
+    p.trim[k] = static_cast<float>(trim[k]);
+    if (!fisher.empty()) {
+      const at::Tensor& f = fisher[k];
+      TORCH_CHECK(f.scalar_type() == at::kFloat && f.is_contiguous() && f.numel() == out.numel() &&
+                      f.device() == out.device(),
+                  "evolver_kernels: fisher tensors must be contiguous float32 like out");
+      p.fisher[k] = f.data_ptr<float>();
+    }
+  }
+  if (base) check_like(*base, out, "base");
+  p.base = base ? base->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.n_inputs = static_cast<int>(n);
+  p.numel = out.numel();
+  p.scale = static_cast<float>(scale);
+  p.rescale = static_cast<float>(rescale);
+  p.drop_threshold = drop_threshold;
+  p.ties = ties;
+  p.normalize = normalize;
   p.seed = static_cast<uint64_t>(seed);
   p.stream = static_cast<uint64_t>(stream);
   p.offset = static_cast<uint64_t>(offset);

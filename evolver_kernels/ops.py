@@ -38,6 +38,11 @@ def _register_fakes() -> None:
     def _mask_fake(out, threshold, seed, stream, offset):  # noqa: ARG001
         return None
 
+    @torch.library.register_fake("evolver_kernels::merge_")
+    def _merge_fake(xs, base, fisher, weights, trim, scale, rescale, drop_threshold, ties, normalize, seed, stream,
+                    offset, out):
+        return None
+
 
 def _as_int(name: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -107,6 +112,15 @@ def _check_out_aliasing(out: torch.Tensor, inputs: dict[str, torch.Tensor]) -> N
         lo, hi = _span(t)
         if lo < o_hi and o_lo < hi and lo != o_lo:
             raise ValueError(f"out partly overlaps {name}; it may be {name} itself or disjoint from it")
+
+
+def _check_out_disjoint(out: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+    """out must not overlap these inputs at all (they are read with another element type)."""
+    o_lo, o_hi = _span(out)
+    for name, t in inputs.items():
+        lo, hi = _span(t)
+        if lo < o_hi and o_lo < hi:
+            raise ValueError(f"out overlaps {name}")
 
 
 def de_mutate_crossover(
@@ -202,3 +216,111 @@ def available_backends(device: torch.device | str) -> list[str]:
 def _to_int64(v: int) -> int:
     """A uint64 reinterpreted as int64 (the schema's int); the kernels read it back as uint64."""
     return v - UINT64_LIMIT if v >= INT64_LIMIT else v
+
+
+MAX_MERGE_INPUTS = 64  # models per call (the CUDA kernel takes their addresses as launch parameters)
+
+
+def _check_reals(name: str, values, n: int, *, minimum: float | None = None) -> list[float]:
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise ValueError(f"{name} must be a list of {n} numbers (one per model), got {values!r}")
+    out = []
+    for k, v in enumerate(values):
+        v = _as_real(f"{name}[{k}]", v)
+        if not math.isfinite(v) or abs(v) > _FP32_MAX or (minimum is not None and v < minimum):
+            bound = f" and at least {minimum}" if minimum is not None else ""
+            raise ValueError(f"{name}[{k}] must be finite in float32{bound}, got {v}")
+        out.append(v)
+    return out
+
+
+def merge_tensors(
+    xs: list[torch.Tensor],
+    *,
+    weights: list[float] | None = None,
+    base: torch.Tensor | None = None,
+    fisher: list[torch.Tensor] | None = None,
+    trim: list[float] | None = None,
+    scale: float = 1.0,
+    normalize: bool = True,
+    drop_p: float = 0.0,
+    seed: int = 0,
+    stream: int = 0,
+    offset: int = 0,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Fused merge of n models' tensors in one pass: each input read once (twice for TIES on a GPU, from
+    cache), the output written once, no stacking and no mask tensors.
+
+    xs: 1 to 64 tensors of one shape, dtype (float32, bfloat16, float16) and device, contiguous; base
+    likewise (the common ancestor; tau_k = x_k - base). weights: one per model (default 1). fisher: one
+    float32 tensor per model, elementwise weights (Fisher merging; not with trim). trim: one magnitude per
+    model, below which a task-vector element is trimmed (TIES: elect the sign, mean of the agreeing models).
+    drop_p in [0, 1): DARE's drop probability, from the Philox contract with stream + k for model k and the
+    element's global index offset + j (needs base). normalize: divide by the summed weights (of the agreeing
+    models, for TIES). Exact formula: evolver_kernels.reference.merge_reference. `out` may be one of the
+    inputs; returns `out` (a new tensor when None).
+    """
+    if not isinstance(xs, (list, tuple)) or not 1 <= len(xs) <= MAX_MERGE_INPUTS:
+        raise ValueError(f"xs must be a list of 1 to {MAX_MERGE_INPUTS} tensors, got "
+                         f"{len(xs) if isinstance(xs, (list, tuple)) else type(xs).__name__}")
+    xs = list(xs)
+    n = len(xs)
+    _check_tensor("xs[0]", xs[0], None)
+    like = xs[0]
+    for k in range(1, n):
+        _check_tensor(f"xs[{k}]", xs[k], like)
+    if base is not None:
+        _check_tensor("base", base, like)
+    weights = _check_reals("weights", [1.0] * n if weights is None else weights, n)
+    if fisher is not None:
+        if trim is not None:
+            raise ValueError("fisher and trim cannot be combined (Fisher merging is a weighted average)")
+        if not isinstance(fisher, (list, tuple)) or len(fisher) != n:
+            raise ValueError(f"fisher must be a list of {n} float32 tensors (one per model)")
+        fisher = list(fisher)
+        for k, f in enumerate(fisher):
+            if not isinstance(f, torch.Tensor) or f.dtype != torch.float32:
+                raise TypeError(f"fisher[{k}] must be a float32 tensor")
+            if f.shape != like.shape or f.device != like.device or not f.is_contiguous():
+                raise ValueError(f"fisher[{k}] must be contiguous, shaped {tuple(like.shape)} on {like.device}")
+    if trim is not None:
+        trim = _check_reals("trim", trim, n, minimum=0.0)
+    scale = _as_real("scale", scale)
+    if not math.isfinite(scale) or abs(scale) > _FP32_MAX:
+        raise ValueError(f"scale must be finite in float32, got {scale}")
+    drop_p = _as_real("drop_p", drop_p)
+    if not 0.0 <= drop_p < 1.0:
+        raise ValueError(f"drop_p must be in [0, 1), got {drop_p}")
+    if drop_p > 0 and base is None:
+        raise ValueError("drop_p > 0 (DARE) drops task-vector elements: give base")
+    seed, stream, offset = _check_stream(seed, stream, offset, like.numel())
+    if stream + n > INDEX_LIMIT:
+        raise ValueError(f"stream + len(xs) must stay below 2**62, got {stream} + {n}")
+    name = backends.resolve_backend(backend, like.device)
+    if out is None:
+        out = torch.empty_like(like)
+    else:
+        _check_tensor("out", out, like)
+        inputs = {f"xs[{k}]": x for k, x in enumerate(xs)}
+        if base is not None:
+            inputs["base"] = base
+        _check_out_aliasing(out, inputs)
+        _check_out_disjoint(out, {f"fisher[{k}]": f for k, f in enumerate(fisher or [])})
+    if name == "reference":
+        return out.copy_(reference.merge_reference(
+            xs, weights=weights, base=base, fisher=fisher, trim=trim, scale=scale, normalize=normalize,
+            drop_p=drop_p, seed=seed, stream=stream, offset=offset))
+    drop_threshold = crossover_threshold(drop_p) if drop_p > 0 else 0
+    rescale = 1.0 / (1.0 - drop_p)
+    if name == "triton":
+        backends.triton_kernels().merge(
+            xs, base, fisher, weights, trim, out, scale=scale, normalize=bool(normalize), rescale=rescale,
+            drop_threshold=drop_threshold, seed=seed, stream=stream, offset=offset)
+        return out
+    _register_fakes()
+    torch.ops.evolver_kernels.merge_(
+        xs, base, fisher or [], weights, trim if trim is not None else [0.0] * n, scale, rescale, drop_threshold,
+        trim is not None, bool(normalize), _to_int64(seed), _to_int64(stream), offset, out)
+    return out

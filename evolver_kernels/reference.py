@@ -67,3 +67,98 @@ def naive_de_mutate_crossover(
     """The baseline a user writes: a full-size torch.rand mask, temporaries, torch.where."""
     mask = torch.rand(x.shape, device=x.device, generator=generator) < CR
     return torch.where(mask, base + F * (a - b), x)
+
+
+def merge_reference(
+    xs: list[torch.Tensor],
+    *,
+    weights: list[float],
+    base: torch.Tensor | None = None,
+    fisher: list[torch.Tensor] | None = None,
+    trim: list[float] | None = None,
+    scale: float = 1.0,
+    normalize: bool = True,
+    drop_p: float = 0.0,
+    seed: int = 0,
+    stream: int = 0,
+    offset: int = 0,
+) -> torch.Tensor:
+    """The fused merge's contract (evolver_kernels.merge_tensors), element by element in fp32, every
+    operation rounded on its own (no fused multiply-add), models in slot order k = 0 .. n - 1:
+
+      v_k = x_k - base                      (x_k when there is no base)
+      DARE (drop_p > 0): v_k = 0 where the Philox word of (seed, stream + k, offset + j) < floor(drop_p * 2**32),
+                         else v_k * fp32(1 / (1 - drop_p))
+      TIES (trim given): v_k = 0 where |v_k| < trim_k
+      c_k = w_k (w_k * fisher_k with Fisher weights),  d_k = c_k * v_k
+      linear: y = sum_k d_k,  den = sum_k c_k
+      TIES:   s = sum_k d_k;  agree_k = d_k > 0 if s >= 0 else d_k < 0
+              y = sum of the agreeing d_k,  den = sum of the agreeing w_k
+      normalize: y = y / den (0 where den == 0)
+      out = base + scale * y                (scale * y without a base), rounded once to x's dtype
+
+    Returns a new tensor shaped like xs[0].
+    """
+    f32 = torch.float32
+    device = xs[0].device
+    b = base.float() if base is not None else None
+    w = [torch.tensor(v, dtype=f32, device=device) for v in weights]
+    rescale = torch.tensor(1.0 / (1.0 - drop_p), dtype=f32, device=device) if drop_p > 0 else None
+    ds, cs = [], []
+    for k, x in enumerate(xs):
+        v = x.float()
+        if b is not None:
+            v = v - b
+        if drop_p > 0:
+            dropped = crossover_mask_reference(x.numel(), CR=drop_p, seed=seed, stream=stream + k, offset=offset,
+                                               device=device).view(x.shape)
+            v = torch.where(dropped, torch.zeros((), dtype=f32, device=device), v * rescale)
+        if trim is not None:
+            v = torch.where(v.abs() < torch.tensor(trim[k], dtype=f32, device=device), 0.0, v)
+        c = w[k] * fisher[k].view(x.shape) if fisher is not None else w[k].expand(x.shape)
+        ds.append(c * v)
+        cs.append(c)
+    zero = torch.zeros(xs[0].shape, dtype=f32, device=device)
+    y, den = zero.clone(), zero.clone()
+    if trim is None:
+        for d, c in zip(ds, cs):
+            y = y + d
+            den = den + c
+    else:
+        s = zero.clone()
+        for d in ds:
+            s = s + d
+        positive = s >= 0
+        for k, d in enumerate(ds):
+            agree = torch.where(positive, d > 0, d < 0)
+            y = torch.where(agree, y + d, y)
+            den = torch.where(agree, den + w[k], den)
+    if normalize:
+        nonzero = den != 0
+        y = torch.where(nonzero, y / torch.where(nonzero, den, 1.0), 0.0)
+    scale32 = torch.tensor(scale, dtype=f32, device=device)
+    r = b + scale32 * y if b is not None else scale32 * y
+    return r.to(xs[0].dtype)
+
+
+def naive_merge(xs: list[torch.Tensor], *, weights: list[float], base: torch.Tensor | None = None,
+                density: float | None = None, drop_p: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """What merging tools do (mergekit's generalized task arithmetic, peft's merge_utils): stack the task
+    vectors, a full-size torch.bernoulli mask for DARE, top-k by sorting for TIES. For benchmarks."""
+    stacked = torch.stack(xs)
+    if base is not None:
+        stacked = stacked - base
+    if drop_p > 0:
+        stacked = stacked * torch.bernoulli(torch.full_like(stacked, 1.0 - drop_p)) / (1.0 - drop_p)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * xs[0].dim())
+    if density is not None:
+        flat = stacked.abs().flatten(1)
+        k = max(1, int(density * flat.shape[1]))
+        keep = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0).view_as(stacked)
+        stacked = stacked * keep * w
+        sign = (stacked.sum(0) >= 0).to(stacked.dtype) * 2 - 1
+        agree = stacked.sign() == sign
+        merged = (stacked * agree).sum(0) / (w * agree).sum(0).clamp(min=1e-8)
+    else:
+        merged = (stacked * w).sum(0) / (w.sum() if base is None else 1.0)
+    return merged * scale + base if base is not None else merged

@@ -265,3 +265,117 @@ def _philox_test_kernel(c_ptr, out_ptr, n, k0, k1, BLOCK: tl.constexpr):
     tl.store(out_ptr + 4 * i + 1, w1.to(tl.int64), mask=valid)
     tl.store(out_ptr + 4 * i + 2, w2.to(tl.int64), mask=valid)
     tl.store(out_ptr + 4 * i + 3, w3.to(tl.int64), mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused merge (evolver_kernels.reference.merge_reference). The models' tensors arrive as a table of int64
+# addresses (any number of models in one launch, no stacking); each is cast back to a typed pointer, as in
+# Triton's grouped GEMM tutorial.
+
+_MERGE_RUNTIME_INTS = ["n_inputs", "numel_hi", "numel_lo", "bound", "k0", "k1", "stream_hi", "stream_lo",
+                       "offset_hi", "offset_lo"]
+
+
+@triton.jit
+def _block_index(pid, offset, GROUPS: tl.constexpr):
+    """Global indices [GROUPS, 4] of this program's block (the layout of _words_block)."""
+    q = (offset >> 2) + pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
+    return q[:, None] * 4 + tl.arange(0, 4)[None, :].to(tl.int64)
+
+
+@triton.jit
+def _load_model(table_ptr, k, p, valid, DTYPE: tl.constexpr):
+    address = tl.load(table_ptr + k)
+    if DTYPE == 0:
+        bits = tl.load(address.to(tl.pointer_type(tl.int32)) + p, mask=valid, other=0)
+    else:
+        bits = tl.load(address.to(tl.pointer_type(tl.int16)) + p, mask=valid, other=0)
+    return _bits_to_f32(bits, DTYPE)
+
+
+@triton.jit
+def _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
+                HAS_BASE: tl.constexpr, DROP: tl.constexpr, TIES: tl.constexpr, FISHER: tl.constexpr,
+                DTYPE: tl.constexpr, GROUPS: tl.constexpr):
+    """(d, c): model k's weighted task vector and its weight (times its Fisher) on this block."""
+    v = _load_model(x_table, k, p, valid, DTYPE)
+    if HAS_BASE:
+        v = v - b
+    if DROP:
+        stream_k = stream + k
+        _, word = _words_block(pid, offset, k0, k1, stream_k & 0xFFFFFFFF, stream_k >> 32, GROUPS)
+        v = tl.where(word < bound.to(tl.uint32), 0.0, v * rescale)
+    if TIES:
+        v = tl.where(tl.abs(v) < tl.load(trim_ptr + k), 0.0, v)
+    c = tl.broadcast_to(tl.load(w_ptr + k), v.shape)
+    if FISHER:
+        address = tl.load(f_table + k)
+        c = c * tl.load(address.to(tl.pointer_type(tl.float32)) + p, mask=valid, other=0.0)
+    return c * v, c
+
+
+@triton.jit(do_not_specialize=_MERGE_RUNTIME_INTS)
+def _merge_kernel(
+    x_table, f_table, w_ptr, trim_ptr, base_ptr, out_ptr, n_inputs, numel_hi, numel_lo, scale, rescale, bound,
+    k0, k1, stream_hi, stream_lo, offset_hi, offset_lo,
+    HAS_BASE: tl.constexpr, DROP: tl.constexpr, TIES: tl.constexpr, FISHER: tl.constexpr, NORMALIZE: tl.constexpr,
+    DTYPE: tl.constexpr, GROUPS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offset = _join_i64(offset_hi, offset_lo)
+    stream = _join_i64(stream_hi, stream_lo)
+    p = _block_index(pid, offset, GROUPS) - offset
+    valid = (p >= 0) & (p < _join_i64(numel_hi, numel_lo))
+    b = tl.zeros([GROUPS, 4], dtype=tl.float32)
+    if HAS_BASE:
+        b = _bits_to_f32(tl.load(base_ptr + p, mask=valid, other=0), DTYPE)
+    acc = tl.zeros([GROUPS, 4], dtype=tl.float32)
+    den = tl.zeros([GROUPS, 4], dtype=tl.float32)
+    for k in range(n_inputs):
+        d, c = _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1,
+                           stream, HAS_BASE, DROP, TIES, FISHER, DTYPE, GROUPS)
+        acc = acc + d
+        if not TIES:
+            den = den + c
+    if TIES:
+        total = tl.zeros([GROUPS, 4], dtype=tl.float32)
+        for k in range(n_inputs):
+            d, c = _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0,
+                               k1, stream, HAS_BASE, DROP, TIES, FISHER, DTYPE, GROUPS)
+            agree = tl.where(acc >= 0.0, d > 0.0, d < 0.0)
+            total = tl.where(agree, total + d, total)
+            den = tl.where(agree, den + c, den)
+        acc = total
+    y = acc
+    if NORMALIZE:
+        nonzero = den != 0.0
+        y = tl.where(nonzero, tl.math.div_rn(y, tl.where(nonzero, den, 1.0)), 0.0)
+    if HAS_BASE:
+        r = b + scale * y
+    else:
+        r = scale * y
+    tl.store(out_ptr + p, _f32_to_bits(r, DTYPE), mask=valid)
+
+
+def merge(xs: list[torch.Tensor], base: torch.Tensor | None, fisher: list[torch.Tensor] | None,
+          weights: list[float], trim: list[float] | None, out: torch.Tensor, *, scale: float, normalize: bool,
+          rescale: float, drop_threshold: int, seed: int, stream: int, offset: int) -> None:
+    """Writes the merge of xs into `out` (arguments checked by evolver_kernels.ops.merge_tensors)."""
+    n = out.numel()
+    if n == 0:
+        return
+    device = out.device
+    bits = BITS_VIEW[out.dtype]
+    x_table = torch.tensor([x.data_ptr() for x in xs], dtype=torch.int64, device=device)
+    f_table = torch.tensor([f.data_ptr() for f in fisher] if fisher else [0], dtype=torch.int64, device=device)
+    w = torch.tensor(weights, dtype=torch.float32, device=device)
+    t = torch.tensor(trim if trim is not None else [0.0] * len(xs), dtype=torch.float32, device=device)
+    base_view = (base if base is not None else out).view(bits)
+    k0, k1 = _split(seed)
+    _merge_kernel[_grid(n, offset)](
+        x_table, f_table, w, t, base_view, out.view(bits), len(xs), *_i64_parts(n), scale, rescale, drop_threshold,
+        k0, k1, *_i64_parts(stream), *_i64_parts(offset),
+        HAS_BASE=base is not None, DROP=drop_threshold > 0, TIES=trim is not None, FISHER=bool(fisher),
+        NORMALIZE=normalize, DTYPE=DTYPE_CODES[out.dtype], GROUPS=GROUPS_PER_PROGRAM, num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
+    )

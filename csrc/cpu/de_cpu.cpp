@@ -7,37 +7,16 @@
 #include "de_cpu.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 
-#include "../bf16_bits.h"
-#include "../philox.h"
+#include "cpu_common.h"
 
 namespace evolver_kernels {
 namespace {
 
-constexpr int kGroups = 64;          // Philox groups per block: 256 elements
 constexpr int64_t kGrainBlocks = 64;  // blocks per parallel task: 16K elements
-
-struct Float32Codec {
-  using Bits = uint32_t;
-  static float load(Bits v) { return bits_to_float(v); }
-  static Bits store(float f) { return float_to_bits(f); }
-};
-
-struct BFloat16Codec {
-  using Bits = uint16_t;
-  static float load(Bits v) { return bf16_bits_to_float(v); }
-  static Bits store(float f) { return float_to_bf16_bits(f); }
-};
-
-struct Float16Codec {
-  using Bits = uint16_t;
-  static float load(Bits v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
-  static Bits store(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
-};
 
 // Calls body(words, delta, p_lo, p_hi) for every block: the element at local index p in [p_lo, p_hi)
 // has global index offset + p and its random word is words[p + delta]. prefetch(p_lo, p_hi) is called
@@ -52,10 +31,7 @@ void for_each_block(int64_t numel, uint64_t seed, uint64_t stream, uint64_t offs
   const uint64_t first_group = offset >> 2;
   const uint64_t end_group = (offset + static_cast<uint64_t>(numel) + 3) >> 2;
   const int64_t nblocks = static_cast<int64_t>((end_group - first_group + kGroups - 1) / kGroups);
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(stream >> 32);
   at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    alignas(64) uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
     alignas(64) uint32_t words[4 * kGroups];
     for (int64_t blk = begin; blk < end; ++blk) {
       if (blk + kPrefetchBlocks < end) {
@@ -63,20 +39,7 @@ void for_each_block(int64_t numel, uint64_t seed, uint64_t stream, uint64_t offs
         prefetch(std::max<int64_t>(ahead, 0), std::min<int64_t>(ahead + 4 * kGroups, numel));
       }
       const uint64_t g = first_group + static_cast<uint64_t>(blk) * kGroups;
-      for (int l = 0; l < kGroups; ++l) {
-        const uint64_t q = g + l;
-        c0[l] = static_cast<uint32_t>(q);
-        c1[l] = static_cast<uint32_t>(q >> 32);
-        c2[l] = s0;
-        c3[l] = s1;
-      }
-      philox4x32_10_lanes<kGroups>(c0, c1, c2, c3, k0, k1);
-      for (int l = 0; l < kGroups; ++l) {
-        words[4 * l] = c0[l];
-        words[4 * l + 1] = c1[l];
-        words[4 * l + 2] = c2[l];
-        words[4 * l + 3] = c3[l];
-      }
+      block_words(g, seed, stream, words);
       const int64_t delta = static_cast<int64_t>(offset - 4 * g);  // in (-2**63, 3]
       const int64_t p_lo = std::max<int64_t>(-delta, 0);
       const int64_t p_hi = std::min<int64_t>(4 * kGroups - delta, numel);

@@ -7,6 +7,7 @@
 
 #include "../tensor_params.h"
 #include "de_cuda.h"
+#include "merge_cuda.h"
 
 namespace evolver_kernels {
 namespace {
@@ -42,6 +43,16 @@ at::Tensor philox4x32_10_cuda_op(const at::Tensor& counters, int64_t k0, int64_t
   return out;
 }
 
+void merge_cuda_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
+                   c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, double scale, double rescale,
+                   int64_t drop_threshold, bool ties, bool normalize, int64_t seed, int64_t stream, int64_t offset,
+                   const at::Tensor& out) {
+  const MergeParams params = make_merge_params(xs, base, fisher, weights, trim, scale, rescale, drop_threshold, ties,
+                                               normalize, seed, stream, offset, out);
+  const c10::cuda::CUDAGuard guard(out.device());
+  check_launch(launch_merge_cuda(params, c10::cuda::getCurrentCUDAStream()), "merge");
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -49,6 +60,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CUDA, m) {
   m.impl("de_mutate_crossover_", &evolver_kernels::de_mutate_crossover_cuda_op);
   m.impl("crossover_mask_", &evolver_kernels::crossover_mask_cuda_op);
   m.impl("philox4x32_10", &evolver_kernels::philox4x32_10_cuda_op);
+  m.impl("merge_", &evolver_kernels::merge_cuda_op);
 }
 
 static struct PyModuleDef evolver_kernels_cuda_module = {PyModuleDef_HEAD_INIT, "_cuda", nullptr, -1, nullptr};

@@ -11,32 +11,12 @@
 
 #include <cstdint>
 
-#include "../bf16_bits.h"
 #include "../philox.h"
+#include "cuda_common.cuh"
 #include "de_cuda.h"
 
 namespace evolver_kernels {
 namespace {
-
-constexpr int kThreads = 256;
-
-struct Float32Codec {
-  using Bits = uint32_t;
-  static __device__ __forceinline__ float load(Bits v) { return __uint_as_float(v); }
-  static __device__ __forceinline__ Bits store(float f) { return __float_as_uint(f); }
-};
-
-struct BFloat16Codec {
-  using Bits = uint16_t;
-  static __device__ __forceinline__ float load(Bits v) { return bf16_bits_to_float(v); }
-  static __device__ __forceinline__ Bits store(float f) { return float_to_bf16_bits(f); }
-};
-
-struct Float16Codec {
-  using Bits = uint16_t;
-  static __device__ __forceinline__ float load(Bits v) { return __half2float(__ushort_as_half(v)); }
-  static __device__ __forceinline__ Bits store(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
 
 template <typename Codec, bool kTwoInputs>
 __device__ __forceinline__ typename Codec::Bits de_element(typename Codec::Bits xb, typename Codec::Bits ab,
@@ -149,17 +129,6 @@ __global__ void philox_test_kernel(const int64_t* counters, int64_t* out, int64_
   out[4 * i + 2] = c2;
   out[4 * i + 3] = c3;
 }
-
-// Enough blocks to fill the device several times over; grid-stride loops cover the rest.
-unsigned int grid_for(int64_t work_items) {
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t wanted = (work_items + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sms) * 16;
-  return static_cast<unsigned int>(wanted < 1 ? 1 : (wanted < cap ? wanted : cap));
-}
-
-bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 template <typename Codec, bool kTwoInputs>
 cudaError_t launch_typed(const DEParams& p, cudaStream_t stream) {

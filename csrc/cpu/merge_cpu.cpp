@@ -1,0 +1,134 @@
+// CPU kernel of the fused merge: out = base + scale * combine_k(weight_k * dare_k(trim_k(x_k - base))),
+// element by element as evolver_kernels.reference.merge_reference defines it, threaded with ATen's pool.
+//
+// Work is cut into blocks of 4 * kGroups elements aligned to global Philox groups (DARE's words depend only
+// on the element's global index and the model's stream). Per block, each model's elements are read once in a
+// contiguous (vectorised) loop into fp32 accumulators on the stack; TIES keeps the block's weighted task
+// vectors (n_inputs * 256 floats per thread) for its second pass instead of reading the models again.
+#include "merge_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace evolver_kernels {
+namespace {
+
+constexpr int kBlock = 4 * kGroups;
+constexpr int64_t kGrainBlocks = 16;
+
+template <typename Codec, bool kBase, bool kDrop, bool kTies>
+void merge_kernel(const MergeParams& p) {
+  using Bits = typename Codec::Bits;
+  const Bits* base = static_cast<const Bits*>(p.base);
+  Bits* out = static_cast<Bits*>(p.out);
+  const Threshold dropped(p.drop_threshold);
+  const uint64_t first_group = p.offset >> 2;
+  const uint64_t end_group = (p.offset + static_cast<uint64_t>(p.numel) + 3) >> 2;
+  const int64_t nblocks = static_cast<int64_t>((end_group - first_group + kGroups - 1) / kGroups);
+  const int n = p.n_inputs;
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t words[kBlock];
+    alignas(64) float b[kBlock], acc[kBlock], den[kBlock];
+    std::vector<float> taus(kTies ? static_cast<size_t>(n) * kBlock : 0);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const uint64_t g = first_group + static_cast<uint64_t>(blk) * kGroups;
+      const int64_t delta = static_cast<int64_t>(p.offset - 4 * g);  // local index i has word i + delta
+      const int64_t lo = std::max<int64_t>(-delta, 0);
+      const int64_t hi = std::min<int64_t>(kBlock - delta, p.numel);
+      const int64_t len = hi - lo;
+      if (kBase) {
+        for (int64_t i = 0; i < len; ++i) b[i] = Codec::load(base[lo + i]);
+      }
+      for (int64_t i = 0; i < len; ++i) acc[i] = den[i] = 0.0f;
+      for (int k = 0; k < n; ++k) {
+        const Bits* x = static_cast<const Bits*>(p.x[k]) + lo;
+        const float* fisher = p.fisher[k] ? p.fisher[k] + lo : nullptr;
+        const float w = p.weight[k], trim = p.trim[k], rescale = p.rescale;
+        if (kDrop) block_words(g, p.seed, p.stream + static_cast<uint64_t>(k), words);
+        const uint32_t* word = words + lo + delta;
+        float* tau_k = kTies ? taus.data() + static_cast<size_t>(k) * kBlock : nullptr;
+        for (int64_t i = 0; i < len; ++i) {
+          float v = Codec::load(x[i]);
+          if (kBase) v = v - b[i];
+          if (kDrop) v = dropped.selects(word[i]) ? 0.0f : v * rescale;
+          if (kTies) v = std::fabs(v) < trim ? 0.0f : v;
+          const float c = fisher ? w * fisher[i] : w;
+          const float d = c * v;
+          acc[i] = acc[i] + d;
+          if (kTies) {
+            tau_k[i] = d;
+          } else {
+            den[i] = den[i] + c;
+          }
+        }
+      }
+      if (kTies) {
+        // acc holds the elected sign's total; the disjoint mean over the models that agree with it.
+        alignas(64) float total[kBlock];
+        for (int64_t i = 0; i < len; ++i) total[i] = 0.0f;
+        for (int k = 0; k < n; ++k) {
+          const float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
+          const float w = p.weight[k];
+          for (int64_t i = 0; i < len; ++i) {
+            const float d = tau_k[i];
+            const bool agree = acc[i] >= 0.0f ? d > 0.0f : d < 0.0f;
+            total[i] = agree ? total[i] + d : total[i];
+            den[i] = agree ? den[i] + w : den[i];
+          }
+        }
+        for (int64_t i = 0; i < len; ++i) acc[i] = total[i];
+      }
+      const float scale = p.scale;
+      for (int64_t i = 0; i < len; ++i) {
+        float y = acc[i];
+        if (p.normalize) y = den[i] != 0.0f ? y / den[i] : 0.0f;
+        const float r = kBase ? b[i] + scale * y : scale * y;
+        out[lo + i] = Codec::store(r);
+      }
+    }
+  });
+}
+
+template <typename Codec, bool kBase, bool kDrop>
+void dispatch_ties(const MergeParams& p) {
+  if (p.ties) {
+    merge_kernel<Codec, kBase, kDrop, true>(p);
+  } else {
+    merge_kernel<Codec, kBase, kDrop, false>(p);
+  }
+}
+
+template <typename Codec>
+void dispatch(const MergeParams& p) {
+  const bool drop = p.drop_threshold > 0;
+  if (p.base != nullptr) {
+    drop ? dispatch_ties<Codec, true, true>(p) : dispatch_ties<Codec, true, false>(p);
+  } else {
+    drop ? dispatch_ties<Codec, false, true>(p) : dispatch_ties<Codec, false, false>(p);
+  }
+}
+
+}  // namespace
+
+void merge_cpu(const MergeParams& p) {
+  if (p.numel <= 0) return;
+  switch (p.dtype) {
+    case ElementType::kFloat32:
+      dispatch<Float32Codec>(p);
+      break;
+    case ElementType::kBFloat16:
+      dispatch<BFloat16Codec>(p);
+      break;
+    case ElementType::kFloat16:
+      dispatch<Float16Codec>(p);
+      break;
+  }
+}
+
+}  // namespace evolver_kernels

@@ -1,0 +1,133 @@
+"""The fused merge (evolver_kernels.merge_tensors) against its contract (reference.merge_reference) on every
+backend: each mode (average, Fisher weights, task arithmetic, TIES, DARE on both), every dtype, odd sizes,
+chunked calls, in place; the contract against plain stacking formulas; bad arguments."""
+
+import math
+
+import pytest
+import torch
+from _util import assert_bitwise_equal
+from conftest import KERNEL_CASES
+
+import evolver_kernels as ek
+from evolver_kernels.reference import crossover_mask_reference, merge_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MODES = {
+    "average": dict(weights=[1.0, 2.0, 0.5, 1.5]),
+    "fisher": dict(weights=[1.0, 2.0, 0.5, 1.5], fisher=True),
+    "task_arithmetic": dict(base=True, normalize=False, scale=0.7),
+    "ties": dict(base=True, trim=[0.1, 0.3, 0.0, 0.2], weights=[1.0, 0.5, 2.0, 1.0]),
+    "dare_linear": dict(base=True, normalize=False, drop_p=0.3),
+    "dare_ties": dict(base=True, trim=[0.1, 0.3, 0.0, 0.2], drop_p=0.6, scale=0.9),
+}
+
+
+def _inputs(n, dtype, device, mode, seed=0, count=4):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen)
+    xs = [(base + 0.4 * torch.randn(n, generator=gen)).to(dtype).to(device) for _ in range(count)]
+    kw = dict(MODES[mode])
+    kw["base"] = base.to(dtype).to(device) if kw.get("base") else None
+    if kw.pop("fisher", False):
+        kw["fisher"] = [torch.rand(n, generator=gen).to(device) for _ in range(count)]
+    return xs, kw
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 7, 4099, 100_003])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_matches_reference_bitwise(device, backend, dtype, numel, mode):
+    xs, kw = _inputs(numel, dtype, device, mode, seed=numel)
+    stream_kw = dict(seed=2**63 + 5, stream=2**32 - 2, offset=numel % 7)  # model k's stream crosses 2**32
+    want = merge_reference(xs, **{"weights": [1.0] * 4, **kw}, **stream_kw)
+    got = ek.merge_tensors(xs, backend=backend, **kw, **stream_kw)
+    assert_bitwise_equal(got, want, f"{backend} {mode} {dtype}")
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES + [pytest.param("cpu", "reference", id="cpu-reference")])
+@pytest.mark.parametrize("mode", ["average", "dare_ties"])
+def test_chunked_calls_equal_one_call(device, backend, mode):
+    n = 20_011
+    xs, kw = _inputs(n, torch.bfloat16, device, mode, seed=3)
+    offset = 2**32 - 7_000
+    whole = ek.merge_tensors(xs, backend=backend, seed=9, offset=offset, **kw)
+    out = torch.empty_like(xs[0])
+    cuts = [0, 5, 4096, 4099, 13_000, n]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        part = dict(kw)
+        part["base"] = kw["base"][lo:hi] if kw["base"] is not None else None
+        if kw.get("fisher"):
+            part["fisher"] = [f[lo:hi] for f in kw["fisher"]]
+        ek.merge_tensors([x[lo:hi] for x in xs], backend=backend, seed=9, offset=offset + lo, out=out[lo:hi], **part)
+    assert_bitwise_equal(out, whole, f"{backend} chunked")
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_in_place_and_many_models(device, backend):
+    n, count = 3001, 40
+    xs, kw = _inputs(n, torch.float32, device, "dare_ties", count=count)
+    kw["trim"] = [0.05 * (k % 5) for k in range(count)]
+    want = merge_reference(xs, weights=[1.0] * count, **kw)
+    ek.merge_tensors(xs, backend=backend, out=xs[3], **kw)
+    assert_bitwise_equal(xs[3], want, "out is xs[3]")
+
+
+def test_contract_against_stacking_formulas():
+    """The contract is the usual formulas: weighted mean, base + scale * sum of task vectors, DARE's drop and
+    rescale, TIES' elected sign and mean over the agreeing models."""
+    n = 10_000
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(n, generator=gen, dtype=torch.float64)
+    xs = [base + torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(3)]
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).view(-1, 1)
+    x32 = [x.float() for x in xs]
+    stacked = torch.stack(xs)
+    got = merge_reference(x32, weights=[1, 2, 3])
+    torch.testing.assert_close(got.double(), (w * stacked).sum(0) / 6, rtol=1e-6, atol=1e-6)
+    got = merge_reference(x32, weights=[1, 2, 3], base=base.float(), normalize=False, scale=0.5)
+    torch.testing.assert_close(got.double(), base + 0.5 * (w * (stacked - base)).sum(0), rtol=1e-5, atol=1e-5)
+    drops = torch.stack([crossover_mask_reference(n, CR=0.25, seed=4, stream=10 + k) for k in range(3)])
+    got = merge_reference(x32, weights=[1, 2, 3], base=base.float(), normalize=False, drop_p=0.25, seed=4, stream=10)
+    tau = torch.where(drops, 0.0, stacked - base) / 0.75
+    torch.testing.assert_close(got.double(), base + (w * tau).sum(0), rtol=1e-5, atol=1e-5)
+    assert 0.22 < drops.double().mean() < 0.28
+    got = merge_reference(x32, weights=[1, 2, 3], base=base.float(), trim=[0.5, 0.5, 0.5])
+    tau = (stacked - base) * ((stacked - base).abs() >= 0.5)
+    d = w * tau
+    sign = torch.where(d.sum(0) >= 0, 1.0, -1.0)
+    agree = (d.sign() == sign)
+    want = base + (d * agree).sum(0) / (w * agree).sum(0).where((w * agree).sum(0) != 0, torch.ones(1)) * (agree.any(0))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="xs must be a list of 1 to 64"):
+        ek.merge_tensors([x] * 65)
+    with pytest.raises(ValueError, match="xs must be a list"):
+        ek.merge_tensors([])
+    with pytest.raises(ValueError, match=r"xs\[1\] has shape"):
+        ek.merge_tensors([x, torch.zeros(9)])
+    with pytest.raises(TypeError, match=r"xs\[1\] has dtype"):
+        ek.merge_tensors([x, x.bfloat16()])
+    with pytest.raises(ValueError, match="weights must be a list of 2"):
+        ek.merge_tensors([x, x], weights=[1.0])
+    with pytest.raises(ValueError, match=r"weights\[1\] must be finite"):
+        ek.merge_tensors([x, x], weights=[1.0, math.inf])
+    with pytest.raises(ValueError, match=r"trim\[0\] must be finite in float32 and at least 0"):
+        ek.merge_tensors([x, x], base=x, trim=[-1.0, 0.0])
+    with pytest.raises(ValueError, match="drop_p must be in"):
+        ek.merge_tensors([x, x], base=x, drop_p=1.0)
+    with pytest.raises(ValueError, match="give base"):
+        ek.merge_tensors([x, x], drop_p=0.5)
+    with pytest.raises(ValueError, match="fisher and trim"):
+        ek.merge_tensors([x, x], base=x, trim=[0, 0], fisher=[x, x])
+    with pytest.raises(TypeError, match=r"fisher\[1\] must be a float32"):
+        ek.merge_tensors([x, x], fisher=[x, x.half()])
+    with pytest.raises(ValueError, match="out partly overlaps"):
+        buf = torch.zeros(9)
+        ek.merge_tensors([buf[:8], x], out=buf[1:])
+    with pytest.raises(ValueError, match="stream"):
+        ek.merge_tensors([x, x], stream=2**62 - 1)
