@@ -212,6 +212,63 @@ class Evaluator:
             return {"accuracy": float((pred == gold).all(-1).double().mean()), "multilabel-f1": _multilabel_f1(pred, gold)}
         return {"accuracy": float((pred == gold).double().mean()), "macro-f1": _macro_f1(pred, gold, self.num_labels)}
 
+    # -- data for merge statistics (merge_stats.py) -------------------------------------------------------
+    def examples(self, limit: int | None = None):
+        """Single-example batches (padding removed) from the dev files in order, at most `limit`."""
+        if self.user_fn is not None:
+            raise ValueError("Fisher and RegMean statistics need a built-in --task, not a module:function fitness")
+        count = 0
+        for _, batches in self.files:
+            for batch in batches:
+                for row in range(batch["input_ids"].shape[0]):
+                    if limit is not None and count >= limit:
+                        return
+                    width = int(batch["attention_mask"][row].sum()) if "attention_mask" in batch else batch["input_ids"].shape[1]
+                    one = {}
+                    for key, value in batch.items():
+                        if key in ("input_ids", "attention_mask", "token_type_ids"):
+                            one[key] = value[row : row + 1, :width] if self.tokenizer.padding_side == "right" else value[row : row + 1, -width:]
+                        else:
+                            one[key] = value[row : row + 1]
+                    count += 1
+                    yield one
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The batch's mean negative log-likelihood under `model` (differentiable): gold labels for
+        classification, next tokens for causal LMs, targets for seq2seq."""
+        inputs = self._inputs(batch)
+        if self.task == "sequence-classification":
+            logits = model(**inputs).logits.float()
+            gold = batch["gold"].to(self.device)
+            if self.multi_label:
+                return nnf.binary_cross_entropy_with_logits(logits, gold.float())
+            return nnf.cross_entropy(logits, gold)
+        if self.task == "causal-lm":
+            logits = model(**inputs).logits.float()
+            labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])) == 0, -100)
+            return nnf.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        labels = batch["labels"].to(self.device)
+        logits = model(**inputs, labels=labels).logits.float()
+        return nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    def forward_all(self, model: torch.nn.Module, limit: int | None = None) -> None:
+        """Runs the model over the dev batches (outputs discarded), for forward hooks; at most `limit` examples."""
+        if self.user_fn is not None:
+            raise ValueError("Fisher and RegMean statistics need a built-in --task, not a module:function fitness")
+        model.eval()
+        seen = 0
+        with torch.inference_mode():
+            for _, batches in self.files:
+                for batch in batches:
+                    if limit is not None and seen >= limit:
+                        return
+                    inputs = self._inputs(batch)
+                    if self.task == "seq2seq":
+                        model(**inputs, labels=batch["labels"].to(self.device))
+                    else:
+                        model(**inputs)
+                    seen += batch["input_ids"].shape[0]
+
     def _inputs(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 

@@ -1,35 +1,47 @@
-"""Streaming merge methods over a population's arenas: never a stack of N tensors, never a model-sized
-temporary. Sums run in fp32 in slot order with one rounding to the arena's dtype.
+"""Merge methods over a population's arenas, streamed chunk by chunk through the fused operator
+evolver_kernels.merge_tensors: each chunk of every model is read once and the merged chunk written once; never
+a stack of N tensors, never a mask tensor, never a model-sized temporary. Exact arithmetic:
+evolver_kernels.reference.merge_reference.
 
   average            out = sum_k w_k x_k / sum_k w_k        (simple average: w_k = 1; model soup)
+  fisher             out = sum_k w_k F_k x_k / sum_k w_k F_k (F_k: model k's diagonal Fisher, merge_stats.py)
   task_arithmetic    out = base + scale * sum_k w_k tau_k,   tau_k = x_k - base
   ties               trim each tau_k to its top `density` fraction by magnitude (per tensor), elect the sign
-                     of sum_k w_k tau_k, average the weighted values that agree with it (Yadav et al. 2023)
-  DARE (drop_p > 0)  before either of the last two: drop each element of tau_k with probability p and scale
-                     the survivors by 1 / (1 - p) (Yu et al. 2024)
+                     of sum_k w_k tau_k, weighted mean of the values that agree with it (Yadav et al. 2023)
+  dare_linear/_ties  the last two on tau_k with each element dropped with probability p and the survivors
+                     scaled by 1 / (1 - p) (Yu et al. 2024)
+  regmean            linear layers: W = (sum_k G_k)^-1 sum_k G_k W_k with G_k the Gram matrix of the layer's
+                     inputs (off-diagonal entries times alpha); every other tensor: the average (regmean.py)
 
-Differences from peft's merge_utils (the usual reference), by design: DARE's drops come from the package's
-Philox contract (stream STREAM_DARE + k for model k, the element's global arena index as counter), so they
-are reproducible on every backend and never stored as a mask tensor; TIES keeps every element whose
-magnitude reaches the k-th largest (k = int(density * numel), as peft), so with tied magnitudes it may keep
-a few more than k where torch.topk would pick among them arbitrarily. average and task_arithmetic stream
-in chunks; ties works tensor by tensor (the trim threshold is a per-tensor k-th value: memory O(largest
-tensor), not O(model)).
+Where ours differs from mergekit's generalized task arithmetic and peft's merge_utils, and why:
+- DARE's drops come from the package's Philox contract (stream STREAM_DARE + k for model k, the element's
+  global arena index as counter), so they are reproducible on every backend and never stored; survivors are
+  scaled by 1 / (1 - p) as in the paper (mergekit's `rescale` keeps the L1 norm instead).
+- TIES keeps every element whose magnitude reaches the k-th largest, k = max(1, int(density * numel)) as in
+  mergekit, found exactly by a two-pass radix histogram over chunks (memory O(chunk), not O(tensor)); where
+  magnitudes tie at the threshold it keeps them all, where mergekit's argsort picks among them arbitrarily.
+  The elected sign is + where the weighted sum is >= 0 (mergekit; peft gives sign 0 there) and the mean
+  divides by the weights of the agreeing models (mergekit's normalize; peft divides by their count, the same
+  for unit weights).
+- Sums run in fp32 in slot order with one rounding to the arena's dtype (mergekit sums in the model dtype).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
-from .arena import Arena, Entry, iter_chunks
+from .arena import Arena, iter_chunks
+from .ops import MAX_MERGE_INPUTS, crossover_mask, merge_tensors
 from .population import Population
-from .reference import crossover_mask_reference
 from .rng import STREAM_DARE
+
+METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "regmean")
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 
 def _check_weights(weights: list[float] | None, n: int) -> list[float]:
+    if n > MAX_MERGE_INPUTS:
+        raise ValueError(f"a merge takes at most {MAX_MERGE_INPUTS} models, got {n}")
     if weights is None:
         return [1.0] * n
     if len(weights) != n:
@@ -37,28 +49,6 @@ def _check_weights(weights: list[float] | None, n: int) -> list[float]:
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
     return [float(w) for w in weights]
-
-
-def mean_into(dst: torch.Tensor, parts: Iterable[torch.Tensor], weights: list[float], acc: torch.Tensor) -> torch.Tensor:
-    """dst = sum_k weights[k] * parts[k] / sum(weights): fp32 accumulation in `acc` (a chunk buffer), parts
-    consumed one at a time in order (a generator may produce each just in time), one rounding to dst."""
-    acc.zero_()
-    for part, w in zip(parts, weights):
-        if w:
-            acc.add_(part, alpha=w)
-    return dst.copy_(acc.div_(sum(weights)))
-
-
-def average(pop: Population, out: Arena, weights: list[float] | None = None, chunk: int = 1 << 22) -> Arena:
-    """out = the weighted average of the population (uniform by default)."""
-    w = _check_weights(weights, pop.size)
-    for group, (_, size) in pop.layout.groups.items():
-        dst = out.buffers[group]
-        acc = torch.empty(min(chunk, size), dtype=torch.float32, device=dst.device)
-        for lo, hi in iter_chunks(size, chunk):
-            parts = (pop.read(k, group, lo, hi).to(dst.device) for k in range(pop.size))
-            mean_into(dst[lo:hi], parts, w, acc[: hi - lo])
-    return out
 
 
 def _check_base(pop: Population, base: Arena | None, method: str) -> Arena:
@@ -75,105 +65,157 @@ def _check_p(drop_p: float) -> float:
     return float(drop_p)
 
 
-def _task_vector(pop: Population, k: int, group: str, lo: int, hi: int, b: torch.Tensor, drop_p: float, seed: int) -> torch.Tensor:
-    """tau_k on elements [lo, hi) of `group`, with DARE's drop and rescale when drop_p > 0."""
-    tau = pop.read(k, group, lo, hi).to(b.device).float() - b
-    if drop_p > 0:
-        dropped = crossover_mask_reference(hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k,
-                                           offset=pop.layout.groups[group][0] + lo, device=b.device)
-        tau = tau.masked_fill_(dropped, 0.0).div_(1.0 - drop_p)
-    return tau
+def _check_density(density: float) -> float:
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return float(density)
+
+
+def _read_all(pop: Population, group: str, lo: int, hi: int, device: torch.device) -> list[torch.Tensor]:
+    return [pop.read(k, group, lo, hi).to(device, non_blocking=True) for k in range(pop.size)]
+
+
+def _merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, *, base: Arena | None = None,
+                  fisher=None, **kw) -> Arena:
+    """Every group in chunks that may span tensors: the linear modes have no per-tensor state."""
+    for group, (start, size) in pop.layout.groups.items():
+        dst = out.buffers[group]
+        for lo, hi in iter_chunks(size, chunk):
+            b = base.buffers[group][lo:hi].to(dst.device) if base is not None else None
+            f = [fisher.read(k, group, lo, hi).to(dst.device) for k in range(pop.size)] if fisher is not None else None
+            merge_tensors(_read_all(pop, group, lo, hi, dst.device), base=b, fisher=f, offset=start + lo,
+                          out=dst[lo:hi], backend=backend, stream=STREAM_DARE, **kw)
+    return out
+
+
+def average(pop: Population, out: Arena, weights: list[float] | None = None, chunk: int = 1 << 22,
+            backend: str | None = None, fisher=None) -> Arena:
+    """out = the weighted average of the population (uniform by default); with `fisher` (merge_stats.FisherStats)
+    each element weighted by its model's Fisher as well."""
+    return _merge_linear(pop, out, chunk, backend, fisher=fisher, weights=_check_weights(weights, pop.size))
 
 
 def task_arithmetic(pop: Population, base: Arena, out: Arena, scale: float, weights: list[float] | None = None,
-                    drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22) -> Arena:
+                    drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
     """out = base + scale * sum_k w_k tau_k (Ilharco et al., task vectors); drop_p > 0 makes it DARE."""
     base = _check_base(pop, base, "task arithmetic")
-    w = _check_weights(weights, pop.size)
-    drop_p = _check_p(drop_p)
-    for group, (_, size) in pop.layout.groups.items():
-        for lo, hi in iter_chunks(size, chunk):
-            b = base.buffers[group][lo:hi].float()
-            acc = torch.zeros_like(b)
-            for k in range(pop.size):
-                acc.add_(_task_vector(pop, k, group, lo, hi, b, drop_p, seed), alpha=w[k])
-            out.buffers[group][lo:hi].copy_(acc.mul_(scale).add_(b))  # b may be base's own storage: never write it
-    return out
+    return _merge_linear(pop, out, chunk, backend, base=base, weights=_check_weights(weights, pop.size),
+                         scale=scale, normalize=False, drop_p=_check_p(drop_p), seed=seed)
 
 
 def ties(pop: Population, base: Arena, out: Arena, density: float, scale: float = 1.0,
-         weights: list[float] | None = None, drop_p: float = 0.0, seed: int = 0) -> Arena:
-    """TIES-merging (trim, elect sign, disjoint mean), optionally on DARE-dropped task vectors."""
+         weights: list[float] | None = None, drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22,
+         backend: str | None = None) -> Arena:
+    """TIES-merging (trim, elect sign, disjoint mean), optionally on DARE-dropped task vectors. Tensor by
+    tensor: the trim threshold is each tensor's own (found in two streaming passes), then one fused pass."""
     base = _check_base(pop, base, "TIES")
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+    density = _check_density(density)
     w = _check_weights(weights, pop.size)
     drop_p = _check_p(drop_p)
     for e in pop.layout.entries:
-        _ties_tensor(pop, base, out, e, density, scale, w, drop_p, seed)
+        start = pop.layout.groups[e.group][0]
+        dst = out.buffers[e.group]
+        lo_e, hi_e = e.offset, e.offset + e.numel
+        keep = max(1, int(density * e.numel))
+        trims = [0.0] * pop.size
+        if keep < e.numel:
+            for k in range(pop.size):
+                def task_vector(lo, hi, k=k):
+                    return _task_vector(pop, base, k, e.group, lo, hi, start, drop_p, seed, dst.device, backend)
+                trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, keep, chunk)
+        for lo, hi in iter_chunks(e.numel, chunk):
+            lo, hi = lo_e + lo, lo_e + hi
+            merge_tensors(_read_all(pop, e.group, lo, hi, dst.device), base=base.buffers[e.group][lo:hi].to(dst.device),
+                          weights=w, trim=trims, scale=scale, normalize=True, drop_p=drop_p, seed=seed,
+                          stream=STREAM_DARE, offset=start + lo, out=dst[lo:hi], backend=backend)
     return out
 
 
-def _ties_tensor(pop, base, out, e: Entry, density, scale, w, drop_p, seed) -> None:
-    """One tensor: two passes over the models (thresholds and elected sign, then the disjoint mean), so
-    memory stays a few tensor-sized fp32 buffers whatever N is."""
-    lo, hi = e.offset, e.offset + e.numel
-    b = base.buffers[e.group][lo:hi].float()
-    keep = int(density * e.numel)
-
-    def trimmed(k: int, threshold):
-        tau = _task_vector(pop, k, e.group, lo, hi, b, drop_p, seed)
-        if keep == 0:
-            return tau.zero_(), threshold
-        if keep < e.numel:
-            if threshold is None:
-                threshold = tau.abs().kthvalue(e.numel - keep + 1).values
-            tau.masked_fill_(tau.abs() < threshold, 0.0)
-        return tau.mul_(w[k]), threshold
-
-    thresholds, sign = [], torch.zeros_like(b)
-    for k in range(pop.size):
-        tau, threshold = trimmed(k, None)
-        thresholds.append(threshold)
-        sign.add_(tau)
-    sign.sign_()
-    total, count = torch.zeros_like(b), torch.zeros_like(b)
-    for k in range(pop.size):
-        tau, _ = trimmed(k, thresholds[k])
-        agree = (tau.sign() == sign) & (tau != 0)
-        total.add_(tau.masked_fill_(~agree, 0.0))
-        count.add_(agree)
-    out.buffers[e.group][lo:hi].copy_(total.div_(count.clamp_(min=1)).mul_(scale).add_(b))
+def _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend) -> torch.Tensor:
+    """tau_k on [lo, hi) of `group` in fp32, exactly as the fused merge computes it before trimming."""
+    tau = pop.read(k, group, lo, hi).to(device).float() - base.buffers[group][lo:hi].to(device).float()
+    if drop_p > 0:
+        dropped = crossover_mask(hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k, offset=start + lo,
+                                 device=device, backend=backend)
+        rescale = torch.tensor(1.0 / (1.0 - drop_p), dtype=torch.float32, device=device)
+        tau = torch.where(dropped, torch.zeros((), device=device), tau * rescale)
+    return tau
 
 
-METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22) -> float:
+    """The k-th largest |v| over v = values(a, b) for chunks [a, b) of [lo, hi), exactly (the value
+    torch.kthvalue(|v|, n - k + 1) gives), in two histogram passes over the fp32 bit patterns (non-negative
+    floats order as their bits): the top 16 bits, then the low 16 bits within the chosen bucket."""
+    if not 1 <= k <= hi - lo:
+        raise ValueError(f"k must be in [1, {hi - lo}], got {k}")
+
+    def histogram(select_high: int | None) -> torch.Tensor:
+        counts = torch.zeros(1 << 16, dtype=torch.int64)
+        for a, b in iter_chunks(hi - lo, chunk):
+            bits = values(lo + a, lo + b).abs().view(torch.int32).cpu()
+            if select_high is None:
+                counts += torch.bincount(bits >> 16, minlength=1 << 16)
+            else:
+                counts += torch.bincount(bits[(bits >> 16) == select_high] & 0xFFFF, minlength=1 << 16)
+        return counts
+
+    def bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
+        """(bucket holding the k-th largest, how many lie in higher buckets)."""
+        from_top = counts.flip(0).cumsum(0)
+        idx = int(torch.searchsorted(from_top, k))
+        return (1 << 16) - 1 - idx, int(from_top[idx - 1]) if idx > 0 else 0
+
+    high, above = bucket_of_kth(histogram(None), k)
+    low, _ = bucket_of_kth(histogram(high), k - above)
+    return float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
 
 
 class Merger:
     """A merge method with its settings, checked once; `merger(pop, out)` merges any Population-like reader
-    (the driver passes a view of the population with offspring in some slots)."""
+    (the driver passes a view of the population with offspring in some slots).
+
+    fisher (merge_stats.FisherStats) is needed by "fisher", regmean (regmean.RegMean) by "regmean"; both hold
+    statistics of the original individuals, and an offspring inherits its slot's."""
 
     def __init__(self, method: str = "average", base: Arena | None = None, scale: float = 1.0, density: float = 0.5,
-                 drop_p: float = 0.5, seed: int = 0, weights: list[float] | None = None):
+                 drop_p: float = 0.5, seed: int = 0, weights: list[float] | None = None, backend: str | None = None,
+                 fisher=None, regmean=None):
         if method not in METHODS:
             raise ValueError(f"merge method must be one of {', '.join(METHODS)}, got {method!r}")
-        if method != "average" and base is None:
+        if method in NEEDS_BASE and base is None:
             raise ValueError(f"{method} needs a base model (the common ancestor of the merged models)")
-        if method in ("ties", "dare_ties") and not 0.0 < density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {density}")
+        if method in ("ties", "dare_ties"):
+            _check_density(density)
+        if method == "fisher" and fisher is None:
+            raise ValueError("fisher needs the models' Fisher information (merge_stats.estimate_fisher)")
+        if method == "regmean" and regmean is None:
+            raise ValueError("regmean needs the models' Gram matrices (regmean.RegMean)")
         self.method, self.base, self.scale, self.density, self.seed, self.weights = method, base, scale, density, seed, weights
         self.drop_p = _check_p(drop_p) if method.startswith("dare") else 0.0
+        self.backend, self.fisher, self.regmean = backend, fisher, regmean
 
     def describe(self) -> str:
-        if self.method == "average":
-            return "simple average"
+        if self.method in ("average", "fisher", "regmean"):
+            return {"average": "simple average", "fisher": "Fisher-weighted average",
+                    "regmean": f"RegMean (alpha {self.regmean.alpha})" if self.regmean else "RegMean"}[self.method]
         extra = f", density {self.density}" if "ties" in self.method else ""
         extra += f", drop p {self.drop_p}" if self.drop_p else ""
         return f"{self.method} (scale {self.scale}{extra})"
 
+    def changed(self, i: int) -> None:
+        """Individual i of the population was replaced (cached per-individual terms are stale)."""
+        if self.regmean is not None:
+            self.regmean.changed(i)
+
     def __call__(self, pop: Population, out: Arena, chunk: int = 1 << 22) -> Arena:
+        kw = {"chunk": chunk, "backend": self.backend}
         if self.method == "average":
-            return average(pop, out, self.weights, chunk)
+            return average(pop, out, self.weights, **kw)
+        if self.method == "fisher":
+            return average(pop, out, self.weights, fisher=self.fisher, **kw)
+        if self.method == "regmean":
+            average(pop, out, self.weights, **kw)
+            return self.regmean.merge_into(pop, out)
         if self.method in ("task_arithmetic", "dare_linear"):
-            return task_arithmetic(pop, self.base, out, self.scale, self.weights, self.drop_p, self.seed, chunk)
-        return ties(pop, self.base, out, self.density, self.scale, self.weights, self.drop_p, self.seed)
+            return task_arithmetic(pop, self.base, out, self.scale, self.weights, self.drop_p, self.seed, **kw)
+        return ties(pop, self.base, out, self.density, self.scale, self.weights, self.drop_p, self.seed, **kw)

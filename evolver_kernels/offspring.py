@@ -125,6 +125,7 @@ class WeightPipeline:
                     self.pop.write(spec.i, group, lo, values)
         for spec in specs:
             self.pop.commit_write(spec.i)
+            self.merger.changed(spec.i)
 
     def write_from(self, i: int, arena: Arena) -> None:
         """Replaces individual i by the contents of `arena` (an accepted offspring already built there)."""
@@ -133,6 +134,7 @@ class WeightPipeline:
             for lo, hi in iter_chunks(size, self.chunk):
                 self.pop.write(i, group, lo, arena.buffers[group][lo:hi])
         self.pop.commit_write(i)
+        self.merger.changed(i)
 
 
 class CandidateView(Population):
@@ -141,6 +143,7 @@ class CandidateView(Population):
 
     def __init__(self, pipeline: WeightPipeline, replace: list[OffspringSpec]):
         self.pipeline = pipeline
+        self.population = pipeline.pop
         self.layout = pipeline.pop.layout
         self.size = pipeline.pop.size
         self.offspring = {spec.i: spec for spec in replace}

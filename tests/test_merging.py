@@ -1,4 +1,5 @@
-"""Streaming merge methods against straightforward stacking references (peft's merge_utils semantics)."""
+"""Streaming merge methods against straightforward stacking references (mergekit's generalized task arithmetic
+semantics; tests/test_mergekit.py runs mergekit itself), on every backend."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from _util import assert_within_one_ulp
 
 from evolver_kernels import merging
 from evolver_kernels.arena import Arena, Layout
+from evolver_kernels.merge_stats import FisherStats
 from evolver_kernels.population import MemoryPopulation
 from evolver_kernels.reference import crossover_mask_reference
 from evolver_kernels.rng import STREAM_DARE
@@ -24,6 +26,15 @@ def _setup(dtype=torch.float32, n=4, seed=0):
     return layout, pop, base
 
 
+def _random_fisher(layout, n, seed):
+    stats = FisherStats.zeros(layout, n)
+    gen = torch.Generator().manual_seed(seed)
+    for bufs in stats.buffers:
+        for b in bufs.values():
+            b.copy_(torch.rand(b.shape, generator=gen) + 1e-3)
+    return stats
+
+
 def _stack(pop, e):
     return torch.stack([pop.arenas[k].view(e).float() for k in range(pop.size)])
 
@@ -35,18 +46,20 @@ def _dare_ref(tau, k, e, layout, p, seed):
 
 
 def _ties_ref(taus, density, weights):
-    """peft: magnitude prune (topk), majority sign by total, disjoint merge."""
+    """mergekit: magnitude prune (top k = max(1, int(density * numel))), majority sign of the weighted sum
+    (+ where it is >= 0), mean of the agreeing weighted values divided by the agreeing weights."""
     pruned = []
     for t in taus:
-        k = int(density * t.numel())
+        k = max(1, int(density * t.numel()))
         mask = torch.zeros(t.numel(), dtype=torch.bool)
-        if k:
-            mask[t.abs().flatten().topk(k).indices] = True
+        mask[t.abs().flatten().topk(k).indices] = True
         pruned.append(t * mask.view(t.shape))
-    stacked = torch.stack(pruned) * torch.tensor(weights).view(-1, *[1] * taus[0].dim())
-    sign = stacked.sum(0).sign()
-    agree = (stacked.sign() == sign) & (stacked != 0)
-    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    w = torch.tensor(weights).view(-1, *[1] * taus[0].dim())
+    stacked = torch.stack(pruned) * w
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = stacked.sign() == sign
+    divisor = (w * agree).sum(0)
+    return (stacked * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
 
 
 @pytest.mark.parametrize("chunk", [64, 1 << 20])
@@ -72,7 +85,7 @@ def test_task_arithmetic_and_dare(drop_p):
 
 @pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
 @pytest.mark.parametrize("drop_p", [0.0, 0.25])
-def test_ties_matches_peft_semantics(density, drop_p):
+def test_ties_matches_mergekit_semantics(density, drop_p):
     layout, pop, base = _setup()
     weights = [1.0, 0.5, 1.0, 2.0]
     out = merging.ties(pop, base, Arena.empty(layout), density=density, scale=0.9, weights=weights, drop_p=drop_p, seed=2)
@@ -82,6 +95,41 @@ def test_ties_matches_peft_semantics(density, drop_p):
         if drop_p:
             taus = [_dare_ref(t, k, e, layout, drop_p, 2) for k, t in enumerate(taus)]
         torch.testing.assert_close(out.view(e), b + 0.9 * _ties_ref(taus, density, weights), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("method", ["average", "fisher", "task_arithmetic", "dare_linear", "ties", "dare_ties"])
+def test_every_backend_gives_the_same_bits(backend, method):
+    layout, pop, base = _setup(dtype=torch.bfloat16)
+    fisher = _random_fisher(layout, pop.size, seed=3) if method == "fisher" else None
+    merger = merging.Merger(method, base, scale=0.8, density=0.3, drop_p=0.2, seed=4, fisher=fisher)
+    want = merging.Merger(method, base, scale=0.8, density=0.3, drop_p=0.2, seed=4, fisher=fisher, backend="cpu")(
+        pop, Arena.empty(layout), chunk=1 << 20)
+    got = merging.Merger(method, base, scale=0.8, density=0.3, drop_p=0.2, seed=4, fisher=fisher, backend=backend)(
+        pop, Arena.empty(layout), chunk=100)
+    assert merger.describe()
+    assert torch.equal(got.buffers["bfloat16"].view(torch.int16), want.buffers["bfloat16"].view(torch.int16))
+
+
+def test_fisher_weighted_average():
+    layout, pop, _ = _setup()
+    fisher = _random_fisher(layout, pop.size, seed=1)
+    out = merging.average(pop, Arena.empty(layout), weights=[1, 2, 1, 1], fisher=fisher, chunk=50)
+    for e in layout.entries:
+        lo, hi = e.offset, e.offset + e.numel
+        f = torch.stack([fisher.read(k, e.group, lo, hi).view(e.shape) for k in range(4)])
+        w = torch.tensor([1.0, 2, 1, 1]).view(-1, *[1] * len(e.shape))
+        want = (w * f * _stack(pop, e)).sum(0) / (w * f).sum(0)
+        torch.testing.assert_close(out.view(e), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (1000, 1), (1000, 537), (1000, 1000), (70_001, 12_345)])
+def test_kth_largest_magnitude_is_exact(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    v = torch.randn(n, generator=gen) * torch.logspace(-30, 30, n).float()
+    v[::7] = v[-1]  # ties at one magnitude
+    got = merging.kth_largest_magnitude(lambda a, b: v[a:b], 0, n, k, chunk=999)
+    assert got == float(v.abs().kthvalue(n - k + 1).values)
 
 
 def test_bad_arguments_are_named():
@@ -103,15 +151,17 @@ def test_bad_arguments_are_named():
 
 
 def test_merges_never_stack_the_population():
-    """Peak extra memory of a merge is O(chunk) (average, task arithmetic) or O(tensor) (TIES), not O(N x model)."""
+    """Peak extra memory of every merge is O(N x chunk), not O(N x model) nor O(tensor)."""
     from torch.profiler import ProfilerActivity, profile
 
     layout, pop, base = _setup(n=6)
     out = Arena.empty(layout)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        merging.average(pop, out, chunk=64)
-    biggest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
-    assert biggest <= 64 * 4 * 2
+    for run in (lambda: merging.average(pop, out, chunk=64),
+                lambda: merging.ties(pop, base, out, density=0.3, drop_p=0.2, chunk=64)):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        biggest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+        assert biggest <= max(64 * 4 * 2, (1 << 16) * 8)  # a chunk's fp32 values, or the radix histogram
 
 
 def test_inputs_are_left_untouched():
