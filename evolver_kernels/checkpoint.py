@@ -60,6 +60,9 @@ class Checkpoint:
         copies); state.json stays as the record of the run."""
         state = dict(state, finished=True, individual_files={})
         self.save(state, None, [])
+        for name in os.listdir(self.dir):
+            if name.endswith("-stats.safetensors"):  # Fisher / RegMean statistics (evolve.Run._merge_stats)
+                os.remove(os.path.join(self.dir, name))
 
     def restore(self, state: dict, pop: Population) -> None:
         """Loads the individuals that state.json names into the population."""

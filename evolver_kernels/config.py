@@ -22,6 +22,11 @@ def _opt(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+MERGE_METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "regmean")
+EXTRA_INDIVIDUALS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
 @dataclasses.dataclass
 class EvolveConfig:
     models: list[str] = _opt(None, "Hugging Face model directories (safetensors), fine-tunes of one base model", nargs="+")
@@ -33,11 +38,14 @@ class EvolveConfig:
     population_size: int | None = _opt(None, "individuals (default: the number of models)")
     strategy: str = _opt("evolver", "mutation strategy", choices=tuple(STRATEGIES))
     fitness: str = _opt("merged", "individual: score each offspring alone; merged: score the population's average with the offspring in its slot", choices=FITNESS_MODES)
-    merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=("average", "task_arithmetic", "ties", "dare_linear", "dare_ties"))
-    base_model: str | None = _opt(None, "the models' common ancestor (HF directory), needed by every --merge-method but average")
+    merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=MERGE_METHODS)
+    base_model: str | None = _opt(None, "the models' common ancestor (HF directory), needed by task_arithmetic, ties and dare_*")
     merge_scale: float = _opt(1.0, "task-vector scale (lambda) of task_arithmetic, ties and dare_*")
     merge_density: float = _opt(0.5, "fraction of each task vector TIES keeps, in (0, 1]")
     merge_drop_p: float = _opt(0.5, "DARE drop probability, in [0, 1)")
+    merge_alpha: float = _opt(0.5, "RegMean: factor on the Gram matrices' off-diagonal entries, in [0, 1]")
+    merge_examples: int = _opt(256, "dev examples behind the Fisher / RegMean statistics (computed once per model)")
+    extra_individuals: list[str] | None = _opt(None, "merges of the models added to the initial population as individuals, with the --merge-* settings", nargs="+", choices=EXTRA_INDIVIDUALS)
     schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
     F: float = _opt(0.5, "mutation scale, in (0, 2]")
     CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value, in [0, 1]")
@@ -123,28 +131,41 @@ def validate(cfg: EvolveConfig) -> None:
             raise ConfigError(f"--dev {path}: no such file or directory")
     if len(set(map(os.path.realpath, cfg.models))) != len(cfg.models):
         raise ConfigError("--models lists the same directory twice")
-    n = cfg.population_size if cfg.population_size is not None else len(cfg.models)
-    if n != len(cfg.models):
+    extras = list(cfg.extra_individuals or [])
+    for method in extras:
+        if method not in EXTRA_INDIVIDUALS:
+            raise ConfigError(f"--extra-individuals {method}: must be one of {', '.join(EXTRA_INDIVIDUALS)}")
+    if len(set(extras)) != len(extras):
+        raise ConfigError("--extra-individuals lists a merge twice (it would add two identical individuals)")
+    n = cfg.population_size if cfg.population_size is not None else len(cfg.models) + len(extras)
+    if n != len(cfg.models) + len(extras):
         raise ConfigError(
-            f"--population-size {n} differs from the {len(cfg.models)} models given; the population is the models "
-            "themselves (extra merged individuals are not supported yet)"
+            f"--population-size {n} differs from the {len(cfg.models)} models plus {len(extras)} extra individuals given; "
+            "the population is the models themselves and the --extra-individuals merges"
         )
     need = STRATEGIES[cfg.strategy]
     if n < need:
         raise ConfigError(f"--strategy {cfg.strategy} needs a population of at least {need}, got {n}")
     if cfg.strategy == "best/1" and cfg.fitness == "merged":
         raise ConfigError("--strategy best/1 needs per-individual fitness: use --fitness individual")
-    if cfg.merge_method != "average":
-        if cfg.fitness != "merged":
-            raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged")
-        if not cfg.base_model:
-            raise ConfigError(f"--merge-method {cfg.merge_method} needs --base-model (the models' common ancestor)")
-        if not os.path.isdir(cfg.base_model):
-            raise ConfigError(f"--base-model {cfg.base_model}: no such directory")
-        if not 0 < cfg.merge_density <= 1:
-            raise ConfigError(f"--merge-density must be in (0, 1], got {cfg.merge_density}")
-        if not 0 <= cfg.merge_drop_p < 1:
-            raise ConfigError(f"--merge-drop-p must be in [0, 1), got {cfg.merge_drop_p}")
+    if cfg.merge_method not in MERGE_METHODS:
+        raise ConfigError(f"--merge-method must be one of {', '.join(MERGE_METHODS)}, got {cfg.merge_method!r}")
+    if cfg.merge_method != "average" and cfg.fitness != "merged":
+        raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged")
+    for what, method in [("--merge-method", cfg.merge_method)] + [("--extra-individuals", m) for m in extras]:
+        if method in NEEDS_BASE:
+            if not cfg.base_model:
+                raise ConfigError(f"{what} {method} needs --base-model (the models' common ancestor)")
+            if not os.path.isdir(cfg.base_model):
+                raise ConfigError(f"--base-model {cfg.base_model}: no such directory")
+    if not 0 < cfg.merge_density <= 1:
+        raise ConfigError(f"--merge-density must be in (0, 1], got {cfg.merge_density}")
+    if not 0 <= cfg.merge_drop_p < 1:
+        raise ConfigError(f"--merge-drop-p must be in [0, 1), got {cfg.merge_drop_p}")
+    if not 0 <= cfg.merge_alpha <= 1:
+        raise ConfigError(f"--merge-alpha must be in [0, 1], got {cfg.merge_alpha}")
+    if cfg.merge_method in ("fisher", "regmean") and ":" in (cfg.task or ""):
+        raise ConfigError(f"--merge-method {cfg.merge_method} estimates statistics with a built-in --task, not {cfg.task}")
     if not (isinstance(cfg.F, (int, float)) and math.isfinite(cfg.F) and 0 < cfg.F <= 2):
         raise ConfigError(f"--F must be in (0, 2], got {cfg.F}")
     if not (isinstance(cfg.CR, (int, float)) and 0 <= cfg.CR <= 1):
@@ -153,7 +174,7 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"--generations must be a non-negative integer, got {cfg.generations}")
     if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**64):
         raise ConfigError(f"--seed must be an integer in [0, 2**64), got {cfg.seed}")
-    for name in ("batch_size", "max_length", "chunk_elements"):
+    for name in ("batch_size", "max_length", "chunk_elements", "merge_examples"):
         if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) > 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.chunk_elements % 64:

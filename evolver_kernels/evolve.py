@@ -6,8 +6,14 @@ reproducible from its config alone and a resumed run repeats exactly what an uni
   partners of individual i in generation g     random_order(seed, N, g, i), without i (and without the
                                                best individual for best/1), first 1 to 3
   crossover seed of that offspring             derive_seed(seed, g, i, PURPOSE_OFFSPRING), stream 0
-  DARE seed of --merge-method dare_*           derive_seed(seed, 0, 0, PURPOSE_MERGE)
+  DARE seed of --merge-method dare_* and of    derive_seed(seed, 0, 0, PURPOSE_MERGE)
+  --extra-individuals dare_*
 Generation numbers start at 1; generation 0 in the history is the initial population.
+
+The population is the models, then one individual per --extra-individuals merge of the models (built before
+generation 0, deterministically, so a resumed run rebuilds them exactly). --merge-method fisher / regmean
+estimate their statistics on the dev data once per individual before generation 0 and keep them with the
+checkpoint (merge_stats.py).
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, parse_config, validate
 from .distributed import Ranks
 from .evaluate import Evaluator, Fitness, infer_task
+from . import merge_stats
 from .merging import Merger
 from .offspring import OffspringSpec, WeightPipeline
-from .population import make_population
+from .population import PopulationPrefix, make_population
 from .report import plot_fitness, write_evolution_json, write_model_card
 from .rng import MASK32, PURPOSE_MERGE, PURPOSE_OFFSPRING, derive_seed, random_order
 
@@ -117,7 +124,9 @@ class Run:
             self.task, self.tokenizer, cfg.dev, config=self.config, metric=cfg.metric, batch_size=cfg.batch_size,
             max_length=cfg.max_length, device=self.device, threshold=cfg.threshold, max_examples=cfg.max_dev_examples,
         )
-        self.n = len(cfg.models)
+        self.n_models = len(cfg.models)
+        self.extras = list(cfg.extra_individuals or [])
+        self.n = self.n_models + len(self.extras)
         self.checkpoint = Checkpoint(cfg.out)
         if self.checkpoint.finished():
             raise ConfigError(f"--out {cfg.out} holds a finished run (its outputs are there): choose another --out")
@@ -136,22 +145,61 @@ class Run:
         if self.ranks.enabled:
             disk_dir = os.path.join(disk_dir, f"rank{self.ranks.rank}")
         self.pop = make_population(cfg.population_on, self.layout, self.files, list(cfg.models), self.device,
-                                   disk_dir=disk_dir)
+                                   disk_dir=disk_dir, extra=len(self.extras))
         self.arena = Arena.empty(self.layout, self.device)
         model_io.attach_arena(self.model, self.arena, self.files[0], self.device)
-        self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend,
-                                       merger=self._merger())
+        self.base = None
+        if cfg.base_model:
+            self.base = Arena.empty(self.layout, self.device)
+            load_into(self.base, self._weight_files(cfg.base_model), f"--base-model {cfg.base_model}")
         self.weights_s = 0.0
         self.evaluation_s = 0.0
+        self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend)
+        for j, method in enumerate(self.extras):
+            self.log(f"extra individual #{self.n_models + j}: {method} of the {self.n_models} models")
+            self._timed(self._merger(method), PopulationPrefix(self.pop, self.n_models), self.arena, cfg.chunk_elements)
+            self._timed(self.pipeline.write_from, self.n_models + j, self.arena)
+        self.pipeline.merger = self._merger(cfg.merge_method, **self._merge_stats())
 
-    def _merger(self) -> Merger:
+    def _merger(self, method: str, **stats) -> Merger:
         cfg = self.cfg
-        base = None
-        if cfg.base_model:
-            base = Arena.empty(self.layout, self.device)
-            load_into(base, self._weight_files(cfg.base_model), f"--base-model {cfg.base_model}")
-        return Merger(cfg.merge_method, base, scale=cfg.merge_scale, density=cfg.merge_density, drop_p=cfg.merge_drop_p,
-                      seed=derive_seed(cfg.seed, 0, 0, PURPOSE_MERGE))
+        return Merger(method, self.base, scale=cfg.merge_scale, density=cfg.merge_density, drop_p=cfg.merge_drop_p,
+                      seed=derive_seed(cfg.seed, 0, 0, PURPOSE_MERGE), backend=cfg.backend, **stats)
+
+    def _merge_stats(self) -> dict:
+        """Fisher information or Gram matrices of every individual (as the run starts), estimated once and kept
+        in the checkpoint directory (written atomically), so that a resumed run merges with the same ones."""
+        method = self.cfg.merge_method
+        if method not in ("fisher", "regmean"):
+            return {}
+        path = os.path.join(self.checkpoint.dir, f"{method}-stats.safetensors")
+        if self.cfg.resume and os.path.isfile(path):
+            self.log(f"{method}: statistics from {path}")
+            if method == "fisher":
+                return {"fisher": merge_stats.FisherStats.load(self.layout, self.n, path)}
+            return {"regmean": merge_stats.RegMean(self.layout, merge_stats.load_grams(path, self.n), self.cfg.merge_alpha)}
+        start = time.perf_counter()
+
+        def load(k: int) -> None:
+            self.pipeline.copy_into(k, self.arena)
+
+        def progress(k: int) -> None:
+            self.log(f"{method}: statistics of individual {k + 1}/{self.n} ({time.perf_counter() - start:.1f} s)")
+
+        os.makedirs(self.checkpoint.dir, exist_ok=True)
+        tmp = path + ".tmp"
+        examples = self.cfg.merge_examples
+        if method == "fisher":
+            stats = merge_stats.estimate_fisher(self.model, self.layout, load, self.n, self.evaluator, examples, progress=progress)
+            stats.save(tmp)
+            result = {"fisher": stats}
+        else:
+            grams = merge_stats.collect_grams(self.model, self.layout, load, self.n, self.evaluator, examples, progress=progress)
+            merge_stats.save_grams(grams, tmp)
+            result = {"regmean": merge_stats.RegMean(self.layout, grams, self.cfg.merge_alpha)}
+        os.replace(tmp, path)
+        self.evaluation_s += time.perf_counter() - start
+        return result
 
     def _weight_files(self, model_dir: str) -> list[str]:
         try:
@@ -165,10 +213,11 @@ class Run:
         """The plan printed before any heavy work, and a refusal (naming the numbers) when it cannot fit."""
         cfg = self.cfg
         copy = self.layout.nbytes
-        chunk = cfg.chunk_elements * (4 + 4 * 4)  # fp32 accumulator and up to four input chunks
+        chunk = cfg.chunk_elements * 4 * (self.n + 5)  # a merge's n input chunks, offspring chunks, fp32 work
         pop_bytes = self.n * copy
         evaluation = copy * (2 if cfg.base_model else 1)  # the evaluation arena, and the base model's for merges
-        host_need = chunk + (evaluation if self.device.type == "cpu" else 0)
+        stats = self._stats_bytes()
+        host_need = chunk + stats + (evaluation if self.device.type == "cpu" else 0)
         device_need = chunk + evaluation if self.device.type == "cuda" else 0
         disk_need = 0
         if cfg.population_on == "disk":
@@ -181,7 +230,8 @@ class Run:
             f"memory plan: one model copy = {_bytes(copy)} ({self.layout.numel:,} evolved elements); "
             f"population: {self.n} copies on {cfg.population_on} ({_bytes(pop_bytes)}); "
             f"evaluation model: 1 copy on {self.device}" + ("; base model: 1 copy there" if cfg.base_model else "")
-            + f"; chunk buffers <= {_bytes(chunk)}",
+            + f"; chunk buffers <= {_bytes(chunk)}"
+            + (f"; {cfg.merge_method} statistics (host): {_bytes(stats)}" if stats else ""),
             f"  needs: host {_bytes(host_need)}" + (f", {self.device} {_bytes(device_need)}" if device_need else "")
             + (f", disk {_bytes(disk_need)}" if disk_need else ""),
         ]
@@ -204,6 +254,16 @@ class Run:
         if problem:
             problem += " (try --population-on cpu or disk, fewer models, or another --device)"
         return "\n".join(lines), problem
+
+    def _stats_bytes(self) -> int:
+        """Host bytes of the Fisher / RegMean statistics: n fp32 model copies (Fisher); n Gram matrices per
+        linear layer plus n fp32 copies of the linear weights (RegMean)."""
+        if self.cfg.merge_method == "fisher":
+            return self.n * 4 * self.layout.numel
+        if self.cfg.merge_method == "regmean":
+            layers = merge_stats.linear_entries(self.model, self.layout).values()
+            return self.n * 4 * sum(e.shape[1] ** 2 + e.numel for e in layers)
+        return 0
 
     # -- the pieces of a step --------------------------------------------------------------------------------
     def evaluate(self) -> Fitness:
@@ -420,7 +480,8 @@ class Run:
         if cfg.fitness == "individual":
             best = best_index(state["fitness"])
             self._timed(self.pipeline.copy_into, best, self.arena)
-            kind = f"the best individual (#{best}, from {cfg.models[best]})"
+            source = cfg.models[best] if best < self.n_models else f"the {self.extras[best - self.n_models]} extra individual"
+            kind = f"the best individual (#{best}, from {source})"
         else:
             self._timed(self.pipeline.merged_into, self.arena)
             kind = f"the merge ({self.pipeline.merger.describe()}) of the evolved population"

@@ -247,23 +247,45 @@ def _link_or_copy(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
+class PopulationPrefix(Population):
+    """Read-only view of individuals 0 .. size-1 of a population (e.g. the models, without extra individuals)."""
+
+    def __init__(self, pop: Population, size: int):
+        self.pop, self.layout, self.size = pop, pop.layout, size
+
+    def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
+        if not 0 <= i < self.size:
+            raise IndexError(f"individual {i} outside this view of {self.size}")
+        return self.pop.read(i, group, lo, hi)
+
+    def write(self, i, group, lo, values):
+        raise TypeError("a population prefix is read-only")
+
+    def save(self, i, path):
+        raise TypeError("a population prefix is read-only")
+
+    def load(self, i, path):
+        raise TypeError("a population prefix is read-only")
+
+
 def make_population(
     tier: str, layout: Layout, model_files: list[list[str]], sources: list[str], compute_device: torch.device,
-    disk_dir: str | None = None,
+    disk_dir: str | None = None, extra: int = 0,
 ) -> Population:
-    """A population of len(model_files) individuals on `tier`, loaded tensor by tensor from safetensors."""
+    """A population of len(model_files) + extra individuals on `tier`, the first loaded tensor by tensor from
+    safetensors; the `extra` slots are left for the caller to write (begin_write / write / commit_write)."""
     if tier not in TIERS:
         raise ValueError(f"--population-on must be one of {', '.join(TIERS)}, got {tier!r}")
     if tier == "disk":
         if not disk_dir:
             raise ValueError("--population-on disk needs a directory for the individuals (--population-dir)")
-        pop = DiskPopulation(layout, len(model_files), disk_dir)
+        pop = DiskPopulation(layout, len(model_files) + extra, disk_dir)
         for i, (files, source) in enumerate(zip(model_files, sources)):
             pop.write_from_files(i, files, source)
         return pop
     storage = compute_device if tier == "gpu" else torch.device("cpu")
     pin = tier == "cpu" and compute_device.type == "cuda"
-    pop = MemoryPopulation(layout, len(model_files), storage, pin_memory=pin)
+    pop = MemoryPopulation(layout, len(model_files) + extra, storage, pin_memory=pin)
     for i, (files, source) in enumerate(zip(model_files, sources)):
         load_into(pop.arenas[i], files, source)
     return pop

@@ -249,3 +249,75 @@ def test_merged_fitness_with_other_merge_methods(bert_pop, tmp_path, method, ext
     for e in layout.entries:
         key = next(a for a in e.aliases if a in got)
         assert torch.equal(got[key], want.view(e)), key
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_fisher_and_regmean_merged_fitness_resume_exactly(bert_pop, tmp_path, method):
+    """Statistics estimated once on the dev data, kept with the checkpoint: a run killed after them resumes
+    to the same bytes as a straight run; the merge differs from the plain average."""
+    models, dev = bert_pop
+    args = ["--models", *models, "--dev", *dev, "--generations", "2", "--seed", "5", "--merge-method", method,
+            "--merge-examples", "24", "--merge-alpha", "0.7"]
+    doc = _run(models, dev, tmp_path / "straight", *args[args.index("--merge-method"):], "--seed", "5")
+    fits = [g["population_fitness"] for g in doc["generations"]]
+    assert fits == sorted(fits)
+    assert ("Fisher" if method == "fisher" else "RegMean") in doc["output"]
+    assert not [f for f in os.listdir(tmp_path / "straight" / "checkpoint") if f.endswith("-stats.safetensors")]
+    killed = subprocess.run([sys.executable, "-c", KILLER, "3", *args, "--out", str(tmp_path / "k")],
+                            capture_output=True, text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "k" / "checkpoint" / f"{method}-stats.safetensors")
+    assert main([*args, "--out", str(tmp_path / "k"), "--resume"]) == 0
+    assert _same_weights(tmp_path / "straight", tmp_path / "k")
+    _run(models, dev, tmp_path / "avg", "--generations", "0")
+    _run(models, dev, tmp_path / "g0", *args[args.index("--merge-method"):], "--generations", "0")
+    avg, got = _weights(tmp_path / "avg"), _weights(tmp_path / "g0")
+    assert not torch.equal(avg["bert.encoder.layer.0.attention.self.query.weight"],
+                           got["bert.encoder.layer.0.attention.self.query.weight"])
+    if method == "regmean":  # only linear weights are solved for; the rest is the average
+        assert torch.equal(avg["bert.embeddings.word_embeddings.weight"], got["bert.embeddings.word_embeddings.weight"])
+
+
+def test_extra_individuals_join_the_population(bert_pop, tmp_path):
+    """--extra-individuals average ties: two more individuals, exactly those merges of the models, evolved
+    with the rest."""
+    from evolver_kernels import model_io
+    from evolver_kernels.arena import Arena, Layout, safetensors_files
+    from evolver_kernels.merging import Merger
+    from evolver_kernels.population import make_population
+
+    models, dev = bert_pop
+    base_dir = os.path.join(os.path.dirname(models[0]), "bert-base")
+    args = ["--fitness", "individual", "--extra-individuals", "average", "ties", "--base-model", base_dir,
+            "--merge-density", "0.3"]
+    doc = _run(models[:2], dev, tmp_path / "g0", *args, "--generations", "0")
+    assert len(doc["generations"][0]["population_fitness"]) == 4
+    layout = Layout.of_model(model_io.empty_model(model_io.load_config(models[0]), "sequence-classification"))
+    pop = make_population("cpu", layout, [safetensors_files(m) for m in models[:2]], models[:2], torch.device("cpu"))
+    base = make_population("cpu", layout, [safetensors_files(base_dir)], [base_dir], torch.device("cpu")).arenas[0]
+    merges = [Merger("average")(pop, Arena.empty(layout)), Merger("ties", base, density=0.3)(pop, Arena.empty(layout))]
+    fits = doc["generations"][0]["population_fitness"]
+    best = max(range(4), key=lambda k: (fits[k], -k))
+    got = _weights(tmp_path / "g0")
+    want = merges[best - 2] if best >= 2 else None
+    if want is not None:
+        assert f"the {['average', 'ties'][best - 2]} extra individual" in doc["output"]
+        for e in layout.entries:
+            key = next(a for a in e.aliases if a in got)
+            assert torch.equal(got[key], want.view(e)), key
+    evolved = _run(models[:2], dev, tmp_path / "g2", *args, "--strategy", "rand/1")
+    assert len(evolved["generations"][-1]["population_fitness"]) == 4
+    assert min(evolved["generations"][-1]["population_fitness"]) >= min(fits)
+
+
+def test_extra_individuals_errors(bert_pop, tmp_path, capsys):
+    models, dev = bert_pop
+    base = ["--models", *models, "--dev", *dev, "--out", str(tmp_path / "o")]
+    assert main([*base, "--extra-individuals", "ties"]) == 2
+    assert "--extra-individuals ties needs --base-model" in capsys.readouterr().err
+    assert main([*base, "--extra-individuals", "average", "average"]) == 2
+    assert "lists a merge twice" in capsys.readouterr().err
+    assert main([*base, "--extra-individuals", "average", "--population-size", "4"]) == 2
+    assert "--population-size 4 differs from the 4 models plus 1 extra" in capsys.readouterr().err
+    assert main([*base, "--merge-method", "regmean", "--merge-alpha", "1.5"]) == 2
+    assert "--merge-alpha must be in [0, 1]" in capsys.readouterr().err

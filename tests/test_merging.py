@@ -172,3 +172,38 @@ def test_inputs_are_left_untouched():
     merging.average(pop, Arena.empty(layout))
     after = [a.buffers["float32"] for a in pop.arenas] + [base.buffers["float32"]]
     assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_regmean_solves_the_closed_form_and_tracks_changed_individuals():
+    from evolver_kernels.merge_stats import RegMean
+
+    layout = Layout.from_params([(("lin.weight",), torch.float32, (5, 7)), (("norm",), torch.float32, (7,))])
+    pop = MemoryPopulation(layout, 3, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for arena in pop.arenas:
+        arena.buffers["float32"].copy_(torch.randn(arena.buffers["float32"].shape, generator=gen))
+    grams = []
+    for _ in range(3):
+        x = torch.randn(40, 7, generator=gen)
+        grams.append({"lin.weight": x.T @ x / 40})
+    alpha = 0.6
+
+    def closed_form():
+        reduced = [alpha * g["lin.weight"].double() + (1 - alpha) * torch.diag(g["lin.weight"].double().diagonal())
+                   for g in grams]
+        rhs = sum(r @ pop.arenas[k].view(layout.entries[0]).double().T for k, r in enumerate(reduced))
+        return torch.linalg.solve(sum(reduced), rhs).T
+
+    regmean = RegMean(layout, grams, alpha)
+    merger = merging.Merger("regmean", regmean=regmean)
+    out = merger(pop, Arena.empty(layout))
+    torch.testing.assert_close(out.view(layout.entries[0]).double(), closed_form(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.view(layout.entries[1]), _stack(pop, layout.entries[1]).mean(0))
+    pop.arenas[1].buffers["float32"].mul_(2)  # individual 1 replaced: its cached term must be recomputed
+    merger.changed(1)
+    out = merger(pop, Arena.empty(layout))
+    torch.testing.assert_close(out.view(layout.entries[0]).double(), closed_form(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        RegMean(layout, grams, 1.5)
+    with pytest.raises(ValueError, match="regmean needs"):
+        merging.Merger("regmean")
