@@ -1,9 +1,11 @@
 """A demo scenario end to end, given a population manifest (see drug_population.py, fortunes_population.py):
 
-1. Runs `python -m evolver_kernels.evolve` (in process, same code path) with the paper's defaults
-   (F = 0.5, CR = 0.5) in both fitness modes for several seeds; selection on the dev files only.
-2. Scores every expert, the simple average, task arithmetic and TIES (settings chosen on dev) and the Evolver
-   outputs on each test file, and returns a Markdown table (also written to <out>/results.md and .json).
+1. Scores every expert and the merging baselines: simple average, task arithmetic and TIES (settings chosen
+   on dev), Fisher merging and RegMean (statistics from the dev files, RegMean's alpha chosen on dev).
+2. Runs `python -m evolver_kernels.evolve` (in process, same code path) with the paper's defaults
+   (F = 0.5, CR = 0.5) for several seeds: merged fitness on top of the average, Fisher and RegMean merges (the
+   reference code's configurations), and individual fitness; selection on the dev files only.
+3. Scores everything on each test file and returns a Markdown table (also written to <out>/results.md, .json).
 """
 
 from __future__ import annotations
@@ -22,22 +24,27 @@ from evolver_kernels.arena import Arena, Layout, safetensors_files
 from evolver_kernels.config import EvolveConfig
 from evolver_kernels.evaluate import Evaluator
 from evolver_kernels.evolve import Run
-from evolver_kernels.merging import average, task_arithmetic, ties
+from evolver_kernels.merge_stats import RegMean, collect_grams, estimate_fisher
+from evolver_kernels.merging import Merger, average, task_arithmetic, ties
 from evolver_kernels.population import make_population
 
 TA_SCALES = [0.3, 0.5, 0.7, 1.0]
 TIES_GRID = [(0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0)]  # (density, scale), chosen on dev
+REGMEAN_ALPHAS = [0.1, 0.5, 0.9]  # chosen on dev
+STATS_EXAMPLES = 256  # dev examples behind the Fisher / RegMean statistics
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, max_length: int) -> str:
+def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, max_length: int,
+           merge_method: str = "average", merge_alpha: float = 0.5) -> str:
     """Runs (or reuses a finished run of) the driver; returns the output model directory."""
     cfg = EvolveConfig(
         models=manifest["experts"], dev=manifest["dev"], out=out, generations=generations, fitness=fitness,
-        seed=seed, F=0.5, CR=0.5, max_length=max_length, metric="macro-f1",
+        seed=seed, F=0.5, CR=0.5, max_length=max_length, metric="macro-f1", merge_method=merge_method,
+        merge_alpha=merge_alpha, merge_examples=STATS_EXAMPLES,
     )
     done = os.path.join(out, "evolution.json")
     if os.path.exists(done):
@@ -53,12 +60,13 @@ def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, 
     cfg.resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))  # an interrupted run: continue it
     start = time.perf_counter()
     Run(cfg, log=log).run()
-    log(f"[demo] evolver {fitness} seed {seed}: {time.perf_counter() - start:.0f} s")
+    log(f"[demo] evolver {fitness} ({merge_method}) seed {seed}: {time.perf_counter() - start:.0f} s")
     return out
 
 
-def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> dict[str, str]:
-    """Simple average and task arithmetic (scale chosen on the dev splits), written as model directories."""
+def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> tuple[dict[str, str], float]:
+    """The merging baselines written as model directories (settings chosen on the dev splits), and the
+    RegMean alpha chosen."""
     experts, base_dir = manifest["experts"], manifest["base"]
     config = model_io.load_config(experts[0])
     model = model_io.empty_model(config, "sequence-classification")
@@ -95,7 +103,30 @@ def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> dict[str,
     name = f"TIES (density {best[1]}, scale {best[2]})"
     dirs[name] = os.path.join(out, "ties")
     model_io.save_model(arena, experts[0], files[0], dirs[name])
-    return dirs
+
+    def load(k: int) -> None:
+        for group, buf in arena.buffers.items():
+            buf.copy_(pop.arenas[k].buffers[group])
+
+    start = time.perf_counter()
+    fisher = estimate_fisher(model, layout, load, pop.size, dev_eval, STATS_EXAMPLES)
+    average(pop, arena, fisher=fisher)
+    log(f"[demo] Fisher merging: dev macro-F1 {dev_eval(model).score:.4f} ({time.perf_counter() - start:.0f} s)")
+    dirs["Fisher merging"] = os.path.join(out, "fisher")
+    model_io.save_model(arena, experts[0], files[0], dirs["Fisher merging"])
+    grams = collect_grams(model, layout, load, pop.size, dev_eval, STATS_EXAMPLES)
+    best = None
+    for alpha in REGMEAN_ALPHAS:
+        Merger("regmean", regmean=RegMean(layout, grams, alpha))(pop, arena)
+        score = dev_eval(model).score
+        log(f"[demo] RegMean alpha {alpha}: dev macro-F1 {score:.4f}")
+        if best is None or score > best[0]:
+            best = (score, alpha)
+    Merger("regmean", regmean=RegMean(layout, grams, best[1]))(pop, arena)
+    name = f"RegMean (alpha {best[1]})"
+    dirs[name] = os.path.join(out, "regmean")
+    model_io.save_model(arena, experts[0], files[0], dirs[name])
+    return dirs, best[1]
 
 
 def score_model(path: str, test_eval: Evaluator) -> dict[str, dict[str, float]]:
@@ -155,15 +186,21 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
     rows: dict[str, list[dict]] = {}
     for name, path in zip(manifest.get("expert_names", columns), manifest["experts"]):
         rows[f"expert: {name}"] = [by_name(score_model(path, test_eval))]
-    for name, path in merged_baselines(manifest, runs, dev_eval).items():
+    baselines, alpha = merged_baselines(manifest, runs, dev_eval)
+    for name, path in baselines.items():
         rows[name] = [by_name(score_model(path, test_eval))]
-    for fitness in ("merged", "individual"):
+    variants = [("merged", "average", "Evolver + average (merged fitness)"),
+                ("merged", "fisher", "Evolver + Fisher (merged fitness)"),
+                ("merged", "regmean", f"Evolver + RegMean, alpha {alpha} (merged fitness)"),
+                ("individual", "average", "Evolver, individual fitness")]
+    for fitness, method, label in variants:
         reports = []
         for seed in seeds:
-            run_dir = evolve(manifest, os.path.join(runs, f"evolver-{fitness}-seed{seed}"), fitness, seed, generations,
-                             max_length)
+            name = f"evolver-{fitness}-seed{seed}" if method == "average" else f"evolver-{fitness}-{method}-seed{seed}"
+            run_dir = evolve(manifest, os.path.join(runs, name), fitness, seed, generations, max_length,
+                             merge_method=method, merge_alpha=alpha)
             reports.append(by_name(score_model(run_dir, test_eval)))
-        rows[f"Evolver, fitness {fitness} ({generations} gen.)"] = reports
+        rows[f"{label}, {generations} gen."] = reports
     md = table(rows, [c for c in columns if c in names], held_out)
     elapsed = time.perf_counter() - started
     note = (
