@@ -25,7 +25,7 @@ echo "build rc=$build_rc in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.l
 
 echo "== GPU tests"
 timeout 240 "$PY" -m pytest -q -x tests/test_philox.py tests/test_crossover_mask.py tests/test_de_mutate_crossover.py \
-  tests/test_large_gpu.py tests/test_build.py > "$OUT/tests.log" 2>&1
+  tests/test_merge_tensors.py tests/test_large_gpu.py tests/test_build.py > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -5 "$OUT/tests.log"
 # the driver on the GPU (default device cuda): gpu, cpu (pinned host memory) and disk tiers give the same bytes
@@ -38,11 +38,17 @@ timeout 200 "$PY" benchmarks/opbench.py --device cuda --min-exp 20 --max-exp 30 
   --json "$OUT/ops-cuda.json" --plot "$OUT/roofline-cuda.png" > "$OUT/ops.log" 2>&1
 ops_rc=$?
 
+echo "== fused merge against stacking (pytest-benchmark, 5 bf16 inputs of 2^22)"
+timeout 90 "$PY" -m pytest -q benchmarks/test_bench_ops.py -k merge --benchmark-columns=median \
+  --benchmark-json "$OUT/merge-bench.json" > "$OUT/merge-bench.log" 2>&1
+merge_rc=$?
+
 echo "== end-to-end memory (1b-shaped, N=5)"
 timeout 120 "$PY" benchmarks/e2e_memory.py --device cuda --size 1b --n 5 --json "$OUT/e2e-cuda.json" > "$OUT/e2e.log" 2>&1
 e2e_rc=$?
 
 echo
-echo "build rc=$build_rc tests rc=$tests_rc driver rc=$driver_rc ops rc=$ops_rc e2e rc=$e2e_rc"
+echo "build rc=$build_rc tests rc=$tests_rc driver rc=$driver_rc ops rc=$ops_rc merge rc=$merge_rc e2e rc=$e2e_rc"
+grep -E "test_merge_tensors\[" "$OUT/merge-bench.log" | head -12
 grep -E "^\| (device|cuda) " "$OUT/ops.log" | grep -E "2\^(28|30) " | head -40
 tail -6 "$OUT/e2e.log"
