@@ -213,7 +213,8 @@ class Run:
         """The plan printed before any heavy work, and a refusal (naming the numbers) when it cannot fit."""
         cfg = self.cfg
         copy = self.layout.nbytes
-        chunk = cfg.chunk_elements * 4 * (self.n + 5)  # a merge's n input chunks, offspring chunks, fp32 work
+        # a merge's n input chunks, twice when staged (double buffering, staging.py), offspring chunks, fp32 work
+        chunk = cfg.chunk_elements * 4 * (2 * self.n + 5)
         pop_bytes = self.n * copy
         evaluation = copy * (2 if cfg.base_model else 1)  # the evaluation arena, and the base model's for merges
         stats = self._stats_bytes()

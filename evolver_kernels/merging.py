@@ -80,7 +80,8 @@ def _merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, 
     """Every group in chunks that may span tensors: the linear modes have no per-tensor state."""
     for group, (start, size) in pop.layout.groups.items():
         dst = out.buffers[group]
-        for lo, hi in iter_chunks(size, chunk):
+        staged = getattr(pop, "chunks", None)  # a pipeline's view stages the reads of the next chunk (staging.py)
+        for lo, hi in (staged(group, size, chunk) if staged else iter_chunks(size, chunk)):
             b = base.buffers[group][lo:hi].to(dst.device) if base is not None else None
             f = [fisher.read(k, group, lo, hi).to(dst.device) for k in range(pop.size)] if fisher is not None else None
             merge_tensors(_read_all(pop, group, lo, hi, dst.device), base=b, fisher=f, offset=start + lo,

@@ -17,6 +17,7 @@ from .merging import Merger
 from .ops import de_mutate_crossover
 from .population import Population
 from .rng import STREAM_CROSSOVER
+from .staging import Staging
 
 STRATEGIES = {"evolver": 2, "rand/1": 4, "best/1": 3}  # name -> smallest population
 
@@ -59,16 +60,23 @@ class WeightPipeline:
     """Chunked operators over a population, on `device`, `chunk` elements at a time."""
 
     def __init__(self, population: Population, device: torch.device, chunk: int = 1 << 22, backend: str | None = None,
-                 merger: Merger | None = None):
+                 merger: Merger | None = None, staging: bool | None = None):
         self.pop = population
         self.device = torch.device(device)
         self.chunk = chunk
         self.backend = backend
         self.merger = merger or Merger("average")
         self.buffers = ChunkBuffers(self.device)
+        # reads of a population off the compute device are double-buffered (staging.py); None: on a GPU only
+        self.staging = Staging(population, self.device, staging)
 
     def _read(self, k: int, group: str, lo: int, hi: int) -> torch.Tensor:
-        return self.pop.read(k, group, lo, hi).to(self.device, non_blocking=True)
+        return self.staging.read(k, group, lo, hi)
+
+    @staticmethod
+    def _keys(specs, group: str, lo: int, hi: int) -> list[tuple[int, str, int, int]]:
+        """The reads that building these offspring's chunk [lo, hi) of `group` makes."""
+        return [(k, group, lo, hi) for spec in specs for k in (spec.i, *spec.roles())]
 
     def _offspring_chunk(self, spec: OffspringSpec, group: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         base_index = self.pop.layout.groups[group][0]
@@ -87,7 +95,7 @@ class WeightPipeline:
     def offspring_into(self, spec: OffspringSpec, arena: Arena) -> None:
         """Writes offspring spec.i into `arena` (the evaluation model's own arena)."""
         for group, (_, size) in self.pop.layout.groups.items():
-            for lo, hi in iter_chunks(size, self.chunk):
+            for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self._keys([spec], g, lo, hi)):
                 self._offspring_chunk(spec, group, lo, hi, arena.buffers[group][lo:hi])
 
     def merged_into(self, arena: Arena, replace: list[OffspringSpec] = ()) -> None:
@@ -116,7 +124,7 @@ class WeightPipeline:
             self.pop.begin_write(spec.i)
         for group, (_, size) in self.pop.layout.groups.items():
             dtype = self.pop.layout.group_dtype(group)
-            for lo, hi in iter_chunks(size, self.chunk):
+            for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self._keys(specs, g, lo, hi)):
                 chunks = [
                     self._offspring_chunk(spec, group, lo, hi, self.buffers.get(dtype, f"apply{j}", hi - lo))
                     for j, spec in enumerate(specs)
@@ -153,6 +161,13 @@ class CandidateView(Population):
             return self.pipeline._read(i, group, lo, hi)
         buf = self.pipeline.buffers.get(self.layout.group_dtype(group), f"u{i}", hi - lo)
         return self.pipeline._offspring_chunk(self.offspring[i], group, lo, hi, buf)
+
+    def chunks(self, group: str, size: int, chunk: int):
+        """The chunks of `group` for a merge reading every slot, staged by the pipeline."""
+        def keys(lo, hi):
+            return [key for k in range(self.size) for key in
+                    (self.pipeline._keys([self.offspring[k]], group, lo, hi) if k in self.offspring else [(k, group, lo, hi)])]
+        return self.pipeline.staging.chunks(size, chunk, keys)
 
     def write(self, i, group, lo, values):
         raise TypeError("a candidate view is read-only")

@@ -106,3 +106,38 @@ def test_save_and_load_flat_roundtrip(tmp_path):
     layout2, _ = _population(dtype_mix=False)
     with pytest.raises(ValueError, match="another model layout"):
         MemoryPopulation(layout2, 1, "cpu").load(0, str(tmp_path / "ind.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["average", "fisher"])
+def test_staged_reads_give_the_same_bytes(method):
+    """Double-buffered staging (on by default only for a GPU computing on a population off the device) forced
+    on the CPU: every read of the offspring, merge and replacement loops is served from the staged buffers,
+    and the results are the bytes of unstaged reads."""
+    from evolver_kernels.merge_stats import FisherStats
+    from evolver_kernels.merging import Merger
+
+    results = []
+    for staged in (False, True):
+        layout, pop = _population(n=5)
+        fisher = FisherStats.zeros(layout, 5) if method == "fisher" else None
+        if fisher is not None:
+            for k, bufs in enumerate(fisher.buffers):
+                for b in bufs.values():
+                    b.fill_(1.0 + k)
+        pipe = WeightPipeline(pop, "cpu", chunk=64, staging=staged, merger=Merger(method, fisher=fisher))
+        specs = [OffspringSpec(i=i, strategy="rand/1", picks=((i + 1) % 5, (i + 2) % 5, (i + 3) % 5), F=0.7, CR=0.4,
+                               seed=9 + i) for i in (1, 3)]
+        single, merged = Arena.empty(layout), Arena.empty(layout)
+        pipe.offspring_into(specs[0], single)
+        pipe.merged_into(merged, replace=specs)
+        pipe.apply(specs)
+        results.append([single.buffers, merged.buffers, [a.buffers for a in pop.arenas]])
+        if staged:
+            assert pipe.staging.hits > 0 and pipe.staging.misses == 0
+        else:
+            assert pipe.staging.hits == 0
+    for group in results[0][0]:
+        assert_bitwise_equal(results[1][0][group], results[0][0][group], "offspring")
+        assert_bitwise_equal(results[1][1][group], results[0][1][group], "merged")
+        for k in range(5):
+            assert_bitwise_equal(results[1][2][k][group], results[0][2][k][group], f"individual {k}")
