@@ -5,13 +5,15 @@
 
 The YAML follows mergekit's conventions where they fit:
 
-    merge_method: ties            # average | task_arithmetic | ties | dare_linear | dare_ties
-    base_model: path/to/base      # needed by every method but average
+    merge_method: ties            # average | task_arithmetic | ties | dare_linear | dare_ties | fisher | regmean
+    base_model: path/to/base      # needed by task_arithmetic, ties and dare_*
     models:
       - model: path/to/a
         parameters: {weight: 1.0}
       - model: path/to/b
     parameters: {density: 0.5, scale: 1.0, drop_p: 0.1, seed: 0}
+    dev: [dev_a.jsonl, dev_b.jsonl]   # fisher and regmean: the data their statistics are estimated on
+                                      # (parameters: examples (256), alpha (RegMean, 0.5), task)
 
 Weights are streamed (evolver_kernels.merging): never a stack of the models; population on `--population-on`
 (cpu: host memory; disk: memory-mapped files under <out>/population).
@@ -27,11 +29,13 @@ import sys
 import torch
 import yaml
 
-from . import merging, model_io
+from . import merge_stats, merging, model_io
 from .arena import Arena, Layout, resolve_names, safetensors_files, tensor_index
+from .evaluate import Evaluator, infer_task
 from .population import make_population
 
-METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+METHODS = merging.METHODS
+NEEDS_DATA = ("fisher", "regmean")
 
 
 def parse_args(argv=None) -> dict:
@@ -46,6 +50,10 @@ def parse_args(argv=None) -> dict:
     parser.add_argument("--scale", type=float, help="task vector scale, lambda (default 1.0)")
     parser.add_argument("--drop-p", type=float, help="DARE drop probability (default 0.5 for dare_*)")
     parser.add_argument("--seed", type=int, help="DARE seed (default 0)")
+    parser.add_argument("--dev", nargs="+", help="fisher, regmean: dev data files (JSONL, CSV/TSV) for their statistics")
+    parser.add_argument("--task", help="fisher, regmean: task of the dev data (default: from the architecture)")
+    parser.add_argument("--examples", type=int, help="fisher, regmean: dev examples used (default 256)")
+    parser.add_argument("--alpha", type=float, help="regmean: factor on the Gram matrices' off-diagonals (default 0.5)")
     parser.add_argument("--population-on", choices=("cpu", "disk"), default="cpu")
     parser.add_argument("--out", required=True, help="output model directory")
     args = parser.parse_args(argv)
@@ -55,7 +63,7 @@ def parse_args(argv=None) -> dict:
             raise FileNotFoundError(f"--config {args.config}: no such file")
         with open(args.config) as f:
             raw = yaml.safe_load(f) or {}
-        known = {"merge_method", "base_model", "models", "parameters", "dtype"}
+        known = {"merge_method", "base_model", "models", "parameters", "dtype", "dev"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"--config {args.config}: unknown key(s) {', '.join(unknown)}")
@@ -65,12 +73,15 @@ def parse_args(argv=None) -> dict:
         spec["models"] = [m["model"] if isinstance(m, dict) else m for m in models]
         spec["weights"] = [float(((m.get("parameters") or {}) if isinstance(m, dict) else {}).get("weight", 1.0)) for m in models]
         params = raw.get("parameters") or {}
-        for key in ("density", "scale", "drop_p", "seed"):
+        for key in ("density", "scale", "drop_p", "seed", "examples", "alpha", "task"):
             if key in params:
                 spec[key] = params[key]
+        if raw.get("dev"):
+            spec["dev"] = list(raw["dev"])
         if "lambda" in params:
             spec["scale"] = params["lambda"]
-    for key in ("method", "models", "weights", "base", "density", "scale", "drop_p", "seed"):
+    for key in ("method", "models", "weights", "base", "density", "scale", "drop_p", "seed", "dev", "task", "examples",
+                "alpha"):
         value = getattr(args, key)
         if value is not None:
             spec[key] = value
@@ -93,15 +104,25 @@ def run(spec: dict, log=print) -> str:
     if len(weights) != len(models):
         raise ValueError(f"--weights: {len(weights)} given for {len(models)} models")
     base_dir = spec.get("base")
-    if method != "average" and not base_dir:
+    if method in merging.NEEDS_BASE and not base_dir:
         raise ValueError(f"{method} needs a base model (--base or base_model:), the common ancestor of the models")
+    dev = spec.get("dev") or []
+    if method in NEEDS_DATA and not dev:
+        raise ValueError(f"{method} estimates statistics on data: give --dev files (or dev: in the YAML)")
+    for path in dev:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--dev {path}: no such file")
     density = float(spec.get("density", 1.0))
     scale = float(spec.get("scale", 1.0))
     drop_p = float(spec.get("drop_p", 0.5 if method.startswith("dare") else 0.0))
     seed = int(spec.get("seed", 0))
+    examples = int(spec.get("examples", 256))
+    alpha = float(spec.get("alpha", 0.5))
+    if examples < 1:
+        raise ValueError(f"--examples must be positive, got {examples}")
 
     config = model_io.load_config(models[0])
-    task = "auto"
+    task = spec.get("task") or (infer_task(config) if method in NEEDS_DATA else "auto")
     model = model_io.empty_model(config, task)
     layout = Layout.of_model(model)
     files = [safetensors_files(m) for m in models]
@@ -115,16 +136,29 @@ def run(spec: dict, log=print) -> str:
     if base_dir:
         base_files = safetensors_files(base_dir)
         base = make_population("cpu", layout, [base_files], [base_dir], torch.device("cpu")).arenas[0]
-    if method == "average":
-        merging.average(pop, arena, weights)
-    elif method in ("task_arithmetic", "dare_linear"):
-        merging.task_arithmetic(pop, base, arena, scale, weights, drop_p=drop_p if method == "dare_linear" else 0.0, seed=seed)
-    else:
-        merging.ties(pop, base, arena, density, scale, weights, drop_p=drop_p if method == "dare_ties" else 0.0, seed=seed)
+    stats = {}
+    if method in NEEDS_DATA:
+        from transformers import AutoTokenizer
+
+        model_io.attach_arena(model, arena, files[0])
+        evaluator = Evaluator(task, AutoTokenizer.from_pretrained(models[0]), dev, config=config)
+
+        def load(k: int) -> None:
+            for group, (_, size) in layout.groups.items():
+                arena.buffers[group].copy_(pop.read(k, group, 0, size))
+
+        if method == "fisher":
+            stats["fisher"] = merge_stats.estimate_fisher(model, layout, load, len(models), evaluator, examples)
+        else:
+            grams = merge_stats.collect_grams(model, layout, load, len(models), evaluator, examples)
+            stats["regmean"] = merge_stats.RegMean(layout, grams, alpha)
+    merger = merging.Merger(method, base, scale=scale, density=density, drop_p=drop_p, seed=seed, weights=weights, **stats)
+    merger(pop, arena)
     model_io.save_model(arena, models[0], files[0], out_dir)
     with open(os.path.join(out_dir, "merge.json"), "w") as f:
         json.dump({"method": method, "models": models, "weights": weights, "base": base_dir, "density": density,
-                   "scale": scale, "drop_p": drop_p, "seed": seed}, f, indent=2)
+                   "scale": scale, "drop_p": drop_p, "seed": seed, "dev": dev, "examples": examples, "alpha": alpha},
+                  f, indent=2)
     if spec.get("population_on") == "disk":
         import shutil
 

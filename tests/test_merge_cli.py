@@ -72,3 +72,21 @@ def test_mismatched_model_named(models, tmp_path, capsys):
     save_file(w, str(other / "model.safetensors"))
     assert main(["--models", models[1], str(other), "--out", str(tmp_path / "o")]) == 2
     assert "classifier.weight has shape [2, 32], expected [3, 32]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_fisher_and_regmean_from_dev_data(models, tmp_path, capsys, method):
+    from evolver_kernels.tiny_models import sentiment_rows, write_jsonl
+
+    dev = write_jsonl(str(tmp_path / "dev.jsonl"), sentiment_rows(20, 0))
+    argv = ["--method", method, "--models", *models[1:], "--dev", dev, "--examples", "12"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic statistics
+    ws = [_weights(m) for m in models[1:]]
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(a[key], sum(w[key] for w in ws) / 3, atol=1e-6)
+    assert json.loads((tmp_path / "a" / "merge.json").read_text())["examples"] == 12
+    assert main(["--method", method, "--models", *models[1:], "--out", str(tmp_path / "c")]) == 2
+    assert f"{method} estimates statistics on data: give --dev" in capsys.readouterr().err
