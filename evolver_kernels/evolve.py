@@ -25,13 +25,12 @@ import time
 
 import torch
 
-from . import model_io
+from . import merge_stats, model_io
 from .arena import Arena, Layout, load_into, resolve_names, safetensors_files, tensor_index
 from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, parse_config, validate
 from .distributed import Ranks
 from .evaluate import Evaluator, Fitness, infer_task
-from . import merge_stats
 from .merging import Merger
 from .offspring import OffspringSpec, WeightPipeline
 from .population import PopulationPrefix, make_population

@@ -23,3 +23,22 @@ def test_more_than_2_pow_31_elements(backend):
         hi = min(lo + 5000, n)
         want = de_mutate_crossover_reference(x[lo:hi], x[lo:hi], a[lo:hi], x[lo:hi], F=0.5, CR=0.5, seed=3, offset=lo)
         assert_bitwise_equal(out[lo:hi], want, f"slice at {lo}")
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
+def test_merge_more_than_2_pow_31_elements(backend):
+    from evolver_kernels.reference import merge_reference
+
+    n = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * 2 * n + (1 << 30):
+        pytest.skip(f"needs {4 * 2 * n / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    base = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    xs = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    kw = dict(weights=[1.0, 2.0], trim=[0.3, 0.1], drop_p=0.25, seed=5, stream=7)
+    out = ek.merge_tensors(xs, base=base, backend=backend, **kw)
+    for lo in (0, 2**31 - 1000, n - 5000):
+        hi = min(lo + 5000, n)
+        want = merge_reference([x[lo:hi] for x in xs], base=base[lo:hi], offset=lo, **kw)
+        assert_bitwise_equal(out[lo:hi], want, f"slice at {lo}")
