@@ -67,17 +67,21 @@ def estimate_fisher(model: torch.nn.Module, layout: Layout, load: Callable[[int]
             p.requires_grad_(True)
         for k in range(n):
             load(k)
+            sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for _, p in params]
             count = 0
             with torch.enable_grad():
                 for example in evaluator.examples(examples):
                     model.zero_grad(set_to_none=True)
                     evaluator.loss(model, example).backward()
-                    for e, p in params:
-                        if p.grad is not None:
-                            stats.buffers[k][e.group][e.offset : e.offset + e.numel] += p.grad.detach().float().flatten().square().cpu()
+                    pairs = [(acc, p.grad.float()) for acc, (_, p) in zip(sums, params) if p.grad is not None]
+                    if pairs:  # one fused pass over every parameter: sums += grad * grad
+                        grads = [g for _, g in pairs]
+                        torch._foreach_addcmul_([acc for acc, _ in pairs], grads, grads)
                     count += 1
             if count == 0:
                 raise ValueError("Fisher merging needs at least one dev example")
+            for (e, _), acc in zip(params, sums):
+                stats.buffers[k][e.group][e.offset : e.offset + e.numel] = acc.flatten().cpu()
             for buf in stats.buffers[k].values():
                 buf.div_(count).add_(floor)
             if progress:
