@@ -15,7 +15,7 @@ import torch
 from .arena import Arena, iter_chunks
 from .merging import Merger
 from .ops import de_mutate_crossover
-from .population import Population
+from .population import Population, ReadOnlyView
 from .rng import STREAM_CROSSOVER
 from .staging import Staging
 
@@ -145,7 +145,7 @@ class WeightPipeline:
         self.merger.changed(i)
 
 
-class CandidateView(Population):
+class CandidateView(ReadOnlyView):
     """The population as a merge sees it with offspring in some slots: a read-only Population whose reads of
     slot spec.i return that offspring, computed on the fly into a reusable buffer."""
 
@@ -169,11 +169,3 @@ class CandidateView(Population):
                     (self.pipeline._keys([self.offspring[k]], group, lo, hi) if k in self.offspring else [(k, group, lo, hi)])]
         return self.pipeline.staging.chunks(size, chunk, keys)
 
-    def write(self, i, group, lo, values):
-        raise TypeError("a candidate view is read-only")
-
-    def save(self, i, path):
-        raise TypeError("a candidate view is read-only")
-
-    def load(self, i, path):
-        raise TypeError("a candidate view is read-only")

@@ -247,8 +247,21 @@ def _link_or_copy(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
-class PopulationPrefix(Population):
-    """Read-only view of individuals 0 .. size-1 of a population (e.g. the models, without extra individuals)."""
+class ReadOnlyView(Population):
+    """A population seen through a view that only reads (merges read views; nothing may write them)."""
+
+    def write(self, i, group, lo, values):
+        raise TypeError(f"{type(self).__name__} is a read-only view")
+
+    def save(self, i, path):
+        raise TypeError(f"{type(self).__name__} is a read-only view")
+
+    def load(self, i, path):
+        raise TypeError(f"{type(self).__name__} is a read-only view")
+
+
+class PopulationPrefix(ReadOnlyView):
+    """Individuals 0 .. size-1 of a population (e.g. the models, without the extra individuals)."""
 
     def __init__(self, pop: Population, size: int):
         self.pop, self.layout, self.size = pop, pop.layout, size
@@ -257,15 +270,6 @@ class PopulationPrefix(Population):
         if not 0 <= i < self.size:
             raise IndexError(f"individual {i} outside this view of {self.size}")
         return self.pop.read(i, group, lo, hi)
-
-    def write(self, i, group, lo, values):
-        raise TypeError("a population prefix is read-only")
-
-    def save(self, i, path):
-        raise TypeError("a population prefix is read-only")
-
-    def load(self, i, path):
-        raise TypeError("a population prefix is read-only")
 
 
 def make_population(
