@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -115,11 +115,17 @@ def _aligned(n: int) -> int:
 
 
 class Arena:
-    """One individual's parameters: a flat tensor per dtype group, laid out by `layout`."""
+    """One individual's parameters: a flat tensor per dtype group, laid out by `layout`.
 
-    def __init__(self, layout: Layout, buffers: dict[str, torch.Tensor]):
+    A placed arena (Arena.placed, for evaluation models spread over several devices) holds each group as
+    segments instead: contiguous ranges [lo, hi) of the group's indices, each a tensor on its own device.
+    `segments(group)` serves both kinds; `buffers` is empty for a placed arena."""
+
+    def __init__(self, layout: Layout, buffers: dict[str, torch.Tensor],
+                 segments: dict[str, list[tuple[int, int, torch.Tensor]]] | None = None):
         self.layout = layout
         self.buffers = buffers
+        self._segments = segments
 
     @staticmethod
     def empty(layout: Layout, device: torch.device | str = "cpu", pin_memory: bool = False) -> Arena:
@@ -130,8 +136,44 @@ class Arena:
         }
         return Arena(layout, buffers)
 
+    @staticmethod
+    def placed(layout: Layout, place: Callable[[Entry], tuple[str, torch.device]]) -> Arena:
+        """Zero-filled arena whose groups are cut into segments: place(entry) gives (placement key, device),
+        and a new segment starts wherever the key changes (entries of one key are contiguous in the canonical
+        order when keys are module-name prefixes); a segment's padding goes with the entry before it."""
+        segments = {}
+        for group, (_, size) in layout.groups.items():
+            runs: list[tuple[int, str, torch.device]] = []
+            for e in sorted((e for e in layout.entries if e.group == group), key=lambda e: e.offset):
+                key, device = place(e)
+                if not runs or runs[-1][1] != key:
+                    runs.append((e.offset if runs else 0, key, torch.device(device)))
+            bounds = [lo for lo, _, _ in runs[1:]] + [size]
+            segments[group] = [(lo, hi, torch.zeros(hi - lo, dtype=layout.group_dtype(group), device=device))
+                               for (lo, _, device), hi in zip(runs, bounds)]
+        return Arena(layout, {}, segments)
+
+    @property
+    def is_placed(self) -> bool:
+        return self._segments is not None
+
+    def segments(self, group: str) -> list[tuple[int, int, torch.Tensor]]:
+        """[(lo, hi, tensor)]: the group's elements [lo, hi) are `tensor` (one segment unless placed)."""
+        if self._segments is None:
+            return [(0, self.layout.groups[group][1], self.buffers[group])]
+        return self._segments[group]
+
+    def chunks(self, group: str, chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(lo, hi, elements [lo, hi) of the group) in chunks of at most `chunk`, never across segments."""
+        for seg_lo, seg_hi, tensor in self.segments(group):
+            for lo, hi in iter_chunks(seg_hi - seg_lo, chunk):
+                yield seg_lo + lo, seg_lo + hi, tensor[lo:hi]
+
     def view(self, entry: Entry) -> torch.Tensor:
-        return self.buffers[entry.group][entry.offset : entry.offset + entry.numel].view(entry.shape)
+        for lo, hi, tensor in self.segments(entry.group):
+            if lo <= entry.offset < hi:
+                return tensor[entry.offset - lo : entry.offset - lo + entry.numel].view(entry.shape)
+        raise KeyError(f"{entry.name}: offset {entry.offset} outside group {entry.group}")
 
 
 class LayoutMismatchError(ValueError):

@@ -53,6 +53,7 @@ class EvolveConfig:
     population_on: str = _opt("gpu", "where the population lives: gpu (device memory; RAM without a GPU), cpu (host memory) or disk (memory-mapped safetensors files)", choices=TIERS)
     population_dir: str | None = _opt(None, "directory of the disk tier's individual files (default: <out>/population)")
     device: str | None = _opt(None, "compute device (default: cuda if available, else cpu)")
+    device_map: str | None = _opt(None, "spread the evaluation model over several devices: auto (accelerate's infer_auto_device_map: the GPUs, then the CPU) or a JSON file {module name: device}; the population stays on cpu or disk")
     resume: bool = _opt(False, "continue the run checkpointed in --out (same config required)")
     dry_run: bool = _opt(False, "check the inputs, print the memory plan and stop")
     accept_ties: bool = _opt(False, "accept an offspring whose fitness equals its parent's (default: strict improvement)")
@@ -164,6 +165,12 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"--merge-drop-p must be in [0, 1), got {cfg.merge_drop_p}")
     if not 0 <= cfg.merge_alpha <= 1:
         raise ConfigError(f"--merge-alpha must be in [0, 1], got {cfg.merge_alpha}")
+    if cfg.device_map is not None:
+        if cfg.device_map != "auto" and not os.path.isfile(cfg.device_map):
+            raise ConfigError(f"--device-map must be auto or a JSON file, got {cfg.device_map!r} (no such file)")
+        if cfg.population_on == "gpu":
+            raise ConfigError("--device-map spreads the evaluation model over several devices: keep the population "
+                              "on cpu or disk (--population-on)")
     if cfg.merge_method in ("fisher", "regmean") and ":" in (cfg.task or ""):
         raise ConfigError(f"--merge-method {cfg.merge_method} estimates statistics with a built-in --task, not {cfg.task}")
     if not (isinstance(cfg.F, (int, float)) and math.isfinite(cfg.F) and 0 < cfg.F <= 2):

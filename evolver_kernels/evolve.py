@@ -115,6 +115,12 @@ class Run:
         self.layout = Layout.of_model(self.model)
         for m, files in zip(cfg.models, self.files):
             resolve_names(self.layout, tensor_index(files), f"--models {m}")
+        self.device_map = self._device_map() if cfg.device_map else None
+        if self.device_map is not None:
+            if self.ranks.enabled:
+                raise ConfigError("--device-map and several ranks cannot be combined (one evaluation model per run)")
+            cuda = [d for d in self.device_map.values() if d.startswith("cuda")]
+            self.device = torch.device(cuda[0] if cuda else "cpu")  # inputs, chunk buffers, the pipeline's device
 
         from transformers import AutoTokenizer
 
@@ -145,11 +151,14 @@ class Run:
             disk_dir = os.path.join(disk_dir, f"rank{self.ranks.rank}")
         self.pop = make_population(cfg.population_on, self.layout, self.files, list(cfg.models), self.device,
                                    disk_dir=disk_dir, extra=len(self.extras))
-        self.arena = Arena.empty(self.layout, self.device)
-        model_io.attach_arena(self.model, self.arena, self.files[0], self.device)
+        self.arena = self._model_arena()
+        if self.arena.is_placed:
+            model_io.place_model(self.model, self.arena, self.files[0], self.device_map, self.device)
+        else:
+            model_io.attach_arena(self.model, self.arena, self.files[0], self.device)
         self.base = None
         if cfg.base_model:
-            self.base = Arena.empty(self.layout, self.device)
+            self.base = self._model_arena()
             load_into(self.base, self._weight_files(cfg.base_model), f"--base-model {cfg.base_model}")
         self.weights_s = 0.0
         self.evaluation_s = 0.0
@@ -159,6 +168,70 @@ class Run:
             self._timed(self._merger(method), PopulationPrefix(self.pop, self.n_models), self.arena, cfg.chunk_elements)
             self._timed(self.pipeline.write_from, self.n_models + j, self.arena)
         self.pipeline.merger = self._merger(cfg.merge_method, **self._merge_stats())
+
+    def _placed(self) -> bool:
+        return self.device_map is not None and len(self.device_map) > 1
+
+    def _model_arena(self) -> Arena:
+        """An arena for a whole model on the compute side: on the compute device, or placed by --device-map."""
+        if not self._placed():
+            return Arena.empty(self.layout, self.device)
+
+        def place(entry):
+            key = model_io.device_for(entry.name, self.device_map)
+            return key, torch.device(self.device_map[key])
+
+        return Arena.placed(self.layout, place)
+
+    def _device_bytes(self) -> dict[str, int]:
+        """Bytes of one model copy per device: on the compute device, or as --device-map places it."""
+        if not self._placed():
+            return {"cpu" if self.device.type == "cpu" else str(self.device): self.layout.nbytes}
+        per_device: dict[str, int] = {}
+        for e in self.layout.entries:
+            device = self.device_map[model_io.device_for(e.name, self.device_map)]
+            per_device[device] = per_device.get(device, 0) + e.numel * self.layout.group_dtype(e.group).itemsize
+        return per_device
+
+    def _device_map(self) -> dict[str, str]:
+        """--device-map as {module name: device}, checked: devices that exist, tied weights kept together."""
+        spec = self.cfg.device_map
+        if spec == "auto":
+            from accelerate import infer_auto_device_map
+
+            raw = infer_auto_device_map(self.model, no_split_module_classes=sorted(getattr(self.model, "_no_split_modules", None) or []))
+        else:
+            import json
+
+            try:
+                with open(spec) as f:
+                    raw = json.load(f)
+            except (OSError, json.JSONDecodeError) as err:
+                raise ConfigError(f"--device-map {spec}: not a readable JSON object ({err})") from err
+            if not isinstance(raw, dict) or not raw:
+                raise ConfigError(f"--device-map {spec}: must be a non-empty JSON object {{module name: device}}")
+        device_map = {}
+        for key, device in raw.items():
+            device = f"cuda:{device}" if isinstance(device, int) else str(device)
+            if device == "cuda":
+                device = "cuda:0"
+            if device != "cpu" and not device.startswith("cuda:"):
+                raise ConfigError(f"--device-map: {key!r} on {device!r}; devices are cpu, cuda:N or a GPU index "
+                                  "(disk offload is not supported: use --population-on disk for the population)")
+            if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+                raise ConfigError(f"--device-map: {key!r} on {device}, but torch sees {torch.cuda.device_count()} GPU(s)")
+            if key:
+                try:
+                    self.model.get_submodule(key)
+                except AttributeError as err:
+                    raise ConfigError(f"--device-map: the model has no module {key!r}") from err
+            device_map[key] = device
+        for e in self.layout.entries:
+            devices = {device_map[model_io.device_for(alias, device_map)] for alias in e.aliases}
+            if len(devices) > 1:
+                raise ConfigError(f"--device-map puts the tied weights {', '.join(e.aliases)} on {sorted(devices)}: "
+                                  "tied weights must share a device")
+        return device_map
 
     def _merger(self, method: str, **stats) -> Merger:
         cfg = self.cfg
@@ -215,10 +288,13 @@ class Run:
         # a merge's n input chunks, twice when staged (double buffering, staging.py), offspring chunks, fp32 work
         chunk = cfg.chunk_elements * 4 * (2 * self.n + 5)
         pop_bytes = self.n * copy
-        evaluation = copy * (2 if cfg.base_model else 1)  # the evaluation arena, and the base model's for merges
+        copies = 2 if cfg.base_model else 1  # the evaluation arena, and the base model's for merges
+        evaluation = {d: b * copies for d, b in self._device_bytes().items()}
         stats = self._stats_bytes()
-        host_need = chunk + stats + (evaluation if self.device.type == "cpu" else 0)
-        device_need = chunk + evaluation if self.device.type == "cuda" else 0
+        host_need = chunk + stats + evaluation.get("cpu", 0)
+        # the compute device holds the chunk buffers; with --device-map, other GPUs hold only their share
+        others = {d: b for d, b in evaluation.items() if d not in ("cpu", str(self.device))}
+        device_need = chunk + evaluation.get(str(self.device), 0) if self.device.type == "cuda" else 0
         disk_need = 0
         if cfg.population_on == "disk":
             disk_need = pop_bytes + copy  # a replacement is written beside the file it replaces
@@ -229,7 +305,7 @@ class Run:
         lines = [
             f"memory plan: one model copy = {_bytes(copy)} ({self.layout.numel:,} evolved elements); "
             f"population: {self.n} copies on {cfg.population_on} ({_bytes(pop_bytes)}); "
-            f"evaluation model: 1 copy on {self.device}" + ("; base model: 1 copy there" if cfg.base_model else "")
+            f"evaluation model: 1 copy on {self._placement()}" + ("; base model: 1 copy there" if cfg.base_model else "")
             + f"; chunk buffers <= {_bytes(chunk)}"
             + (f"; {cfg.merge_method} statistics (host): {_bytes(stats)}" if stats else ""),
             f"  needs: host {_bytes(host_need)}" + (f", {self.device} {_bytes(device_need)}" if device_need else "")
@@ -239,10 +315,10 @@ class Run:
         host_free = _host_available()
         if host_free is not None and host_need > host_free:
             problem = f"the plan needs {_bytes(host_need)} of host memory, {_bytes(host_free)} is available"
-        if device_need:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if device_need > free:
-                problem = f"the plan needs {_bytes(device_need)} on {self.device}, {_bytes(free)} is free"
+        for device, need in [(str(self.device), device_need)] * bool(device_need) + list(others.items()):
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            if need > free:
+                problem = f"the plan needs {_bytes(need)} on {device}, {_bytes(free)} is free"
         if disk_need:
             root = cfg.population_dir or cfg.out
             probe = root
@@ -254,6 +330,11 @@ class Run:
         if problem:
             problem += " (try --population-on cpu or disk, fewer models, or another --device)"
         return "\n".join(lines), problem
+
+    def _placement(self) -> str:
+        if not self._placed():
+            return str(self.device)
+        return "several devices (--device-map: " + ", ".join(f"{d} {_bytes(b)}" for d, b in self._device_bytes().items()) + ")"
 
     def _stats_bytes(self) -> int:
         """Host bytes of the Fisher / RegMean statistics: n fp32 model copies (Fisher); n Gram matrices per

@@ -79,14 +79,24 @@ def _merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, 
                   fisher=None, **kw) -> Arena:
     """Every group in chunks that may span tensors: the linear modes have no per-tensor state."""
     for group, (start, size) in pop.layout.groups.items():
-        dst = out.buffers[group]
         staged = getattr(pop, "chunks", None)  # a pipeline's view stages the reads of the next chunk (staging.py)
-        for lo, hi in (staged(group, size, chunk) if staged else iter_chunks(size, chunk)):
-            b = base.buffers[group][lo:hi].to(dst.device) if base is not None else None
+        if out.is_placed or staged is None:
+            spans = out.chunks(group, chunk)  # placed: each chunk merged on the device that holds it
+        else:
+            spans = ((lo, hi, out.buffers[group][lo:hi]) for lo, hi in staged(group, size, chunk))
+        for lo, hi, dst in spans:
+            b = _base_chunk(base, group, lo, hi, dst.device) if base is not None else None
             f = [fisher.read(k, group, lo, hi).to(dst.device) for k in range(pop.size)] if fisher is not None else None
             merge_tensors(_read_all(pop, group, lo, hi, dst.device), base=b, fisher=f, offset=start + lo,
-                          out=dst[lo:hi], backend=backend, stream=STREAM_DARE, **kw)
+                          out=dst, backend=backend, stream=STREAM_DARE, **kw)
     return out
+
+
+def _base_chunk(base: Arena, group: str, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    """Elements [lo, hi) of the base model's group (they may span its segments if it is placed)."""
+    parts = [t[max(lo, s_lo) - s_lo : min(hi, s_hi) - s_lo] for s_lo, s_hi, t in base.segments(group)
+             if s_lo < hi and lo < s_hi]
+    return parts[0].to(device) if len(parts) == 1 else torch.cat([p.to(device) for p in parts])
 
 
 def average(pop: Population, out: Arena, weights: list[float] | None = None, chunk: int = 1 << 22,
@@ -115,7 +125,7 @@ def ties(pop: Population, base: Arena, out: Arena, density: float, scale: float 
     drop_p = _check_p(drop_p)
     for e in pop.layout.entries:
         start = pop.layout.groups[e.group][0]
-        dst = out.buffers[e.group]
+        dst = out.view(e).view(-1)  # the entry's elements, on the device that holds them
         lo_e, hi_e = e.offset, e.offset + e.numel
         keep = max(1, int(density * e.numel))
         trims = [0.0] * pop.size
@@ -125,16 +135,16 @@ def ties(pop: Population, base: Arena, out: Arena, density: float, scale: float 
                     return _task_vector(pop, base, k, e.group, lo, hi, start, drop_p, seed, dst.device, backend)
                 trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, keep, chunk)
         for lo, hi in iter_chunks(e.numel, chunk):
-            lo, hi = lo_e + lo, lo_e + hi
-            merge_tensors(_read_all(pop, e.group, lo, hi, dst.device), base=base.buffers[e.group][lo:hi].to(dst.device),
-                          weights=w, trim=trims, scale=scale, normalize=True, drop_p=drop_p, seed=seed,
-                          stream=STREAM_DARE, offset=start + lo, out=dst[lo:hi], backend=backend)
+            merge_tensors(_read_all(pop, e.group, lo_e + lo, lo_e + hi, dst.device),
+                          base=_base_chunk(base, e.group, lo_e + lo, lo_e + hi, dst.device), weights=w, trim=trims,
+                          scale=scale, normalize=True, drop_p=drop_p, seed=seed, stream=STREAM_DARE,
+                          offset=start + lo_e + lo, out=dst[lo:hi], backend=backend)
     return out
 
 
 def _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend) -> torch.Tensor:
     """tau_k on [lo, hi) of `group` in fp32, exactly as the fused merge computes it before trimming."""
-    tau = pop.read(k, group, lo, hi).to(device).float() - base.buffers[group][lo:hi].to(device).float()
+    tau = pop.read(k, group, lo, hi).to(device).float() - _base_chunk(base, group, lo, hi, device).float()
     if drop_p > 0:
         dropped = crossover_mask(hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k, offset=start + lo,
                                  device=device, backend=backend)

@@ -163,3 +163,38 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(out_dir, name))
     return paths
+
+
+def device_for(name: str, device_map: dict[str, str]) -> str:
+    """The device of parameter / buffer / module `name` under an accelerate-style device map (longest module
+    prefix wins; "" covers the whole model)."""
+    best = None
+    for key in device_map:
+        if key == "" or name == key or name.startswith(key + "."):
+            if best is None or len(key) > len(best):
+                best = key
+    if best is None:
+        raise ValueError(f"--device-map places no module that holds {name}")
+    return best
+
+
+def place_model(model: torch.nn.Module, arena: Arena, files: list[str], device_map: dict[str, str],
+                main_device: torch.device) -> torch.nn.Module:
+    """Makes an empty_model() evaluable over several devices: parameters become views into the placed
+    `arena` (each on the device the map gives its module), buffers follow their modules, and accelerate's
+    hooks move activations to each placed module's device and the outputs back to `main_device`."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    if Layout.of_model(model).fingerprint() != arena.layout.fingerprint():
+        raise ValueError("the evaluation model's parameters differ from the population's layout")
+    bind_to_arena(model, arena)
+    load_checkpoint_buffers(model, files)
+    for name, buf in list(model.named_buffers()):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._buffers[attr] = buf.to(device_map[device_for(name, device_map)])
+    for key, device in device_map.items():
+        if key:
+            add_hook_to_module(model.get_submodule(key), AlignDevicesHook(execution_device=torch.device(device)))
+    add_hook_to_module(model, AlignDevicesHook(execution_device=main_device, io_same_device=True))
+    return model

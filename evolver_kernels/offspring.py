@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from .arena import Arena, iter_chunks
+from .arena import Arena
 from .merging import Merger
 from .ops import de_mutate_crossover
 from .population import Population, ReadOnlyView
@@ -70,8 +70,11 @@ class WeightPipeline:
         # reads of a population off the compute device are double-buffered (staging.py); None: on a GPU only
         self.staging = Staging(population, self.device, staging)
 
-    def _read(self, k: int, group: str, lo: int, hi: int) -> torch.Tensor:
-        return self.staging.read(k, group, lo, hi)
+    def _read(self, k: int, group: str, lo: int, hi: int, device: torch.device | None = None) -> torch.Tensor:
+        """Chunk [lo, hi) of individual k on `device` (default: the compute device, through the staging)."""
+        if device is None or device == self.device:
+            return self.staging.read(k, group, lo, hi)
+        return self.pop.read(k, group, lo, hi).to(device, non_blocking=True)
 
     @staticmethod
     def _keys(specs, group: str, lo: int, hi: int) -> list[tuple[int, str, int, int]]:
@@ -80,21 +83,26 @@ class WeightPipeline:
 
     def _offspring_chunk(self, spec: OffspringSpec, group: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         base_index = self.pop.layout.groups[group][0]
-        x = self._read(spec.i, group, lo, hi)
+        x = self._read(spec.i, group, lo, hi, out.device)
         ib, ia, ibb = spec.roles()
         if spec.strategy == "evolver":
             base = b = x  # the same object: the kernels read two tensors
         else:
-            base, b = self._read(ib, group, lo, hi), self._read(ibb, group, lo, hi)
-        a = self._read(ia, group, lo, hi)
+            base, b = self._read(ib, group, lo, hi, out.device), self._read(ibb, group, lo, hi, out.device)
+        a = self._read(ia, group, lo, hi, out.device)
         return de_mutate_crossover(
             x, base, a, b, F=spec.F, CR=spec.CR, seed=spec.seed, stream=STREAM_CROSSOVER,
             offset=base_index + lo, out=out, backend=self.backend,
         )
 
     def offspring_into(self, spec: OffspringSpec, arena: Arena) -> None:
-        """Writes offspring spec.i into `arena` (the evaluation model's own arena)."""
+        """Writes offspring spec.i into `arena` (the evaluation model's own arena; for a placed arena, each
+        chunk computed on the device that holds it)."""
         for group, (_, size) in self.pop.layout.groups.items():
+            if arena.is_placed:
+                for lo, hi, dst in arena.chunks(group, self.chunk):
+                    self._offspring_chunk(spec, group, lo, hi, dst)
+                continue
             for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self._keys([spec], g, lo, hi)):
                 self._offspring_chunk(spec, group, lo, hi, arena.buffers[group][lo:hi])
 
@@ -110,9 +118,9 @@ class WeightPipeline:
 
     def copy_into(self, k: int, arena: Arena) -> None:
         """arena = individual k."""
-        for group, (_, size) in self.pop.layout.groups.items():
-            for lo, hi in iter_chunks(size, self.chunk):
-                arena.buffers[group][lo:hi].copy_(self.pop.read(k, group, lo, hi), non_blocking=True)
+        for group in self.pop.layout.groups:
+            for lo, hi, dst in arena.chunks(group, self.chunk):
+                dst.copy_(self.pop.read(k, group, lo, hi), non_blocking=True)
 
     def apply(self, specs: list[OffspringSpec]) -> None:
         """Replaces each specs[j].i by its offspring, all computed from the population as it is now
@@ -138,9 +146,9 @@ class WeightPipeline:
     def write_from(self, i: int, arena: Arena) -> None:
         """Replaces individual i by the contents of `arena` (an accepted offspring already built there)."""
         self.pop.begin_write(i)
-        for group, (_, size) in self.pop.layout.groups.items():
-            for lo, hi in iter_chunks(size, self.chunk):
-                self.pop.write(i, group, lo, arena.buffers[group][lo:hi])
+        for group in self.pop.layout.groups:
+            for lo, _, values in arena.chunks(group, self.chunk):
+                self.pop.write(i, group, lo, values)
         self.pop.commit_write(i)
         self.merger.changed(i)
 

@@ -321,3 +321,50 @@ def test_extra_individuals_errors(bert_pop, tmp_path, capsys):
     assert "--population-size 4 differs from the 4 models plus 1 extra" in capsys.readouterr().err
     assert main([*base, "--merge-method", "regmean", "--merge-alpha", "1.5"]) == 2
     assert "--merge-alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+BERT_MAP = {"bert.embeddings": "cpu", "bert.encoder.layer.0": "cpu", "bert.encoder.layer.1": "cpu",
+            "bert.pooler": "cpu", "classifier": "cpu"}
+
+
+@pytest.mark.parametrize("fitness", ["merged", "individual"])
+def test_device_map_places_the_evaluation_model_in_segments_with_the_same_bytes(bert_pop, tmp_path, fitness):
+    """A --device-map splits the evaluation arena into one segment per placed module (here all on the CPU, so
+    CI exercises the placed path: chunking at segment boundaries, hooks, per-segment kernels); the run gives
+    the bytes of an unplaced run."""
+    models, dev = bert_pop
+    (tmp_path / "map.json").write_text(json.dumps(BERT_MAP))
+    args = ["--fitness", fitness, "--population-on", "cpu", "--chunk-elements", "1024"]
+    plain = _run(models, dev, tmp_path / "plain", *args)
+    placed = _run(models, dev, tmp_path / "placed", *args, "--device-map", str(tmp_path / "map.json"))
+    assert _same_weights(tmp_path / "plain", tmp_path / "placed")
+    assert plain["generations"] == placed["generations"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible: placing layers on a GPU needs one")
+def test_device_map_over_gpu_and_cpu(bert_pop, tmp_path):
+    models, dev = bert_pop
+    mapping = dict(BERT_MAP, **{"bert.encoder.layer.0": "cuda:0", "classifier": 0})
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    args = ["--population-on", "cpu", "--device", "cpu", "--backend", "reference"]
+    _run(models, dev, tmp_path / "plain", *args)
+    _run(models, dev, tmp_path / "placed", "--population-on", "cpu", "--backend", "reference", "--device-map",
+         str(tmp_path / "map.json"))
+    assert _same_weights(tmp_path / "plain", tmp_path / "placed")
+
+
+@pytest.mark.parametrize("mapping,message", [
+    ({"bert.nothing": "cpu"}, "the model has no module 'bert.nothing'"),
+    ({"": "disk"}, "disk offload is not supported"),
+    ({"": "cuda:7"}, "but torch sees"),
+    ([], "must be a non-empty JSON object"),
+])
+def test_device_map_errors(bert_pop, tmp_path, capsys, mapping, message):
+    models, dev = bert_pop
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    argv = ["--models", *models, "--dev", *dev, "--out", str(tmp_path / "o"), "--population-on", "cpu",
+            "--device-map", str(tmp_path / "map.json")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert main([*argv[:-4], "--device-map", str(tmp_path / "map.json")]) == 2
+    assert "keep the population on cpu or disk" in capsys.readouterr().err
