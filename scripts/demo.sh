@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: sets everything up (scripts/setup_env.sh), builds or reuses the embedded population (a real
-# MiniLM fine-tuned into 4 drug-review domain experts, cached under .cache/), runs
-# `python -m evolver_kernels.evolve` on it in both fitness modes for 3 seeds, and prints the results table
-# (also written to demo_out/results.md). Extra arguments go to python/drug_demo.py (e.g. --generations 8).
+# MiniLM fine-tuned into 4 drug-review domain experts, cached under .cache/), scores the merging baselines,
+# runs `python -m evolver_kernels.evolve` on it (merged fitness over the average, Fisher and RegMean merges;
+# individual fitness) for 3 seeds, and prints the results table (also written to demo_out/results.md);
+# about 25 minutes on 2 cores from a fresh clone. Extra arguments go to python/drug_demo.py (e.g. --generations 8).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup_env.sh"
