@@ -41,6 +41,9 @@ def _io() -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
 
 
+STAGING = os.environ.get("EVOLVER_STAGING")  # "0": no double buffering (to measure what the overlap buys)
+
+
 def run_ours(size: str, n: int, device: str, tier: str, root: str) -> dict:
     layout = llama_layout(size)
     pop = synthetic_population(layout, n, tier, root=root, device=device)
@@ -50,7 +53,7 @@ def run_ours(size: str, n: int, device: str, tier: str, root: str) -> dict:
             f.write("1\n")
     io_before = _io()
     start = time.perf_counter()
-    accepted = weight_generation(pop, device)
+    accepted = weight_generation(pop, device, staging=None if STAGING is None else STAGING != "0")
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -73,10 +73,12 @@ def synthetic_fitness(arena: Arena) -> float:
     return sum(sample_score(buf) for buf in arena.buffers.values())
 
 
-def weight_generation(pop: Population, device: str = "cpu", chunk: int = 1 << 22, seed: int = 0) -> list[int]:
-    """One sequential generation with fitness "merged" and the evolver strategy; returns the accepted slots."""
+def weight_generation(pop: Population, device: str = "cpu", chunk: int = 1 << 22, seed: int = 0,
+                      staging: bool | None = None) -> list[int]:
+    """One sequential generation with fitness "merged" and the evolver strategy; returns the accepted slots.
+    staging: the pipeline's double buffering (None: on when a GPU computes on a population off the device)."""
     arena = Arena.empty(pop.layout, device)
-    pipe = WeightPipeline(pop, torch.device(device), chunk=chunk)
+    pipe = WeightPipeline(pop, torch.device(device), chunk=chunk, staging=staging)
     pipe.merged_into(arena)
     best = synthetic_fitness(arena)
     accepted = []

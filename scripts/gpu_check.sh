@@ -46,9 +46,13 @@ merge_rc=$?
 echo "== end-to-end memory (1b-shaped, N=5)"
 timeout 120 "$PY" benchmarks/e2e_memory.py --device cuda --size 1b --n 5 --json "$OUT/e2e-cuda.json" > "$OUT/e2e.log" 2>&1
 e2e_rc=$?
+# what the host-to-device double buffering buys on the cpu tier: the same generation without it
+EVOLVER_STAGING=0 timeout 90 "$PY" benchmarks/e2e_memory.py --device cuda --size 1b --n 5 --modes ours \
+  --json "$OUT/e2e-cuda-nostaging.json" > "$OUT/e2e-nostaging.log" 2>&1
 
 echo
 echo "build rc=$build_rc tests rc=$tests_rc driver rc=$driver_rc ops rc=$ops_rc merge rc=$merge_rc e2e rc=$e2e_rc"
 grep -E "test_merge_tensors\[" "$OUT/merge-bench.log" | head -12
 grep -E "^\| (device|cuda) " "$OUT/ops.log" | grep -E "2\^(28|30) " | head -40
 tail -6 "$OUT/e2e.log"
+echo "without staging:"; grep -E "^\| ours" "$OUT/e2e-nostaging.log"
