@@ -343,14 +343,19 @@ def test_device_map_places_the_evaluation_model_in_segments_with_the_same_bytes(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible: placing layers on a GPU needs one")
 def test_device_map_over_gpu_and_cpu(bert_pop, tmp_path):
+    """Layers on the GPU and on the CPU: the merge (weight arithmetic only) gives the bytes of an unplaced run;
+    evolving runs end to end (fitness differs from an all-GPU run: bf16 autocast applies to the GPU layers only)."""
     models, dev = bert_pop
     mapping = dict(BERT_MAP, **{"bert.encoder.layer.0": "cuda:0", "classifier": 0})
     (tmp_path / "map.json").write_text(json.dumps(mapping))
-    args = ["--population-on", "cpu", "--device", "cpu", "--backend", "reference"]
-    _run(models, dev, tmp_path / "plain", *args)
-    _run(models, dev, tmp_path / "placed", "--population-on", "cpu", "--backend", "reference", "--device-map",
-         str(tmp_path / "map.json"))
+    placed = ["--population-on", "cpu", "--device-map", str(tmp_path / "map.json")]
+    _run(models, dev, tmp_path / "plain", "--population-on", "cpu", "--device", "cpu", "--generations", "0")
+    _run(models, dev, tmp_path / "placed", *placed, "--generations", "0")
     assert _same_weights(tmp_path / "plain", tmp_path / "placed")
+    for fitness in ("merged", "individual"):
+        _run(models, dev, tmp_path / fitness, *placed, "--fitness", fitness)
+        doc = _check_outputs(tmp_path / fitness, "AutoModelForSequenceClassification")
+        assert len(doc["generations"]) == 3
 
 
 @pytest.mark.parametrize("mapping,message", [
