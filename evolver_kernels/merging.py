@@ -161,14 +161,16 @@ def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22
         raise ValueError(f"k must be in [1, {hi - lo}], got {k}")
 
     def histogram(select_high: int | None) -> torch.Tensor:
-        counts = torch.zeros(1 << 16, dtype=torch.int64)
+        counts = None
         for a, b in iter_chunks(hi - lo, chunk):
-            bits = values(lo + a, lo + b).abs().view(torch.int32).cpu()
+            bits = values(lo + a, lo + b).abs().view(torch.int32)  # counted where the values are (GPU or CPU)
+            if counts is None:
+                counts = torch.zeros(1 << 16, dtype=torch.int64, device=bits.device)
             if select_high is None:
                 counts += torch.bincount(bits >> 16, minlength=1 << 16)
             else:
                 counts += torch.bincount(bits[(bits >> 16) == select_high] & 0xFFFF, minlength=1 << 16)
-        return counts
+        return counts.cpu()
 
     def bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
         """(bucket holding the k-th largest, how many lie in higher buckets)."""

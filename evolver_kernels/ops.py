@@ -260,7 +260,8 @@ def merge_tensors(
     drop_p in [0, 1): DARE's drop probability, from the Philox contract with stream + k for model k and the
     element's global index offset + j (needs base). normalize: divide by the summed weights (of the agreeing
     models, for TIES). Exact formula: evolver_kernels.reference.merge_reference. `out` may be one of the
-    inputs; returns `out` (a new tensor when None).
+    inputs; returns `out` (a new tensor when None). Allocates nothing else, but for the triton backend's four
+    small per-call tables (addresses, weights, trims).
     """
     if not isinstance(xs, (list, tuple)) or not 1 <= len(xs) <= MAX_MERGE_INPUTS:
         raise ValueError(f"xs must be a list of 1 to {MAX_MERGE_INPUTS} tensors, got "
