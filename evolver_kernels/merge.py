@@ -32,6 +32,7 @@ import yaml
 from . import merge_stats, merging, model_io
 from .arena import Arena, Layout, resolve_names, safetensors_files, tensor_index
 from .evaluate import Evaluator, infer_task
+from .offspring import WeightPipeline
 from .population import make_population
 
 METHODS = merging.METHODS
@@ -143,9 +144,10 @@ def run(spec: dict, log=print) -> str:
         model_io.attach_arena(model, arena, files[0])
         evaluator = Evaluator(task, AutoTokenizer.from_pretrained(models[0]), dev, config=config)
 
+        pipeline = WeightPipeline(pop, torch.device("cpu"))
+
         def load(k: int) -> None:
-            for group, (_, size) in layout.groups.items():
-                arena.buffers[group].copy_(pop.read(k, group, 0, size))
+            pipeline.copy_into(k, arena)
 
         if method == "fisher":
             stats["fisher"] = merge_stats.estimate_fisher(model, layout, load, len(models), evaluator, examples)

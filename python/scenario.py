@@ -26,6 +26,7 @@ from evolver_kernels.evaluate import Evaluator
 from evolver_kernels.evolve import Run
 from evolver_kernels.merge_stats import RegMean, collect_grams, estimate_fisher
 from evolver_kernels.merging import Merger, average, task_arithmetic, ties
+from evolver_kernels.offspring import WeightPipeline
 from evolver_kernels.population import make_population
 
 TA_SCALES = [0.3, 0.5, 0.7, 1.0]
@@ -104,9 +105,10 @@ def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> tuple[dic
     dirs[name] = os.path.join(out, "ties")
     model_io.save_model(arena, experts[0], files[0], dirs[name])
 
+    pipeline = WeightPipeline(pop, torch.device("cpu"))
+
     def load(k: int) -> None:
-        for group, buf in arena.buffers.items():
-            buf.copy_(pop.arenas[k].buffers[group])
+        pipeline.copy_into(k, arena)
 
     start = time.perf_counter()
     fisher = estimate_fisher(model, layout, load, pop.size, dev_eval, STATS_EXAMPLES)
