@@ -242,14 +242,12 @@ class Run:
         """Fisher information or Gram matrices of every individual (as the run starts), estimated once and kept
         in the checkpoint directory (written atomically), so that a resumed run merges with the same ones."""
         method = self.cfg.merge_method
-        if method not in ("fisher", "regmean"):
+        if method not in merge_stats.STATS_METHODS:
             return {}
         path = os.path.join(self.checkpoint.dir, f"{method}-stats.safetensors")
         if self.cfg.resume and os.path.isfile(path):
             self.log(f"{method}: statistics from {path}")
-            if method == "fisher":
-                return {"fisher": merge_stats.FisherStats.load(self.layout, self.n, path)}
-            return {"regmean": merge_stats.RegMean(self.layout, merge_stats.load_grams(path, self.n), self.cfg.merge_alpha)}
+            return merge_stats.load_merger_statistics(method, self.layout, self.n, path, self.cfg.merge_alpha)
         start = time.perf_counter()
 
         def load(k: int) -> None:
@@ -259,17 +257,9 @@ class Run:
             self.log(f"{method}: statistics of individual {k + 1}/{self.n} ({time.perf_counter() - start:.1f} s)")
 
         os.makedirs(self.checkpoint.dir, exist_ok=True)
-        tmp = path + ".tmp"
-        examples = self.cfg.merge_examples
-        if method == "fisher":
-            stats = merge_stats.estimate_fisher(self.model, self.layout, load, self.n, self.evaluator, examples, progress=progress)
-            stats.save(tmp)
-            result = {"fisher": stats}
-        else:
-            grams = merge_stats.collect_grams(self.model, self.layout, load, self.n, self.evaluator, examples, progress=progress)
-            merge_stats.save_grams(grams, tmp)
-            result = {"regmean": merge_stats.RegMean(self.layout, grams, self.cfg.merge_alpha)}
-        os.replace(tmp, path)
+        result = merge_stats.merger_statistics(method, self.model, self.layout, load, self.n, self.evaluator,
+                                               self.cfg.merge_examples, self.cfg.merge_alpha, save_to=path,
+                                               progress=progress)
         self.evaluation_s += time.perf_counter() - start
         return result
 

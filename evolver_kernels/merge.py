@@ -36,7 +36,7 @@ from .offspring import WeightPipeline
 from .population import make_population
 
 METHODS = merging.METHODS
-NEEDS_DATA = ("fisher", "regmean")
+NEEDS_DATA = merge_stats.STATS_METHODS
 
 
 def parse_args(argv=None) -> dict:
@@ -149,11 +149,7 @@ def run(spec: dict, log=print) -> str:
         def load(k: int) -> None:
             pipeline.copy_into(k, arena)
 
-        if method == "fisher":
-            stats["fisher"] = merge_stats.estimate_fisher(model, layout, load, len(models), evaluator, examples)
-        else:
-            grams = merge_stats.collect_grams(model, layout, load, len(models), evaluator, examples)
-            stats["regmean"] = merge_stats.RegMean(layout, grams, alpha)
+        stats = merge_stats.merger_statistics(method, model, layout, load, len(models), evaluator, examples, alpha)
     merger = merging.Merger(method, base, scale=scale, density=density, drop_p=drop_p, seed=seed, weights=weights, **stats)
     merger(pop, arena)
     model_io.save_model(arena, models[0], files[0], out_dir)

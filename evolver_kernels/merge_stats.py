@@ -18,6 +18,7 @@ fp32 copies of the linear weights: methods for models of up to a few hundred mil
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -141,6 +142,39 @@ def load_grams(path: str, n: int) -> list[dict[str, torch.Tensor]]:
         k, _, name = key.partition("/")
         grams[int(k)][name] = g
     return grams
+
+
+STATS_METHODS = ("fisher", "regmean")
+
+
+def merger_statistics(method: str, model: torch.nn.Module, layout: Layout, load: Callable[[int], None], n: int,
+                      evaluator, examples: int, alpha: float, save_to: str | None = None, progress=None) -> dict:
+    """The Merger keyword arguments `method` needs ({} for methods without statistics): the Fisher information
+    or the RegMean state of individuals 0 .. n-1, estimated on `examples` dev examples. With `save_to`, the
+    raw statistics are also written there atomically (load_merger_statistics reads them back)."""
+    if method not in STATS_METHODS:
+        return {}
+    tmp = save_to + ".tmp" if save_to else None
+    if method == "fisher":
+        fisher = estimate_fisher(model, layout, load, n, evaluator, examples, progress=progress)
+        if tmp:
+            fisher.save(tmp)
+        result = {"fisher": fisher}
+    else:
+        grams = collect_grams(model, layout, load, n, evaluator, examples, progress=progress)
+        if tmp:
+            save_grams(grams, tmp)
+        result = {"regmean": RegMean(layout, grams, alpha)}
+    if tmp:
+        os.replace(tmp, save_to)
+    return result
+
+
+def load_merger_statistics(method: str, layout: Layout, n: int, path: str, alpha: float) -> dict:
+    """merger_statistics' result from the file it saved."""
+    if method == "fisher":
+        return {"fisher": FisherStats.load(layout, n, path)}
+    return {"regmean": RegMean(layout, load_grams(path, n), alpha)}
 
 
 class RegMean:

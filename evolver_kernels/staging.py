@@ -16,6 +16,7 @@ forces the bookkeeping on the CPU (synchronous copies) so tests can check it giv
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -86,22 +87,21 @@ class Staging:
         return buf[:n]
 
     def _fill(self, slot: int, keys: list[Key]) -> None:
-        staged: dict[Key, tuple[torch.Tensor, object]] = {}
-        if self.stream is None:  # forced on the CPU: synchronous copies through the same bookkeeping
-            for position, key in enumerate(dict.fromkeys(keys)):
-                src = self.pop.read(*key)
-                staged[key] = (self._buffer(slot, position, src.dtype, src.numel()).copy_(src), None)
-            self._slots[slot] = staged
-            return
-        if self._released[slot] is not None:
+        """Copies the chunks `keys` into buffer set `slot`: on the side stream on a GPU (its event marks the end
+        of the copies), synchronously when forced on the CPU."""
+        gpu = self.stream is not None
+        if gpu and self._released[slot] is not None:
             self.stream.wait_event(self._released[slot])
-        with torch.cuda.stream(self.stream):
+        staged = {}
+        with torch.cuda.stream(self.stream) if gpu else contextlib.nullcontext():
             for position, key in enumerate(dict.fromkeys(keys)):
                 src = self.pop.read(*key)
-                staged[key] = (self._buffer(slot, position, src.dtype, src.numel()).copy_(src, non_blocking=True), None)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self._slots[slot] = {key: (tensor, event) for key, (tensor, _) in staged.items()}
+                staged[key] = self._buffer(slot, position, src.dtype, src.numel()).copy_(src, non_blocking=gpu)
+            event = None
+            if gpu:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        self._slots[slot] = {key: (tensor, event) for key, tensor in staged.items()}
 
     def _release(self, slot: int) -> None:
         if self.stream is not None:
