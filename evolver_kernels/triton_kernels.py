@@ -331,20 +331,26 @@ def _merge_kernel(
         b = _bits_to_f32(tl.load(base_ptr + p, mask=valid, other=0), DTYPE)
     acc = tl.zeros([GROUPS, 4], dtype=tl.float32)
     den = tl.zeros([GROUPS, 4], dtype=tl.float32)
-    for k in range(n_inputs):
+    # `while`, not `for k in range(n_inputs)`: Triton 3.6's interpreter cannot take a runtime argument as a
+    # range bound (it converts a 1-element array with int()); compiled, both are the same loop.
+    k = 0
+    while k < n_inputs:
         d, c = _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1,
                            stream, HAS_BASE, DROP, TIES, FISHER, DTYPE, GROUPS)
         acc = acc + d
         if not TIES:
             den = den + c
+        k += 1
     if TIES:
         total = tl.zeros([GROUPS, 4], dtype=tl.float32)
-        for k in range(n_inputs):
+        k = 0
+        while k < n_inputs:
             d, c = _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0,
                                k1, stream, HAS_BASE, DROP, TIES, FISHER, DTYPE, GROUPS)
             agree = tl.where(acc >= 0.0, d > 0.0, d < 0.0)
             total = tl.where(agree, total + d, total)
             den = tl.where(agree, den + c, den)
+            k += 1
         acc = total
     y = acc
     if NORMALIZE:
