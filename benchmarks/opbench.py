@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -51,23 +52,36 @@ def machine() -> dict:
     return info
 
 
-class Case:
-    """Inputs for one (size, dtype, strategy): enough copies to rotate past the last-level cache on a GPU."""
+def rotation_count(set_bytes: int, device: str) -> int:
+    """How many input sets to rotate through so that one round moves over four times the GPU's L2 (a warm L2
+    would hold small cases and overstate their bandwidth); 1 on the CPU, where the recorded CPU tables use one
+    set at every size."""
+    if device != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 50 << 20
+    return max(1, min(64, -(-4 * l2 // set_bytes)))
 
-    def __init__(self, n: int, dtype: torch.dtype, strategy: str, device: str, copies: int = 1):
-        gen = torch.Generator(device="cpu").manual_seed(n)
+
+class Case:
+    """Inputs for one (size, dtype, strategy), drawn on the device (randn: never zeros), each set with its own
+    output; on a GPU enough sets rotate that every call reads from and writes to device memory, not L2."""
+
+    def __init__(self, n: int, dtype: torch.dtype, strategy: str, device: str):
+        gen = torch.Generator(device=device).manual_seed(n)
         self.n, self.dtype, self.strategy = n, dtype, strategy
         k = STRATEGY_INPUTS[strategy]
+        element = torch.empty((), dtype=dtype).element_size()
+        self.bytes_moved = (k + 1) * n * element
         self.sets = []
-        for _ in range(copies):
-            ts = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for _ in range(k)]
-            self.sets.append(ts)
-        self.out = torch.empty(n, dtype=dtype, device=device)
-        self.bytes_moved = (k + 1) * n * self.out.element_size()
+        for _ in range(rotation_count(self.bytes_moved, device)):
+            ts = [torch.randn(n, generator=gen, device=device).to(dtype) for _ in range(k)]
+            self.sets.append((ts, torch.empty(n, dtype=dtype, device=device)))
         self._turn = 0
+        self.out = self.sets[0][1]
 
     def args(self):
-        ts = self.sets[self._turn % len(self.sets)]
+        """The next set's inputs in de_mutate_crossover's order (x, base, a, b); self.out becomes its output."""
+        ts, self.out = self.sets[self._turn % len(self.sets)]
         self._turn += 1
         if self.strategy == "evolver":
             x, a = ts
@@ -76,19 +90,30 @@ class Case:
 
 
 def op_fn(case: Case, impl: str):
-    if impl == "naive":
-        return lambda: naive_de_mutate_crossover(*case.args(), F=0.5, CR=0.5)
-    if impl == "reference":
-        return lambda: de_mutate_crossover_reference(*case.args(), F=0.5, CR=0.5, seed=1, out=case.out)
-    return lambda: ek.de_mutate_crossover(*case.args(), F=0.5, CR=0.5, seed=1, out=case.out, backend=impl)
+    def call():
+        x, base, a, b = case.args()  # selects the next set, and with it case.out
+        if impl == "naive":
+            return naive_de_mutate_crossover(x, base, a, b, F=0.5, CR=0.5)
+        if impl == "reference":
+            return de_mutate_crossover_reference(x, base, a, b, F=0.5, CR=0.5, seed=1, out=case.out)
+        return ek.de_mutate_crossover(x, base, a, b, F=0.5, CR=0.5, seed=1, out=case.out, backend=impl)
+
+    return call
 
 
 def copy_fn(case: Case):
-    """A plain copy moving the op's byte count: read half, write half."""
+    """A plain copy moving the op's byte count (read half, write half), rotated like the op's inputs."""
     half = case.bytes_moved // 2 // case.out.element_size()
-    src = torch.randn(half, device=case.out.device).to(case.dtype)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
+    device = case.out.device.type
+    pairs = [(torch.randn(half, device=device).to(case.dtype), torch.empty(half, dtype=case.dtype, device=device))
+             for _ in range(rotation_count(case.bytes_moved, device))]
+    turns = itertools.count()
+
+    def copy():
+        src, dst = pairs[next(turns) % len(pairs)]
+        return dst.copy_(src)
+
+    return copy
 
 
 def time_fn(fn, device: str, min_time: float = 0.2, max_reps: int = 50) -> float:
@@ -141,8 +166,7 @@ def run(device: str, sizes: list[int], dtypes: list[str], strategies: list[str],
     for dname in dtypes:
         for strategy in strategies:
             for n in sizes:
-                copies = 1 if device == "cpu" else max(1, (256 << 20) // (n * 2) + 1)  # > L2 (50 MB on H100)
-                case = Case(n, DTYPES[dname], strategy, device, copies=min(copies, 4))
+                case = Case(n, DTYPES[dname], strategy, device)
                 t_copy = time_fn(copy_fn(case), device)
                 copy_gbs = case.bytes_moved / t_copy / 1e9
                 t_naive = None
