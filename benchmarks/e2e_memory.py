@@ -155,6 +155,8 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump({"size": args.size, "n": args.n, "device": args.device, "tier": args.tier, "copy_bytes": copy_bytes,
                        "results": results}, f, indent=2)
+    if "error" in results.get("ours", {}):
+        sys.exit(1)  # the reference running out of memory is a result; ours failing is not
 
 
 if __name__ == "__main__":

@@ -87,3 +87,4 @@ grep -E "test_merge_tensors\[" "$OUT/merge-bench.log" 2>/dev/null | head -8
 grep -E "^\| ours|^\| reference" "$OUT/e2e.log" "$OUT/e2e-nostaging.log" 2>/dev/null
 echo "| device | dtype | strategy | numel | impl | ms (median) | GB/s | of copy | vs naive | extra MiB |"
 grep -E "^\| cuda " "$OUT/ops.log" 2>/dev/null | grep -E "2\^(28|30) " | grep -vE "\| naive \|"
+exit 0  # the summary above carries each step's status
