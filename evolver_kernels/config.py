@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from .backends import BACKENDS
 from .offspring import STRATEGIES
 from .population import TIERS
 
@@ -62,7 +63,7 @@ class EvolveConfig:
     max_dev_examples: int | None = _opt(None, "use at most this many examples of each dev file")
     threshold: float = _opt(0.5, "multi-label decision threshold on sigmoid probabilities")
     chunk_elements: int = _opt(1 << 22, "elements per chunk of the streamed weight operators")
-    backend: str | None = _opt(None, "operator backend (default: the fastest available)")
+    backend: str | None = _opt(None, "operator backend (default: the fastest available on each device)", choices=BACKENDS)
     allow_pickle: bool = _opt(False, "accept pickle (.bin) weights; off by default because unpickling can run code")
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,3 +189,5 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"--chunk-elements must be a multiple of 64, got {cfg.chunk_elements}")
     if not 0 < cfg.threshold < 1:
         raise ConfigError(f"--threshold must be in (0, 1), got {cfg.threshold}")
+    if cfg.backend is not None and cfg.backend not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")

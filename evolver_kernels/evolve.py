@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from . import merge_stats, model_io
+from . import backends, merge_stats, model_io
 from .arena import Arena, Layout, load_into, resolve_names, safetensors_files, tensor_index
 from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, parse_config, validate
@@ -121,6 +121,7 @@ class Run:
                 raise ConfigError("--device-map and several ranks cannot be combined (one evaluation model per run)")
             cuda = [d for d in self.device_map.values() if d.startswith("cuda")]
             self.device = torch.device(cuda[0] if cuda else "cpu")  # inputs, chunk buffers, the pipeline's device
+        self._check_backend()
 
         from transformers import AutoTokenizer
 
@@ -168,6 +169,19 @@ class Run:
             self._timed(self._merger(method), PopulationPrefix(self.pop, self.n_models), self.arena, cfg.chunk_elements)
             self._timed(self.pipeline.write_from, self.n_models + j, self.arena)
         self.pipeline.merger = self._merger(cfg.merge_method, **self._merge_stats())
+
+    def _check_backend(self) -> None:
+        """--backend must run on every device the kernels will: the compute device and, with --device-map,
+        each device that holds a part of the evaluation model. Checked before any heavy work."""
+        if self.cfg.backend is None:
+            return
+        devices = {str(self.device)} | set(self.device_map.values() if self.device_map else ())
+        for device in sorted(devices):
+            reason = backends.unavailable_reason(self.cfg.backend, device)
+            if reason is not None:
+                where = " (--device-map places modules there)" if self.device_map and device in self.device_map.values() else ""
+                raise ConfigError(f"--backend {self.cfg.backend} cannot run on {device}{where}: {reason}; "
+                                  "leave --backend unset to use the fastest backend of each device")
 
     def _placed(self) -> bool:
         return self.device_map is not None and len(self.device_map) > 1

@@ -72,7 +72,11 @@ class Staging:
             if staged is not None:
                 tensor, event = staged
                 if event is not None:
-                    torch.cuda.current_stream(self.device).wait_event(event)
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(event)
+                    # allocated on the side stream: keep the allocator from handing the block out again
+                    # before the compute stream's reads of it are done, should the buffers be freed
+                    tensor.record_stream(compute)
                 self.hits += 1
                 return tensor
         self.misses += 1

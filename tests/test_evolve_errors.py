@@ -219,3 +219,25 @@ def test_errors_come_before_heavy_work(pop, tmp_path, monkeypatch):
 
 def test_config_error_type():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_backend_that_cannot_run_on_the_device_stops_before_loading(pop, tmp_path, capsys):
+    _, models, dev = pop
+    err = _error(capsys, _args(models, dev, tmp_path / "o", "--device", "cpu", "--backend", "cuda"))
+    assert "--backend cuda cannot run on cpu" in err and "leave --backend unset" in err
+    assert not (tmp_path / "o" / "population").exists()
+
+
+def test_backend_checked_on_every_device_map_device(pop, tmp_path, capsys):
+    _, models, dev = pop
+    (tmp_path / "map.json").write_text(json.dumps({"": "cpu"}))
+    err = _error(capsys, _args(models, dev, tmp_path / "o", "--population-on", "cpu", "--backend", "cuda",
+                               "--device-map", str(tmp_path / "map.json")))
+    assert "--backend cuda cannot run on cpu (--device-map places modules there)" in err
+
+
+def test_unknown_backend_in_a_config_file(pop, tmp_path, capsys):
+    _, models, dev = pop
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({"models": models, "dev": [dev], "out": str(tmp_path / "o"), "backend": "fast"}))
+    assert "--backend must be one of reference, cpu, triton, cuda, got 'fast'" in _error(capsys, ["--config", str(cfg)])
