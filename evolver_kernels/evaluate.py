@@ -85,8 +85,15 @@ def _multilabel_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
     return float((2 * tp / (2 * tp + fp + fn).clamp(min=1))[present].mean())
 
 
+# Bytes of fp32 logits one causal-LM forward may produce while scoring (the batch is split into fewer rows
+# when a full batch would exceed it); the memory plan counts four times this (the model's logits, their fp32
+# copy, the shifted copy, log-softmax).
+LOGITS_BUDGET = 128 << 20
+
+
 class Evaluator:
-    """Scores models on fixed dev files; construct once, call for each candidate."""
+    """Scores models on fixed dev files; construct once, call for each candidate. Causal-LM scoring forwards
+    at most `logits_budget` bytes of fp32 logits at a time."""
 
     def __init__(
         self,
@@ -101,8 +108,10 @@ class Evaluator:
         device: torch.device | str = "cpu",
         threshold: float = 0.5,
         max_examples: int | None = None,
+        logits_budget: int = LOGITS_BUDGET,
     ):
         self.device = torch.device(device)
+        self.logits_budget = logits_budget
         self.dev_paths = list(dev_paths)
         self.tokenizer = tokenizer
         self.user_fn = None
@@ -277,15 +286,25 @@ class Evaluator:
             return self._classification_metrics(*self._classify(model, batches))[self.metric]
         if self.task == "causal-lm":
             total, count = 0.0, 0
+            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
             for batch in batches:
                 inputs = self._inputs(batch)
-                logits = model(**inputs).logits.float()
-                labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-                loss = nnf.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-                )
-                total += float(loss)
-                count += int((labels[:, 1:] != -100).sum())
+                rows, width = inputs["input_ids"].shape
+                # A forward's logits are rows x width x vocab: for a 128k vocabulary, 32 rows of 256 tokens are
+                # 4 GiB in fp32 before the copies cross-entropy makes. Forward as many rows at a time as keep
+                # them under the budget (token losses are summed, so the score does not depend on the split).
+                step = max(1, self.logits_budget // (width * vocab * 4)) if vocab else rows
+                for lo in range(0, rows, step):
+                    sub = {k: v[lo : lo + step] for k, v in inputs.items()}
+                    logits = model(**sub).logits.float()
+                    labels = sub["input_ids"].masked_fill(sub["attention_mask"] == 0, -100)
+                    loss = nnf.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                        reduction="sum",
+                    )
+                    total += float(loss)
+                    count += int((labels[:, 1:] != -100).sum())
+                    del logits, loss
             return -total / max(count, 1)
         # seq2seq
         if self.metric == "exact-match":

@@ -295,10 +295,12 @@ class Run:
         copies = 2 if cfg.base_model else 1  # the evaluation arena, and the base model's for merges
         evaluation = {d: b * copies for d, b in self._device_bytes().items()}
         stats = self._stats_bytes()
-        host_need = chunk + stats + evaluation.get("cpu", 0)
+        # causal-LM scoring: the logits of one forward and the copies cross-entropy makes (evaluate.py)
+        logits = 4 * self.evaluator.logits_budget if self.task == "causal-lm" else 0
+        host_need = chunk + stats + evaluation.get("cpu", 0) + (logits if self.device.type == "cpu" else 0)
         # the compute device holds the chunk buffers; with --device-map, other GPUs hold only their share
         others = {d: b for d, b in evaluation.items() if d not in ("cpu", str(self.device))}
-        device_need = chunk + evaluation.get(str(self.device), 0) if self.device.type == "cuda" else 0
+        device_need = chunk + evaluation.get(str(self.device), 0) + logits if self.device.type == "cuda" else 0
         disk_need = 0
         if cfg.population_on == "disk":
             disk_need = pop_bytes + copy  # a replacement is written beside the file it replaces
@@ -311,6 +313,7 @@ class Run:
             f"population: {self.n} copies on {cfg.population_on} ({_bytes(pop_bytes)}); "
             f"evaluation model: 1 copy on {self._placement()}" + ("; base model: 1 copy there" if cfg.base_model else "")
             + f"; chunk buffers <= {_bytes(chunk)}"
+            + (f"; evaluation logits <= {_bytes(logits)}" if logits else "")
             + (f"; {cfg.merge_method} statistics (host): {_bytes(stats)}" if stats else ""),
             f"  needs: host {_bytes(host_need)}" + (f", {self.device} {_bytes(device_need)}" if device_need else "")
             + (f", disk {_bytes(disk_need)}" if disk_need else ""),

@@ -94,31 +94,39 @@ def weight_generation(pop: Population, device: str = "cpu", chunk: int = 1 << 22
 
 
 class AnonPeak:
-    """Peak anonymous RSS of this process (RssAnon in /proc/self/status, sampled every 2 ms): the memory a run
-    holds, without the page cache behind the disk tier's memory maps. Linux only."""
+    """Peak anonymous RSS of a process (this one by default; or a child's pid), RssAnon in /proc/<pid>/status
+    sampled every 2 ms: the memory a run holds, without the page cache behind the disk tier's memory maps.
+    Sampling ends by itself when the process exits. Linux only."""
 
-    def __init__(self):
-        self.peak = self.now()
+    def __init__(self, pid: int | str = "self"):
+        self.pid = pid
+        self.peak = self.now(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     @staticmethod
-    def now() -> int:
-        with open("/proc/self/status") as f:
+    def now(pid: int | str = "self") -> int:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
-        raise OSError("RssAnon not found in /proc/self/status")
+        raise OSError(f"RssAnon not found in /proc/{pid}/status (has the process exited?)")
 
     def _loop(self) -> None:
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.now())
+            try:
+                self.peak = max(self.peak, self.now(self.pid))
+            except OSError:  # the process has exited
+                return
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        return max(self.peak, self.now())
+        try:
+            return max(self.peak, self.now(self.pid))
+        except OSError:
+            return self.peak
 
 
 def population_digest(pop: Population, chunk: int = 1 << 22) -> list[str]:
