@@ -1,7 +1,7 @@
 """A second, larger scenario: topic classification of Debian's fortunes by category, with experts trained on
 non-IID label partitions (the setting of the paper's GLUE non-IID experiments).
 
-Data: the `fortunes` Debian package (/usr/share/games/fortunes, installed by scripts/setup_env.sh when
+Data: the `fortunes` Debian package (/usr/share/games/fortunes, installed by scripts/demo_fortunes.sh when
 missing). CATEGORIES below, up to PER_CATEGORY quotes each, split 60/20/20 per category into train / dev /
 test. The dev and test files cover every category (IID). The train pool is cut into 4 partitions: expert k
 takes 80% of its examples from its two home categories (2k, 2k+1) and 20% from the others, so each expert

