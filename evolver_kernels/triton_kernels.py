@@ -332,7 +332,8 @@ def _merge_kernel(
     acc = tl.zeros([GROUPS, 4], dtype=tl.float32)
     den = tl.zeros([GROUPS, 4], dtype=tl.float32)
     # `while`, not `for k in range(n_inputs)`: Triton 3.6's interpreter cannot take a runtime argument as a
-    # range bound (it converts a 1-element array with int()); compiled, both are the same loop.
+    # range bound (it converts a 1-element array with int()). Compiled for sm_90, the two forms gave PTX of the
+    # same size with the same loads (neither is software-pipelined).
     k = 0
     while k < n_inputs:
         d, c = _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1,

@@ -18,11 +18,11 @@ def lm(tmp_path_factory):
 
 def _score(lm, budget):
     model, tok, dev = lm
-    widths = []
-    handle = model.register_forward_hook(lambda m, args, kwargs, out: widths.append(out.logits.shape), with_kwargs=True)
+    shapes = []  # of each forward's logits
+    handle = model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(out.logits.shape), with_kwargs=True)
     try:
         ev = Evaluator("causal-lm", tok, [dev], config=model.config, batch_size=16, logits_budget=budget)
-        return ev(model).score, widths
+        return ev(model).score, shapes
     finally:
         handle.remove()
 

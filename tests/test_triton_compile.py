@@ -37,7 +37,8 @@ def test_every_triton_launch_compiles_for_gpu_targets(tmp_path):
         # key words below and above 2**31 are typed i32 and i64: both signatures compiled
         assert {r["signature"]["k0"] for r in rows if r["arch"] == arch and r["kernel"] == "_de_kernel"} == {"i32", "i64"}
 
-    # no register spills: a spilling streaming kernel would fall far short of the copy bandwidth
-    if all("local" in r for r in rows):
-        spilling = [(r["kernel"], r["arch"], r["constexprs"], r["local"]) for r in rows if r["local"] != 0]
-        assert not spilling, spilling
+    # no register spills: a spilling streaming kernel would fall far short of the copy bandwidth (the usage comes
+    # from the cuobjdump that ships with Triton's CUDA backend)
+    assert all("local" in r and "reg" in r for r in rows), rows[0]
+    spilling = [(r["kernel"], r["arch"], r["constexprs"], r["local"]) for r in rows if r["local"] != 0]
+    assert not spilling, spilling
