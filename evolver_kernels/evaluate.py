@@ -87,13 +87,22 @@ def _multilabel_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
 
 # Bytes of fp32 logits one causal-LM forward may produce while scoring (the batch is split into fewer rows
 # when a full batch would exceed it); the memory plan counts four times this (the model's logits, their fp32
-# copy, the shifted copy, log-softmax).
+# copy, the shifted copy, log-softmax). On the CPU a forward costs about the same split or not; on a GPU a
+# forward of a large model is bound by reading its weights, so splitting a batch multiplies its time: there
+# the budget is a sixteenth of the device's memory (5 GiB on an 80 GB card).
 LOGITS_BUDGET = 128 << 20
+
+
+def default_logits_budget(device: torch.device | str) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return max(LOGITS_BUDGET, torch.cuda.get_device_properties(device).total_memory // 16)
+    return LOGITS_BUDGET
 
 
 class Evaluator:
     """Scores models on fixed dev files; construct once, call for each candidate. Causal-LM scoring forwards
-    at most `logits_budget` bytes of fp32 logits at a time."""
+    at most `logits_budget` bytes of fp32 logits at a time (default: default_logits_budget(device))."""
 
     def __init__(
         self,
@@ -108,10 +117,10 @@ class Evaluator:
         device: torch.device | str = "cpu",
         threshold: float = 0.5,
         max_examples: int | None = None,
-        logits_budget: int = LOGITS_BUDGET,
+        logits_budget: int | None = None,
     ):
         self.device = torch.device(device)
-        self.logits_budget = logits_budget
+        self.logits_budget = logits_budget if logits_budget is not None else default_logits_budget(self.device)
         self.dev_paths = list(dev_paths)
         self.tokenizer = tokenizer
         self.user_fn = None
