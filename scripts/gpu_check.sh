@@ -3,6 +3,7 @@
 # transformers, pytest, pytest-benchmark). Builds the CUDA extension, runs the GPU tests and the GPU
 # benchmarks, writes everything under $OUT (default ./gpu_out) and prints a short table last.
 #   device: GPU_CHECK_COMMIT=<sha> bash scripts/gpu_check.sh      (timeout_s 400)
+# It installs the package (pip install -e .) into $PYTHON's environment: meant for the GPU machine.
 # The steps share one deadline ($GPU_CHECK_SECONDS, default 360 s, so a 15-minute lease has room for a second
 # call): each gets at most its own cap and what is left; a step with under 20 s left is skipped, saying so,
 # and the table is always printed. The steps run in the order of what the open issues need most: kernel
