@@ -596,16 +596,17 @@ class Run:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
-        result = Run(cfg, log=lambda msg: print(msg, file=sys.stderr)).run()
+        run = Run(cfg, log=lambda msg: print(msg, file=sys.stderr))
+        result = run.run()
     except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result.get("dry_run"):
         print("dry run: inputs checked, nothing evolved")
-        return 0
-    if result.get("final_fitness") is None:  # a rank other than 0: rank 0 reports
-        return 0
-    print(f"final_fitness {result['final_fitness']:.6f}")
+    elif result.get("final_fitness") is not None:  # rank 0 reports for every rank
+        print(f"final_fitness {result['final_fitness']:.6f}")
+    if run.ranks.enabled:
+        run.ranks.exit(0)  # every rank, after rank 0 has written the outputs; does not return
     return 0
 
 
