@@ -600,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run.run()
     except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # a rank refusing its inputs: leave with the error's code, not through the teardown that can
+            # abort with gloo's threads running (Ranks.exit); no barrier, the other ranks may not get there
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     if result.get("dry_run"):
         print("dry run: inputs checked, nothing evolved")

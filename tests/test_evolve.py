@@ -373,3 +373,21 @@ def test_device_map_errors(bert_pop, tmp_path, capsys, mapping, message):
     assert message in capsys.readouterr().err
     assert main([*argv[:-4], "--device-map", str(tmp_path / "map.json")]) == 2
     assert "keep the population on cpu or disk" in capsys.readouterr().err
+
+
+def test_ranks_refusing_their_inputs_exit_with_the_error(bert_pop, tmp_path):
+    """Under torchrun, a configuration error found after the process group is up ends each rank with code 2 and
+    the message (not a SIGABRT from the interpreter's teardown)."""
+    import socket
+
+    models, dev = bert_pop
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "evolver_kernels.evolve", "--models", *models, "--dev", *dev, "--out",
+                          str(tmp_path / "o"), "--schedule", "sequential"],
+                         check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert "2 ranks need --schedule synchronous" in out.stderr
+    assert "exitcode  : 2" in out.stderr and "SIGABRT" not in out.stderr, out.stderr[-3000:]
