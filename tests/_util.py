@@ -1,6 +1,10 @@
-"""Comparison helpers for kernel tests."""
+"""Comparison helpers for kernel tests, and the compiler's resource report of GPU code."""
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
 
 import torch
 
@@ -37,3 +41,18 @@ def assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor, what: str = "")
         f"{what}: {bad.numel()} elements beyond 1 ulp, first at {bad[:5].tolist()}: "
         f"got {got.flatten()[bad[:5]].tolist()} want {want.flatten()[bad[:5]].tolist()}"
     )
+
+
+def cuobjdump(*args: str) -> str:
+    """stdout of the cuobjdump that ships with Triton's CUDA backend (no CUDA toolkit or GPU needed)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, *args], check=True, capture_output=True, text=True).stdout
+
+
+def resource_usage(path: str) -> list[tuple[str, dict[str, int]]]:
+    """[(kernel, {"reg", "stack", "shared", "local"})] for every kernel of every architecture in a cubin or a
+    library (cuobjdump -res-usage): registers per thread, stack, shared and local memory (spills) in bytes."""
+    return [(name, {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", fields)})
+            for name, fields in re.findall(r"Function (\S+?):?\n\s*(REG:.*)", cuobjdump("-res-usage", path))]

@@ -51,22 +51,17 @@ def test_available_backends_on_cpu_lists_known_names_in_order():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH: the CUDA extension is not built here")
 def test_cuda_extension_carries_hopper_code_without_spills():
     """sm_90 machine code (H100/H200) for every kernel of both .cu files, none using local memory (spills)."""
-    import os
-    import re
-    import subprocess
-
-    import triton
+    from _util import cuobjdump, resource_usage
 
     module = backends.cuda_extension()
     if module is None:
         pytest.skip(f"the CUDA extension is not built: {backends._import('evolver_kernels._cuda')[1]}")
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    cubins = subprocess.run([tool, "-lelf", module.__file__], check=True, capture_output=True, text=True).stdout
+    cubins = cuobjdump("-lelf", module.__file__)
     for source in ("de_cuda", "merge_cuda"):
         assert f"{source}.sm_90.cubin" in cubins, cubins
-    usage = subprocess.run([tool, "-res-usage", module.__file__], check=True, capture_output=True, text=True).stdout
-    kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    names = " ".join(name for name, *_ in kernels)
+    kernels = resource_usage(module.__file__)
+    names = " ".join(name for name, _ in kernels)
     for kernel in ("de_group_kernel", "de_vec_kernel", "mask_group_kernel", "merge_kernel"):
         assert kernel in names, names
-    assert [(n, local) for n, _, _, local in kernels if int(local) != 0] == []
+    assert all("reg" in usage and "local" in usage for _, usage in kernels), kernels
+    assert [(n, usage["local"]) for n, usage in kernels if usage["local"] != 0] == []

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 import torch
 import triton
+from _util import resource_usage  # tests/ is on sys.path: the script runs from there
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
@@ -114,17 +113,13 @@ def record_launches() -> list[dict[str, Any]]:
     return launches
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers per thread, local memory (spills) and shared memory of a cubin's kernel, from the cuobjdump
-    that ships with Triton's CUDA backend ({} when it is missing)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return {}
+def cubin_usage(cubin: bytes) -> dict[str, int]:
+    """The resource report (_util.resource_usage) of a cubin's one kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], check=False, capture_output=True, text=True).stdout
-    return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", text)}
+        [(_, usage)] = resource_usage(f.name)
+    return usage
 
 
 def _variant_key(launch: dict[str, Any]) -> str:
@@ -150,7 +145,7 @@ def compile_all(archs: list[int]) -> list[dict[str, Any]]:
             rows.append(dict(kernel=kernel.__name__, arch=arch, constexprs=launch["constexprs"],
                              signature={k: v for k, v in launch["signature"].items() if v != "constexpr"},
                              cubin_bytes=len(compiled.asm["cubin"]), seconds=time.perf_counter() - start,
-                             **resource_usage(compiled.asm["cubin"])))
+                             **cubin_usage(compiled.asm["cubin"])))
     return rows
 
 
