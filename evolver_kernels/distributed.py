@@ -11,6 +11,19 @@ import sys
 import torch
 
 
+def process_group_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def leave(code: int) -> None:
+    """Flushes the output and ends the process with `code`, skipping the interpreter's teardown (Ranks.exit)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class Ranks:
     def __init__(self, rank: int = 0, world: int = 1):
         self.rank, self.world = rank, world
@@ -71,9 +84,7 @@ class Ranks:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave(code)
 
     def device(self, requested: torch.device) -> torch.device:
         if self.enabled and requested.type == "cuda":

@@ -29,7 +29,7 @@ from . import backends, merge_stats, model_io
 from .arena import Arena, Layout, load_into, resolve_names, safetensors_files, tensor_index
 from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, parse_config, validate
-from .distributed import Ranks
+from .distributed import Ranks, leave, process_group_up
 from .evaluate import Evaluator, Fitness, infer_task
 from .merging import Merger
 from .offspring import OffspringSpec, WeightPipeline
@@ -600,12 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run.run()
     except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if process_group_up():
             # a rank refusing its inputs: leave with the error's code, not through the teardown that can
             # abort with gloo's threads running (Ranks.exit); no barrier, the other ranks may not get there
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)
+            leave(2)
         return 2
     if result.get("dry_run"):
         print("dry run: inputs checked, nothing evolved")
