@@ -18,7 +18,9 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from .errors import UserError
 
 ALIGN = 64  # elements: 128-256 bytes, a multiple of 4 (Philox groups) and of 16-byte vectors
 
@@ -184,8 +186,16 @@ def safetensors_files(model_dir: str) -> list[str]:
     """The weight files of an HF model directory (sharded or not), or a clear error."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{index}: not a safetensors index with a weight_map ({type(err).__name__}: {err})") from None
+        for shard in shards:
+            if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                raise UserError(f"{index}: weight_map names {shard!r}, not a file beside the index")
+            if not os.path.isfile(os.path.join(model_dir, shard)):
+                raise UserError(f"{index}: names the shard {shard}, which is missing")
         return [os.path.join(model_dir, s) for s in shards]
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.exists(single):
@@ -203,10 +213,15 @@ def tensor_index(files: list[str]) -> dict[str, tuple[str, torch.dtype, tuple[in
     """name -> (file, dtype, shape) from safetensors headers, without reading any tensor data."""
     index = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                index[key] = (path, _DTYPE_NAMES[sl.get_dtype()], tuple(sl.get_shape()))
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    index[key] = (path, _DTYPE_NAMES[sl.get_dtype()], tuple(sl.get_shape()))
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt ({' '.join(str(err).split())})") from None
+        except KeyError as err:
+            raise UserError(f"{path}: a tensor of unsupported dtype {err}") from None
     return index
 
 

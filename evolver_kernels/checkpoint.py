@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
+from safetensors import SafetensorError
+
+from .errors import UserError
 from .population import Population
 
 STATE_VERSION = 1
+# the names save() gives individual files, and the temporary names of their atomic writes (population.py)
+OUR_FILE = re.compile(r"ind\d+-v\d+\.safetensors(\.tmp-\d+|\.tmp-link)?")
 
 
 class Checkpoint:
@@ -23,18 +29,28 @@ class Checkpoint:
         self.state_path = os.path.join(self.dir, "state.json")
         self.ind_dir = os.path.join(self.dir, "individuals")
 
+    def check(self) -> None:
+        """The checkpoint folders are real directories (a symlink could lead writes and deletions elsewhere)."""
+        for path in (self.dir, self.ind_dir):
+            if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+                raise UserError(f"{path} is not a directory of ours (a symlink or a file): remove it or choose another --out")
+
     def exists(self) -> bool:
         return os.path.isfile(self.state_path)
 
     def load_state(self) -> dict:
-        with open(self.state_path) as f:
-            state = json.load(f)
-        if state.get("state_version") != STATE_VERSION:
-            raise ValueError(f"{self.state_path}: written by another version of evolver-kernels")
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{self.state_path}: not a readable checkpoint ({err}); the run cannot resume from it") from None
+        if not isinstance(state, dict) or state.get("state_version") != STATE_VERSION:
+            raise UserError(f"{self.state_path}: written by another version of evolver-kernels")
         return state
 
     def save(self, state: dict, pop: Population | None, changed: list[int]) -> None:
         """Writes the individuals in `changed` under new names, then state.json pointing at them."""
+        self.check()
         os.makedirs(self.ind_dir, exist_ok=True)
         files = dict(state.get("individual_files", {}))
         for i in changed:
@@ -67,13 +83,21 @@ class Checkpoint:
     def restore(self, state: dict, pop: Population) -> None:
         """Loads the individuals that state.json names into the population."""
         for i, name in state.get("individual_files", {}).items():
-            pop.load(int(i), os.path.join(self.ind_dir, name))
+            path = os.path.join(self.ind_dir, name)
+            try:
+                pop.load(int(i), path)
+            except (OSError, SafetensorError, ValueError) as err:
+                raise UserError(f"{path}: unreadable checkpointed individual ({' '.join(str(err).split())}); "
+                                "the run cannot resume from this checkpoint") from None
         self.remove_unreferenced(state.get("individual_files", {}))
 
     def remove_unreferenced(self, files: dict) -> None:
-        if not os.path.isdir(self.ind_dir):
+        """Deletes our own individual files (and leftovers of interrupted writes) that state.json does not name;
+        anything else in the folder is left alone."""
+        if not os.path.isdir(self.ind_dir) or os.path.islink(self.ind_dir):
             return
         keep = set(files.values())
         for name in os.listdir(self.ind_dir):
-            if name not in keep:
-                os.remove(os.path.join(self.ind_dir, name))
+            path = os.path.join(self.ind_dir, name)
+            if name not in keep and OUR_FILE.fullmatch(name) and not os.path.islink(path) and os.path.isfile(path):
+                os.remove(path)

@@ -9,14 +9,21 @@ import math
 import os
 from typing import Any
 
+import torch
 import yaml
 
+from . import rundir
 from .backends import BACKENDS
+from .errors import UserError
 from .offspring import STRATEGIES
 from .population import TIERS
 
 FITNESS_MODES = ("individual", "merged")
 SCHEDULES = ("sequential", "synchronous")
+
+
+class ConfigError(UserError):
+    """An option that cannot work; the message names it."""
 
 
 def _opt(default, help: str, **kw):
@@ -70,6 +77,15 @@ class EvolveConfig:
         return dataclasses.asdict(self)
 
 
+def _scalar_type(f: dataclasses.Field):
+    """The one parser of a field's values, for flags and YAML alike (a YAML scalar goes through it as text)."""
+    return {"int": int, "int | None": int, "float": float}.get(f.type, str)
+
+
+def _is_bool(f: dataclasses.Field) -> bool:
+    return f.type == "bool"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evolver_kernels.evolve",
@@ -80,15 +96,68 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         # SUPPRESS keeps unset flags out of the namespace, so that they do not override the YAML file
         kw = {"help": f"{f.metadata['help']} (default: {f.default})", "default": argparse.SUPPRESS}
-        if f.type in ("bool",):
+        if _is_bool(f):
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+            kw["type"] = _scalar_type(f)
             for key in ("nargs", "choices"):
                 if key in f.metadata:
                     kw[key] = f.metadata[key]
         parser.add_argument(flag, **kw)
     return parser
+
+
+def _from_yaml(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """A YAML value of option `f`, checked and converted as its flag would be: booleans must be YAML booleans,
+    numbers go through the flag's own type (so `F: 1e-1`, a string to YAML 1.1, is 0.1), choices are checked."""
+    if value is None:
+        return f.default
+    if _is_bool(f):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {f.name} must be true or false, got {value!r}")
+        return value
+
+    def scalar(v):
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            kind = "a number" if _scalar_type(f) in (int, float) else "a string"
+            raise ConfigError(f"{where}: {f.name} must be {kind}, got {v!r}")
+        try:
+            v = _scalar_type(f)(str(v).strip() if not isinstance(v, str) else v)
+        except ValueError:
+            kind = {int: "an integer", float: "a number"}[_scalar_type(f)]
+            raise ConfigError(f"{where}: {f.name} must be {kind}, got {v!r}") from None
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            raise ConfigError(f"{where}: {f.name} must be one of {', '.join(map(str, choices))}, got {v!r}")
+        return v
+
+    if f.metadata.get("nargs") == "+":
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise ConfigError(f"{where}: {f.name} is an empty list")
+        return [scalar(v) for v in values]
+    if isinstance(value, list):
+        raise ConfigError(f"{where}: {f.name} takes one value, got a list")
+    return scalar(value)
+
+
+def load_yaml_mapping(path: str, option: str = "--config") -> dict:
+    """A YAML file that must hold a mapping; one-line errors for a missing file, bad YAML or another shape."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        problem = str(err).replace("\n", " ")
+        raise ConfigError(f"{option} {path}: not valid YAML ({' '.join(problem.split())})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{option} {path}: not UTF-8 text") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{option} {path}: must be a mapping of option names to values")
+    return loaded
 
 
 def parse_config(argv: list[str] | None = None) -> EvolveConfig:
@@ -97,27 +166,15 @@ def parse_config(argv: list[str] | None = None) -> EvolveConfig:
     values: dict[str, Any] = {}
     config_path = args.pop("config", None)
     if config_path:
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"--config {config_path}: no such file")
-        with open(config_path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {config_path}: must be a mapping of option names to values")
-        known = {f.name for f in dataclasses.fields(EvolveConfig)}
-        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
-        unknown = sorted(set(loaded) - known)
+        loaded = load_yaml_mapping(config_path)
+        fields = {f.name: f for f in dataclasses.fields(EvolveConfig)}
+        loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(fields))
         if unknown:
-            raise ValueError(f"--config {config_path}: unknown option(s) {', '.join(unknown)}")
-        values.update(loaded)
+            raise ConfigError(f"--config {config_path}: unknown option(s) {', '.join(unknown)}")
+        values.update({k: _from_yaml(fields[k], v, f"--config {config_path}") for k, v in loaded.items()})
     values.update(args)
-    for key in ("models", "dev"):
-        if isinstance(values.get(key), str):
-            values[key] = [values[key]]
     return EvolveConfig(**values)
-
-
-class ConfigError(ValueError):
-    """An option that cannot work; the message names it."""
 
 
 def validate(cfg: EvolveConfig) -> None:
@@ -128,6 +185,8 @@ def validate(cfg: EvolveConfig) -> None:
     for path in cfg.models:
         if not os.path.isdir(path):
             raise ConfigError(f"--models {path}: no such directory")
+    if cfg.device is not None:
+        check_device(cfg.device)
     for path in cfg.dev:
         if not os.path.exists(path):
             raise ConfigError(f"--dev {path}: no such file or directory")
@@ -182,7 +241,7 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"--generations must be a non-negative integer, got {cfg.generations}")
     if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**64):
         raise ConfigError(f"--seed must be an integer in [0, 2**64), got {cfg.seed}")
-    for name in ("batch_size", "max_length", "chunk_elements", "merge_examples"):
+    for name in ("batch_size", "max_length", "chunk_elements", "merge_examples") + ("max_dev_examples",) * (cfg.max_dev_examples is not None):
         if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) > 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.chunk_elements % 64:
@@ -191,3 +250,25 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"--threshold must be in (0, 1), got {cfg.threshold}")
     if cfg.backend is not None and cfg.backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    rundir.check_out(cfg.out, "evolve", inputs(cfg))
+    if cfg.population_dir:
+        rundir.check_scratch_root("--population-dir", cfg.population_dir, inputs(cfg))
+
+
+def inputs(cfg: EvolveConfig) -> list[tuple[str, str]]:
+    """(option, path) of everything the run reads: never written into (rundir.py)."""
+    paths = [("--models", m) for m in cfg.models] + [("--dev", d) for d in cfg.dev]
+    if cfg.base_model:
+        paths.append(("--base-model", cfg.base_model))
+    return paths
+
+
+def check_device(spec: str) -> torch.device:
+    """--device as a torch.device: cpu, cuda or cuda:N, refused with one line otherwise."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {spec}: must be cpu, cuda or cuda:N")
+    return device

@@ -11,6 +11,8 @@ import csv
 import json
 import os
 
+from .errors import UserError
+
 REQUIRED_COLUMNS = {
     "sequence-classification": ("text", "label"),
     "causal-lm": ("text",),
@@ -18,7 +20,7 @@ REQUIRED_COLUMNS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Development data that cannot be used; the message names the file and line."""
 
 
@@ -28,10 +30,18 @@ def read_rows(path: str) -> list[tuple[int, dict]]:
         raise FileNotFoundError(f"--dev {path}: no such file or directory")
     if os.path.isdir(path):
         return _read_dataset_dir(path)
+    try:
+        return _read_file(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"--dev {path}: not UTF-8 text (byte {err.start} cannot be decoded: {err.reason})") from None
+
+
+def _read_file(path: str) -> list[tuple[int, dict]]:
+    # utf-8-sig: a byte-order mark (as some editors and Excel write) is not part of the first column's name
     lower = path.lower()
     if lower.endswith((".jsonl", ".json")):
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -45,7 +55,7 @@ def read_rows(path: str) -> list[tuple[int, dict]]:
         return rows
     if lower.endswith((".csv", ".tsv")):
         delimiter = "\t" if lower.endswith(".tsv") else ","
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             return [(reader.line_num, dict(row)) for row in reader]
     raise DataError(f"--dev {path}: unknown format (use .jsonl, .csv, .tsv or a datasets.save_to_disk directory)")

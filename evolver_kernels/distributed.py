@@ -73,6 +73,13 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        """Waits for every rank (a no-op without ranks)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def exit(self, code: int) -> None:
         """Ends this rank's process, once every rank is done: barrier, destroy_process_group, flush, os._exit.
         Gloo's threads can outlive destroy_process_group while another library still holds the group, and a

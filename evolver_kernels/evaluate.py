@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as nnf
 
 from .data import load_examples
+from .errors import UserError
 
 TASKS = ("sequence-classification", "causal-lm", "seq2seq")
 METRICS = {
@@ -196,7 +197,14 @@ class Evaluator:
     # -- scoring --------------------------------------------------------------------------------------------
     def __call__(self, model: torch.nn.Module) -> Fitness:
         if self.user_fn is not None:
-            score = float(self.user_fn(model, self.tokenizer, self.dev_paths, self.device))
+            value = self.user_fn(model, self.tokenizer, self.dev_paths, self.device)
+            try:
+                if isinstance(value, (bool, str, bytes)):
+                    raise TypeError
+                score = float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"--task {self.task}: the function returned {value!r}; it must return a number "
+                                "(higher is better)") from None
             return Fitness(score, {"user": score})
         model.eval()
         per_file = {}

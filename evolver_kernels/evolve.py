@@ -18,33 +18,29 @@ checkpoint (merge_stats.py).
 
 from __future__ import annotations
 
+import math
 import os
-import shutil
 import sys
+import tempfile
 import time
 
 import torch
 
-from . import backends, merge_stats, model_io
+from . import backends, merge_stats, model_io, rundir
 from .arena import Arena, Layout, load_into, resolve_names, safetensors_files, tensor_index
 from .checkpoint import Checkpoint
-from .config import ConfigError, EvolveConfig, parse_config, validate
+from .config import ConfigError, EvolveConfig, inputs, parse_config, validate
 from .distributed import Ranks, leave, process_group_up
+from .errors import UserError, describe_error
 from .evaluate import Evaluator, Fitness, infer_task
 from .merging import Merger
 from .offspring import OffspringSpec, WeightPipeline
 from .population import PopulationPrefix, make_population
 from .report import plot_fitness, write_evolution_json, write_model_card
 from .rng import MASK32, PURPOSE_MERGE, PURPOSE_OFFSPRING, derive_seed, random_order
+from .rundir import format_bytes as _bytes
 
 PARTNERS = {"evolver": 1, "rand/1": 3, "best/1": 2}
-
-
-def _bytes(n: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _host_available() -> int | None:
@@ -92,6 +88,9 @@ class Run:
         validate(cfg)
         self.cfg = cfg
         self.log = log
+        self.out_dir: rundir.OutputDir | None = None
+        self.scratch: rundir.Scratch | None = None
+        self.pop = None
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device}: torch sees no CUDA GPU")
@@ -101,6 +100,19 @@ class Run:
                 f"{self.ranks.world} ranks need --schedule synchronous (the sequential schedule is serial by definition)"
             )
         self.device = self.ranks.device(self.device)
+        self.dry_run = cfg.dry_run
+        if not self.dry_run and self.ranks.is_main:
+            # claimed before anything is written (pickle conversions, checkpoints, scratch): ours, locked
+            self.out_dir = rundir.OutputDir.claim(cfg.out, "evolve", inputs(cfg))
+        self.ranks.barrier()  # the other ranks write nothing before rank 0 holds --out
+        try:
+            self._setup()
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         configs = [model_io.load_config(m) for m in cfg.models]
         for m, c in zip(cfg.models[1:], configs[1:]):
             if c.model_type != configs[0].model_type or (c.architectures or [None])[0] != (configs[0].architectures or [None])[0]:
@@ -115,6 +127,9 @@ class Run:
         self.layout = Layout.of_model(self.model)
         for m, files in zip(cfg.models, self.files):
             resolve_names(self.layout, tensor_index(files), f"--models {m}")
+        self.base_files = self._weight_files(cfg.base_model) if cfg.base_model else None
+        if self.base_files:
+            resolve_names(self.layout, tensor_index(self.base_files), f"--base-model {cfg.base_model}")
         self.device_map = self._device_map() if cfg.device_map else None
         if self.device_map is not None:
             if self.ranks.enabled:
@@ -134,6 +149,7 @@ class Run:
         self.extras = list(cfg.extra_individuals or [])
         self.n = self.n_models + len(self.extras)
         self.checkpoint = Checkpoint(cfg.out)
+        self.checkpoint.check()
         if self.checkpoint.finished():
             raise ConfigError(f"--out {cfg.out} holds a finished run (its outputs are there): choose another --out")
         if self.checkpoint.exists() and not cfg.resume:
@@ -144,12 +160,12 @@ class Run:
         self.log(plan)
         if problem:
             raise ConfigError(problem)
-        self.dry_run = cfg.dry_run
         if self.dry_run:
             return
-        disk_dir = cfg.population_dir or os.path.join(cfg.out, "population")
-        if self.ranks.enabled:
-            disk_dir = os.path.join(disk_dir, f"rank{self.ranks.rank}")
+        disk_dir = None
+        if cfg.population_on == "disk":  # a fresh directory of ours, removed when the run ends
+            self.scratch = rundir.Scratch(cfg.population_dir or cfg.out, "--population-dir" if cfg.population_dir else "--out")
+            disk_dir = self.scratch.path
         self.pop = make_population(cfg.population_on, self.layout, self.files, list(cfg.models), self.device,
                                    disk_dir=disk_dir, extra=len(self.extras))
         self.arena = self._model_arena()
@@ -160,9 +176,10 @@ class Run:
         self.base = None
         if cfg.base_model:
             self.base = self._model_arena()
-            load_into(self.base, self._weight_files(cfg.base_model), f"--base-model {cfg.base_model}")
+            load_into(self.base, self.base_files, f"--base-model {cfg.base_model}")
         self.weights_s = 0.0
         self.evaluation_s = 0.0
+        self.non_finite = 0
         self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend)
         for j, method in enumerate(self.extras):
             self.log(f"extra individual #{self.n_models + j}: {method} of the {self.n_models} models")
@@ -283,7 +300,19 @@ class Run:
         except ValueError:
             if not self.cfg.allow_pickle:
                 raise
-            return [model_io.convert_pickle_weights(model_dir, os.path.join(self.cfg.out, "converted", os.path.basename(os.path.normpath(model_dir))))]
+        if self.dry_run:  # converted into a temporary directory, removed when the run object closes
+            if getattr(self, "_dry_converted", None) is None:
+                self._dry_converted = tempfile.mkdtemp(prefix="evolver-dry-run-")
+            root = self._dry_converted
+        else:
+            root = os.path.join(self.cfg.out, "converted")
+        # one directory per source (its real path and its files' sizes and times): two models whose folders
+        # share a name never share a conversion, and a changed source is converted again
+        dest = os.path.join(root, model_io.conversion_key(model_dir))
+        if self.ranks.is_main:
+            model_io.convert_pickle_weights(model_dir, dest)
+        self.ranks.barrier()
+        return [os.path.join(dest, "model.safetensors")]
 
     def memory_plan(self) -> tuple[str, str | None]:
         """The plan printed before any heavy work, and a refusal (naming the numbers) when it cannot fit."""
@@ -301,13 +330,20 @@ class Run:
         # the compute device holds the chunk buffers; with --device-map, other GPUs hold only their share
         others = {d: b for d, b in evaluation.items() if d not in ("cpu", str(self.device))}
         device_need = chunk + evaluation.get(str(self.device), 0) + logits if self.device.type == "cuda" else 0
-        disk_need = 0
+        scratch_root = cfg.population_dir or cfg.out
+        pop_disk = 0
         if cfg.population_on == "disk":
-            disk_need = pop_bytes + copy  # a replacement is written beside the file it replaces
+            pop_disk = pop_bytes + copy  # a replacement is written beside the file it replaces
         elif cfg.population_on == "gpu" and self.device.type == "cuda":
             device_need += pop_bytes
         else:
             host_need += pop_bytes
+        # under --out: checkpointed individuals (each replaced one is written before its old file goes; the disk
+        # tier hard-links its own files when they share a filesystem), the statistics, the output model
+        linked = cfg.population_on == "disk" and rundir.same_filesystem(scratch_root, cfg.out)
+        checkpoint = 0 if linked else (self.n + 1) * copy
+        out_disk = checkpoint + stats + copy
+        disk_need = pop_disk + out_disk
         lines = [
             f"memory plan: one model copy = {_bytes(copy)} ({self.layout.numel:,} evolved elements); "
             f"population: {self.n} copies on {cfg.population_on} ({_bytes(pop_bytes)}); "
@@ -326,14 +362,10 @@ class Run:
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             if need > free:
                 problem = f"the plan needs {_bytes(need)} on {device}, {_bytes(free)} is free"
-        if disk_need:
-            root = cfg.population_dir or cfg.out
-            probe = root
-            while probe and not os.path.exists(probe):
-                probe = os.path.dirname(probe) or "."
-            free = shutil.disk_usage(probe or ".").free
-            if disk_need > free:
-                problem = f"the disk tier needs {_bytes(disk_need)} under {root}, {_bytes(free)} is free"
+        disk = rundir.disk_problem([("the population", scratch_root, pop_disk),
+                                    ("checkpoint and output", cfg.out, out_disk)])
+        if disk:
+            problem = disk
         if problem:
             problem += " (try --population-on cpu or disk, fewer models, or another --device)"
         return "\n".join(lines), problem
@@ -354,10 +386,17 @@ class Run:
         return 0
 
     # -- the pieces of a step --------------------------------------------------------------------------------
-    def evaluate(self) -> Fitness:
+    def evaluate(self, what: str = "a candidate") -> Fitness:
+        """Scores the evaluation model. A NaN (or infinite) fitness is ranked last: -inf, with a warning, so
+        that it is never chosen as best and never blocks an improvement."""
         start = time.perf_counter()
         fit = self.evaluator(self.model)
         self.evaluation_s += time.perf_counter() - start
+        if not math.isfinite(fit.score):
+            self.non_finite += 1
+            self.log(f"warning: {what} has fitness {fit.score} ({', '.join(f'{k} {v}' for k, v in fit.per_file.items())}): "
+                     "ranked last (-inf); NaN weights or a user function returning NaN are the usual causes")
+            fit = Fitness(-math.inf, {k: (v if math.isfinite(v) else -math.inf) for k, v in fit.per_file.items()})
         return fit
 
     def _timed(self, fn, *args, **kw):
@@ -375,7 +414,7 @@ class Run:
             self._timed(self.pipeline.offspring_into, spec, self.arena)
         else:
             self._timed(self.pipeline.merged_into, self.arena, replace=[spec])
-        return self.evaluate()
+        return self.evaluate(f"the offspring of individual {spec.i}")
 
     def accept(self, state: dict, specs: list[OffspringSpec], scores: dict[int, float]) -> None:
         """Replaces each spec's parent by its offspring (already in the arena for a lone individual-mode one)."""
@@ -417,7 +456,28 @@ class Run:
     def population_fitness(self, state: dict):
         return list(state["fitness"]) if self.cfg.fitness == "individual" else state["merged_fitness"]
 
+    def close(self, failed: bool = False) -> None:
+        """Unmaps the population, removes the scratch directory and drops the lock on --out (every exit path).
+        A run that failed before writing anything removes the --out directory it created."""
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
+        if self.pop is not None and hasattr(self.pop, "close"):
+            self.pop.close()
+        if self.scratch is not None:
+            self.scratch.remove()
+        if getattr(self, "_dry_converted", None):
+            shutil.rmtree(self._dry_converted, ignore_errors=True)
+            self._dry_converted = None
+        if self.out_dir is not None:
+            self.out_dir.release(remove_if_unused=failed)
+
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -429,6 +489,7 @@ class Run:
         ranks = self.ranks
         bar = tqdm(total=total, initial=min(state["evaluations"], total), desc="evolve", unit="eval", file=sys.stderr,
                    disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0" or not ranks.is_main)
+        self._bar = bar  # closed by close() on every exit path, so an error message starts on its own line
 
         if state["generation"] == 0:  # the initial population's fitness
             if cfg.fitness == "individual":
@@ -436,7 +497,7 @@ class Run:
                 for i in range(self.n):
                     if ranks.mine(i):
                         self._timed(self.pipeline.copy_into, i, self.arena)
-                        fits[str(i)] = self.evaluate().as_dict()
+                        fits[str(i)] = self.evaluate(f"individual {i}").as_dict()
                     bar.update(1)
                 fits = ranks.gather(fits)
                 state["fitness"] = [fits[str(i)]["score"] for i in range(self.n)]
@@ -444,7 +505,7 @@ class Run:
             else:
                 if ranks.is_main:
                     self._timed(self.pipeline.merged_into, self.arena)
-                fit = ranks.broadcast(self.evaluate().as_dict() if ranks.is_main else None)
+                fit = ranks.broadcast(self.evaluate("the merged population").as_dict() if ranks.is_main else None)
                 state["merged_fitness"] = fit["score"]
                 state["per_file"] = {"merged": fit["per_file"]}
                 bar.update(1)
@@ -498,8 +559,6 @@ class Run:
             self._save(state, changed)
         bar.close()
         if not ranks.is_main:
-            if hasattr(self.pop, "close"):
-                self.pop.close(remove_files=True)
             return {"rank": ranks.rank, "final_fitness": None}
         return self.finish(state)
 
@@ -522,7 +581,7 @@ class Run:
             specs = [offspring_spec(cfg, self.n, g, i, state["fitness"]) for i in accepted]
             if self.ranks.is_main:
                 self._timed(self.pipeline.merged_into, self.arena, replace=specs)
-            combined = self.ranks.broadcast(self.evaluate().as_dict() if self.ranks.is_main else None)
+            combined = self.ranks.broadcast(self.evaluate("the accepted offspring together").as_dict() if self.ranks.is_main else None)
             bar.update(1)
             state["evaluations"] += 1
             best = max(accepted, key=lambda i: (scores[i], -i))
@@ -573,8 +632,8 @@ class Run:
         else:
             self._timed(self.pipeline.merged_into, self.arena)
             kind = f"the merge ({self.pipeline.merger.describe()}) of the evolved population"
-        final = self.evaluate()
-        model_io.save_model(self.arena, cfg.models[0], self.files[0], cfg.out)
+        final = self.evaluate("the output model")
+        written = model_io.save_model(self.arena, cfg.models[0], self.files[0], cfg.out)
         config = dict(state["config"])
         extra = {
             "task": self.task,
@@ -582,13 +641,13 @@ class Run:
             "output": kind,
             "evaluations": state["evaluations"],
             "timing_s": {"weights": round(self.weights_s, 3), "evaluation": round(self.evaluation_s, 3)},
+            "non_finite_evaluations": self.non_finite,
         }
-        write_evolution_json(cfg.out, config, state["history"], final.as_dict(), extra)
-        plot_fitness(cfg.out, state["history"], self.evaluator.metric)
-        write_model_card(cfg.out, config, state["history"], final.as_dict(), self.evaluator.metric, kind)
+        written += [write_evolution_json(cfg.out, config, state["history"], final.as_dict(), extra),
+                    plot_fitness(cfg.out, state["history"], self.evaluator.metric),
+                    write_model_card(cfg.out, config, state["history"], final.as_dict(), self.evaluator.metric, kind)]
+        self.out_dir.record(written)
         self.checkpoint.mark_finished(state)
-        if hasattr(self.pop, "close"):  # the disk tier's files are scratch once the outputs exist
-            self.pop.close(remove_files=True)
         self.log(f"final fitness {final.score:.4f} ({self.evaluator.metric}); wrote {cfg.out}")
         return {"final_fitness": final.score, "per_file": final.per_file, "history": state["history"], **extra}
 
@@ -598,8 +657,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         run = Run(cfg, log=lambda msg: print(msg, file=sys.stderr))
         result = run.run()
-    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError, OSError) as err:
+        print(f"error: {describe_error(err, resumable=True)}", file=sys.stderr)
         if process_group_up():
             # a rank refusing its inputs: leave with the error's code, not through the teardown that can
             # abort with gloo's threads running (Ranks.exit); no barrier, the other ranks may not get there

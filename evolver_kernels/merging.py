@@ -65,7 +65,12 @@ def _check_p(drop_p: float) -> float:
     return float(drop_p)
 
 
-def _check_density(density: float) -> float:
+def _check_density(density: float | list[float], n: int | None = None) -> float | list[float]:
+    """One density, or one per model (mergekit's per-model `density`), each in (0, 1]."""
+    if isinstance(density, (list, tuple)):
+        if n is not None and len(density) != n:
+            raise ValueError(f"density: {len(density)} given for {n} models")
+        return [_check_density(d) for d in density]
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     return float(density)
@@ -114,23 +119,25 @@ def task_arithmetic(pop: Population, base: Arena, out: Arena, scale: float, weig
                          scale=scale, normalize=False, drop_p=_check_p(drop_p), seed=seed)
 
 
-def ties(pop: Population, base: Arena, out: Arena, density: float, scale: float = 1.0,
+def ties(pop: Population, base: Arena, out: Arena, density: float | list[float], scale: float = 1.0,
          weights: list[float] | None = None, drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22,
          backend: str | None = None) -> Arena:
     """TIES-merging (trim, elect sign, disjoint mean), optionally on DARE-dropped task vectors. Tensor by
-    tensor: the trim threshold is each tensor's own (found in two streaming passes), then one fused pass."""
+    tensor: the trim threshold is each tensor's own (found in two streaming passes), then one fused pass.
+    `density` is one fraction for every model or one per model."""
     base = _check_base(pop, base, "TIES")
-    density = _check_density(density)
+    density = _check_density(density, pop.size)
+    densities = density if isinstance(density, list) else [density] * pop.size
     w = _check_weights(weights, pop.size)
     drop_p = _check_p(drop_p)
     for e in pop.layout.entries:
         start = pop.layout.groups[e.group][0]
         dst = out.view(e).view(-1)  # the entry's elements, on the device that holds them
         lo_e, hi_e = e.offset, e.offset + e.numel
-        keep = max(1, int(density * e.numel))
         trims = [0.0] * pop.size
-        if keep < e.numel:
-            for k in range(pop.size):
+        for k in range(pop.size):
+            keep = max(1, int(densities[k] * e.numel))
+            if keep < e.numel:
                 def task_vector(lo, hi, k=k):
                     return _task_vector(pop, base, k, e.group, lo, hi, start, drop_p, seed, dst.device, backend)
                 trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, keep, chunk)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .arena import Arena, Layout, resolve_names, tensor_index
+from .errors import UserError
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
@@ -29,8 +30,13 @@ def load_config(model_dir: str):
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"--models {model_dir}: no config.json (not a Hugging Face model directory)")
-    with open(os.path.join(model_dir, "config.json")) as f:
-        raw = json.load(f)
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"--models {model_dir}: config.json is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--models {model_dir}: config.json is not a JSON object")
     if raw.get("auto_map"):
         raise ValueError(f"--models {model_dir}: the model needs remote code (auto_map in config.json), which is never run")
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
@@ -92,19 +98,46 @@ def attach_arena(model: torch.nn.Module, arena: Arena, files: list[str], device:
     return model.to(device)
 
 
+def _pickle_files(model_dir: str) -> list[str]:
+    return sorted(f for f in os.listdir(model_dir) if f.endswith(".bin"))
+
+
+def conversion_key(model_dir: str) -> str:
+    """A directory name for the conversion of `model_dir`'s pickle weights: its name, then a hash of its real
+    path and of its .bin files' names, sizes and modification times."""
+    import hashlib
+
+    real = os.path.realpath(model_dir)
+    stamp = [real] + [f"{n}:{os.stat(os.path.join(real, n)).st_size}:{os.stat(os.path.join(real, n)).st_mtime_ns}"
+                      for n in _pickle_files(real)]
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    return f"{os.path.basename(real) or 'model'}-{digest}"
+
+
 def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
     """--allow-pickle: converts a model's .bin weights to one safetensors file under dest_dir (tensor data
-    only: torch.load with weights_only=True refuses arbitrary objects)."""
-    os.makedirs(dest_dir, exist_ok=True)
+    only: torch.load with weights_only=True refuses arbitrary objects, and no code in the file runs)."""
+    import pickle
+
     dest = os.path.join(dest_dir, "model.safetensors")
     if os.path.exists(dest):
         return dest
-    names = sorted(f for f in os.listdir(model_dir) if f.endswith(".bin"))
+    names = _pickle_files(model_dir)
     if not names:
         raise FileNotFoundError(f"--models {model_dir}: no safetensors and no .bin weights")
     state = {}
     for name in names:
-        state.update(torch.load(os.path.join(model_dir, name), map_location="cpu", weights_only=True))
+        path = os.path.join(model_dir, name)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--models {model_dir}: {name} is not a plain tensor checkpoint, refused without "
+                            f"running it ({reason[:200]})") from None
+        if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+            raise UserError(f"--models {model_dir}: {name} does not hold a dictionary of tensors")
+        state.update(loaded)
+    os.makedirs(dest_dir, exist_ok=True)
     seen, tensors = {}, {}
     for key, t in state.items():
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -118,9 +151,12 @@ def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
     return dest
 
 
-def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30) -> list[str]:
+def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30,
+               dtype: torch.dtype | None = None) -> list[str]:
     """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
-    source's buffers, config, generation config and tokenizer files. Returns the shard paths."""
+    source's buffers, config, generation config and tokenizer files. With `dtype`, every floating-point
+    tensor is cast to it (one rounding from the arena's values) and config.json says so. Returns every path
+    written."""
     os.makedirs(out_dir, exist_ok=True)
     index = tensor_index(src_files)
     keys = resolve_names(arena.layout, index, src_dir)
@@ -143,9 +179,18 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
 
     def tensor_for(key):
         if key in evolved:
-            return arena.view(evolved[key]).detach().to("cpu").contiguous().clone()
-        with safe_open(index[key][0], framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
+            t = arena.view(evolved[key]).detach().to("cpu").contiguous().clone()
+        else:
+            with safe_open(index[key][0], framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    if dtype is not None:
+        nbytes_of = nbytes
+
+        def nbytes(key):  # noqa: F811 - shard plan in the output dtype
+            _, stored, shape = index[key]
+            return torch.Size(shape).numel() * dtype.itemsize if stored.is_floating_point else nbytes_of(key)
 
     paths, weight_map = [], {}
     for n, keys_in_shard in enumerate(plan, 1):
@@ -156,12 +201,23 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
         paths.append(os.path.join(out_dir, fname))
         weight_map.update({k: fname for k in keys_in_shard})
     if len(plan) > 1:
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        paths.append(os.path.join(out_dir, "model.safetensors.index.json"))
+        with open(paths[-1], "w") as f:
             json.dump({"metadata": {"total_size": sum(nbytes(k) for k in names)}, "weight_map": weight_map}, f, indent=2)
     for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
+            paths.append(os.path.join(out_dir, name))
+            shutil.copyfile(src, paths[-1])
+    if dtype is not None:
+        config_path = os.path.join(out_dir, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = str(dtype).removeprefix("torch.")
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
     return paths
 
 

@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 
-def write_evolution_json(out_dir: str, config: dict, history: list[dict], final: dict, extra: dict) -> str:
-    """Pinned keys: config, generations [{generation, population_fitness, accepted}], final_fitness."""
-    doc = {"config": config, "generations": history, "final_fitness": final["score"], "final_per_file": final["per_file"]}
-    doc.update(extra)
-    path = os.path.join(out_dir, "evolution.json")
+def json_safe(value):
+    """`value` with every non-finite float (a fitness ranked last, NaN) as None: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str, doc) -> str:
+    """Strict JSON (non-finite numbers as null), written atomically."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
+        json.dump(json_safe(doc), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
     return path
+
+
+def write_evolution_json(out_dir: str, config: dict, history: list[dict], final: dict, extra: dict) -> str:
+    """Pinned keys: config, generations [{generation, population_fitness, accepted}], final_fitness. A fitness
+    ranked last (NaN or infinite, evolve.Run.evaluate) is null."""
+    doc = {"config": config, "generations": history, "final_fitness": final["score"], "final_per_file": final["per_file"]}
+    doc.update(extra)
+    return write_json(os.path.join(out_dir, "evolution.json"), doc)
 
 
 def _summary(value) -> tuple[float, float]:
@@ -32,8 +49,12 @@ def plot_fitness(out_dir: str, history: list[dict], metric: str) -> str:
     import matplotlib.pyplot as plt
 
     gens = [h["generation"] for h in history]
-    best = [_summary(h["population_fitness"])[0] for h in history]
-    mean = [_summary(h["population_fitness"])[1] for h in history]
+
+    def finite(v: float) -> float:  # a fitness ranked last is a gap in the plot
+        return v if math.isfinite(v) else math.nan
+
+    best = [finite(_summary(h["population_fitness"])[0]) for h in history]
+    mean = [finite(_summary(h["population_fitness"])[1]) for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(gens, best, marker="o", label="best")
     if mean != best:

@@ -152,11 +152,11 @@ KILLER = textwrap.dedent("""
     from evolver_kernels import evolve
     limit, calls = int(sys.argv[1]), [0]
     original = evolve.Run.evaluate
-    def evaluate(self):
+    def evaluate(self, *args):
         calls[0] += 1
         if calls[0] > limit:
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(self)
+        return original(self, *args)
     evolve.Run.evaluate = evaluate
     sys.exit(evolve.main(sys.argv[2:]))
 """)

@@ -186,11 +186,11 @@ def test_existing_checkpoint_needs_resume_and_same_config(pop, tmp_path, capsys)
 
     calls = []
 
-    def crash(self):
+    def crash(self, *args):
         calls.append(1)
         if len(calls) > 3:
             raise KeyboardInterrupt
-        return original(self)
+        return original(self, *args)
 
     original = ev.Run.evaluate
     ev.Run.evaluate = crash
@@ -240,4 +240,4 @@ def test_unknown_backend_in_a_config_file(pop, tmp_path, capsys):
     _, models, dev = pop
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps({"models": models, "dev": [dev], "out": str(tmp_path / "o"), "backend": "fast"}))
-    assert "--backend must be one of reference, cpu, triton, cuda, got 'fast'" in _error(capsys, ["--config", str(cfg)])
+    assert "run.yaml: backend must be one of reference, cpu, triton, cuda, got 'fast'" in _error(capsys, ["--config", str(cfg)])
