@@ -1,5 +1,5 @@
 // The one Philox4x32-10 definition of the package (Random123: Salmon et al., SC'11), usable from host
-// and device code, and the counter layout of the random-stream contract (shared/DESIGN.md section 3).
+// and device code, and the counter layout of the random-stream contract (docs/ARCHITECTURE.md §2).
 //
 // Element j (64-bit global index) takes word (j & 3) of philox(counter, key) with
 //   counter = (q lo, q hi, stream lo, stream hi), q = j >> 2,   key = (seed lo, seed hi).

@@ -1,6 +1,6 @@
 """evolver-kernels: fuse fine-tuned models into one by evolving their weights (Evolver), with fused kernels.
 
-Public operators (shared/DESIGN.md section 4): de_mutate_crossover, crossover_mask, available_backends;
+Public operators (docs/ARCHITECTURE.md §3): de_mutate_crossover, crossover_mask, available_backends;
 merge_tensors (the fused merge behind evolver_kernels.merging).
 """
 

@@ -182,6 +182,10 @@ class LayoutMismatchError(ValueError):
     """Two models (or a model and its checkpoint) do not share parameter names, shapes or dtypes."""
 
 
+class PickleWeightsError(ValueError):
+    """A model directory with pickle weights only (converted with --allow-pickle, refused otherwise)."""
+
+
 def safetensors_files(model_dir: str) -> list[str]:
     """The weight files of an HF model directory (sharded or not), or a clear error."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -202,7 +206,7 @@ def safetensors_files(model_dir: str) -> list[str]:
         return [single]
     others = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))] if os.path.isdir(model_dir) else []
     if others:
-        raise ValueError(
+        raise PickleWeightsError(
             f"{model_dir}: only pickle weights ({', '.join(sorted(others))}); convert them to safetensors "
             "(pickle files can run code when loaded), or pass --allow-pickle to load them anyway"
         )

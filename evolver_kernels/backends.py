@@ -1,6 +1,6 @@
 """Which backends run on which device, and why the others do not.
 
-Backends (shared/DESIGN.md section 4): "reference" (pure PyTorch), "cpu" (C++/OpenMP extension
+Backends (docs/ARCHITECTURE.md §3): "reference" (pure PyTorch), "cpu" (C++/OpenMP extension
 evolver_kernels._C), "triton" (on a GPU, or on the CPU under TRITON_INTERPRET=1), "cuda" (CUDA C++
 extension evolver_kernels._cuda). The compiled extensions and Triton are imported lazily, once.
 """

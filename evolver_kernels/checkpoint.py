@@ -17,8 +17,9 @@ from safetensors import SafetensorError
 
 from .errors import UserError
 from .population import Population
+from .state import STATE_VERSION, RunState
 
-STATE_VERSION = 1
+STATS_SUFFIX = "-stats.safetensors"
 # the names save() gives individual files, and the temporary names of their atomic writes (population.py)
 OUR_FILE = re.compile(r"ind\d+-v\d+\.safetensors(\.tmp-\d+|\.tmp-link)?")
 
@@ -38,65 +39,70 @@ class Checkpoint:
     def exists(self) -> bool:
         return os.path.isfile(self.state_path)
 
-    def load_state(self) -> dict:
+    def load_state(self) -> RunState:
         try:
             with open(self.state_path) as f:
-                state = json.load(f)
+                doc = json.load(f)
         except (ValueError, UnicodeDecodeError) as err:
             raise UserError(f"{self.state_path}: not a readable checkpoint ({err}); the run cannot resume from it") from None
-        if not isinstance(state, dict) or state.get("state_version") != STATE_VERSION:
+        if not isinstance(doc, dict) or doc.get("state_version") != STATE_VERSION:
             raise UserError(f"{self.state_path}: written by another version of evolver-kernels")
-        return state
+        try:
+            return RunState.from_json(doc)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise UserError(f"{self.state_path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
 
-    def save(self, state: dict, pop: Population | None, changed: list[int]) -> None:
+    def save(self, state: RunState, pop: Population | None, changed: list[int]) -> None:
         """Writes the individuals in `changed` under new names, then state.json pointing at them."""
         self.check()
         os.makedirs(self.ind_dir, exist_ok=True)
-        files = dict(state.get("individual_files", {}))
         for i in changed:
-            state["file_version"] = state.get("file_version", 0) + 1
-            name = f"ind{i}-v{state['file_version']}.safetensors"
+            state.file_version += 1
+            name = f"ind{i}-v{state.file_version}.safetensors"
             pop.save(i, os.path.join(self.ind_dir, name))
-            files[str(i)] = name
-        state["individual_files"] = files
-        state["state_version"] = STATE_VERSION
+            state.individual_files[i] = name
         tmp = self.state_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
+            json.dump(state.to_json(), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
-        self.remove_unreferenced(files)
+        self.remove_unreferenced(state.individual_files)
 
     def finished(self) -> bool:
-        return self.exists() and bool(self.load_state().get("finished"))
+        return self.exists() and self.load_state().finished
 
-    def mark_finished(self, state: dict) -> None:
+    def mark_finished(self, state: RunState) -> None:
         """After the outputs are written: the individual files are no longer needed (they can be N model
         copies); state.json stays as the record of the run."""
-        state = dict(state, finished=True, individual_files={})
+        state.finished = True
+        state.individual_files = {}
         self.save(state, None, [])
         for name in os.listdir(self.dir):
-            if name.endswith("-stats.safetensors"):  # Fisher / RegMean statistics (evolve.Run._merge_stats)
+            if name.endswith(STATS_SUFFIX):  # merge statistics (evolve.py)
                 os.remove(os.path.join(self.dir, name))
 
-    def restore(self, state: dict, pop: Population) -> None:
+    def stats_path(self, method: str) -> str:
+        """Where a merge method's statistics are kept for --resume."""
+        return os.path.join(self.dir, f"{method}{STATS_SUFFIX}")
+
+    def restore(self, state: RunState, pop: Population) -> None:
         """Loads the individuals that state.json names into the population."""
-        for i, name in state.get("individual_files", {}).items():
+        for i, name in state.individual_files.items():
             path = os.path.join(self.ind_dir, name)
             try:
-                pop.load(int(i), path)
+                pop.load(i, path)
             except (OSError, SafetensorError, ValueError) as err:
                 raise UserError(f"{path}: unreadable checkpointed individual ({' '.join(str(err).split())}); "
                                 "the run cannot resume from this checkpoint") from None
-        self.remove_unreferenced(state.get("individual_files", {}))
+        self.remove_unreferenced(state.individual_files)
 
-    def remove_unreferenced(self, files: dict) -> None:
+    def remove_unreferenced(self, files: dict[int, str]) -> None:
         """Deletes our own individual files (and leftovers of interrupted writes) that state.json does not name;
         anything else in the folder is left alone."""
         if not os.path.isdir(self.ind_dir) or os.path.islink(self.ind_dir):
             return
-        keep = set(files.values())
+        keep = set(files.values())  # the names state.json refers to
         for name in os.listdir(self.ind_dir):
             path = os.path.join(self.ind_dir, name)
             if name not in keep and OUR_FILE.fullmatch(name) and not os.path.islink(path) and os.path.isfile(path):

@@ -1,5 +1,7 @@
-"""The options of `python -m evolver_kernels.evolve`, defined once: the dataclass below is the YAML schema,
-the argparse parser (flags override the file) and the validation before any heavy work."""
+"""The options of `python -m evolver_kernels.evolve`, defined once: the dataclass below is the YAML schema, the
+argparse parser (flags override the file) and the validation before any heavy work. Choices come from the
+registries (strategies.py, methods/, fitness.py, population tiers, backends), and every merge-method parameter
+of methods/ is an option `--merge-<param>` (YAML `merge_<param>`), held in EvolveConfig.merge."""
 
 from __future__ import annotations
 
@@ -7,18 +9,19 @@ import argparse
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import yaml
 
-from . import rundir
+from . import methods, rundir, strategies
 from .backends import BACKENDS
 from .errors import UserError
-from .offspring import STRATEGIES
+from .fitness import FITNESS
+from .ops import MAX_MERGE_INPUTS
 from .population import TIERS
 
-FITNESS_MODES = ("individual", "merged")
 SCHEDULES = ("sequential", "synchronous")
 
 
@@ -30,11 +33,6 @@ def _opt(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
-MERGE_METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher", "regmean")
-EXTRA_INDIVIDUALS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-
-
 @dataclasses.dataclass
 class EvolveConfig:
     models: list[str] = _opt(None, "Hugging Face model directories (safetensors), fine-tunes of one base model", nargs="+")
@@ -43,17 +41,13 @@ class EvolveConfig:
     task: str | None = _opt(None, "sequence-classification, causal-lm, seq2seq or module:function (default: from the architecture)")
     metric: str | None = _opt(None, "accuracy, macro-f1, multilabel-f1, neg-loss or exact-match (default: by task)")
     generations: int = _opt(15, "number of generations")
-    population_size: int | None = _opt(None, "individuals (default: the number of models)")
-    strategy: str = _opt("evolver", "mutation strategy", choices=tuple(STRATEGIES))
-    fitness: str = _opt("merged", "individual: score each offspring alone; merged: score the population's average with the offspring in its slot", choices=FITNESS_MODES)
-    merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=MERGE_METHODS)
-    base_model: str | None = _opt(None, "the models' common ancestor (HF directory), needed by task_arithmetic, ties and dare_*")
-    merge_scale: float = _opt(1.0, "task-vector scale (lambda) of task_arithmetic, ties and dare_*")
-    merge_density: float = _opt(0.5, "fraction of each task vector TIES keeps, in (0, 1]")
-    merge_drop_p: float = _opt(0.5, "DARE drop probability, in [0, 1)")
-    merge_alpha: float = _opt(0.5, "RegMean: factor on the Gram matrices' off-diagonal entries, in [0, 1]")
-    merge_examples: int = _opt(256, "dev examples behind the Fisher / RegMean statistics (computed once per model)")
-    extra_individuals: list[str] | None = _opt(None, "merges of the models added to the initial population as individuals, with the --merge-* settings", nargs="+", choices=EXTRA_INDIVIDUALS)
+    population_size: int | None = _opt(None, "individuals (default: the models plus the --extra-individuals); more "
+                                              "slots are filled with seeded offspring of the models")
+    strategy: str = _opt("evolver", "mutation strategy", choices=strategies.names)
+    fitness: str = _opt("merged", "individual: score each offspring alone; merged: score the population's merge with the offspring in its slot", choices=lambda: tuple(FITNESS))
+    merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=methods.names)
+    base_model: str | None = _opt(None, "the models' common ancestor (HF directory), needed by the task-vector methods")
+    extra_individuals: list[str] | None = _opt(None, "merges of the models added to the initial population as individuals, with the --merge-* settings", nargs="+", choices=lambda: methods.names(with_statistics=False))
     schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
     F: float = _opt(0.5, "mutation scale, in (0, 2]")
     CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value, in [0, 1]")
@@ -72,9 +66,35 @@ class EvolveConfig:
     chunk_elements: int = _opt(1 << 22, "elements per chunk of the streamed weight operators")
     backend: str | None = _opt(None, "operator backend (default: the fastest available on each device)", choices=BACKENDS)
     allow_pickle: bool = _opt(False, "accept pickle (.bin) weights; off by default because unpickling can run code")
+    # the merge methods' parameters given (--merge-<param> / merge_<param>): {param: value}; the rest default
+    merge: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"cli": False})
+
+    def merge_settings(self, method: str) -> dict[str, Any]:
+        """Every parameter of `method`, from the given values over the registry's defaults."""
+        record = methods.get(method)
+        return record.settings({k: v for k, v in self.merge.items() if record.param(k) is not None}, merge_flag)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options as recorded (evolution.json, the checkpoint): every merge parameter as merge_<param>."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cli", True)}
+        for name, p in methods.all_params().items():
+            out[f"merge_{name}"] = self.merge.get(name, p.default)
+        return out
+
+
+def merge_flag(param: str) -> str:
+    """The evolve flag of a merge-method parameter."""
+    return "--merge-" + param.replace("_", "-")
+
+
+def _cli_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(EvolveConfig) if f.metadata.get("cli", True)]
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    """A field's choices, resolved now (registries may have grown since import)."""
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if isinstance(choices, Callable) else choices
 
 
 def _scalar_type(f: dataclasses.Field):
@@ -92,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fuse fine-tuned models of one base model by evolving their weights (Evolver).",
     )
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    for f in dataclasses.fields(EvolveConfig):
+    for f in _cli_fields():
         flag = "--" + f.name.replace("_", "-")
         # SUPPRESS keeps unset flags out of the namespace, so that they do not override the YAML file
         kw = {"help": f"{f.metadata['help']} (default: {f.default})", "default": argparse.SUPPRESS}
@@ -100,10 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = _scalar_type(f)
-            for key in ("nargs", "choices"):
-                if key in f.metadata:
-                    kw[key] = f.metadata[key]
+            if "nargs" in f.metadata:
+                kw["nargs"] = f.metadata["nargs"]
+            if _choices(f):
+                kw["choices"] = _choices(f)
         parser.add_argument(flag, **kw)
+    group = parser.add_argument_group("merge-method parameters (methods/: each applies to the methods named)")
+    for name, p in methods.all_params().items():
+        users = [m.name for m in methods.METHODS.values() if m.param(name) is not None]
+        group.add_argument(merge_flag(name), dest=f"merge:{name}", type=p.type, default=argparse.SUPPRESS,
+                           help=f"{p.help}; {', '.join(users)}; in {p.range_text()} (default: {p.default})")
     return parser
 
 
@@ -126,7 +152,7 @@ def _from_yaml(f: dataclasses.Field, value: Any, where: str) -> Any:
         except ValueError:
             kind = {int: "an integer", float: "a number"}[_scalar_type(f)]
             raise ConfigError(f"{where}: {f.name} must be {kind}, got {v!r}") from None
-        choices = f.metadata.get("choices")
+        choices = _choices(f)
         if choices and v not in choices:
             raise ConfigError(f"{where}: {f.name} must be one of {', '.join(map(str, choices))}, got {v!r}")
         return v
@@ -165,20 +191,28 @@ def parse_config(argv: list[str] | None = None) -> EvolveConfig:
     args = vars(build_parser().parse_args(argv))
     values: dict[str, Any] = {}
     config_path = args.pop("config", None)
+    merge: dict[str, Any] = {}
     if config_path:
         loaded = load_yaml_mapping(config_path)
-        fields = {f.name: f for f in dataclasses.fields(EvolveConfig)}
+        fields = {f.name: f for f in _cli_fields()}
+        params = {f"merge_{name}": name for name in methods.all_params()}
         loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
-        unknown = sorted(set(loaded) - set(fields))
+        unknown = sorted(set(loaded) - set(fields) - set(params))
         if unknown:
             raise ConfigError(f"--config {config_path}: unknown option(s) {', '.join(unknown)}")
-        values.update({k: _from_yaml(fields[k], v, f"--config {config_path}") for k, v in loaded.items()})
+        for key, value in loaded.items():
+            if key in params:  # checked with the flag's name in validate()
+                merge[params[key]] = value
+            else:
+                values[key] = _from_yaml(fields[key], value, f"--config {config_path}")
+    for key in [k for k in args if k.startswith("merge:")]:
+        merge[key.removeprefix("merge:")] = args.pop(key)
     values.update(args)
-    return EvolveConfig(**values)
+    return EvolveConfig(**values, merge=merge)
 
 
 def validate(cfg: EvolveConfig) -> None:
-    """Checks that need no model loaded: presence, types, ranges, paths."""
+    """Checks that need no model loaded: presence, types, ranges, paths, and the registries' rules."""
     for name in ("models", "dev", "out"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
@@ -192,47 +226,51 @@ def validate(cfg: EvolveConfig) -> None:
             raise ConfigError(f"--dev {path}: no such file or directory")
     if len(set(map(os.path.realpath, cfg.models))) != len(cfg.models):
         raise ConfigError("--models lists the same directory twice")
+    for f in _cli_fields():  # choices of options set in code (flags and YAML are checked when parsed)
+        value, choices = getattr(cfg, f.name), _choices(f)
+        for v in (value if isinstance(value, list) else [value]):
+            if choices and v is not None and v not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {v!r}")
     extras = list(cfg.extra_individuals or [])
-    for method in extras:
-        if method not in EXTRA_INDIVIDUALS:
-            raise ConfigError(f"--extra-individuals {method}: must be one of {', '.join(EXTRA_INDIVIDUALS)}")
     if len(set(extras)) != len(extras):
         raise ConfigError("--extra-individuals lists a merge twice (it would add two identical individuals)")
-    n = cfg.population_size if cfg.population_size is not None else len(cfg.models) + len(extras)
-    if n != len(cfg.models) + len(extras):
-        raise ConfigError(
-            f"--population-size {n} differs from the {len(cfg.models)} models plus {len(extras)} extra individuals given; "
-            "the population is the models themselves and the --extra-individuals merges"
-        )
-    need = STRATEGIES[cfg.strategy]
-    if n < need:
-        raise ConfigError(f"--strategy {cfg.strategy} needs a population of at least {need}, got {n}")
-    if cfg.strategy == "best/1" and cfg.fitness == "merged":
-        raise ConfigError("--strategy best/1 needs per-individual fitness: use --fitness individual")
-    if cfg.merge_method not in MERGE_METHODS:
-        raise ConfigError(f"--merge-method must be one of {', '.join(MERGE_METHODS)}, got {cfg.merge_method!r}")
+    n = population_size(cfg)
+    if n < len(cfg.models) + len(extras):
+        raise ConfigError(f"--population-size {n} is smaller than the {len(cfg.models)} models plus {len(extras)} "
+                          "extra individuals given: each is an individual")
+    strategy = strategies.get(cfg.strategy)
+    if n < strategy.min_population:
+        raise ConfigError(f"--strategy {cfg.strategy} needs a population of at least {strategy.min_population}, got {n}")
+    if strategy.needs_individual_fitness and cfg.fitness == "merged":
+        raise ConfigError(f"--strategy {cfg.strategy} needs per-individual fitness: use --fitness individual")
     if cfg.merge_method != "average" and cfg.fitness != "merged":
         raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged")
-    for what, method in [("--merge-method", cfg.merge_method)] + [("--extra-individuals", m) for m in extras]:
-        if method in NEEDS_BASE:
+    used = [methods.get(cfg.merge_method)] * (cfg.fitness == "merged") + [methods.get(m) for m in extras]
+    for name, value in cfg.merge.items():
+        p = methods.all_params().get(name)
+        if p is None:
+            raise ConfigError(f"{merge_flag(name)}: no merge method has a parameter {name!r}")
+        if not any(m.param(name) is not None for m in used):
+            raise ConfigError(f"{merge_flag(name)} does not apply to {', '.join(m.name for m in used) or 'this run'} "
+                              f"(it applies to {', '.join(m.name for m in methods.METHODS.values() if m.param(name))})")
+        cfg.merge[name] = p.check(value, merge_flag(name))
+    for what, method in [("--merge-method", m.name) for m in used[:1] if cfg.fitness == "merged"] + \
+            [("--extra-individuals", m) for m in extras]:
+        if methods.get(method).needs_base:
             if not cfg.base_model:
                 raise ConfigError(f"{what} {method} needs --base-model (the models' common ancestor)")
             if not os.path.isdir(cfg.base_model):
                 raise ConfigError(f"--base-model {cfg.base_model}: no such directory")
-    if not 0 < cfg.merge_density <= 1:
-        raise ConfigError(f"--merge-density must be in (0, 1], got {cfg.merge_density}")
-    if not 0 <= cfg.merge_drop_p < 1:
-        raise ConfigError(f"--merge-drop-p must be in [0, 1), got {cfg.merge_drop_p}")
-    if not 0 <= cfg.merge_alpha <= 1:
-        raise ConfigError(f"--merge-alpha must be in [0, 1], got {cfg.merge_alpha}")
+        if methods.get(method).statistics is not None and ":" in (cfg.task or ""):
+            raise ConfigError(f"{what} {method} estimates statistics with a built-in --task, not {cfg.task}")
+    if cfg.fitness == "merged" and n > MAX_MERGE_INPUTS:
+        raise ConfigError(f"--fitness merged merges at most {MAX_MERGE_INPUTS} individuals, the population has {n}")
     if cfg.device_map is not None:
         if cfg.device_map != "auto" and not os.path.isfile(cfg.device_map):
             raise ConfigError(f"--device-map must be auto or a JSON file, got {cfg.device_map!r} (no such file)")
         if cfg.population_on == "gpu":
             raise ConfigError("--device-map spreads the evaluation model over several devices: keep the population "
                               "on cpu or disk (--population-on)")
-    if cfg.merge_method in ("fisher", "regmean") and ":" in (cfg.task or ""):
-        raise ConfigError(f"--merge-method {cfg.merge_method} estimates statistics with a built-in --task, not {cfg.task}")
     if not (isinstance(cfg.F, (int, float)) and math.isfinite(cfg.F) and 0 < cfg.F <= 2):
         raise ConfigError(f"--F must be in (0, 2], got {cfg.F}")
     if not (isinstance(cfg.CR, (int, float)) and 0 <= cfg.CR <= 1):
@@ -241,21 +279,25 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"--generations must be a non-negative integer, got {cfg.generations}")
     if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**64):
         raise ConfigError(f"--seed must be an integer in [0, 2**64), got {cfg.seed}")
-    for name in ("batch_size", "max_length", "chunk_elements", "merge_examples") + ("max_dev_examples",) * (cfg.max_dev_examples is not None):
+    positive = ("batch_size", "max_length", "chunk_elements") + ("max_dev_examples",) * (cfg.max_dev_examples is not None)
+    for name in positive:
         if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) > 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.chunk_elements % 64:
         raise ConfigError(f"--chunk-elements must be a multiple of 64, got {cfg.chunk_elements}")
     if not 0 < cfg.threshold < 1:
         raise ConfigError(f"--threshold must be in (0, 1), got {cfg.threshold}")
-    if cfg.backend is not None and cfg.backend not in BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
-    rundir.check_out(cfg.out, "evolve", inputs(cfg))
+    rundir.check_out(cfg.out, "evolve", input_paths(cfg))
     if cfg.population_dir:
-        rundir.check_scratch_root("--population-dir", cfg.population_dir, inputs(cfg))
+        rundir.check_scratch_root("--population-dir", cfg.population_dir, input_paths(cfg))
 
 
-def inputs(cfg: EvolveConfig) -> list[tuple[str, str]]:
+def population_size(cfg: EvolveConfig) -> int:
+    """--population-size, by default the models plus the extra individuals."""
+    return cfg.population_size if cfg.population_size is not None else len(cfg.models) + len(cfg.extra_individuals or [])
+
+
+def input_paths(cfg: EvolveConfig) -> list[tuple[str, str]]:
     """(option, path) of everything the run reads: never written into (rundir.py)."""
     paths = [("--models", m) for m in cfg.models] + [("--dev", d) for d in cfg.dev]
     if cfg.base_model:

@@ -3,31 +3,36 @@
     python -m evolver_kernels.merge --config merge.yaml --out merged
     python -m evolver_kernels.merge --method ties --base base_dir --models a b c --density 0.5 --out merged
 
-The YAML follows mergekit's conventions where they fit:
+Methods, their parameters, defaults and ranges come from the registry (evolver_kernels/methods/): each method
+parameter is a flag `--<param>` (per-model ones take one value or one per model) and a key of the YAML's
+`parameters:`. The YAML follows mergekit's conventions and is read strictly (every key honoured or refused):
 
-    merge_method: ties            # average | task_arithmetic | ties | dare_linear | dare_ties | fisher | regmean
-    base_model: path/to/base      # needed by task_arithmetic, ties and dare_*
+    merge_method: ties            # or linear (mergekit's name for average), task_arithmetic, dare_ties, ...
+    base_model: path/to/base      # needed by the task-vector methods
     models:
       - model: path/to/a
-        parameters: {weight: 1.0}
+        parameters: {weight: 1.0, density: 0.3}   # per model: weight, and the method's per-model parameters
       - model: path/to/b
-    parameters: {density: 0.5, scale: 1.0, drop_p: 0.1, seed: 0}
-    dev: [dev_a.jsonl, dev_b.jsonl]   # fisher and regmean: the data their statistics are estimated on
-                                      # (parameters: examples (256), alpha (RegMean, 0.5), task)
+    parameters: {density: 0.5, lambda: 1.0, seed: 0}  # global: the method's parameters (a model's own win),
+                                                      # weight (default per model), seed, task
+    dtype: bfloat16               # the output's dtype (out_dtype wins); we compute in fp32 whatever it says
+    dev: [dev_a.jsonl, dev_b.jsonl]   # methods with statistics (fisher, regmean): the data they are estimated on
 
-Weights are streamed (evolver_kernels.merging): never a stack of the models; population on `--population-on`
-(cpu: host memory; disk: memory-mapped files under <out>/population).
+Weights are streamed (docs/ARCHITECTURE.md §5): never a stack of the models; the population lives on
+`--population-on` (cpu: host memory; disk: memory-mapped files in a scratch directory under --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from typing import Any
 
 import torch
 
-from . import merge_stats, merging, model_io
+from . import merging, methods, model_io
 from .arena import Arena, Layout, resolve_names, safetensors_files, tensor_index
 from .config import load_yaml_mapping
 from .errors import UserError, describe_error
@@ -37,24 +42,8 @@ from .population import make_population
 from .report import write_json
 from .rundir import OutputDir, Scratch
 
-METHODS = merging.METHODS
-NEEDS_DATA = merge_stats.STATS_METHODS
-
-
 YAML_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "dev")
-# parameters: key -> (spec key, the methods it applies to (None: all), allowed per model too)
-PARAMETERS = {
-    "weight": ("weights", None, True),
-    "density": ("density", ("ties", "dare_ties"), True),
-    "scale": ("scale", ("task_arithmetic", "ties", "dare_linear", "dare_ties"), False),
-    "lambda": ("scale", ("task_arithmetic", "ties", "dare_linear", "dare_ties"), False),
-    "drop_p": ("drop_p", ("dare_linear", "dare_ties"), False),
-    "seed": ("seed", ("dare_linear", "dare_ties"), False),
-    "examples": ("examples", NEEDS_DATA, False),
-    "alpha": ("alpha", ("regmean",), False),
-    "task": ("task", NEEDS_DATA, False),
-}
-ALIASES = {"linear": "average"}  # mergekit's name for the weighted average
+RUN_PARAMETERS = {"seed": int, "task": str}  # `parameters:` keys that are options of the run, not of a method
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,215 +51,227 @@ class MergeConfigError(UserError):
     """A merge config or flag that cannot be honoured; the message names the key."""
 
 
-def _number(where: str, value, kind=float):
-    if isinstance(value, list):
-        raise MergeConfigError(f"{where}: a list (a parameter gradient over layers) is not supported; give one number")
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise MergeConfigError(f"{where}: must be a number, got {value!r}")
-    try:
-        return kind(value)
-    except ValueError:
-        raise MergeConfigError(f"{where}: must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+@dataclasses.dataclass
+class MergeSpec:
+    out: str
+    method: str = "average"
+    models: list[str] = dataclasses.field(default_factory=list)
+    weights: list[float] | None = None
+    base: str | None = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's parameters given
+    seed: int = 0
+    dev: list[str] = dataclasses.field(default_factory=list)
+    task: str | None = None
+    dtype: str | None = None
+    population_on: str = "cpu"
 
 
-def _parameters(where: str, params, method: str, per_model: bool) -> dict:
-    """A `parameters:` mapping checked against the method: unknown keys, keys of other methods and lists are
-    refused (never silently dropped)."""
+def flag(param: str) -> str:
+    return "--" + param.replace("_", "-")
+
+
+def _parameters(where: str, params, record: methods.MergeMethod, per_model: bool) -> dict[str, Any]:
+    """A `parameters:` mapping checked against the method: unknown keys, keys of other methods, global keys
+    given per model and lists (parameter gradients) are refused, never dropped."""
     if params is None:
         return {}
     if not isinstance(params, dict):
         raise MergeConfigError(f"{where}: must be a mapping of parameter names to values, got {params!r}")
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in params.items():
-        if key not in PARAMETERS:
-            raise MergeConfigError(f"{where}: unknown parameter {key!r} (known: {', '.join(PARAMETERS)})")
-        target, methods, model_level = PARAMETERS[key]
-        if per_model and not model_level:
-            raise MergeConfigError(f"{where}: {key} is a global parameter (put it under the top-level parameters:)")
-        if methods is not None and method not in methods:
-            raise MergeConfigError(f"{where}: {key} does not apply to {method} (it applies to {', '.join(methods)})")
-        if key == "task":
-            if not isinstance(value, str):
-                raise MergeConfigError(f"{where}: task must be a string, got {value!r}")
-            out[target] = value
-        else:
-            out[target] = _number(f"{where}: {key}", value, int if key in ("seed", "examples") else float)
-    if "scale" in params and "lambda" in params:
-        raise MergeConfigError(f"{where}: give scale or lambda, not both (they are the same parameter)")
+        at = f"{where}: {key}"
+        if isinstance(value, list):
+            raise MergeConfigError(f"{at}: a list (a parameter gradient over layers) is not supported; give one number")
+        if key == "weight":
+            out["weight"] = methods.Param("weight", float, 1.0, "", low=0.0).check(value, at)
+            continue
+        if key in RUN_PARAMETERS and not per_model:
+            if not isinstance(value, RUN_PARAMETERS[key]) or isinstance(value, bool):
+                raise MergeConfigError(f"{at} must be {'an integer' if key == 'seed' else 'a string'}, got {value!r}")
+            out[key] = value
+            continue
+        p = record.param(key)
+        if p is None:
+            known = [q.name for q in methods.all_params().values()] + ["weight", *RUN_PARAMETERS]
+            if key in known or any(key in q.aliases for q in methods.all_params().values()):
+                have = ", ".join(q.name for q in record.params) or "none"
+                raise MergeConfigError(f"{at} does not apply to {record.name} (its parameters: {have})")
+            raise MergeConfigError(f"{where}: unknown parameter {key!r} (known: {', '.join(known)})")
+        if per_model and not p.per_model:
+            raise MergeConfigError(f"{at} is a global parameter (put it under the top-level parameters:)")
+        if p.name in out:
+            raise MergeConfigError(f"{where}: {p.name} given twice (as {' and '.join([p.name, *p.aliases])})")
+        out[p.name] = p.check(value, at)
     return out
 
 
-def _read_yaml(path: str, method_flag: str | None) -> dict:
+def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
+    """A mergekit-style YAML file as a MergeSpec (out left empty); method_flag (--method) wins over the file."""
     raw = load_yaml_mapping(path)
-    unknown = sorted(set(raw) - set(YAML_KEYS))
+    where = f"--config {path}"
+    unknown = sorted(set(map(str, raw)) - set(YAML_KEYS))
     if unknown:
-        raise MergeConfigError(f"--config {path}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(YAML_KEYS)})")
-    spec: dict = {}
+        raise MergeConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(YAML_KEYS)})")
     method = method_flag or raw.get("merge_method") or "average"
     if not isinstance(method, str):
-        raise MergeConfigError(f"--config {path}: merge_method must be a string, got {method!r}")
-    method = ALIASES.get(method, method)
-    if method not in METHODS:
-        raise MergeConfigError(f"--config {path}: merge_method must be one of {', '.join(METHODS)} (or linear), got {method!r}")
-    if raw.get("merge_method") is not None:
-        spec["method"] = method
+        raise MergeConfigError(f"{where}: merge_method must be a string, got {method!r}")
+    try:
+        record = methods.get(method)
+    except UserError as err:
+        raise MergeConfigError(f"{where}: merge_method: {err}") from None
+    spec = MergeSpec(out="", method=record.name)
     if raw.get("base_model") is not None:
         if not isinstance(raw["base_model"], str):
-            raise MergeConfigError(f"--config {path}: base_model must be a path, got {raw['base_model']!r}")
-        spec["base"] = raw["base_model"]
-    glob = _parameters(f"--config {path}: parameters", raw.get("parameters"), method, per_model=False)
+            raise MergeConfigError(f"{where}: base_model must be a path, got {raw['base_model']!r}")
+        spec.base = raw["base_model"]
+    glob = _parameters(f"{where}: parameters", raw.get("parameters"), record, per_model=False)
+    spec.seed = glob.pop("seed", 0)
+    spec.task = glob.pop("task", None)
+    default_weight = glob.pop("weight", None)
     models = raw.get("models")
-    if models is None and "weights" in glob:
-        raise MergeConfigError(f"--config {path}: parameters: weight is given per model (models: - model: PATH, parameters: {{weight: W}})")
+    if models is None and default_weight is not None:
+        raise MergeConfigError(f"{where}: parameters: weight is a per-model value (models: - model: PATH, parameters: "
+                               "{weight: W}); give the models in the file")
     if models is not None:
         if not isinstance(models, list):
-            raise MergeConfigError(f"--config {path}: models must be a list of entries (- model: PATH), got {models!r}")
-        spec["models"], per_model = [], []
+            raise MergeConfigError(f"{where}: models must be a list of entries (- model: PATH), got {models!r}")
+        per_model = []
         for n, entry in enumerate(models, 1):
-            where = f"--config {path}: models entry {n}"
+            at = f"{where}: models entry {n}"
             if isinstance(entry, str):
                 entry = {"model": entry}
             if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-                raise MergeConfigError(f"{where}: needs `model: PATH`, got {entry!r}")
-            extra = sorted(set(entry) - {"model", "parameters"})
+                raise MergeConfigError(f"{at}: needs `model: PATH`, got {entry!r}")
+            extra = sorted(set(map(str, entry)) - {"model", "parameters"})
             if extra:
-                raise MergeConfigError(f"{where}: unknown key(s) {', '.join(map(str, extra))} (an entry has model and parameters)")
-            spec["models"].append(entry["model"])
-            per_model.append(_parameters(f"{where} parameters", entry.get("parameters"), method, per_model=True))
+                raise MergeConfigError(f"{at}: unknown key(s) {', '.join(extra)} (an entry has model and parameters)")
+            spec.models.append(entry["model"])
+            per_model.append(_parameters(f"{at} parameters", entry.get("parameters"), record, per_model=True))
         # a model's own parameters override the global ones, as in mergekit
-        default_weight = glob.pop("weights", 1.0)
-        if default_weight != 1.0 or any("weights" in p for p in per_model):
-            spec["weights"] = [p.get("weights", default_weight) for p in per_model]
-        if any("density" in p for p in per_model):
-            if "density" not in glob and not all("density" in p for p in per_model):
-                raise MergeConfigError(f"--config {path}: density is given for some models and not others; give it "
-                                       "for every model or under the top-level parameters:")
-            spec["density"] = [p.get("density", glob.get("density")) for p in per_model]
-            glob.pop("density", None)
-    spec.update(glob)
+        if default_weight is not None or any("weight" in p for p in per_model):
+            spec.weights = [p.get("weight", 1.0 if default_weight is None else default_weight) for p in per_model]
+        for p in record.params:
+            if p.per_model and any(p.name in q for q in per_model):
+                if p.name not in glob and not all(p.name in q for q in per_model):
+                    raise MergeConfigError(f"{where}: {p.name} is given for some models and not others; give it for "
+                                           "every model or under the top-level parameters:")
+                glob[p.name] = [q.get(p.name, glob.get(p.name)) for q in per_model]
+    spec.params = glob
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None and raw[key] not in DTYPES:
-            raise MergeConfigError(f"--config {path}: {key} must be one of {', '.join(DTYPES)}, got {raw[key]!r}")
-    # mergekit: out_dtype is the output's dtype, defaulting to dtype (we compute in fp32 whatever dtype says)
-    if raw.get("out_dtype") or raw.get("dtype"):
-        spec["dtype"] = raw.get("out_dtype") or raw.get("dtype")
+            raise MergeConfigError(f"{where}: {key} must be one of {', '.join(DTYPES)}, got {raw[key]!r}")
+    spec.dtype = raw.get("out_dtype") or raw.get("dtype")  # mergekit: out_dtype defaults to dtype
     if raw.get("dev") is not None:
         dev = raw["dev"] if isinstance(raw["dev"], list) else [raw["dev"]]
         if not all(isinstance(d, str) for d in dev):
-            raise MergeConfigError(f"--config {path}: dev must be a list of file paths, got {raw['dev']!r}")
-        spec["dev"] = dev
+            raise MergeConfigError(f"{where}: dev must be a list of file paths, got {raw['dev']!r}")
+        spec.dev = dev
     return spec
 
 
-def parse_args(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, built now from the registry (methods registered after import are included)."""
     parser = argparse.ArgumentParser(prog="python -m evolver_kernels.merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="mergekit-style YAML (flags below override it)")
-    parser.add_argument("--method", choices=METHODS, help="merge method (default: average)")
+    names = [name for m in methods.METHODS.values() for name in (m.name, *m.aliases)]
+    parser.add_argument("--method", choices=names, help="merge method (default: average)")
     parser.add_argument("--models", nargs="+", help="model directories to merge")
     parser.add_argument("--weights", nargs="+", type=float, help="one weight per model (default: 1 each)")
     parser.add_argument("--base", help="base model directory (the common ancestor)")
-    parser.add_argument("--density", type=float, help="TIES: fraction of each task vector kept (default 1.0)")
-    parser.add_argument("--scale", type=float, help="task vector scale, lambda (default 1.0)")
-    parser.add_argument("--drop-p", type=float, help="DARE drop probability (default 0.5 for dare_*)")
-    parser.add_argument("--seed", type=int, help="DARE seed (default 0)")
-    parser.add_argument("--dev", nargs="+", help="fisher, regmean: dev data files (JSONL, CSV/TSV) for their statistics")
-    parser.add_argument("--task", help="fisher, regmean: task of the dev data (default: from the architecture)")
-    parser.add_argument("--examples", type=int, help="fisher, regmean: dev examples used (default 256)")
-    parser.add_argument("--alpha", type=float, help="regmean: factor on the Gram matrices' off-diagonals (default 0.5)")
+    parser.add_argument("--seed", type=int, help="seed of methods that draw random numbers (DARE; default 0)")
+    parser.add_argument("--dev", nargs="+", help="methods with statistics: dev data files (JSONL, CSV/TSV)")
+    parser.add_argument("--task", help="methods with statistics: task of the dev data (default: from the architecture)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the output's tensors (default: the models')")
     parser.add_argument("--population-on", choices=("cpu", "disk"), default="cpu")
     parser.add_argument("--out", required=True, help="output model directory (new, empty, or an earlier merge's)")
-    args = parser.parse_args(argv)
-    spec: dict = _read_yaml(args.config, args.method) if args.config else {}
-    for key in ("method", "models", "weights", "base", "density", "scale", "drop_p", "seed", "dev", "task", "examples",
-                "alpha", "dtype"):
-        value = getattr(args, key)
-        if value is not None:
-            spec[key] = value
-    spec["out"] = args.out
-    spec["population_on"] = args.population_on
+    group = parser.add_argument_group("method parameters (evolver_kernels/methods/)")
+    for name, p in methods.all_params().items():
+        users = ", ".join(m.name for m in methods.METHODS.values() if m.param(name) is not None)
+        group.add_argument(flag(name), dest=f"param:{name}", type=p.type, nargs="+" if p.per_model else None,
+                           help=f"{p.help}; {users}; in {p.range_text()}{' (one, or one per model)' if p.per_model else ''}"
+                                f" (default {p.default})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> MergeSpec:
+    args = vars(build_parser().parse_args(argv))
+    spec = read_yaml(args["config"], args["method"]) if args["config"] else MergeSpec(out="")
+    if args["method"]:
+        spec.method = methods.get(args["method"]).name
+    for key in ("models", "weights", "base", "seed", "dev", "task", "dtype"):
+        if args[key] is not None:
+            setattr(spec, key, args[key])
+    for key, value in args.items():
+        if key.startswith("param:") and value is not None:
+            name = key.removeprefix("param:")
+            spec.params[name] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    spec.out, spec.population_on = args["out"], args["population_on"]
     return spec
 
 
-def run(spec: dict, log=print) -> str:
-    method = spec.get("method") or "average"
-    if method not in METHODS:
-        raise ValueError(f"merge method must be one of {', '.join(METHODS)}, got {method!r}")
-    models = spec.get("models") or []
-    if len(models) < 2:
-        raise ValueError("give at least two models to merge (--models or models: in the YAML)")
-    for m in models + ([spec["base"]] if spec.get("base") else []):
+def _check(spec: MergeSpec) -> tuple[methods.MergeMethod, dict[str, Any]]:
+    """Everything checkable before loading; the method's settings."""
+    record = methods.get(spec.method)
+    if len(spec.models) < 2:
+        raise MergeConfigError("give at least two models to merge (--models or models: in the YAML)")
+    for option, m in [("--models", m) for m in spec.models] + [("--base", spec.base)] * bool(spec.base):
         if not os.path.isdir(m):
-            raise FileNotFoundError(f"{m}: no such model directory")
-    weights = spec.get("weights") or [1.0] * len(models)
-    if len(weights) != len(models):
-        raise ValueError(f"--weights: {len(weights)} given for {len(models)} models")
-    base_dir = spec.get("base")
-    if method in merging.NEEDS_BASE and not base_dir:
-        raise ValueError(f"{method} needs a base model (--base or base_model:), the common ancestor of the models")
-    dev = spec.get("dev") or []
-    if method in NEEDS_DATA and not dev:
-        raise ValueError(f"{method} estimates statistics on data: give --dev files (or dev: in the YAML)")
-    for path in dev:
+            raise FileNotFoundError(f"{option} {m}: no such model directory")
+    if spec.weights is not None and len(spec.weights) != len(spec.models):
+        raise MergeConfigError(f"--weights: {len(spec.weights)} given for {len(spec.models)} models")
+    if record.needs_base and not spec.base:
+        raise MergeConfigError(f"{record.name} needs a base model (--base or base_model:), the common ancestor of the models")
+    if record.statistics is not None and not spec.dev:
+        raise MergeConfigError(f"{record.name} estimates statistics on data: give --dev files (or dev: in the YAML)")
+    for path in spec.dev:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--dev {path}: no such file")
-    density = spec.get("density", 1.0)
-    if isinstance(density, list) and len(density) != len(models):
-        raise ValueError(f"density: {len(density)} given for {len(models)} models")
-    scale = float(spec.get("scale", 1.0))
-    drop_p = float(spec.get("drop_p", 0.5 if method.startswith("dare") else 0.0))
-    seed = int(spec.get("seed", 0))
-    examples = int(spec.get("examples", 256))
-    alpha = float(spec.get("alpha", 0.5))
-    if examples < 1:
-        raise ValueError(f"--examples must be positive, got {examples}")
-    dtype = DTYPES[spec["dtype"]] if spec.get("dtype") else None
-    out_dir = spec["out"]
-    inputs = [("--models", m) for m in models] + [("--base", base_dir)] * bool(base_dir) + [("--dev", d) for d in dev]
-    claimed = OutputDir.claim(out_dir, "merge", inputs)
+    settings = record.settings(spec.params, flag)
+    for p in record.params:
+        if isinstance(settings[p.name], list) and len(settings[p.name]) != len(spec.models):
+            raise MergeConfigError(f"{flag(p.name)}: {len(settings[p.name])} values given for {len(spec.models)} models")
+    return record, settings
+
+
+def run(spec: MergeSpec, log=print) -> str:
+    """Merges spec.models into spec.out (claimed: rundir.py); returns the output directory."""
+    record, settings = _check(spec)
+    inputs = ([("--models", m) for m in spec.models] + [("--base", spec.base)] * bool(spec.base)
+              + [("--dev", d) for d in spec.dev])
+    claimed = OutputDir.claim(spec.out, "merge", inputs)
     scratch = None
     try:
-        config = model_io.load_config(models[0])
-        task = spec.get("task") or (infer_task(config) if method in NEEDS_DATA else "auto")
+        config = model_io.load_config(spec.models[0])
+        task = spec.task or (infer_task(config) if record.statistics else "auto")
         model = model_io.empty_model(config, task)
         layout = Layout.of_model(model)
-        files = [safetensors_files(m) for m in models]
-        for m, f in zip(models, files):
+        files = [safetensors_files(m) for m in spec.models]
+        for m, f in zip(spec.models, files):
             resolve_names(layout, tensor_index(f), m)
-        if spec.get("population_on") == "disk":
-            scratch = Scratch(out_dir, "--out")
-        pop = make_population(spec.get("population_on", "cpu"), layout, files, models, torch.device("cpu"),
+        if spec.population_on == "disk":
+            scratch = Scratch(spec.out, "--out")
+        pop = make_population(spec.population_on, layout, files, spec.models, torch.device("cpu"),
                               disk_dir=scratch.path if scratch else None)
         arena = Arena.empty(layout)
-        base = None
-        if base_dir:
-            base_files = safetensors_files(base_dir)
-            base = make_population("cpu", layout, [base_files], [base_dir], torch.device("cpu")).arenas[0]
-        stats = {}
-        if method in NEEDS_DATA:
+        base = model_io.load_model_arena(layout, safetensors_files(spec.base), spec.base) if spec.base else None
+        stats = None
+        if record.statistics is not None:
             from transformers import AutoTokenizer
 
             model_io.attach_arena(model, arena, files[0])
-            evaluator = Evaluator(task, AutoTokenizer.from_pretrained(models[0]), dev, config=config)
-
+            evaluator = Evaluator(task, AutoTokenizer.from_pretrained(spec.models[0]), spec.dev, config=config)
             pipeline = WeightPipeline(pop, torch.device("cpu"))
-
-            def load(k: int) -> None:
-                pipeline.copy_into(k, arena)
-
-            stats = merge_stats.merger_statistics(method, model, layout, load, len(models), evaluator, examples, alpha)
-        merger = merging.Merger(method, base, scale=scale, density=density, drop_p=drop_p, seed=seed, weights=weights,
-                                **stats)
-        merger(pop, arena)
-        if hasattr(pop, "close"):
-            pop.close()
+            stats = merging.compute_statistics(record.name, settings, model, layout,
+                                               lambda k: pipeline.copy_into(k, arena), len(spec.models), evaluator)
+        merging.Merger(record.name, base, weights=spec.weights, seed=spec.seed, stats=stats, **settings)(pop, arena)
+        pop.close()
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
-        written = model_io.save_model(arena, models[0], files[0], out_dir, dtype=dtype)
-        written.append(write_json(os.path.join(out_dir, "merge.json"), {
-            "method": method, "models": models, "weights": weights, "base": base_dir, "density": density,
-            "scale": scale, "drop_p": drop_p, "seed": seed, "dev": dev, "examples": examples, "alpha": alpha,
-            "dtype": spec.get("dtype")}))
+        written = model_io.save_model(arena, spec.models[0], files[0], spec.out,
+                                      dtype=DTYPES[spec.dtype] if spec.dtype else None)
+        written.append(write_json(os.path.join(spec.out, "merge.json"), {
+            "method": record.name, "models": spec.models, "weights": spec.weights or [1.0] * len(spec.models),
+            "base": spec.base, **settings, "seed": spec.seed, "dev": spec.dev, "dtype": spec.dtype}))
         claimed.record(written)
     except BaseException:
         if scratch is not None:
@@ -280,11 +281,11 @@ def run(spec: dict, log=print) -> str:
     if scratch is not None:
         scratch.remove()
     claimed.release()
-    log(f"merged {len(models)} models with {method} into {out_dir}")
-    return out_dir
+    log(f"merged {len(spec.models)} models with {record.phrase(settings)} into {spec.out}")
+    return spec.out
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv), log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, OSError) as err:

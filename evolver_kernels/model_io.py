@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .arena import Arena, Layout, resolve_names, tensor_index
+from .arena import Arena, Layout, load_into, resolve_names, tensor_index
 from .errors import UserError
 
 TOKENIZER_FILES = (
@@ -67,6 +67,15 @@ def empty_model(config, task: str) -> torch.nn.Module:
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # from_config does not always tie (transformers 5), from_pretrained does
     return model.eval()
+
+
+def load_model_arena(layout: Layout, files: list[str], source: str, arena: Arena | None = None) -> Arena:
+    """A model's weights (safetensors `files`, checked against `layout`; errors name `source`) read tensor by
+    tensor into `arena` (default: a new arena in host memory). The one way a whole model (a base model) is
+    loaded outside a population."""
+    arena = arena if arena is not None else Arena.empty(layout)
+    load_into(arena, files, source)
+    return arena
 
 
 def bind_to_arena(model: torch.nn.Module, arena: Arena) -> None:

@@ -8,8 +8,6 @@ an offspring is a pure function of (x_i, x_r..., seed): there is no need to keep
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .arena import Arena
@@ -18,27 +16,7 @@ from .ops import de_mutate_crossover
 from .population import Population, ReadOnlyView
 from .rng import STREAM_CROSSOVER
 from .staging import Staging
-
-STRATEGIES = {"evolver": 2, "rand/1": 4, "best/1": 3}  # name -> smallest population
-
-
-@dataclasses.dataclass(frozen=True)
-class OffspringSpec:
-    """Everything that determines offspring i: u = where(mask(seed), base + F (a - b), x_i)."""
-
-    i: int
-    strategy: str
-    picks: tuple[int, ...]  # r (evolver); r1, r2, r3 (rand/1); best, r1, r2 (best/1)
-    F: float
-    CR: float
-    seed: int
-
-    def roles(self) -> tuple[int, int, int]:
-        """(base, a, b) individuals; for evolver base and b are x_i itself."""
-        if self.strategy == "evolver":
-            return self.i, self.picks[0], self.i
-        return self.picks[0], self.picks[1], self.picks[2]
-
+from .strategies import OffspringSpec
 
 class ChunkBuffers:
     """Reusable chunk-sized buffers per (dtype, role) on the compute device."""
@@ -70,29 +48,28 @@ class WeightPipeline:
         # reads of a population off the compute device are double-buffered (staging.py); None: on a GPU only
         self.staging = Staging(population, self.device, staging)
 
-    def _read(self, k: int, group: str, lo: int, hi: int, device: torch.device | None = None) -> torch.Tensor:
+    def read(self, k: int, group: str, lo: int, hi: int, device: torch.device | None = None) -> torch.Tensor:
         """Chunk [lo, hi) of individual k on `device` (default: the compute device, through the staging)."""
         if device is None or device == self.device:
             return self.staging.read(k, group, lo, hi)
         return self.pop.read(k, group, lo, hi).to(device, non_blocking=True)
 
     @staticmethod
-    def _keys(specs, group: str, lo: int, hi: int) -> list[tuple[int, str, int, int]]:
-        """The reads that building these offspring's chunk [lo, hi) of `group` makes."""
+    def reads_of(specs, group: str, lo: int, hi: int) -> list[tuple[int, str, int, int]]:
+        """The reads that building these offspring's chunk [lo, hi) of `group` makes (for the staging)."""
         return [(k, group, lo, hi) for spec in specs for k in (spec.i, *spec.roles())]
 
-    def _offspring_chunk(self, spec: OffspringSpec, group: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+    def offspring_chunk(self, spec: OffspringSpec, group: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """Chunk [lo, hi) of `group` of offspring spec.i, written into `out` (on the device `out` is on)."""
         base_index = self.pop.layout.groups[group][0]
-        x = self._read(spec.i, group, lo, hi, out.device)
+        tensors = {spec.i: self.read(spec.i, group, lo, hi, out.device)}
         ib, ia, ibb = spec.roles()
-        if spec.strategy == "evolver":
-            base = b = x  # the same object: the kernels read two tensors
-        else:
-            base, b = self._read(ib, group, lo, hi, out.device), self._read(ibb, group, lo, hi, out.device)
-        a = self._read(ia, group, lo, hi, out.device)
+        for k in (ib, ia, ibb):  # one read per individual: a role held by x_i passes x_i's own tensor object,
+            if k not in tensors:  # which the kernels detect and read once (the evolver strategy reads 2 tensors)
+                tensors[k] = self.read(k, group, lo, hi, out.device)
         return de_mutate_crossover(
-            x, base, a, b, F=spec.F, CR=spec.CR, seed=spec.seed, stream=STREAM_CROSSOVER,
-            offset=base_index + lo, out=out, backend=self.backend,
+            tensors[spec.i], tensors[ib], tensors[ia], tensors[ibb], F=spec.F, CR=spec.CR, seed=spec.seed,
+            stream=STREAM_CROSSOVER, offset=base_index + lo, out=out, backend=self.backend,
         )
 
     def offspring_into(self, spec: OffspringSpec, arena: Arena) -> None:
@@ -101,10 +78,10 @@ class WeightPipeline:
         for group, (_, size) in self.pop.layout.groups.items():
             if arena.is_placed:
                 for lo, hi, dst in arena.chunks(group, self.chunk):
-                    self._offspring_chunk(spec, group, lo, hi, dst)
+                    self.offspring_chunk(spec, group, lo, hi, dst)
                 continue
-            for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self._keys([spec], g, lo, hi)):
-                self._offspring_chunk(spec, group, lo, hi, arena.buffers[group][lo:hi])
+            for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self.reads_of([spec], g, lo, hi)):
+                self.offspring_chunk(spec, group, lo, hi, arena.buffers[group][lo:hi])
 
     def merged_into(self, arena: Arena, replace: list[OffspringSpec] = ()) -> None:
         """arena = the merge (self.merger; the simple average by default) of the population, each slot spec.i
@@ -132,9 +109,9 @@ class WeightPipeline:
             self.pop.begin_write(spec.i)
         for group, (_, size) in self.pop.layout.groups.items():
             dtype = self.pop.layout.group_dtype(group)
-            for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self._keys(specs, g, lo, hi)):
+            for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self.reads_of(specs, g, lo, hi)):
                 chunks = [
-                    self._offspring_chunk(spec, group, lo, hi, self.buffers.get(dtype, f"apply{j}", hi - lo))
+                    self.offspring_chunk(spec, group, lo, hi, self.buffers.get(dtype, f"apply{j}", hi - lo))
                     for j, spec in enumerate(specs)
                 ]
                 for spec, values in zip(specs, chunks):
@@ -155,25 +132,32 @@ class WeightPipeline:
 
 class CandidateView(ReadOnlyView):
     """The population as a merge sees it with offspring in some slots: a read-only Population whose reads of
-    slot spec.i return that offspring, computed on the fly into a reusable buffer."""
+    slot spec.i return that offspring, computed on the fly into a reusable buffer (`replaced` names those slots,
+    `stored` the population underneath), and whose chunks stage the next chunk's reads."""
 
     def __init__(self, pipeline: WeightPipeline, replace: list[OffspringSpec]):
         self.pipeline = pipeline
-        self.population = pipeline.pop
         self.layout = pipeline.pop.layout
         self.size = pipeline.pop.size
         self.offspring = {spec.i: spec for spec in replace}
 
+    @property
+    def stored(self) -> Population:
+        return self.pipeline.pop
+
+    @property
+    def replaced(self) -> frozenset[int]:
+        return frozenset(self.offspring)
+
     def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
         if i not in self.offspring:
-            return self.pipeline._read(i, group, lo, hi)
+            return self.pipeline.read(i, group, lo, hi)
         buf = self.pipeline.buffers.get(self.layout.group_dtype(group), f"u{i}", hi - lo)
-        return self.pipeline._offspring_chunk(self.offspring[i], group, lo, hi, buf)
+        return self.pipeline.offspring_chunk(self.offspring[i], group, lo, hi, buf)
 
     def chunks(self, group: str, size: int, chunk: int):
-        """The chunks of `group` for a merge reading every slot, staged by the pipeline."""
         def keys(lo, hi):
             return [key for k in range(self.size) for key in
-                    (self.pipeline._keys([self.offspring[k]], group, lo, hi) if k in self.offspring else [(k, group, lo, hi)])]
+                    (self.pipeline.reads_of([self.offspring[k]], group, lo, hi) if k in self.offspring
+                     else [(k, group, lo, hi)])]
         return self.pipeline.staging.chunks(size, chunk, keys)
-

@@ -1,4 +1,4 @@
-"""Public operators: argument checks and backend dispatch (shared/DESIGN.md section 4).
+"""Public operators: argument checks and backend dispatch (docs/ARCHITECTURE.md §3).
 
 Every backend implements the same contract; this module checks arguments once, with errors that name
 the argument, and never copies or converts a tensor behind the caller's back.
@@ -140,7 +140,7 @@ def de_mutate_crossover(
     """Fused DE mutation and binomial crossover: u_j = base_j + F * (a_j - b_j) where m_j, else x_j.
 
     x, base, a, b (and out): same shape, dtype (float32, bfloat16, float16) and device, contiguous.
-    m_j = philox word of global index offset + j < floor(CR * 2**32) (shared/DESIGN.md section 3).
+    m_j = philox word of global index offset + j < floor(CR * 2**32) (docs/ARCHITECTURE.md §2).
     Arithmetic in fp32, one rounding; unselected elements are x's bits. `out` may be x (in place);
     passing the same tensor object as x, base and b (the evolver strategy) reads two tensors, not four.
     Returns `out` (a new tensor when None). No other allocation on the cpu, triton and cuda backends.

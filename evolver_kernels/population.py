@@ -1,4 +1,4 @@
-"""Population storage tiers behind one interface (shared/DESIGN.md section 5).
+"""Population storage tiers behind one interface (docs/ARCHITECTURE.md §4).
 
 Tiers (the names of --population-on): "gpu" (every individual in device memory), "cpu" (host memory,
 pinned when a GPU computes; chunks are copied to the compute device), "disk" (one flat safetensors file
@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import shutil
+from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
@@ -52,6 +53,25 @@ class Population(abc.ABC):
     @abc.abstractmethod
     def load(self, i: int, path: str) -> None:
         """Reads individual i back from a file written by save()."""
+
+    def chunks(self, group: str, size: int, chunk: int) -> Iterator[tuple[int, int]]:
+        """The [lo, hi) spans a loop reading every individual's `group` should take (a view may stage the
+        next span's reads while this one computes: offspring.CandidateView)."""
+        return iter_chunks(size, chunk)
+
+    @property
+    def stored(self) -> Population:
+        """The population whose individuals this reader shows (itself; a view: the one underneath)."""
+        return self
+
+    @property
+    def replaced(self) -> frozenset[int]:
+        """Slots whose reads differ from `stored` (a view with offspring in some slots); cached per-individual
+        terms of those slots must not be used."""
+        return frozenset()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases what the tier holds open (memory maps); the population is not used afterwards."""
 
 
 class MemoryPopulation(Population):
@@ -220,19 +240,10 @@ class DiskPopulation(Population):
                     self.write(i, g, lo, sl[lo:hi])
         self.commit_write(i)
 
-    def close(self, remove_files: bool = False) -> None:
-        """Unmaps every file; with remove_files, deletes the individuals (and the folder when left empty)."""
+    def close(self) -> None:
+        """Unmaps every file (the files themselves live in a scratch directory its owner removes: rundir.py)."""
         for i in list(self._maps):
             self._unmap(i)
-        if remove_files:
-            for i in range(self.size):
-                for path in (self.path(i), self.path(i) + ".new"):
-                    if os.path.exists(path):
-                        os.remove(path)
-            try:
-                os.rmdir(self.root)
-            except OSError:
-                pass
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -1,6 +1,6 @@
 """Pure-PyTorch implementations: the contract-exact oracle and the naive baseline.
 
-- `crossover_mask_reference` and `de_mutate_crossover_reference` follow shared/DESIGN.md sections 3-4
+- `crossover_mask_reference` and `de_mutate_crossover_reference` follow docs/ARCHITECTURE.md §2-§3
   exactly and are what every backend is tested against. They allocate freely (words, masks, fp32
   copies): correctness first, never the fast path.
 - `naive_de_mutate_crossover` is what a user would write without this package (torch.rand mask,

@@ -1,4 +1,5 @@
-"""What a run leaves beside the model: evolution.json (pinned keys), a fitness plot and a model card."""
+"""What an evolution run leaves in --out: the model, evolution.json (pinned keys), a fitness plot and a model
+card (write_outputs), and the strict-JSON writer the merge CLI's merge.json uses too."""
 
 from __future__ import annotations
 
@@ -111,3 +112,16 @@ Final dev fitness: **{final['score']:.4f}**
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def write_outputs(out_dir: str, arena, model_dir: str, model_files: list[str], config: dict, history: list[dict],
+                  final: dict, extra: dict, metric: str, output_kind: str) -> list[str]:
+    """Everything a finished evolution run leaves in `out_dir`: the model (model_io.save_model: shards named as
+    in the first model's checkpoint, its config and tokenizer), evolution.json, fitness.png and the model card
+    README.md. Returns every path written."""
+    from .model_io import save_model
+
+    written = save_model(arena, model_dir, model_files, out_dir)
+    written += [write_evolution_json(out_dir, config, history, final, extra), plot_fitness(out_dir, history, metric),
+                write_model_card(out_dir, config, history, final, metric, output_kind)]
+    return written

@@ -1,4 +1,4 @@
-"""Philox4x32-10 in PyTorch, the crossover threshold and seed derivation (shared/DESIGN.md section 3).
+"""Philox4x32-10 in PyTorch, the crossover threshold and seed derivation (docs/ARCHITECTURE.md §2).
 
 This is the PyTorch definition of the generator; csrc/philox.h is the C++ one (host and device) and
 evolver_kernels/triton_kernels.py the Triton one. All three are held to KNOWN_ANSWERS by the tests.

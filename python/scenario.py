@@ -24,7 +24,7 @@ from evolver_kernels.arena import Arena, Layout, safetensors_files
 from evolver_kernels.config import EvolveConfig
 from evolver_kernels.evaluate import Evaluator
 from evolver_kernels.evolve import Run
-from evolver_kernels.merge_stats import RegMean, collect_grams, estimate_fisher
+from evolver_kernels.methods.statistics import RegMean, collect_grams, estimate_fisher
 from evolver_kernels.merging import Merger, average, task_arithmetic, ties
 from evolver_kernels.offspring import WeightPipeline
 from evolver_kernels.population import make_population
@@ -42,10 +42,11 @@ def log(msg: str) -> None:
 def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, max_length: int,
            merge_method: str = "average", merge_alpha: float = 0.5) -> str:
     """Runs (or reuses a finished run of) the driver; returns the output model directory."""
+    merge = {"fisher": {"examples": STATS_EXAMPLES},
+             "regmean": {"examples": STATS_EXAMPLES, "alpha": merge_alpha}}.get(merge_method, {})
     cfg = EvolveConfig(
         models=manifest["experts"], dev=manifest["dev"], out=out, generations=generations, fitness=fitness,
-        seed=seed, F=0.5, CR=0.5, max_length=max_length, metric="macro-f1", merge_method=merge_method,
-        merge_alpha=merge_alpha, merge_examples=STATS_EXAMPLES,
+        seed=seed, F=0.5, CR=0.5, max_length=max_length, metric="macro-f1", merge_method=merge_method, merge=merge,
     )
     done = os.path.join(out, "evolution.json")
     if os.path.exists(done):
@@ -80,8 +81,7 @@ def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> tuple[dic
     average(pop, arena)
     dirs["simple average"] = os.path.join(out, "average")
     model_io.save_model(arena, experts[0], files[0], dirs["simple average"])
-    base_pop = make_population("cpu", layout, [safetensors_files(base_dir)], [base_dir], torch.device("cpu"))
-    base = base_pop.arenas[0]
+    base = model_io.load_model_arena(layout, safetensors_files(base_dir), base_dir)
     best = None
     for scale in TA_SCALES:
         task_arithmetic(pop, base, arena, scale)
@@ -119,12 +119,12 @@ def merged_baselines(manifest: dict, out: str, dev_eval: Evaluator) -> tuple[dic
     grams = collect_grams(model, layout, load, pop.size, dev_eval, STATS_EXAMPLES)
     best = None
     for alpha in REGMEAN_ALPHAS:
-        Merger("regmean", regmean=RegMean(layout, grams, alpha))(pop, arena)
+        Merger("regmean", stats=RegMean(layout, grams, alpha), alpha=alpha)(pop, arena)
         score = dev_eval(model).score
         log(f"[demo] RegMean alpha {alpha}: dev macro-F1 {score:.4f}")
         if best is None or score > best[0]:
             best = (score, alpha)
-    Merger("regmean", regmean=RegMean(layout, grams, best[1]))(pop, arena)
+    Merger("regmean", stats=RegMean(layout, grams, best[1]), alpha=best[1])(pop, arena)
     name = f"RegMean (alpha {best[1]})"
     dirs[name] = os.path.join(out, "regmean")
     model_io.save_model(arena, experts[0], files[0], dirs[name])

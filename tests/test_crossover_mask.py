@@ -1,4 +1,4 @@
-"""The random-stream contract (shared/DESIGN.md section 3): masks bitwise equal across backends, independent
+"""The random-stream contract (docs/ARCHITECTURE.md §2): masks bitwise equal across backends, independent
 of chunking, 64-bit offsets, the threshold's edge values, and the selection rate."""
 
 import math

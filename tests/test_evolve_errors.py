@@ -12,12 +12,9 @@ from evolver_kernels.config import ConfigError, parse_config
 from evolver_kernels.evolve import Run, main
 
 
-@pytest.fixture(scope="module")
-def pop(tmp_path_factory):
-    root = tmp_path_factory.mktemp("errs")
-    models = tiny_models.make_population("bert", str(root), 3)
-    dev = tiny_models.write_jsonl(str(root / "dev.jsonl"), tiny_models.sentiment_rows(16, 0))
-    return root, models, dev
+@pytest.fixture()
+def pop(bert_pop):
+    return bert_pop.root, bert_pop.models[:3], bert_pop.dev[0]
 
 
 def _error(capsys, argv):
@@ -106,8 +103,10 @@ def test_csv_error_line_counts_header(pop, tmp_path, capsys):
     (["--F", "nan"], "--F must be in (0, 2]"),
     (["--CR", "1.5"], "--CR must be in [0, 1]"),
     (["--generations", "-1"], "--generations must be a non-negative integer"),
-    (["--population-size", "5"], "--population-size 5 differs from the 3 models"),
-    (["--strategy", "best/1"], "--strategy best/1 needs per-individual fitness"),
+    (["--population-size", "2"], "--population-size 2 is smaller than the 3 models plus 0 extra individuals"),
+    (["--merge-density", "0.5"], "--merge-density does not apply to average"),
+    (["--strategy", "best/1", "--population-size", "4"], "--strategy best/1 needs per-individual fitness"),
+    (["--strategy", "best/1", "--fitness", "individual"], "--strategy best/1 needs a population of at least 4, got 3"),
     (["--metric", "neg-loss"], "--metric 'neg-loss' does not apply to sequence-classification"),
     (["--task", "nosuchmodule:fn"], "cannot import module 'nosuchmodule'"),
     (["--chunk-elements", "100"], "--chunk-elements must be a multiple of 64"),
@@ -136,7 +135,7 @@ def test_plan_that_cannot_fit_is_refused_with_numbers(pop, tmp_path, capsys, mon
     import evolver_kernels.evolve as ev
 
     _, models, dev = pop
-    monkeypatch.setattr(ev, "_host_available", lambda: 1000)
+    monkeypatch.setattr(ev, "host_available", lambda: 1000)
     err = _error(capsys, _args(models, dev, tmp_path / "o"))
     assert "of host memory, 1000 B is available" in err and "--population-on" in err
 

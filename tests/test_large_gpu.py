@@ -3,7 +3,7 @@
 import pytest
 import torch
 from _util import assert_bitwise_equal
-from conftest import CUDA_ONLY, KERNEL_CASES
+from conftest import KERNEL_CASES
 
 import evolver_kernels as ek
 from evolver_kernels.reference import de_mutate_crossover_reference
@@ -16,7 +16,7 @@ def _skip_unless_free(nbytes: int) -> None:
         pytest.skip(f"needs {nbytes / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
 
 
-@CUDA_ONLY
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
 def test_more_than_2_pow_31_elements(backend):
     n = 2**31 + 4099
@@ -30,7 +30,7 @@ def test_more_than_2_pow_31_elements(backend):
         assert_bitwise_equal(out[lo:hi], want, f"slice at {lo}")
 
 
-@CUDA_ONLY
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
 def test_merge_more_than_2_pow_31_elements(backend):
     from evolver_kernels.reference import merge_reference

@@ -11,10 +11,9 @@ from evolver_kernels import tiny_models
 from evolver_kernels.merge import main
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
-    return tiny_models.make_population("bert", str(root), 4, noise=0.1)
+@pytest.fixture()
+def models(bert_pop):
+    return bert_pop.models
 
 
 def _weights(d):
@@ -54,9 +53,9 @@ def test_yaml_ties_matches_flags(models, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "ties"], "ties needs a base model"),
-    (["--method", "ties", "--base", "{base}", "--density", "0"], "density must be in (0, 1]"),
+    (["--method", "ties", "--base", "{base}", "--density", "0"], "--density must be in (0, 1]"),
     (["--weights", "1", "2"], "--weights: 2 given for 3 models"),
-    (["--method", "dare_linear", "--base", "{base}", "--drop-p", "1.0"], "drop_p must be in [0, 1)"),
+    (["--method", "dare_linear", "--base", "{base}", "--drop-p", "1.0"], "--drop-p must be in [0, 1)"),
 ])
 def test_errors(models, tmp_path, capsys, argv, message):
     argv = [a.replace("{base}", models[0]) for a in argv]

@@ -25,11 +25,9 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mk")
-    paths = tiny_models.make_population("llama", str(root), 3, noise=0.05, save_base=True)
-    return str(root / "llama-base"), paths
+@pytest.fixture()
+def models(llama_pop):
+    return llama_pop.base, llama_pop.models
 
 
 def _mergekit(tmp_path, base, paths, method, params, per_model):

@@ -5,12 +5,16 @@ import pytest
 import torch
 from _util import assert_within_one_ulp
 
-from evolver_kernels import merging
+import evolver_kernels
+from evolver_kernels import merging, methods
 from evolver_kernels.arena import Arena, Layout
-from evolver_kernels.merge_stats import FisherStats
+from evolver_kernels.methods.statistics import FisherStats
 from evolver_kernels.population import MemoryPopulation
 from evolver_kernels.reference import crossover_mask_reference
 from evolver_kernels.rng import STREAM_DARE
+
+
+BACKENDS_HERE = evolver_kernels.available_backends("cpu")
 
 
 def _setup(dtype=torch.float32, n=4, seed=0):
@@ -97,17 +101,29 @@ def test_ties_matches_mergekit_semantics(density, drop_p):
         torch.testing.assert_close(out.view(e), b + 0.9 * _ties_ref(taus, density, weights), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-@pytest.mark.parametrize("method", ["average", "fisher", "task_arithmetic", "dare_linear", "ties", "dare_ties"])
+SETTINGS = {"scale": 0.8, "density": 0.3, "drop_p": 0.2}
+DESCRIPTIONS = {"average": "simple average", "fisher": "Fisher-weighted average",
+                "task_arithmetic": "task_arithmetic (scale 0.8)", "dare_linear": "dare_linear (scale 0.8, drop p 0.2)",
+                "ties": "ties (scale 0.8, density 0.3)", "dare_ties": "dare_ties (scale 0.8, density 0.3, drop p 0.2)"}
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if b != "cpu"])
+@pytest.mark.parametrize("method", list(DESCRIPTIONS))
 def test_every_backend_gives_the_same_bits(backend, method):
+    """Every backend that runs on this machine's CPU tensors (from available_backends, so a GPU host does not
+    hand CPU tensors to triton) gives the cpu backend's bits, chunked differently."""
     layout, pop, base = _setup(dtype=torch.bfloat16)
-    fisher = _random_fisher(layout, pop.size, seed=3) if method == "fisher" else None
-    merger = merging.Merger(method, base, scale=0.8, density=0.3, drop_p=0.2, seed=4, fisher=fisher)
-    want = merging.Merger(method, base, scale=0.8, density=0.3, drop_p=0.2, seed=4, fisher=fisher, backend="cpu")(
-        pop, Arena.empty(layout), chunk=1 << 20)
-    got = merging.Merger(method, base, scale=0.8, density=0.3, drop_p=0.2, seed=4, fisher=fisher, backend=backend)(
-        pop, Arena.empty(layout), chunk=100)
-    assert merger.describe()
+    record = methods.get(method)
+    settings = {k: v for k, v in SETTINGS.items() if record.param(k) is not None}
+    stats = _random_fisher(layout, pop.size, seed=3) if method == "fisher" else None
+
+    def merger(backend):
+        return merging.Merger(method, base if record.needs_base else None, seed=4, stats=stats, backend=backend,
+                              **settings)
+
+    want = merger("cpu")(pop, Arena.empty(layout), chunk=1 << 20)
+    got = merger(backend)(pop, Arena.empty(layout), chunk=100)
+    assert merger(backend).describe() == DESCRIPTIONS[method]
     assert torch.equal(got.buffers["bfloat16"].view(torch.int16), want.buffers["bfloat16"].view(torch.int16))
 
 
@@ -175,7 +191,7 @@ def test_inputs_are_left_untouched():
 
 
 def test_regmean_solves_the_closed_form_and_tracks_changed_individuals():
-    from evolver_kernels.merge_stats import RegMean
+    from evolver_kernels.methods.statistics import RegMean
 
     layout = Layout.from_params([(("lin.weight",), torch.float32, (5, 7)), (("norm",), torch.float32, (7,))])
     pop = MemoryPopulation(layout, 3, "cpu")
@@ -195,7 +211,7 @@ def test_regmean_solves_the_closed_form_and_tracks_changed_individuals():
         return torch.linalg.solve(sum(reduced), rhs).T
 
     regmean = RegMean(layout, grams, alpha)
-    merger = merging.Merger("regmean", regmean=regmean)
+    merger = merging.Merger("regmean", stats=regmean, alpha=alpha)
     out = merger(pop, Arena.empty(layout))
     torch.testing.assert_close(out.view(layout.entries[0]).double(), closed_form(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.view(layout.entries[1]), _stack(pop, layout.entries[1]).mean(0))
@@ -205,5 +221,5 @@ def test_regmean_solves_the_closed_form_and_tracks_changed_individuals():
     torch.testing.assert_close(out.view(layout.entries[0]).double(), closed_form(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="alpha must be in"):
         RegMean(layout, grams, 1.5)
-    with pytest.raises(ValueError, match="regmean needs"):
+    with pytest.raises(ValueError, match="regmean needs its statistics"):
         merging.Merger("regmean")

@@ -19,12 +19,9 @@ from evolver_kernels.config import parse_config
 from evolver_kernels.evolve import main
 
 
-@pytest.fixture(scope="module")
-def pop(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lose")
-    models = tiny_models.make_population("bert", str(root), 3, noise=0.2, save_base=True)
-    dev = tiny_models.write_jsonl(str(root / "dev.jsonl"), tiny_models.sentiment_rows(24, 0))
-    return root, models, dev
+@pytest.fixture()
+def pop(bert_pop):
+    return bert_pop.root, bert_pop.models[:3], bert_pop.dev[0]
 
 
 def _args(models, dev, out, *extra):
@@ -296,6 +293,7 @@ def test_second_run_into_a_locked_out_stops_at_once(pop, tmp_path, capsys):
     assert main(_args(models, dev, out)) == 0
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_one_wins_one_refused(pop, tmp_path):
     _, models, dev = pop
     out = tmp_path / "o"
@@ -462,7 +460,7 @@ def test_csv_with_a_byte_order_mark(pop, tmp_path):
     ({"merge_method": "ties", "models": ["{m1}", "{m2}"], "dtype": "float64"}, "dtype must be one of float32"),
     ({"merge_method": "ties", "models": [{"model": "{m1}", "weight": 2}, "{m2}"]}, "models entry 1: unknown key(s) weight"),
     ({"merge_method": "ties", "models": [{"model": "{m1}", "parameters": {"scale": 2}}, "{m2}"]}, "scale is a global parameter"),
-    ({"merge_method": "slerpy", "models": ["{m1}", "{m2}"]}, "merge_method must be one of"),
+    ({"merge_method": "slerpy", "models": ["{m1}", "{m2}"]}, "unknown merge method 'slerpy'"),
 ])
 def test_merge_yaml_is_never_silently_dropped(pop, tmp_path, capsys, config, message):
     import yaml

@@ -3,7 +3,6 @@ GPU), Triton."""
 
 import pytest
 import torch
-from conftest import CUDA_ONLY
 
 from evolver_kernels import backends, rng
 
@@ -43,7 +42,7 @@ def test_triton_philox_known_answers():
     _check_rows(module.philox_block, device)
 
 
-@CUDA_ONLY
+@pytest.mark.cuda
 def test_cuda_device_philox_known_answers():
     assert backends.cuda_extension() is not None, backends.unavailable_reason("cuda", "cuda")
     _check_rows(torch.ops.evolver_kernels.philox4x32_10, "cuda")

@@ -113,7 +113,7 @@ def test_staged_reads_give_the_same_bytes(method):
     """Double-buffered staging (on by default only for a GPU computing on a population off the device) forced
     on the CPU: every read of the offspring, merge and replacement loops is served from the staged buffers,
     and the results are the bytes of unstaged reads."""
-    from evolver_kernels.merge_stats import FisherStats
+    from evolver_kernels.methods.statistics import FisherStats
     from evolver_kernels.merging import Merger
 
     results = []
@@ -124,7 +124,7 @@ def test_staged_reads_give_the_same_bytes(method):
             for k, bufs in enumerate(fisher.buffers):
                 for b in bufs.values():
                     b.fill_(1.0 + k)
-        pipe = WeightPipeline(pop, "cpu", chunk=64, staging=staged, merger=Merger(method, fisher=fisher))
+        pipe = WeightPipeline(pop, "cpu", chunk=64, staging=staged, merger=Merger(method, stats=fisher))
         specs = [OffspringSpec(i=i, strategy="rand/1", picks=((i + 1) % 5, (i + 2) % 5, (i + 3) % 5), F=0.7, CR=0.4,
                                seed=9 + i) for i in (1, 3)]
         single, merged = Arena.empty(layout), Arena.empty(layout)

@@ -1,30 +1,34 @@
-"""Statistics that Fisher merging and RegMean need, estimated once on the development data, and RegMean itself.
+"""Methods that estimate statistics on development data before merging: Fisher merging and RegMean.
 
-- FisherStats: each individual's diagonal Fisher information (mean squared gradient of the log-likelihood of
-  the dev examples, one example at a time, plus a floor), fp32, laid out like the population's arena.
-  Fisher merging: out = sum_k w_k F_k x_k / sum_k w_k F_k (Matena & Raffel 2022), through the fused merge.
-- RegMean (Jin et al. 2023): for every nn.Linear, the Gram matrix G_k = X_k^T X_k / rows of its inputs under
+- fisher: each individual's diagonal Fisher information (mean squared gradient of the log-likelihood of the dev
+  examples, one example at a time, plus a floor), fp32, laid out like the population's arena; out =
+  sum_k w_k F_k x_k / sum_k w_k F_k (Matena & Raffel 2022), through the fused merge.
+- regmean (Jin et al. 2023): for every nn.Linear, the Gram matrix G_k = X_k^T X_k / rows of its inputs under
   individual k; merged W = (sum_k G'_k)^-1 sum_k G'_k W_k with G' = alpha G + (1 - alpha) diag(G). The Gram
   matrices never change, so sum_k G'_k is factorised (Cholesky) once, and G'_k W_k^T is computed once per
   individual and again only when that individual changes; a merge is then one sum and two triangular solves
-  per layer. (The reference code inverts the summed Gram matrix at every evaluation.) Other tensors: the
-  average.
+  per layer (the reference code inverts the summed Gram matrix at every evaluation). Other tensors: the average.
 
 Both are computed from the individuals as they are when the run starts (an offspring inherits its slot's
-statistics) and saved with the checkpoint, so a resumed run merges exactly as the uninterrupted one.
-Memory: FisherStats is N fp32 copies of the model; RegMean holds N Gram matrices per linear layer plus N
-fp32 copies of the linear weights: methods for models of up to a few hundred million parameters.
+statistics) and saved with an evolve run's checkpoint, so a resumed run merges exactly as the uninterrupted
+one. Memory: Fisher is N fp32 copies of the model; RegMean N Gram matrices per linear layer plus N fp32 copies of
+the linear weights: methods for models of up to a few hundred million parameters.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .arena import Arena, Entry, Layout
+from ..arena import Arena, Entry, Layout
+from ..population import Population
+from .linear import average
+from .registry import MergeContext, MergeMethod, Param, Statistics, register
+
+EXAMPLES = Param("examples", int, 256, "dev examples the statistics are estimated on (once per model)", low=1)
+ALPHA = Param("alpha", float, 0.5, "RegMean: factor on the Gram matrices' off-diagonal entries", low=0.0, high=1.0)
 
 FISHER_FLOOR = 1e-6  # added to every Fisher value: a parameter no example moves still gets the plain average
 
@@ -42,6 +46,9 @@ class FisherStats:
 
     def read(self, k: int, group: str, lo: int, hi: int) -> torch.Tensor:
         return self.buffers[k][group][lo:hi]
+
+    def changed(self, i: int) -> None:
+        """Individual i was replaced: an offspring keeps its slot's Fisher information."""
 
     def save(self, path: str) -> None:
         save_file({f"{k}/{g}": t.cpu() for k, bufs in enumerate(self.buffers) for g, t in bufs.items()}, path)
@@ -144,43 +151,10 @@ def load_grams(path: str, n: int) -> list[dict[str, torch.Tensor]]:
     return grams
 
 
-STATS_METHODS = ("fisher", "regmean")
-
-
-def merger_statistics(method: str, model: torch.nn.Module, layout: Layout, load: Callable[[int], None], n: int,
-                      evaluator, examples: int, alpha: float, save_to: str | None = None, progress=None) -> dict:
-    """The Merger keyword arguments `method` needs ({} for methods without statistics): the Fisher information
-    or the RegMean state of individuals 0 .. n-1, estimated on `examples` dev examples. With `save_to`, the
-    raw statistics are also written there atomically (load_merger_statistics reads them back)."""
-    if method not in STATS_METHODS:
-        return {}
-    tmp = save_to + ".tmp" if save_to else None
-    if method == "fisher":
-        fisher = estimate_fisher(model, layout, load, n, evaluator, examples, progress=progress)
-        if tmp:
-            fisher.save(tmp)
-        result = {"fisher": fisher}
-    else:
-        grams = collect_grams(model, layout, load, n, evaluator, examples, progress=progress)
-        if tmp:
-            save_grams(grams, tmp)
-        result = {"regmean": RegMean(layout, grams, alpha)}
-    if tmp:
-        os.replace(tmp, save_to)
-    return result
-
-
-def load_merger_statistics(method: str, layout: Layout, n: int, path: str, alpha: float) -> dict:
-    """merger_statistics' result from the file it saved."""
-    if method == "fisher":
-        return {"fisher": FisherStats.load(layout, n, path)}
-    return {"regmean": RegMean(layout, load_grams(path, n), alpha)}
-
-
 class RegMean:
     """RegMean over a population: merge_into(pop, out) overwrites each linear weight of `out` (already holding
-    the average) with the RegMean solution. pop may be a view with offspring in some slots (attribute
-    `offspring`: slot -> spec, `population`: the population underneath)."""
+    the average) with the RegMean solution. pop may be a view with offspring in some slots (Population.replaced:
+    their terms are recomputed from the view; Population.stored: the population the cached terms come from)."""
 
     def __init__(self, layout: Layout, grams: list[dict[str, torch.Tensor]], alpha: float = 0.5):
         if not 0.0 <= alpha <= 1.0:
@@ -188,6 +162,7 @@ class RegMean:
         if not grams or not grams[0]:
             raise ValueError("RegMean found no nn.Linear layer whose weight is evolved")
         self.alpha = alpha
+        self.raw_grams = grams  # what is saved with a checkpoint (alpha is applied when loading)
         self.entries = [e for e in layout.entries if e.name in grams[0]]
         self.grams = [{name: self._reduce(g) for name, g in gs.items()} for gs in grams]
         self.factors = {}
@@ -210,16 +185,57 @@ class RegMean:
         return self.grams[k][e.name] @ w.T
 
     def merge_into(self, pop, out: Arena) -> Arena:
-        offspring = getattr(pop, "offspring", {})
-        population = getattr(pop, "population", pop)
         for k in sorted(self.stale):
-            self.terms[k] = {e.name: self._term(k, population, e) for e in self.entries}
+            self.terms[k] = {e.name: self._term(k, pop.stored, e) for e in self.entries}
         self.stale.clear()
         for e in self.entries:
             rhs = None
             for k in range(len(self.terms)):
-                term = self._term(k, pop, e) if k in offspring else self.terms[k][e.name]
+                term = self._term(k, pop, e) if k in pop.replaced else self.terms[k][e.name]
                 rhs = term.clone() if rhs is None else rhs.add_(term)
             solution = torch.cholesky_solve(rhs, self.factors[e.name])  # (in x out) = W^T
             out.view(e).copy_(solution.T)
         return out
+
+
+def _fisher_bytes(model, layout: Layout, n: int) -> int:
+    return n * 4 * layout.numel
+
+
+def _regmean_bytes(model, layout: Layout, n: int) -> int:
+    return n * 4 * sum(e.shape[1] ** 2 + e.numel for e in linear_entries(model, layout).values())
+
+
+def _merge_fisher(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+    return average(pop, out, ctx.weights, ctx.chunk, ctx.backend, fisher=ctx.stats)
+
+
+def _merge_regmean(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+    average(pop, out, ctx.weights, ctx.chunk, ctx.backend)
+    return ctx.stats.merge_into(pop, out)
+
+
+register(MergeMethod(
+    name="fisher", params=(EXAMPLES,), merge=_merge_fisher, describe=lambda settings: "Fisher-weighted average",
+    summary="Fisher merging: sum w_k F_k x_k / sum w_k F_k with F_k model k's diagonal Fisher on dev data",
+    statistics=Statistics(
+        estimate=lambda model, layout, load, n, evaluator, settings, progress=None: estimate_fisher(
+            model, layout, load, n, evaluator, settings["examples"], progress=progress),
+        save=lambda stats, path: stats.save(path),
+        load_file=lambda layout, n, path, settings: FisherStats.load(layout, n, path),
+        host_bytes=_fisher_bytes,
+    ),
+))
+register(MergeMethod(
+    name="regmean", params=(EXAMPLES, ALPHA), merge=_merge_regmean,
+    describe=lambda settings: f"RegMean (alpha {settings['alpha']})",
+    summary="RegMean: linear layers solved from the Gram matrices of their inputs on dev data, the rest averaged",
+    statistics=Statistics(
+        estimate=lambda model, layout, load, n, evaluator, settings, progress=None: RegMean(
+            layout, collect_grams(model, layout, load, n, evaluator, settings["examples"], progress=progress),
+            settings["alpha"]),
+        save=lambda stats, path: save_grams(stats.raw_grams, path),
+        load_file=lambda layout, n, path, settings: RegMean(layout, load_grams(path, n), settings["alpha"]),
+        host_bytes=_regmean_bytes,
+    ),
+))

@@ -1,0 +1,232 @@
+"""The task interface behind `evolver_kernels.evaluate.Evaluator`, and what every task shares.
+
+A `TaskEvaluator` turns examples into padded batches (tokenised once, sorted by length), scores a model on
+one file's batches (higher is better), gives a differentiable loss on one batch (Fisher statistics) and
+runs one batch forward (RegMean's hooks). `fitness` averages the per-file scores under torch.inference_mode,
+with bf16 autocast on a GPU. Every token-level loss goes through `token_nll`; causal-LM scoring splits its
+batches with `budget_slices` so that no forward yields more than the logits budget.
+
+The caller's tokenizer is never modified: one without a pad token is copied and the copy is padded with
+its eos (or unk) token.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as nnf
+
+from ..data import load_examples
+
+IGNORE_INDEX = -100  # Hugging Face's label for positions that carry no loss (padding, prompts)
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+DevFiles = list[tuple[str, list[dict]]]  # (path, its batches), in the order the dev paths were given
+
+STATISTICS_NEED_BUILTIN = "Fisher and RegMean statistics need a built-in --task, not a module:function fitness"
+
+
+@dataclasses.dataclass
+class Fitness:
+    score: float  # the mean over dev files
+    per_file: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"score": self.score, "per_file": self.per_file}
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of fp32 `logits` [..., vocab] against `labels` [...] and the number of tokens it
+    covers (labels IGNORE_INDEX carry no loss). The sum stays a tensor, so it can be backpropagated."""
+    total = nnf.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return total, int((labels != IGNORE_INDEX).sum())
+
+
+# Bytes of fp32 logits one causal-LM forward may produce while scoring (the batch is split into fewer rows
+# when a full batch would exceed it); the memory plan counts four times this (the model's logits, their fp32
+# copy, the shifted copy, log-softmax). On the CPU a forward costs about the same split or not; on a GPU a
+# forward of a large model is bound by reading its weights, so splitting a batch multiplies its time: there
+# the budget is a sixteenth of the device's memory (5 GiB on an 80 GB card).
+LOGITS_BUDGET = 128 << 20
+
+
+def default_logits_budget(device: torch.device | str) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return max(LOGITS_BUDGET, torch.cuda.get_device_properties(device).total_memory // 16)
+    return LOGITS_BUDGET
+
+
+def budget_slices(inputs: dict[str, torch.Tensor], vocab: int | None, budget: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Row slices of a batch whose fp32 logits (rows x width x vocab) fit in `budget` bytes, at least one row
+    each; the whole batch when the vocabulary is unknown."""
+    # For a 128k vocabulary, 32 rows of 256 tokens are 4 GiB of fp32 logits before the copies cross-entropy
+    # makes; token losses are summed, so a score does not depend on where the batch is split.
+    rows, width = inputs["input_ids"].shape
+    step = max(1, budget // (width * vocab * 4)) if vocab else rows
+    for lo in range(0, rows, step):
+        yield {k: v[lo : lo + step] for k, v in inputs.items()}
+
+
+def unique_basenames(paths: list[str]) -> bool:
+    return len({os.path.basename(p) for p in paths}) == len(paths)
+
+
+def with_pad_token(tokenizer):
+    """`tokenizer` itself when it can pad, else a copy padding with its eos (or unk) token."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    padded = copy.deepcopy(tokenizer)
+    padded.pad_token = padded.eos_token or padded.unk_token
+    return padded
+
+
+class TaskEvaluator(abc.ABC):
+    """One task's evaluation: data, scoring, losses. Subclasses set `name` and `metrics` (the first is the
+    default unless `default_metric` says otherwise) and implement `encode`, `score_file` and `loss`."""
+
+    name: ClassVar[str]
+    metrics: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        tokenizer,
+        config,
+        *,
+        metric: str | None = None,
+        batch_size: int = 32,
+        max_length: int = 256,
+        device: torch.device | str = "cpu",
+        threshold: float = 0.5,
+        logits_budget: int | None = None,
+    ):
+        self.device = torch.device(device)
+        self.logits_budget = logits_budget if logits_budget is not None else default_logits_budget(self.device)
+        # Facts of the model's head, kept for every task because the Evaluator exposes them.
+        self.multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
+        self.num_labels = getattr(config, "num_labels", None)
+        self.metric = self._choose_metric(metric)
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.tokenizer = self._prepare_tokenizer(tokenizer)
+
+    @classmethod
+    def default_metric(cls, multi_label: bool) -> str:
+        return cls.metrics[0]
+
+    def _choose_metric(self, metric: str | None) -> str:
+        metric = metric or self.default_metric(self.multi_label)
+        if metric not in self.metrics:
+            raise ValueError(f"--metric {metric!r} does not apply to {self.name}; use one of {', '.join(self.metrics)}")
+        return metric
+
+    def _prepare_tokenizer(self, tokenizer):
+        return with_pad_token(tokenizer)
+
+    # -- data, tokenised once ---------------------------------------------------------------------------
+    def read(self, path: str) -> list[dict]:
+        """The validated examples of one dev file."""
+        return load_examples(path, self.name)
+
+    def load_files(self, paths: list[str], max_examples: int | None = None) -> DevFiles:
+        """Each dev file's batches, at most `max_examples` examples (the first ones) per file."""
+        files = []
+        for path in paths:
+            examples = self.read(path)
+            if max_examples:
+                examples = examples[:max_examples]
+            files.append((path, self.batches(examples)))
+        return files
+
+    @abc.abstractmethod
+    def encode(self, examples: list[dict]) -> dict:
+        """The tokenizer's encoding of `examples` (unpadded lists, one entry per example)."""
+
+    def add_targets(self, batch: dict, examples: list[dict], idx: list[int], enc: dict) -> None:
+        """Adds what scoring compares against (gold labels, target tokens) to `batch`, whose rows are
+        `examples[j] for j in idx`. Causal LMs need nothing: their targets are their inputs."""
+
+    def batches(self, examples: list[dict]) -> list[dict]:
+        """Padded batches of `batch_size` examples, shortest first (so each batch pads little)."""
+        enc = self.encode(examples)
+        order = sorted(range(len(examples)), key=lambda k: len(enc["input_ids"][k]))
+        batches = []
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            features = [{k: enc[k][j] for k in INPUT_KEYS if k in enc} for j in idx]
+            batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
+            self.add_targets(batch, examples, idx, enc)
+            batches.append(batch)
+        return batches
+
+    def inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The model's inputs of a batch, on the evaluation device."""
+        return {k: v.to(self.device) for k, v in batch.items() if k in INPUT_KEYS}
+
+    # -- scoring ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def score_file(self, model: torch.nn.Module, batches: list[dict]) -> float:
+        """The metric on one file's batches (higher is better); called under inference mode."""
+
+    def fitness(self, model: torch.nn.Module, files: DevFiles, dev_paths: list[str]) -> Fitness:
+        """The mean of the per-file scores; files are keyed by basename when those are unique."""
+        model.eval()
+        per_file = {}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            for path, batches in files:
+                per_file[os.path.basename(path) if unique_basenames(dev_paths) else path] = self.score_file(model, batches)
+        return Fitness(sum(per_file.values()) / len(per_file), per_file)
+
+    def classification_report(self, model: torch.nn.Module, files: DevFiles) -> dict[str, dict[str, float]]:
+        raise ValueError("classification_report needs --task sequence-classification")
+
+    # -- data for merge statistics (merge_stats.py) ---------------------------------------------------------
+    @abc.abstractmethod
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The batch's mean negative log-likelihood under `model` (differentiable)."""
+
+    def forward(self, model: torch.nn.Module, batch: dict) -> None:
+        """One forward over `batch` (outputs discarded), for forward hooks."""
+        model(**self.inputs(batch))
+
+    def examples(self, files: DevFiles, limit: int | None = None) -> Iterator[dict]:
+        """Single-example batches (padding removed) from the dev files in order, at most `limit`."""
+        count = 0
+        for _, batches in files:
+            for batch in batches:
+                for row in range(batch["input_ids"].shape[0]):
+                    if limit is not None and count >= limit:
+                        return
+                    width = int(batch["attention_mask"][row].sum()) if "attention_mask" in batch else batch["input_ids"].shape[1]
+                    one = {}
+                    for key, value in batch.items():
+                        if key in INPUT_KEYS:
+                            one[key] = value[row : row + 1, :width] if self.tokenizer.padding_side == "right" else value[row : row + 1, -width:]
+                        else:
+                            one[key] = value[row : row + 1]
+                    count += 1
+                    yield one
+
+    def forward_all(self, model: torch.nn.Module, files: DevFiles, limit: int | None = None) -> None:
+        """Runs the model over the dev batches, for forward hooks; stops once `limit` examples were seen
+        (whole batches, so a few more may run)."""
+        model.eval()
+        seen = 0
+        with torch.inference_mode():
+            for _, batches in files:
+                for batch in batches:
+                    if limit is not None and seen >= limit:
+                        return
+                    self.forward(model, batch)
+                    seen += batch["input_ids"].shape[0]

@@ -1,0 +1,105 @@
+"""Sequence classification: `text` (and optional `text_pair`) against gold `label`s.
+
+Metrics: accuracy, macro-f1 (single-label, argmax), multilabel-f1 (multi-label models: a label is
+predicted when its sigmoid probability exceeds `threshold`; accuracy then means every label right).
+Labels are read through the model's label2id; the loss is cross-entropy (binary for multi-label).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as nnf
+
+from ..data import load_examples
+from .base import DevFiles, TaskEvaluator
+
+
+def _macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> float:
+    """Macro-F1 over labels present in gold or predictions (sklearn's convention for absent labels: skip)."""
+    scores = []
+    for c in range(num_labels):
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp = int(((pred == c) & (gold != c)).sum())
+        fn = int(((pred != c) & (gold == c)).sum())
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def _multilabel_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
+    """Macro-F1 over labels of multi-hot [n, L] predictions (labels absent from both are skipped)."""
+    tp = (pred & gold).sum(0).double()
+    fp = (pred & ~gold).sum(0).double()
+    fn = (~pred & gold).sum(0).double()
+    present = (tp + fp + fn) > 0
+    if not present.any():
+        return 0.0
+    return float((2 * tp / (2 * tp + fp + fn).clamp(min=1))[present].mean())
+
+
+class ClassificationEvaluator(TaskEvaluator):
+    name = "sequence-classification"
+    metrics = ("accuracy", "macro-f1", "multilabel-f1")
+
+    def __init__(self, tokenizer, config, **options):
+        super().__init__(tokenizer, config, **options)
+        if self.metric == "multilabel-f1" and not self.multi_label:
+            raise ValueError("--metric multilabel-f1 needs a model with problem_type multi_label_classification")
+        self.label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+
+    @classmethod
+    def default_metric(cls, multi_label: bool) -> str:
+        return "multilabel-f1" if multi_label else "accuracy"
+
+    def read(self, path: str) -> list[dict]:
+        return load_examples(path, self.name, label2id=self.label2id, num_labels=self.num_labels, multi_label=self.multi_label)
+
+    def encode(self, examples: list[dict]) -> dict:
+        pairs = [e.get("text_pair") for e in examples]
+        return self.tokenizer(
+            [e["text"] for e in examples], pairs if any(p is not None for p in pairs) else None,
+            truncation=True, max_length=self.max_length,
+        )
+
+    def add_targets(self, batch: dict, examples: list[dict], idx: list[int], enc: dict) -> None:
+        if self.multi_label:
+            multi_hot = torch.zeros(len(idx), self.num_labels, dtype=torch.bool)
+            for row, j in enumerate(idx):
+                multi_hot[row, examples[j]["label"]] = True
+            batch["gold"] = multi_hot
+        else:
+            batch["gold"] = torch.tensor([examples[j]["label"] for j in idx])
+
+    def score_file(self, model: torch.nn.Module, batches: list[dict]) -> float:
+        return self._metrics(*self._classify(model, batches))[self.metric]
+
+    def classification_report(self, model: torch.nn.Module, files: DevFiles) -> dict[str, dict[str, float]]:
+        """Every classification metric on every dev file: {file: {metric: value}}, without autocast."""
+        model.eval()
+        with torch.inference_mode():
+            return {path: self._metrics(*self._classify(model, batches)) for path, batches in files}
+
+    def _classify(self, model: torch.nn.Module, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        preds, golds = [], []
+        for batch in batches:
+            logits = model(**self.inputs(batch)).logits.float()
+            if self.multi_label:
+                preds.append((torch.sigmoid(logits) > self.threshold).cpu())
+            else:
+                preds.append(logits.argmax(-1).cpu())
+            golds.append(batch["gold"])
+        return torch.cat(preds), torch.cat(golds)
+
+    def _metrics(self, pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
+        if self.multi_label:
+            return {"accuracy": float((pred == gold).all(-1).double().mean()), "multilabel-f1": _multilabel_f1(pred, gold)}
+        return {"accuracy": float((pred == gold).double().mean()), "macro-f1": _macro_f1(pred, gold, self.num_labels)}
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """Cross-entropy of the gold labels (binary cross-entropy per label for multi-label models)."""
+        logits = model(**self.inputs(batch)).logits.float()
+        gold = batch["gold"].to(self.device)
+        if self.multi_label:
+            return nnf.binary_cross_entropy_with_logits(logits, gold.float())
+        return nnf.cross_entropy(logits, gold)

@@ -1,0 +1,23 @@
+"""Merge methods: the registry (registry.py) and one module per family, each registering its methods when
+imported. Importing this package registers the built-in ones."""
+
+# isort: off
+# registration order is the order of --help, error messages and the README table
+from . import linear, task_vectors, statistics  # noqa: F401 - registers the built-in methods
+# isort: on
+from .registry import (
+    METHODS,
+    MergeContext,
+    MergeMethod,
+    Param,
+    Statistics,
+    all_params,
+    get,
+    markdown_table,
+    names,
+    register,
+    unregister,
+)
+
+__all__ = ["METHODS", "MergeContext", "MergeMethod", "Param", "Statistics", "all_params", "get", "markdown_table",
+           "names", "register", "unregister"]

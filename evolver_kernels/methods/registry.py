@@ -1,0 +1,187 @@
+"""The merge-method registry: one record per method, from which everything else is derived.
+
+A record (MergeMethod) holds the method's name, whether it needs a base model, the statistics it estimates on
+development data (if any), its parameters (Param: type, default, range, help, whether a model may carry its own
+value) and the function that merges. From these records come: `evolve`'s `--merge-method` choices and its
+`--merge-<param>` flags and `merge_<param>` YAML keys, the merge CLI's `--method` choices, `--<param>` flags and
+mergekit-style `parameters:` keys, every range check, the memory plan's statistics bytes, `--extra-individuals`'
+choices, and the method table in the README (tests/test_registries.py checks that table against this).
+
+Adding a method is one module that calls `register(MergeMethod(...))` when imported; the built-in ones are
+imported by evolver_kernels/methods/__init__.py. A merge function has the signature
+`merge(pop, out, ctx) -> out`: `pop` any Population-like reader (evolver_kernels.population), `out` the Arena to
+fill, `ctx` a MergeContext. Functions stream chunk by chunk (docs/ARCHITECTURE.md §5): never a stack of the N
+models, never a mask tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A method parameter. `low` / `high` bound it (open bounds when low_open / high_open); per_model: a merge
+    may take one value per model (mergekit's per-model `parameters:`); aliases: other YAML names for it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    per_model: bool = False
+    aliases: tuple[str, ...] = ()
+
+    def range_text(self) -> str:
+        if self.low is None and self.high is None:
+            return "finite" if self.type is float else "any integer"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+
+    def check(self, value: Any, where: str) -> Any:
+        """`value` converted to the parameter's type and checked against its range; `where` names it in errors
+        (a flag, a YAML key). A per-model parameter may be a list of values."""
+        if self.per_model and isinstance(value, (list, tuple)):
+            if not value:
+                raise UserError(f"{where} is an empty list")
+            return [self.check(v, where) for v in value]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"{where} must be {'an integer' if self.type is int else 'a number'}, got {value!r}")
+        try:
+            value = self.type(value)
+        except ValueError:
+            raise UserError(f"{where} must be {'an integer' if self.type is int else 'a number'}, got {value!r}") from None
+        ok = not (isinstance(value, float) and not math.isfinite(value))
+        if ok and self.low is not None:
+            ok = value > self.low if self.low_open else value >= self.low
+        if ok and self.high is not None:
+            ok = value < self.high if self.high_open else value <= self.high
+        if not ok:
+            raise UserError(f"{where} must be in {self.range_text()}, got {value}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    """What a method estimates on development data before it can merge (once per individual, kept with an
+    evolve run's checkpoint). estimate(model, layout, load, n, evaluator, settings, progress) -> stats, where
+    load(k) puts individual k into `model`; save(stats, path) and load_file(layout, n, path, settings) -> stats
+    round-trip it; host_bytes(model, layout, n) is its memory for the plan. A stats object has changed(i), called
+    when individual i is replaced (an offspring keeps its slot's statistics)."""
+
+    estimate: Callable[..., Any]
+    save: Callable[[Any, str], None]
+    load_file: Callable[..., Any]
+    host_bytes: Callable[..., int]
+
+
+@dataclasses.dataclass
+class MergeContext:
+    """Everything a merge function gets besides the population and the output arena."""
+
+    settings: dict[str, Any]  # every parameter of the method, checked (per-model ones: a value or a list)
+    base: Any = None  # the base model's Arena, for methods with needs_base
+    weights: list[float] | None = None  # one per model, None: 1 each
+    seed: int = 0  # for methods that draw random numbers (Philox, docs/ARCHITECTURE.md §2)
+    backend: str | None = None
+    chunk: int = 1 << 22
+    stats: Any = None  # the Statistics' estimate, for methods that have one
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    summary: str  # one line for the README table and --help
+    merge: Callable[[Any, Any, MergeContext], Any]
+    params: tuple[Param, ...] = ()
+    needs_base: bool = False
+    statistics: Statistics | None = None
+    aliases: tuple[str, ...] = ()  # other names (mergekit's)
+    describe: Callable[[dict], str] | None = None  # a phrase for outputs; default: name and settings
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name or name in p.aliases), None)
+
+    def settings(self, given: dict[str, Any], where: Callable[[str], str] = str) -> dict[str, Any]:
+        """Every parameter of the method: the given values (checked; `where(name)` phrases a name for errors)
+        over the defaults. A parameter the method does not have is refused, never dropped."""
+        out = {p.name: p.default for p in self.params}
+        for key, value in given.items():
+            p = self.param(key)
+            if p is None:
+                have = ", ".join(p.name for p in self.params) or "none"
+                raise UserError(f"{where(key)} does not apply to {self.name} (its parameters: {have})")
+            out[p.name] = p.check(value, where(key))
+        return out
+
+    def phrase(self, settings: dict[str, Any]) -> str:
+        if self.describe is not None:
+            return self.describe(settings)
+        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
+        return f"{self.name} ({shown})" if shown else self.name
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Adds a method. Names and aliases are unique; a parameter name means one thing across methods (same type,
+    default, range and per-model scope), so `--merge-<param>` and `parameters: {<param>}` have one meaning."""
+    for name in (method.name, *method.aliases):
+        if name in METHODS or any(name in m.aliases for m in METHODS.values()):
+            raise ValueError(f"merge method {name!r} is registered already")
+    for p in method.params:
+        known = all_params().get(p.name)
+        if known is not None and dataclasses.replace(known, help="") != dataclasses.replace(p, help=""):
+            raise ValueError(f"merge method {method.name}: parameter {p.name} differs from the one other methods declare")
+    METHODS[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Removes a method (tests that register their own)."""
+    METHODS.pop(name, None)
+
+
+def get(name: str) -> MergeMethod:
+    """The method called `name` (or one of its aliases); the error lists the known names."""
+    for method in METHODS.values():
+        if name == method.name or name in method.aliases:
+            return method
+    raise UserError(f"unknown merge method {name!r}; known: {', '.join(names())}")
+
+
+def names(with_statistics: bool = True) -> list[str]:
+    """Registered method names, in registration order (with_statistics=False: those that need no dev data)."""
+    return [m.name for m in METHODS.values() if with_statistics or m.statistics is None]
+
+
+def all_params() -> dict[str, Param]:
+    """Every parameter name of every method (one record each: register() keeps them consistent)."""
+    found: dict[str, Param] = {}
+    for method in METHODS.values():
+        for p in method.params:
+            found.setdefault(p.name, p)
+    return found
+
+
+def markdown_table() -> str:
+    """The README's method table, generated from the records."""
+    rows = ["| method | what it computes | base model | statistics on dev data | parameters (default, range) |",
+            "| --- | --- | --- | --- | --- |"]
+    for m in METHODS.values():
+        params = "; ".join(f"`{p.name}` ({p.default}, {p.range_text()}{', per model' if p.per_model else ''})"
+                           for p in m.params) or "none"
+        name = f"`{m.name}`" + (f" (alias {', '.join(f'`{a}`' for a in m.aliases)})" if m.aliases else "")
+        rows.append(f"| {name} | {m.summary} | {'yes' if m.needs_base else 'no'} | "
+                    f"{'yes' if m.statistics else 'no'} | {params} |")
+    return "\n".join(rows)

@@ -1,0 +1,62 @@
+"""Helpers every merge method streams with: weight checks, chunked reads of the population and of the base
+model, and the linear pass (no per-tensor state) through the fused operator merge_tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from ..arena import Arena
+from ..ops import MAX_MERGE_INPUTS, merge_tensors
+from ..population import Population
+from ..rng import STREAM_DARE
+
+
+def check_weights(weights: list[float] | None, n: int) -> list[float]:
+    """One non-negative weight per model with a positive sum (default: 1 each)."""
+    if n > MAX_MERGE_INPUTS:
+        raise ValueError(f"a merge takes at most {MAX_MERGE_INPUTS} models, got {n}")
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"weights: {len(weights)} given for {n} models")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+    return [float(w) for w in weights]
+
+
+def check_base(pop: Population, base: Arena | None, method: str) -> Arena:
+    if base is None:
+        raise ValueError(f"{method} needs a base model (the common ancestor of the merged models)")
+    if base.layout.fingerprint() != pop.layout.fingerprint():
+        raise ValueError("base: its parameters differ from the population's")
+    return base
+
+
+def read_all(pop: Population, group: str, lo: int, hi: int, device: torch.device) -> list[torch.Tensor]:
+    """Chunk [lo, hi) of `group` of every individual, on `device`."""
+    return [pop.read(k, group, lo, hi).to(device, non_blocking=True) for k in range(pop.size)]
+
+
+def base_chunk(base: Arena, group: str, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    """Elements [lo, hi) of the base model's group (they may span its segments if it is placed)."""
+    parts = [t[max(lo, s_lo) - s_lo : min(hi, s_hi) - s_lo] for s_lo, s_hi, t in base.segments(group)
+             if s_lo < hi and lo < s_hi]
+    return parts[0].to(device) if len(parts) == 1 else torch.cat([p.to(device) for p in parts])
+
+
+def merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, *, base: Arena | None = None,
+                 fisher=None, **kw) -> Arena:
+    """Every group in chunks that may span tensors (the linear modes have no per-tensor state): `pop.chunks`
+    may stage the next chunk's reads (a pipeline's candidate view, staging.py); a placed `out` is merged chunk
+    by chunk on the device that holds each segment."""
+    for group, (start, size) in pop.layout.groups.items():
+        if out.is_placed:
+            spans = out.chunks(group, chunk)
+        else:
+            spans = ((lo, hi, out.buffers[group][lo:hi]) for lo, hi in pop.chunks(group, size, chunk))
+        for lo, hi, dst in spans:
+            b = base_chunk(base, group, lo, hi, dst.device) if base is not None else None
+            f = [fisher.read(k, group, lo, hi).to(dst.device) for k in range(pop.size)] if fisher is not None else None
+            merge_tensors(read_all(pop, group, lo, hi, dst.device), base=b, fisher=f, offset=start + lo,
+                          out=dst, backend=backend, stream=STREAM_DARE, **kw)
+    return out

@@ -1,0 +1,163 @@
+"""Task-vector methods (tau_k = x_k - base): task arithmetic, TIES and DARE, streamed through the fused
+operator merge_tensors, with TIES' per-tensor trim thresholds found exactly by a two-pass radix histogram
+over chunks (memory O(chunk), not O(tensor)).
+
+  task_arithmetic    out = base + scale * sum_k w_k tau_k                      (Ilharco et al. 2023)
+  ties               trim each tau_k to its top `density` fraction by magnitude (per tensor), elect the sign
+                     of sum_k w_k tau_k, weighted mean of the values that agree with it (Yadav et al. 2023)
+  dare_linear/_ties  the last two on tau_k with each element dropped with probability p and the survivors
+                     scaled by 1 / (1 - p) (Yu et al. 2024)
+
+Where ours differs from mergekit's generalized task arithmetic and peft's merge_utils, on purpose:
+- DARE's drops come from the package's Philox contract (stream STREAM_DARE + k for model k, the element's
+  global arena index as counter: docs/ARCHITECTURE.md §2), so they are reproducible on every backend and never
+  stored; survivors are scaled by 1 / (1 - p) as in the paper (mergekit's `rescale` keeps the L1 norm
+  instead), and the drop probability is `drop_p` (mergekit's dare methods call the kept fraction `density`).
+- TIES keeps every element whose magnitude reaches the k-th largest, k = max(1, int(density * numel)) as in
+  mergekit, found exactly; where magnitudes tie at the threshold it keeps them all, where mergekit's argsort
+  picks among them arbitrarily. The elected sign is + where the weighted sum is >= 0 (mergekit; peft gives
+  sign 0 there) and the mean divides by the weights of the agreeing models (mergekit's normalize; peft divides
+  by their count, the same for unit weights). `density` may be given per model, as in mergekit.
+- Sums run in fp32 in slot order with one rounding to the arena's dtype (mergekit sums in the model dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..arena import Arena, iter_chunks
+from ..ops import crossover_mask, merge_tensors
+from ..population import Population
+from ..rng import STREAM_DARE
+from .registry import MergeContext, MergeMethod, Param, register
+from .streaming import base_chunk, check_base, check_weights, merge_linear, read_all
+
+SCALE = Param("scale", float, 1.0, "task-vector scale (lambda)", aliases=("lambda",))
+DENSITY = Param("density", float, 1.0, "fraction of each task vector TIES keeps, by magnitude, per tensor",
+                low=0.0, high=1.0, low_open=True, per_model=True)
+DROP_P = Param("drop_p", float, 0.5, "DARE: probability that a task-vector element is dropped",
+               low=0.0, high=1.0, high_open=True)
+
+
+def _check_p(drop_p: float) -> float:
+    if not 0.0 <= drop_p < 1.0:
+        raise ValueError(f"drop_p must be in [0, 1), got {drop_p}")
+    return float(drop_p)
+
+
+def _check_density(density: float | list[float], n: int | None = None) -> float | list[float]:
+    """One density, or one per model (mergekit's per-model `density`), each in (0, 1]."""
+    if isinstance(density, (list, tuple)):
+        if n is not None and len(density) != n:
+            raise ValueError(f"density: {len(density)} given for {n} models")
+        return [_check_density(d) for d in density]
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return float(density)
+
+
+def task_arithmetic(pop: Population, base: Arena, out: Arena, scale: float, weights: list[float] | None = None,
+                    drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
+    """out = base + scale * sum_k w_k tau_k (Ilharco et al., task vectors); drop_p > 0 makes it DARE."""
+    base = check_base(pop, base, "task arithmetic")
+    return merge_linear(pop, out, chunk, backend, base=base, weights=check_weights(weights, pop.size),
+                         scale=scale, normalize=False, drop_p=_check_p(drop_p), seed=seed)
+
+
+def ties(pop: Population, base: Arena, out: Arena, density: float | list[float], scale: float = 1.0,
+         weights: list[float] | None = None, drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22,
+         backend: str | None = None) -> Arena:
+    """TIES-merging (trim, elect sign, disjoint mean), optionally on DARE-dropped task vectors. Tensor by
+    tensor: the trim threshold is each tensor's own (found in two streaming passes), then one fused pass.
+    `density` is one fraction for every model or one per model."""
+    base = check_base(pop, base, "TIES")
+    density = _check_density(density, pop.size)
+    densities = density if isinstance(density, list) else [density] * pop.size
+    w = check_weights(weights, pop.size)
+    drop_p = _check_p(drop_p)
+    for e in pop.layout.entries:
+        start = pop.layout.groups[e.group][0]
+        dst = out.view(e).view(-1)  # the entry's elements, on the device that holds them
+        lo_e, hi_e = e.offset, e.offset + e.numel
+        trims = [0.0] * pop.size
+        for k in range(pop.size):
+            keep = max(1, int(densities[k] * e.numel))
+            if keep < e.numel:
+                def task_vector(lo, hi, k=k):
+                    return _task_vector(pop, base, k, e.group, lo, hi, start, drop_p, seed, dst.device, backend)
+                trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, keep, chunk)
+        for lo, hi in iter_chunks(e.numel, chunk):
+            merge_tensors(read_all(pop, e.group, lo_e + lo, lo_e + hi, dst.device),
+                          base=base_chunk(base, e.group, lo_e + lo, lo_e + hi, dst.device), weights=w, trim=trims,
+                          scale=scale, normalize=True, drop_p=drop_p, seed=seed, stream=STREAM_DARE,
+                          offset=start + lo_e + lo, out=dst[lo:hi], backend=backend)
+    return out
+
+
+def _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend) -> torch.Tensor:
+    """tau_k on [lo, hi) of `group` in fp32, exactly as the fused merge computes it before trimming."""
+    tau = pop.read(k, group, lo, hi).to(device).float() - base_chunk(base, group, lo, hi, device).float()
+    if drop_p > 0:
+        dropped = crossover_mask(hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k, offset=start + lo,
+                                 device=device, backend=backend)
+        rescale = torch.tensor(1.0 / (1.0 - drop_p), dtype=torch.float32, device=device)
+        tau = torch.where(dropped, torch.zeros((), device=device), tau * rescale)
+    return tau
+
+
+def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22) -> float:
+    """The k-th largest |v| over v = values(a, b) for chunks [a, b) of [lo, hi), exactly (the value
+    torch.kthvalue(|v|, n - k + 1) gives), in two histogram passes over the fp32 bit patterns (non-negative
+    floats order as their bits): the top 16 bits, then the low 16 bits within the chosen bucket."""
+    if not 1 <= k <= hi - lo:
+        raise ValueError(f"k must be in [1, {hi - lo}], got {k}")
+
+    def histogram(select_high: int | None) -> torch.Tensor:
+        counts = None
+        for a, b in iter_chunks(hi - lo, chunk):
+            bits = values(lo + a, lo + b).abs().view(torch.int32)  # counted where the values are (GPU or CPU)
+            if counts is None:
+                counts = torch.zeros(1 << 16, dtype=torch.int64, device=bits.device)
+            if select_high is None:
+                counts += torch.bincount(bits >> 16, minlength=1 << 16)
+            else:
+                counts += torch.bincount(bits[(bits >> 16) == select_high] & 0xFFFF, minlength=1 << 16)
+        return counts.cpu()
+
+    def bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
+        """(bucket holding the k-th largest, how many lie in higher buckets)."""
+        from_top = counts.flip(0).cumsum(0)
+        idx = int(torch.searchsorted(from_top, k))
+        return (1 << 16) - 1 - idx, int(from_top[idx - 1]) if idx > 0 else 0
+
+    high, above = bucket_of_kth(histogram(None), k)
+    low, _ = bucket_of_kth(histogram(high), k - above)
+    return float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
+
+
+def _task_arithmetic(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+    return task_arithmetic(pop, ctx.base, out, ctx.settings["scale"], ctx.weights, ctx.settings.get("drop_p", 0.0),
+                           ctx.seed, ctx.chunk, ctx.backend)
+
+
+def _ties(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+    return ties(pop, ctx.base, out, ctx.settings["density"], ctx.settings["scale"], ctx.weights,
+                ctx.settings.get("drop_p", 0.0), ctx.seed, ctx.chunk, ctx.backend)
+
+
+register(MergeMethod(
+    name="task_arithmetic", params=(SCALE,), needs_base=True, merge=_task_arithmetic,
+    summary="base + scale * sum_k w_k (x_k - base) (task vectors)",
+))
+register(MergeMethod(
+    name="ties", params=(SCALE, DENSITY), needs_base=True, merge=_ties,
+    summary="TIES: trim each task vector to its top `density` by magnitude, elect signs, mean of the agreeing",
+))
+register(MergeMethod(
+    name="dare_linear", params=(SCALE, DROP_P), needs_base=True, merge=_task_arithmetic,
+    summary="task arithmetic on DARE-dropped task vectors (drop `drop_p`, rescale 1 / (1 - drop_p))",
+))
+register(MergeMethod(
+    name="dare_ties", params=(SCALE, DENSITY, DROP_P), needs_base=True, merge=_ties,
+    summary="TIES on DARE-dropped task vectors",
+))
