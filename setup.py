@@ -118,10 +118,9 @@ def _extensions():
             _die(f"EVOLVER_KERNELS_FORCE_CUDA_BUILD is set but the CUDA extension cannot be built: {why_not}")
         print(f"evolver-kernels: skipping the CUDA extension ({why_not})")
         return extensions, BuildExtension
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        if not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-            print(f"evolver-kernels: no GPU visible, building for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        print(f"evolver-kernels: no GPU visible, building for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
     extensions.append(
         CUDAExtension(
             "evolver_kernels._cuda",

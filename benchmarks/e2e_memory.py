@@ -24,8 +24,15 @@ import time
 
 import torch
 
-from evolver_kernels.synthetic import (SIZES, AnonPeak, llama_layout, llama_shapes, sample_score, synthetic_population,
-                                       weight_generation)
+from evolver_kernels.synthetic import (
+    SIZES,
+    AnonPeak,
+    llama_layout,
+    llama_shapes,
+    sample_score,
+    synthetic_population,
+    weight_generation,
+)
 
 
 def fill(t: torch.Tensor, seed: int) -> None:

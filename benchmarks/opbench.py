@@ -36,9 +36,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def machine() -> dict:
     info = {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "torch": torch.__version__}
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
                 break
     except OSError:
         pass

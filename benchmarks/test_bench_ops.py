@@ -8,9 +8,9 @@ table with the copy ceiling and the speed-ups.
 
 import pytest
 import torch
+from opbench import DTYPES, Case, extra_bytes, op_fn
 
 import evolver_kernels as ek
-from opbench import DTYPES, Case, extra_bytes, op_fn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["naive"] + [b for b in ek.available_backends(DEVICE) if b not in ("reference", "triton" if DEVICE == "cpu" else "")]

@@ -219,7 +219,7 @@ def tensor_index(files: list[str]) -> dict[str, tuple[str, torch.dtype, tuple[in
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     sl = f.get_slice(key)
                     index[key] = (path, _DTYPE_NAMES[sl.get_dtype()], tuple(sl.get_shape()))
         except (SafetensorError, OSError) as err:

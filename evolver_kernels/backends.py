@@ -21,11 +21,11 @@ class BackendUnavailableError(RuntimeError):
     """A backend was named that cannot run here; the message says why."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import(module: str) -> tuple[ModuleType | None, str]:
     try:
         return importlib.import_module(module), ""
-    except Exception as err:  # noqa: BLE001 - any import failure makes the backend unavailable, with its reason
+    except Exception as err:
         return None, f"{type(err).__name__}: {err}"
 
 

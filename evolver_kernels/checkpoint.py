@@ -86,6 +86,17 @@ class Checkpoint:
         """Where a merge method's statistics are kept for --resume."""
         return os.path.join(self.dir, f"{method}{STATS_SUFFIX}")
 
+    def resume(self, config: dict, pop: Population) -> RunState:
+        """The checkpointed state, if it was written with the same `config` (refused naming every option that
+        differs), with its individuals loaded into `pop`."""
+        state = self.load_state()
+        differing = sorted(k for k in set(config) | set(state.config) if config.get(k) != state.config.get(k))
+        if differing:
+            raise UserError("--resume with a different configuration: " + ", ".join(
+                f"{k} (checkpoint {state.config.get(k)!r}, now {config.get(k)!r})" for k in differing))
+        self.restore(state, pop)
+        return state
+
     def restore(self, state: RunState, pop: Population) -> None:
         """Loads the individuals that state.json names into the population."""
         for i, name in state.individual_files.items():

@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from . import merging, model_io, rundir
+from . import model_io, rundir
 from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, input_paths, parse_config, validate
 from .distributed import Ranks, leave, process_group_up
@@ -45,9 +45,10 @@ from .inputs import RunInputs, inspect, plan_of, weight_files
 from .merging import Merger
 from .offspring import WeightPipeline
 from .plan import host_available
-from .population import PopulationPrefix, make_population
+from .population import make_population
 from .report import write_outputs
-from .rng import PURPOSE_MERGE, PURPOSE_OFFSPRING, derive_seed, random_order
+from .rng import PURPOSE_MERGE, derive_seed
+from .seeding import fill_slots, initial_statistics
 from .state import RunState
 from .strategies import OffspringSpec, offspring_spec, visiting_order
 
@@ -138,50 +139,18 @@ class Run:
             self.base = model_io.load_model_arena(self.inputs.layout, self.inputs.base_files,
                                                   f"--base-model {cfg.base_model}", self.inputs.placement.arena())
         self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend)
-        self._fill_slots(n_models)
+        fill_slots(cfg, self.pop, self.pipeline, self.arena, n_models, self.merger, self.timed, self.log)
         self.mode = FITNESS[cfg.fitness](self)
         if self.mode.merges:
-            self.pipeline.merger = self.merger(cfg.merge_method, stats=self._statistics(cfg.merge_method))
-
-    def _fill_slots(self, n_models: int) -> None:
-        """Individuals past the models: the --extra-individuals merges, then seeded offspring of the models."""
-        cfg = self.cfg
-        extras = list(cfg.extra_individuals or [])
-        for j, method in enumerate(extras):
-            self.log(f"extra individual #{n_models + j}: {method} of the {n_models} models")
-            self.timed(self.merger(method), PopulationPrefix(self.pop, n_models), self.arena, cfg.chunk_elements)
-            self.timed(self.pipeline.write_from, n_models + j, self.arena)
-        for s in range(n_models + len(extras), self.n):
-            parent = (s - n_models - len(extras)) % n_models
-            partner = next(k for k in random_order(cfg.seed, n_models, 0, s) if k != parent)
-            spec = OffspringSpec(i=parent, strategy="evolver", picks=(partner,), F=float(cfg.F), CR=float(cfg.CR),
-                                 seed=derive_seed(cfg.seed, 0, s, PURPOSE_OFFSPRING))
-            self.log(f"seeded individual #{s}: offspring of model {parent} with model {partner}")
-            self.timed(self.pipeline.offspring_into, spec, self.arena)
-            self.timed(self.pipeline.write_from, s, self.arena)
+            start = time.perf_counter()
+            stats = initial_statistics(cfg, self.checkpoint, self.inputs, lambda k: self.pipeline.copy_into(k, self.arena),
+                                       self.log)
+            self.evaluation_s += time.perf_counter() - start
+            self.pipeline.merger = self.merger(cfg.merge_method, stats=stats)
 
     def merger(self, method: str, stats=None) -> Merger:
         return Merger(method, self.base, seed=derive_seed(self.cfg.seed, 0, 0, PURPOSE_MERGE), backend=self.cfg.backend,
                       stats=stats, **self.cfg.merge_settings(method))
-
-    def _statistics(self, method: str):
-        """The merge method's statistics of every individual (as the run starts), estimated once and kept in the
-        checkpoint directory (written atomically), so that a resumed run merges with the same ones."""
-        if merging.methods.get(method).statistics is None:
-            return None
-        settings, path = self.cfg.merge_settings(method), self.checkpoint.stats_path(method)
-        if self.cfg.resume and os.path.isfile(path):
-            self.log(f"{method}: statistics from {path}")
-            return merging.load_statistics(method, settings, self.inputs.layout, self.n, path)
-        start = time.perf_counter()
-        os.makedirs(self.checkpoint.dir, exist_ok=True)
-        stats = merging.compute_statistics(
-            method, settings, self.inputs.model, self.inputs.layout, lambda k: self.pipeline.copy_into(k, self.arena),
-            self.n, self.inputs.evaluator, save_to=path,
-            progress=lambda k: self.log(f"{method}: statistics of individual {k + 1}/{self.n} "
-                                        f"({time.perf_counter() - start:.1f} s)"))
-        self.evaluation_s += time.perf_counter() - start
-        return stats
 
     # -- the Workbench of the fitness modes ------------------------------------------------------------------
     def evaluate(self, what: str = "a candidate") -> Fitness:
@@ -221,13 +190,7 @@ class Run:
             config.pop(transient)
         if not self.cfg.resume:
             return RunState(config=config)
-        state = self.checkpoint.load_state()
-        differing = sorted(k for k in set(config) | set(state.config) if config.get(k) != state.config.get(k))
-        if differing:
-            raise ConfigError("--resume with a different configuration: " + ", ".join(
-                f"{k} (checkpoint {state.config.get(k)!r}, now {config.get(k)!r})" for k in differing))
-        self.checkpoint.restore(state, self.pop)
-        return state
+        return self.checkpoint.resume(config, self.pop)
 
     def run(self) -> dict:
         """Evolves the population and writes the outputs (rank 0); closes the run on every exit path."""

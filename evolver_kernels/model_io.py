@@ -197,7 +197,7 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
     if dtype is not None:
         nbytes_of = nbytes
 
-        def nbytes(key):  # noqa: F811 - shard plan in the output dtype
+        def nbytes(key):
             _, stored, shape = index[key]
             return torch.Size(shape).numel() * dtype.itemsize if stored.is_floating_point else nbytes_of(key)
 
@@ -235,9 +235,9 @@ def device_for(name: str, device_map: dict[str, str]) -> str:
     prefix wins; "" covers the whole model)."""
     best = None
     for key in device_map:
-        if key == "" or name == key or name.startswith(key + "."):
-            if best is None or len(key) > len(best):
-                best = key
+        covers = key == "" or name == key or name.startswith(key + ".")
+        if covers and (best is None or len(key) > len(best)):
+            best = key
     if best is None:
         raise ValueError(f"--device-map places no module that holds {name}")
     return best

@@ -18,6 +18,7 @@ from .rng import STREAM_CROSSOVER
 from .staging import Staging
 from .strategies import OffspringSpec
 
+
 class ChunkBuffers:
     """Reusable chunk-sized buffers per (dtype, role) on the compute device."""
 

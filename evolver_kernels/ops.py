@@ -31,11 +31,11 @@ def _register_fakes() -> None:
     _fake_registered = True
 
     @torch.library.register_fake("evolver_kernels::de_mutate_crossover_")
-    def _de_fake(x, a, base, b, F, threshold, seed, stream, offset, out):  # noqa: ARG001
+    def _de_fake(x, a, base, b, F, threshold, seed, stream, offset, out):
         return None
 
     @torch.library.register_fake("evolver_kernels::crossover_mask_")
-    def _mask_fake(out, threshold, seed, stream, offset):  # noqa: ARG001
+    def _mask_fake(out, threshold, seed, stream, offset):
         return None
 
     @torch.library.register_fake("evolver_kernels::merge_")

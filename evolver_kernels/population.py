@@ -159,7 +159,7 @@ class DiskPopulation(Population):
 
     def _map(self, i: int) -> mmap.mmap:
         if i not in self._maps:
-            f = open(self.path(i), "rb")
+            f = open(self.path(i), "rb")  # noqa: SIM115 - kept open with its map until _unmap
             self._maps[i] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), f)
         return self._maps[i][0]
 

@@ -17,6 +17,7 @@ The rule: a run never writes into or deletes anything it did not create.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -206,14 +207,10 @@ class OutputDir:
         self.lock.release()
         if remove_if_unused and self.created and set(os.listdir(self.path)) <= {MARKER, LOCK}:
             for name in (MARKER, LOCK):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.path, name))
-                except FileNotFoundError:
-                    pass
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(self.path)
-            except OSError:
-                pass
 
 
 def check_scratch_root(option: str, root: str, inputs: list[tuple[str, str]]) -> None:

@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import drug_population  # noqa: E402
-import scenario  # noqa: E402
+import drug_population
+import scenario
 
 if __name__ == "__main__":
     scenario.main(__doc__, drug_population.build, "drug", max_length=128, default_out="demo_out")

@@ -28,7 +28,7 @@ import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from recipes import build_base, cached_manifest, train_experts, write_manifest  # noqa: E402
+from recipes import build_base, cached_manifest, train_experts, write_manifest
 
 LABELS = ["negative", "neutral", "positive"]
 DOMAINS = {

@@ -11,8 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fortunes_population  # noqa: E402
-import scenario  # noqa: E402
+import fortunes_population
+import scenario
 
 if __name__ == "__main__":
     scenario.main(__doc__, fortunes_population.build, "fortunes", max_length=64, default_out="demo_out/fortunes")

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from recipes import build_base, cached_manifest, train_experts, write_manifest  # noqa: E402
+from recipes import build_base, cached_manifest, train_experts, write_manifest
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 CATEGORIES = ["computers", "politics", "science", "work", "art", "literature", "law", "food"]

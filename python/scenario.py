@@ -24,8 +24,8 @@ from evolver_kernels.arena import Arena, Layout, safetensors_files
 from evolver_kernels.config import EvolveConfig
 from evolver_kernels.evaluate import Evaluator
 from evolver_kernels.evolve import Run
-from evolver_kernels.methods.statistics import RegMean, collect_grams, estimate_fisher
 from evolver_kernels.merging import Merger, average, task_arithmetic, ties
+from evolver_kernels.methods.statistics import RegMean, collect_grams, estimate_fisher
 from evolver_kernels.offspring import WeightPipeline
 from evolver_kernels.population import make_population
 

@@ -13,10 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import evolver_kernels  # noqa: E402
-from evolver_kernels import tiny_models  # noqa: E402
+import evolver_kernels
+from evolver_kernels import tiny_models
 
 HAS_CUDA = torch.cuda.is_available()
 # (device, backend) pairs under test besides the reference: every backend that runs here.

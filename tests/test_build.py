@@ -29,16 +29,19 @@ def test_cuda_extension_was_built_where_nvcc_exists():
     assert backends.cuda_extension() is not None, backends._import("evolver_kernels._cuda")[1]
 
 
-def test_fake_implementation_traces_without_running():
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_fake_implementations_let_torch_compile_trace_the_ops():
+    """AOTAutograd traces the ops with fake tensors (their registered fakes), whole-graph, and the compiled
+    function gives the eager bits."""
+    x, a = torch.randn(1000), torch.randn(1000)
+    ek.de_mutate_crossover(x, x, a, x, F=0.5, CR=0.5, seed=0)  # registers the fakes
 
-    x = torch.randn(64)
-    ek.de_mutate_crossover(x, x, torch.randn(64), x, F=0.5, CR=0.5, seed=0)  # registers the fakes
-    with FakeTensorMode() as mode:
-        fx = mode.from_tensor(x)
-        out = torch.empty_like(fx)
-        torch.ops.evolver_kernels.de_mutate_crossover_(fx, fx, None, None, 0.5, 2**31, 0, 0, 0, out)
-    assert out.shape == x.shape
+    def step(x, a, out):
+        torch.ops.evolver_kernels.de_mutate_crossover_(x, a, None, None, 0.5, 2**31, 3, 0, 0, out)
+        return out * 2
+
+    want = step(x, a, torch.empty_like(x))
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(x, a, torch.empty_like(x))
+    assert torch.equal(got, want) and not torch.equal(want, x * 2)
 
 
 def test_available_backends_on_cpu_lists_known_names_in_order():

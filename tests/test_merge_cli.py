@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evolver_kernels import tiny_models
 from evolver_kernels.merge import main
 
 

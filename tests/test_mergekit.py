@@ -12,7 +12,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evolver_kernels import tiny_models
 from evolver_kernels.merge import main
 
 CASES = {

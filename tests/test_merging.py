@@ -13,7 +13,6 @@ from evolver_kernels.population import MemoryPopulation
 from evolver_kernels.reference import crossover_mask_reference
 from evolver_kernels.rng import STREAM_DARE
 
-
 BACKENDS_HERE = evolver_kernels.available_backends("cpu")
 
 

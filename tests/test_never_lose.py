@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evolver_kernels import merge as merge_cli
-from evolver_kernels import rundir, tiny_models
+from evolver_kernels import rundir
 from evolver_kernels.config import parse_config
 from evolver_kernels.evolve import main
 
@@ -34,8 +34,11 @@ def _tree(path) -> dict[str, str]:
     for top, dirs, files in os.walk(path):
         for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
             p = os.path.join(top, name)
-            found[os.path.relpath(p, path)] = ("link:" + os.readlink(p)) if os.path.islink(p) else \
-                hashlib.sha256(open(p, "rb").read()).hexdigest()
+            if os.path.islink(p):
+                found[os.path.relpath(p, path)] = "link:" + os.readlink(p)
+                continue
+            with open(p, "rb") as f:
+                found[os.path.relpath(p, path)] = hashlib.sha256(f.read()).hexdigest()
     return found
 
 

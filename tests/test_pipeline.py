@@ -59,7 +59,8 @@ def test_offspring_matches_reference_for_any_chunk(chunk, strategy, picks):
     WeightPipeline(pop, "cpu", chunk=chunk).offspring_into(spec, out)
     base_i, a_i, b_i = spec.roles()
     for g, (base_index, _) in layout.groups.items():
-        buf = lambda k: pop.arenas[k].buffers[g]  # noqa: E731
+        def buf(k, g=g):
+            return pop.arenas[k].buffers[g]
         want = de_mutate_crossover_reference(buf(1), buf(base_i), buf(a_i), buf(b_i), F=0.5, CR=0.5, seed=1234,
                                              offset=base_index)
         assert_bitwise_equal(out.buffers[g], want, g)
@@ -113,8 +114,8 @@ def test_staged_reads_give_the_same_bytes(method):
     """Double-buffered staging (on by default only for a GPU computing on a population off the device) forced
     on the CPU: every read of the offspring, merge and replacement loops is served from the staged buffers,
     and the results are the bytes of unstaged reads."""
-    from evolver_kernels.methods.statistics import FisherStats
     from evolver_kernels.merging import Merger
+    from evolver_kernels.methods.statistics import FisherStats
 
     results = []
     for staged in (False, True):

@@ -143,7 +143,8 @@ def test_help_of_both_commands_lists_every_registered_method_and_parameter(max_m
 
 
 def test_readme_method_table_is_the_registrys():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
     assert methods.markdown_table() in readme, "README.md: regenerate the method table from methods.markdown_table()"
 
 

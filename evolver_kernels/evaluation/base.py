@@ -152,7 +152,7 @@ class TaskEvaluator(abc.ABC):
     def encode(self, examples: list[dict]) -> dict:
         """The tokenizer's encoding of `examples` (unpadded lists, one entry per example)."""
 
-    def add_targets(self, batch: dict, examples: list[dict], idx: list[int], enc: dict) -> None:
+    def add_targets(self, batch: dict, examples: list[dict], idx: list[int], enc: dict) -> None:  # noqa: B027
         """Adds what scoring compares against (gold labels, target tokens) to `batch`, whose rows are
         `examples[j] for j in idx`. Causal LMs need nothing: their targets are their inputs."""
 

@@ -29,7 +29,7 @@ def load_user_function(spec: str) -> Callable:
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         # ValueError, not TypeError: the CLIs print a ValueError as a one-line error (a bad --task value).
-        raise ValueError(f"--task {spec!r}: {module_name} has no function {fn_name!r}")  # noqa: TRY004
+        raise ValueError(f"--task {spec!r}: {module_name} has no function {fn_name!r}")
     return fn
 
 

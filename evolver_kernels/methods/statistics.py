@@ -120,7 +120,7 @@ def collect_grams(model: torch.nn.Module, layout: Layout, load: Callable[[int], 
         sums: dict[str, torch.Tensor] = {}
         rows: dict[str, int] = {}
 
-        def hook(module, args, name):
+        def hook(module, args, name, sums=sums, rows=rows):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + x.T @ x
             rows[name] = rows.get(name, 0) + x.shape[0]

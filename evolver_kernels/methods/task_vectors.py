@@ -83,8 +83,8 @@ def ties(pop: Population, base: Arena, out: Arena, density: float | list[float],
         for k in range(pop.size):
             keep = max(1, int(densities[k] * e.numel))
             if keep < e.numel:
-                def task_vector(lo, hi, k=k):
-                    return _task_vector(pop, base, k, e.group, lo, hi, start, drop_p, seed, dst.device, backend)
+                def task_vector(lo, hi, k=k, group=e.group, start=start, device=dst.device):
+                    return _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend)
                 trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, keep, chunk)
         for lo, hi in iter_chunks(e.numel, chunk):
             merge_tensors(read_all(pop, e.group, lo_e + lo, lo_e + hi, dst.device),
