@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import UserError
+from .errors import ArgumentError, UserError
 
 ALIGN = 64  # elements: 128-256 bytes, a multiple of 4 (Philox groups) and of 16-byte vectors
 
@@ -182,7 +182,7 @@ class LayoutMismatchError(ValueError):
     """Two models (or a model and its checkpoint) do not share parameter names, shapes or dtypes."""
 
 
-class PickleWeightsError(ValueError):
+class PickleWeightsError(ArgumentError):
     """A model directory with pickle weights only (converted with --allow-pickle, refused otherwise)."""
 
 
@@ -206,11 +206,11 @@ def safetensors_files(model_dir: str) -> list[str]:
         return [single]
     others = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))] if os.path.isdir(model_dir) else []
     if others:
-        raise PickleWeightsError(
+        raise PickleWeightsError("model_dir",
             f"{model_dir}: only pickle weights ({', '.join(sorted(others))}); convert them to safetensors "
             "(pickle files can run code when loaded), or pass --allow-pickle to load them anyway"
         )
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    raise ArgumentError("model_dir", f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
 def tensor_index(files: list[str]) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:

@@ -53,7 +53,7 @@ class EvolveConfig:
     CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value, in [0, 1]")
     seed: int = _opt(0, "run seed: every random choice and offspring derives from it")
     population_on: str = _opt("gpu", "where the population lives: gpu (device memory; RAM without a GPU), cpu (host memory) or disk (memory-mapped safetensors files)", choices=TIERS)
-    population_dir: str | None = _opt(None, "directory of the disk tier's individual files (default: <out>/population)")
+    population_dir: str | None = _opt(None, "directory under which the disk tier creates its scratch directory of individual files (default: --out)")
     device: str | None = _opt(None, "compute device (default: cuda if available, else cpu)")
     device_map: str | None = _opt(None, "spread the evaluation model over several devices: auto (accelerate's infer_auto_device_map: the GPUs, then the CPU) or a JSON file {module name: device}; the population stays on cpu or disk")
     resume: bool = _opt(False, "continue the run checkpointed in --out (same config required)")

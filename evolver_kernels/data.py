@@ -11,7 +11,7 @@ import csv
 import json
 import os
 
-from .errors import UserError
+from .errors import ArgumentError
 
 REQUIRED_COLUMNS = {
     "sequence-classification": ("text", "label"),
@@ -20,20 +20,20 @@ REQUIRED_COLUMNS = {
 }
 
 
-class DataError(UserError):
+class DataError(ArgumentError):
     """Development data that cannot be used; the message names the file and line."""
 
 
 def read_rows(path: str) -> list[tuple[int, dict]]:
     """(line number, row) pairs of a JSONL, CSV, TSV file or load_from_disk directory."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--dev {path}: no such file or directory")
+        raise ArgumentError("path", f"{path}: no such file or directory")
     if os.path.isdir(path):
         return _read_dataset_dir(path)
     try:
         return _read_file(path)
     except UnicodeDecodeError as err:
-        raise DataError(f"--dev {path}: not UTF-8 text (byte {err.start} cannot be decoded: {err.reason})") from None
+        raise DataError("path", f"{path}: not UTF-8 text (byte {err.start} cannot be decoded: {err.reason})") from None
 
 
 def _read_file(path: str) -> list[tuple[int, dict]]:
@@ -48,9 +48,9 @@ def _read_file(path: str) -> list[tuple[int, dict]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+                    raise DataError("path", f"{path}:{n}: not valid JSON ({err.msg})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+                    raise DataError("path", f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
                 rows.append((n, row))
         return rows
     if lower.endswith((".csv", ".tsv")):
@@ -58,18 +58,18 @@ def _read_file(path: str) -> list[tuple[int, dict]]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             return [(reader.line_num, dict(row)) for row in reader]
-    raise DataError(f"--dev {path}: unknown format (use .jsonl, .csv, .tsv or a datasets.save_to_disk directory)")
+    raise DataError("path", f"{path}: unknown format (use .jsonl, .csv, .tsv or a datasets.save_to_disk directory)")
 
 
 def _read_dataset_dir(path: str) -> list[tuple[int, dict]]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"--dev {path}: a directory needs the `datasets` package (pip install datasets)") from None
+        raise DataError("path", f"{path}: a directory needs the `datasets` package (pip install datasets)") from None
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if len(ds) != 1:
-            raise DataError(f"--dev {path}: holds splits {list(ds)}; point at one split's directory")
+            raise DataError("path", f"{path}: holds splits {list(ds)}; point at one split's directory")
         ds = next(iter(ds.values()))
     return [(n + 1, dict(row)) for n, row in enumerate(ds)]
 
@@ -82,16 +82,16 @@ def load_examples(
     multi-label) within [0, num_labels)."""
     rows = read_rows(path)
     if not rows:
-        raise DataError(f"--dev {path}: no examples")
+        raise DataError("path", f"{path}: no examples")
     required = REQUIRED_COLUMNS[task]
     examples = []
     for n, row in rows:
         missing = [c for c in required if row.get(c) is None or row.get(c) == ""]
         if missing:
-            raise DataError(f"{path}:{n}: missing {', '.join(missing)} (a {task} row needs {', '.join(required)})")
+            raise DataError("path", f"{path}:{n}: missing {', '.join(missing)} (a {task} row needs {', '.join(required)})")
         for column in ("text", "text_pair", "input", "target"):
             if column in row and row[column] is not None and not isinstance(row[column], str):
-                raise DataError(f"{path}:{n}: {column} must be a string, got {type(row[column]).__name__}")
+                raise DataError("path", f"{path}:{n}: {column} must be a string, got {type(row[column]).__name__}")
         example = {c: row[c] for c in ("text", "text_pair", "input", "target") if row.get(c) not in (None, "")}
         if task == "sequence-classification":
             example["label"] = _parse_label(row["label"], path, n, label2id, num_labels, multi_label)
@@ -104,16 +104,16 @@ def _parse_label(value, path, n, label2id, num_labels, multi_label):
         if isinstance(value, str):
             value = [v for v in value.replace(";", ",").split(",") if v.strip()]
         if not isinstance(value, list):
-            raise DataError(f"{path}:{n}: a multi-label row needs a list of labels, got {value!r}")
+            raise DataError("path", f"{path}:{n}: a multi-label row needs a list of labels, got {value!r}")
         return sorted({_one_label(v, path, n, label2id, num_labels) for v in value})
     if isinstance(value, list):
-        raise DataError(f"{path}:{n}: label is a list but the model is single-label")
+        raise DataError("path", f"{path}:{n}: label is a list but the model is single-label")
     return _one_label(value, path, n, label2id, num_labels)
 
 
 def _one_label(value, path, n, label2id, num_labels) -> int:
     if isinstance(value, bool):
-        raise DataError(f"{path}:{n}: label {value!r} is not an index or a label name")
+        raise DataError("path", f"{path}:{n}: label {value!r} is not an index or a label name")
     if isinstance(value, str):
         v = value.strip()
         if label2id and v in label2id:
@@ -122,11 +122,11 @@ def _one_label(value, path, n, label2id, num_labels) -> int:
             value = int(v)
         else:
             known = f"; the model's labels are {sorted(label2id)}" if label2id else ""
-            raise DataError(f"{path}:{n}: unknown label {value!r}{known}")
+            raise DataError("path", f"{path}:{n}: unknown label {value!r}{known}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):
-        raise DataError(f"{path}:{n}: label {value!r} is not an index or a label name")
+        raise DataError("path", f"{path}:{n}: label {value!r} is not an index or a label name")
     if num_labels is not None and not 0 <= value < num_labels:
-        raise DataError(f"{path}:{n}: label {value} outside the model's head (num_labels = {num_labels})")
+        raise DataError("path", f"{path}:{n}: label {value} outside the model's head (num_labels = {num_labels})")
     return value

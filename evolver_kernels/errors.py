@@ -12,10 +12,27 @@ class UserError(ValueError):
     """Input that cannot work; the message names the culprit."""
 
 
-def describe_error(err: BaseException, resumable: bool = False) -> str:
-    """One line for the CLIs' `error:` output. An OSError from the system is said with its file; a full disk
-    says what to do (with resumable, that the checkpoint survives)."""
+class ArgumentError(UserError):
+    """A library function's argument that cannot work: `arg` is the argument's name, `detail` the rest of the
+    message. It reads `<arg> <detail>`; a CLI says it with its own flag for the argument (`as_flag`)."""
+
+    def __init__(self, arg: str, detail: str):
+        super().__init__(f"{arg} {detail}")
+        self.arg, self.detail = arg, detail
+
+    def as_flag(self, flags: dict[str, str]) -> str:
+        """The message with the argument named by its flag (flags: argument name -> flag), when there is one."""
+        return f"{flags[self.arg]} {self.detail}" if self.arg in flags else str(self)
+
+
+def describe_error(err: BaseException, resumable: bool = False, flags: dict[str, str] | None = None) -> str:
+    """One line for the CLIs' `error:` output. An ArgumentError names the CLI's flag (flags: argument name ->
+    flag); an OSError from the system is said with its file; a full disk says what to do (with resumable, that
+    the checkpoint survives)."""
     import errno
+
+    if isinstance(err, ArgumentError) and flags:
+        return " ".join(err.as_flag(flags).split())
 
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
         where = f": {err.filename}" if err.filename else ""

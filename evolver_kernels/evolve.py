@@ -52,6 +52,10 @@ from .seeding import fill_slots, initial_statistics
 from .state import RunState
 from .strategies import OffspringSpec, offspring_spec, visiting_order
 
+# the library's argument names (errors.ArgumentError) as this command's flags
+FLAGS = {"model_dir": "--models", "path": "--dev", "task": "--task", "metric": "--metric", "tier": "--population-on",
+         "disk_dir": "--population-dir", "device_map": "--device-map"}
+
 
 def check_plan(cfg: EvolveConfig, inputs: RunInputs, log) -> None:
     """Prints the memory plan; refuses one that cannot fit, with the numbers."""
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(cfg, log=lambda msg: print(msg, file=sys.stderr))
         result = run.run()
     except (ValueError, FileNotFoundError, NotImplementedError, OSError) as err:
-        print(f"error: {describe_error(err, resumable=True)}", file=sys.stderr)
+        print(f"error: {describe_error(err, resumable=True, flags=FLAGS)}", file=sys.stderr)
         if process_group_up():
             # a rank refusing its inputs: leave with the error's code, not through the teardown that can
             # abort with gloo's threads running (Ranks.exit); no barrier, the other ranks may not get there

@@ -52,7 +52,7 @@ def weight_files(model_dir: str, option: str, allow_pickle: bool, convert_root: 
         return safetensors_files(model_dir)
     except PickleWeightsError as err:
         if not allow_pickle:
-            raise ConfigError(f"{option} {err}") from None
+            raise ConfigError(f"{option} {err.detail}") from None
     dest = os.path.join(convert_root, model_io.conversion_key(model_dir))
     if ranks.is_main:
         model_io.convert_pickle_weights(model_dir, dest)

@@ -47,6 +47,10 @@ RUN_PARAMETERS = {"seed": int, "task": str}  # `parameters:` keys that are optio
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# the library's argument names (errors.ArgumentError) as this command's flags
+FLAGS = {"model_dir": "--models", "path": "--dev", "task": "--task", "metric": "--metric"}
+
+
 class MergeConfigError(UserError):
     """A merge config or flag that cannot be honoured; the message names the key."""
 
@@ -242,7 +246,12 @@ def run(spec: MergeSpec, log=print) -> str:
     claimed = OutputDir.claim(spec.out, "merge", inputs)
     scratch = None
     try:
-        config = model_io.load_config(spec.models[0])
+        configs = [model_io.load_config(m) for m in spec.models]
+        config = configs[0]
+        for m, c in zip(spec.models[1:], configs[1:]):
+            if c.model_type != config.model_type:
+                raise MergeConfigError(f"--models {m} is a {c.model_type}, {spec.models[0]} a {config.model_type}: "
+                                       "the models must share one architecture")
         task = spec.task or (infer_task(config) if record.statistics else "auto")
         model = model_io.empty_model(config, task)
         layout = Layout.of_model(model)
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv), log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {describe_error(err)}", file=sys.stderr)
+        print(f"error: {describe_error(err, flags=FLAGS)}", file=sys.stderr)
         return 2
     return 0
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .arena import Arena, Layout, load_into, resolve_names, tensor_index
-from .errors import UserError
+from .errors import ArgumentError
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
@@ -29,16 +29,16 @@ def load_config(model_dir: str):
     from transformers import AutoConfig
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"--models {model_dir}: no config.json (not a Hugging Face model directory)")
+        raise ArgumentError("model_dir", f"{model_dir}: no config.json (not a Hugging Face model directory)")
     try:
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
             raw = json.load(f)
     except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"--models {model_dir}: config.json is not valid JSON ({err})") from None
+        raise ArgumentError("model_dir", f"{model_dir}: config.json is not valid JSON ({err})") from None
     if not isinstance(raw, dict):
-        raise UserError(f"--models {model_dir}: config.json is not a JSON object")
+        raise ArgumentError("model_dir", f"{model_dir}: config.json is not a JSON object")
     if raw.get("auto_map"):
-        raise ValueError(f"--models {model_dir}: the model needs remote code (auto_map in config.json), which is never run")
+        raise ArgumentError("model_dir", f"{model_dir}: the model needs remote code (auto_map in config.json), which is never run")
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
@@ -133,7 +133,7 @@ def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
         return dest
     names = _pickle_files(model_dir)
     if not names:
-        raise FileNotFoundError(f"--models {model_dir}: no safetensors and no .bin weights")
+        raise ArgumentError("model_dir", f"{model_dir}: no safetensors and no .bin weights")
     state = {}
     for name in names:
         path = os.path.join(model_dir, name)
@@ -141,10 +141,10 @@ def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--models {model_dir}: {name} is not a plain tensor checkpoint, refused without "
+            raise ArgumentError("model_dir", f"{model_dir}: {name} is not a plain tensor checkpoint, refused without "
                             f"running it ({reason[:200]})") from None
         if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
-            raise UserError(f"--models {model_dir}: {name} does not hold a dictionary of tensors")
+            raise ArgumentError("model_dir", f"{model_dir}: {name} does not hold a dictionary of tensors")
         state.update(loaded)
     os.makedirs(dest_dir, exist_ok=True)
     seen, tensors = {}, {}
@@ -239,7 +239,7 @@ def device_for(name: str, device_map: dict[str, str]) -> str:
         if covers and (best is None or len(key) > len(best)):
             best = key
     if best is None:
-        raise ValueError(f"--device-map places no module that holds {name}")
+        raise ArgumentError("device_map", f"places no module that holds {name}")
     return best
 
 

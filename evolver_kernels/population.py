@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .arena import Arena, Layout, iter_chunks, load_into, resolve_names, tensor_index
+from .errors import ArgumentError
 
 TIERS = ("gpu", "cpu", "disk")
 
@@ -290,10 +291,10 @@ def make_population(
     """A population of len(model_files) + extra individuals on `tier`, the first loaded tensor by tensor from
     safetensors; the `extra` slots are left for the caller to write (begin_write / write / commit_write)."""
     if tier not in TIERS:
-        raise ValueError(f"--population-on must be one of {', '.join(TIERS)}, got {tier!r}")
+        raise ArgumentError("tier", f"must be one of {', '.join(TIERS)}, got {tier!r}")
     if tier == "disk":
         if not disk_dir:
-            raise ValueError("--population-on disk needs a directory for the individuals (--population-dir)")
+            raise ArgumentError("disk_dir", "is needed by the disk tier (a directory for the individuals)")
         pop = DiskPopulation(layout, len(model_files) + extra, disk_dir)
         for i, (files, source) in enumerate(zip(model_files, sources)):
             pop.write_from_files(i, files, source)

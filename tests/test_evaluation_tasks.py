@@ -85,7 +85,7 @@ def test_registry_names_every_built_in_task():
     assert tuple(evaluation.TASKS) == evaluate.TASKS == ("sequence-classification", "causal-lm", "seq2seq")
     assert {name: cls.metrics for name, cls in evaluation.TASKS.items()} == evaluate.METRICS
     assert evaluation.task_class("some.module:fitness") is evaluation.UserFunctionEvaluator
-    with pytest.raises(ValueError, match="--task must be one of sequence-classification, causal-lm, seq2seq"):
+    with pytest.raises(ValueError, match="^task must be one of sequence-classification, causal-lm, seq2seq"):
         evaluation.task_class("translation")
 
 
@@ -132,7 +132,7 @@ def test_user_function_returning_no_number_is_a_user_error(tiny, user_module, fn
     model, tok, _ = _load(tiny, "gpt2")
     ev = Evaluator(f"{user_module}:{fn}", tok, ["anything"], config=model.config)
     assert isinstance(ev.task_evaluator, evaluation.UserFunctionEvaluator)
-    with pytest.raises(UserError, match=f"--task {user_module}:{fn}: the function returned {shown}; it must return a number"):
+    with pytest.raises(UserError, match=f"^task {user_module}:{fn}: the function returned {shown}; it must return a number"):
         ev(model)
 
 

@@ -240,3 +240,24 @@ def test_unknown_backend_in_a_config_file(pop, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps({"models": models, "dev": [dev], "out": str(tmp_path / "o"), "backend": "fast"}))
     assert "run.yaml: backend must be one of reference, cpu, triton, cuda, got 'fast'" in _error(capsys, ["--config", str(cfg)])
+
+
+def test_library_errors_name_their_arguments_and_the_cli_its_flags(pop, tmp_path, capsys):
+    """A library function names its own argument (model_dir, path, metric); each command says its own flag."""
+    from evolver_kernels import model_io
+    from evolver_kernels.data import load_examples
+    from evolver_kernels.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"^model_dir /nope: no config.json") as err:
+        model_io.load_config("/nope")
+    assert err.value.arg == "model_dir"
+    with pytest.raises(ArgumentError, match=r"^path /nope.jsonl: no such file"):
+        load_examples("/nope.jsonl", "causal-lm")
+    _, models, dev = pop
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"--models {empty}: no config.json" in _error(capsys, _args([*models[:2], str(empty)], dev, tmp_path / "o"))
+    from evolver_kernels.merge import main as merge_main
+
+    assert merge_main(["--models", models[0], str(empty), "--out", str(tmp_path / "m")]) == 2
+    assert f"--models {empty}: no config.json" in capsys.readouterr().err

@@ -7,6 +7,7 @@ spec to the user-function evaluator, and `build` constructs the evaluator for a 
 
 from __future__ import annotations
 
+from ..errors import ArgumentError
 from .base import (
     LOGITS_BUDGET,
     Fitness,
@@ -36,7 +37,7 @@ def task_class(task: str) -> type[TaskEvaluator]:
     if is_user_function(task):
         return UserFunctionEvaluator
     if task not in TASKS:
-        raise ValueError(f"--task must be one of {', '.join(TASKS)} or module:function, got {task!r}")
+        raise ArgumentError("task", f"must be one of {', '.join(TASKS)} or module:function, got {task!r}")
     return TASKS[task]
 
 

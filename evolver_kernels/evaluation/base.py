@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as nnf
 
 from ..data import load_examples
+from ..errors import ArgumentError
 
 IGNORE_INDEX = -100  # Hugging Face's label for positions that carry no loss (padding, prompts)
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -127,7 +128,7 @@ class TaskEvaluator(abc.ABC):
     def _choose_metric(self, metric: str | None) -> str:
         metric = metric or self.default_metric(self.multi_label)
         if metric not in self.metrics:
-            raise ValueError(f"--metric {metric!r} does not apply to {self.name}; use one of {', '.join(self.metrics)}")
+            raise ArgumentError("metric", f"{metric!r} does not apply to {self.name}; use one of {', '.join(self.metrics)}")
         return metric
 
     def _prepare_tokenizer(self, tokenizer):

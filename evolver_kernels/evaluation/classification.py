@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as nnf
 
 from ..data import load_examples
+from ..errors import ArgumentError
 from .base import DevFiles, TaskEvaluator
 
 
@@ -45,7 +46,7 @@ class ClassificationEvaluator(TaskEvaluator):
     def __init__(self, tokenizer, config, **options):
         super().__init__(tokenizer, config, **options)
         if self.metric == "multilabel-f1" and not self.multi_label:
-            raise ValueError("--metric multilabel-f1 needs a model with problem_type multi_label_classification")
+            raise ArgumentError("metric", "multilabel-f1 needs a model with problem_type multi_label_classification")
         self.label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
 
     @classmethod

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..errors import UserError
+from ..errors import ArgumentError
 from .base import STATISTICS_NEED_BUILTIN, DevFiles, Fitness, TaskEvaluator
 
 
@@ -21,15 +21,15 @@ def load_user_function(spec: str) -> Callable:
     """`module:function` -> the callable, with a clear error when either part is missing."""
     module_name, _, fn_name = spec.partition(":")
     if not module_name or not fn_name:
-        raise ValueError(f"--task {spec!r}: a user function is written module:function")
+        raise ArgumentError("task", f"{spec!r}: a user function is written module:function")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"--task {spec!r}: cannot import module {module_name!r} ({err})") from None
+        raise ArgumentError("task", f"{spec!r}: cannot import module {module_name!r} ({err})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         # ValueError, not TypeError: the CLIs print a ValueError as a one-line error (a bad --task value).
-        raise ValueError(f"--task {spec!r}: {module_name} has no function {fn_name!r}")
+        raise ArgumentError("task", f"{spec!r}: {module_name} has no function {fn_name!r}")
     return fn
 
 
@@ -60,7 +60,7 @@ class UserFunctionEvaluator(TaskEvaluator):
                 raise TypeError  # float() would accept these, but they are not scores
             score = float(value)
         except (TypeError, ValueError):
-            raise UserError(f"--task {self.spec}: the function returned {value!r}; it must return a number "
+            raise ArgumentError("task", f"{self.spec}: the function returned {value!r}; it must return a number "
                             "(higher is better)") from None
         return Fitness(score, {"user": score})
 
