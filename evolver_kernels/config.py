@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import yaml
 
-from . import methods, rundir, strategies
+from . import methods, refs, rundir, strategies
 from .backends import BACKENDS
-from .errors import UserError
+from .errors import ArgumentError, UserError
 from .fitness import FITNESS
 from .ops import MAX_MERGE_INPUTS
 from .population import TIERS
@@ -35,7 +35,7 @@ def _opt(default, help: str, **kw):
 
 @dataclasses.dataclass
 class EvolveConfig:
-    models: list[str] = _opt(None, "Hugging Face model directories (safetensors), fine-tunes of one base model", nargs="+")
+    models: list[str] = _opt(None, "fine-tunes of one base model: Hugging Face model directories (safetensors) or Hub ids org/name[@revision]", nargs="+")
     dev: list[str] = _opt(None, "development data: JSONL, CSV/TSV or load_from_disk directories; one per domain", nargs="+")
     out: str = _opt(None, "output directory: the fused model, evolution.json, a fitness plot, a model card")
     task: str | None = _opt(None, "sequence-classification, causal-lm, seq2seq or module:function (default: from the architecture)")
@@ -46,7 +46,7 @@ class EvolveConfig:
     strategy: str = _opt("evolver", "mutation strategy", choices=strategies.names)
     fitness: str = _opt("merged", "individual: score each offspring alone; merged: score the population's merge with the offspring in its slot", choices=lambda: tuple(FITNESS))
     merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=methods.names)
-    base_model: str | None = _opt(None, "the models' common ancestor (HF directory), needed by the task-vector methods")
+    base_model: str | None = _opt(None, "the models' common ancestor (a directory or a Hub id), needed by the task-vector methods")
     extra_individuals: list[str] | None = _opt(None, "merges of the models added to the initial population as individuals, with the --merge-* settings", nargs="+", choices=lambda: methods.names(with_statistics=False))
     schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
     F: float = _opt(0.5, "mutation scale, in (0, 2]")
@@ -68,6 +68,12 @@ class EvolveConfig:
     allow_pickle: bool = _opt(False, "accept pickle (.bin) weights; off by default because unpickling can run code")
     # the merge methods' parameters given (--merge-<param> / merge_<param>): {param: value}; the rest default
     merge: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"cli": False})
+    # model reference (as given) -> its local directory (refs.py), filled by validate()
+    resolved: dict[str, str] = dataclasses.field(default_factory=dict, metadata={"cli": False})
+
+    def local(self, ref: str) -> str:
+        """The local directory of a model reference of this run (a Hub id's cache snapshot)."""
+        return self.resolved.get(ref, ref)
 
     def merge_settings(self, method: str) -> dict[str, Any]:
         """Every parameter of `method`, from the given values over the registry's defaults."""
@@ -216,15 +222,13 @@ def validate(cfg: EvolveConfig) -> None:
     for name in ("models", "dev", "out"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
-    for path in cfg.models:
-        if not os.path.isdir(path):
-            raise ConfigError(f"--models {path}: no such directory")
+    resolve_refs(cfg)
     if cfg.device is not None:
         check_device(cfg.device)
     for path in cfg.dev:
         if not os.path.exists(path):
             raise ConfigError(f"--dev {path}: no such file or directory")
-    if len(set(map(os.path.realpath, cfg.models))) != len(cfg.models):
+    if len({os.path.realpath(cfg.local(m)) for m in cfg.models}) != len(cfg.models):
         raise ConfigError("--models lists the same directory twice")
     for f in _cli_fields():  # choices of options set in code (flags and YAML are checked when parsed)
         value, choices = getattr(cfg, f.name), _choices(f)
@@ -256,11 +260,8 @@ def validate(cfg: EvolveConfig) -> None:
         cfg.merge[name] = p.check(value, merge_flag(name))
     for what, method in [("--merge-method", m.name) for m in used[:1] if cfg.fitness == "merged"] + \
             [("--extra-individuals", m) for m in extras]:
-        if methods.get(method).needs_base:
-            if not cfg.base_model:
-                raise ConfigError(f"{what} {method} needs --base-model (the models' common ancestor)")
-            if not os.path.isdir(cfg.base_model):
-                raise ConfigError(f"--base-model {cfg.base_model}: no such directory")
+        if methods.get(method).needs_base and not cfg.base_model:
+            raise ConfigError(f"{what} {method} needs --base-model (the models' common ancestor)")
         if methods.get(method).statistics is not None and ":" in (cfg.task or ""):
             raise ConfigError(f"{what} {method} estimates statistics with a built-in --task, not {cfg.task}")
     if cfg.fitness == "merged" and n > MAX_MERGE_INPUTS:
@@ -292,6 +293,16 @@ def validate(cfg: EvolveConfig) -> None:
         rundir.check_scratch_root("--population-dir", cfg.population_dir, input_paths(cfg))
 
 
+def resolve_refs(cfg: EvolveConfig) -> None:
+    """Each model reference (--models, --base-model) to its local directory, in cfg.resolved (refs.py)."""
+    for option, ref in [("--models", m) for m in cfg.models] + [("--base-model", cfg.base_model)] * bool(cfg.base_model):
+        if ref not in cfg.resolved:
+            try:
+                cfg.resolved[ref] = refs.resolve(ref)
+            except ArgumentError as err:
+                raise ConfigError(f"{option} {err.detail}") from None
+
+
 def population_size(cfg: EvolveConfig) -> int:
     """--population-size, by default the models plus the extra individuals."""
     return cfg.population_size if cfg.population_size is not None else len(cfg.models) + len(cfg.extra_individuals or [])
@@ -299,9 +310,9 @@ def population_size(cfg: EvolveConfig) -> int:
 
 def input_paths(cfg: EvolveConfig) -> list[tuple[str, str]]:
     """(option, path) of everything the run reads: never written into (rundir.py)."""
-    paths = [("--models", m) for m in cfg.models] + [("--dev", d) for d in cfg.dev]
+    paths = [("--models", cfg.local(m)) for m in cfg.models] + [("--dev", d) for d in cfg.dev]
     if cfg.base_model:
-        paths.append(("--base-model", cfg.base_model))
+        paths.append(("--base-model", cfg.local(cfg.base_model)))
     return paths
 
 

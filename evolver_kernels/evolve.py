@@ -35,6 +35,7 @@ import time
 import torch
 
 from . import model_io, rundir
+from .backends import device_backends
 from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, input_paths, parse_config, validate
 from .distributed import Ranks, leave, process_group_up
@@ -273,8 +274,10 @@ class Run:
             "evaluations": state.evaluations,
             "timing_s": {"weights": round(self.weights_s, 3), "evaluation": round(self.evaluation_s, 3)},
             "non_finite_evaluations": self.non_finite,
+            "backends": device_backends(self.inputs.placement.devices(), self.cfg.backend),
+            "resolved_models": {ref: path for ref, path in self.cfg.resolved.items() if ref != path},
         }
-        written = write_outputs(self.cfg.out, self.arena, self.cfg.models[0], self.inputs.files[0], dict(state.config),
+        written = write_outputs(self.cfg.out, self.arena, self.cfg.local(self.cfg.models[0]), self.inputs.files[0], dict(state.config),
                                 state.history, final.as_dict(), extra, self.inputs.evaluator.metric, kind)
         self.out_dir.record(written)
         self.checkpoint.mark_finished(state)

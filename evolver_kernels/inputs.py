@@ -13,6 +13,7 @@ import torch
 
 from . import methods, model_io
 from .arena import Layout, PickleWeightsError, resolve_names, safetensors_files, tensor_index
+from .backends import device_backends
 from .config import ConfigError, EvolveConfig, population_size
 from .distributed import Ranks
 from .evaluate import Evaluator, infer_task
@@ -62,19 +63,19 @@ def weight_files(model_dir: str, option: str, allow_pickle: bool, convert_root: 
 
 def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list[str]]) -> RunInputs:
     """Everything a run needs before it loads weights, checked; files_of(option, model_dir) lists weights."""
-    configs = [model_io.load_config(m) for m in cfg.models]
+    configs = [model_io.load_config(cfg.local(m)) for m in cfg.models]
     first = configs[0]
     for m, c in zip(cfg.models[1:], configs[1:]):
         if c.model_type != first.model_type or (c.architectures or [None])[0] != (first.architectures or [None])[0]:
             raise ConfigError(f"--models {m} is a {c.model_type} {c.architectures}, {cfg.models[0]} a "
                               f"{first.model_type} {first.architectures}: the models must share one architecture")
     task = cfg.task or infer_task(first)
-    files = [files_of("--models", m) for m in cfg.models]
+    files = [files_of("--models", cfg.local(m)) for m in cfg.models]
     model = model_io.empty_model(first, task)
     layout = Layout.of_model(model)
     for m, f in zip(cfg.models, files):
         resolve_names(layout, tensor_index(f), f"--models {m}")
-    base_files = files_of("--base-model", cfg.base_model) if cfg.base_model else None
+    base_files = files_of("--base-model", cfg.local(cfg.base_model)) if cfg.base_model else None
     if base_files:
         resolve_names(layout, tensor_index(base_files), f"--base-model {cfg.base_model}")
     placement = Placement(cfg.device, cfg.device_map, ranks, model, layout)
@@ -82,7 +83,7 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.models[0], trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.local(cfg.models[0]), trust_remote_code=False)
     evaluator = Evaluator(task, tokenizer, cfg.dev, config=first, metric=cfg.metric, batch_size=cfg.batch_size,
                           max_length=cfg.max_length, device=placement.device, threshold=cfg.threshold,
                           max_examples=cfg.max_dev_examples)
@@ -108,4 +109,5 @@ def plan_of(cfg: EvolveConfig, inputs: RunInputs) -> Plan:
         logits_bytes=4 * inputs.evaluator.logits_budget if inputs.task == "causal-lm" else 0,
         scratch_root=scratch, out=cfg.out,
         checkpoint_linked=cfg.population_on == "disk" and same_filesystem(scratch, cfg.out),
+        backends=device_backends(inputs.placement.devices(), cfg.backend),
     ))

@@ -32,15 +32,16 @@ from typing import Any
 
 import torch
 
-from . import merging, methods, model_io
+from . import merging, methods, model_io, refs
 from .arena import Arena, Layout, resolve_names, safetensors_files, tensor_index
+from .backends import device_backends
 from .config import load_yaml_mapping
-from .errors import UserError, describe_error
+from .errors import ArgumentError, UserError, describe_error
 from .evaluate import Evaluator, infer_task
 from .offspring import WeightPipeline
 from .population import make_population
 from .report import write_json
-from .rundir import OutputDir, Scratch
+from .rundir import OutputDir, Scratch, format_bytes
 
 YAML_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "dev")
 RUN_PARAMETERS = {"seed": int, "task": str}  # `parameters:` keys that are options of the run, not of a method
@@ -68,6 +69,10 @@ class MergeSpec:
     task: str | None = None
     dtype: str | None = None
     population_on: str = "cpu"
+    resolved: dict[str, str] = dataclasses.field(default_factory=dict)  # model reference -> local directory
+
+    def local(self, ref: str) -> str:
+        return self.resolved.get(ref, ref)
 
 
 def flag(param: str) -> str:
@@ -219,9 +224,11 @@ def _check(spec: MergeSpec) -> tuple[methods.MergeMethod, dict[str, Any]]:
     record = methods.get(spec.method)
     if len(spec.models) < 2:
         raise MergeConfigError("give at least two models to merge (--models or models: in the YAML)")
-    for option, m in [("--models", m) for m in spec.models] + [("--base", spec.base)] * bool(spec.base):
-        if not os.path.isdir(m):
-            raise FileNotFoundError(f"{option} {m}: no such model directory")
+    for option, ref in [("--models", m) for m in spec.models] + [("--base", spec.base)] * bool(spec.base):
+        try:
+            spec.resolved[ref] = refs.resolve(ref)
+        except ArgumentError as err:
+            raise MergeConfigError(f"{option} {err.detail}") from None
     if spec.weights is not None and len(spec.weights) != len(spec.models):
         raise MergeConfigError(f"--weights: {len(spec.weights)} given for {len(spec.models)} models")
     if record.needs_base and not spec.base:
@@ -241,12 +248,13 @@ def _check(spec: MergeSpec) -> tuple[methods.MergeMethod, dict[str, Any]]:
 def run(spec: MergeSpec, log=print) -> str:
     """Merges spec.models into spec.out (claimed: rundir.py); returns the output directory."""
     record, settings = _check(spec)
-    inputs = ([("--models", m) for m in spec.models] + [("--base", spec.base)] * bool(spec.base)
-              + [("--dev", d) for d in spec.dev])
+    models = [spec.local(m) for m in spec.models]
+    base_dir = spec.local(spec.base) if spec.base else None
+    inputs = [("--models", m) for m in models] + [("--base", base_dir)] * bool(base_dir) + [("--dev", d) for d in spec.dev]
     claimed = OutputDir.claim(spec.out, "merge", inputs)
     scratch = None
     try:
-        configs = [model_io.load_config(m) for m in spec.models]
+        configs = [model_io.load_config(m) for m in models]
         config = configs[0]
         for m, c in zip(spec.models[1:], configs[1:]):
             if c.model_type != config.model_type:
@@ -255,32 +263,36 @@ def run(spec: MergeSpec, log=print) -> str:
         task = spec.task or (infer_task(config) if record.statistics else "auto")
         model = model_io.empty_model(config, task)
         layout = Layout.of_model(model)
-        files = [safetensors_files(m) for m in spec.models]
+        files = [safetensors_files(m) for m in models]
         for m, f in zip(spec.models, files):
             resolve_names(layout, tensor_index(f), m)
+        log(f"merge: {len(spec.models)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}; "
+            f"population on {spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
         if spec.population_on == "disk":
             scratch = Scratch(spec.out, "--out")
-        pop = make_population(spec.population_on, layout, files, spec.models, torch.device("cpu"),
+        pop = make_population(spec.population_on, layout, files, models, torch.device("cpu"),
                               disk_dir=scratch.path if scratch else None)
         arena = Arena.empty(layout)
-        base = model_io.load_model_arena(layout, safetensors_files(spec.base), spec.base) if spec.base else None
+        base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base) if base_dir else None
         stats = None
         if record.statistics is not None:
             from transformers import AutoTokenizer
 
             model_io.attach_arena(model, arena, files[0])
-            evaluator = Evaluator(task, AutoTokenizer.from_pretrained(spec.models[0]), spec.dev, config=config)
+            evaluator = Evaluator(task, AutoTokenizer.from_pretrained(models[0]), spec.dev, config=config)
             pipeline = WeightPipeline(pop, torch.device("cpu"))
             stats = merging.compute_statistics(record.name, settings, model, layout,
                                                lambda k: pipeline.copy_into(k, arena), len(spec.models), evaluator)
         merging.Merger(record.name, base, weights=spec.weights, seed=spec.seed, stats=stats, **settings)(pop, arena)
         pop.close()
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
-        written = model_io.save_model(arena, spec.models[0], files[0], spec.out,
+        written = model_io.save_model(arena, models[0], files[0], spec.out,
                                       dtype=DTYPES[spec.dtype] if spec.dtype else None)
         written.append(write_json(os.path.join(spec.out, "merge.json"), {
             "method": record.name, "models": spec.models, "weights": spec.weights or [1.0] * len(spec.models),
-            "base": spec.base, **settings, "seed": spec.seed, "dev": spec.dev, "dtype": spec.dtype}))
+            "base": spec.base, **settings, "seed": spec.seed, "dev": spec.dev, "dtype": spec.dtype,
+            "backends": device_backends(["cpu"]),
+            "resolved_models": {ref: path for ref, path in spec.resolved.items() if ref != path}}))
         claimed.record(written)
     except BaseException:
         if scratch is not None:

@@ -78,6 +78,10 @@ class Placement:
             per_device[device] = per_device.get(device, 0) + e.numel * self.layout.group_dtype(e.group).itemsize
         return per_device
 
+    def devices(self) -> list[str]:
+        """Every device the kernels run on: the compute device and, with a map, each device it places on."""
+        return list(dict.fromkeys([str(self.device), *(self.device_map.values() if self.device_map else ())]))
+
     def describe(self) -> str:
         if not self.placed:
             return str(self.device)

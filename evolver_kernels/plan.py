@@ -31,6 +31,7 @@ class PlanInputs:
     scratch_root: str = ""  # where the disk tier's files go
     out: str = ""
     checkpoint_linked: bool = False  # the disk tier hard-links its files into the checkpoint (same filesystem)
+    backends: dict[str, str] = dataclasses.field(default_factory=dict)  # the backend each device runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,7 @@ def memory_plan(p: PlanInputs) -> Plan:
         f"  needs: host {format_bytes(host)}"
         + "".join(f", {d} {format_bytes(b)}" for d, b in devices.items() if b)
         + (f", disk {format_bytes(disk_total)}" if disk_total else ""),
-    )
+    ) + (("  backends: " + ", ".join(f"{d} runs {b}" for d, b in p.backends.items()),) if p.backends else ())
     disk = (("the population", p.scratch_root, pop_disk), ("checkpoint and output", p.out, out_disk))
     return Plan(lines=lines, host=host, devices=devices, disk=disk)
 

@@ -26,7 +26,7 @@ def test_cuda_extension_was_built_where_nvcc_exists():
 
     if os.environ.get("EVOLVER_KERNELS_SKIP_CUDA_BUILD"):
         pytest.skip("EVOLVER_KERNELS_SKIP_CUDA_BUILD is set")
-    assert backends.cuda_extension() is not None, backends._import("evolver_kernels._cuda")[1]
+    assert backends.cuda_extension() is not None, backends.extension_status("_cuda")[1]
 
 
 def test_fake_implementations_let_torch_compile_trace_the_ops():
@@ -58,7 +58,7 @@ def test_cuda_extension_carries_hopper_code_without_spills():
 
     module = backends.cuda_extension()
     if module is None:
-        pytest.skip(f"the CUDA extension is not built: {backends._import('evolver_kernels._cuda')[1]}")
+        pytest.skip(f"the CUDA extension is not built: {backends.extension_status('_cuda')[1]}")
     cubins = cuobjdump("-lelf", module.__file__)
     for source in ("de_cuda", "merge_cuda"):
         assert f"{source}.sm_90.cubin" in cubins, cubins
