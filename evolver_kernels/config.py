@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, p in methods.all_params().items():
         users = [m.name for m in methods.METHODS.values() if m.param(name) is not None]
         group.add_argument(merge_flag(name), dest=f"merge:{name}", type=p.type, default=argparse.SUPPRESS,
-                           help=f"{p.help}; {', '.join(users)}; in {p.range_text()} (default: {p.default})")
+                           metavar=name.upper(), help=f"{p.help}; used by {', '.join(users)}; values: "
+                                                       f"{p.range_text()} (default: {p.default})")
     return parser
 
 

@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, p in methods.all_params().items():
         users = ", ".join(m.name for m in methods.METHODS.values() if m.param(name) is not None)
         group.add_argument(flag(name), dest=f"param:{name}", type=p.type, nargs="+" if p.per_model else None,
-                           help=f"{p.help}; {users}; in {p.range_text()}{' (one, or one per model)' if p.per_model else ''}"
-                                f" (default {p.default})")
+                           metavar=name.upper(), help=f"{p.help}; used by {users}; values: {p.range_text()}"
+                                                       f"{' (one, or one per model)' if p.per_model else ''} (default {p.default})")
     return parser
 
 

@@ -42,7 +42,7 @@ class Param:
 
     def range_text(self) -> str:
         if self.low is None and self.high is None:
-            return "finite" if self.type is float else "any integer"
+            return "any finite number" if self.type is float else "any integer"
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
@@ -66,7 +66,8 @@ class Param:
         if ok and self.high is not None:
             ok = value < self.high if self.high_open else value <= self.high
         if not ok:
-            raise UserError(f"{where} must be in {self.range_text()}, got {value}")
+            bounded = self.low is not None or self.high is not None
+            raise UserError(f"{where} must be {'in ' if bounded else ''}{self.range_text()}, got {value}")
         return value
 
 
