@@ -314,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
             # abort with gloo's threads running (Ranks.exit); no barrier, the other ranks may not get there
             leave(2)
         return 2
+    except KeyboardInterrupt:
+        # Run.close has run (lock dropped, scratch removed); the checkpoint is written atomically after every
+        # evaluation, so the run continues from it
+        print(f"interrupted: continue with the same command and --resume (the checkpoint in {cfg.out} is intact)"
+              if run is not None else "interrupted before any work", file=sys.stderr)
+        if process_group_up():
+            leave(130)
+        return 130
     if result.get("final_fitness") is not None:  # rank 0 reports for every rank
         print(f"final_fitness {result['final_fitness']:.6f}")
     if run.ranks.enabled:

@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {describe_error(err, flags=FLAGS)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the command again (it replaces only the files a merge writes in --out)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

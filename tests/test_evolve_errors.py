@@ -194,8 +194,8 @@ def test_existing_checkpoint_needs_resume_and_same_config(pop, tmp_path, capsys)
     original = ev.Run.evaluate
     ev.Run.evaluate = crash
     try:
-        with pytest.raises(KeyboardInterrupt):
-            main(_args(models, dev, tmp_path / "i"))
+        assert main(_args(models, dev, tmp_path / "i")) == 130
+        assert "interrupted: continue with the same command and --resume" in capsys.readouterr().err
     finally:
         ev.Run.evaluate = original
     assert "pass --resume" in _error(capsys, _args(models, dev, tmp_path / "i"))

@@ -428,8 +428,8 @@ def test_truncated_checkpoint_is_one_line(pop, tmp_path, capsys):
         return original(self, *args)
     ev.Run.evaluate = crash
     try:
-        with pytest.raises(KeyboardInterrupt):
-            main(_args(models, dev, out, "--generations", "3", "--fitness", "individual", "--population-on", "cpu"))
+        assert main(_args(models, dev, out, "--generations", "3", "--fitness", "individual",
+                          "--population-on", "cpu")) == 130
     finally:
         ev.Run.evaluate = original
     state = out / "checkpoint" / "state.json"
