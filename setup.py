@@ -96,7 +96,9 @@ class BuildPy(build_py):
 
     def run(self):
         super().run()
-        jit.write_build_info(build_info, Path(self.build_lib) / "evolver_kernels" / "_build_info.json")
+        target = Path(self.build_lib) / "evolver_kernels"
+        target.mkdir(parents=True, exist_ok=True)
+        jit.write_build_info(build_info, target / "_build_info.json")
 
 
 cmdclass = {"build_py": BuildPy}
