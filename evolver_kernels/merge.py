@@ -129,6 +129,11 @@ def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
     except UserError as err:
         raise MergeConfigError(f"{where}: merge_method: {err}") from None
     spec = MergeSpec(out="", method=record.name)
+    if record.name in DARE_METHODS and _mentions(raw, "density"):
+        # mergekit's dare methods call the fraction DARE keeps `density`; ours is drop_p = 1 - density, and our
+        # density (dare_ties) trims by magnitude as TIES does. Read with our meaning it would be another merge.
+        raise MergeConfigError(f"{where}: density with {record.name} is mergekit's kept fraction, which is not read "
+                               "with that meaning yet: give drop_p (= 1 - density) instead")
     if raw.get("base_model") is not None:
         if not isinstance(raw["base_model"], str):
             raise MergeConfigError(f"{where}: base_model must be a path, got {raw['base_model']!r}")
@@ -176,6 +181,16 @@ def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
             raise MergeConfigError(f"{where}: dev must be a list of file paths, got {raw['dev']!r}")
         spec.dev = dev
     return spec
+
+
+DARE_METHODS = ("dare_linear", "dare_ties")
+
+
+def _mentions(raw: dict, key: str) -> bool:
+    """`key` among the global or any model's parameters of a YAML mapping."""
+    entries = raw.get("models") if isinstance(raw.get("models"), list) else []
+    blocks = [raw.get("parameters")] + [e.get("parameters") for e in entries if isinstance(e, dict)]
+    return any(isinstance(b, dict) and key in b for b in blocks)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,11 +37,11 @@ def test_yaml_ties_matches_flags(models, tmp_path):
 
     cfg = {"merge_method": "dare_ties", "base_model": models[0],
            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models[1:], [1.0, 0.5, 1.0])],
-           "parameters": {"density": 0.4, "lambda": 0.8, "drop_p": 0.2, "seed": 3}}
+           "parameters": {"lambda": 0.8, "drop_p": 0.2, "seed": 3}}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "y")]) == 0
     assert main(["--method", "dare_ties", "--base", models[0], "--models", *models[1:], "--weights", "1", "0.5", "1",
-                 "--density", "0.4", "--scale", "0.8", "--drop-p", "0.2", "--seed", "3", "--out", str(tmp_path / "f")]) == 0
+                 "--scale", "0.8", "--drop-p", "0.2", "--seed", "3", "--out", str(tmp_path / "f")]) == 0
     a, b = _weights(tmp_path / "y"), _weights(tmp_path / "f")
     assert all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((tmp_path / "y" / "merge.json").read_text())
