@@ -7,8 +7,9 @@ Methods, their parameters, defaults and ranges come from the registry (evolver_k
 parameter is a flag `--<param>` (per-model ones take one value or one per model) and a key of the YAML's
 `parameters:`. The YAML follows mergekit's conventions and is read strictly (every key honoured or refused):
 
-    merge_method: ties            # or linear (mergekit's name for average), task_arithmetic, dare_ties, ...
-    base_model: path/to/base      # needed by the task-vector methods
+    merge_method: ties            # or linear (mergekit's name for average), task_arithmetic, dare_ties, slerp, ...
+    base_model: path/to/base      # needed by the task-vector methods; as in mergekit, slerp's first model
+                                  # (t = 0) and for karcher one more model merged
     models:
       - model: path/to/a
         parameters: {weight: 1.0, density: 0.3}   # per model: weight, and the method's per-model parameters
@@ -92,6 +93,8 @@ def _parameters(where: str, params, record: methods.MergeMethod, per_model: bool
         if isinstance(value, list):
             raise MergeConfigError(f"{at}: a list (a parameter gradient over layers) is not supported; give one number")
         if key == "weight":
+            if not record.uses_weights:
+                raise MergeConfigError(f"{at} does not apply to {record.name} (it takes no per-model weights)")
             out["weight"] = methods.Param("weight", float, 1.0, "", low=0.0).check(value, at)
             continue
         if key in RUN_PARAMETERS and not per_model:
@@ -161,6 +164,9 @@ def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
                 raise MergeConfigError(f"{at}: unknown key(s) {', '.join(extra)} (an entry has model and parameters)")
             spec.models.append(entry["model"])
             per_model.append(_parameters(f"{at} parameters", entry.get("parameters"), record, per_model=True))
+        spec.models, per_model = _place_base(record, spec.base, spec.models, per_model, where)
+        if record.yaml_base != "base":
+            spec.base = None  # it is one of the models now
         # a model's own parameters override the global ones, as in mergekit
         if default_weight is not None or any("weight" in p for p in per_model):
             spec.weights = [p.get("weight", 1.0 if default_weight is None else default_weight) for p in per_model]
@@ -184,6 +190,38 @@ def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
 
 
 DARE_METHODS = ("dare_linear", "dare_ties")
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def _place_base(record: methods.MergeMethod, base: str | None, models: list[str], per_model: list[dict],
+                where: str) -> tuple[list[str], list[dict]]:
+    """The merged models of a YAML's `models:` and `base_model:` as mergekit reads them for `record`
+    (MergeMethod.yaml_base): mergekit adds a base_model that is not listed to the inputs, and a method then
+    treats it as the base (not merged: a listed entry equal to it is dropped), as the first of the two
+    models it interpolates (slerp), or as one more model (a method that gives the base no role)."""
+    if record.yaml_base == "first":
+        if base is None:
+            raise MergeConfigError(f"{where}: base_model is required by {record.name}: it is the first of the two "
+                                   "models (t = 0)")
+        others = [(m, p) for m, p in zip(models, per_model) if not _same_model(m, base)]
+        own = [p for m, p in zip(models, per_model) if _same_model(m, base)]
+        if len(others) != 1:
+            raise MergeConfigError(f"{where}: models: {record.name} interpolates base_model and exactly one other "
+                                   f"model, got {len(others)} others")
+        return [base, others[0][0]], [own[0] if own else {}, others[0][1]]
+    if base is None:
+        return models, per_model
+    if record.yaml_base == "input":
+        if any(_same_model(m, base) for m in models):
+            return models, per_model
+        return [*models, base], [*per_model, {}]
+    if record.needs_base or record.optional_base:
+        kept = [(m, p) for m, p in zip(models, per_model) if not _same_model(m, base)]
+        return [m for m, _ in kept], [p for _, p in kept]
+    return models, per_model
 
 
 def _mentions(raw: dict, key: str) -> bool:
@@ -246,6 +284,14 @@ def _check(spec: MergeSpec) -> tuple[methods.MergeMethod, dict[str, Any]]:
             raise MergeConfigError(f"{option} {err.detail}") from None
     if spec.weights is not None and len(spec.weights) != len(spec.models):
         raise MergeConfigError(f"--weights: {len(spec.weights)} given for {len(spec.models)} models")
+    if record.max_models is not None and len(spec.models) > record.max_models:
+        raise MergeConfigError(f"--models: {record.name} merges exactly {record.max_models} models, got "
+                               f"{len(spec.models)}")
+    if spec.weights is not None and not record.uses_weights:
+        raise MergeConfigError(f"--weights does not apply to {record.name} (it takes no per-model weights)")
+    if spec.base and not (record.needs_base or record.optional_base) and record.yaml_base != "base":
+        role = "its first model is mergekit's base_model" if record.yaml_base == "first" else "a base has no role in it"
+        raise MergeConfigError(f"--base does not apply to {record.name} ({role}): give the models to merge in --models")
     if record.needs_base and not spec.base:
         raise MergeConfigError(f"{record.name} needs a base model (--base or base_model:), the common ancestor of the models")
     if record.statistics is not None and not spec.dev:

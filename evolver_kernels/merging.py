@@ -3,11 +3,14 @@ parameters and its streaming implementation). `Merger` binds a method to its set
 seed and statistics once; `merger(pop, out)` merges any Population-like reader (the driver passes a view of
 the population with offspring in some slots) into an arena. Every method streams chunk by chunk through the
 fused operator evolver_kernels.merge_tensors: each chunk of every model is read once and the merged chunk
-written once; never a stack of N tensors, never a mask tensor (docs/ARCHITECTURE.md §5). Exact arithmetic:
-evolver_kernels.reference.merge_reference. Where ours differs from mergekit: methods/task_vectors.py.
+written once; never a stack of N tensors, never a mask tensor (docs/ARCHITECTURE.md §5); the methods whose
+coefficients come from angles (slerp, nuslerp, multislerp, karcher, model_stock) first reduce each tensor to the
+models' Gram matrix in one streamed pass (methods/geometry.py). Exact arithmetic:
+evolver_kernels.reference.merge_reference. Where ours differs from mergekit: the docstrings of
+methods/task_vectors.py, methods/spherical.py and methods/model_stock.py.
 
-The function forms average, task_arithmetic, ties and kth_largest_magnitude are the methods' own and are
-re-exported here.
+The function forms average, task_arithmetic, ties, kth_largest_magnitude, slerp, nuslerp, multislerp, karcher
+and model_stock are the methods' own and are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from typing import Any
 from . import methods
 from .arena import Arena, Layout
 from .methods.linear import average
+from .methods.model_stock import model_stock
+from .methods.spherical import karcher, multislerp, nuslerp, slerp
 from .methods.task_vectors import kth_largest_magnitude, task_arithmetic, ties
 from .population import Population
 
-__all__ = ["Merger", "average", "compute_statistics", "kth_largest_magnitude", "load_statistics", "task_arithmetic",
-           "ties"]
+__all__ = ["Merger", "average", "compute_statistics", "karcher", "kth_largest_magnitude", "load_statistics",
+           "model_stock", "multislerp", "nuslerp", "slerp", "task_arithmetic", "ties"]
 
 
 class Merger:

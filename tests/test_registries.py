@@ -125,7 +125,7 @@ def test_unknown_strategy_and_method_come_from_the_registries(bert_pop, tmp_path
     with pytest.raises(SystemExit):
         evolve_main(["--models", *models, "--dev", *dev, "--out", str(tmp_path / "o"), "--strategy", "current/9"])
     assert "invalid choice: 'current/9'" in capsys.readouterr().err
-    (tmp_path / "c.yaml").write_text("merge_method: slerp\n")
+    (tmp_path / "c.yaml").write_text("merge_method: no_such_method\n")
     assert evolve_main(["--config", str(tmp_path / "c.yaml"), "--models", *models, "--dev", *dev, "--out",
                         str(tmp_path / "o")]) == 2
     assert "merge_method must be one of average, task_arithmetic, ties, dare_linear, dare_ties, fisher, regmean" in \

@@ -24,6 +24,21 @@ from typing import Any
 from ..errors import UserError
 
 
+def boolean(value: Any) -> bool:
+    """A flag's or YAML value as a bool: a bool, 0 / 1, or true / false / yes / no / on / off (any case).
+    It is the `type` of boolean Params, so argparse parses `--<param> false` with it as well."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+        return _BOOLEAN_WORDS[value.strip().lower()]
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
     """A method parameter. `low` / `high` bound it (open bounds when low_open / high_open); per_model: a merge
@@ -41,6 +56,8 @@ class Param:
     aliases: tuple[str, ...] = ()
 
     def range_text(self) -> str:
+        if self.type is boolean:
+            return "true or false"
         if self.low is None and self.high is None:
             return "any finite number" if self.type is float else "any integer"
         lo = "-inf" if self.low is None else f"{self.low:g}"
@@ -54,6 +71,11 @@ class Param:
             if not value:
                 raise UserError(f"{where} is an empty list")
             return [self.check(v, where) for v in value]
+        if self.type is boolean:
+            try:
+                return boolean(value)
+            except ValueError:
+                raise UserError(f"{where} must be true or false, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UserError(f"{where} must be {'an integer' if self.type is int else 'a number'}, got {value!r}")
         try:
@@ -108,6 +130,17 @@ class MergeMethod:
     statistics: Statistics | None = None
     aliases: tuple[str, ...] = ()  # other names (mergekit's)
     describe: Callable[[dict], str] | None = None  # a phrase for outputs; default: name and settings
+    optional_base: bool = False  # uses a base model when one is given (merges x_k - base), else the x_k
+    max_models: int | None = None  # the most models it merges (slerp, nuslerp: exactly 2)
+    uses_weights: bool = True  # takes one weight per model (merge's --weights, mergekit's per-model weight)
+    # why `evolve --merge-method` cannot use it (None: it can). A population merge takes every individual of a
+    # population view and must be recomputable chunk by chunk from it, with one meaning for any N.
+    evolve_refusal: str | None = None
+    # how mergekit's `base_model:` reads for this method: "base" (the common ancestor; a `models:` entry equal
+    # to it is the base, not one more model, where the method takes a base), "first" (the first of the
+    # merged models: slerp), "input" (one more model merged, appended unless listed: mergekit adds it to the
+    # inputs of a method that gives the base no role, e.g. karcher)
+    yaml_base: str = "base"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name or name in p.aliases), None)
@@ -161,9 +194,11 @@ def get(name: str) -> MergeMethod:
     raise UserError(f"unknown merge method {name!r}; known: {', '.join(names())}")
 
 
-def names(with_statistics: bool = True) -> list[str]:
-    """Registered method names, in registration order (with_statistics=False: those that need no dev data)."""
-    return [m.name for m in METHODS.values() if with_statistics or m.statistics is None]
+def names(with_statistics: bool = True, evolvable: bool = False) -> list[str]:
+    """Registered method names, in registration order (with_statistics=False: those that need no dev data;
+    evolvable=True: those `evolve` can merge a population with, evolve_refusal None)."""
+    return [m.name for m in METHODS.values()
+            if (with_statistics or m.statistics is None) and (not evolvable or m.evolve_refusal is None)]
 
 
 def all_params() -> dict[str, Param]:
@@ -177,12 +212,14 @@ def all_params() -> dict[str, Param]:
 
 def markdown_table() -> str:
     """The README's method table, generated from the records."""
-    rows = ["| method | what it computes | base model | statistics on dev data | parameters (default, range) |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = ["| method | what it computes | base model | statistics on dev data | parameters (default, range) | "
+            "`evolve --merge-method` |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for m in METHODS.values():
-        params = "; ".join(f"`{p.name}` ({p.default}, {p.range_text()}{', per model' if p.per_model else ''})"
+        params = "; ".join(f"`{p.name}` ({str(p.default).lower() if p.type is boolean else p.default}, {p.range_text()}{', per model' if p.per_model else ''})"
                            for p in m.params) or "none"
         name = f"`{m.name}`" + (f" (alias {', '.join(f'`{a}`' for a in m.aliases)})" if m.aliases else "")
-        rows.append(f"| {name} | {m.summary} | {'yes' if m.needs_base else 'no'} | "
-                    f"{'yes' if m.statistics else 'no'} | {params} |")
+        base = "yes" if m.needs_base else "optional" if m.optional_base else "no"
+        evolve = "yes" if m.evolve_refusal is None else f"no: {m.evolve_refusal}"
+        rows.append(f"| {name} | {m.summary} | {base} | {'yes' if m.statistics else 'no'} | {params} | {evolve} |")
     return "\n".join(rows)

@@ -1,0 +1,86 @@
+"""Model Stock (Jang et al. 2024, https://arxiv.org/abs/2403.19522) with mergekit 0.1.5's semantics: the
+average of N >= 2 fine-tunes pulled towards their base by how aligned their task vectors are.
+
+  d_k = x_k - base;  cos = the mean over pairs i < j of <d_i, d_j> / max(|d_i| |d_j|, 1e-6), each clamped to
+  [-1, 1];  t = N cos / (1 + (N - 1) cos) (0 where |1 + (N - 1) cos| < 1e-6: the base is kept);
+  out = t * (sum_k x_k / N) + (1 - t) * base = base + (t / N) sum_k d_k
+
+per tensor, or with filter_wise per row (per vector along the last dimension; a 1-d tensor is one row).
+
+Streamed in two passes (geometry.py): the Gram matrix of the d_k per tensor (per row) over chunks, then one
+element-wise pass, through the fused operator merge_tensors with the scalar weights t / N per tensor, or fp32
+torch computing mergekit's t * mean + (1 - t) * base per row. Where ours differs from mergekit, on purpose: the
+dot products are formed in fp32 and summed in fp64 over chunks, t is computed in fp64 and rounded once (mergekit:
+fp32 throughout, in the inputs' dtype), and a per-tensor result is computed as base + (t / N) sum_k d_k rather
+than t * mean + (1 - t) * base, equal up to fp32 rounding. mergekit's model_stock takes no weights; neither does
+ours (a per-model weight is refused).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..arena import Arena, iter_chunks
+from ..population import Population
+from .geometry import combine, gram, vectors_of
+from .registry import MergeContext, MergeMethod, Param, boolean, register
+from .streaming import base_chunk, check_base
+
+FILTER_WISE = Param("filter_wise", boolean, False, "model_stock: one ratio t per row (filter) instead of per tensor")
+
+NORM_PRODUCT_MIN = 1e-6  # mergekit's clamp of |d_i| |d_j|
+SINGULAR = 1e-6  # mergekit's: below it the denominator has no finite estimate and the base is kept
+
+
+def model_stock_ratio(g: torch.Tensor) -> torch.Tensor:
+    """t per vector from Gram matrices [vectors, N, N] of the task vectors (mergekit's model_stock)."""
+    n = g.shape[1]
+    norms = g.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+    cosines = [(g[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=NORM_PRODUCT_MIN)).clamp(-1, 1)
+               for i in range(n) for j in range(i + 1, n)]
+    cos = torch.stack(cosines).mean(dim=0)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < SINGULAR
+    return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
+
+
+def model_stock(pop: Population, base: Arena, out: Arena, filter_wise: bool = False, chunk: int = 1 << 22,
+                backend: str | None = None) -> Arena:
+    """Model Stock of the population (N >= 2 fine-tunes) with its base, per tensor or per row (filter_wise)."""
+    base = check_base(pop, base, "model_stock")
+    if pop.size < 2:
+        raise ValueError(f"model_stock merges at least two models besides the base, got {pop.size}")
+    along = -1 if filter_wise else None
+    n = pop.size
+    for e in pop.layout.entries:
+        if e.numel == 0:
+            continue
+        dst = out.view(e).view(-1)
+        t = model_stock_ratio(gram(pop, base, e, along, chunk, dst.device))
+        count, index = vectors_of(e, along)
+        if index is None:
+            combine(pop, base, out, e, along, (t / n)[:, None].expand(count, n), chunk, backend)
+            continue
+        t32 = t.to(torch.float32)
+        for lo, hi in iter_chunks(e.numel, chunk):
+            a, b = e.offset + lo, e.offset + hi
+            tt = t32[index(lo, hi, dst.device)]
+            total = pop.read(0, e.group, a, b).to(dst.device).float()
+            for k in range(1, n):
+                total = total + pop.read(k, e.group, a, b).to(dst.device).float()
+            w0 = base_chunk(base, e.group, a, b, dst.device).float()
+            dst[lo:hi] = tt * (total / n) + (1 - tt) * w0  # mergekit's expression, elementwise
+    return out
+
+
+def _model_stock(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+    if ctx.weights is not None:
+        raise ValueError("model_stock takes no per-model weights")
+    return model_stock(pop, ctx.base, out, ctx.settings["filter_wise"], ctx.chunk, ctx.backend)
+
+
+register(MergeMethod(
+    name="model_stock", params=(FILTER_WISE,), needs_base=True, merge=_model_stock, uses_weights=False,
+    summary="base + t (mean - base), t = N cos / (1 + (N-1) cos) from the mean pairwise cosine of the task vectors, "
+            "per tensor or row",
+))
