@@ -308,3 +308,20 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
         torch.testing.assert_close(out.view(e).double(), want[e.name], rtol=2e-6, atol=2e-6,
                                    msg=lambda m, n=e.name: f"{case} {n}: {m}")
         assert (out.view(e).double() - sum(m[e.name] for m in ms) / n).abs().max() > FAR
+
+
+@pytest.mark.parametrize("method,flags", [("model_stock", ["--merge-filter-wise", "true"]),
+                                          ("karcher", ["--merge-max-iter", "3"])])
+def test_evolve_merges_the_population_with_a_streamed_method(bert_pop, tmp_path, method, flags):
+    """With no generation, evolve's output is the population's merge: the same bytes as the merge CLI's."""
+    from evolver_kernels.evolve import main as evolve_main
+
+    models, base = bert_pop.models[:3], bert_pop.base
+    with_base = ["--base-model", base] if method == "model_stock" else []
+    assert evolve_main(["--models", *models, "--dev", *bert_pop.dev, "--merge-method", method, *with_base, *flags,
+                        "--generations", "0", "--out", str(tmp_path / "evolve")]) == 0
+    merge_flags = [f.replace("--merge-", "--") for f in flags]
+    assert main(["--method", method, *(["--base", base] if with_base else []), "--models", *models, *merge_flags,
+                 "--out", str(tmp_path / "merge")]) == 0
+    got, want = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("evolve", "merge"))
+    assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want)

@@ -34,6 +34,9 @@ Where ours differs from mergekit, on purpose:
 - The thresholds (slerp's 0.9995, nuslerp's colinearity, karcher's tol, multislerp's eps) are tested on fp64
   values: a pair within a rounding of a threshold may take the other branch; both branches agree there to
   first order.
+- The Gram sums run in another order on a GPU than on the CPU; in fp64 that changes the fp32 coefficients
+  only where a sum lands within an fp64 rounding of an fp32 rounding boundary, so results across devices
+  are equal in practice but not guaranteed bit for bit (the linear methods' fused operator is).
 - Weights: mergekit requires nuslerp's and multislerp's per-model `weight`; here they default to 1 each, and
   must be non-negative with a positive sum (the package's weight rule). slerp and karcher take no weights (mergekit
   ignores a per-model weight there; we refuse it).
