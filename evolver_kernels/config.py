@@ -56,9 +56,13 @@ class EvolveConfig:
     population_dir: str | None = _opt(None, "directory under which the disk tier creates its scratch directory of individual files (default: --out)")
     device: str | None = _opt(None, "compute device (default: cuda if available, else cpu)")
     device_map: str | None = _opt(None, "spread the evaluation model over several devices: auto (accelerate's infer_auto_device_map: the GPUs, then the CPU) or a JSON file {module name: device}; the population stays on cpu or disk")
-    resume: bool = _opt(False, "continue the run checkpointed in --out (same config required)")
-    dry_run: bool = _opt(False, "check the inputs, print the memory plan and stop")
+    resume: bool = _opt(False, "continue the run checkpointed in --out (same config required)", transient=True)
+    dry_run: bool = _opt(False, "check the inputs, print the memory plan and stop", transient=True)
     accept_ties: bool = _opt(False, "accept an offspring whose fitness equals its parent's (default: strict improvement)")
+    early_reject: str = _opt("on", "stop scoring a candidate once it cannot beat the model it must beat (exact for "
+                                   "accuracy, macro-f1, multilabel-f1, exact-match: the same decisions and outputs; "
+                                   "losses and user functions are always scored in full); off: score every example",
+                             choices=("on", "off"), transient=True)
     batch_size: int = _opt(32, "evaluation batch size")
     max_length: int = _opt(256, "tokens per example at most")
     max_dev_examples: int | None = _opt(None, "use at most this many examples of each dev file")
@@ -81,11 +85,17 @@ class EvolveConfig:
         return record.settings({k: v for k, v in self.merge.items() if record.param(k) is not None}, merge_flag)
 
     def to_dict(self) -> dict[str, Any]:
-        """The options as recorded (evolution.json, the checkpoint): every merge parameter as merge_<param>."""
+        """The options as given: every merge parameter as merge_<param>."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cli", True)}
         for name, p in methods.all_params().items():
             out[f"merge_{name}"] = self.merge.get(name, p.default)
         return out
+
+    def result_options(self) -> dict[str, Any]:
+        """The options that define the result, as recorded (evolution.json, the checkpoint, what --resume must
+        match): to_dict without the transient ones (how the run is driven, not what it computes)."""
+        transient = {f.name for f in dataclasses.fields(self) if f.metadata.get("transient")}
+        return {k: v for k, v in self.to_dict().items() if k not in transient}
 
 
 def merge_flag(param: str) -> str:

@@ -22,13 +22,14 @@ from . import evaluation
 from .evaluation.base import LOGITS_BUDGET, Fitness, default_logits_budget
 from .evaluation.base import unique_basenames as _unique_basenames  # noqa: F401
 from .evaluation.classification import _macro_f1, _multilabel_f1  # noqa: F401
+from .evaluation.early_reject import OutcomeScorer, Rival
 from .evaluation.user_function import load_user_function
 
 TASKS = tuple(evaluation.TASKS)
 METRICS = {name: cls.metrics for name, cls in evaluation.TASKS.items()}
 
 __all__ = [
-    "LOGITS_BUDGET", "METRICS", "TASKS", "Evaluator", "Fitness", "default_logits_budget", "default_metric",
+    "LOGITS_BUDGET", "METRICS", "TASKS", "Evaluator", "Fitness", "Rival", "default_logits_budget", "default_metric",
     "infer_task", "load_user_function",
 ]
 
@@ -75,6 +76,7 @@ class Evaluator:
         threshold: float = 0.5,
         max_examples: int | None = None,
         logits_budget: int | None = None,
+        early_reject: bool = True,
     ):
         self.device = torch.device(device)
         self.logits_budget = logits_budget if logits_budget is not None else default_logits_budget(self.device)
@@ -91,8 +93,22 @@ class Evaluator:
         self.multi_label, self.num_labels = te.multi_label, te.num_labels
         self.threshold, self.batch_size, self.max_length = te.threshold, te.batch_size, te.max_length
         self.files = te.load_files(self.dev_paths, max_examples)
+        # per-example outcomes and early rejection where the metric allows an exact bound (early_reject.py)
+        self.outcome_scorer = OutcomeScorer(te, self.files, self.dev_paths, early_reject) if te.exact_bound else None
 
-    def __call__(self, model: torch.nn.Module) -> Fitness:
+    @property
+    def exact_bound(self) -> bool:
+        """Whether scores come with per-example outcomes that a Rival can be built from (early rejection)."""
+        return self.outcome_scorer is not None
+
+    def __call__(self, model: torch.nn.Module, rival: Rival | None = None) -> Fitness:
+        """The model's fitness. With a `rival` (tasks with exact_bound only), scored in the rival's order and,
+        with early rejection on, stopped as soon as the rival cannot be beaten (then the Fitness is incomplete:
+        upper bounds that do not beat it)."""
+        if self.outcome_scorer is not None:
+            return self.outcome_scorer(model, rival)
+        if rival is not None:
+            raise ValueError(f"{self.metric} has no per-example outcomes to compare with a rival")
         return self.task_evaluator.fitness(model, self.files, self.dev_paths)
 
     def classification_report(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:

@@ -40,7 +40,7 @@ from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, input_paths, parse_config, validate
 from .distributed import Ranks, leave, process_group_up
 from .errors import describe_error
-from .evaluate import Fitness
+from .evaluate import Fitness, Rival
 from .fitness import FITNESS
 from .inputs import RunInputs, inspect, plan_of, weight_files
 from .merging import Merger
@@ -106,7 +106,7 @@ class Run:
         self.cfg, self.log = cfg, log
         self.out_dir: rundir.OutputDir | None = None
         self.scratch: rundir.Scratch | None = None
-        self.pop = self.bar = None
+        self.pop = self.bar = self.state = None
         self.weights_s = self.evaluation_s = 0.0
         self.non_finite = 0
         cuda = cfg.device.startswith("cuda") if cfg.device else torch.cuda.is_available()
@@ -158,18 +158,27 @@ class Run:
                       stats=stats, **self.cfg.merge_settings(method))
 
     # -- the Workbench of the fitness modes ------------------------------------------------------------------
-    def evaluate(self, what: str = "a candidate") -> Fitness:
-        """Scores the evaluation model. A NaN (or infinite) fitness is ranked last: -inf, with a warning, so
-        that it is never chosen as best and never blocks an improvement."""
+    def evaluate(self, what: str = "a candidate", rival: Rival | None = None) -> Fitness:
+        """Scores the evaluation model (against `rival`: early rejection) and counts the examples scored in the
+        generation's state. A NaN (or infinite) fitness is ranked last: -inf, with a warning, so that it is
+        never chosen as best and never blocks an improvement."""
         start = time.perf_counter()
-        fit = self.inputs.evaluator(self.inputs.model)
+        fit = self.inputs.evaluator(self.inputs.model, rival)
         self.evaluation_s += time.perf_counter() - start
+        if self.state is not None:
+            self.state.examples_scored += fit.scored
+            self.state.examples_full += fit.total
         if not math.isfinite(fit.score):
             self.non_finite += 1
             self.log(f"warning: {what} has fitness {fit.score} ({', '.join(f'{k} {v}' for k, v in fit.per_file.items())}): "
                      "ranked last (-inf); NaN weights or a user function returning NaN are the usual causes")
-            fit = Fitness(-math.inf, {k: (v if math.isfinite(v) else -math.inf) for k, v in fit.per_file.items()})
+            fit = Fitness(-math.inf, {k: (v if math.isfinite(v) else -math.inf) for k, v in fit.per_file.items()},
+                          scored=fit.scored, total=fit.total)
         return fit
+
+    def rival(self, outcomes: dict[str, str] | None, score: float) -> Rival | None:
+        """What a candidate must beat, for early rejection; None (full scoring) without a record."""
+        return Rival(outcomes, score, self.cfg.accept_ties) if outcomes is not None else None
 
     def timed(self, fn, *args, **kw) -> None:
         start = time.perf_counter()
@@ -190,9 +199,7 @@ class Run:
 
     # -- the run ---------------------------------------------------------------------------------------------
     def _state(self) -> RunState:
-        config = self.cfg.to_dict()
-        for transient in ("resume", "dry_run"):
-            config.pop(transient)
+        config = self.cfg.result_options()
         if not self.cfg.resume:
             return RunState(config=config)
         return self.checkpoint.resume(config, self.pop)
@@ -208,7 +215,7 @@ class Run:
         from tqdm.auto import tqdm
 
         cfg, ranks, mode = self.cfg, self.ranks, self.mode
-        state = self._state()
+        self.state = state = self._state()
         total = mode.evaluations(cfg.generations, cfg.schedule == "synchronous")
         self.bar = bar = tqdm(total=total, initial=min(state.evaluations, total), desc="evolve", unit="eval",
                               file=sys.stderr, disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0" or not ranks.is_main)
@@ -229,27 +236,31 @@ class Run:
                 if not ranks.mine(i):
                     continue  # another rank scores this offspring; its score arrives with the gather below
                 spec = self.spec(g, i, state.fitness)
-                fit = mode.candidate(spec)
+                fit = mode.candidate(state, spec)
                 changed = []
                 if cfg.schedule == "synchronous":
                     state.pending[i], state.pending_per_file[i] = fit.score, fit.per_file
+                    state.pending_outcomes[i] = fit.outcomes
                 elif self.better(fit.score, mode.to_beat(state, i)):
                     mode.accept(state, spec, fit)
                     state.accepted_now.append(i)
                     changed = [i]
                 if not ranks.enabled:  # ranks checkpoint at generation ends: their pending scores are split
                     self._save(state, changed)  # after every evaluation; individuals when accepted
-                bar.set_postfix(gen=g, best=f"{mode.best(state):.4f}")
+                bar.set_postfix(gen=g, best=f"{mode.best(state):.4f}", **self._examples_postfix(state))
             changed = []
             if cfg.schedule == "synchronous":
                 state.pending, state.pending_per_file = ranks.gather(state.pending), ranks.gather(state.pending_per_file)
+                state.pending_outcomes = ranks.gather(state.pending_outcomes)
                 changed = state.accepted_now = mode.end_synchronous(state, g, bar.update)
             entry = self._history_entry(state, g, sorted(state.accepted_now))
             state.history.append(entry)
             per_file = ", ".join(f"{name} {score:.4f}" for name, score in entry["per_file"].items())
             self.log(f"generation {g}: fitness {mode.describe(state)}, accepted {entry['accepted']}; "
-                     f"{'merged' if mode.merges else 'best'} model per dev file: {per_file}")
+                     f"{'merged' if mode.merges else 'best'} model per dev file: {per_file}; "
+                     f"examples scored {entry['examples_scored']} of {entry['examples_full']}")
             state.generation, state.position, state.pending, state.pending_per_file, state.accepted_now = g + 1, 0, {}, {}, []
+            state.pending_outcomes = {}
             self._save(state, changed)
         bar.close()
         if not ranks.is_main:
@@ -262,9 +273,26 @@ class Run:
 
     def _history_entry(self, state: RunState, generation: int, accepted: list[int]) -> dict:
         """Pinned keys (generation, population_fitness, accepted) plus the per-file scores of the model the run
-        would output now."""
+        would output now and the dev examples the generation scored against those full evaluations would have
+        (every rank's; the counters restart for the next generation)."""
+        counts = self.ranks.gather({self.ranks.rank: (state.examples_scored, state.examples_full)})
+        state.examples_scored = state.examples_full = 0
         return {"generation": generation, "population_fitness": self.mode.population_fitness(state),
-                "accepted": accepted, "per_file": self.mode.per_file(state)}
+                "accepted": accepted, "per_file": self.mode.per_file(state),
+                "examples_scored": sum(c[0] for c in counts.values()), "examples_full": sum(c[1] for c in counts.values())}
+
+    def _early_reject(self) -> str:
+        """How candidates were scored, for evolution.json."""
+        if not self.inputs.evaluator.exact_bound:
+            return f"not applicable ({self.inputs.evaluator.metric} has no exact bound: every example scored)"
+        return self.cfg.early_reject
+
+    @staticmethod
+    def _examples_postfix(state: RunState) -> dict[str, str]:
+        """The progress bar's share of dev examples scored in this generation (early rejection)."""
+        if not state.examples_full:
+            return {}
+        return {"examples": f"{100 * state.examples_scored / state.examples_full:.0f}%"}
 
     def finish(self, state: RunState) -> dict:
         kind = self.mode.build_output(state)
@@ -273,7 +301,7 @@ class Run:
             "task": self.inputs.task, "metric": self.inputs.evaluator.metric, "output": kind,
             "evaluations": state.evaluations,
             "timing_s": {"weights": round(self.weights_s, 3), "evaluation": round(self.evaluation_s, 3)},
-            "non_finite_evaluations": self.non_finite,
+            "non_finite_evaluations": self.non_finite, "early_reject": self._early_reject(),
             "backends": device_backends(self.inputs.placement.devices(), self.cfg.backend),
             "resolved_models": {ref: path for ref, path in self.cfg.resolved.items() if ref != path},
         }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 from typing import Protocol
 
-from .evaluate import Fitness
+from .evaluate import Fitness, Rival
 from .state import RunState
 from .strategies import OffspringSpec, best_index
 
@@ -27,7 +27,8 @@ class Workbench(Protocol):
     arena: object  # the evaluation model's Arena
     ranks: object  # distributed.Ranks
 
-    def evaluate(self, what: str) -> Fitness: ...
+    def evaluate(self, what: str, rival: Rival | None = None) -> Fitness: ...
+    def rival(self, outcomes: dict[str, str] | None, score: float) -> Rival | None: ...
     def timed(self, fn, *args, **kw) -> None: ...
     def better(self, new: float, old: float) -> bool: ...
     def spec(self, generation: int, i: int, fitness: list[float] | None) -> OffspringSpec: ...
@@ -53,8 +54,9 @@ class FitnessMode(abc.ABC):
         """Scores the initial population into `state`; progress(k) after k evaluations."""
 
     @abc.abstractmethod
-    def candidate(self, spec: OffspringSpec) -> Fitness:
-        """Builds the candidate of offspring spec.i into the evaluation model and scores it."""
+    def candidate(self, state: RunState, spec: OffspringSpec) -> Fitness:
+        """Builds the candidate of offspring spec.i into the evaluation model and scores it against the model it
+        must beat (early rejection: an incomplete Fitness when it cannot win)."""
 
     @abc.abstractmethod
     def to_beat(self, state: RunState, i: int) -> float:
@@ -101,15 +103,17 @@ class IndividualFitness(FitnessMode):
         for i in range(bench.n):
             if bench.ranks.mine(i):
                 bench.timed(bench.pipeline.copy_into, i, bench.arena)
-                fits[i] = bench.evaluate(f"individual {i}").as_dict()
+                fits[i] = _message(bench.evaluate(f"individual {i}"))
             progress(1)
         fits = bench.ranks.gather(fits)
         state.fitness = [fits[i]["score"] for i in range(bench.n)]
         state.per_file = {i: fits[i]["per_file"] for i in range(bench.n)}
+        state.outcomes = {i: fits[i]["outcomes"] for i in range(bench.n)}
 
-    def candidate(self, spec: OffspringSpec) -> Fitness:
+    def candidate(self, state: RunState, spec: OffspringSpec) -> Fitness:
         self.bench.timed(self.bench.pipeline.offspring_into, spec, self.bench.arena)
-        return self.bench.evaluate(f"the offspring of individual {spec.i}")
+        rival = self.bench.rival(state.outcomes.get(spec.i), state.fitness[spec.i])  # its parent
+        return self.bench.evaluate(f"the offspring of individual {spec.i}", rival)
 
     def to_beat(self, state: RunState, i: int) -> float:
         return state.fitness[i]
@@ -118,6 +122,7 @@ class IndividualFitness(FitnessMode):
         self.bench.timed(self.bench.pipeline.write_from, spec.i, self.bench.arena)  # the offspring is in the arena
         state.fitness[spec.i] = fit.score
         state.per_file[spec.i] = fit.per_file
+        state.outcomes[spec.i] = fit.outcomes
 
     def end_synchronous(self, state: RunState, generation: int, progress) -> list[int]:
         accepted = [i for i in range(self.bench.n) if self.bench.better(state.pending[i], state.fitness[i])]
@@ -126,6 +131,7 @@ class IndividualFitness(FitnessMode):
         for i in accepted:
             state.fitness[i] = state.pending[i]
             state.per_file[i] = state.pending_per_file[i]
+            state.outcomes[i] = state.pending_outcomes.get(i)
         return accepted
 
     def population_fitness(self, state: RunState):
@@ -161,14 +167,16 @@ class MergedFitness(FitnessMode):
         bench = self.bench
         if bench.ranks.is_main:
             bench.timed(bench.pipeline.merged_into, bench.arena)
-        fit = bench.ranks.broadcast(bench.evaluate("the merged population").as_dict() if bench.ranks.is_main else None)
+        fit = bench.ranks.broadcast(_message(bench.evaluate("the merged population")) if bench.ranks.is_main else None)
         state.merged_fitness = fit["score"]
         state.merged_per_file = fit["per_file"]
+        state.merged_outcomes = fit["outcomes"]
         progress(1)
 
-    def candidate(self, spec: OffspringSpec) -> Fitness:
+    def candidate(self, state: RunState, spec: OffspringSpec) -> Fitness:
         self.bench.timed(self.bench.pipeline.merged_into, self.bench.arena, replace=[spec])
-        return self.bench.evaluate(f"the merge with the offspring of individual {spec.i}")
+        rival = self.bench.rival(state.merged_outcomes, state.merged_fitness)  # the merged population
+        return self.bench.evaluate(f"the merge with the offspring of individual {spec.i}", rival)
 
     def to_beat(self, state: RunState, i: int) -> float:
         return state.merged_fitness
@@ -177,6 +185,7 @@ class MergedFitness(FitnessMode):
         self._apply([spec])
         state.merged_fitness = fit.score
         state.merged_per_file = fit.per_file
+        state.merged_outcomes = fit.outcomes
 
     def end_synchronous(self, state: RunState, generation: int, progress) -> list[int]:
         bench = self.bench
@@ -189,7 +198,7 @@ class MergedFitness(FitnessMode):
             if bench.ranks.is_main:
                 bench.timed(bench.pipeline.merged_into, bench.arena, replace=specs)
             combined = bench.ranks.broadcast(
-                bench.evaluate("the accepted offspring together").as_dict() if bench.ranks.is_main else None)
+                _message(bench.evaluate("the accepted offspring together")) if bench.ranks.is_main else None)
             progress(1)
             state.evaluations += 1
             best = max(accepted, key=lambda i: (state.pending[i], -i))
@@ -197,12 +206,15 @@ class MergedFitness(FitnessMode):
                 accepted = [best]
                 state.merged_fitness = state.pending[best]
                 state.merged_per_file = state.pending_per_file[best]
+                state.merged_outcomes = state.pending_outcomes.get(best)
             else:
                 state.merged_fitness = combined["score"]
                 state.merged_per_file = combined["per_file"]
+                state.merged_outcomes = combined["outcomes"]
         elif accepted:
             state.merged_fitness = state.pending[accepted[0]]
             state.merged_per_file = state.pending_per_file[accepted[0]]
+            state.merged_outcomes = state.pending_outcomes.get(accepted[0])
         self._apply([bench.spec(generation, i, state.fitness) for i in accepted])
         return accepted
 
@@ -221,6 +233,11 @@ class MergedFitness(FitnessMode):
     def build_output(self, state: RunState) -> str:
         self.bench.timed(self.bench.pipeline.merged_into, self.bench.arena)
         return f"the merge ({self.bench.pipeline.merger.describe()}) of the evolved population"
+
+
+def _message(fit: Fitness) -> dict:
+    """A fully scored Fitness as rank 0 broadcasts it: score, per-file scores and outcomes."""
+    return {**fit.as_dict(), "outcomes": fit.outcomes}
 
 
 FITNESS: dict[str, type[FitnessMode]] = {mode.name: mode for mode in (IndividualFitness, MergedFitness)}

@@ -86,7 +86,7 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
     tokenizer = AutoTokenizer.from_pretrained(cfg.local(cfg.models[0]), trust_remote_code=False)
     evaluator = Evaluator(task, tokenizer, cfg.dev, config=first, metric=cfg.metric, batch_size=cfg.batch_size,
                           max_length=cfg.max_length, device=placement.device, threshold=cfg.threshold,
-                          max_examples=cfg.max_dev_examples)
+                          max_examples=cfg.max_dev_examples, early_reject=cfg.early_reject == "on")
     return RunInputs(config=first, task=task, files=files, base_files=base_files, model=model, layout=layout,
                      placement=placement, tokenizer=tokenizer, evaluator=evaluator, n=population_size(cfg))
 

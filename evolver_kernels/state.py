@@ -3,7 +3,9 @@
 
 JSON has string keys only; individuals are ints here and strings in the file (to_json / from_json convert).
 The file format is STATE_VERSION 1: per_file holds the individuals' per-dev-file scores under their index and
-the merged model's under "merged".
+the merged model's under "merged". The records of early rejection and the example counts were added to it
+later with defaults, so a checkpoint written before them still resumes (its first candidates of each
+individual are then scored in full, in the default order).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ class RunState:
     merged_per_file: dict[str, float] | None = None
     pending: dict[int, float] = dataclasses.field(default_factory=dict)  # synchronous: this generation's offspring
     pending_per_file: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # early rejection's records (evaluation/early_reject.py): per dev file, '1' / '0' for each example, right
+    # or wrong, of each individual (fitness individual), of the merged population (fitness merged) and of this
+    # generation's fully scored offspring (synchronous); None where the metric has no per-example outcomes
+    outcomes: dict[int, dict[str, str] | None] = dataclasses.field(default_factory=dict)
+    merged_outcomes: dict[str, str] | None = None
+    pending_outcomes: dict[int, dict[str, str] | None] = dataclasses.field(default_factory=dict)
+    examples_scored: int = 0  # examples scored in the generation in progress
+    examples_full: int = 0  # examples full evaluations would have scored in it
     accepted_now: list[int] = dataclasses.field(default_factory=list)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     evaluations: int = 0
@@ -41,6 +51,9 @@ class RunState:
             "position": self.position, "fitness": self.fitness, "merged_fitness": self.merged_fitness,
             "per_file": per_file, "pending": {str(k): v for k, v in self.pending.items()},
             "pending_per_file": {str(k): v for k, v in self.pending_per_file.items()},
+            "outcomes": {str(k): v for k, v in self.outcomes.items()}, "merged_outcomes": self.merged_outcomes,
+            "pending_outcomes": {str(k): v for k, v in self.pending_outcomes.items()},
+            "examples_scored": self.examples_scored, "examples_full": self.examples_full,
             "accepted_now": self.accepted_now, "history": self.history, "evaluations": self.evaluations,
             "individual_files": {str(k): v for k, v in self.individual_files.items()},
             "file_version": self.file_version, "finished": self.finished,
@@ -55,6 +68,10 @@ class RunState:
             merged_fitness=doc["merged_fitness"], per_file={int(k): v for k, v in per_file.items()},
             merged_per_file=merged, pending={int(k): v for k, v in doc.get("pending", {}).items()},
             pending_per_file={int(k): v for k, v in doc.get("pending_per_file", {}).items()},
+            outcomes={int(k): v for k, v in doc.get("outcomes", {}).items()},
+            merged_outcomes=doc.get("merged_outcomes"),
+            pending_outcomes={int(k): v for k, v in doc.get("pending_outcomes", {}).items()},
+            examples_scored=doc.get("examples_scored", 0), examples_full=doc.get("examples_full", 0),
             accepted_now=list(doc.get("accepted_now", [])), history=list(doc.get("history", [])),
             evaluations=doc.get("evaluations", 0),
             individual_files={int(k): v for k, v in doc.get("individual_files", {}).items()},

@@ -52,9 +52,7 @@ def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, 
     if os.path.exists(done):
         with open(done) as f:
             recorded = json.load(f)["config"]
-        wanted = cfg.to_dict()
-        for transient in ("resume", "dry_run"):
-            wanted.pop(transient)
+        wanted = cfg.result_options()
         if recorded == wanted:
             log(f"[demo] reusing {out}")
             return out

@@ -29,15 +29,39 @@ from ..errors import ArgumentError
 IGNORE_INDEX = -100  # Hugging Face's label for positions that carry no loss (padding, prompts)
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
-DevFiles = list[tuple[str, list[dict]]]  # (path, its batches), in the order the dev paths were given
+
+
+@dataclasses.dataclass
+class DevFile:
+    """One dev file, tokenised once: its examples, their encoding, and its default batches (every example,
+    shortest first). Each batch carries `index`, the positions of its rows among `examples`."""
+
+    path: str
+    examples: list[dict]
+    enc: dict
+    batches: list[dict]
+
+
+DevFiles = list[DevFile]  # in the order the dev paths were given
 
 STATISTICS_NEED_BUILTIN = "Fisher and RegMean statistics need a built-in --task, not a module:function fitness"
 
 
 @dataclasses.dataclass
 class Fitness:
+    """A model's score: the mean of the per-file scores. When early rejection stopped the scoring
+    (complete False), score and per_file are upper bounds that could not beat the rival (early_reject.py)."""
+
     score: float  # the mean over dev files
     per_file: dict[str, float]
+    # per file key, '1' or '0' for each example (right / wrong), in example order; tasks with exact bounds only
+    outcomes: dict[str, str] | None = None
+    scored: int = 0  # examples scored
+    total: int = 0  # examples a full evaluation scores
+
+    @property
+    def complete(self) -> bool:
+        return self.scored == self.total
 
     def as_dict(self) -> dict:
         return {"score": self.score, "per_file": self.per_file}
@@ -80,6 +104,17 @@ def budget_slices(inputs: dict[str, torch.Tensor], vocab: int | None, budget: in
 
 def unique_basenames(paths: list[str]) -> bool:
     return len({os.path.basename(p) for p in paths}) == len(paths)
+
+
+def file_key(path: str, dev_paths: list[str]) -> str:
+    """How a dev file is named in per-file scores: its basename when the basenames are unique."""
+    return os.path.basename(path) if unique_basenames(dev_paths) else path
+
+
+def mean_score(per_file: dict[str, float]) -> float:
+    """The fitness of per-file scores: their mean, summed in file order (so never lower when one file's score
+    rises, which early rejection's bound relies on)."""
+    return sum(per_file.values()) / len(per_file)
 
 
 def with_pad_token(tokenizer):
@@ -140,13 +175,14 @@ class TaskEvaluator(abc.ABC):
         return load_examples(path, self.name)
 
     def load_files(self, paths: list[str], max_examples: int | None = None) -> DevFiles:
-        """Each dev file's batches, at most `max_examples` examples (the first ones) per file."""
+        """Each dev file tokenised and batched, at most `max_examples` examples (the first ones) per file."""
         files = []
         for path in paths:
             examples = self.read(path)
             if max_examples:
                 examples = examples[:max_examples]
-            files.append((path, self.batches(examples)))
+            enc = self.encode(examples)
+            files.append(DevFile(path, examples, enc, self.pad_batches(examples, enc, range(len(examples)))))
         return files
 
     @abc.abstractmethod
@@ -159,14 +195,19 @@ class TaskEvaluator(abc.ABC):
 
     def batches(self, examples: list[dict]) -> list[dict]:
         """Padded batches of `batch_size` examples, shortest first (so each batch pads little)."""
-        enc = self.encode(examples)
-        order = sorted(range(len(examples)), key=lambda k: len(enc["input_ids"][k]))
+        return self.pad_batches(examples, self.encode(examples), range(len(examples)))
+
+    def pad_batches(self, examples: list[dict], enc: dict, rows) -> list[dict]:
+        """Padded batches of `batch_size` of the examples at positions `rows`, shortest first (a stable sort:
+        equal lengths keep their order); each batch's `index` holds its rows' positions."""
+        order = sorted(rows, key=lambda k: len(enc["input_ids"][k]))
         batches = []
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             features = [{k: enc[k][j] for k in INPUT_KEYS if k in enc} for j in idx]
             batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
             self.add_targets(batch, examples, idx, enc)
+            batch["index"] = torch.tensor(idx, dtype=torch.long)
             batches.append(batch)
         return batches
 
@@ -179,15 +220,40 @@ class TaskEvaluator(abc.ABC):
     def score_file(self, model: torch.nn.Module, batches: list[dict]) -> float:
         """The metric on one file's batches (higher is better); called under inference mode."""
 
+    # Tasks whose metric is a function of per-example predictions that all-correct predictions maximise
+    # (early_reject.py) set `exact_bound` and implement gold, predict and file_metric.
+    @property
+    def exact_bound(self) -> bool:
+        return False
+
+    def gold(self, file: DevFile) -> torch.Tensor:
+        """The right predictions of `file`'s examples, in example order (what predict returns per row)."""
+        raise NotImplementedError
+
+    def predict(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The model's predictions for the batch's rows, on the CPU; called under inference mode."""
+        raise NotImplementedError
+
+    def file_metric(self, preds: torch.Tensor, gold: torch.Tensor) -> float:
+        """The metric of a file's predictions against its gold ones; never lower when a prediction is made right."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def scoring_context(self) -> Iterator[None]:
+        """Inference mode, with bf16 autocast on a GPU."""
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            yield
+
     def fitness(self, model: torch.nn.Module, files: DevFiles, dev_paths: list[str]) -> Fitness:
         """The mean of the per-file scores; files are keyed by basename when those are unique."""
         model.eval()
         per_file = {}
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
-            for path, batches in files:
-                per_file[os.path.basename(path) if unique_basenames(dev_paths) else path] = self.score_file(model, batches)
-        return Fitness(sum(per_file.values()) / len(per_file), per_file)
+        with self.scoring_context():
+            for file in files:
+                per_file[file_key(file.path, dev_paths)] = self.score_file(model, file.batches)
+        total = sum(len(file.examples) for file in files)
+        return Fitness(mean_score(per_file), per_file, scored=total, total=total)
 
     def classification_report(self, model: torch.nn.Module, files: DevFiles) -> dict[str, dict[str, float]]:
         raise ValueError("classification_report needs --task sequence-classification")
@@ -204,8 +270,8 @@ class TaskEvaluator(abc.ABC):
     def examples(self, files: DevFiles, limit: int | None = None) -> Iterator[dict]:
         """Single-example batches (padding removed) from the dev files in order, at most `limit`."""
         count = 0
-        for _, batches in files:
-            for batch in batches:
+        for file in files:
+            for batch in file.batches:
                 for row in range(batch["input_ids"].shape[0]):
                     if limit is not None and count >= limit:
                         return
@@ -225,8 +291,8 @@ class TaskEvaluator(abc.ABC):
         model.eval()
         seen = 0
         with torch.inference_mode():
-            for _, batches in files:
-                for batch in batches:
+            for file in files:
+                for batch in file.batches:
                     if limit is not None and seen >= limit:
                         return
                     self.forward(model, batch)

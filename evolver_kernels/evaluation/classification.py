@@ -7,6 +7,8 @@ Labels are read through the model's label2id; the loss is cross-entropy (binary 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as nnf
 
@@ -30,13 +32,11 @@ def _macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> float:
 
 def _multilabel_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
     """Macro-F1 over labels of multi-hot [n, L] predictions (labels absent from both are skipped)."""
-    tp = (pred & gold).sum(0).double()
-    fp = (pred & ~gold).sum(0).double()
-    fn = (~pred & gold).sum(0).double()
-    present = (tp + fp + fn) > 0
-    if not present.any():
-        return 0.0
-    return float((2 * tp / (2 * tp + fp + fn).clamp(min=1))[present].mean())
+    # Integer counts, one division per label and an exactly rounded sum (fsum): the score never falls when a
+    # prediction is made right, in floating point too (early_reject.py's bound relies on it).
+    tp, fp, fn = ((pred & gold).sum(0).tolist(), (pred & ~gold).sum(0).tolist(), (~pred & gold).sum(0).tolist())
+    scores = [2 * t / (2 * t + p + n) for t, p, n in zip(tp, fp, fn) if t + p + n > 0]
+    return math.fsum(scores) / len(scores) if scores else 0.0
 
 
 class ClassificationEvaluator(TaskEvaluator):
@@ -79,18 +79,30 @@ class ClassificationEvaluator(TaskEvaluator):
         """Every classification metric on every dev file: {file: {metric: value}}, without autocast."""
         model.eval()
         with torch.inference_mode():
-            return {path: self._metrics(*self._classify(model, batches)) for path, batches in files}
+            return {f.path: self._metrics(*self._classify(model, f.batches)) for f in files}
 
     def _classify(self, model: torch.nn.Module, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        preds, golds = [], []
-        for batch in batches:
-            logits = model(**self.inputs(batch)).logits.float()
-            if self.multi_label:
-                preds.append((torch.sigmoid(logits) > self.threshold).cpu())
-            else:
-                preds.append(logits.argmax(-1).cpu())
-            golds.append(batch["gold"])
-        return torch.cat(preds), torch.cat(golds)
+        preds = [self.predict(model, batch) for batch in batches]
+        return torch.cat(preds), torch.cat([batch["gold"] for batch in batches])
+
+    # -- per-example predictions, for early rejection (early_reject.py) -------------------------------------
+    @property
+    def exact_bound(self) -> bool:
+        return True  # accuracy, macro-F1 and multi-label F1 are all maximised by right predictions
+
+    def gold(self, file) -> torch.Tensor:
+        batch: dict = {}
+        self.add_targets(batch, file.examples, list(range(len(file.examples))), file.enc)
+        return batch["gold"]
+
+    def predict(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        logits = model(**self.inputs(batch)).logits.float()
+        if self.multi_label:
+            return (torch.sigmoid(logits) > self.threshold).cpu()
+        return logits.argmax(-1).cpu()
+
+    def file_metric(self, preds: torch.Tensor, gold: torch.Tensor) -> float:
+        return self._metrics(preds, gold)[self.metric]
 
     def _metrics(self, pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
         if self.multi_label:
