@@ -194,19 +194,20 @@ SHAPES = {"a": (7, 13), "b": (5,), "c": (5, 2, 7), "d": (11, 6)}
 LAYOUT = Layout.from_params(((n,), torch.float32, s) for n, s in SHAPES.items())
 
 
-def _population(n: int, seed: int = 0):
-    """n fine-tune-like models of odd shapes (a base plus noise of a third of its scale), and the base."""
+def _population(n: int, seed: int = 0, layout: Layout = LAYOUT):
+    """n fine-tune-like models of odd shapes (a base plus noise of a third of its scale), and the base; the
+    references get the stored (rounded) values in fp64."""
     gen = torch.Generator().manual_seed(seed)
     base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
     models = [{k: base[k] + 0.3 * torch.randn(s, generator=gen) for k, s in SHAPES.items()} for _ in range(n)]
-    pop = MemoryPopulation(LAYOUT, n, "cpu")
-    base_arena = Arena.empty(LAYOUT)
-    for e in LAYOUT.entries:
+    pop = MemoryPopulation(layout, n, "cpu")
+    base_arena = Arena.empty(layout)
+    for e in layout.entries:
         base_arena.view(e).copy_(base[e.name])
         for i, m in enumerate(models):
             pop.arenas[i].view(e).copy_(m[e.name])
-    return pop, base_arena, {k: v.double() for k, v in base.items()}, [{k: v.double() for k, v in m.items()}
-                                                                       for m in models]
+    stored = [{e.name: a.view(e).double() for e in layout.entries} for a in pop.arenas]
+    return pop, base_arena, {e.name: base_arena.view(e).double() for e in layout.entries}, stored
 
 
 def _ref_nuslerp(t, v0, v1, along):
@@ -308,6 +309,21 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
         torch.testing.assert_close(out.view(e).double(), want[e.name], rtol=2e-6, atol=2e-6,
                                    msg=lambda m, n=e.name: f"{case} {n}: {m}")
         assert (out.view(e).double() - sum(m[e.name] for m in ms) / n).abs().max() > FAR
+
+
+@pytest.mark.parametrize("case", ["slerp", "nuslerp_columns", "multislerp", "karcher", "model_stock",
+                                  "model_stock_rows"])
+def test_bfloat16_models_merge_in_fp32_and_round_once(case):
+    """bf16 arenas: computed in fp32 from the stored values, one rounding to bf16 (within one bf16 ulp)."""
+    layout = Layout.from_params(((n,), torch.bfloat16, s) for n, s in SHAPES.items())
+    n, merger = API_CASES[case]
+    pop, base_arena, base, ms = _population(n, seed=1, layout=layout)
+    out = merger(base_arena)(pop, Arena.empty(layout), chunk=5)
+    want = _references(case, base, ms)
+    for e in layout.entries:
+        assert out.view(e).dtype == torch.bfloat16
+        torch.testing.assert_close(out.view(e).double(), want[e.name], rtol=2 ** -8, atol=1e-6,
+                                   msg=lambda m, n=e.name: f"{case} {n}: {m}")
 
 
 @pytest.mark.parametrize("method,flags", [("model_stock", ["--merge-filter-wise", "true"]),
