@@ -298,9 +298,10 @@ API_CASES = {
 
 
 @pytest.mark.parametrize("case", list(API_CASES))
-@pytest.mark.parametrize("chunk", [5, 1 << 20])
+@pytest.mark.parametrize("chunk", [5, 16, 1 << 20])
 def test_streamed_merge_equals_full_tensor_reference(case, chunk):
-    """chunk 5: boundaries inside every tensor and inside rows of 13, 7 and 6 elements (and columns)."""
+    """chunk 5: boundaries inside every tensor, inside every row (13, 7 and 6 elements) and inside the matrix
+    rows the column mode reads (13 and 14 elements); 16: spans of whole rows, several per tensor."""
     n, merger = API_CASES[case]
     pop, base_arena, base, ms = _population(n)
     out = merger(base_arena)(pop, Arena.empty(LAYOUT), chunk=chunk)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from ..arena import Arena, iter_chunks
+from ..arena import Arena
 from ..population import Population
-from .geometry import combine, gram, vectors_of
+from .geometry import combine, gram, matrix_of, per_element, read_span, shaped, spans, vector_count
 from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import base_chunk, check_base
+from .streaming import check_base
 
 FILTER_WISE = Param("filter_wise", boolean, False, "model_stock: one ratio t per row (filter) instead of per tensor")
 
@@ -57,19 +57,18 @@ def model_stock(pop: Population, base: Arena, out: Arena, filter_wise: bool = Fa
             continue
         dst = out.view(e).view(-1)
         t = model_stock_ratio(gram(pop, base, e, along, chunk, dst.device))
-        count, index = vectors_of(e, along)
-        if index is None:
-            combine(pop, base, out, e, along, (t / n)[:, None].expand(count, n), chunk, backend)
+        if matrix_of(e, along) is None:
+            combine(pop, base, out, e, along, (t / n)[:, None].expand(vector_count(e, along), n), chunk, backend)
             continue
         t32 = t.to(torch.float32)
-        for lo, hi in iter_chunks(e.numel, chunk):
-            a, b = e.offset + lo, e.offset + hi
-            tt = t32[index(lo, hi, dst.device)]
-            total = pop.read(0, e.group, a, b).to(dst.device).float()
-            for k in range(1, n):
-                total = total + pop.read(k, e.group, a, b).to(dst.device).float()
-            w0 = base_chunk(base, e.group, a, b, dst.device).float()
-            dst[lo:hi] = tt * (total / n) + (1 - tt) * w0  # mergekit's expression, elementwise
+        for span in spans(e, along, chunk):
+            xs, b = read_span(pop, base, e, span, dst.device)
+            tt = per_element(t32, e, along, span)
+            total = shaped(xs[0].float(), e, along, span)
+            for x in xs[1:]:
+                total = total + shaped(x.float(), e, along, span)
+            w0 = shaped(b.float(), e, along, span)
+            dst[span.lo : span.hi] = (tt * (total / n) + (1 - tt) * w0).reshape(-1)  # mergekit's expression
     return out
 
 

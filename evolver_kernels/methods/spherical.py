@@ -50,7 +50,7 @@ import torch
 
 from ..arena import Arena
 from ..population import Population
-from .geometry import combine, gram, vectors_of
+from .geometry import combine, gram, vector_count
 from .registry import MergeContext, MergeMethod, Param, boolean, register
 from .streaming import check_weights
 
@@ -181,10 +181,8 @@ def _spherical(pop: Population, out: Arena, coefficients, *, base: Arena | None 
     for e in pop.layout.entries:
         if e.numel == 0:
             continue
-        device = out.view(e).device
-        count, _ = vectors_of(e, along)
-        c = coefficients(gram(pop, base, e, along, chunk, device))
-        combine(pop, base, out, e, along, c.reshape(count, pop.size), chunk, backend)
+        c = coefficients(gram(pop, base, e, along, chunk, out.view(e).device))
+        combine(pop, base, out, e, along, c.reshape(vector_count(e, along), pop.size), chunk, backend)
     return out
 
 
