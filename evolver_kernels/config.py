@@ -45,9 +45,9 @@ class EvolveConfig:
                                               "slots are filled with seeded offspring of the models")
     strategy: str = _opt("evolver", "mutation strategy", choices=strategies.names)
     fitness: str = _opt("merged", "individual: score each offspring alone; merged: score the population's merge with the offspring in its slot", choices=lambda: tuple(FITNESS))
-    merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=methods.names)
+    merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=lambda: methods.names(evolvable=True))
     base_model: str | None = _opt(None, "the models' common ancestor (a directory or a Hub id), needed by the task-vector methods")
-    extra_individuals: list[str] | None = _opt(None, "merges of the models added to the initial population as individuals, with the --merge-* settings", nargs="+", choices=lambda: methods.names(with_statistics=False))
+    extra_individuals: list[str] | None = _opt(None, "merges of the models added to the initial population as individuals, with the --merge-* settings", nargs="+", choices=lambda: methods.names(with_statistics=False, evolvable=True))
     schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
     F: float = _opt(0.5, "mutation scale, in (0, 2]")
     CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value, in [0, 1]")
@@ -85,11 +85,20 @@ class EvolveConfig:
         return record.settings({k: v for k, v in self.merge.items() if record.param(k) is not None}, merge_flag)
 
     def to_dict(self) -> dict[str, Any]:
-        """The options as given: every merge parameter as merge_<param>."""
+        """The options as given, and as merge_<param> every parameter of the merge methods this run uses
+        (--merge-method and --extra-individuals: the others cannot change the result, and a method added to the
+        package later must not make an older checkpoint unresumable)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cli", True)}
+        used = self.merge_methods_used()
         for name, p in methods.all_params().items():
-            out[f"merge_{name}"] = self.merge.get(name, p.default)
+            if any(record.param(name) is not None for record in used):
+                out[f"merge_{name}"] = self.merge.get(name, p.default)
         return out
+
+    def merge_methods_used(self) -> list[methods.MergeMethod]:
+        """The merges this run computes: --merge-method with --fitness merged, then the --extra-individuals."""
+        return [methods.get(self.merge_method)] * (self.fitness == "merged") + \
+            [methods.get(m) for m in self.extra_individuals or []]
 
     def result_options(self) -> dict[str, Any]:
         """The options that define the result, as recorded (evolution.json, the checkpoint, what --resume must
@@ -260,7 +269,7 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"--strategy {cfg.strategy} needs per-individual fitness: use --fitness individual")
     if cfg.merge_method != "average" and cfg.fitness != "merged":
         raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged")
-    used = [methods.get(cfg.merge_method)] * (cfg.fitness == "merged") + [methods.get(m) for m in extras]
+    used = cfg.merge_methods_used()
     for name, value in cfg.merge.items():
         p = methods.all_params().get(name)
         if p is None:

@@ -27,8 +27,8 @@ class RunState:
     merged_per_file: dict[str, float] | None = None
     pending: dict[int, float] = dataclasses.field(default_factory=dict)  # synchronous: this generation's offspring
     pending_per_file: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
-    # early rejection's records (evaluation/early_reject.py): per dev file, '1' / '0' for each example, right
-    # or wrong, of each individual (fitness individual), of the merged population (fitness merged) and of this
+    # early rejection's records (evaluation/early_reject.py): per dev file, a character for each example (wrong,
+    # or right and how sure) of each individual (fitness individual), of the merged population (fitness merged) and of this
     # generation's fully scored offspring (synchronous); None where the metric has no per-example outcomes
     outcomes: dict[int, dict[str, str] | None] = dataclasses.field(default_factory=dict)
     merged_outcomes: dict[str, str] | None = None

@@ -39,14 +39,27 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# the Evolver runs of a scenario: (fitness, merge method, the row's label; {alpha} is RegMean's, chosen on dev)
+VARIANTS = [("merged", "average", "Evolver + average (merged fitness)"),
+            ("merged", "fisher", "Evolver + Fisher (merged fitness)"),
+            ("merged", "regmean", "Evolver + RegMean, alpha {alpha} (merged fitness)"),
+            ("individual", "average", "Evolver, individual fitness")]
+
+
+def run_name(fitness: str, method: str, seed: int) -> str:
+    """The directory of an Evolver run under the scenario's runs directory."""
+    return f"evolver-{fitness}-seed{seed}" if method == "average" else f"evolver-{fitness}-{method}-seed{seed}"
+
+
 def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, max_length: int,
-           merge_method: str = "average", merge_alpha: float = 0.5) -> str:
+           merge_method: str = "average", merge_alpha: float = 0.5, early_reject: str = "on") -> str:
     """Runs (or reuses a finished run of) the driver; returns the output model directory."""
     merge = {"fisher": {"examples": STATS_EXAMPLES},
              "regmean": {"examples": STATS_EXAMPLES, "alpha": merge_alpha}}.get(merge_method, {})
     cfg = EvolveConfig(
         models=manifest["experts"], dev=manifest["dev"], out=out, generations=generations, fitness=fitness,
         seed=seed, F=0.5, CR=0.5, max_length=max_length, metric="macro-f1", merge_method=merge_method, merge=merge,
+        early_reject=early_reject,
     )
     done = os.path.join(out, "evolution.json")
     if os.path.exists(done):
@@ -189,18 +202,13 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
     baselines, alpha = merged_baselines(manifest, runs, dev_eval)
     for name, path in baselines.items():
         rows[name] = [by_name(score_model(path, test_eval))]
-    variants = [("merged", "average", "Evolver + average (merged fitness)"),
-                ("merged", "fisher", "Evolver + Fisher (merged fitness)"),
-                ("merged", "regmean", f"Evolver + RegMean, alpha {alpha} (merged fitness)"),
-                ("individual", "average", "Evolver, individual fitness")]
-    for fitness, method, label in variants:
+    for fitness, method, label in VARIANTS:
         reports = []
         for seed in seeds:
-            name = f"evolver-{fitness}-seed{seed}" if method == "average" else f"evolver-{fitness}-{method}-seed{seed}"
-            run_dir = evolve(manifest, os.path.join(runs, name), fitness, seed, generations, max_length,
-                             merge_method=method, merge_alpha=alpha)
+            run_dir = evolve(manifest, os.path.join(runs, run_name(fitness, method, seed)), fitness, seed, generations,
+                             max_length, merge_method=method, merge_alpha=alpha)
             reports.append(by_name(score_model(run_dir, test_eval)))
-        rows[f"{label}, {generations} gen."] = reports
+        rows[f"{label.format(alpha=alpha)}, {generations} gen."] = reports
     md = table(rows, [c for c in columns if c in names], held_out)
     elapsed = time.perf_counter() - started
     note = (

@@ -63,16 +63,18 @@ def _evaluator(tmp_path, metric, early, sizes=(37, 23), num_labels=4, seed=0):
                      early_reject=early)
 
 
-def _table_model(ev: Evaluator, preds: list[torch.Tensor]) -> TableModel:
-    """A model predicting preds[file][example] (labels, or multi-hot rows with threshold 0.5)."""
+def _table_model(ev: Evaluator, preds: list[torch.Tensor], sure: torch.Generator | None = None) -> TableModel:
+    """A model predicting preds[file][example] (labels, or multi-hot rows with threshold 0.5); with `sure`,
+    margins drawn from it (else all equal)."""
     table = {}
     for f, p in zip(ev.files, preds):
         for j in range(len(f.examples)):
             key = tuple(f.enc["input_ids"][j])
+            margin = 1.0 + float(torch.rand((), generator=sure)) if sure is not None else 1.0
             if p.dim() == 2:
-                table[key] = torch.where(p[j], 4.0, -4.0)
+                table[key] = torch.where(p[j], 4.0 * margin, -4.0 * margin)
             else:
-                table[key] = torch.nn.functional.one_hot(p[j], ev.num_labels).float()
+                table[key] = torch.nn.functional.one_hot(p[j], ev.num_labels).float() * margin
     return TableModel(table)
 
 
@@ -103,7 +105,7 @@ def test_early_decisions_equal_full_decisions(tmp_path, metric):
     fewer = []
     for trial in range(40):
         rival_preds = _random_preds(early, rng, 0.3 + 0.6 * (trial % 5) / 4)
-        rival_fit = full(_table_model(early, rival_preds))
+        rival_fit = full(_table_model(early, rival_preds, sure=rng))
         assert rival_fit.complete and set(rival_fit.outcomes) == {"dev0.jsonl", "dev1.jsonl"}
         if trial % 2:  # an unrelated candidate
             cand = _table_model(early, _random_preds(early, rng, 0.3 + 0.6 * (trial % 7) / 6))
@@ -141,23 +143,43 @@ def _config(metric):
     return tiny_models.make_config("bert", num_labels=4, multi_label=metric == "multilabel-f1")
 
 
-def test_rival_order_wrong_first_then_right_each_shortest_first(tmp_path):
-    """With a rival, every example the rival gets wrong (all files) comes before any it gets right; within a
-    phase and file, batches are sorted by length; every example is scored exactly once."""
-    ev = _evaluator(tmp_path, "accuracy", early=False)
+def test_rival_order_wrong_first_then_right_least_sure_first(tmp_path):
+    """With a rival, every example the rival gets wrong (all files) comes before any it gets right, and those in
+    groups by the rival's confidence, least sure first; within a group and file, batches are sorted by length;
+    every example is scored exactly once."""
+    ev = _evaluator(tmp_path, "accuracy", early=False, sizes=(97, 61))
     rng = torch.Generator().manual_seed(3)
-    rival_fit = ev(_table_model(ev, _random_preds(ev, rng, 0.5)))
-    order = ev.outcome_scorer.order(Rival(rival_fit.outcomes, rival_fit.score))
+    rival_fit = ev(_table_model(ev, _random_preds(ev, rng, 0.7), sure=rng))
+    record = rival_fit.outcomes
+    assert {c for r in record.values() for c in r} == set("x0123456789")
+    order = ev.outcome_scorer.order(Rival(record, rival_fit.score))
     keys = ev.outcome_scorer.keys
-    phases = [rival_fit.outcomes[keys[n]][int(j)] for n, b in order for j in b["index"]]
-    assert phases == sorted(phases)  # '0' (wrong) before '1' (right)
+    # groups of at least 2 batches of 5: file 0 (7x right) has 7, file 1 (5x right) has 5
+    counts = [sum(c != "x" for c in record[k]) // 10 for k in keys]
+    assert counts == [7, 5]
+
+    def group(n, j):
+        c = record[keys[n]][j]
+        return 0 if c == "x" else 1 + int(c) * counts[n] // 10
+
+    phases = [group(n, int(j)) for n, b in order for j in b["index"]]
+    assert phases == sorted(phases) and set(phases) == set(range(8))
     seen = sorted((n, int(j)) for n, b in order for j in b["index"])
     assert seen == [(n, j) for n, f in enumerate(ev.files) for j in range(len(f.examples))]
     for n, f in enumerate(ev.files):
-        for phase in "01":
+        for phase in range(8):
             lengths = [len(f.enc["input_ids"][int(j)]) for m, b in order if m == n for j in b["index"]
-                       if rival_fit.outcomes[keys[n]][int(j)] == phase]
+                       if group(n, int(j)) == phase]
             assert lengths == sorted(lengths)
+
+
+def test_record_deciles_follow_the_confidence():
+    from evolver_kernels.evaluation.early_reject import record_of
+
+    right = torch.tensor([True, False, True, True, True, False, True, True, True, True, True, True])
+    confidence = torch.tensor([0.9, 5.0, 0.1, 0.5, 0.5, 0.0, 0.3, 0.2, 0.8, 0.7, 0.6, 0.4])
+    # ten right ones: one per decile, in order of confidence (0.5 twice: the earlier position first)
+    assert record_of(right, confidence) == "9x0" + "45" + "x" + "21" + "876" + "3"
 
 
 @pytest.mark.parametrize("ties_win", [False, True])

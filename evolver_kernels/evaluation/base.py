@@ -54,7 +54,8 @@ class Fitness:
 
     score: float  # the mean over dev files
     per_file: dict[str, float]
-    # per file key, '1' or '0' for each example (right / wrong), in example order; tasks with exact bounds only
+    # per file key, the record of each example (right or wrong, and how sure: early_reject.record_of), in
+    # example order; tasks with exact bounds only
     outcomes: dict[str, str] | None = None
     scored: int = 0  # examples scored
     total: int = 0  # examples a full evaluation scores
@@ -230,8 +231,9 @@ class TaskEvaluator(abc.ABC):
         """The right predictions of `file`'s examples, in example order (what predict returns per row)."""
         raise NotImplementedError
 
-    def predict(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """The model's predictions for the batch's rows, on the CPU; called under inference mode."""
+    def predict(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's predictions for the batch's rows and how sure it is of each (higher: surer; None if the
+        task cannot say), on the CPU; called under inference mode."""
         raise NotImplementedError
 
     def file_metric(self, preds: torch.Tensor, gold: torch.Tensor) -> float:

@@ -82,7 +82,7 @@ class ClassificationEvaluator(TaskEvaluator):
             return {f.path: self._metrics(*self._classify(model, f.batches)) for f in files}
 
     def _classify(self, model: torch.nn.Module, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        preds = [self.predict(model, batch) for batch in batches]
+        preds = [self.predict(model, batch)[0] for batch in batches]
         return torch.cat(preds), torch.cat([batch["gold"] for batch in batches])
 
     # -- per-example predictions, for early rejection (early_reject.py) -------------------------------------
@@ -95,11 +95,16 @@ class ClassificationEvaluator(TaskEvaluator):
         self.add_targets(batch, file.examples, list(range(len(file.examples))), file.enc)
         return batch["gold"]
 
-    def predict(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def predict(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels (multi-hot rows for multi-label models) and confidence: the margin of the top logit over the
+        second (the distance of the label nearest to the threshold)."""
         logits = model(**self.inputs(batch)).logits.float()
         if self.multi_label:
-            return (torch.sigmoid(logits) > self.threshold).cpu()
-        return logits.argmax(-1).cpu()
+            probs = torch.sigmoid(logits)
+            return (probs > self.threshold).cpu(), (probs - self.threshold).abs().amin(-1).cpu()
+        top = logits.topk(min(2, logits.shape[-1]), dim=-1).values
+        margin = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else torch.zeros_like(top[:, 0])
+        return logits.argmax(-1).cpu(), margin.cpu()
 
     def file_metric(self, preds: torch.Tensor, gold: torch.Tensor) -> float:
         return self._metrics(preds, gold)[self.metric]

@@ -42,7 +42,7 @@ class Seq2SeqEvaluator(TaskEvaluator):
         return -total / max(count, 1)
 
     def _exact_match(self, model: torch.nn.Module, batches: list[dict]) -> float:
-        hits = torch.cat([self.predict(model, batch) for batch in batches])
+        hits = torch.cat([self.predict(model, batch)[0] for batch in batches])
         return self.file_metric(hits, torch.ones_like(hits))
 
     # -- per-example outcomes of exact-match, for early rejection (early_reject.py) ---------------------------
@@ -53,12 +53,12 @@ class Seq2SeqEvaluator(TaskEvaluator):
     def gold(self, file) -> torch.Tensor:
         return torch.ones(len(file.examples), dtype=torch.bool)  # every decoding equal to its target
 
-    def predict(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """Whether each row's greedy decoding equals its target (both stripped)."""
+    def predict(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, None]:
+        """Whether each row's greedy decoding equals its target (both stripped); no confidence."""
         width = batch["labels"].shape[1]
         generated = model.generate(**self.inputs(batch), max_new_tokens=width + 2, do_sample=False, num_beams=1)
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return torch.tensor([t.strip() == g.strip() for t, g in zip(texts, batch["targets"])], dtype=torch.bool)
+        return torch.tensor([t.strip() == g.strip() for t, g in zip(texts, batch["targets"])], dtype=torch.bool), None
 
     def file_metric(self, preds: torch.Tensor, gold: torch.Tensor) -> float:
         return int((preds == gold).sum()) / max(len(preds), 1)
