@@ -164,6 +164,8 @@ def _from_yaml(f: dataclasses.Field, value: Any, where: str) -> Any:
     numbers go through the flag's own type (so `F: 1e-1`, a string to YAML 1.1, is 0.1), choices are checked."""
     if value is None:
         return f.default
+    if isinstance(value, bool) and _choices(f) == ("on", "off"):
+        return "on" if value else "off"  # YAML 1.1 reads a bare on / off as a boolean
     if _is_bool(f):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {f.name} must be true or false, got {value!r}")

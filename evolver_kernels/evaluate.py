@@ -9,6 +9,10 @@ Tasks and metrics:
   causal-lm                neg-loss (negated mean token cross-entropy)
   seq2seq                  neg-loss | exact-match (greedy decoding)
   module:function          a user function fn(model, tokenizer, dev_paths, device) -> float
+
+Accuracy, macro-F1, multi-label F1 and exact-match are scored through per-example predictions, which give each
+fully scored model a record; a call with a Rival built from one is scored in the rival's order and, with early
+rejection on, stops once the rival cannot be beaten (evaluation/early_reject.py).
 """
 
 from __future__ import annotations

@@ -151,6 +151,16 @@ def test_unknown_yaml_key(tmp_path):
         parse_config(["--config", str(tmp_path / "c.yaml")])
 
 
+@pytest.mark.parametrize("text,want", [("off", "off"), ("on", "on"), ("false", "off"), ('"off"', "off")])
+def test_yaml_on_off_option(tmp_path, text, want):
+    """early_reject: off in YAML (a boolean to YAML 1.1) means off; another value is an error naming it."""
+    (tmp_path / "c.yaml").write_text(f"models: [a]\nearly_reject: {text}\n")
+    assert parse_config(["--config", str(tmp_path / "c.yaml")]).early_reject == want
+    (tmp_path / "d.yaml").write_text("models: [a]\nearly_reject: maybe\n")
+    with pytest.raises(ValueError, match="early_reject must be one of on, off, got 'maybe'"):
+        parse_config(["--config", str(tmp_path / "d.yaml")])
+
+
 def test_pickle_weights_refused_unless_allowed(pop, tmp_path, capsys):
     import torch
 
