@@ -103,10 +103,11 @@ def main() -> None:
                              f"examples; evaluation {result['on']['evaluation_s']:.1f} s vs "
                              f"{result['off']['evaluation_s']:.1f} s; same result: {row['same']}")
                 rows.append(row)
+                write(rows, args, final=False)  # a partial table survives an interrupted benchmark
     write(rows, args)
 
 
-def write(rows: list[dict], args) -> None:
+def write(rows: list[dict], args, final: bool = True) -> None:
     def pct(a, b):
         return f"{100 * a / b:.1f}%" if b else "-"
 
@@ -128,12 +129,15 @@ def write(rows: list[dict], args) -> None:
                      f"(ratio {s['wall_s'] / off['wall_s']:.2f}) | {sum(r['same'] for r in sel)} of {len(sel)} |")
     note = (f"\nSeeds {args.seeds}, {args.generations} generations, {os.cpu_count()} cores; evaluation s includes "
             "the Fisher / RegMean statistics (the same work in both). Each run with early rejection on, then off.\n")
+    if not final:
+        note += "(partial: the benchmark was still running)\n"
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n" + note)
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    print("\n".join(lines) + "\n" + note)
+    if final:
+        print("\n".join(lines) + "\n" + note)
 
 
 if __name__ == "__main__":
