@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -83,6 +84,22 @@ class Layout:
     def fingerprint(self) -> str:
         """A short description that two layouts share exactly when they are interchangeable."""
         return json.dumps([[e.name, e.group, e.offset, list(e.shape)] for e in self.entries])
+
+    def subset(self, entries: Iterable[Entry]) -> Layout:
+        """This layout seen through some of its entries (same groups, offsets and global indices): a merge run
+        on it touches those tensors only."""
+        return Layout(tuple(entries), self.groups)
+
+    def spans(self, group: str) -> list[tuple[int, int]]:
+        """The element ranges [lo, hi) of `group` that the entries cover, each with its trailing alignment
+        padding: [(0, size)] for a whole layout."""
+        spans: list[tuple[int, int]] = []
+        for e in sorted((e for e in self.entries if e.group == group), key=lambda e: e.offset):
+            if spans and spans[-1][1] == e.offset:
+                spans[-1] = (spans[-1][0], e.offset + _aligned(e.numel))
+            else:
+                spans.append((e.offset, e.offset + _aligned(e.numel)))
+        return spans
 
     @staticmethod
     def from_params(params: Iterable[tuple[tuple[str, ...], torch.dtype, tuple[int, ...]]]) -> Layout:
@@ -257,6 +274,24 @@ def load_into(arena: Arena, files: list[str], source: str) -> None:
         with safe_open(path, framework="pt", device="cpu") as f:
             for e, key in items:
                 arena.view(e).copy_(f.get_tensor(key))
+
+
+LAYER = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")  # a decoder/encoder layer's tensors
+
+
+def layer_index(name: str) -> int | None:
+    """The layer a tensor name belongs to (model.layers.<i>., encoder.layer.<i>., transformer.h.<i>.); None
+    for the tensors outside the layer stack (embeddings, final norm, head)."""
+    m = LAYER.search(name)
+    return int(m.group(3)) if m else None
+
+
+def with_layer(name: str, index: int) -> str:
+    """`name` with its layer index replaced by `index` (layer stacking renames the layers it copies)."""
+    m = LAYER.search(name)
+    if m is None:
+        raise ValueError(f"{name} is not a layer's tensor")
+    return name[: m.start(3)] + str(index) + name[m.end(3) :]
 
 
 def iter_chunks(size: int, chunk: int) -> Iterator[tuple[int, int]]:

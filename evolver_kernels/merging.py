@@ -20,14 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import methods
-from .arena import Arena, Layout
+from .arena import Arena, Entry, Layout
 from .methods.linear import average
 from .methods.model_stock import model_stock
 from .methods.spherical import karcher, multislerp, nuslerp, slerp
 from .methods.task_vectors import kth_largest_magnitude, task_arithmetic, ties
-from .population import Population
+from .population import Population, ReadOnlyView
 
-__all__ = ["Merger", "average", "compute_statistics", "karcher", "kth_largest_magnitude", "load_statistics",
+__all__ = ["Merger", "TensorGroup", "average", "compute_statistics", "merge_per_tensor", "karcher", "kth_largest_magnitude", "load_statistics",
            "model_stock", "multislerp", "nuslerp", "slerp", "task_arithmetic", "ties"]
 
 
@@ -58,6 +58,38 @@ class Merger:
         ctx = methods.MergeContext(settings=self.settings, base=self.base, weights=self.weights, seed=self.seed,
                                    backend=self.backend, chunk=chunk, stats=self.stats)
         return self.record.merge(pop, out, ctx)
+
+
+class _Tensors(ReadOnlyView):
+    """A population seen through some of its tensors (Layout.subset)."""
+
+    def __init__(self, pop: Population, layout: Layout):
+        self.pop, self.layout, self.size = pop, layout, pop.size
+
+    def read(self, i: int, group: str, lo: int, hi: int):
+        return self.pop.read(i, group, lo, hi)
+
+
+TensorGroup = tuple[list[Entry], dict[str, Any], list[float] | None]  # tensors, their settings, their weights
+
+
+def merge_per_tensor(method: str, pop: Population, out: Arena, groups: list[TensorGroup], base: Arena | None = None,
+                     *, seed: int = 0, backend: str | None = None, stats: Any = None, chunk: int = 1 << 22) -> Arena:
+    """Merges each group of tensors with its own settings and weights (mergekit's per-tensor parameters:
+    gradients over layers, filters by name). One group of every tensor is exactly Merger(...)(pop, out);
+    otherwise each group runs on views of its tensors only, at their global indices, so random drops and
+    chunking are those of the whole merge."""
+    if len(groups) == 1 and len(groups[0][0]) == len(pop.layout.entries):
+        _, settings, weights = groups[0]
+        return Merger(method, base, weights=weights, seed=seed, backend=backend, stats=stats, **settings)(pop, out, chunk)
+    if stats is not None:
+        raise ValueError(f"{method} merges with statistics of whole models: per-tensor parameters are not supported")
+    for entries, settings, weights in groups:
+        layout = pop.layout.subset(entries)
+        view = Arena(layout, base.buffers) if base is not None else None
+        merger = Merger(method, view, weights=weights, seed=seed, backend=backend, **settings)
+        merger(_Tensors(pop, layout), Arena(layout, out.buffers), chunk)
+    return out
 
 
 def compute_statistics(method: str, settings: dict, model, layout: Layout, load: Callable[[int], None], n: int,

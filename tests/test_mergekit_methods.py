@@ -163,8 +163,8 @@ def test_flag_errors(llama_pop, tmp_path, capsys, argv, message):
      "weight does not apply to karcher"),
     ({"merge_method": "model_stock", "base_model": "{base}", "models": ["{m0}", "{m1}"],
       "parameters": {"filter_wise": "sometimes"}}, "filter_wise must be true or false, got 'sometimes'"),
-    ({"merge_method": "slerp", "base_model": "{m0}", "models": ["{m0}", "{m1}"], "parameters": {"t": [0, 1]}},
-     "a list (a parameter gradient over layers) is not supported"),
+    ({"merge_method": "slerp", "base_model": "{m0}", "models": ["{m0}", "{m1}"],
+      "parameters": {"t": [{"pattern": "mlp", "value": 0.3}]}}, "a conditional is {filter: SUBSTRING, value: V}"),
 ])
 def test_yaml_errors(llama_pop, tmp_path, capsys, config, message):
     m = llama_pop.models

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..arena import Arena
+from ..arena import Arena, iter_chunks
 from ..ops import MAX_MERGE_INPUTS, merge_tensors
 from ..population import Population
 from ..rng import STREAM_DARE
@@ -48,9 +48,16 @@ def merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, *
                  fisher=None, **kw) -> Arena:
     """Every group in chunks that may span tensors (the linear modes have no per-tensor state): `pop.chunks`
     may stage the next chunk's reads (a pipeline's candidate view, staging.py); a placed `out` is merged chunk
-    by chunk on the device that holds each segment."""
+    by chunk on the device that holds each segment. A layout that is a subset of the tensors (Layout.subset)
+    merges the spans its entries cover, and nothing else."""
     for group, (start, size) in pop.layout.groups.items():
-        if out.is_placed:
+        covered = pop.layout.spans(group)
+        if covered != [(0, size)]:  # some tensors only (Layout.subset: per-tensor settings)
+            if out.is_placed:
+                raise ValueError("a merge of some tensors only writes into an arena that is not placed")
+            spans = ((a + lo, a + hi, out.buffers[group][a + lo : a + hi]) for a, b in covered
+                     for lo, hi in iter_chunks(b - a, chunk))
+        elif out.is_placed:
             spans = out.chunks(group, chunk)
         else:
             spans = ((lo, hi, out.buffers[group][lo:hi]) for lo, hi in pop.chunks(group, size, chunk))
