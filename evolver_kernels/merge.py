@@ -16,7 +16,12 @@ parameter is a flag `--<param>` (per-model ones take one value or one per model)
       - model: path/to/b
     parameters: {density: 0.5, lambda: 1.0, seed: 0}  # global: the method's parameters (a model's own win),
                                                       # weight (default per model), seed, task
-    dtype: bfloat16               # the output's dtype (out_dtype wins); we compute in fp32 whatever it says
+    # or slices: [{sources: [{model, layer_range: [first, end], parameters}], parameters}]: layer stacking
+    # (passthrough) or layer ranges merged layer by layer; a parameter value may be a gradient over layers
+    # ([0, 0.5, 1]) or conditionals ([{filter: mlp, value: 0.3}, {value: 0.5}]), resolved per tensor
+    dtype: bfloat16               # inputs cast to it before merging (we compute in fp32 and round once)
+    out_dtype: float32            # the output's dtype (default: dtype)
+    tokenizer_source: base        # the base model's tokenizer (default: the first model's)
     dev: [dev_a.jsonl, dev_b.jsonl]   # methods with statistics (fisher, regmean): the data they are estimated on
 
 Weights are streamed (docs/ARCHITECTURE.md §5): never a stack of the models; the population lives on
