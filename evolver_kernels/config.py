@@ -15,9 +15,10 @@ from typing import Any
 import torch
 import yaml
 
-from . import methods, refs, rundir, strategies
+from . import evaluation, methods, refs, rundir, strategies
 from .backends import BACKENDS
 from .errors import ArgumentError, UserError
+from .evaluation.lm_eval_task import require_lm_eval
 from .fitness import FITNESS
 from .ops import MAX_MERGE_INPUTS
 from .population import TIERS
@@ -36,9 +37,10 @@ def _opt(default, help: str, **kw):
 @dataclasses.dataclass
 class EvolveConfig:
     models: list[str] = _opt(None, "fine-tunes of one base model: Hugging Face model directories (safetensors) or Hub ids org/name[@revision]", nargs="+")
-    dev: list[str] = _opt(None, "development data: JSONL, CSV/TSV or load_from_disk directories; one per domain", nargs="+")
+    dev: list[str] = _opt(None, "development data: JSONL, CSV/TSV or load_from_disk directories; one per domain (--task "
+                                "lm-eval: folders of lm-eval task YAMLs, optional)", nargs="+")
     out: str = _opt(None, "output directory: the fused model, evolution.json, a fitness plot, a model card")
-    task: str | None = _opt(None, "sequence-classification, causal-lm, seq2seq or module:function (default: from the architecture)")
+    task: str | None = _opt(None, f"{', '.join(evaluation.TASKS)} or module:function (default: from the architecture)")
     metric: str | None = _opt(None, "accuracy, macro-f1, multilabel-f1, neg-loss or exact-match (default: by task)")
     generations: int = _opt(15, "number of generations")
     population_size: int | None = _opt(None, "individuals (default: the models plus the --extra-individuals); more "
@@ -65,8 +67,15 @@ class EvolveConfig:
                              choices=("on", "off"), transient=True)
     batch_size: int = _opt(32, "evaluation batch size")
     max_length: int = _opt(256, "tokens per example at most")
-    max_dev_examples: int | None = _opt(None, "use at most this many examples of each dev file")
+    max_dev_examples: int | None = _opt(None, "use at most this many examples of each dev file (lm-eval: of each task, its limit)")
     threshold: float = _opt(0.5, "multi-label decision threshold on sigmoid probabilities")
+    lm_eval_tasks: list[str] | None = _opt(None, "--task lm-eval: lm-evaluation-harness tasks (in the --dev folders or "
+                                                 "lm-eval's registry); the fitness is the mean of their metrics", nargs="+")
+    lm_eval_metric: list[str] | None = _opt(None, "--task lm-eval: the metric of every task, or one per task, e.g. acc or "
+                                                  "acc_norm (default: each task's first)", nargs="+")
+    lm_eval_fewshot: int | None = _opt(None, "--task lm-eval: few-shot examples per prompt (default: each task's own, else 0)")
+    lm_eval_weights: list[float] | None = _opt(None, "--task lm-eval: one weight per task for the fitness mean (default: equal)",
+                                               nargs="+")
     chunk_elements: int = _opt(1 << 22, "elements per chunk of the streamed weight operators")
     backend: str | None = _opt(None, "operator backend (default: the fastest available on each device)", choices=BACKENDS)
     allow_pickle: bool = _opt(False, "accept pickle (.bin) weights; off by default because unpickling can run code")
@@ -124,7 +133,7 @@ def _choices(f: dataclasses.Field) -> tuple | None:
 
 def _scalar_type(f: dataclasses.Field):
     """The one parser of a field's values, for flags and YAML alike (a YAML scalar goes through it as text)."""
-    return {"int": int, "int | None": int, "float": float}.get(f.type, str)
+    return {"int": int, "int | None": int, "float": float, "list[float] | None": float}.get(f.type, str)
 
 
 def _is_bool(f: dataclasses.Field) -> bool:
@@ -241,13 +250,14 @@ def parse_config(argv: list[str] | None = None) -> EvolveConfig:
 
 def validate(cfg: EvolveConfig) -> None:
     """Checks that need no model loaded: presence, types, ranges, paths, and the registries' rules."""
-    for name in ("models", "dev", "out"):
+    for name in ("models", "out") + ("dev",) * (cfg.task != "lm-eval"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
+    check_lm_eval(cfg)
     resolve_refs(cfg)
     if cfg.device is not None:
         check_device(cfg.device)
-    for path in cfg.dev:
+    for path in cfg.dev or []:
         if not os.path.exists(path):
             raise ConfigError(f"--dev {path}: no such file or directory")
     if len({os.path.realpath(cfg.local(m)) for m in cfg.models}) != len(cfg.models):
@@ -284,7 +294,7 @@ def validate(cfg: EvolveConfig) -> None:
             [("--extra-individuals", m) for m in extras]:
         if methods.get(method).needs_base and not cfg.base_model:
             raise ConfigError(f"{what} {method} needs --base-model (the models' common ancestor)")
-        if methods.get(method).statistics is not None and ":" in (cfg.task or ""):
+        if methods.get(method).statistics is not None and (":" in (cfg.task or "") or cfg.task == "lm-eval"):
             raise ConfigError(f"{what} {method} estimates statistics with a built-in --task, not {cfg.task}")
     if cfg.fitness == "merged" and n > MAX_MERGE_INPUTS:
         raise ConfigError(f"--fitness merged merges at most {MAX_MERGE_INPUTS} individuals, the population has {n}")
@@ -315,6 +325,42 @@ def validate(cfg: EvolveConfig) -> None:
         rundir.check_scratch_root("--population-dir", cfg.population_dir, input_paths(cfg))
 
 
+LM_EVAL_OPTIONS = ("lm_eval_tasks", "lm_eval_metric", "lm_eval_fewshot", "lm_eval_weights")
+
+
+def check_lm_eval(cfg: EvolveConfig) -> None:
+    """The --lm-eval-* options: given only with --task lm-eval, which needs them and lm-eval installed."""
+    given = [name for name in LM_EVAL_OPTIONS if getattr(cfg, name) is not None]
+    if cfg.task != "lm-eval":
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies to --task lm-eval only")
+        return
+    try:
+        require_lm_eval()
+    except ArgumentError as err:
+        raise ConfigError(f"--task {err.detail}") from None
+    tasks = cfg.lm_eval_tasks or []
+    if not tasks:
+        raise ConfigError("--task lm-eval needs --lm-eval-tasks (the lm-eval task names)")
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError("--lm-eval-tasks names a task twice")
+    if cfg.metric is not None:
+        raise ConfigError("--metric does not apply to --task lm-eval; use --lm-eval-metric")
+    if cfg.lm_eval_metric is not None and len(cfg.lm_eval_metric) not in (1, len(tasks)):
+        raise ConfigError(f"--lm-eval-metric takes one metric or one per task ({len(tasks)}), got {len(cfg.lm_eval_metric)}")
+    weights = cfg.lm_eval_weights
+    if weights is not None:
+        if len(weights) != len(tasks):
+            raise ConfigError(f"--lm-eval-weights takes one weight per task ({len(tasks)}), got {len(weights)}")
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"--lm-eval-weights must be finite, non-negative and not all 0, got {weights}")
+    if cfg.lm_eval_fewshot is not None and not (isinstance(cfg.lm_eval_fewshot, int) and cfg.lm_eval_fewshot >= 0):
+        raise ConfigError(f"--lm-eval-fewshot must be a non-negative integer, got {cfg.lm_eval_fewshot}")
+    for path in cfg.dev or []:
+        if not os.path.isdir(path):
+            raise ConfigError(f"--dev {path}: not a folder (with --task lm-eval, --dev names folders of lm-eval task YAMLs)")
+
+
 def resolve_refs(cfg: EvolveConfig) -> None:
     """Each model reference (--models, --base-model) to its local directory, in cfg.resolved (refs.py)."""
     for option, ref in [("--models", m) for m in cfg.models] + [("--base-model", cfg.base_model)] * bool(cfg.base_model):
@@ -332,7 +378,7 @@ def population_size(cfg: EvolveConfig) -> int:
 
 def input_paths(cfg: EvolveConfig) -> list[tuple[str, str]]:
     """(option, path) of everything the run reads: never written into (rundir.py)."""
-    paths = [("--models", cfg.local(m)) for m in cfg.models] + [("--dev", d) for d in cfg.dev]
+    paths = [("--models", cfg.local(m)) for m in cfg.models] + [("--dev", d) for d in cfg.dev or []]
     if cfg.base_model:
         paths.append(("--base-model", cfg.local(cfg.base_model)))
     return paths

@@ -8,6 +8,8 @@ Tasks and metrics:
   sequence-classification  accuracy | macro-f1 | multilabel-f1 (threshold on sigmoid probabilities)
   causal-lm                neg-loss (negated mean token cross-entropy)
   seq2seq                  neg-loss | exact-match (greedy decoding)
+  lm-eval                  lm-evaluation-harness tasks' metrics, (weighted) mean over tasks; the dev paths are
+                           folders of task YAMLs (evaluation/lm_eval_task.py)
   module:function          a user function fn(model, tokenizer, dev_paths, device) -> float
 
 Accuracy, macro-F1, multi-label F1 and exact-match are scored through per-example predictions, which give each
@@ -64,7 +66,8 @@ class Evaluator:
 
     A front for the task's evaluator (evolver_kernels.evaluation): it loads the dev files once and hands
     them to that evaluator on every call. `tokenizer` is the one used for the data: the caller's, or a copy
-    of it with a pad token when it had none."""
+    of it with a pad token when it had none. `task_options` are the task's own keyword arguments (lm-eval's
+    tasks, metrics, few-shot count, weights: evaluation/lm_eval_task.py)."""
 
     def __init__(
         self,
@@ -81,6 +84,7 @@ class Evaluator:
         max_examples: int | None = None,
         logits_budget: int | None = None,
         early_reject: bool = True,
+        task_options: dict | None = None,
     ):
         self.device = torch.device(device)
         self.logits_budget = logits_budget if logits_budget is not None else default_logits_budget(self.device)
@@ -88,15 +92,15 @@ class Evaluator:
         self.task = task
         self.task_evaluator = evaluation.build(
             task, tokenizer, config, metric=metric, batch_size=batch_size, max_length=max_length, device=self.device,
-            threshold=threshold, logits_budget=self.logits_budget,
+            threshold=threshold, logits_budget=self.logits_budget, **(task_options or {}),
         )
         te = self.task_evaluator
         self.user_fn = getattr(te, "fn", None)  # the module:function callable; None for built-in tasks
-        self.metric = te.metric
         self.tokenizer = te.tokenizer
         self.multi_label, self.num_labels = te.multi_label, te.num_labels
         self.threshold, self.batch_size, self.max_length = te.threshold, te.batch_size, te.max_length
         self.files = te.load_files(self.dev_paths, max_examples)
+        self.metric = te.metric  # after loading: lm-eval names its tasks' metrics once they are loaded
         # per-example outcomes and early rejection where the metric allows an exact bound (early_reject.py)
         self.outcome_scorer = OutcomeScorer(te, self.files, self.dev_paths, early_reject) if te.exact_bound else None
 

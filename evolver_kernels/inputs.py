@@ -84,11 +84,30 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.local(cfg.models[0]), trust_remote_code=False)
-    evaluator = Evaluator(task, tokenizer, cfg.dev, config=first, metric=cfg.metric, batch_size=cfg.batch_size,
+    evaluator = Evaluator(task, tokenizer, cfg.dev or [], config=first, metric=cfg.metric, batch_size=cfg.batch_size,
                           max_length=cfg.max_length, device=placement.device, threshold=cfg.threshold,
-                          max_examples=cfg.max_dev_examples, early_reject=cfg.early_reject == "on")
+                          max_examples=cfg.max_dev_examples, early_reject=cfg.early_reject == "on",
+                          task_options=task_options(cfg, task))
     return RunInputs(config=first, task=task, files=files, base_files=base_files, model=model, layout=layout,
                      placement=placement, tokenizer=tokenizer, evaluator=evaluator, n=population_size(cfg))
+
+
+def task_options(cfg: EvolveConfig, task: str) -> dict | None:
+    """The options of the task's own evaluator (lm-eval's: evaluation/lm_eval_task.py)."""
+    if task != "lm-eval":
+        return None
+    return {"tasks": cfg.lm_eval_tasks, "task_metrics": cfg.lm_eval_metric, "num_fewshot": cfg.lm_eval_fewshot,
+            "weights": cfg.lm_eval_weights}
+
+
+def scoring_bytes(inputs: RunInputs) -> int:
+    """Bytes that scoring one batch needs beside the model: causal-LM's logits budget (4 copies), lm-eval's
+    batch of logits and their log-softmax; other tasks' outputs are small."""
+    if inputs.task == "causal-lm":
+        return 4 * inputs.evaluator.logits_budget
+    if inputs.task == "lm-eval":
+        return inputs.evaluator.task_evaluator.logits_bytes()
+    return 0
 
 
 def plan_of(cfg: EvolveConfig, inputs: RunInputs) -> Plan:
@@ -106,7 +125,7 @@ def plan_of(cfg: EvolveConfig, inputs: RunInputs) -> Plan:
         compute="cpu" if device.type == "cpu" else str(device), evaluation=inputs.placement.device_bytes(),
         placement=inputs.placement.describe(), base_model=bool(cfg.base_model), chunk_elements=cfg.chunk_elements,
         stats_bytes=stats_bytes, stats_name=stats_name,
-        logits_bytes=4 * inputs.evaluator.logits_budget if inputs.task == "causal-lm" else 0,
+        logits_bytes=scoring_bytes(inputs),
         scratch_root=scratch, out=cfg.out,
         checkpoint_linked=cfg.population_on == "disk" and same_filesystem(scratch, cfg.out),
         backends=device_backends(inputs.placement.devices(), cfg.backend),

@@ -3,8 +3,8 @@ any heavy work (and by --dry-run, which builds nothing), and the refusal when it
 
 Counted in bytes (docs/ARCHITECTURE.md §4): N individuals on their tier, one evaluation model (placed by
 --device-map, or on the compute device), the base model for task-vector merges, chunk buffers, merge
-statistics, the causal-LM logits budget, and on disk the disk tier's files plus, under --out, the checkpointed
-individuals, the statistics and the output model.
+statistics, the scoring logits (the causal-LM logits budget, lm-eval's batch), and on disk the disk tier's
+files plus, under --out, the checkpointed individuals, the statistics and the output model.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class PlanInputs:
     chunk_elements: int
     stats_bytes: int = 0  # host bytes of the merge method's statistics
     stats_name: str = ""
-    logits_bytes: int = 0  # causal-LM scoring's logits (4x the budget), on the compute device
+    logits_bytes: int = 0  # scoring's logits (causal-LM: 4x the budget; lm-eval: a batch's), on the compute device
     scratch_root: str = ""  # where the disk tier's files go
     out: str = ""
     checkpoint_linked: bool = False  # the disk tier hard-links its files into the checkpoint (same filesystem)

@@ -20,11 +20,12 @@ from .base import (
 )
 from .causal_lm import CausalLMEvaluator
 from .classification import ClassificationEvaluator
+from .lm_eval_task import LmEvalEvaluator
 from .seq2seq import Seq2SeqEvaluator
 from .user_function import UserFunctionEvaluator, load_user_function
 
 TASKS: dict[str, type[TaskEvaluator]] = {
-    cls.name: cls for cls in (ClassificationEvaluator, CausalLMEvaluator, Seq2SeqEvaluator)
+    cls.name: cls for cls in (ClassificationEvaluator, CausalLMEvaluator, Seq2SeqEvaluator, LmEvalEvaluator)
 }
 
 
@@ -50,7 +51,7 @@ def build(task: str, tokenizer, config, **options) -> TaskEvaluator:
 
 
 __all__ = [
-    "LOGITS_BUDGET", "TASKS", "CausalLMEvaluator", "ClassificationEvaluator", "Fitness", "Seq2SeqEvaluator",
+    "LOGITS_BUDGET", "TASKS", "CausalLMEvaluator", "ClassificationEvaluator", "Fitness", "LmEvalEvaluator", "Seq2SeqEvaluator",
     "TaskEvaluator", "UserFunctionEvaluator", "budget_slices", "build", "default_logits_budget",
     "is_user_function", "load_user_function", "task_class", "token_nll", "unique_basenames", "with_pad_token",
 ]
