@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything from a fresh clone: a virtual environment (.venv, or $EVOLVER_VENV), the pinned
-# packages, and the compiled extensions (C++/OpenMP always; CUDA when nvcc is found).
+# packages (with the optional extras the tests exercise: lm-eval), and the compiled extensions (C++/OpenMP
+# always; CUDA when nvcc is found).
 # Idempotent: a second run reuses the environment and rebuilds only the extensions.
 # EVOLVER_REQUIREMENTS names another pinned package list (scripts/compat_check.sh uses the GPU image's).
 # Source it (`. scripts/setup_env.sh`) to get the venv's python on PATH, or run it.
