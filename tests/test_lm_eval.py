@@ -196,3 +196,17 @@ def test_missing_extra_names_it(llama_pop, lm_tasks, tmp_path, capsys, monkeypat
 
     with pytest.raises(ValueError, match=r'pip install "evolver-kernels\[lm-eval\]"'):
         LmEvalEvaluator(None, None, tasks=["tiny_a"])
+
+
+def test_yaml_and_flags_read_the_options_alike(tmp_path):
+    from evolver_kernels.config import parse_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("task: lm-eval\nlm_eval_tasks: [tiny_a, tiny_b]\nlm_eval_metric: acc_norm\nlm_eval_weights: [3, 1e-1]\n"
+                    "lm_eval_fewshot: 2\n")
+    from_yaml = parse_config(["--config", str(path)])
+    flags = parse_config(["--task", "lm-eval", "--lm-eval-tasks", "tiny_a", "tiny_b", "--lm-eval-metric", "acc_norm",
+                          "--lm-eval-weights", "3", "1e-1", "--lm-eval-fewshot", "2"])
+    for cfg in (from_yaml, flags):
+        assert (cfg.lm_eval_tasks, cfg.lm_eval_metric, cfg.lm_eval_weights, cfg.lm_eval_fewshot) == \
+            (["tiny_a", "tiny_b"], ["acc_norm"], [3.0, 0.1], 2)
