@@ -2,9 +2,11 @@
 (YAML + JSONL written here; offline). The oracle is lm-eval itself: a model's fitness equals what
 `lm_eval.simple_evaluate` reports for the same model directory, task, limit and few-shot count."""
 
+import glob
 import json
 import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -98,6 +100,26 @@ def test_unchanged_models_score_what_lm_eval_reports(llama_pop, lm_tasks, tmp_pa
                                                "tiny_b": reference["tiny_b"]["acc,none"]}
     assert doc["metric"] == "lm-eval tiny_a acc_norm, tiny_b acc"
     assert len(set(initial)) > 1, "the tiny models should not all score alike: the test would prove little"
+
+
+@pytest.mark.slow
+def test_the_lm_eval_cli_prints_the_fitness_of_an_unchanged_model(llama_pop, lm_tasks, tmp_path):
+    """The command line users run: `lm_eval --model hf --model_args pretrained=<dir>` on the same task and limit
+    prints (and writes) the score evolve reports for that model (a subprocess: about 20 s, most of it lm-eval
+    indexing its built-in tasks)."""
+    model = llama_pop.models[1]
+    doc = _evolve([model, llama_pop.models[0]], lm_tasks, tmp_path / "run", "--generations", "0", "--fitness",
+                  "individual", "--lm-eval-tasks", "tiny_a")
+    cli = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model}",
+                          "--tasks", "tiny_a", "--include_path", lm_tasks, "--limit", str(LIMIT), "--batch_size",
+                          str(BATCH), "--device", "cpu", "--output_path", str(tmp_path / "cli")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    [written] = glob.glob(str(tmp_path / "cli" / "*" / "results_*.json"))
+    with open(written) as f:
+        acc = json.load(f)["results"]["tiny_a"]["acc,none"]
+    assert doc["generations"][0]["population_fitness"][0] == acc
+    assert f"|acc     |↑  |{acc:.4f}|" in cli.stdout
 
 
 @pytest.mark.parametrize("fitness", ["merged", "individual"])
