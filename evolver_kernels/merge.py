@@ -25,7 +25,9 @@ parameter is a flag `--<param>` (per-model ones take one value or one per model)
     dev: [dev_a.jsonl, dev_b.jsonl]   # methods with statistics (fisher, regmean): the data they are estimated on
 
 Weights are streamed (docs/ARCHITECTURE.md §5): never a stack of the models; the population lives on
-`--population-on` (cpu: host memory; disk: memory-mapped files in a scratch directory under --out).
+`--population-on` (mapped, the default: the models' own safetensors files read through read-only memory maps,
+no copy; cpu: loaded into host memory; disk: copied into memory-mapped files in a scratch directory under
+--out). Slices and a `dtype` other than the models' need the models re-laid out: mapped then loads them (cpu).
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ from .errors import ArgumentError, UserError, describe_error
 from .evaluate import Evaluator, infer_task
 from .methods.settings import check_setting, resolve
 from .offspring import WeightPipeline
-from .population import make_population
+from .population import MappedModels, make_population
 from .report import write_json
 from .rundir import OutputDir, Scratch, format_bytes
 
+POPULATION_ON = ("mapped", "cpu", "disk")  # where the merge CLI's models are read from (see the docstring)
 YAML_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "dev")
 RUN_PARAMETERS = {"seed": int, "task": str}  # `parameters:` keys that are options of the run, not of a method
@@ -120,7 +123,7 @@ class MergeSpec:
     task: str | None = None
     dtype: str | None = None  # the output's dtype (out_dtype, --dtype)
     compute_dtype: str | None = None  # mergekit's dtype: the inputs are cast to it before merging
-    population_on: str = "cpu"
+    population_on: str = "mapped"
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the YAML's global `parameters:`
     model_settings: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per model of `models:`
     slices: list[Slice] | None = None  # mergekit's `slices:`
@@ -404,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dev", nargs="+", help="methods with statistics: dev data files (JSONL, CSV/TSV)")
     parser.add_argument("--task", help="methods with statistics: task of the dev data (default: from the architecture)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the output's tensors (default: the models')")
-    parser.add_argument("--population-on", choices=("cpu", "disk"), default="cpu")
+    parser.add_argument("--population-on", choices=POPULATION_ON, default="mapped",
+                        help="mapped (default): read the models' files in place through read-only memory maps; "
+                             "cpu: load them into host memory; disk: copy them into a scratch directory under --out")
     parser.add_argument("--out", required=True, help="output model directory (new, empty, or an earlier merge's)")
     group = parser.add_argument_group("method parameters (evolver_kernels/methods/)")
     for name, p in methods.all_params().items():
@@ -596,7 +601,7 @@ def _load_restacked(spec: MergeSpec, slices: list[Slice], layout: Layout, routes
     """The population of the merged sources (individual k: the k-th source of each tensor's slice) and the base,
     in the output layout and dtype, one individual at a time."""
     n = len(slices[0].sources)
-    pop = make_population(spec.population_on, layout, [], [], torch.device("cpu"),
+    pop = make_population("cpu" if spec.population_on == "mapped" else spec.population_on, layout, [], [], torch.device("cpu"),
                           disk_dir=scratch.path if scratch else None, extra=n)
     for k in range(n):
         arena = _fill(Arena.empty(layout), routes, lambda r, k=k: (slices[r.slice].sources[k], r.layers[k]), spec)
@@ -746,8 +751,9 @@ def run(spec: MergeSpec, log=print) -> str:
         if spec.population_on == "disk":
             scratch = Scratch(spec.out, "--out")
         if identity:
-            pop = make_population(spec.population_on, layout, files, models, torch.device("cpu"),
-                                  disk_dir=scratch.path if scratch else None)
+            pop = MappedModels(layout, files, models) if spec.population_on == "mapped" else \
+                make_population(spec.population_on, layout, files, models, torch.device("cpu"),
+                                disk_dir=scratch.path if scratch else None)
             base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base) if base_dir else None
         else:
             pop, base = _load_restacked(spec, slices, layout, routes, scratch)

@@ -13,6 +13,8 @@ the replacement atomic. On the memory tiers a chunk read is a view: no copy.
 from __future__ import annotations
 
 import abc
+import bisect
+import contextlib
 import json
 import mmap
 import os
@@ -282,6 +284,76 @@ class PopulationPrefix(ReadOnlyView):
         if not 0 <= i < self.size:
             raise IndexError(f"individual {i} outside this view of {self.size}")
         return self.pop.read(i, group, lo, hi)
+
+
+class MappedModels(ReadOnlyView):
+    """The models' own safetensors files as a read-only population: each file memory-mapped read-only (so
+    nothing can write it), a chunk within one tensor is a view of the page cache (no copy), a chunk that spans
+    tensors is assembled (alignment padding as zeros). What a one-shot merge reads in place of N loaded copies:
+    the anonymous memory it needs is the output and the chunk buffers."""
+
+    def __init__(self, layout: Layout, model_files: list[list[str]], sources: list[str]):
+        self.layout, self.size = layout, len(model_files)
+        self._files: list[tuple[mmap.mmap, object]] = []
+        # per individual and group: (start, end, flat view of the tensor), sorted by start
+        self._spans: list[dict[str, list[tuple[int, int, torch.Tensor]]]] = []
+        self._starts: list[dict[str, list[int]]] = []
+        try:
+            for files, source in zip(model_files, sources):
+                self._spans.append(self._map_model(files, source))
+        except BaseException:
+            self.close()
+            raise
+
+    def _map_model(self, files: list[str], source: str) -> dict[str, list[tuple[int, int, torch.Tensor]]]:
+        import warnings
+
+        index = tensor_index(files)
+        keys = resolve_names(self.layout, index, source)
+        maps, spans = {}, {g: [] for g in self.layout.groups}
+        for path in sorted({index[keys[e.name]][0] for e in self.layout.entries}):
+            f = open(path, "rb")  # noqa: SIM115 - kept open with its map until close()
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._files.append((mm, f))
+            header_len = int.from_bytes(mm[:8], "little")
+            maps[path] = (mm, 8 + header_len, json.loads(mm[8 : 8 + header_len]))
+        for e in self.layout.entries:
+            key = keys[e.name]
+            mm, data_start, header = maps[index[key][0]]
+            begin = header[key]["data_offsets"][0]
+            with warnings.catch_warnings():  # a read-only map: torch warns that the tensor is not writable
+                warnings.simplefilter("ignore", UserWarning)
+                view = torch.frombuffer(mm, dtype=self.layout.group_dtype(e.group), count=e.numel,
+                                        offset=data_start + begin) if e.numel else torch.empty(0, dtype=self.layout.group_dtype(e.group))
+            spans[e.group].append((e.offset, e.offset + e.numel, view))
+        for group_spans in spans.values():
+            group_spans.sort(key=lambda s: s[0])
+        self._starts.append({g: [s[0] for s in group_spans] for g, group_spans in spans.items()})
+        return spans
+
+    def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
+        spans = self._spans[i][group]
+        k = bisect.bisect_right(self._starts[i][group], lo) - 1
+        if k >= 0 and spans[k][0] <= lo and hi <= spans[k][1]:
+            start, _, view = spans[k]
+            return view[lo - start : hi - start]
+        out = torch.zeros(hi - lo, dtype=self.layout.group_dtype(group))
+        for start, end, view in spans[max(k, 0):]:
+            if start >= hi:
+                break
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                out[a - lo : b - lo] = view[a - start : b - start]
+        return out
+
+    def close(self) -> None:
+        self._spans, self._starts = [], []
+        for mm, f in self._files:
+            # a chunk view still referenced keeps its map open until it is collected
+            with contextlib.suppress(BufferError):
+                mm.close()
+            f.close()
+        self._files = []
 
 
 def make_population(

@@ -19,7 +19,7 @@ def _weights(d):
     return load_file(f"{d}/model.safetensors")
 
 
-@pytest.mark.parametrize("tier", ["cpu", "disk"])
+@pytest.mark.parametrize("tier", ["mapped", "cpu", "disk"])
 def test_average_by_flags_equals_the_mean(models, tmp_path, tier):
     assert main(["--models", *models[1:], "--out", str(tmp_path / "avg"), "--population-on", tier]) == 0
     out = _weights(tmp_path / "avg")
@@ -30,6 +30,52 @@ def test_average_by_flags_equals_the_mean(models, tmp_path, tier):
     import transformers
 
     transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "avg")
+
+
+def test_mapped_models_read_like_loaded_ones(llama_pop):
+    """The default population of the merge CLI reads the models' own files in place: every chunk (inside one
+    tensor, across tensors and their alignment padding, a group's end) equals the loaded copy's; a chunk inside
+    a tensor is a view of the read-only map, never a writable copy."""
+    import random
+
+    from evolver_kernels import model_io
+    from evolver_kernels.arena import Layout, safetensors_files
+    from evolver_kernels.population import MappedModels, make_population
+
+    config = model_io.load_config(llama_pop.models[0])
+    layout = Layout.of_model(model_io.empty_model(config, "causal-lm"))
+    files = [safetensors_files(m) for m in llama_pop.models]
+    mapped = MappedModels(layout, files, llama_pop.models)
+    loaded = make_population("cpu", layout, files, llama_pop.models, torch.device("cpu"))
+    rng = random.Random(0)
+    inside = 0
+    for group, (_, size) in layout.groups.items():
+        cuts = [0, size] + [e.offset for e in layout.entries if e.group == group]
+        for _ in range(300):
+            lo = min(max(0, rng.choice(cuts) + rng.randint(-40, 40)), size - 1)
+            hi = min(size, lo + rng.choice([1, 7, 100, 5000, size]))
+            for k in range(len(files)):
+                got = mapped.read(k, group, lo, hi)
+                assert torch.equal(got, loaded.read(k, group, lo, hi)), (group, lo, hi)
+                if any(e.group == group and e.offset <= lo and hi <= e.offset + e.numel for e in layout.entries):
+                    assert got._base is not None  # a view of the map, not a copy
+                    inside += 1
+    assert inside > 100
+    mapped.close()
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_mapped_cpu_and_disk_merges_are_the_same_bytes(llama_pop, tmp_path, method):
+    models = llama_pop.models[:2] if method == "slerp" else llama_pop.models
+    flags = ["--base", llama_pop.base, "--density", "0.4"] if method == "ties" else ["--t", "0.3"]
+    outs = []
+    for tier in ("mapped", "cpu", "disk"):
+        assert main(["--method", method, "--models", *models, *flags, "--population-on", tier,
+                     "--out", str(tmp_path / tier)]) == 0
+        outs.append(_weights(tmp_path / tier))
+    for other in outs[1:]:
+        assert outs[0].keys() == other.keys()
+        assert all(torch.equal(outs[0][k].view(torch.uint8), other[k].view(torch.uint8)) for k in other)
 
 
 def test_yaml_ties_matches_flags(models, tmp_path):
