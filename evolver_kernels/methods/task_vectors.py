@@ -33,7 +33,8 @@ from .registry import MergeContext, MergeMethod, Param, register
 from .streaming import base_chunk, check_base, check_weights, merge_linear, read_all
 
 SCALE = Param("scale", float, 1.0, "task-vector scale (lambda)", aliases=("lambda",))
-DENSITY = Param("density", float, 1.0, "fraction of each task vector TIES keeps, by magnitude, per tensor",
+DENSITY = Param("density", float, 1.0, "fraction of each task vector kept, per tensor: by magnitude (TIES; "
+                "breadcrumbs below the `gamma` largest), or on average with probabilities by magnitude rank (della)",
                 low=0.0, high=1.0, low_open=True, per_model=True)
 DROP_P = Param("drop_p", float, 0.5, "DARE: probability that a task-vector element is dropped",
                low=0.0, high=1.0, high_open=True)
@@ -111,18 +112,32 @@ def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22
     floats order as their bits): the top 16 bits, then the low 16 bits within the chosen bucket."""
     if not 1 <= k <= hi - lo:
         raise ValueError(f"k must be in [1, {hi - lo}], got {k}")
+    return kth_largest_magnitudes(values, lo, hi, lambda nonzero: [k], chunk)[0]
 
-    def histogram(select_high: int | None) -> torch.Tensor:
-        counts = None
+
+def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -> list[float]:
+    """kth_largest_magnitude for several k at once, in the same two passes (the second histograms the
+    buckets of every k); a range of at most one chunk is read once and sorted instead. `ks(nonzero)` gives the
+    k's from the count of non-zero |v|, counted in the first pass (sce selects a fraction of the non-zero
+    variances); each k must be in [1, hi - lo]."""
+
+    def histogram(select_high: list[int] | None) -> tuple[list[torch.Tensor], int]:
+        """Counts of the top 16 bits (select_high None; with the count of zeros), else of the low 16 bits
+        within each bucket of select_high."""
+        counts: list[torch.Tensor] = []
+        zeros = 0
         for a, b in iter_chunks(hi - lo, chunk):
             bits = values(lo + a, lo + b).abs().view(torch.int32)  # counted where the values are (GPU or CPU)
-            if counts is None:
-                counts = torch.zeros(1 << 16, dtype=torch.int64, device=bits.device)
+            if not counts:
+                counts = [torch.zeros(1 << 16, dtype=torch.int64, device=bits.device)
+                          for _ in range(1 if select_high is None else len(select_high))]
             if select_high is None:
-                counts += torch.bincount(bits >> 16, minlength=1 << 16)
+                _count(counts[0], bits >> 16)
+                zeros = zeros + (bits == 0).sum()  # no sync per chunk
             else:
-                counts += torch.bincount(bits[(bits >> 16) == select_high] & 0xFFFF, minlength=1 << 16)
-        return counts.cpu()
+                for c, high in zip(counts, select_high):
+                    _count(c, bits[(bits >> 16) == high] & 0xFFFF)
+        return [c.cpu() for c in counts], int(zeros)
 
     def bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
         """(bucket holding the k-th largest, how many lie in higher buckets)."""
@@ -130,9 +145,37 @@ def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22
         idx = int(torch.searchsorted(from_top, k))
         return (1 << 16) - 1 - idx, int(from_top[idx - 1]) if idx > 0 else 0
 
-    high, above = bucket_of_kth(histogram(None), k)
-    low, _ = bucket_of_kth(histogram(high), k - above)
-    return float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
+    def check(ks: list[int]) -> list[int]:
+        if any(not 1 <= k <= hi - lo for k in ks):
+            raise ValueError(f"k must be in [1, {hi - lo}], got {ks}")
+        return ks
+
+    if hi - lo <= chunk:  # one chunk: sorted directly (one read, O(chunk) memory as a pass)
+        magnitudes = values(lo, hi).abs().view(-1)
+        ks = check(list(ks(int((magnitudes != 0).sum()))))
+        ordered = torch.sort(magnitudes, descending=True).values if ks else None
+        return [float(ordered[k - 1]) for k in ks]
+    (top,), zeros = histogram(None)
+    ks = check(list(ks(hi - lo - zeros)))
+    if not ks:
+        return []
+    buckets = [bucket_of_kth(top, k) for k in ks]
+    highs = sorted({high for high, _ in buckets})
+    lows = dict(zip(highs, histogram(highs)[0]))
+    out = []
+    for k, (high, above) in zip(ks, buckets):
+        low, _ = bucket_of_kth(lows[high], k - above)
+        out.append(float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32)))
+    return out
+
+
+def _count(counts: torch.Tensor, idx: torch.Tensor) -> None:
+    """counts[i] += how many of idx equal i (exact integer counts: the same in any order, on any device);
+    bincount for large chunks, index_add_ for small ones (bincount's cost is O(len(counts)) per call)."""
+    if idx.numel() >= counts.numel():
+        counts += torch.bincount(idx, minlength=counts.numel())
+    else:
+        counts.index_add_(0, idx, torch.ones((), dtype=counts.dtype, device=counts.device).expand(idx.numel()))
 
 
 def _task_arithmetic(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
