@@ -5,12 +5,14 @@ the population with offspring in some slots) into an arena. Every method streams
 fused operator evolver_kernels.merge_tensors: each chunk of every model is read once and the merged chunk
 written once; never a stack of N tensors, never a mask tensor (docs/ARCHITECTURE.md §5); the methods whose
 coefficients come from angles (slerp, nuslerp, multislerp, karcher, model_stock) first reduce each tensor to the
-models' Gram matrix in one streamed pass (methods/geometry.py). Exact arithmetic:
-evolver_kernels.reference.merge_reference. Where ours differs from mergekit: the docstrings of
-methods/task_vectors.py, methods/spherical.py and methods/model_stock.py.
+models' Gram matrix in one streamed pass (methods/geometry.py); breadcrumbs, della and sce (methods/sparsify.py)
+reduce each tensor to thresholds or norms first, then merge element-wise in plain fp32 torch (as nearswap,
+methods/nearswap.py): not yet fused kernels. Exact arithmetic: evolver_kernels.reference.merge_reference. Where
+ours differs from mergekit: the docstrings of methods/task_vectors.py, methods/spherical.py,
+methods/model_stock.py, methods/sparsify.py and methods/nearswap.py.
 
-The function forms average, task_arithmetic, ties, kth_largest_magnitude, slerp, nuslerp, multislerp, karcher
-and model_stock are the methods' own and are re-exported here.
+The function forms average, task_arithmetic, ties, kth_largest_magnitude, slerp, nuslerp, multislerp, karcher,
+model_stock, breadcrumbs, della, sce and nearswap are the methods' own and are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from . import methods
 from .arena import Arena, Entry, Layout
 from .methods.linear import average
 from .methods.model_stock import model_stock
+from .methods.nearswap import nearswap
+from .methods.sparsify import breadcrumbs, della, sce
 from .methods.spherical import karcher, multislerp, nuslerp, slerp
 from .methods.task_vectors import kth_largest_magnitude, task_arithmetic, ties
 from .population import Population, ReadOnlyView
 
-__all__ = ["Merger", "TensorGroup", "average", "compute_statistics", "merge_per_tensor", "karcher", "kth_largest_magnitude", "load_statistics",
-           "model_stock", "multislerp", "nuslerp", "slerp", "task_arithmetic", "ties"]
+__all__ = ["Merger", "TensorGroup", "average", "breadcrumbs", "compute_statistics", "della", "merge_per_tensor", "karcher",
+           "kth_largest_magnitude", "load_statistics", "model_stock", "multislerp", "nearswap", "nuslerp", "sce", "slerp",
+           "task_arithmetic", "ties"]
 
 
 class Merger:

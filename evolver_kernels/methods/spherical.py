@@ -55,7 +55,8 @@ from .registry import MergeContext, MergeMethod, Param, boolean, register
 from .streaming import check_weights
 
 T = Param("t", float, 0.5, "slerp: where between the first model (t = 0) and the second (t = 1); outside [0, 1] "
-          "extrapolates")
+          "extrapolates. nearswap: the distance scale, each element taking weight min(1, t / |base - x|) of the "
+          "model (t <= 0: the base)")
 NUSLERP_FLATTEN = Param("nuslerp_flatten", boolean, True, "nuslerp: one angle per tensor (flattened); false: one "
                         "per row, or per column with nuslerp_row_wise")
 NUSLERP_ROW_WISE = Param("nuslerp_row_wise", boolean, False, "nuslerp without flatten: interpolate the vectors "

@@ -1,0 +1,55 @@
+"""NearSwap with mergekit 0.1.5's semantics and parameter name: one model x merged into the base b, element by
+element, taking the model's value where the two are close and keeping the base's where they are far:
+
+  weight = clamp(t / max(|b - x|, 1e-6), 0, 1);  out = weight * x + (1 - weight) * b
+
+(mergekit's nearswap: its `base_model` is b, the one other model x; t <= 0 gives the base.) No per-tensor state:
+one element-wise pass, chunk by chunk. It is not yet a fused kernel (the fused operator merge_tensors takes
+per-model scalar weights, and these are per element): plain fp32 torch on the chunk, on the device that holds
+the output, with one rounding to the arena's dtype.
+
+Where ours differs from mergekit, on purpose: inputs in bfloat16 / float16 are computed in fp32 (mergekit
+computes in the inputs' dtype; on float32 inputs the expressions and their bits are mergekit's); `t` defaults to
+0.5, the default of the package's one `t` parameter (mergekit requires it); a per-model weight is refused
+(mergekit's nearswap has none).
+"""
+
+from __future__ import annotations
+
+from ..arena import Arena, iter_chunks
+from ..population import Population
+from .registry import MergeContext, MergeMethod, register
+from .spherical import T
+from .streaming import base_chunk, check_base
+
+DIFF_MIN = 1e-6  # mergekit's clamp of |b - x|
+
+
+def nearswap(pop: Population, base: Arena, out: Arena, t: float, chunk: int = 1 << 22,
+             backend: str | None = None) -> Arena:
+    """NearSwap of the population's one model into the base, tensor by tensor, chunk by chunk."""
+    base = check_base(pop, base, "nearswap")
+    if pop.size != 1:
+        raise ValueError(f"nearswap merges exactly one model into the base, got {pop.size}")
+    for e in pop.layout.entries:
+        dst = out.view(e).view(-1)
+        for lo, hi in iter_chunks(e.numel, chunk):
+            a = base_chunk(base, e.group, e.offset + lo, e.offset + hi, dst.device).float()
+            b = pop.read(0, e.group, e.offset + lo, e.offset + hi).to(dst.device).float()
+            weight = (t / (a - b).abs().clamp(min=DIFF_MIN)).clamp(min=0, max=1)  # mergekit's expression
+            dst[lo:hi] = weight * b + (1 - weight) * a
+    return out
+
+
+def _nearswap(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+    if ctx.weights is not None:
+        raise ValueError("nearswap takes no per-model weights")
+    return nearswap(pop, ctx.base, out, ctx.settings["t"], ctx.chunk, ctx.backend)
+
+
+register(MergeMethod(
+    name="nearswap", params=(T,), needs_base=True, merge=_nearswap, min_models=1, max_models=1, uses_weights=False,
+    evolve_refusal="it merges one model into the base, and a population merge takes every individual",
+    summary="the base, each element moved to the model's value by weight min(1, t / abs(base - x)) (close elements "
+            "swapped in)",
+))

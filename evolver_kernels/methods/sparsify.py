@@ -1,0 +1,424 @@
+"""Sparsified task-vector methods with mergekit 0.1.5's semantics and parameter names: Model Breadcrumbs
+(breadcrumbs, breadcrumbs_ties), DELLA (della, della_linear) and SCE (sce). tau_k = x_k - base, w_k the
+per-model weights (1 each by default), everything per tensor:
+
+  breadcrumbs        mergekit's magnitude_outliers on each tau_k: with n elements, keep = int(density n),
+                     top = int(gamma n), the tau_k elements of descending magnitude rank in
+                     [top', top' + keep) are kept, top' = min(top, n - keep) (the `gamma` largest are dropped
+                     unless that would leave fewer than `keep`), the rest zeroed; density >= 1 keeps tau_k
+                     whole (gamma then drops nothing, as in mergekit). out = base + scale * sum_k w_k tau'_k
+  breadcrumbs_ties   the same band, then TIES' sign election on the w_k tau'_k (+ where their sum is >= 0) and
+                     out = base + scale * (the sum of the agreeing w_k tau'_k) (mergekit's normalize: false)
+  della              mergekit's della_magprune on each tau_k with density < 1, row by row (a 1-d tensor is one
+                     row): r the element's magnitude rank in its row (0 the smallest, C - 1 the largest, C the row
+                     length), kept with probability p = density - epsilon + 2 epsilon r / (C - 1); with rescale
+                     (the default) the kept tau_k is scaled to the L1 norm of the whole tau_k (mergekit's
+                     rescale_norm l1: sum|tau_k| / sum|kept tau_k|, unless either is below 1e-7). Then TIES'
+                     election and out = base + scale * sum_agreeing w_k tau'_k / sum_agreeing w_k (0 where none
+                     agrees; mergekit's normalize: true)
+  della_linear       the same drops, out = base + scale * sum_k w_k tau'_k (normalize: false)
+  sce                with select_topk < 1: the elements where the tau_k vary most across models are kept in
+                     every tau_k, zeroed elsewhere: var = torch.var over the models (population variance), the
+                     k = int(select_topk * count of non-zero var) largest var per tensor (k = 0: none). Then
+                     the elected sign of sum_k tau_k (unweighted), model weights c_k = mean(tau_k^2) / sum_j
+                     mean(tau_j^2) (1/N each where that sum is below 1e-6), and
+                     out = base + sum_agreeing c_k tau_k / max(sum_agreeing c_k, 1e-6)
+
+Streaming: per-tensor reductions in fp32 over chunks first, then one element-wise pass writing the output
+chunk by chunk; never a stack of the N models, never a mask of a tensor or of the model:
+- breadcrumbs: both magnitude thresholds of each tau_k found exactly by the radix histogram of TIES
+  (task_vectors.kth_largest_magnitudes: the two k's in the same two passes); kept is lo <= |tau| < hi.
+- della: pass 1 (with rescale) sums |tau_k| and |kept tau_k| per tensor; pass 2 merges. Both work on spans of
+  whole rows (a row longer than the chunk is still read whole: della's memory is O(N max(chunk, row))), and
+  pass 2 recomputes the ranks and the drops rather than storing them.
+- sce: the variance threshold in the histogram's two passes (non-zero variances counted in the first), one pass
+  for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read.
+The element-wise pass of breadcrumbs (but where no tensor's band has an upper bound: gamma 0, density 1 or a
+tensor too small for int(gamma n) >= 1), of della and of sce is not yet a fused kernel: the fused operator
+merge_tensors has no upper magnitude bound, per-element probabilities or per-element selection, so these
+passes run as plain fp32 torch on the chunk (on the device that holds the output: the same bits on every
+backend of one device). Breadcrumbs' tensors without an upper bound go through merge_tensors.
+
+Where ours differs from mergekit, on purpose:
+- della's drops come from the package's Philox contract, not torch.bernoulli: model k's element j (its global
+  arena index) is dropped where Philox word (seed, stream STREAM_DARE + k, j) < floor(q 2**32), q = 1 - p
+  computed in fp64 (DARE's draws: della with epsilon 0 drops exactly the elements dare with drop_p = 1 - density
+  drops). Reproducible on every backend, never stored; mergekit's draws are torch's and differ run to run.
+- Magnitude ties: breadcrumbs keeps or drops every element whose magnitude equals a threshold, sce keeps every
+  element whose variance equals its threshold (mergekit's sort/topk picks among them arbitrarily); della ranks
+  tied magnitudes by their index in the row (mergekit's argsort: arbitrarily). A della row of one element (a
+  tensor [n, 1]) is kept with probability density (mergekit fails there: its rank normalisation is 0 / 0); a
+  della tensor of more than two dimensions is refused (mergekit ranks it along dimension 1).
+- Sums and norms: reductions in fp64 over fp32 values, scale factors rounded once to fp32, the element-wise
+  pass in fp32 in slot order with one rounding to the arena's dtype (mergekit computes in the inputs' dtype and
+  sums in fp32). On float32 inputs the results agree to fp32 rounding (tests/test_mergekit_sparsify.py).
+- Parameters: mergekit's names (density, gamma, epsilon, lambda = our scale, rescale, select_topk, per-model
+  weight). `density`, `gamma` and `epsilon` may be given per model, as in mergekit. mergekit's `normalize` is
+  not a parameter here: each method merges with mergekit's default (della: true, the others: false); della's
+  `rescale` may be turned off; breadcrumbs has no `rescale` (mergekit's default false only). sce takes no
+  weights (mergekit's sce ignores them; we refuse them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..arena import Arena, Entry, iter_chunks
+from ..ops import merge_tensors
+from ..population import Population
+from ..rng import STREAM_DARE, random_words
+from .registry import MergeContext, MergeMethod, Param, boolean, register
+from .streaming import base_chunk, check_base, check_weights
+from .task_vectors import DENSITY, SCALE, _check_density, kth_largest_magnitudes
+
+GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of each task vector's largest magnitudes dropped, per "
+              "tensor (the outliers), before `density` is kept below them", low=0.0, high=1.0, per_model=True)
+EPSILON = Param("epsilon", float, 0.15, "della: keep probabilities run from density - epsilon (a row's smallest "
+                "magnitude) to density + epsilon (its largest); density +- epsilon must lie in (0, 1)", low=0.0,
+                high=1.0, high_open=True, per_model=True)
+RESCALE = Param("rescale", boolean, True, "della: scale each sparsified task vector back to its L1 norm, per "
+                "tensor (mergekit's rescale)")
+SELECT_TOPK = Param("select_topk", float, 1.0, "sce: fraction of each tensor's elements kept, those where the "
+                    "task vectors vary most across models (of the non-zero variances)", low=0.0, high=1.0)
+
+INF = float("inf")
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescaling when either L1 norm is below it
+SCE_WEIGHT_EPS = 1e-6  # mergekit's sce_weight: uniform weights when the mean squares sum below it
+SCE_DIVISOR_MIN = 1e-6  # mergekit's sce: the agreeing weights' sum is clamped to at least this
+TWO_32 = 4294967296.0
+
+
+def _per_model(value, n: int, name: str, low: float, high: float) -> list[float]:
+    """One value for every model, or one per model, each in [low, high]."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name}: {len(values)} given for {n} models")
+    if any(not low <= float(v) <= high for v in values):
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+    return [float(v) for v in values]
+
+
+def _densities(density, n: int) -> list[float]:
+    density = _check_density(density, n)
+    return density if isinstance(density, list) else [density] * n
+
+
+def _task_vector(pop: Population, base: Arena, e: Entry, k: int, lo: int, hi: int, device: torch.device
+                 ) -> torch.Tensor:
+    """tau_k on elements [lo, hi) of entry `e`, in fp32."""
+    a, b = e.offset + lo, e.offset + hi
+    return pop.read(k, e.group, a, b).to(device).float() - base_chunk(base, e.group, a, b, device).float()
+
+
+def _task_vectors(pop: Population, base: Arena, e: Entry, lo: int, hi: int, device: torch.device
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(base, [tau_k]) on elements [lo, hi) of entry `e`, in fp32."""
+    a, b = e.offset + lo, e.offset + hi
+    base_f = base_chunk(base, e.group, a, b, device).float()
+    return base_f, [pop.read(k, e.group, a, b).to(device).float() - base_f for k in range(pop.size)]
+
+
+def _elect(ds: list[torch.Tensor], weights: list[float] | None = None, on: list[torch.Tensor] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TIES' disjoint sum of the d_k: (the sum of those whose sign is the elected one, + where the sum of the
+    `on` values (default: the d_k) is >= 0; with `weights`, the sum of the agreeing weights). A zero never agrees
+    (mergekit's get_mask, method sum)."""
+    on = ds if on is None else on
+    total = on[0]
+    for v in on[1:]:
+        total = total + v
+    positive = total >= 0
+    y = den = None
+    for k, (v, d) in enumerate(zip(on, ds)):
+        agree = torch.where(positive, v > 0, v < 0)
+        term = torch.where(agree, d, 0.0)
+        y = term if y is None else y + term
+        if weights is not None:
+            w = torch.where(agree, torch.tensor(weights[k], dtype=torch.float32, device=d.device), 0.0)
+            den = w if den is None else den + w
+    return y, den
+
+
+# -- breadcrumbs ---------------------------------------------------------------------------------------------
+
+def breadcrumbs_band(numel: int, density: float, gamma: float) -> tuple[int, int] | None:
+    """(top', keep): mergekit's magnitude_outliers keeps the elements of descending magnitude rank in
+    [top', top' + keep); None where it keeps the tensor whole (density >= 1)."""
+    if density >= 1:
+        return None
+    keep = int(density * numel)
+    bottom = max(0, numel - keep - int(gamma * numel))
+    return numel - bottom - keep, keep
+
+
+def breadcrumbs(pop: Population, base: Arena, out: Arena, density: float | list[float] = 1.0,
+                gamma: float | list[float] = 0.01, scale: float = 1.0, weights: list[float] | None = None,
+                ties: bool = False, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
+    """Model Breadcrumbs (ties=True: with TIES' sign election), tensor by tensor: each task vector's magnitude
+    band (drop the `gamma` largest, keep `density` below them), then one element-wise pass."""
+    base = check_base(pop, base, "breadcrumbs")
+    n = pop.size
+    densities = _densities(density, n)
+    gammas = _per_model(gamma, n, "gamma", 0.0, 1.0)
+    w = check_weights(weights, n)
+    for e in pop.layout.entries:
+        if e.numel == 0:
+            continue
+        dst = out.view(e).view(-1)  # the entry's elements, on the device that holds them
+        bounds: list[tuple[float, float] | None] = []
+        for k in range(n):
+            band = breadcrumbs_band(e.numel, densities[k], gammas[k])
+            if band is None:
+                bounds.append(None)
+                continue
+            top, keep = band
+            if keep == 0:
+                bounds.append((INF, INF))  # nothing kept
+                continue
+            ks = ([top] if top > 0 else []) + ([top + keep] if top + keep < e.numel else [])
+
+            def task_vector(a, b, k=k, e=e, device=dst.device):
+                return _task_vector(pop, base, e, k, a - e.offset, b - e.offset, device)
+
+            found = kth_largest_magnitudes(task_vector, e.offset, e.offset + e.numel, lambda nonzero, ks=ks: ks, chunk)
+            high = found.pop(0) if top > 0 else INF
+            bounds.append((found[0] if found else 0.0, high))
+        if all(b is None or (b[1] == INF and b[0] < INF) for b in bounds) and (
+                ties or all(b is None or b[0] == 0.0 for b in bounds)):
+            _fused(pop, base, out, e, w, [0.0 if b is None else b[0] for b in bounds] if ties else None, scale,
+                   chunk, backend)
+            continue
+        for lo, hi in iter_chunks(e.numel, chunk):
+            base_f, taus = _task_vectors(pop, base, e, lo, hi, dst.device)
+            ds = []
+            for k, tau in enumerate(taus):
+                if bounds[k] is not None:
+                    magnitude = tau.abs()
+                    tau = torch.where((magnitude >= bounds[k][0]) & (magnitude < bounds[k][1]), tau, 0.0)
+                ds.append(tau * w[k])
+            if ties:
+                y, _ = _elect(ds)
+            else:
+                y = ds[0]
+                for d in ds[1:]:
+                    y = y + d
+            dst[lo:hi] = base_f + scale * y  # one rounding to the arena's dtype
+    return out
+
+
+def _fused(pop: Population, base: Arena, out: Arena, e: Entry, w: list[float], trim: list[float] | None,
+           scale: float, chunk: int, backend: str | None) -> None:
+    """An entry whose bands have no upper bound: task arithmetic, or TIES with the lower bounds as trims
+    (normalize false), through the fused operator."""
+    dst = out.view(e).view(-1)
+    start = pop.layout.groups[e.group][0]
+    for lo, hi in iter_chunks(e.numel, chunk):
+        a, b = e.offset + lo, e.offset + hi
+        merge_tensors([pop.read(k, e.group, a, b).to(dst.device) for k in range(pop.size)],
+                      base=base_chunk(base, e.group, a, b, dst.device), weights=w, trim=trim, scale=scale,
+                      normalize=False, offset=start + a, out=dst[lo:hi], backend=backend, stream=STREAM_DARE)
+
+
+# -- della -----------------------------------------------------------------------------------------------------
+
+def della_rows(e: Entry) -> tuple[int, int]:
+    """(rows, row length) della ranks entry `e` in: a matrix's rows, a vector (or scalar) as one row."""
+    if len(e.shape) > 2:
+        raise ValueError(f"della ranks magnitudes along dimension 1 of a tensor (mergekit's della_magprune); "
+                         f"{e.name} has {len(e.shape)} dimensions, which is not supported")
+    return (e.shape[0], e.shape[1]) if len(e.shape) == 2 else (1, e.numel)
+
+
+def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int
+               ) -> torch.Tensor:
+    """Bool [R, C]: which elements of task-vector rows `tau` [R, C] della keeps. Rank r of |tau| in its row
+    (ties by index), p = density - epsilon + 2 epsilon r / (C - 1) (density where C == 1), in fp64; element j
+    (global index offset + j) is dropped where its Philox word on `stream` < floor((1 - p) 2**32)."""
+    rows, cols = tau.shape
+    order = torch.argsort(tau.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=tau.device).expand(rows, cols))
+    if cols > 1:
+        rank_norm = ranks.to(torch.float64) / (cols - 1)
+    else:
+        rank_norm = torch.full((rows, cols), 0.5, dtype=torch.float64, device=tau.device)
+    p = (density - epsilon) + rank_norm * (2 * epsilon)
+    threshold = ((1 - p) * TWO_32).floor().to(torch.int64)
+    words = random_words(rows * cols, seed=seed, stream=stream, offset=offset, device=tau.device)
+    return words.view(rows, cols) >= threshold
+
+
+def _check_della(densities: list[float], epsilons: list[float]) -> None:
+    for d, eps in zip(densities, epsilons):
+        if d < 1 and (d + eps >= 1 or d - eps <= 0):
+            raise ValueError(f"della: epsilon must be chosen such that density +/- epsilon is in (0, 1), got "
+                             f"density {d} and epsilon {eps}")
+
+
+def della(pop: Population, base: Arena, out: Arena, density: float | list[float] = 1.0,
+          epsilon: float | list[float] = 0.15, scale: float = 1.0, weights: list[float] | None = None,
+          ties: bool = True, rescale: bool = True, seed: int = 0, chunk: int = 1 << 22,
+          backend: str | None = None) -> Arena:
+    """DELLA (ties=True: sign election and the mean of the agreeing; False: della_linear, the weighted sum),
+    tensor by tensor on spans of whole rows."""
+    base = check_base(pop, base, "della")
+    n = pop.size
+    densities = _densities(density, n)
+    epsilons = _per_model(epsilon, n, "epsilon", 0.0, 1.0)
+    _check_della(densities, epsilons)
+    w = check_weights(weights, n)
+    sparse = [k for k in range(n) if densities[k] < 1]
+
+    def kept(e: Entry, k: int, tau: torch.Tensor, lo: int) -> torch.Tensor:
+        """Which of tau (elements [lo, ...) of entry e, whole rows) model k keeps."""
+        cols = della_rows(e)[1]
+        return della_kept(tau.view(-1, cols), densities[k], epsilons[k], seed, STREAM_DARE + k,
+                          pop.layout.groups[e.group][0] + e.offset + lo).view(-1)
+
+    for e in pop.layout.entries:
+        if e.numel == 0:
+            continue
+        dst = out.view(e).view(-1)
+        rows, cols = della_rows(e)
+        per = max(1, chunk // cols)
+        spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
+        factors = [1.0] * n
+        if rescale and sparse:
+            before = torch.zeros(n, dtype=torch.float64, device=dst.device)
+            after = torch.zeros(n, dtype=torch.float64, device=dst.device)
+            for lo, hi in spans:
+                for k in sparse:
+                    tau = _task_vector(pop, base, e, k, lo, hi, dst.device)
+                    before[k] += tau.abs().sum(dtype=torch.float64)
+                    after[k] += torch.where(kept(e, k, tau, lo), tau.abs(), 0.0).sum(dtype=torch.float64)
+            for k in sparse:
+                b, a = float(before[k]), float(after[k])
+                if b >= RESCALE_EPS and a >= RESCALE_EPS:
+                    factors[k] = b / a
+        for lo, hi in spans:
+            base_f, taus = _task_vectors(pop, base, e, lo, hi, dst.device)
+            ds = []
+            for k, tau in enumerate(taus):
+                if k in sparse:
+                    tau = torch.where(kept(e, k, tau, lo), tau, 0.0)
+                    if factors[k] != 1.0:
+                        tau = tau * torch.tensor(factors[k], dtype=torch.float32, device=dst.device)
+                ds.append(tau * w[k])
+            if ties:
+                y, den = _elect(ds, w)
+                y = y / torch.where(den == 0, 1.0, den)
+            else:
+                y = ds[0]
+                for d in ds[1:]:
+                    y = y + d
+            dst[lo:hi] = base_f + scale * y
+    return out
+
+
+# -- sce -------------------------------------------------------------------------------------------------------
+
+def sce(pop: Population, base: Arena, out: Arena, select_topk: float = 1.0, chunk: int = 1 << 22,
+        backend: str | None = None) -> Arena:
+    """SCE: select the elements of highest variance across the task vectors (select_topk < 1), weight each
+    model by its mean square, elect signs, weighted mean of the agreeing; tensor by tensor."""
+    base = check_base(pop, base, "sce")
+    if not 0.0 <= select_topk <= 1.0:
+        raise ValueError(f"select_topk must be in [0, 1], got {select_topk}")
+    n = pop.size
+
+    def variance(taus: list[torch.Tensor]) -> torch.Tensor:
+        return torch.var(torch.stack(taus), dim=0, unbiased=False)  # one chunk of each model (as read)
+
+    def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(base, the task vectors zeroed outside the selection) on elements [lo, hi) of entry e."""
+        base_f, taus = _task_vectors(pop, base, e, lo, hi, device)
+        if threshold is not None:
+            keep = variance(taus) >= threshold
+            taus = [torch.where(keep, tau, 0.0) for tau in taus]
+        return base_f, taus
+
+    def ks(nonzero: int) -> list[int]:
+        k = int(nonzero * select_topk)
+        return [k] if k > 0 else []
+
+    for e in pop.layout.entries:
+        if e.numel == 0:
+            continue
+        dst = out.view(e).view(-1)
+        threshold = None
+        if select_topk < 1:
+            found = kth_largest_magnitudes(
+                lambda a, b, e=e, device=dst.device: variance(_task_vectors(pop, base, e, a - e.offset, b - e.offset,
+                                                                            device)[1]),
+                e.offset, e.offset + e.numel, ks, chunk)
+            threshold = found[0] if found else INF
+        squares = torch.zeros(n, dtype=torch.float64, device=dst.device)
+        for lo, hi in iter_chunks(e.numel, chunk):
+            _, taus = selected(e, lo, hi, threshold, dst.device)
+            for k, tau in enumerate(taus):
+                squares[k] += (tau * tau).sum(dtype=torch.float64)
+        means = squares / e.numel
+        total = float(means.sum())
+        c = [1.0 / n] * n if abs(total) < SCE_WEIGHT_EPS else [float(m) / total for m in means]
+        for lo, hi in iter_chunks(e.numel, chunk):
+            base_f, taus = selected(e, lo, hi, threshold, dst.device)
+            ds = [tau * torch.tensor(c[k], dtype=torch.float32, device=dst.device) for k, tau in enumerate(taus)]
+            y, den = _elect(ds, c, on=taus)  # the sign elected on the unweighted task vectors (mergekit's sce)
+            dst[lo:hi] = base_f + y / den.clamp(min=SCE_DIVISOR_MIN)
+    return out
+
+
+# -- records ---------------------------------------------------------------------------------------------------
+
+def _no_weights(ctx: MergeContext, method: str) -> None:
+    if ctx.weights is not None:
+        raise ValueError(f"{method} takes no per-model weights")
+
+
+def _breadcrumbs(ties: bool):
+    def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+        s = ctx.settings
+        return breadcrumbs(pop, ctx.base, out, s["density"], s["gamma"], s["scale"], ctx.weights, ties, ctx.chunk,
+                           ctx.backend)
+    return merge
+
+
+def _della(ties: bool):
+    def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+        s = ctx.settings
+        return della(pop, ctx.base, out, s["density"], s["epsilon"], s["scale"], ctx.weights, ties, s["rescale"],
+                     ctx.seed, ctx.chunk, ctx.backend)
+    return merge
+
+
+def _sce(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
+    _no_weights(ctx, "sce")
+    return sce(pop, ctx.base, out, ctx.settings["select_topk"], ctx.chunk, ctx.backend)
+
+
+register(MergeMethod(
+    name="breadcrumbs", params=(SCALE, DENSITY, GAMMA), needs_base=True, merge=_breadcrumbs(False),
+    summary="task arithmetic on task vectors cut to a magnitude band per tensor: the `gamma` largest dropped, "
+            "`density` kept below them",
+))
+register(MergeMethod(
+    name="breadcrumbs_ties", params=(SCALE, DENSITY, GAMMA), needs_base=True, merge=_breadcrumbs(True),
+    summary="breadcrumbs' magnitude band, then TIES' sign election: the sum of the agreeing",
+))
+register(MergeMethod(
+    name="della", params=(SCALE, DENSITY, EPSILON, RESCALE), needs_base=True, merge=_della(True),
+    summary="DELLA: task-vector elements dropped with probabilities by magnitude rank in their row (mean "
+            "`density`), L1-rescaled, TIES' election, mean of the agreeing",
+))
+register(MergeMethod(
+    name="della_linear", params=(SCALE, DENSITY, EPSILON, RESCALE), needs_base=True, merge=_della(False),
+    summary="DELLA's drops, then task arithmetic (the weighted sum)",
+))
+register(MergeMethod(
+    name="sce", params=(SELECT_TOPK,), needs_base=True, merge=_sce, uses_weights=False,
+    summary="SCE: the `select_topk` elements of highest variance across the task vectors, sign election, mean "
+            "of the agreeing weighted by each task vector's mean square",
+))
+
+__all__ = ["breadcrumbs", "breadcrumbs_band", "della", "della_kept", "della_rows", "sce"]
