@@ -390,3 +390,18 @@ def test_bfloat16_models_merge_in_fp32_and_round_once(case):
         want = reference(base.view(e), [a.view(e) for a in pop.arenas], layout.groups[e.group][0] + e.offset)
         torch.testing.assert_close(out.view(e).double(), want, rtol=2 ** -8, atol=1e-6,
                                    msg=lambda m, name=e.name: f"{case} {name}: {m}")
+
+
+def test_evolve_merges_the_population_with_breadcrumbs_ties(bert_pop, tmp_path):
+    """With no generation, evolve's output is the population's merge: the same bytes as the merge CLI's."""
+    from evolver_kernels.evolve import main as evolve_main
+
+    models, base = bert_pop.models[:3], bert_pop.base
+    flags = ["--density", "0.5", "--gamma", "0.05"]
+    assert evolve_main(["--models", *models, "--dev", *bert_pop.dev, "--merge-method", "breadcrumbs_ties",
+                        "--base-model", base, *[f.replace("--", "--merge-") if f.startswith("--") else f for f in flags],
+                        "--generations", "0", "--out", str(tmp_path / "evolve")]) == 0
+    assert main(["--method", "breadcrumbs_ties", "--base", base, "--models", *models, *flags,
+                 "--out", str(tmp_path / "merge")]) == 0
+    got, want = (_load(str(tmp_path / d)) for d in ("evolve", "merge"))
+    assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want)
