@@ -66,8 +66,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 WEIGHT = methods.Param("weight", float, 1.0, "", low=0.0, per_model=True)
 # mergekit parameters that never change a value (int8_mask: the dtype of its masks) or whose only value read is
 # the one our method has (normalize: ties divides by the agreeing weights, task arithmetic does not)
-MERGEKIT_ONLY = {"int8_mask": None, "normalize": {"ties": True, "dare_ties": True, "task_arithmetic": False,
-                                                  "dare_linear": False, "average": True}}
+MERGEKIT_ONLY = {"int8_mask": None,
+                 "normalize": {"ties": True, "dare_ties": True, "task_arithmetic": False, "dare_linear": False,
+                               "average": True, "breadcrumbs": False, "breadcrumbs_ties": False, "della": True,
+                               "della_linear": False},
+                 "rescale": {"breadcrumbs": False, "breadcrumbs_ties": False}}
 # mergekit keys not read, with what to do instead
 REFUSED_KEYS = {
     "modules": "give models: or slices: (one module)",

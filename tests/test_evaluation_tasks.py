@@ -82,7 +82,7 @@ def test_budget_slices_cover_every_row_within_the_budget():
 
 # -- the registry --------------------------------------------------------------------------------------------
 def test_registry_names_every_built_in_task():
-    assert tuple(evaluation.TASKS) == evaluate.TASKS == ("sequence-classification", "causal-lm", "seq2seq")
+    assert tuple(evaluation.TASKS) == evaluate.TASKS == ("sequence-classification", "causal-lm", "seq2seq", "lm-eval")
     assert {name: cls.metrics for name, cls in evaluation.TASKS.items()} == evaluate.METRICS
     assert evaluation.task_class("some.module:fitness") is evaluation.UserFunctionEvaluator
     with pytest.raises(ValueError, match="^task must be one of sequence-classification, causal-lm, seq2seq"):

@@ -1,0 +1,176 @@
+"""Peak memory and time of a one-shot merge of N Llama-shaped bf16 models, for every merge method we share with
+mergekit: `python -m evolver_kernels.merge` and mergekit itself (`mergekit-yaml`), on the same YAML file and
+the same model directories, each run in its own process, one after the other.
+
+    python benchmarks/mergekit_memory.py --size 125m --n 5
+    python benchmarks/mergekit_memory.py --methods ties slerp --json benchmarks/results/mergekit-memory.json
+
+The models are N + 1 Hugging Face directories (the last is the base model) with random bf16 weights, written
+once under --root. Peak = anonymous RSS above the process's baseline (RssAnon, sampled every 2 ms): what the
+merge holds beyond the page cache its memory-mapped reads use. Both tools write the merged model to --root.
+The merged tensors of the two tools are compared too (max |difference| over all tensors), so a row whose
+results disagree shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+
+from evolver_kernels.synthetic import SIZES, AnonPeak
+
+# method: (global parameters, per-model parameters, models used: None = all N, base_model needed)
+CASES: dict[str, tuple[dict, dict, int | None, bool]] = {
+    "linear": ({}, {"weight": 1.0}, None, False),
+    "task_arithmetic": ({"lambda": 0.8}, {"weight": 1.0}, None, True),
+    "ties": ({"density": 0.3}, {"weight": 1.0}, None, True),
+    "slerp": ({"t": 0.3}, {}, 1, True),  # base_model is slerp's first endpoint
+    "nuslerp": ({}, {"weight": 1.0}, 2, False),
+    "multislerp": ({}, {"weight": 1.0}, None, False),
+    "karcher": ({}, {}, None, False),
+    "model_stock": ({}, {}, None, True),
+    "breadcrumbs": ({"density": 0.5, "gamma": 0.05}, {"weight": 1.0}, None, True),
+    "breadcrumbs_ties": ({"density": 0.5, "gamma": 0.05}, {"weight": 1.0}, None, True),
+    "sce": ({"select_topk": 0.5}, {}, None, True),
+    "nearswap": ({"t": 0.5}, {}, 1, True),
+}
+
+
+def build_models(size: str, n: int, root: str) -> list[str]:
+    """n + 1 bf16 Llama directories under root (base last): one random base plus small perturbations."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, vocab, heads, kv = SIZES[size]
+    dirs = [os.path.join(root, f"model{k}") for k in range(n)] + [os.path.join(root, "base")]
+    if all(os.path.isfile(os.path.join(d, "model.safetensors")) for d in dirs):
+        return dirs
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
+                         num_attention_heads=heads, num_key_value_heads=kv, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    base.save_pretrained(dirs[-1], safe_serialization=True)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    for k, d in enumerate(dirs[:-1]):
+        gen = torch.Generator().manual_seed(k + 1)
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                p.copy_(state[name] + 0.01 * torch.randn(p.shape, generator=gen).to(p.dtype))
+        base.save_pretrained(d, safe_serialization=True)
+    return dirs
+
+
+def write_yaml(method: str, dirs: list[str], path: str) -> None:
+    params, per_model, count, with_base = CASES[method]
+    models = dirs[:-1] if count is None else dirs[:count]
+    config = {"merge_method": method, "dtype": "bfloat16",
+              "models": [{"model": m, **({"parameters": per_model} if per_model else {})} for m in models]}
+    if with_base:
+        config["base_model"] = dirs[-1]
+    if params:
+        config["parameters"] = params
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+
+
+def child(tool: str, config: str, out: str) -> None:
+    """Runs one merge in this process and prints its peak anonymous memory and seconds."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    # each tool's modules imported before the baseline: the peak is the merge's, not the libraries'
+    if tool == "ours":
+        from evolver_kernels.merge import main as ours
+    else:
+        import mergekit.merge  # noqa: F401 - what run_yaml loads lazily
+        from mergekit.scripts.run_yaml import main as mergekit
+    baseline = AnonPeak.now()
+    sampler = AnonPeak()
+    start = time.perf_counter()
+    if tool == "ours":
+        code = ours(["--config", config, "--out", out])
+    else:
+        try:
+            mergekit.main([config, out, "--no-copy-tokenizer"], standalone_mode=False)
+            code = 0
+        except SystemExit as err:
+            code = int(err.code or 0)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"peak_bytes": sampler.stop() - baseline, "seconds": seconds, "code": code}))
+
+
+def max_difference(a: str, b: str) -> float:
+    from safetensors.torch import load_file
+
+    def tensors(d):
+        out = {}
+        for name in sorted(os.listdir(d)):
+            if name.endswith(".safetensors"):
+                out.update(load_file(os.path.join(d, name)))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    if ta.keys() != tb.keys():
+        return float("nan")
+    return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="125m", choices=list(SIZES))
+    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--root", default=None, help="models and outputs (default: a directory under /tmp)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return
+    root = args.root or os.path.join("/tmp", f"evolver-mergekit-{args.size}-n{args.n}")
+    dirs = build_models(args.size, args.n, root)
+    copy_bytes = sum(os.path.getsize(os.path.join(dirs[0], f)) for f in os.listdir(dirs[0]) if f.endswith(".safetensors"))
+    print(f"one-shot merge of {args.n} {args.size}-shaped bf16 Llama models (one copy {copy_bytes / 2**30:.2f} GiB)")
+    print("| method | ours: peak GiB (copies), s | mergekit: peak GiB (copies), s | max abs difference |\n| --- | --- | --- | --- |")
+    results = {}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVOLVER_PROGRESS": "0"}
+    for method in args.methods:
+        config = os.path.join(root, f"{method}.yml")
+        write_yaml(method, dirs, config)
+        row = {}
+        for tool in ("ours", "mergekit"):
+            out = os.path.join(root, f"out-{tool}-{method}")
+            shutil.rmtree(out, ignore_errors=True)
+            proc = subprocess.run([sys.executable, __file__, "--child", tool, config, out], capture_output=True,
+                                  text=True, env=env)
+            lines = proc.stdout.strip().splitlines()
+            try:
+                row[tool] = json.loads(lines[-1])
+                if row[tool]["code"] != 0:
+                    raise ValueError
+            except (IndexError, ValueError):
+                row[tool] = {"error": (proc.stderr or proc.stdout)[-300:]}
+        if all("error" not in row[t] for t in row):
+            row["max_abs_difference"] = max_difference(os.path.join(root, f"out-ours-{method}"),
+                                                       os.path.join(root, f"out-mergekit-{method}"))
+
+        def cell(r):
+            if "error" in r:
+                return "failed: " + " ".join(r["error"].split())[-80:]
+            return f"{r['peak_bytes'] / 2**30:.3f} ({r['peak_bytes'] / copy_bytes:.2f}), {r['seconds']:.1f}"
+
+        print(f"| {method} | {cell(row['ours'])} | {cell(row['mergekit'])} | {row.get('max_abs_difference', '-')} |",
+              flush=True)
+        results[method] = row
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": args.size, "n": args.n, "copy_bytes": copy_bytes, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
