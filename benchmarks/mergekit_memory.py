@@ -87,7 +87,7 @@ def child(tool: str, config: str, out: str) -> None:
     if tool == "ours":
         from evolver_kernels.merge import main as ours
     else:
-        import mergekit.merge  # noqa: F401 - what run_yaml loads lazily
+        import mergekit.merge
         from mergekit.scripts.run_yaml import main as mergekit
     baseline = AnonPeak.now()
     sampler = AnonPeak()
