@@ -9,8 +9,10 @@ them; buffers stored in the first model's checkpoint are carried over unchanged.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
@@ -160,6 +162,36 @@ def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
     return dest
 
 
+# torch dtype -> the dtype name in a safetensors header
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensor_for: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file whose tensors are `specs` (name, dtype, shape), in that order, asking
+    tensor_for(name) for one tensor at a time and writing its bytes as they are: host memory holds one tensor,
+    where safetensors' save_file holds every tensor of the file and a serialised copy of them."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in specs:
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, dtype, shape in specs:
+            t = tensor_for(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: got {t.dtype} {list(t.shape)}, the header says {dtype} {list(shape)}")
+            f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
 def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30,
                dtype: torch.dtype | None = None) -> list[str]:
     """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
@@ -177,7 +209,7 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
         _, dtype, shape = index[key]
         return torch.Size(shape).numel() * dtype.itemsize
 
-    # Plan shards from the headers, then write one shard at a time: host memory holds one shard at most.
+    # Plan shards from the headers, then write them tensor by tensor: host memory holds one tensor at most.
     plan, size = [[]], 0
     for key in names:
         if plan[-1] and size + nbytes(key) > shard_bytes:
@@ -188,7 +220,7 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
 
     def tensor_for(key):
         if key in evolved:
-            t = arena.view(evolved[key]).detach().to("cpu").contiguous().clone()
+            t = arena.view(evolved[key]).detach()
         else:
             with safe_open(index[key][0], framework="pt", device="cpu") as f:
                 t = f.get_tensor(key)
@@ -205,7 +237,14 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
     for n, keys_in_shard in enumerate(plan, 1):
         fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
         tmp = os.path.join(out_dir, fname + ".tmp")
-        save_file({k: tensor_for(k) for k in keys_in_shard}, tmp, metadata={"format": "pt"})
+        specs = [(k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2])
+                 for k in keys_in_shard]
+        try:
+            write_safetensors(tmp, specs, tensor_for, metadata={"format": "pt"})
+        except BaseException:
+            if os.path.exists(tmp):  # a partial shard of ours (a full disk, an interrupt): not left behind
+                os.remove(tmp)
+            raise
         os.replace(tmp, os.path.join(out_dir, fname))
         paths.append(os.path.join(out_dir, fname))
         weight_map.update({k: fname for k in keys_in_shard})
