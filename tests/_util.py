@@ -1,4 +1,5 @@
-"""Comparison helpers for kernel tests, and the compiler's resource report of GPU code."""
+"""Comparison helpers for kernel tests and merges against mergekit, and the compiler's resource report of GPU
+code."""
 
 from __future__ import annotations
 
@@ -19,6 +20,21 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     sign = raw >> (width - 1)
     magnitude = raw & ((1 << (width - 1)) - 1)
     return torch.where(sign == 1, -magnitude, magnitude)
+
+
+MERGEKIT_RTOL, MERGEKIT_ATOL = 1e-5, 1e-6  # fp32 sums in another order: a few ulps
+
+
+def assert_same_as_mergekit(case: str, from_yaml: dict, from_flags: dict, theirs: dict) -> None:
+    """Our merge from a mergekit YAML equals mergekit's within fp32 rounding, and the same merge given by flags
+    has the YAML's bytes."""
+    assert set(from_yaml) == set(theirs) == set(from_flags)
+    worst = max((from_yaml[k] - theirs[k]).abs().max().item() for k in theirs)
+    print(f"{case}: max |ours - mergekit| = {worst:.3g}")
+    for name in theirs:
+        torch.testing.assert_close(from_yaml[name], theirs[name], rtol=MERGEKIT_RTOL, atol=MERGEKIT_ATOL,
+                                   msg=lambda m, n=name: f"{case} {n}: {m}")
+        assert torch.equal(from_flags[name], from_yaml[name]), f"{case} {name}: flags and YAML differ"
 
 
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:

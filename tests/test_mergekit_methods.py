@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 import yaml
+from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit
 from safetensors.torch import load_file
 
 from evolver_kernels import methods
@@ -23,7 +24,7 @@ from evolver_kernels.merge import main
 from evolver_kernels.merging import Merger
 from evolver_kernels.population import MemoryPopulation
 
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = MERGEKIT_RTOL, MERGEKIT_ATOL
 FAR = 1e-4
 
 
@@ -111,13 +112,7 @@ CASE_NAMES = list(_cases("b", ["m0", "m1", "m2"]))
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_same_tensors_as_mergekit(merged, case):
     from_yaml, from_flags, theirs, inputs, t = merged[case]
-    assert set(from_yaml) == set(theirs) == set(from_flags)
-    worst = max((from_yaml[k] - theirs[k]).abs().max().item() for k in theirs)
-    print(f"{case}: max |ours - mergekit| = {worst:.3g}")
-    for name in theirs:
-        torch.testing.assert_close(from_yaml[name], theirs[name], rtol=RTOL, atol=ATOL,
-                                   msg=lambda m, n=name: f"{case} {n}: {m}")
-        assert torch.equal(from_flags[name], from_yaml[name]), f"{case} {name}: flags and YAML differ"
+    assert_same_as_mergekit(case, from_yaml, from_flags, theirs)
     # not vacuous: far from every input, from their average and from the straight line
     weights = [load_file(f"{p}/model.safetensors") for p in inputs]
     others = weights + [{k: sum(w[k] for w in weights) / len(weights) for k in theirs}]

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 import yaml
+from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit
 from safetensors.torch import load_file
 
 from evolver_kernels import methods, model_io
@@ -25,7 +26,7 @@ from evolver_kernels.methods.sparsify import della_kept
 from evolver_kernels.population import MemoryPopulation
 from evolver_kernels.rng import STREAM_DARE, random_words
 
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = MERGEKIT_RTOL, MERGEKIT_ATOL
 FAR = 1e-4
 
 
@@ -123,13 +124,7 @@ CASE_NAMES = list(_cases("b", ["m0", "m1", "m2"]))
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_same_tensors_as_mergekit(merged, llama_pop, case):
     from_yaml, from_flags, theirs = merged[case]
-    assert set(from_yaml) == set(theirs) == set(from_flags)
-    worst = max((from_yaml[k] - theirs[k]).abs().max().item() for k in theirs)
-    print(f"{case}: max |ours - mergekit| = {worst:.3g}")
-    for name in theirs:
-        torch.testing.assert_close(from_yaml[name], theirs[name], rtol=RTOL, atol=ATOL,
-                                   msg=lambda m, n=name: f"{case} {n}: {m}")
-        assert torch.equal(from_flags[name], from_yaml[name]), f"{case} {name}: flags and YAML differ"
+    assert_same_as_mergekit(case, from_yaml, from_flags, theirs)
     # not vacuous: far from every input, from their average, and from the merge without the method's own step
     models = [_load(p) for p in llama_pop.models]
     others = [{k: sum(m[k] for m in models) / len(models) for k in theirs}] + models

@@ -317,7 +317,7 @@ def test_mergekit_examples_run_unchanged(merged, name):
     ({"modules": {}}, "modules is not supported"),
     ({"out_path": "x"}, "unknown key(s) out_path"),
     ({"parameters": {"normalize": False}}, "normalize: False is not supported for ties"),
-    ({"parameters": {"rescale": True}}, "unknown parameter 'rescale'"),
+    ({"parameters": {"rescale": True}}, "rescale does not apply to ties"),
     ({"parameters": {"density": [{"filter": "mlp", "value": 0.5, "when": 1}]}}, "a conditional is {filter"),
     ({"models": None, "slices": [{"sources": [{"model": "{m0}", "layer_range": [0, 2]}], "residual_weight": 0.5}]},
      "residual_weight not supported"),
