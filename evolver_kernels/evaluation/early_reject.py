@@ -67,10 +67,6 @@ def record_of(right: torch.Tensor, confidence: torch.Tensor) -> str:
     return "".join(chars)
 
 
-def is_right(record: str) -> list[bool]:
-    return [c != WRONG for c in record]
-
-
 class OutcomeScorer:
     """Scores models on fixed dev files through per-example predictions (a task with `exact_bound`): with a
     rival, in the rival's order and, when `early`, only until the rival cannot be beaten."""
@@ -84,7 +80,9 @@ class OutcomeScorer:
 
     def order(self, rival: Rival | None) -> list[tuple[int, dict]]:
         """(file number, batch) in scoring order: each file's default batches without a rival; with one, the
-        examples it gets wrong in every file, then those it gets right, each file's batched shortest first."""
+        examples it gets wrong in every file, then those it gets right in up to ten groups of its confidence,
+        least sure first (fewer groups where a file has fewer than MIN_GROUP_BATCHES batches per group), each
+        file's part of a group batched shortest first."""
         if rival is None:
             return [(n, b) for n, f in enumerate(self.files) for b in f.batches]
         records = tuple(rival.outcomes.get(key, "") for key in self.keys)
