@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import merging, methods, model_io, refs
 from .arena import Arena, Entry, Layout, layer_index, resolve_names, safetensors_files, tensor_index, with_layer
@@ -632,38 +631,31 @@ def _save_layout(arena: Arena, donor: str, out_dir: str, dtype: torch.dtype | No
     dtype cast before merging): each tensor under the name the donor gives it, the donor's other tensors
     (buffers), its config (with num_layers and dtype), generation config and tokenizer files. Returns the paths."""
     index = tensor_index(safetensors_files(donor))
-    tensors: dict[str, torch.Tensor] = {}
-    for e in arena.layout.entries:
-        key = next((a for a in e.aliases if a in index), e.name)
-        tensors[key] = arena.view(e).detach().to("cpu").contiguous().clone()
+    entries = {next((a for a in e.aliases if a in index), e.name): e for e in arena.layout.entries}
     aliases = {a for e in arena.layout.entries for a in e.aliases}
-    for key in sorted(set(index) - aliases):
+    buffers = sorted(set(index) - aliases)
+    for key in buffers:
         if layer_index(key) is not None and num_layers is not None:
             raise MergeConfigError(f"{donor}: {key} is a layer's stored buffer, which layer stacking does not carry")
-        with safe_open(index[key][0], framework="pt", device="cpu") as f:
-            tensors[key] = f.get_tensor(key)
-    if dtype is not None:
-        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-    plan: list[list[str]] = [[]]
-    size = 0
-    for key in sorted(tensors):
-        if plan[-1] and size + tensors[key].nbytes > shard_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append(key)
-        size += tensors[key].nbytes
-    os.makedirs(out_dir, exist_ok=True)
-    paths, weight_map = [], {}
-    for n, keys in enumerate(plan, 1):
-        fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
-        save_file({k: tensors[k] for k in keys}, os.path.join(out_dir, fname + ".tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(out_dir, fname + ".tmp"), os.path.join(out_dir, fname))
-        paths.append(os.path.join(out_dir, fname))
-        weight_map.update(dict.fromkeys(keys, fname))
-    if len(plan) > 1:
-        total = sum(t.nbytes for t in tensors.values())
-        paths.append(write_json(os.path.join(out_dir, "model.safetensors.index.json"),
-                                {"metadata": {"total_size": total}, "weight_map": weight_map}))
+
+    def stored(key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        if key in entries:
+            return arena.layout.group_dtype(entries[key].group), entries[key].shape
+        return index[key][1], index[key][2]
+
+    def tensor_for(key: str) -> torch.Tensor:
+        if key in entries:
+            t = arena.view(entries[key]).detach()
+        else:
+            with safe_open(index[key][0], framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    specs = []
+    for key in sorted([*entries, *buffers]):
+        stored_dtype, shape = stored(key)
+        specs.append((key, dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype, shape))
+    paths = model_io.write_shards(out_dir, specs, tensor_for, shard_bytes)
     with open(os.path.join(donor, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if dtype is not None:

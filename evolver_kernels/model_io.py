@@ -192,6 +192,43 @@ def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, 
             f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
+def write_shards(out_dir: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 tensor_for: Callable[[str], torch.Tensor], shard_bytes: int = 2 << 30) -> list[str]:
+    """Writes the tensors `specs` (name, dtype, shape) as model.safetensors, or as shards of at most
+    `shard_bytes` (planned from the specs, in their order) with model.safetensors.index.json; each shard through
+    a temporary name (removed on failure) and write_safetensors, one tensor in memory at a time. Returns the
+    paths written."""
+    plan: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[2]) * spec[1].itemsize
+        if plan[-1] and size + nbytes > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(spec)
+        size += nbytes
+    os.makedirs(out_dir, exist_ok=True)
+    paths, weight_map = [], {}
+    for n, shard in enumerate(plan, 1):
+        fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
+        tmp = os.path.join(out_dir, fname + ".tmp")
+        try:
+            write_safetensors(tmp, shard, tensor_for, metadata={"format": "pt"})
+        except BaseException:
+            if os.path.exists(tmp):  # a partial shard of ours (a full disk, an interrupt): not left behind
+                os.remove(tmp)
+            raise
+        os.replace(tmp, os.path.join(out_dir, fname))
+        paths.append(os.path.join(out_dir, fname))
+        weight_map.update(dict.fromkeys((name for name, _, _ in shard), fname))
+    if len(plan) > 1:
+        paths.append(os.path.join(out_dir, "model.safetensors.index.json"))
+        total = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs)
+        with open(paths[-1], "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return paths
+
+
 def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30,
                dtype: torch.dtype | None = None) -> list[str]:
     """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
@@ -205,19 +242,6 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
     tied = {alias for e in arena.layout.entries for alias in e.aliases if alias != keys[e.name]}
     names = [k for k in sorted(index) if k not in tied]
 
-    def nbytes(key):
-        _, dtype, shape = index[key]
-        return torch.Size(shape).numel() * dtype.itemsize
-
-    # Plan shards from the headers, then write them tensor by tensor: host memory holds one tensor at most.
-    plan, size = [[]], 0
-    for key in names:
-        if plan[-1] and size + nbytes(key) > shard_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append(key)
-        size += nbytes(key)
-
     def tensor_for(key):
         if key in evolved:
             t = arena.view(evolved[key]).detach()
@@ -226,32 +250,9 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
                 t = f.get_tensor(key)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    if dtype is not None:
-        nbytes_of = nbytes
-
-        def nbytes(key):
-            _, stored, shape = index[key]
-            return torch.Size(shape).numel() * dtype.itemsize if stored.is_floating_point else nbytes_of(key)
-
-    paths, weight_map = [], {}
-    for n, keys_in_shard in enumerate(plan, 1):
-        fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
-        tmp = os.path.join(out_dir, fname + ".tmp")
-        specs = [(k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2])
-                 for k in keys_in_shard]
-        try:
-            write_safetensors(tmp, specs, tensor_for, metadata={"format": "pt"})
-        except BaseException:
-            if os.path.exists(tmp):  # a partial shard of ours (a full disk, an interrupt): not left behind
-                os.remove(tmp)
-            raise
-        os.replace(tmp, os.path.join(out_dir, fname))
-        paths.append(os.path.join(out_dir, fname))
-        weight_map.update({k: fname for k in keys_in_shard})
-    if len(plan) > 1:
-        paths.append(os.path.join(out_dir, "model.safetensors.index.json"))
-        with open(paths[-1], "w") as f:
-            json.dump({"metadata": {"total_size": sum(nbytes(k) for k in names)}, "weight_map": weight_map}, f, indent=2)
+    specs = [(k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2])
+             for k in names]
+    paths = write_shards(out_dir, specs, tensor_for, shard_bytes)
     for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):

@@ -134,3 +134,33 @@ def test_fisher_and_regmean_from_dev_data(models, tmp_path, capsys, method):
     assert json.loads((tmp_path / "a" / "merge.json").read_text())["examples"] == 12
     assert main(["--method", method, "--models", *models[1:], "--out", str(tmp_path / "c")]) == 2
     assert f"{method} estimates statistics on data: give --dev" in capsys.readouterr().err
+
+
+def test_outputs_are_sharded_with_an_index(models, tmp_path):
+    """model_io.write_shards: shards of at most shard_bytes (a tensor larger than that alone in its shard) and
+    an index that transformers loads; the same tensors as one file."""
+    import os
+
+    import transformers
+
+    from evolver_kernels import model_io
+    from evolver_kernels.arena import Layout, safetensors_files
+
+    config = model_io.load_config(models[0])
+    layout = Layout.of_model(model_io.empty_model(config, "sequence-classification"))
+    files = safetensors_files(models[0])
+    arena = model_io.load_model_arena(layout, files, models[0])
+    one = model_io.save_model(arena, models[0], files, str(tmp_path / "one"))
+    sharded = model_io.save_model(arena, models[0], files, str(tmp_path / "sharded"), shard_bytes=20_000)
+    shards = [p for p in sharded if p.endswith(".safetensors")]
+    assert len(shards) > 2 and [p for p in one if p.endswith(".safetensors")] == [str(tmp_path / "one" / "model.safetensors")]
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    whole = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert set(index["weight_map"]) == set(whole)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in whole.values())
+    for path in shards:
+        part = load_file(path)
+        assert sum(t.nbytes for t in part.values()) <= 20_000 or len(part) == 1
+        assert all(torch.equal(part[k], whole[k]) and index["weight_map"][k] == os.path.basename(path) for k in part)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "sharded")
+    assert all(torch.equal(p, whole[n]) for n, p in loaded.state_dict().items() if n in whole)

@@ -194,10 +194,6 @@ class TaskEvaluator(abc.ABC):
         """Adds what scoring compares against (gold labels, target tokens) to `batch`, whose rows are
         `examples[j] for j in idx`. Causal LMs need nothing: their targets are their inputs."""
 
-    def batches(self, examples: list[dict]) -> list[dict]:
-        """Padded batches of `batch_size` examples, shortest first (so each batch pads little)."""
-        return self.pad_batches(examples, self.encode(examples), range(len(examples)))
-
     def pad_batches(self, examples: list[dict], enc: dict, rows) -> list[dict]:
         """Padded batches of `batch_size` of the examples at positions `rows`, shortest first (a stable sort:
         equal lengths keep their order); each batch's `index` holds its rows' positions."""
