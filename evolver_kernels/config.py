@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 
-from . import evaluation, methods, refs, rundir, strategies
+from . import adaptation, evaluation, methods, refs, rundir, strategies
 from .backends import BACKENDS
 from .errors import ArgumentError, UserError
 from .evaluation.lm_eval_task import require_lm_eval
@@ -40,6 +40,11 @@ class EvolveConfig:
     dev: list[str] = _opt(None, "development data: JSONL, CSV/TSV or load_from_disk directories; one per domain (--task "
                                 "lm-eval: folders of lm-eval task YAMLs, optional)", nargs="+")
     out: str = _opt(None, "output directory: the fused model, evolution.json, a fitness plot, a model card")
+    select: list[str] | None = _opt(None, "held-out selection data, read like --dev (one file per domain) and never searched on: "
+                                          "the output is the best on it of the run's result, every input model and the "
+                                          "--extra-individuals merges", nargs="+", later=True)
+    select_fraction: float | None = _opt(None, "hold out this share of each dev file (a seeded split, stratified by label) "
+                                               "as selection data (as --select), in (0, 1)", later=True)
     task: str | None = _opt(None, f"{', '.join(evaluation.TASKS)} or module:function (default: from the architecture)")
     metric: str | None = _opt(None, "accuracy, macro-f1, multilabel-f1, neg-loss or exact-match (default: by task)")
     generations: int = _opt(15, "number of generations")
@@ -51,6 +56,8 @@ class EvolveConfig:
     base_model: str | None = _opt(None, "the models' common ancestor (a directory or a Hub id), needed by the task-vector methods")
     extra_individuals: list[str] | None = _opt(None, "merges of the models added to the initial population as individuals, with the --merge-* settings", nargs="+", choices=lambda: methods.names(with_statistics=False, evolvable=True))
     schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
+    adapt: str = _opt("none", "how each offspring's F and CR are chosen: none (--F and --CR) or jde (self-adaptive, per "
+                              "individual, starting from --F and --CR; adaptation.py)", choices=lambda: tuple(adaptation.ADAPTATIONS), later=True)
     F: float = _opt(0.5, "mutation scale, in (0, 2]")
     CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value, in [0, 1]")
     seed: int = _opt(0, "run seed: every random choice and offspring derives from it")
@@ -94,10 +101,12 @@ class EvolveConfig:
         return record.settings({k: v for k, v in self.merge.items() if record.param(k) is not None}, merge_flag)
 
     def to_dict(self) -> dict[str, Any]:
-        """The options as given, and as merge_<param> every parameter of the merge methods this run uses
+        """The options as given (those added after the first release only when set: an older checkpoint stays
+        resumable and an older record comparable), and as merge_<param> every parameter of the merge methods this run uses
         (--merge-method and --extra-individuals: the others cannot change the result, and a method added to the
         package later must not make an older checkpoint unresumable)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cli", True)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cli", True)
+               and not (f.metadata.get("later") and getattr(self, f.name) == f.default)}
         used = self.merge_methods_used()
         for name, p in methods.all_params().items():
             if any(record.param(name) is not None for record in used):
@@ -133,7 +142,7 @@ def _choices(f: dataclasses.Field) -> tuple | None:
 
 def _scalar_type(f: dataclasses.Field):
     """The one parser of a field's values, for flags and YAML alike (a YAML scalar goes through it as text)."""
-    return {"int": int, "int | None": int, "float": float, "list[float] | None": float}.get(f.type, str)
+    return {"int": int, "int | None": int, "float": float, "float | None": float, "list[float] | None": float}.get(f.type, str)
 
 
 def _is_bool(f: dataclasses.Field) -> bool:
@@ -260,6 +269,7 @@ def validate(cfg: EvolveConfig) -> None:
     for path in cfg.dev or []:
         if not os.path.exists(path):
             raise ConfigError(f"--dev {path}: no such file or directory")
+    check_selection(cfg)
     if len({os.path.realpath(cfg.local(m)) for m in cfg.models}) != len(cfg.models):
         raise ConfigError("--models lists the same directory twice")
     for f in _cli_fields():  # choices of options set in code (flags and YAML are checked when parsed)
@@ -325,6 +335,31 @@ def validate(cfg: EvolveConfig) -> None:
         rundir.check_scratch_root("--population-dir", cfg.population_dir, input_paths(cfg))
 
 
+def check_selection(cfg: EvolveConfig) -> None:
+    """--select / --select-fraction (selection.py): one of them, held-out data, a task that can use it."""
+    if cfg.select is None and cfg.select_fraction is None:
+        return
+    if cfg.select is not None and cfg.select_fraction is not None:
+        raise ConfigError("--select and --select-fraction are two ways to give selection data: use one")
+    what = "--select" if cfg.select is not None else "--select-fraction"
+    if cfg.task == "lm-eval":
+        raise ConfigError(f"{what} does not apply to --task lm-eval (its data are lm-eval tasks, not dev files)")
+    if cfg.select_fraction is not None:
+        if ":" in (cfg.task or ""):
+            raise ConfigError(f"--select-fraction cannot split the dev data of --task {cfg.task} (the function reads "
+                              "its files itself): give --select files")
+        p = cfg.select_fraction
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1):
+            raise ConfigError(f"--select-fraction must be in (0, 1), got {p}")
+        return
+    dev = {os.path.realpath(d) for d in cfg.dev or []}
+    for path in cfg.select:
+        if not os.path.exists(path):
+            raise ConfigError(f"--select {path}: no such file or directory")
+        if os.path.realpath(path) in dev:
+            raise ConfigError(f"--select {path} is also a --dev file: selection data must be held out of the search")
+
+
 LM_EVAL_OPTIONS = ("lm_eval_tasks", "lm_eval_metric", "lm_eval_fewshot", "lm_eval_weights")
 
 
@@ -378,7 +413,8 @@ def population_size(cfg: EvolveConfig) -> int:
 
 def input_paths(cfg: EvolveConfig) -> list[tuple[str, str]]:
     """(option, path) of everything the run reads: never written into (rundir.py)."""
-    paths = [("--models", cfg.local(m)) for m in cfg.models] + [("--dev", d) for d in cfg.dev or []]
+    paths = [("--models", cfg.local(m)) for m in cfg.models] + [("--dev", d) for d in cfg.dev or []] + \
+        [("--select", d) for d in cfg.select or []]
     if cfg.base_model:
         paths.append(("--base-model", cfg.local(cfg.base_model)))
     return paths

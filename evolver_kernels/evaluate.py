@@ -25,7 +25,7 @@ import torch
 
 # The noqa'd names are re-exported: callers have imported these private helpers from this module.
 from . import evaluation
-from .evaluation.base import LOGITS_BUDGET, Fitness, default_logits_budget
+from .evaluation.base import LOGITS_BUDGET, Fitness, Subset, default_logits_budget
 from .evaluation.base import unique_basenames as _unique_basenames  # noqa: F401
 from .evaluation.classification import _macro_f1, _multilabel_f1  # noqa: F401
 from .evaluation.early_reject import OutcomeScorer, Rival
@@ -65,7 +65,7 @@ class Evaluator:
     at most `logits_budget` bytes of fp32 logits at a time (default: default_logits_budget(device)).
 
     A front for the task's evaluator (evolver_kernels.evaluation): it loads the dev files once and hands
-    them to that evaluator on every call. `tokenizer` is the one used for the data: the caller's, or a copy
+    them to that evaluator on every call (with `subset`, only the examples it keeps: selection.HeldOut). `tokenizer` is the one used for the data: the caller's, or a copy
     of it with a pad token when it had none. `task_options` are the task's own keyword arguments (lm-eval's
     tasks, metrics, few-shot count, weights: evaluation/lm_eval_task.py)."""
 
@@ -85,6 +85,7 @@ class Evaluator:
         logits_budget: int | None = None,
         early_reject: bool = True,
         task_options: dict | None = None,
+        subset: Subset | None = None,
     ):
         self.device = torch.device(device)
         self.logits_budget = logits_budget if logits_budget is not None else default_logits_budget(self.device)
@@ -99,7 +100,7 @@ class Evaluator:
         self.tokenizer = te.tokenizer
         self.multi_label, self.num_labels = te.multi_label, te.num_labels
         self.threshold, self.batch_size, self.max_length = te.threshold, te.batch_size, te.max_length
-        self.files = te.load_files(self.dev_paths, max_examples)
+        self.files = te.load_files(self.dev_paths, max_examples, subset)
         self.metric = te.metric  # after loading: lm-eval names its tasks' metrics once they are loaded
         # per-example outcomes and early rejection where the metric allows an exact bound (early_reject.py)
         self.outcome_scorer = OutcomeScorer(te, self.files, self.dev_paths, early_reject) if te.exact_bound else None

@@ -34,7 +34,8 @@ import time
 
 import torch
 
-from . import model_io, rundir
+from . import adaptation, model_io, rundir
+from .arena import load_into
 from .backends import device_backends
 from .checkpoint import Checkpoint
 from .config import ConfigError, EvolveConfig, input_paths, parse_config, validate
@@ -46,16 +47,17 @@ from .inputs import RunInputs, inspect, plan_of, weight_files
 from .merging import Merger
 from .offspring import WeightPipeline
 from .plan import host_available
-from .population import make_population
+from .population import MappedModels, make_population
 from .report import write_outputs
 from .rng import PURPOSE_MERGE, derive_seed
 from .seeding import fill_slots, initial_statistics
+from .selection import Candidate, choose, describe_data
 from .state import RunState
 from .strategies import OffspringSpec, offspring_spec, visiting_order
 
 # the library's argument names (errors.ArgumentError) as this command's flags
 FLAGS = {"model_dir": "--models", "path": "--dev", "task": "--task", "metric": "--metric", "tier": "--population-on",
-         "disk_dir": "--population-dir", "device_map": "--device-map"}
+         "disk_dir": "--population-dir", "device_map": "--device-map", "select_fraction": "--select-fraction"}
 
 
 def check_plan(cfg: EvolveConfig, inputs: RunInputs, log) -> None:
@@ -158,14 +160,15 @@ class Run:
                       stats=stats, **self.cfg.merge_settings(method))
 
     # -- the Workbench of the fitness modes ------------------------------------------------------------------
-    def evaluate(self, what: str = "a candidate", rival: Rival | None = None) -> Fitness:
-        """Scores the evaluation model (against `rival`: early rejection) and counts the examples scored in the
-        generation's state. A NaN (or infinite) fitness is ranked last: -inf, with a warning, so that it is
-        never chosen as best and never blocks an improvement."""
+    def evaluate(self, what: str = "a candidate", rival: Rival | None = None, selection: bool = False) -> Fitness:
+        """Scores the evaluation model on the dev data (against `rival`: early rejection) and counts the
+        examples scored in the generation's state; with `selection`, on the selection data, every example. A
+        NaN (or infinite) fitness is ranked last: -inf, with a warning, so that it is never chosen as best and
+        never blocks an improvement."""
         start = time.perf_counter()
-        fit = self.inputs.evaluator(self.inputs.model, rival)
+        fit = (self.inputs.selection if selection else self.inputs.evaluator)(self.inputs.model, rival)
         self.evaluation_s += time.perf_counter() - start
-        if self.state is not None:
+        if self.state is not None and not selection:
             self.state.examples_scored += fit.scored
             self.state.examples_full += fit.total
         if not math.isfinite(fit.score):
@@ -192,7 +195,21 @@ class Run:
 
     def spec(self, generation: int, i: int, fitness: list[float] | None) -> OffspringSpec:
         cfg = self.cfg
-        return offspring_spec(cfg.strategy, cfg.F, cfg.CR, cfg.seed, self.n, generation, i, fitness)
+        return offspring_spec(cfg.strategy, *self.control(generation, i), cfg.seed, self.n, generation, i, fitness)
+
+    def control(self, generation: int, i: int) -> tuple[float, float]:
+        """F and CR of offspring i in `generation`: --F and --CR, or --adapt's draw from individual i's own."""
+        trial = adaptation.get(self.cfg.adapt).trial
+        if trial is None:
+            return self.cfg.F, self.cfg.CR
+        return trial(self.cfg.seed, generation, i, *self.state.control[i])
+
+    def adopt(self, state: RunState, generation: int, accepted: list[int]) -> None:
+        """Accepted offspring pass their F and CR on to their individuals (--adapt)."""
+        if state.control is not None:
+            values = {i: list(self.control(generation, i)) for i in accepted}
+            for i, v in values.items():
+                state.control[i] = v
 
     def source(self, i: int) -> str:
         return self.inputs.source(self.cfg, i)
@@ -201,7 +218,8 @@ class Run:
     def _state(self) -> RunState:
         config = self.cfg.result_options()
         if not self.cfg.resume:
-            return RunState(config=config)
+            adapting = adaptation.get(self.cfg.adapt).trial is not None
+            return RunState(config=config, control=[[self.cfg.F, self.cfg.CR] for _ in range(self.n)] if adapting else None)
         return self.checkpoint.resume(config, self.pop)
 
     def run(self) -> dict:
@@ -243,6 +261,7 @@ class Run:
                     state.pending_outcomes[i] = fit.outcomes
                 elif self.better(fit.score, mode.to_beat(state, i)):
                     mode.accept(state, spec, fit)
+                    self.adopt(state, g, [i])
                     state.accepted_now.append(i)
                     changed = [i]
                 if not ranks.enabled:  # ranks checkpoint at generation ends: their pending scores are split
@@ -253,6 +272,7 @@ class Run:
                 state.pending, state.pending_per_file = ranks.gather(state.pending), ranks.gather(state.pending_per_file)
                 state.pending_outcomes = ranks.gather(state.pending_outcomes)
                 changed = state.accepted_now = mode.end_synchronous(state, g, bar.update)
+                self.adopt(state, g, changed)
             entry = self._history_entry(state, g, sorted(state.accepted_now))
             state.history.append(entry)
             per_file = ", ".join(f"{name} {score:.4f}" for name, score in entry["per_file"].items())
@@ -277,9 +297,12 @@ class Run:
         (every rank's; the counters restart for the next generation)."""
         counts = self.ranks.gather({self.ranks.rank: (state.examples_scored, state.examples_full)})
         state.examples_scored = state.examples_full = 0
-        return {"generation": generation, "population_fitness": self.mode.population_fitness(state),
-                "accepted": accepted, "per_file": self.mode.per_file(state),
-                "examples_scored": sum(c[0] for c in counts.values()), "examples_full": sum(c[1] for c in counts.values())}
+        entry = {"generation": generation, "population_fitness": self.mode.population_fitness(state),
+                 "accepted": accepted, "per_file": self.mode.per_file(state),
+                 "examples_scored": sum(c[0] for c in counts.values()), "examples_full": sum(c[1] for c in counts.values())}
+        if state.control is not None:  # --adapt: each individual's F and CR after the generation
+            entry["F"], entry["CR"] = [c[0] for c in state.control], [c[1] for c in state.control]
+        return entry
 
     def _early_reject(self) -> str:
         """How candidates were scored, for evolution.json."""
@@ -295,7 +318,13 @@ class Run:
         return {"examples": f"{100 * state.examples_scored / state.examples_full:.0f}%"}
 
     def finish(self, state: RunState) -> dict:
-        kind = self.mode.build_output(state)
+        selection = None
+        if self.inputs.selection is None:
+            kind = self.mode.build_output(state)
+        else:
+            choice = choose(self.selection_candidates(state), lambda what: self.evaluate(what, selection=True), self.log)
+            kind = choice.phrase
+            selection = choice.record(describe_data(self.cfg.select, self.cfg.select_fraction))
         final = self.evaluate("the output model")
         extra = {
             "task": self.inputs.task, "metric": self.inputs.evaluator.metric, "output": kind,
@@ -305,12 +334,35 @@ class Run:
             "backends": device_backends(self.inputs.placement.devices(), self.cfg.backend),
             "resolved_models": {ref: path for ref, path in self.cfg.resolved.items() if ref != path},
         }
+        if selection is not None:
+            extra["selection"] = selection
         written = write_outputs(self.cfg.out, self.arena, self.cfg.local(self.cfg.models[0]), self.inputs.files[0], dict(state.config),
                                 state.history, final.as_dict(), extra, self.inputs.evaluator.metric, kind)
         self.out_dir.record(written)
         self.checkpoint.mark_finished(state)
         self.log(f"final fitness {final.score:.4f} ({self.inputs.evaluator.metric}); wrote {self.cfg.out}")
         return {"final_fitness": final.score, "per_file": final.per_file, "history": state.history, **extra}
+
+    # -- held-out selection (selection.py) ---------------------------------------------------------------
+    def selection_candidates(self, state: RunState) -> list[Candidate]:
+        """The run's result, every input model, every --extra-individuals merge of the input models."""
+        cfg = self.cfg
+        candidates = [Candidate("the run's result", lambda: self.mode.build_output(state))]
+        for k, ref in enumerate(cfg.models):
+            def load(k=k, ref=ref) -> str:
+                self.timed(load_into, self.arena, self.inputs.files[k], f"--models {ref}")
+                return f"the input model {ref}, chosen on the selection data"
+            candidates.append(Candidate(f"input model {ref}", load))
+        for method in cfg.extra_individuals or []:
+            def merge(method=method) -> str:
+                models = MappedModels(self.inputs.layout, self.inputs.files, list(cfg.models))
+                try:
+                    self.timed(self.merger(method), models, self.arena, cfg.chunk_elements)
+                finally:
+                    models.close()
+                return f"the {method} merge of the input models, chosen on the selection data"
+            candidates.append(Candidate(f"{method} merge of the input models", merge))
+        return candidates
 
     def close(self, failed: bool = False) -> None:
         """Closes the progress bar, unmaps the population, removes the scratch directory and drops the lock on

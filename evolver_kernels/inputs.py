@@ -16,10 +16,12 @@ from .arena import Layout, PickleWeightsError, resolve_names, safetensors_files,
 from .backends import device_backends
 from .config import ConfigError, EvolveConfig, population_size
 from .distributed import Ranks
+from .errors import ArgumentError
 from .evaluate import Evaluator, infer_task
 from .placement import Placement
 from .plan import Plan, PlanInputs, memory_plan
 from .rundir import same_filesystem
+from .selection import HeldOut
 
 
 @dataclasses.dataclass
@@ -34,6 +36,7 @@ class RunInputs:
     tokenizer: object
     evaluator: Evaluator
     n: int  # individuals
+    selection: Evaluator | None = None  # the held-out selection data's (--select, --select-fraction)
 
     def source(self, cfg: EvolveConfig, i: int) -> str:
         """Where individual i comes from, in words."""
@@ -84,12 +87,28 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.local(cfg.models[0]), trust_remote_code=False)
-    evaluator = Evaluator(task, tokenizer, cfg.dev or [], config=first, metric=cfg.metric, batch_size=cfg.batch_size,
-                          max_length=cfg.max_length, device=placement.device, threshold=cfg.threshold,
-                          max_examples=cfg.max_dev_examples, early_reject=cfg.early_reject == "on",
-                          task_options=task_options(cfg, task))
+    held_out = HeldOut(cfg.select_fraction, cfg.seed) if cfg.select_fraction is not None else None
+
+    def evaluator_of(paths: list[str], subset, early_reject: bool) -> Evaluator:
+        return Evaluator(task, tokenizer, paths, config=first, metric=cfg.metric, batch_size=cfg.batch_size,
+                         max_length=cfg.max_length, device=placement.device, threshold=cfg.threshold,
+                         max_examples=cfg.max_dev_examples, early_reject=early_reject,
+                         task_options=task_options(cfg, task), subset=subset)
+
+    evaluator = evaluator_of(cfg.dev or [], held_out and held_out.part(held_out=False), cfg.early_reject == "on")
+    selection = None
+    if held_out is not None:
+        selection = evaluator_of(cfg.dev, held_out.part(held_out=True), False)
+    elif cfg.select:
+        try:
+            selection = evaluator_of(cfg.select, None, False)
+        except ArgumentError as err:  # the data's errors name their file as a --dev file's would
+            if err.arg != "path":
+                raise
+            raise ConfigError(f"--select {err.detail}") from None
     return RunInputs(config=first, task=task, files=files, base_files=base_files, model=model, layout=layout,
-                     placement=placement, tokenizer=tokenizer, evaluator=evaluator, n=population_size(cfg))
+                     placement=placement, tokenizer=tokenizer, evaluator=evaluator, n=population_size(cfg),
+                     selection=selection)
 
 
 def task_options(cfg: EvolveConfig, task: str) -> dict | None:

@@ -71,7 +71,30 @@ def plot_fitness(out_dir: str, history: list[dict], metric: str) -> str:
     return path
 
 
-def write_model_card(out_dir: str, config: dict, history: list[dict], final: dict, metric: str, output_kind: str) -> str:
+def _selection_text(selection: dict | None) -> str:
+    """The model card's account of held-out selection (selection.py): every candidate's score, the winner."""
+    if selection is None:
+        return ""
+    rows = "\n".join(f"| {c['name']} | {_number(c['score'])} |" for c in selection["candidates"])
+    margin = selection["margin_over_next_best"]
+    by = f", by {margin:.4f} over the next best" if margin is not None and math.isfinite(margin) else ""
+    return f"""
+## Selection on held-out data
+
+The output was chosen on data the search never scored ({selection['data']}): **{selection['chosen']}** won{by}.
+
+| candidate | selection score |
+| --- | --- |
+{rows}
+"""
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if value is not None and math.isfinite(value) else "-inf (non-finite)"
+
+
+def write_model_card(out_dir: str, config: dict, history: list[dict], final: dict, metric: str, output_kind: str,
+                     selection: dict | None = None) -> str:
     rows = "\n".join(
         f"| {h['generation']} | {_summary(h['population_fitness'])[0]:.4f} | {_summary(h['population_fitness'])[1]:.4f} "
         f"| {len(h['accepted'])} |"
@@ -87,7 +110,7 @@ tags: [evolver, model-merging, evolver-kernels]
 Fused from {len(config['models'])} models by Evolver (differential evolution on the weights;
 evolver-kernels). This directory holds {output_kind}. Fitness is `{metric}` on the development
 data (higher is better); no test data was used for selection.
-
+{_selection_text(selection)}
 Final dev fitness: **{final['score']:.4f}**
 
 | dev file | score |
@@ -123,5 +146,5 @@ def write_outputs(out_dir: str, arena, model_dir: str, model_files: list[str], c
 
     written = save_model(arena, model_dir, model_files, out_dir)
     written += [write_evolution_json(out_dir, config, history, final, extra), plot_fitness(out_dir, history, metric),
-                write_model_card(out_dir, config, history, final, metric, output_kind)]
+                write_model_card(out_dir, config, history, final, metric, output_kind, extra.get("selection"))]
     return written

@@ -107,6 +107,8 @@ PURPOSE_VISIT_ORDER = 1
 PURPOSE_PICKS = 2
 PURPOSE_OFFSPRING = 3
 PURPOSE_MERGE = 4
+PURPOSE_SELECT = 5  # --select-fraction's split of the dev files (selection.py)
+PURPOSE_ADAPT = 6  # --adapt's draws of F and CR (adaptation.py)
 
 
 def random_order(run_seed: int, n: int, *path: int) -> list[int]:

@@ -3,8 +3,8 @@
 
 JSON has string keys only; individuals are ints here and strings in the file (to_json / from_json convert).
 The file format is STATE_VERSION 1: per_file holds the individuals' per-dev-file scores under their index and
-the merged model's under "merged". The records of early rejection and the example counts were added to it
-later with defaults, so a checkpoint written before them still resumes (its first candidates of each
+the merged model's under "merged". The records of early rejection, the example counts and the adapted control
+parameters were added to it later with defaults, so a checkpoint written before them still resumes (its first candidates of each
 individual are then scored in full, in the default order).
 """
 
@@ -36,6 +36,8 @@ class RunState:
     examples_scored: int = 0  # examples scored in the generation in progress
     examples_full: int = 0  # examples full evaluations would have scored in it
     accepted_now: list[int] = dataclasses.field(default_factory=list)
+    # --adapt (adaptation.py): each individual's [F, CR]; None when every offspring uses --F and --CR
+    control: list[list[float]] | None = None
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     evaluations: int = 0
     individual_files: dict[int, str] = dataclasses.field(default_factory=dict)  # checkpointed individuals
@@ -54,7 +56,7 @@ class RunState:
             "outcomes": {str(k): v for k, v in self.outcomes.items()}, "merged_outcomes": self.merged_outcomes,
             "pending_outcomes": {str(k): v for k, v in self.pending_outcomes.items()},
             "examples_scored": self.examples_scored, "examples_full": self.examples_full,
-            "accepted_now": self.accepted_now, "history": self.history, "evaluations": self.evaluations,
+            "accepted_now": self.accepted_now, "control": self.control, "history": self.history, "evaluations": self.evaluations,
             "individual_files": {str(k): v for k, v in self.individual_files.items()},
             "file_version": self.file_version, "finished": self.finished,
         }
@@ -72,7 +74,7 @@ class RunState:
             merged_outcomes=doc.get("merged_outcomes"),
             pending_outcomes={int(k): v for k, v in doc.get("pending_outcomes", {}).items()},
             examples_scored=doc.get("examples_scored", 0), examples_full=doc.get("examples_full", 0),
-            accepted_now=list(doc.get("accepted_now", [])), history=list(doc.get("history", [])),
+            accepted_now=list(doc.get("accepted_now", [])), control=doc.get("control"), history=list(doc.get("history", [])),
             evaluations=doc.get("evaluations", 0),
             individual_files={int(k): v for k, v in doc.get("individual_files", {}).items()},
             file_version=doc.get("file_version", 0), finished=bool(doc.get("finished", False)),

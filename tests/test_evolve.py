@@ -164,25 +164,29 @@ KILLER = textwrap.dedent("""
     from evolver_kernels import evolve
     limit, calls = int(sys.argv[1]), [0]
     original = evolve.Run.evaluate
-    def evaluate(self, *args):
+    def evaluate(self, *args, **kw):
         calls[0] += 1
         if calls[0] > limit:
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, *args)
+        return original(self, *args, **kw)
     evolve.Run.evaluate = evaluate
     sys.exit(evolve.main(sys.argv[2:]))
 """)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fitness,schedule,kill_after,tier", [
-    ("individual", "sequential", 7, "gpu"), ("merged", "sequential", 5, "cpu"), ("merged", "synchronous", 6, "gpu"),
-    ("individual", "synchronous", 9, "gpu"), ("merged", "sequential", 8, "disk"), ("individual", "sequential", 6, "disk"),
+@pytest.mark.parametrize("fitness,schedule,kill_after,tier,extra", [
+    ("individual", "sequential", 7, "gpu", []), ("merged", "sequential", 5, "cpu", []),
+    ("merged", "synchronous", 6, "gpu", []), ("individual", "synchronous", 9, "gpu", []),
+    ("merged", "sequential", 8, "disk", []), ("individual", "sequential", 6, "disk", []),
+    # jDE's F and CR are in the checkpoint; killed in generation 2, then while choosing on the selection data
+    ("individual", "sequential", 11, "gpu", ["--adapt", "jde", "--seed", "3", "--select-fraction", "0.25"]),
+    ("individual", "sequential", 18, "gpu", ["--adapt", "jde", "--seed", "3", "--select-fraction", "0.25"]),
 ])
-def test_resume_after_kill_gives_the_same_bytes(bert_pop, tmp_path, fitness, schedule, kill_after, tier):
+def test_resume_after_kill_gives_the_same_bytes(bert_pop, tmp_path, fitness, schedule, kill_after, tier, extra):
     models, dev = bert_pop
     args = ["--models", *models, "--dev", *dev, "--generations", "3", "--seed", "11", "--fitness", fitness,
-            "--schedule", schedule, "--population-on", tier]
+            "--schedule", schedule, "--population-on", tier, *extra]
     _run(models, dev, tmp_path / "straight", *args[args.index("--generations"):])
     killed = subprocess.run([sys.executable, "-c", KILLER, str(kill_after), *args, "--out", str(tmp_path / "k")],
                             capture_output=True, text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})

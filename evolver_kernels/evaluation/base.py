@@ -17,7 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
@@ -43,6 +43,7 @@ class DevFile:
 
 
 DevFiles = list[DevFile]  # in the order the dev paths were given
+Subset = Callable[[int, str, list[dict]], list[dict]]  # (file position, path, examples) -> the examples kept
 
 STATISTICS_NEED_BUILTIN = "Fisher and RegMean statistics need a built-in --task, not a module:function fitness"
 
@@ -175,13 +176,16 @@ class TaskEvaluator(abc.ABC):
         """The validated examples of one dev file."""
         return load_examples(path, self.name)
 
-    def load_files(self, paths: list[str], max_examples: int | None = None) -> DevFiles:
-        """Each dev file tokenised and batched, at most `max_examples` examples (the first ones) per file."""
+    def load_files(self, paths: list[str], max_examples: int | None = None, subset: Subset | None = None) -> DevFiles:
+        """Each dev file tokenised and batched, at most `max_examples` examples (the first ones) per file, then
+        (with `subset`) the examples subset(position of the file, path, examples) keeps."""
         files = []
-        for path in paths:
+        for f, path in enumerate(paths):
             examples = self.read(path)
             if max_examples:
                 examples = examples[:max_examples]
+            if subset is not None:
+                examples = subset(f, path, examples)
             enc = self.encode(examples)
             files.append(DevFile(path, examples, enc, self.pad_batches(examples, enc, range(len(examples)))))
         return files

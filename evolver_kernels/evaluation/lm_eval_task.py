@@ -140,8 +140,10 @@ class LmEvalEvaluator(TaskEvaluator):
         return 2 * self.batch_size * self.max_length * (self.vocab or 0) * 4
 
     # -- tasks, loaded and built once ----------------------------------------------------------------------
-    def load_files(self, paths: list[str], max_examples: int | None = None) -> DevFiles:
+    def load_files(self, paths: list[str], max_examples: int | None = None, subset=None) -> DevFiles:
         """Loads the tasks (the dev paths: folders of task YAMLs) and builds their requests; no dev files of ours."""
+        if subset is not None:
+            raise ValueError("subset: its data are lm-eval tasks; it cannot be split")
         from lm_eval.defaults import DEFAULT_OTHER_SEED
         from lm_eval.evaluator_utils import get_sample_size
         from lm_eval.tasks import TaskManager

@@ -50,7 +50,9 @@ class UserFunctionEvaluator(TaskEvaluator):
     def _prepare_tokenizer(self, tokenizer):
         return tokenizer  # the function is handed the caller's tokenizer, to pad (or not) as it likes
 
-    def load_files(self, paths: list[str], max_examples: int | None = None) -> DevFiles:
+    def load_files(self, paths: list[str], max_examples: int | None = None, subset=None) -> DevFiles:
+        if subset is not None:
+            raise ValueError("subset: the function reads the dev files itself; it cannot be split")
         return []  # the function reads the dev paths itself, in whatever format it knows
 
     def fitness(self, model: torch.nn.Module, files: DevFiles, dev_paths: list[str]) -> Fitness:
