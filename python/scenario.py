@@ -46,20 +46,37 @@ VARIANTS = [("merged", "average", "Evolver + average (merged fitness)"),
             ("individual", "average", "Evolver, individual fitness")]
 
 
-def run_name(fitness: str, method: str, seed: int) -> str:
+# the rows of held-out selection (a quarter of each dev file held out, the output chosen on it among the run's
+# result and the experts) and of self-adaptive DE (jDE), as (fitness, merge method, label, options)
+SELECTION_FRACTION = 0.25
+OPTION_VARIANTS = [
+    ("merged", "average", f"Evolver + average (merged fitness), --select-fraction {SELECTION_FRACTION}",
+     {"select_fraction": SELECTION_FRACTION}),
+    ("individual", "average", f"Evolver, individual fitness, --select-fraction {SELECTION_FRACTION}",
+     {"select_fraction": SELECTION_FRACTION}),
+    ("merged", "average", "Evolver + average (merged fitness), --adapt jde", {"adapt": "jde"}),
+    ("individual", "average", "Evolver, individual fitness, --adapt jde", {"adapt": "jde"}),
+]
+
+
+def run_name(fitness: str, method: str, seed: int, options: dict | None = None) -> str:
     """The directory of an Evolver run under the scenario's runs directory."""
-    return f"evolver-{fitness}-seed{seed}" if method == "average" else f"evolver-{fitness}-{method}-seed{seed}"
+    suffix = "".join(f"-{'select' if k == 'select_fraction' else ''}{v}" for k, v in (options or {}).items())
+    middle = "" if method == "average" else f"-{method}"
+    return f"evolver-{fitness}{middle}{suffix}-seed{seed}"
 
 
 def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, max_length: int,
-           merge_method: str = "average", merge_alpha: float = 0.5, early_reject: str = "on") -> str:
-    """Runs (or reuses a finished run of) the driver; returns the output model directory."""
+           merge_method: str = "average", merge_alpha: float = 0.5, early_reject: str = "on",
+           options: dict | None = None) -> str:
+    """Runs (or reuses a finished run of) the driver, with EvolveConfig `options` besides the demo's settings;
+    returns the output model directory."""
     merge = {"fisher": {"examples": STATS_EXAMPLES},
              "regmean": {"examples": STATS_EXAMPLES, "alpha": merge_alpha}}.get(merge_method, {})
     cfg = EvolveConfig(
         models=manifest["experts"], dev=manifest["dev"], out=out, generations=generations, fitness=fitness,
         seed=seed, F=0.5, CR=0.5, max_length=max_length, metric="macro-f1", merge_method=merge_method, merge=merge,
-        early_reject=early_reject,
+        early_reject=early_reject, **(options or {}),
     )
     done = os.path.join(out, "evolution.json")
     if os.path.exists(done):
@@ -202,25 +219,37 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
     baselines, alpha = merged_baselines(manifest, runs, dev_eval)
     for name, path in baselines.items():
         rows[name] = [by_name(score_model(path, test_eval))]
-    for fitness, method, label in VARIANTS:
+    chosen: dict[str, list[str]] = {}  # per --select-fraction row, what each seed's run output
+    expert_names = dict(zip(manifest["experts"], manifest.get("expert_names", columns)))
+    for fitness, method, label, options in [(*v, {}) for v in VARIANTS] + OPTION_VARIANTS:
         reports = []
+        row = f"{label.format(alpha=alpha)}, {generations} gen."
         for seed in seeds:
-            run_dir = evolve(manifest, os.path.join(runs, run_name(fitness, method, seed)), fitness, seed, generations,
-                             max_length, merge_method=method, merge_alpha=alpha)
+            run_dir = evolve(manifest, os.path.join(runs, run_name(fitness, method, seed, options)), fitness, seed,
+                             generations, max_length, merge_method=method, merge_alpha=alpha, options=options)
             reports.append(by_name(score_model(run_dir, test_eval)))
-        rows[f"{label.format(alpha=alpha)}, {generations} gen."] = reports
+            if "select_fraction" in options:
+                with open(os.path.join(run_dir, "evolution.json")) as f:
+                    winner = json.load(f)["selection"]["chosen"].removeprefix("input model ")
+                chosen.setdefault(row, []).append(f"expert {expert_names[winner]}" if winner in expert_names else winner)
+        rows[row] = reports
     md = table(rows, [c for c in columns if c in names], held_out)
     elapsed = time.perf_counter() - started
+    outputs = "; ".join(f"{'individual' if 'individual' in row else 'merged'} fitness: "
+                        + ", ".join(f"seed {s} {w}" for s, w in zip(seeds, ws)) for row, ws in chosen.items())
     note = (
         f"\nMacro-F1 / accuracy (%) on the test files. Evolver rows: mean ± standard deviation over seeds "
         f"{seeds}; the other rows are deterministic given the population (population seed {population_seed}). "
-        f"Selection used the dev files only. {elapsed:.0f} s on {os.cpu_count()} cores.\n"
+        f"Selection used the dev files only (--select-fraction rows: the search used {1 - SELECTION_FRACTION:.0%} of "
+        f"each dev file and the output was chosen on the rest; chosen: {outputs}). "
+        f"{elapsed:.0f} s on {os.cpu_count()} cores.\n"
     )
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n" + note)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "seeds": seeds, "generations": generations, "seconds": elapsed}, f, indent=2)
+        json.dump({"rows": rows, "seeds": seeds, "generations": generations, "seconds": elapsed, "chosen": chosen}, f,
+                  indent=2)
     return md + "\n" + note
 
 

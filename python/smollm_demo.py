@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -131,8 +132,16 @@ def perplexities(model_dir: str, files: list[str]) -> list[float]:
     return [math.exp(-score) for score in fit.per_file.values()]  # in the order of `files`
 
 
-def evolve(experts: list[str], dev: list[str], out: str, seed: int, generations: int) -> dict:
-    """The driver on the disk tier as a child process; its outputs plus peak anonymous RSS and wall time."""
+# Evolver rows: the demo's setting, then held-out selection (a quarter of each dev file held out, the output
+# chosen on it among the run's result and the experts) and self-adaptive DE (jDE): (label, extra flags)
+VARIANTS = [("Evolver (merged fitness)", []),
+            ("Evolver, --select-fraction 0.25", ["--select-fraction", "0.25"]),
+            ("Evolver, --adapt jde", ["--adapt", "jde"])]
+
+
+def evolve(experts: list[str], dev: list[str], out: str, seed: int, generations: int, extra: list[str]) -> dict:
+    """The driver on the disk tier as a child process (with `extra` flags); its outputs plus peak anonymous RSS
+    and wall time."""
     record = os.path.join(out, "run.json")
     if os.path.exists(record):
         with open(record) as f:
@@ -144,7 +153,7 @@ def evolve(experts: list[str], dev: list[str], out: str, seed: int, generations:
     argv = [sys.executable, "-m", "evolver_kernels.evolve", "--models", *experts, "--dev", *dev, "--out", out,
             "--task", "causal-lm", "--metric", "neg-loss", "--fitness", "merged", "--population-on", "disk",
             "--generations", str(generations), "--seed", str(seed), "--F", "0.5", "--CR", "0.5",
-            "--max-length", str(MAX_LENGTH), "--device", "cpu"]
+            "--max-length", str(MAX_LENGTH), "--device", "cpu", *extra]
 
     def sampled(command: list[str]) -> tuple[int, float]:
         start = time.perf_counter()
@@ -162,6 +171,8 @@ def evolve(experts: list[str], dev: list[str], out: str, seed: int, generations:
     with open(os.path.join(out, "evolution.json")) as f:
         history = json.load(f)
     result["dev_neg_loss"] = [g["population_fitness"] for g in history["generations"]]
+    if "selection" in history:
+        result["chosen"] = history["selection"]["chosen"]
     with open(record, "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -171,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", default=".cache/smollm")
     parser.add_argument("--out", default="demo_out/smollm")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--generations", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-4)
     args = parser.parse_args()
@@ -201,25 +212,41 @@ def main() -> None:
         if best is None or dev_ppl < best[0]:
             best = (dev_ppl, scale, path)
     rows[f"task arithmetic (lambda {best[1]}, chosen on dev)"] = perplexities(best[2], test)
-    runs = []
-    for seed in args.seeds:
-        run_dir = os.path.join(args.cache, f"evolver-seed{seed}")
-        runs.append(evolve(experts, dev, run_dir, seed, args.generations))
-        rows[f"Evolver (seed {seed}, {args.generations} generations)"] = perplexities(run_dir, test)
+    runs, chosen = {}, {}
+    for label, extra in VARIANTS:
+        ppls = []
+        for seed in args.seeds:
+            suffix = "".join(f"-{a.lstrip('-')}" for a in extra)
+            run_dir = os.path.join(args.cache, f"evolver{suffix}-seed{seed}")
+            result = evolve(experts, dev, run_dir, seed, args.generations, extra)
+            runs[f"{label}, seed {seed}"] = result
+            if "chosen" in result:
+                chosen.setdefault(label, []).append(result["chosen"].removeprefix("input model ").replace(args.cache + "/", ""))
+            ppls.append(perplexities(run_dir, test))
+        rows[f"{label}, {args.generations} gen."] = ppls
+
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.2f}"
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
     lines = ["| model | " + " | ".join(DOMAINS) + " | mean |", "| --- |" + " --- |" * (len(DOMAINS) + 1)]
     for name, ppl in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{p:.2f}" for p in ppl) + f" | {sum(ppl) / len(ppl):.2f} |")
+        per_seed = ppl if isinstance(ppl[0], list) else [ppl]
+        cells = [cell([p[d] for p in per_seed]) for d in range(len(DOMAINS))]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cell([sum(p) / len(p) for p in per_seed])} |")
     model_bytes = os.path.getsize(os.path.join(base, "model.safetensors"))
     memory = f"Evolver runs (disk tier, N = {len(experts)}, one copy = {model_bytes / 2**20:.0f} MiB): " + "; ".join(
-        f"seed {s}: {r['seconds']:.0f} s, peak anonymous RSS {r['peak_anon_bytes'] / 2**30:.2f} GiB, "
+        f"{name}: {r['seconds']:.0f} s, peak anonymous RSS {r['peak_anon_bytes'] / 2**30:.2f} GiB, "
         f"{(r['peak_anon_bytes'] - r['dry_run_anon_bytes']) / model_bytes:.1f} model copies above the "
-        f"--dry-run's {r['dry_run_anon_bytes'] / 2**30:.2f} GiB" for s, r in zip(args.seeds, runs))
-    text = "Held-out perplexity per domain (lower is better)\n\n" + "\n".join(lines) + "\n\n" + memory + "\n"
+        f"--dry-run's {r['dry_run_anon_bytes'] / 2**30:.2f} GiB" for name, r in runs.items())
+    picks = "; ".join(f"{label}: " + ", ".join(f"seed {s} {w}" for s, w in zip(args.seeds, ws)) for label, ws in chosen.items())
+    text = (f"Held-out perplexity per domain (lower is better); Evolver rows: mean ± standard deviation over seeds "
+            f"{args.seeds}\n\n" + "\n".join(lines) + "\n\nChosen on the selection data: " + picks + "\n\n" + memory + "\n")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"domains": DOMAINS, "perplexity": rows, "runs": dict(zip(map(str, args.seeds), runs))}, f, indent=2)
+        json.dump({"domains": DOMAINS, "perplexity": rows, "runs": runs, "chosen": chosen}, f, indent=2)
     print(text)
 
 
