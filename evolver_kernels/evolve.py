@@ -10,6 +10,8 @@ from its config alone and a resumed run repeats exactly what an uninterrupted on
   --merge-method and --extra-individuals
   seeded individual s (--population-size)      partner random_order(seed, M, 0, s), crossover seed
                                                derive_seed(seed, 0, s, PURPOSE_OFFSPRING)
+  --adapt jde draws of offspring i in gen. g    random_words(4) under derive_seed(seed, g, i, PURPOSE_ADAPT)   adaptation.py
+  --select-fraction split of dev file f         random_order(derive_seed(seed, 0, f, PURPOSE_SELECT), n, s)    selection.py
 Generation numbers start at 1; generation 0 in the history is the initial population.
 
 The population is the M models, then one individual per --extra-individuals merge of the models, then (when
@@ -17,6 +19,9 @@ The population is the M models, then one individual per --extra-individuals merg
 (s - M - E) mod M with a random partner model. All are built before generation 0, deterministically, so a
 resumed run rebuilds them exactly. Merge methods with statistics (fisher, regmean) estimate them on the dev
 data once per individual before generation 0 and keep them with the checkpoint.
+
+With selection data (--select, --select-fraction) the output is chosen after the last generation among the
+run's result, the input models and the --extra-individuals merges (selection.py).
 
 Where the rest is decided: options (config.py), inputs and the memory plan (inputs.py, plan.py), devices
 (placement.py), strategies (strategies.py), merge methods (methods/), the fitness modes (fitness.py), the run
