@@ -86,19 +86,21 @@ class Checkpoint:
         """Where a merge method's statistics are kept for --resume."""
         return os.path.join(self.dir, f"{method}{STATS_SUFFIX}")
 
-    def resume(self, config: dict, pop: Population) -> RunState:
+    def resume(self, config: dict, pop: Population, cleanup: bool = True) -> RunState:
         """The checkpointed state, if it was written with the same `config` (refused naming every option that
-        differs), with its individuals loaded into `pop`."""
+        differs), with its individuals loaded into `pop` (and, with `cleanup`, files it does not name removed:
+        one rank does that)."""
         state = self.load_state()
         differing = sorted(k for k in set(config) | set(state.config) if config.get(k) != state.config.get(k))
         if differing:
             raise UserError("--resume with a different configuration: " + ", ".join(
                 f"{k} (checkpoint {state.config.get(k)!r}, now {config.get(k)!r})" for k in differing))
-        self.restore(state, pop)
+        self.restore(state, pop, cleanup)
         return state
 
-    def restore(self, state: RunState, pop: Population) -> None:
-        """Loads the individuals that state.json names into the population."""
+    def restore(self, state: RunState, pop: Population, cleanup: bool = True) -> None:
+        """Loads the individuals that state.json names into the population (a population whose `writes` is
+        False skips them: its node's writer loads them)."""
         for i, name in state.individual_files.items():
             path = os.path.join(self.ind_dir, name)
             try:
@@ -106,7 +108,8 @@ class Checkpoint:
             except (OSError, SafetensorError, ValueError) as err:
                 raise UserError(f"{path}: unreadable checkpointed individual ({' '.join(str(err).split())}); "
                                 "the run cannot resume from this checkpoint") from None
-        self.remove_unreferenced(state.individual_files)
+        if cleanup:
+            self.remove_unreferenced(state.individual_files)
 
     def remove_unreferenced(self, files: dict[int, str]) -> None:
         """Deletes our own individual files (and leftovers of interrupted writes) that state.json does not name;

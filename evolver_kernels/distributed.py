@@ -1,7 +1,8 @@
 """Ranks for the synchronous schedule under torchrun: each rank evaluates the offspring i with
-i % world == rank; scores are gathered, and every rank then applies the same acceptances to its own copy of
-the population, so the result is the same for any number of ranks. Without torchrun (WORLD_SIZE unset or 1)
-everything here is a no-op."""
+i % world == rank; scores are gathered, and every node then applies the same acceptances to its copy of the
+population (held once per node in host memory or on disk, written by the node's local rank 0, node_share.py;
+one per rank on GPUs), so the result is the same for any number of ranks and nodes. Without torchrun
+(WORLD_SIZE unset or 1) everything here is a no-op."""
 
 from __future__ import annotations
 
@@ -25,8 +26,19 @@ def leave(code: int) -> None:
 
 
 class Ranks:
-    def __init__(self, rank: int = 0, world: int = 1):
+    """This process's place: global rank and world size, and its node's (torchrun's LOCAL_RANK,
+    LOCAL_WORLD_SIZE and GROUP_RANK): local rank 0 is the node's writer of a shared population."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int | None = None, local_world: int | None = None,
+                 node: int = 0):
         self.rank, self.world = rank, world
+        self.local_rank = rank if local_rank is None else local_rank
+        self.local_world = world if local_world is None else local_world
+        self.node = node
+
+    @property
+    def node_writer(self) -> bool:
+        return self.local_rank == 0
 
     @property
     def enabled(self) -> bool:
@@ -45,7 +57,10 @@ class Ranks:
 
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        return Ranks(dist.get_rank(), dist.get_world_size())
+        rank, world = dist.get_rank(), dist.get_world_size()
+        env = os.environ
+        return Ranks(rank, world, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world)),
+                     int(env.get("GROUP_RANK", 0)))
 
     def mine(self, i: int) -> bool:
         return i % self.world == self.rank

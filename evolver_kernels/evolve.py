@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from . import adaptation, model_io, rundir
+from . import adaptation, model_io, node_share, rundir
 from .arena import load_into
 from .backends import device_backends
 from .checkpoint import Checkpoint
@@ -65,9 +65,9 @@ FLAGS = {"model_dir": "--models", "path": "--dev", "task": "--task", "metric": "
          "disk_dir": "--population-dir", "device_map": "--device-map", "select_fraction": "--select-fraction"}
 
 
-def check_plan(cfg: EvolveConfig, inputs: RunInputs, log) -> None:
-    """Prints the memory plan; refuses one that cannot fit, with the numbers."""
-    plan = plan_of(cfg, inputs)
+def check_plan(cfg: EvolveConfig, inputs: RunInputs, log, ranks: Ranks | None = None) -> None:
+    """Prints the memory plan of this node; refuses one that cannot fit, with the numbers."""
+    plan = plan_of(cfg, inputs, ranks)
     log(plan.text())
     problem = plan.refusal(host_available(), lambda d: torch.cuda.mem_get_info(torch.device(d))[0], rundir.disk_problem)
     if problem:
@@ -114,6 +114,7 @@ class Run:
         self.out_dir: rundir.OutputDir | None = None
         self.scratch: rundir.Scratch | None = None
         self.pop = self.bar = self.state = None
+        self.node: node_share.NodePopulation | None = None  # the population held once per node, with ranks
         self.weights_s = self.evaluation_s = 0.0
         self.non_finite = 0
         cuda = cfg.device.startswith("cuda") if cfg.device else torch.cuda.is_available()
@@ -137,13 +138,26 @@ class Run:
                                                                                 convert_root, self.ranks))
         self.n, self.device = self.inputs.n, self.inputs.placement.device
         self.checkpoint = check_checkpoint(cfg)
-        check_plan(cfg, self.inputs, self.log)
-        if cfg.population_on == "disk":  # a fresh directory of ours, removed when the run ends
-            self.scratch = rundir.Scratch(cfg.population_dir or cfg.out, "--population-dir" if cfg.population_dir else "--out")
+        check_plan(cfg, self.inputs, self.log, self.ranks)
         n_models = len(cfg.models)
-        self.pop = make_population(cfg.population_on, self.inputs.layout, self.inputs.files, list(cfg.models),
-                                   self.device, disk_dir=self.scratch.path if self.scratch else None,
-                                   extra=self.n - n_models)
+        on_disk = cfg.population_on == "disk"
+        # the disk tier's files go into a fresh directory of ours, removed when the run ends
+        disk_parent = (cfg.population_dir or cfg.out, "--population-dir" if cfg.population_dir else "--out")
+
+        def make(root: str | None, writes: bool = True):
+            return make_population(cfg.population_on, self.inputs.layout, self.inputs.files, list(cfg.models),
+                                   self.device, disk_dir=root if on_disk else None, extra=self.n - n_models,
+                                   shared_dir=root if self.node is not None and not on_disk else None, writes=writes)
+
+        if self.ranks.node_writer:  # shared-memory populations of killed runs (no live writer holds their lock)
+            rundir.remove_stale_scratch(node_share.shm_root())
+        if node_share.shared(cfg.population_on, self.device, self.ranks):  # once per node (node_share.py)
+            self.node = node_share.NodePopulation(self.ranks, cfg.population_on)
+            self.pop = self.node.create(make, *(disk_parent if on_disk else (node_share.shm_root(), "EVOLVER_SHM_DIR")))
+        else:
+            if on_disk:
+                self.scratch = rundir.Scratch(*disk_parent)
+            self.pop = make(self.scratch.path if self.scratch else None)
         self.arena = self.inputs.placement.arena()
         self.inputs.placement.bind(self.inputs.model, self.arena, self.inputs.files[0])
         self.base = None
@@ -152,6 +166,7 @@ class Run:
                                                   f"--base-model {cfg.base_model}", self.inputs.placement.arena())
         self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend)
         fill_slots(cfg, self.pop, self.pipeline, self.arena, n_models, self.merger, self.timed, self.log)
+        self.sync(range(n_models, self.n))
         self.mode = FITNESS[cfg.fitness](self)
         if self.mode.merges:
             start = time.perf_counter()
@@ -225,7 +240,14 @@ class Run:
         if not self.cfg.resume:
             adapting = adaptation.get(self.cfg.adapt).trial is not None
             return RunState(config=config, control=[[self.cfg.F, self.cfg.CR] for _ in range(self.n)] if adapting else None)
-        return self.checkpoint.resume(config, self.pop)
+        state = self.checkpoint.resume(config, self.pop, cleanup=self.ranks.is_main)
+        self.sync(range(self.n))
+        return state
+
+    def sync(self, changed) -> None:
+        """A population shared by the node's ranks: every rank waits for its writer's writes of `changed`."""
+        if self.node is not None:
+            self.node.sync(self.pop, changed)
 
     def run(self) -> dict:
         """Evolves the population and writes the outputs (rank 0); closes the run on every exit path."""
@@ -278,6 +300,7 @@ class Run:
                 state.pending_outcomes = ranks.gather(state.pending_outcomes)
                 changed = state.accepted_now = mode.end_synchronous(state, g, bar.update)
                 self.adopt(state, g, changed)
+                self.sync(changed)
             entry = self._history_entry(state, g, sorted(state.accepted_now))
             state.history.append(entry)
             per_file = ", ".join(f"{name} {score:.4f}" for name, score in entry["per_file"].items())
@@ -378,6 +401,8 @@ class Run:
             self.pop.close()
         if self.scratch is not None:
             self.scratch.remove()
+        if self.node is not None:
+            self.node.remove()
         if self.out_dir is not None:
             self.out_dir.release(remove_if_unused=failed)
 
@@ -414,5 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (torchrun stopping the other ranks when one fails, a scheduler's kill) ends the run as Ctrl-C does:
+    through Run.close, so its scratch directories and shared memory are removed."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import methods, model_io
+from . import methods, model_io, node_share
 from .arena import Layout, PickleWeightsError, resolve_names, safetensors_files, tensor_index
 from .backends import device_backends
 from .config import ConfigError, EvolveConfig, population_size
@@ -129,8 +129,9 @@ def scoring_bytes(inputs: RunInputs) -> int:
     return 0
 
 
-def plan_of(cfg: EvolveConfig, inputs: RunInputs) -> Plan:
-    """The memory plan of this run (plan.memory_plan with the numbers of these inputs)."""
+def plan_of(cfg: EvolveConfig, inputs: RunInputs, ranks: Ranks | None = None) -> Plan:
+    """The memory plan of this run on this node (plan.memory_plan with the numbers of these inputs)."""
+    ranks = ranks or Ranks()
     stats_bytes, stats_name = 0, ""
     if cfg.fitness == "merged":
         record = methods.get(cfg.merge_method)
@@ -148,4 +149,7 @@ def plan_of(cfg: EvolveConfig, inputs: RunInputs) -> Plan:
         scratch_root=scratch, out=cfg.out,
         checkpoint_linked=cfg.population_on == "disk" and same_filesystem(scratch, cfg.out),
         backends=device_backends(inputs.placement.devices(), cfg.backend),
+        local_ranks=ranks.local_world if ranks.enabled else 1,
+        shared_root=node_share.shm_root() if node_share.shared(cfg.population_on, device, ranks) and
+        cfg.population_on != "disk" else "",
     ))

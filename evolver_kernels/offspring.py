@@ -106,6 +106,10 @@ class WeightPipeline:
         the order of the writes)."""
         if not specs:
             return
+        if not self.pop.writes:  # the node's writer writes them (node_share.py); cached terms are stale all the same
+            for spec in specs:
+                self.merger.changed(spec.i)
+            return
         for spec in specs:
             self.pop.begin_write(spec.i)
         for group, (_, size) in self.pop.layout.groups.items():
@@ -123,6 +127,9 @@ class WeightPipeline:
 
     def write_from(self, i: int, arena: Arena) -> None:
         """Replaces individual i by the contents of `arena` (an accepted offspring already built there)."""
+        if not self.pop.writes:
+            self.merger.changed(i)
+            return
         self.pop.begin_write(i)
         for group in self.pop.layout.groups:
             for lo, _, values in arena.chunks(group, self.chunk):

@@ -34,6 +34,9 @@ TIERS = ("gpu", "cpu", "disk")
 class Population(abc.ABC):
     layout: Layout
     size: int
+    # False for a rank that shares its node's population without writing it (node_share.py): its writes are
+    # dropped, since the node's writer writes the same bytes, and it reads them after a barrier (refresh)
+    writes: bool = True
 
     @abc.abstractmethod
     def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
@@ -76,6 +79,10 @@ class Population(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases what the tier holds open (memory maps); the population is not used afterwards."""
 
+    def refresh(self, indices) -> None:  # noqa: B027 - optional hook
+        """Individuals another process of the node replaced: reads must see the new bytes (the disk tier drops
+        its maps of the old files; shared memory needs nothing)."""
+
 
 class MemoryPopulation(Population):
     """The gpu and cpu tiers: N arenas resident on `storage_device`."""
@@ -90,6 +97,8 @@ class MemoryPopulation(Population):
         return self.arenas[i].buffers[group][lo:hi]
 
     def write(self, i: int, group: str, lo: int, values: torch.Tensor) -> None:
+        if not self.writes:
+            return
         dst = self.arenas[i].buffers[group][lo : lo + values.numel()]
         if dst.data_ptr() != values.data_ptr():
             dst.copy_(values, non_blocking=True)
@@ -98,7 +107,30 @@ class MemoryPopulation(Population):
         save_flat(self.arenas[i], path)
 
     def load(self, i: int, path: str) -> None:
-        load_flat(self.arenas[i], path)
+        if self.writes:
+            load_flat(self.arenas[i], path)
+
+
+class SharedMemoryPopulation(MemoryPopulation):
+    """The host-memory tiers under several ranks of one node: each individual's group buffers are files in a
+    shared-memory directory `root` (tmpfs), which every local rank maps MAP_SHARED (torch.from_file), so the
+    node holds the population once. The writer creates the files; the other ranks map them afterwards and
+    never write (their `writes` is False)."""
+
+    def __init__(self, layout: Layout, size: int, root: str, writes: bool):
+        self.layout, self.size, self.root, self.writes = layout, size, root, writes
+        self.storage_device = torch.device("cpu")
+        self.arenas = []
+        for i in range(size):
+            buffers = {}
+            for g, (_, numel) in layout.groups.items():
+                path = os.path.join(root, f"ind{i}-{g}.bin")
+                dtype = layout.group_dtype(g)
+                if writes:  # zero-filled (a sparse file on tmpfs: pages are taken when written)
+                    with open(path, "wb") as f:
+                        f.truncate(numel * dtype.itemsize)
+                buffers[g] = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+            self.arenas.append(Arena(layout, buffers))
 
 
 def save_flat(arena: Arena, path: str) -> None:
@@ -147,10 +179,11 @@ class DiskPopulation(Population):
     """The disk tier: `root/ind<i>.safetensors`, flat, memory-mapped for reading (page cache, not anonymous
     memory), replaced by writing `ind<i>.safetensors.new` chunk by chunk and renaming it on commit."""
 
-    def __init__(self, layout: Layout, size: int, root: str):
+    def __init__(self, layout: Layout, size: int, root: str, writes: bool = True):
         self.layout = layout
         self.size = size
         self.root = root
+        self.writes = writes  # False: another rank of the node writes these files (node_share.py)
         os.makedirs(root, exist_ok=True)
         self.header, self.group_start = _flat_header(layout)
         self.elsize = {g: layout.group_dtype(g).itemsize for g in layout.groups}
@@ -181,11 +214,15 @@ class DiskPopulation(Population):
             return torch.frombuffer(self._map(i), dtype=self.layout.group_dtype(group), count=hi - lo, offset=offset)
 
     def begin_write(self, i: int) -> None:
+        if not self.writes:
+            return
         fd = os.open(self.path(i) + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(fd, self.header)
         self._writing[i] = fd
 
     def write(self, i: int, group: str, lo: int, values: torch.Tensor) -> None:
+        if not self.writes:
+            return
         fd = self._writing.get(i)
         if fd is None:
             raise RuntimeError(f"write to individual {i} outside begin_write/commit_write")
@@ -193,6 +230,8 @@ class DiskPopulation(Population):
         os.pwrite(fd, memoryview(data), len(self.header) + self.group_start[group] + lo * self.elsize[group])
 
     def commit_write(self, i: int) -> None:
+        if not self.writes:
+            return
         fd = self._writing.pop(i)
         os.fsync(fd)
         os.close(fd)
@@ -224,6 +263,8 @@ class DiskPopulation(Population):
         _link_or_copy(self.path(i), path)
 
     def load(self, i: int, path: str) -> None:
+        if not self.writes:
+            return
         with safe_open(path, framework="pt", device="cpu") as f:
             if f.metadata().get("layout") != hash_layout(self.layout):
                 raise ValueError(f"{path}: written for another model layout")
@@ -246,6 +287,10 @@ class DiskPopulation(Population):
     def close(self) -> None:
         """Unmaps every file (the files themselves live in a scratch directory its owner removes: rundir.py)."""
         for i in list(self._maps):
+            self._unmap(i)
+
+    def refresh(self, indices) -> None:
+        for i in indices:  # the writer renamed new files into place: map those on the next read
             self._unmap(i)
 
 
@@ -358,22 +403,31 @@ class MappedModels(ReadOnlyView):
 
 def make_population(
     tier: str, layout: Layout, model_files: list[list[str]], sources: list[str], compute_device: torch.device,
-    disk_dir: str | None = None, extra: int = 0,
+    disk_dir: str | None = None, extra: int = 0, shared_dir: str | None = None, writes: bool = True,
 ) -> Population:
     """A population of len(model_files) + extra individuals on `tier`, the first loaded tensor by tensor from
-    safetensors; the `extra` slots are left for the caller to write (begin_write / write / commit_write)."""
+    safetensors; the `extra` slots are left for the caller to write (begin_write / write / commit_write).
+    With `shared_dir` a host-memory tier is held in shared memory there (SharedMemoryPopulation); `writes`
+    False maps a node's population that its writer creates and loads (the disk tier: in `disk_dir`)."""
     if tier not in TIERS:
         raise ArgumentError("tier", f"must be one of {', '.join(TIERS)}, got {tier!r}")
     if tier == "disk":
         if not disk_dir:
             raise ArgumentError("disk_dir", "is needed by the disk tier (a directory for the individuals)")
-        pop = DiskPopulation(layout, len(model_files) + extra, disk_dir)
-        for i, (files, source) in enumerate(zip(model_files, sources)):
-            pop.write_from_files(i, files, source)
+        pop = DiskPopulation(layout, len(model_files) + extra, disk_dir, writes=writes)
+        if writes:
+            for i, (files, source) in enumerate(zip(model_files, sources)):
+                pop.write_from_files(i, files, source)
         return pop
     storage = compute_device if tier == "gpu" else torch.device("cpu")
-    pin = tier == "cpu" and compute_device.type == "cuda"
-    pop = MemoryPopulation(layout, len(model_files) + extra, storage, pin_memory=pin)
-    for i, (files, source) in enumerate(zip(model_files, sources)):
-        load_into(pop.arenas[i], files, source)
+    if shared_dir is not None:
+        if storage.type != "cpu":
+            raise ArgumentError("shared_dir", f"applies to host memory, not a {tier} tier on {storage}")
+        pop = SharedMemoryPopulation(layout, len(model_files) + extra, shared_dir, writes)
+    else:
+        pin = tier == "cpu" and compute_device.type == "cuda"
+        pop = MemoryPopulation(layout, len(model_files) + extra, storage, pin_memory=pin)
+    if writes:
+        for i, (files, source) in enumerate(zip(model_files, sources)):
+            load_into(pop.arenas[i], files, source)
     return pop

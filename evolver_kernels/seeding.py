@@ -32,6 +32,8 @@ def seeded_spec(cfg: EvolveConfig, n_models: int, first_seeded: int, s: int) -> 
 def fill_slots(cfg: EvolveConfig, pop: Population, pipeline: WeightPipeline, arena: Arena, n_models: int,
                merger_for: Callable[[str], Merger], timed: Callable, log: Callable[[str], None]) -> None:
     """Writes individuals n_models .. pop.size - 1, building each in `arena` first."""
+    if not pop.writes:  # another rank of the node builds them into the shared population (node_share.py)
+        return
     extras = list(cfg.extra_individuals or [])
     for j, method in enumerate(extras):
         log(f"extra individual #{n_models + j}: {method} of the {n_models} models")

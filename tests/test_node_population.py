@@ -1,0 +1,156 @@
+"""The population held once per node under torchrun (evolver_kernels/node_share.py), with gloo ranks on this
+machine: 4 ranks on shared memory and 2 on the disk tier give the bytes of one process (2 ranks: test_evolve.py);
+two nodes simulated on localhost (two torchrun invocations) too; a rank killed with SIGKILL, then --resume with
+another rank count, too. No shared-memory or scratch directory survives any of it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evolver_kernels.evolve import main
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--generations", "3", "--seed", "5", "--schedule", "synchronous"]
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(shm) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "EVOLVER_PROGRESS": "0", "EVOLVER_SHM_DIR": str(shm)}
+
+
+def _torchrun(argv: list[str], shm, nproc: int, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
+              script: list[str] | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
+               f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or _port()}",
+               *(script or ["-m", "evolver_kernels.evolve"]), *argv]
+    return subprocess.Popen(command, env=_env(shm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def _same(a, b) -> None:
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k].view(torch.uint8), wb[k].view(torch.uint8)) for k in wa)
+    ja, jb = (json.loads((Path(d) / "evolution.json").read_text()) for d in (a, b))
+    assert ja["generations"] == jb["generations"] and ja["evaluations"] == jb["evaluations"]
+
+
+def _leftovers(*roots) -> list[str]:
+    return [os.path.join(r, n) for r in roots if os.path.isdir(r) for n in os.listdir(r) if n.startswith("evolver-scratch-")]
+
+
+@pytest.fixture(scope="module")
+def reference(bert_pop, tmp_path_factory):
+    """One process, each fitness mode: the bytes every rank count must give."""
+    models, dev = bert_pop
+    root = tmp_path_factory.mktemp("one")
+    outs = {}
+    for fitness in ("individual", "merged"):
+        outs[fitness] = str(root / fitness)
+        assert main(["--models", *models, "--dev", *dev, *ARGS, "--fitness", fitness, "--out", outs[fitness]]) == 0
+    return outs
+
+
+@pytest.mark.parametrize("nproc,tier,fitness", [(4, "cpu", "merged"), (2, "disk", "individual")])
+def test_ranks_of_one_node_share_one_population(bert_pop, reference, tmp_path, nproc, tier, fitness):
+    models, dev = bert_pop
+    shm = tmp_path / "shm"
+    out = tmp_path / "out"
+    err = _finish(_torchrun(["--models", *models, "--dev", *dev, *ARGS, "--fitness", fitness, "--population-on", tier,
+                             "--out", str(out)], shm, nproc))
+    where = "in shared memory, once for the node's ranks" if tier == "cpu" else "once for the node's ranks"
+    assert f"population: 4 copies on {tier} {where}" in err and f"per rank ({nproc} ranks on this node)" in err
+    _same(reference[fitness], out)
+    assert not _leftovers(shm, out)
+
+
+def test_two_nodes_on_localhost_give_the_same_bytes(bert_pop, reference, tmp_path):
+    models, dev = bert_pop
+    shm, port = tmp_path / "shm", _port()
+    argv = ["--models", *models, "--dev", *dev, *ARGS, "--fitness", "individual", "--population-on", "cpu",
+            "--out", str(tmp_path / "out")]
+    nodes = [_torchrun(argv, shm, 1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    for proc in nodes:
+        _finish(proc)
+    _same(reference["individual"], tmp_path / "out")
+    assert not _leftovers(shm)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from evolver_kernels import evolve
+    limit, calls = int(os.environ["KILL_AFTER"]), [0]
+    original = evolve.Run.evaluate
+    def evaluate(self, *args, **kw):
+        calls[0] += 1
+        if os.environ.get("RANK") == "1" and calls[0] > limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kw)
+    evolve.Run.evaluate = evaluate
+    signal.signal(signal.SIGTERM, evolve._terminated)
+    sys.exit(evolve.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("resume_ranks", [1, 2])
+def test_a_killed_rank_then_resume_with_any_rank_count_gives_the_same_bytes(bert_pop, reference, tmp_path, monkeypatch,
+                                                                         resume_ranks):
+    models, dev = bert_pop
+    shm = tmp_path / "shm"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    argv = ["--models", *models, "--dev", *dev, *ARGS, "--fitness", "individual", "--population-on", "cpu",
+            "--out", str(tmp_path / "out")]
+    monkeypatch.setenv("KILL_AFTER", "5")  # rank 1 scores 2 initial individuals, then 2 offspring a generation
+    killed = _torchrun(argv, shm, 2, script=[str(script)])
+    _, err = killed.communicate(timeout=600)
+    assert killed.returncode != 0 and "(SIGKILL)" in err, err[-3000:]
+    assert not (tmp_path / "out" / "evolution.json").exists()
+    state = json.loads((tmp_path / "out" / "checkpoint" / "state.json").read_text())
+    assert state["generation"] == 2  # killed in generation 2, checkpointed at the end of generation 1
+    if resume_ranks == 1:
+        monkeypatch.setenv("EVOLVER_SHM_DIR", str(shm))
+        assert main([*argv, "--resume"]) == 0
+    else:
+        _finish(_torchrun([*argv, "--resume"], shm, resume_ranks))
+    _same(reference["individual"], tmp_path / "out")
+    assert not _leftovers(shm, tmp_path / "out")  # the killed run's too, removed by the next start
+
+
+def test_sigterm_removes_the_shared_population(bert_pop, tmp_path):
+    """A rank stopped with SIGTERM (torchrun stopping the others) leaves through Run.close."""
+    models, dev = bert_pop
+    shm = tmp_path / "shm"
+    argv = ["--models", *models, "--dev", *dev, "--generations", "50", "--schedule", "synchronous",
+            "--population-on", "cpu", "--out", str(tmp_path / "out")]
+    proc = _torchrun(argv, shm, 2)
+    import time
+
+    deadline = time.time() + 300
+    while not _leftovers(shm) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert _leftovers(shm), "the run never made its shared-memory population"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+    _, err = proc.communicate(timeout=120)
+    assert "--resume" in err, err[-3000:]
+    assert not _leftovers(shm)
