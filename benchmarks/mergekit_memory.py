@@ -41,6 +41,9 @@ CASES: dict[str, tuple[dict, dict, int | None, bool]] = {
     "breadcrumbs_ties": ({"density": 0.5, "gamma": 0.05}, {"weight": 1.0}, None, True),
     "sce": ({"select_topk": 0.5}, {}, None, True),
     "nearswap": ({"t": 0.5}, {}, 1, True),
+    "ram": ({}, {}, None, True),
+    "ramplus_tl": ({}, {}, None, True),
+    "arcee_fusion": ({}, {}, 1, True),
 }
 
 

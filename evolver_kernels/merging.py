@@ -7,12 +7,15 @@ written once; never a stack of N tensors, never a mask tensor (docs/ARCHITECTURE
 coefficients come from angles (slerp, nuslerp, multislerp, karcher, model_stock) first reduce each tensor to the
 models' Gram matrix in one streamed pass (methods/geometry.py); breadcrumbs, della and sce (methods/sparsify.py)
 reduce each tensor to thresholds or norms first, then merge element-wise in plain fp32 torch (as nearswap,
-methods/nearswap.py): not yet fused kernels. Exact arithmetic: evolver_kernels.reference.merge_reference. Where
-ours differs from mergekit: the docstrings of methods/task_vectors.py, methods/spherical.py,
-methods/model_stock.py, methods/sparsify.py and methods/nearswap.py.
+methods/nearswap.py, ram and ramplus_tl, methods/ram.py, after ramplus_tl's per-tensor counts, and arcee_fusion,
+methods/arcee_fusion.py, after its per-tensor quantiles): not yet fused kernels. Exact arithmetic:
+evolver_kernels.reference.merge_reference. Where ours differs from mergekit: the docstrings of
+methods/task_vectors.py, methods/spherical.py, methods/model_stock.py, methods/sparsify.py, methods/nearswap.py,
+methods/ram.py and methods/arcee_fusion.py.
 
 The function forms average, task_arithmetic, ties, kth_largest_magnitude, slerp, nuslerp, multislerp, karcher,
-model_stock, breadcrumbs, della, sce and nearswap are the methods' own and are re-exported here.
+model_stock, breadcrumbs, della, sce, nearswap, ram (ram and ramplus_tl) and arcee_fusion are the methods' own
+and are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ from typing import Any
 
 from . import methods
 from .arena import Arena, Entry, Layout
+from .methods.arcee_fusion import arcee_fusion
 from .methods.linear import average
 from .methods.model_stock import model_stock
 from .methods.nearswap import nearswap
+from .methods.ram import ram
 from .methods.sparsify import breadcrumbs, della, sce
 from .methods.spherical import karcher, multislerp, nuslerp, slerp
 from .methods.task_vectors import kth_largest_magnitude, task_arithmetic, ties
 from .population import Population, ReadOnlyView
 
-__all__ = ["Merger", "TensorGroup", "average", "breadcrumbs", "compute_statistics", "della", "merge_per_tensor", "karcher",
-           "kth_largest_magnitude", "load_statistics", "model_stock", "multislerp", "nearswap", "nuslerp", "sce", "slerp",
-           "task_arithmetic", "ties"]
+__all__ = ["Merger", "TensorGroup", "arcee_fusion", "average", "breadcrumbs", "compute_statistics", "della",
+           "merge_per_tensor", "karcher", "kth_largest_magnitude", "load_statistics", "model_stock", "multislerp",
+           "nearswap", "nuslerp", "ram", "sce", "slerp", "task_arithmetic", "ties"]
 
 
 class Merger:

@@ -3,7 +3,7 @@ imported. Importing this package registers the built-in ones."""
 
 # isort: off
 # registration order is the order of --help, error messages and the README table
-from . import linear, task_vectors, statistics, spherical, model_stock, sparsify, nearswap  # noqa: F401 - registers the built-in methods
+from . import linear, task_vectors, statistics, spherical, model_stock, sparsify, nearswap, ram, arcee_fusion  # noqa: F401 - registers the built-in methods
 # isort: on
 from .registry import (
     METHODS,
