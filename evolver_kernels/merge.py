@@ -163,10 +163,10 @@ def _parameters(where: str, params, record: methods.MergeMethod, per_model: bool
                 raise MergeConfigError(f"{at} must be {'an integer' if key == 'seed' else 'a string'}, got {value!r}")
             out[key] = value
             continue
-        if key in MERGEKIT_ONLY and record.param(key) is None:
+        if key in MERGEKIT_ONLY and record.param(key, aliases=True) is None:
             _mergekit_only(record, key, value, at)
             continue
-        p = record.param(key)
+        p = record.param(key, aliases=True)
         if p is None:
             known = [q.name for q in methods.all_params().values()] + ["weight", *RUN_PARAMETERS]
             if key in known or any(key in q.aliases for q in methods.all_params().values()):

@@ -199,6 +199,8 @@ def test_per_tensor_settings_took_effect(merged):
     (["--method", "ram", "--r", "0.5"], "--r does not apply to ram"),
     (["--method", "ramplus_tl", "--ramplus-alpha", "inf"], "--ramplus-alpha must be any finite number"),
     (["--method", "ram", "--ramplus-alpha", "0.5"], "--ramplus-alpha does not apply to ram"),
+    (["--method", "ram", "--epsilon", "0.03"], "--epsilon does not apply to ram (its parameters: ram_epsilon)"),
+    (["--method", "ramplus_tl", "--alpha", "0.3"], "--alpha does not apply to ramplus_tl"),
 ])
 def test_flag_errors(llama_pop, tmp_path, capsys, argv, message):
     m = llama_pop.models
@@ -213,9 +215,11 @@ def test_registry_records():
     """mergekit's names read through aliases, without changing della's epsilon or RegMean's alpha."""
     assert {"ram", "ramplus_tl"} <= set(methods.names(evolvable=True))
     assert "arcee_fusion" not in methods.names(evolvable=True) and methods.get("arcee_fusion").evolve_refusal
-    assert methods.get("ram").param("epsilon").name == "ram_epsilon"
-    assert methods.get("ramplus_tl").param("alpha").name == "ramplus_alpha"
-    assert methods.get("ramplus_tl").settings({"epsilon": 0.2, "alpha": 3, "r": 1}) == \
+    assert methods.get("ram").param("epsilon", aliases=True).name == "ram_epsilon"
+    assert methods.get("ramplus_tl").param("alpha", aliases=True).name == "ramplus_alpha"
+    # flags and the Python API use the names alone: --epsilon is della's, --alpha RegMean's
+    assert methods.get("ram").param("epsilon") is None and methods.get("ramplus_tl").param("alpha") is None
+    assert methods.get("ramplus_tl").settings({"ram_epsilon": 0.2, "ramplus_alpha": 3, "r": 1}) == \
         {"ram_epsilon": 0.2, "r": 1.0, "ramplus_alpha": 3.0}
     params = methods.all_params()
     assert (params["epsilon"].default, params["epsilon"].per_model) == (0.15, True)  # della's
@@ -248,12 +252,12 @@ def _population(n, seed=0, sparse=0.5, dtype=torch.float32, shapes=SHAPES):
 API_CASES = {
     # name: (models, Merger kwargs, reference(base, xs))
     "ram": (3, dict(), lambda b, xs: _ref_ram(b, xs)),
-    "ram_epsilon": (4, dict(epsilon=0.2), lambda b, xs: _ref_ram(b, xs, epsilon=0.2)),
+    "ram_epsilon": (4, dict(ram_epsilon=0.2), lambda b, xs: _ref_ram(b, xs, epsilon=0.2)),
     "ramplus_tl": (3, dict(), lambda b, xs: _ref_ram(b, xs, plus=True)),
-    "ramplus_tl_params": (4, dict(ram_epsilon=0.1, r=0.7, alpha=2.5),
+    "ramplus_tl_params": (4, dict(ram_epsilon=0.1, r=0.7, ramplus_alpha=2.5),
                           lambda b, xs: _ref_ram(b, xs, 0.1, True, 0.7, 2.5)),
     # one model: nothing shared, lambda 1; the changes at or below epsilon left out
-    "ramplus_tl_one": (1, dict(r=0.5, epsilon=0.2), lambda b, xs: _ref_ram(b, xs, 0.2, True, 0.5)),
+    "ramplus_tl_one": (1, dict(r=0.5, ram_epsilon=0.2), lambda b, xs: _ref_ram(b, xs, 0.2, True, 0.5)),
     "arcee_fusion": (1, dict(), lambda b, xs: _ref_fusion(b, xs[0]).double()),
 }
 
@@ -297,7 +301,7 @@ def test_ramplus_tl_epsilon_zero_with_an_unchanged_model_is_not_nan():
     """A model that changed nothing (S = U = 0, epsilon 0): its lambda is unused (mergekit: 0 / 0, a NaN tensor)."""
     layout, pop, base = _population(3, seed=2)
     pop.arenas[1].buffers["float32"].copy_(base.buffers["float32"])
-    out = Merger("ramplus_tl", base, ram_epsilon=0.0, r=0.5, alpha=1.0)(pop, Arena.empty(layout), chunk=7)
+    out = Merger("ramplus_tl", base, ram_epsilon=0.0, r=0.5, ramplus_alpha=1.0)(pop, Arena.empty(layout), chunk=7)
     for e in layout.entries:
         want = _ref_ram(base.view(e), [a.view(e) for a in pop.arenas], 0.0, True, 0.5, 1.0)
         torch.testing.assert_close(out.view(e).double(), want, rtol=2e-6, atol=2e-6)

@@ -143,8 +143,10 @@ class MergeMethod:
     # inputs of a method that gives the base no role, e.g. karcher)
     yaml_base: str = "base"
 
-    def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name or name in p.aliases), None)
+    def param(self, name: str, aliases: bool = False) -> Param | None:
+        """The parameter called `name`; with `aliases`, also by another of its names (mergekit YAML's: flags
+        and evolve's options use the names alone, so that one flag has one meaning)."""
+        return next((p for p in self.params if p.name == name or (aliases and name in p.aliases)), None)
 
     def settings(self, given: dict[str, Any], where: Callable[[str], str] = str) -> dict[str, Any]:
         """Every parameter of the method: the given values (checked; `where(name)` phrases a name for errors)
