@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from evolver_kernels.evolve import main
-
-pytestmark = pytest.mark.slow
+from evolver_kernels.plan import PlanInputs, memory_plan
 
 ARGS = ["--generations", "3", "--seed", "5", "--schedule", "synchronous"]
 
@@ -70,6 +69,7 @@ def reference(bert_pop, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,tier,fitness", [(4, "cpu", "merged"), (2, "disk", "individual")])
 def test_ranks_of_one_node_share_one_population(bert_pop, reference, tmp_path, nproc, tier, fitness):
     models, dev = bert_pop
@@ -83,6 +83,7 @@ def test_ranks_of_one_node_share_one_population(bert_pop, reference, tmp_path, n
     assert not _leftovers(shm, out)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_give_the_same_bytes(bert_pop, reference, tmp_path):
     models, dev = bert_pop
     shm, port = tmp_path / "shm", _port()
@@ -111,6 +112,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_ranks", [1, 2])
 def test_a_killed_rank_then_resume_with_any_rank_count_gives_the_same_bytes(bert_pop, reference, tmp_path, monkeypatch,
                                                                          resume_ranks):
@@ -136,6 +138,7 @@ def test_a_killed_rank_then_resume_with_any_rank_count_gives_the_same_bytes(bert
     assert not _leftovers(shm, tmp_path / "out")  # the killed run's too, removed by the next start
 
 
+@pytest.mark.slow
 def test_sigterm_removes_the_shared_population(bert_pop, tmp_path):
     """A rank stopped with SIGTERM (torchrun stopping the others) leaves through Run.close."""
     models, dev = bert_pop
@@ -154,3 +157,30 @@ def test_sigterm_removes_the_shared_population(bert_pop, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert "--resume" in err, err[-3000:]
     assert not _leftovers(shm)
+
+
+def test_the_plan_is_the_nodes():
+    """N copies once (in shared memory, checked like a disk), an evaluation model and chunk buffers per rank;
+    one copy per rank without sharing (GPUs hold theirs)."""
+    mib = 1 << 20
+    common = dict(copy_bytes=100 * mib, numel=25 * mib, n=4, tier="cpu", compute="cpu", evaluation={"cpu": 100 * mib},
+                  placement="cpu", base_model=False, chunk_elements=1 << 20, out="/out")
+    chunk = (1 << 20) * 4 * (2 * 4 + 5)
+    one = memory_plan(PlanInputs(**common))
+    four = memory_plan(PlanInputs(**common, local_ranks=4, shared_root="/dev/shm"))
+    assert one.host == 400 * mib + 100 * mib + chunk
+    assert four.host == 400 * mib + 4 * (100 * mib + chunk)
+    assert ("the shared-memory population", "/dev/shm", 400 * mib) in four.disk
+    assert "population: 4 copies on cpu in shared memory, once for the node's ranks" in four.text()
+    assert "evaluation model: 1 copy on cpu per rank (4 ranks on this node)" in four.text()
+
+    def small_shm(needs):
+        for what, where, nbytes in needs:
+            if where == "/dev/shm" and nbytes > 300 * mib:
+                return f"the run writes {nbytes // mib} MiB ({what} under {where}) on a filesystem with 300 MiB free"
+        return None
+
+    problem = four.refusal(None, lambda d: 0, small_shm)
+    assert "400 MiB (the shared-memory population under /dev/shm)" in problem and "300 MiB free" in problem
+    gpus = memory_plan(PlanInputs(**{**common, "tier": "gpu", "compute": "cuda:1"}, local_ranks=4))
+    assert gpus.devices["cuda:1"] == 400 * mib + chunk  # each rank's population on its own GPU
