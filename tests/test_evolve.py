@@ -200,32 +200,6 @@ def test_resume_after_kill_gives_the_same_bytes(bert_pop, tmp_path, fitness, sch
     assert straight["final_fitness"] == resumed["final_fitness"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fitness", ["individual", "merged"])
-def test_synchronous_schedule_on_two_ranks_gives_the_same_bytes(bert_pop, tmp_path, fitness):
-    """torchrun with 2 CPU ranks (gloo): the offspring of a generation are split across ranks."""
-    models, dev = bert_pop
-    args = ["--models", *models, "--dev", *dev, "--generations", "2", "--seed", "5", "--fitness", fitness,
-            "--schedule", "synchronous"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EVOLVER_PROGRESS": "0"}
-    one = subprocess.run([sys.executable, "-m", "evolver_kernels.evolve", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr[-2000:]
-    import socket
-
-    with socket.socket() as sock:  # a free port, so that concurrent runs of this test do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          "-m", "evolver_kernels.evolve", *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert _same_weights(tmp_path / "one", tmp_path / "two")
-    a = json.loads((tmp_path / "one" / "evolution.json").read_text())
-    b = json.loads((tmp_path / "two" / "evolution.json").read_text())
-    assert a["generations"] == b["generations"] and a["evaluations"] == b["evaluations"]
-
-
 def test_sequential_schedule_refuses_several_ranks(bert_pop, tmp_path, monkeypatch, capsys):
     from evolver_kernels import distributed
 

@@ -1,5 +1,5 @@
 """The population held once per node under torchrun (evolver_kernels/node_share.py), with gloo ranks on this
-machine: 4 ranks on shared memory and 2 on the disk tier give the bytes of one process (2 ranks: test_evolve.py);
+machine: 4 and 2 ranks on shared memory and 2 on the disk tier give the bytes of one process;
 two nodes simulated on localhost (two torchrun invocations) too; a rank killed with SIGKILL, then --resume with
 another rank count, too. No shared-memory or scratch directory survives any of it."""
 
@@ -70,14 +70,15 @@ def reference(bert_pop, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,tier,fitness", [(4, "cpu", "merged"), (2, "disk", "individual")])
+@pytest.mark.parametrize("nproc,tier,fitness", [(4, "cpu", "merged"), (2, "disk", "individual"),
+                                               (2, "gpu", "merged")])  # gpu without a GPU: host memory
 def test_ranks_of_one_node_share_one_population(bert_pop, reference, tmp_path, nproc, tier, fitness):
     models, dev = bert_pop
     shm = tmp_path / "shm"
     out = tmp_path / "out"
     err = _finish(_torchrun(["--models", *models, "--dev", *dev, *ARGS, "--fitness", fitness, "--population-on", tier,
                              "--out", str(out)], shm, nproc))
-    where = "in shared memory, once for the node's ranks" if tier == "cpu" else "once for the node's ranks"
+    where = "once for the node's ranks" if tier == "disk" else "in shared memory, once for the node's ranks"
     assert f"population: 4 copies on {tier} {where}" in err and f"per rank ({nproc} ranks on this node)" in err
     _same(reference[fitness], out)
     assert not _leftovers(shm, out)
