@@ -152,7 +152,7 @@ class Run:
         if self.ranks.node_writer:  # shared-memory populations of killed runs (no live writer holds their lock)
             rundir.remove_stale_scratch(node_share.shm_root())
         if node_share.shared(cfg.population_on, self.device, self.ranks):  # once per node (node_share.py)
-            self.node = node_share.NodePopulation(self.ranks, cfg.population_on)
+            self.node = node_share.NodePopulation(self.ranks)
             self.pop = self.node.create(make, *(disk_parent if on_disk else (node_share.shm_root(), "EVOLVER_SHM_DIR")))
         else:
             if on_disk:
@@ -227,9 +227,8 @@ class Run:
     def adopt(self, state: RunState, generation: int, accepted: list[int]) -> None:
         """Accepted offspring pass their F and CR on to their individuals (--adapt)."""
         if state.control is not None:
-            values = {i: list(self.control(generation, i)) for i in accepted}
-            for i, v in values.items():
-                state.control[i] = v
+            for i in accepted:  # control(generation, i) reads individual i's values alone
+                state.control[i] = list(self.control(generation, i))
 
     def source(self, i: int) -> str:
         return self.inputs.source(self.cfg, i)

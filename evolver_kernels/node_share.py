@@ -44,8 +44,8 @@ def shared(tier: str, device: torch.device, ranks: Ranks) -> bool:
 class NodePopulation:
     """Creates a node's shared population and keeps its ranks in step with its writer."""
 
-    def __init__(self, ranks: Ranks, tier: str):
-        self.ranks, self.tier = ranks, tier
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
         self.scratch: rundir.Scratch | None = None
 
     def root(self, parent: str, option: str) -> str:
