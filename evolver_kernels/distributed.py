@@ -6,10 +6,14 @@ one per rank on GPUs), so the result is the same for any number of ranks and nod
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 import sys
 
 import torch
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=6)
 
 
 def process_group_up() -> bool:
@@ -41,6 +45,11 @@ class Ranks:
         return self.local_rank == 0
 
     @property
+    def node_key(self) -> tuple[str, int]:
+        """This rank's node: the host name and the node rank (a launcher may leave GROUP_RANK unset)."""
+        return socket.gethostname(), self.node
+
+    @property
     def enabled(self) -> bool:
         return self.world > 1
 
@@ -56,7 +65,9 @@ class Ranks:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+            # a long timeout: the other ranks wait at barriers while rank 0 alone does long work (the outputs of a
+            # 70B model, held-out selection); a rank that dies is caught by torchrun, not by this timeout
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
         rank, world = dist.get_rank(), dist.get_world_size()
         env = os.environ
         return Ranks(rank, world, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world)),

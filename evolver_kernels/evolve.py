@@ -171,7 +171,7 @@ class Run:
         if self.mode.merges:
             start = time.perf_counter()
             stats = initial_statistics(cfg, self.checkpoint, self.inputs, lambda k: self.pipeline.copy_into(k, self.arena),
-                                       self.log)
+                                       self.log, save=self.ranks.is_main)
             self.evaluation_s += time.perf_counter() - start
             self.pipeline.merger = self.merger(cfg.merge_method, stats=stats)
 
@@ -407,6 +407,22 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    # SIGTERM (torchrun stopping the other ranks when one fails, a scheduler's kill) ends the run as Ctrl-C does:
+    # through Run.close, so its scratch directories and shared memory are removed
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     run = None
     try:
         cfg = parse_config(argv)
@@ -439,13 +455,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _terminated(signum, frame) -> None:
-    """SIGTERM (torchrun stopping the other ranks when one fails, a scheduler's kill) ends the run as Ctrl-C does:
-    through Run.close, so its scratch directories and shared memory are removed."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
-    import signal
-
-    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())

@@ -52,8 +52,8 @@ class NodePopulation:
         """The node's scratch directory under `parent`: made by the writer, its path sent to the node's ranks."""
         if self.ranks.node_writer:
             self.scratch = rundir.Scratch(parent, option)
-        paths = self.ranks.gather({self.ranks.rank: (self.ranks.node, self.scratch.path if self.scratch else None)})
-        return next(path for node, path in paths.values() if node == self.ranks.node and path)
+        paths = self.ranks.gather({self.ranks.rank: (self.ranks.node_key, self.scratch.path if self.scratch else None)})
+        return next(path for node, path in paths.values() if node == self.ranks.node_key and path)
 
     def create(self, make: Callable[[str, bool], Population], parent: str, option: str) -> Population:
         """make(scratch directory, writes) builds the population: first on the writer (which loads the models),

@@ -126,9 +126,9 @@ class SharedMemoryPopulation(MemoryPopulation):
             for g, (_, numel) in layout.groups.items():
                 path = os.path.join(root, f"ind{i}-{g}.bin")
                 dtype = layout.group_dtype(g)
-                if writes:  # zero-filled (a sparse file on tmpfs: pages are taken when written)
+                if writes:  # zero-filled and allocated now: a full tmpfs is an error here, not a SIGBUS later
                     with open(path, "wb") as f:
-                        f.truncate(numel * dtype.itemsize)
+                        os.posix_fallocate(f.fileno(), 0, max(1, numel * dtype.itemsize))
                 buffers[g] = torch.from_file(path, shared=True, size=numel, dtype=dtype)
             self.arenas.append(Arena(layout, buffers))
 

@@ -229,7 +229,11 @@ class Scratch:
             self.path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=root)
         except OSError as err:
             raise UserError(f"{option} {root}: cannot create a scratch directory there ({err.strerror})") from None
-        self.lock = Locked(os.path.join(self.path, SCRATCH_MARKER), f"scratch directory {self.path}")
+        # locked under another name, then renamed: a sweep by another run (remove_stale_scratch) only ever sees
+        # the marker locked, never in the moment between its creation and its lock
+        pending = os.path.join(self.path, SCRATCH_MARKER + ".new")
+        self.lock = Locked(pending, f"scratch directory {self.path}")
+        os.rename(pending, os.path.join(self.path, SCRATCH_MARKER))
 
     def remove(self) -> None:
         """Deletes the directory and everything in it (all of it made by this run)."""

@@ -48,10 +48,10 @@ def fill_slots(cfg: EvolveConfig, pop: Population, pipeline: WeightPipeline, are
 
 
 def initial_statistics(cfg: EvolveConfig, checkpoint: Checkpoint, inputs, load: Callable[[int], None],
-                       log: Callable[[str], None]):
+                       log: Callable[[str], None], save: bool = True):
     """The statistics of --merge-method for every individual as the run starts (None for a method without),
-    estimated once on the dev data (load(k) puts individual k into the evaluation model) and written atomically
-    beside the checkpoint, so that a resumed run merges with the same ones."""
+    estimated once on the dev data (load(k) puts individual k into the evaluation model) and, with `save` (one
+    rank), written atomically beside the checkpoint, so that a resumed run merges with the same ones."""
     method = cfg.merge_method
     if merging.methods.get(method).statistics is None:
         return None
@@ -62,5 +62,5 @@ def initial_statistics(cfg: EvolveConfig, checkpoint: Checkpoint, inputs, load: 
     start = time.perf_counter()
     os.makedirs(checkpoint.dir, exist_ok=True)
     return merging.compute_statistics(
-        method, settings, inputs.model, inputs.layout, load, inputs.n, inputs.evaluator, save_to=path,
+        method, settings, inputs.model, inputs.layout, load, inputs.n, inputs.evaluator, save_to=path if save else None,
         progress=lambda k: log(f"{method}: statistics of individual {k + 1}/{inputs.n} ({time.perf_counter() - start:.1f} s)"))

@@ -5,7 +5,7 @@ the run's output on it, so that the output is never worse there than any model t
 stratum (the gold label; the set of labels for multi-label rows; one stratum for tasks without labels), in
 sorted order of the strata, are ordered by `random_order(derive_seed(seed, 0, f, PURPOSE_SELECT), n_s, s)` (f
 the file's position among the dev files, s the stratum's position, n_s its size) and the first
-round(P * n_s) are held out for selection; the search scores the others. `--select FILES` names selection
+floor(P * n_s + 1/2) are held out for selection (halves rounded up); the search scores the others. `--select FILES` names selection
 files instead (one per domain, read like dev files). Without either, nothing changes.
 
 The output (choose): the run's result (its merged model, or its best individual), then every input model, then

@@ -108,7 +108,6 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, *args, **kw)
     evolve.Run.evaluate = evaluate
-    signal.signal(signal.SIGTERM, evolve._terminated)
     sys.exit(evolve.main(sys.argv[1:]))
 """)
 
