@@ -68,8 +68,17 @@ class Ranks:
             # a long timeout: the other ranks wait at barriers while rank 0 alone does long work (the outputs of a
             # 70B model, held-out selection); a rank that dies is caught by torchrun, not by this timeout
             dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        launcher = Ranks.of_launcher()
         rank, world = dist.get_rank(), dist.get_world_size()
+        return Ranks(rank, world, launcher.local_rank if "LOCAL_RANK" in os.environ else rank,
+                     launcher.local_world if "LOCAL_WORLD_SIZE" in os.environ else world, launcher.node)
+
+    @staticmethod
+    def of_launcher() -> Ranks:
+        """The launcher's numbers (torchrun's environment) without a process group: what --dry-run plans for."""
         env = os.environ
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
         return Ranks(rank, world, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world)),
                      int(env.get("GROUP_RANK", 0)))
 

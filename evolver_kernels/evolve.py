@@ -99,7 +99,7 @@ def dry_run(cfg: EvolveConfig, log=print) -> None:
 
         inputs = inspect(cfg, ranks, files_of)
         check_checkpoint(cfg)
-        check_plan(cfg, inputs, log)
+        check_plan(cfg, inputs, log, Ranks.of_launcher())  # under torchrun: the node's plan
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
