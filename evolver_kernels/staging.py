@@ -1,5 +1,6 @@
 """Host-to-device double buffering for populations kept off the compute device (the cpu tier's pinned host
-memory, the disk tier's memory maps) when a GPU computes.
+memory, the disk tier's memory maps) when a GPU computes. Under torchrun the cpu tier is a node's shared memory
+(node_share.py), which is not pinned: its copies are correct but do not overlap the kernels (not yet measured).
 
 A chunk loop asks `Staging.chunks(size, chunk, keys_of)` for its chunks; before the loop body runs on chunk c,
 the reads of chunk c + 1 (keys_of(lo, hi): (individual, group, lo, hi) tuples) are copied into the other of
