@@ -265,7 +265,7 @@ class Run:
                               file=sys.stderr, disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0" or not ranks.is_main)
         if state.generation == 0:  # the initial population's fitness
             mode.score_initial(state, bar.update)
-            state.evaluations = bar.n
+            state.evaluations = mode.initial_evaluations()  # not bar.n: a disabled bar (EVOLVER_PROGRESS=0) counts nothing
             state.history.append(self._history_entry(state, 0, []))
             state.generation = 1
             self._save(state, [])

@@ -398,3 +398,14 @@ def test_ranks_refusing_their_inputs_exit_with_the_error(bert_pop, tmp_path):
     assert out.returncode != 0
     assert "2 ranks need --schedule synchronous" in out.stderr
     assert "exitcode  : 2" in out.stderr and "SIGABRT" not in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fitness,initial", [("individual", 4), ("merged", 1)])
+def test_evaluations_are_counted_with_and_without_the_progress_bar(bert_pop, tmp_path, monkeypatch, fitness, initial):
+    models, dev = bert_pop
+    counts = []
+    for progress in ("1", "0"):
+        monkeypatch.setenv("EVOLVER_PROGRESS", progress)
+        doc = _run(models, dev, tmp_path / progress, "--fitness", fitness, "--generations", "1")
+        counts.append(doc["evaluations"])
+    assert counts == [initial + 4] * 2  # the initial population, then one offspring per individual (sequential)
