@@ -37,6 +37,29 @@ def assert_same_as_mergekit(case: str, from_yaml: dict, from_flags: dict, theirs
         assert torch.equal(from_flags[name], from_yaml[name]), f"{case} {name}: flags and YAML differ"
 
 
+_MERGEKIT_RUNNER = """
+import sys
+from mergekit.scripts.run_yaml import main
+for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    main([config, out, "--no-copy-tokenizer"], standalone_mode=False)
+"""
+
+
+def run_mergekit(root, configs: dict[str, dict]) -> None:
+    """Writes each config as root/<name>.yml and runs mergekit itself on all of them in one subprocess (its
+    import dominates the time), its outputs in root/<name>-mergekit; offline."""
+    import sys
+
+    import yaml
+
+    argv = []
+    for name, config in configs.items():
+        (root / f"{name}.yml").write_text(yaml.safe_dump(config))
+        argv += [str(root / f"{name}.yml"), str(root / f"{name}-mergekit")]
+    subprocess.run([sys.executable, "-c", _MERGEKIT_RUNNER, *argv], check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     g = got.contiguous().view(BITS[got.dtype])
     w = want.contiguous().view(BITS[want.dtype])

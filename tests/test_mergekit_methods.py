@@ -8,14 +8,11 @@ two-model interpolations, from the straight line between the endpoints."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit
+from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit, run_mergekit
 from safetensors.torch import load_file
 
 from evolver_kernels import methods
@@ -78,25 +75,12 @@ def _cases(base, m):
     }
 
 
-MERGEKIT_RUNNER = """
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--no-copy-tokenizer"], standalone_mode=False)
-"""
-
-
 @pytest.fixture(scope="module")
 def merged(llama_pop, tmp_path_factory):
     """{case: (ours from the YAML, ours from flags, mergekit's, the models merged, t)}."""
     root = tmp_path_factory.mktemp("mergekit-methods")
     cases = _cases(llama_pop.base, llama_pop.models)
-    argv = []
-    for name, (config, _, _, _) in cases.items():
-        (root / f"{name}.yml").write_text(yaml.safe_dump({**config, "dtype": "float32"}))
-        argv += [str(root / f"{name}.yml"), str(root / f"{name}-mergekit")]
-    subprocess.run([sys.executable, "-c", MERGEKIT_RUNNER, *argv], check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run_mergekit(root, {name: {**config, "dtype": "float32"} for name, (config, _, _, _) in cases.items()})
     out = {}
     for name, (_, flags, inputs, t) in cases.items():
         assert main(["--config", str(root / f"{name}.yml"), "--out", str(root / f"{name}-yaml")]) == 0

@@ -15,14 +15,11 @@ some changes out."""
 import functools
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from _util import assert_same_as_mergekit
+from _util import assert_same_as_mergekit, run_mergekit
 from safetensors.torch import load_file, save_file
 
 from evolver_kernels import merging, methods
@@ -34,14 +31,6 @@ from evolver_kernels.population import MemoryPopulation
 
 FAR = 1e-4
 CLI_CHUNK = 40
-
-MERGEKIT_RUNNER = """
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--no-copy-tokenizer"], standalone_mode=False)
-"""
-
 
 def _load(path):
     return load_file(os.path.join(path, "model.safetensors"))
@@ -137,12 +126,7 @@ def merged(llama_pop, sparse_models, tmp_path_factory):
     """{case: (ours from the YAML in chunks of 40, ours from flags in one chunk per tensor, mergekit's)}."""
     root = tmp_path_factory.mktemp("mergekit-ram-fusion")
     cases = _cases(llama_pop.base, llama_pop.models, sparse_models)
-    argv = []
-    for name, (config, _, _) in cases.items():
-        (root / f"{name}.yml").write_text(yaml.safe_dump({**config, "dtype": "float32"}))
-        argv += [str(root / f"{name}.yml"), str(root / f"{name}-mergekit")]
-    subprocess.run([sys.executable, "-c", MERGEKIT_RUNNER, *argv], check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run_mergekit(root, {name: {**config, "dtype": "float32"} for name, (config, _, _) in cases.items()})
     out = {}
     for name, (_, flags, _) in cases.items():
         with pytest.MonkeyPatch.context() as mp:

@@ -9,13 +9,11 @@ vacuous: the merge is far (1e-4, 100x the tolerance) from every input, from thei
 without the method's own step (plain task arithmetic, TIES without the band, the base)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit
+from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit, run_mergekit
 from safetensors.torch import load_file
 
 from evolver_kernels import methods, model_io
@@ -69,14 +67,6 @@ def _cases(base, m):
 
 CASE_WEIGHTS = {"breadcrumbs": ((1.0, 0.5, 2.0), 0.8), "breadcrumbs_ties": ((1.0, 0.5, 2.0), 1.0)}
 
-MERGEKIT_RUNNER = """
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--no-copy-tokenizer"], standalone_mode=False)
-"""
-
-
 def _load(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
@@ -86,12 +76,7 @@ def merged(llama_pop, tmp_path_factory):
     """{case: (ours from the YAML, ours from flags, mergekit's)}."""
     root = tmp_path_factory.mktemp("mergekit-sparsify")
     cases = _cases(llama_pop.base, llama_pop.models)
-    argv = []
-    for name, (config, _, _) in cases.items():
-        (root / f"{name}.yml").write_text(yaml.safe_dump({**config, "dtype": "float32"}))
-        argv += [str(root / f"{name}.yml"), str(root / f"{name}-mergekit")]
-    subprocess.run([sys.executable, "-c", MERGEKIT_RUNNER, *argv], check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run_mergekit(root, {name: {**config, "dtype": "float32"} for name, (config, _, _) in cases.items()})
     out = {}
     for name, (_, flags, _) in cases.items():
         assert main(["--config", str(root / f"{name}.yml"), "--out", str(root / f"{name}-yaml")]) == 0

@@ -9,12 +9,11 @@ result differs from the same merge without the feature by far more than the tole
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
+from _util import run_mergekit
 from safetensors.torch import load_file
 
 from evolver_kernels import tiny_models
@@ -183,14 +182,6 @@ dtype: float16
 """,
 }
 
-MERGEKIT_RUNNER = """
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--no-copy-tokenizer"], standalone_mode=False)
-"""
-
-
 def _fill(x, paths):
     if isinstance(x, dict):
         return {k: _fill(v, paths) for k, v in x.items()}
@@ -217,12 +208,7 @@ def merged(tmp_path_factory):
     big = _make_models(str(root / "models40"), EXAMPLE_LAYERS)
     configs = {name: _fill(config, paths) for name, (config, _) in CASES.items()}
     configs.update({f"example-{name}": yaml.safe_load(text.format(**big)) for name, text in EXAMPLES.items()})
-    argv = []
-    for name, config in configs.items():
-        (root / f"{name}.yml").write_text(yaml.safe_dump(config))
-        argv += [str(root / f"{name}.yml"), str(root / f"{name}-mergekit")]
-    subprocess.run([sys.executable, "-c", MERGEKIT_RUNNER, *argv], check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run_mergekit(root, configs)
     out = {}
     for name in configs:
         assert main(["--config", str(root / f"{name}.yml"), "--out", str(root / f"{name}-ours")]) == 0, name
