@@ -643,19 +643,11 @@ def _save_layout(arena: Arena, donor: str, out_dir: str, dtype: torch.dtype | No
             return arena.layout.group_dtype(entries[key].group), entries[key].shape
         return index[key][1], index[key][2]
 
-    def tensor_for(key: str) -> torch.Tensor:
-        if key in entries:
-            t = arena.view(entries[key]).detach()
-        else:
-            with safe_open(index[key][0], framework="pt", device="cpu") as f:
-                t = f.get_tensor(key)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
     specs = []
     for key in sorted([*entries, *buffers]):
         stored_dtype, shape = stored(key)
         specs.append((key, dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype, shape))
-    paths = model_io.write_shards(out_dir, specs, tensor_for, shard_bytes)
+    paths = model_io.write_shards(out_dir, specs, model_io.output_tensors(arena, entries, index, dtype), shard_bytes)
     with open(os.path.join(donor, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if dtype is not None:

@@ -229,6 +229,20 @@ def write_shards(out_dir: str, specs: list[tuple[str, torch.dtype, tuple[int, ..
     return paths
 
 
+def output_tensors(arena: Arena, evolved: dict, index: dict, dtype: torch.dtype | None):
+    """key -> the tensor an output writes under that name: the arena's entry evolved[key], else the tensor
+    from its safetensors file (index: tensor_index); floating-point ones cast to `dtype` when given."""
+    def tensor_for(key: str) -> torch.Tensor:
+        if key in evolved:
+            t = arena.view(evolved[key]).detach()
+        else:
+            with safe_open(index[key][0], framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    return tensor_for
+
+
 def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30,
                dtype: torch.dtype | None = None) -> list[str]:
     """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
@@ -242,14 +256,7 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
     tied = {alias for e in arena.layout.entries for alias in e.aliases if alias != keys[e.name]}
     names = [k for k in sorted(index) if k not in tied]
 
-    def tensor_for(key):
-        if key in evolved:
-            t = arena.view(evolved[key]).detach()
-        else:
-            with safe_open(index[key][0], framework="pt", device="cpu") as f:
-                t = f.get_tensor(key)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
+    tensor_for = output_tensors(arena, evolved, index, dtype)
     specs = [(k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2])
              for k in names]
     paths = write_shards(out_dir, specs, tensor_for, shard_bytes)

@@ -106,10 +106,12 @@ class WeightPipeline:
         the order of the writes)."""
         if not specs:
             return
-        if not self.pop.writes:  # the node's writer writes them (node_share.py); cached terms are stale all the same
-            for spec in specs:
-                self.merger.changed(spec.i)
-            return
+        if self.pop.writes:  # else the node's writer writes them (node_share.py); cached terms are stale all the same
+            self._write_offspring(specs)
+        for spec in specs:
+            self.merger.changed(spec.i)
+
+    def _write_offspring(self, specs: list[OffspringSpec]) -> None:
         for spec in specs:
             self.pop.begin_write(spec.i)
         for group, (_, size) in self.pop.layout.groups.items():
@@ -123,18 +125,15 @@ class WeightPipeline:
                     self.pop.write(spec.i, group, lo, values)
         for spec in specs:
             self.pop.commit_write(spec.i)
-            self.merger.changed(spec.i)
 
     def write_from(self, i: int, arena: Arena) -> None:
         """Replaces individual i by the contents of `arena` (an accepted offspring already built there)."""
-        if not self.pop.writes:
-            self.merger.changed(i)
-            return
-        self.pop.begin_write(i)
-        for group in self.pop.layout.groups:
-            for lo, _, values in arena.chunks(group, self.chunk):
-                self.pop.write(i, group, lo, values)
-        self.pop.commit_write(i)
+        if self.pop.writes:  # else the node's writer writes it (node_share.py)
+            self.pop.begin_write(i)
+            for group in self.pop.layout.groups:
+                for lo, _, values in arena.chunks(group, self.chunk):
+                    self.pop.write(i, group, lo, values)
+            self.pop.commit_write(i)
         self.merger.changed(i)
 
 
