@@ -60,6 +60,19 @@ def run_mergekit(root, configs: dict[str, dict]) -> None:
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def merge_cli_error(pop, out, capsys, argv: list[str], n_models: int = 2) -> str:
+    """The error `python -m evolver_kernels.merge` prints for argv with the tiny population's base (and its
+    first n_models models unless argv names them: "{m0}", "{m1}" stand for the first two); exit code 2."""
+    from evolver_kernels.merge import main
+
+    m = pop.models
+    if "--models" not in argv:
+        argv = [*argv, "--models", *m[:n_models]]
+    argv = [a.format(m0=m[0], m1=m[1]) for a in argv]
+    assert main([*argv, "--base", pop.base, "--out", str(out)]) == 2
+    return capsys.readouterr().err
+
+
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     g = got.contiguous().view(BITS[got.dtype])
     w = want.contiguous().view(BITS[want.dtype])

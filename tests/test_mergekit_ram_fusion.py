@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import assert_same_as_mergekit, run_mergekit
+from _util import assert_same_as_mergekit, merge_cli_error, run_mergekit
 from safetensors.torch import load_file, save_file
 
 from evolver_kernels import merging, methods
@@ -187,12 +187,8 @@ def test_per_tensor_settings_took_effect(merged):
     (["--method", "ramplus_tl", "--alpha", "0.3"], "--alpha does not apply to ramplus_tl"),
 ])
 def test_flag_errors(llama_pop, tmp_path, capsys, argv, message):
-    m = llama_pop.models
-    if "--models" not in argv:
-        argv = [*argv, "--models", *m[:1 if "arcee_fusion" in argv else 2]]
-    argv = [a.format(m0=m[0], m1=m[1]) for a in argv]
-    assert main([*argv, "--base", llama_pop.base, "--out", str(tmp_path / "o")]) == 2
-    assert message in capsys.readouterr().err
+    n = 1 if "arcee_fusion" in argv else 2
+    assert message in merge_cli_error(llama_pop, tmp_path / "o", capsys, argv, n)
 
 
 def test_registry_records():

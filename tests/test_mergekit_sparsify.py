@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import yaml
-from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit, run_mergekit
+from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit, merge_cli_error, run_mergekit
 from safetensors.torch import load_file
 
 from evolver_kernels import methods, model_io
@@ -227,12 +227,7 @@ def test_della_keep_rate_agrees_with_mergekits_formula():
     (["--method", "breadcrumbs", "--epsilon", "0.1"], "--epsilon does not apply to breadcrumbs"),
 ])
 def test_flag_errors(llama_pop, tmp_path, capsys, argv, message):
-    m = llama_pop.models
-    if "--models" not in argv:
-        argv = [*argv, "--models", m[0], m[1]]
-    argv = [a.format(m0=m[0], m1=m[1]) for a in argv]
-    assert main([*argv, "--base", llama_pop.base, "--out", str(tmp_path / "o")]) == 2
-    assert message in capsys.readouterr().err
+    assert message in merge_cli_error(llama_pop, tmp_path / "o", capsys, argv)
 
 
 def test_evolve_choices():
