@@ -73,6 +73,25 @@ def merge_cli_error(pop, out, capsys, argv: list[str], n_models: int = 2) -> str
     return capsys.readouterr().err
 
 
+def random_population(shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0, sparse: float = 0.0,
+                      dtype: torch.dtype = torch.float32):
+    """(layout, population, base): n models around a seeded N(0, 1) base, each moved by 0.3 N(0, 1); with
+    `sparse`, each model changes only that random fraction of the elements."""
+    from evolver_kernels.arena import Arena, Layout
+    from evolver_kernels.population import MemoryPopulation
+
+    layout = Layout.from_params(((k,), dtype, s) for k, s in shapes.items())
+    gen = torch.Generator().manual_seed(seed)
+    pop = MemoryPopulation(layout, n, "cpu")
+    base = Arena.empty(layout)
+    for e in layout.entries:
+        base.view(e).copy_(torch.randn(e.shape, generator=gen))
+        for a in pop.arenas:
+            changed = torch.rand(e.shape, generator=gen) < sparse if sparse else torch.ones(e.shape, dtype=torch.bool)
+            a.view(e).copy_(base.view(e).float() + torch.where(changed, 0.3 * torch.randn(e.shape, generator=gen), 0.0))
+    return layout, pop, base
+
+
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     g = got.contiguous().view(BITS[got.dtype])
     w = want.contiguous().view(BITS[want.dtype])

@@ -19,15 +19,14 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import assert_same_as_mergekit, merge_cli_error, run_mergekit
+from _util import assert_same_as_mergekit, merge_cli_error, random_population, run_mergekit
 from safetensors.torch import load_file, save_file
 
 from evolver_kernels import merging, methods
-from evolver_kernels.arena import Arena, Layout
+from evolver_kernels.arena import Arena
 from evolver_kernels.merge import main
 from evolver_kernels.merging import Merger
 from evolver_kernels.methods.arcee_fusion import kth_smallest
-from evolver_kernels.population import MemoryPopulation
 
 FAR = 1e-4
 CLI_CHUNK = 40
@@ -217,16 +216,7 @@ SHAPES = {"a": (7, 13), "b": (5,), "c": (5, 2, 7), "d": (11, 6), "e": (3, 1), "f
 
 def _population(n, seed=0, sparse=0.5, dtype=torch.float32, shapes=SHAPES):
     """n models around a random base; with sparse, each changes a random fraction of the elements."""
-    layout = Layout.from_params(((k,), dtype, s) for k, s in shapes.items())
-    gen = torch.Generator().manual_seed(seed)
-    pop = MemoryPopulation(layout, n, "cpu")
-    base = Arena.empty(layout)
-    for e in layout.entries:
-        base.view(e).copy_(torch.randn(e.shape, generator=gen))
-        for a in pop.arenas:
-            changed = torch.rand(e.shape, generator=gen) < sparse if sparse else torch.ones(e.shape, dtype=torch.bool)
-            a.view(e).copy_(base.view(e).float() + torch.where(changed, 0.3 * torch.randn(e.shape, generator=gen), 0.0))
-    return layout, pop, base
+    return random_population(shapes, n, seed, sparse, dtype)
 
 
 API_CASES = {

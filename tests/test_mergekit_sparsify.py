@@ -13,7 +13,14 @@ import os
 import pytest
 import torch
 import yaml
-from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit, merge_cli_error, run_mergekit
+from _util import (
+    MERGEKIT_ATOL,
+    MERGEKIT_RTOL,
+    assert_same_as_mergekit,
+    merge_cli_error,
+    random_population,
+    run_mergekit,
+)
 from safetensors.torch import load_file
 
 from evolver_kernels import methods, model_io
@@ -242,15 +249,7 @@ SHAPES = {"a": (7, 13), "b": (5,), "c": (5, 2, 7), "d": (11, 6), "e": (3, 1)}
 
 
 def _population(n, seed=0, shapes=SHAPES):
-    layout = Layout.from_params(((k,), torch.float32, s) for k, s in shapes.items())
-    gen = torch.Generator().manual_seed(seed)
-    pop = MemoryPopulation(layout, n, "cpu")
-    base = Arena.empty(layout)
-    for e in layout.entries:
-        base.view(e).copy_(torch.randn(e.shape, generator=gen))
-        for a in pop.arenas:
-            a.view(e).copy_(base.view(e) + 0.3 * torch.randn(e.shape, generator=gen))
-    return layout, pop, base
+    return random_population(shapes, n, seed)
 
 
 def _ref_band(tau, density, gamma):
