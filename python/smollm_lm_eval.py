@@ -12,9 +12,8 @@ under <cache>/lm_eval_tasks: fortunes_<domain>_dev (the fitness: mean over the d
 
     python python/smollm_lm_eval.py --cache .cache/smollm --out demo_out/smollm_lm_eval
 
-Cost: the population and so the evaluation model are bf16. On a CPU without bf16 matrix units the forward passes
-dominate everything: on the 2-core development VM (shared, under load) one candidate of 3 x 8 questions took
-about 150 s, a bf16 forward being about 3.6x slower than an fp32 one there. Run it on a GPU.
+The models are float32 (smollm_demo.DTYPE: a bf16 matmul is about 100x slower than an fp32 one on a CPU without
+bf16 matrix instructions), so the population and the evaluation model are too.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from smollm_demo import DOMAINS, TA_SCALES, base_model, fine_tune, log, write_data
+from smollm_demo import DOMAINS, DTYPE, TA_SCALES, base_model, fine_tune, log, write_data
 
 from evolver_kernels.evaluate import Evaluator
 from evolver_kernels.evolve import main as evolve_main
@@ -102,11 +101,11 @@ def task_names(split: str) -> list[str]:
 def load(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def accuracies(model_dir: str, tasks_dir: str, split: str, limit: int, batch_size: int) -> list[float]:
-    """acc_norm of the bf16 model on each domain's task of `split`, through the package's lm-eval evaluator."""
+    """acc_norm of the model on each domain's task of `split`, through the package's lm-eval evaluator."""
     model, tok = load(model_dir)
     ev = Evaluator("lm-eval", tok, [tasks_dir], config=model.config, batch_size=batch_size, max_length=LM_EVAL_MAX_LENGTH,
                    max_examples=limit, task_options={"tasks": task_names(split), "task_metrics": [METRIC]})
@@ -137,7 +136,7 @@ def candidate_times(model_dir: str, tasks_dir: str, limit: int, batch_size: int,
             model.save_pretrained(scratch)
             tok.save_pretrained(scratch)
             results = lm_eval.simple_evaluate(
-                model="hf", model_args={"pretrained": scratch, "dtype": "bfloat16", "max_length": LM_EVAL_MAX_LENGTH},
+                model="hf", model_args={"pretrained": scratch, "dtype": str(DTYPE).removeprefix("torch."), "max_length": LM_EVAL_MAX_LENGTH},
                 tasks=task_names("dev"), limit=limit, batch_size=batch_size, device="cpu", bootstrap_iters=0,
                 task_manager=manager, log_samples=False)
             disk.append(time.perf_counter() - start)
