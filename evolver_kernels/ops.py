@@ -39,8 +39,8 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("evolver_kernels::merge_")
-    def _merge_fake(xs, base, fisher, weights, trim, scale, rescale, drop_threshold, ties, normalize, seed, stream,
-                    offset, out):
+    def _merge_fake(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold, band,
+                    has_top, ties, select, normalize, min_den, seed, stream, offset, out):
         return None
 
 
@@ -234,6 +234,19 @@ def _check_reals(name: str, values, n: int, *, minimum: float | None = None) -> 
     return out
 
 
+def _check_bounds(name: str, values, n: int) -> list[float]:
+    """Per-model magnitude bounds: numbers >= 0, +inf allowed (no bound)."""
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise ValueError(f"{name} must be a list of {n} numbers (one per model), got {values!r}")
+    out = []
+    for k, v in enumerate(values):
+        v = _as_real(f"{name}[{k}]", v)
+        if math.isnan(v) or v < 0 or (math.isfinite(v) and v > _FP32_MAX):
+            raise ValueError(f"{name}[{k}] must be >= 0 in float32 or inf, got {v}")
+        out.append(v)
+    return out
+
+
 def merge_tensors(
     xs: list[torch.Tensor],
     *,
@@ -241,8 +254,13 @@ def merge_tensors(
     base: torch.Tensor | None = None,
     fisher: list[torch.Tensor] | None = None,
     trim: list[float] | None = None,
+    top: list[float] | None = None,
+    elect: bool | None = None,
+    elect_weights: list[float] | None = None,
+    select: float | None = None,
     scale: float = 1.0,
     normalize: bool = True,
+    min_den: float = 0.0,
     drop_p: float = 0.0,
     seed: int = 0,
     stream: int = 0,
@@ -255,13 +273,17 @@ def merge_tensors(
 
     xs: 1 to 64 tensors of one shape, dtype (float32, bfloat16, float16) and device, contiguous; base
     likewise (the common ancestor; tau_k = x_k - base). weights: one per model (default 1). fisher: one
-    float32 tensor per model, elementwise weights (Fisher merging; not with trim). trim: one magnitude per
-    model, below which a task-vector element is trimmed (TIES: elect the sign, mean of the agreeing models).
-    drop_p in [0, 1): DARE's drop probability, from the Philox contract with stream + k for model k and the
-    element's global index offset + j (needs base). normalize: divide by the summed weights (of the agreeing
-    models, for TIES). Exact formula: evolver_kernels.reference.merge_reference. `out` may be one of the
-    inputs; returns `out` (a new tensor when None). Allocates nothing else, but for the triton backend's four
-    small per-call tables (addresses, weights, trims).
+    float32 tensor per model, elementwise weights (Fisher merging; not with TIES). trim: one magnitude per
+    model, below which a task-vector element is zeroed; top: one magnitude per model, at or above which it is
+    zeroed (breadcrumbs' outliers). elect: TIES' sign election and sum of the agreeing models (default: when
+    trim is given); elect_weights: the weights the sign is elected with (default: `weights`; sce elects on
+    the unweighted task vectors). select: keep an element (in every model) only where the variance of the task
+    vectors over the models is at least this (sce). drop_p in [0, 1): DARE's drop probability, from the
+    Philox contract with stream + k for model k and the element's global index offset + j (needs base).
+    normalize: divide by the summed weights (of the agreeing models, for TIES), or by min_den where they
+    sum to less (min_den > 0; sce). Exact formula: evolver_kernels.reference.merge_reference. `out` may be
+    one of the inputs; returns `out` (a new tensor when None). Allocates nothing else, but for the triton
+    backend's small per-call tables (addresses, weights, bounds).
     """
     if not isinstance(xs, (list, tuple)) or not 1 <= len(xs) <= MAX_MERGE_INPUTS:
         raise ValueError(f"xs must be a list of 1 to {MAX_MERGE_INPUTS} tensors, got "
@@ -275,9 +297,11 @@ def merge_tensors(
     if base is not None:
         _check_tensor("base", base, like)
     weights = _check_reals("weights", [1.0] * n if weights is None else weights, n)
+    elect = trim is not None if elect is None else bool(elect)
     if fisher is not None:
-        if trim is not None:
-            raise ValueError("fisher and trim cannot be combined (Fisher merging is a weighted average)")
+        if elect:
+            raise ValueError("fisher and TIES' election (trim, elect) cannot be combined (Fisher merging is a "
+                             "weighted average)")
         if not isinstance(fisher, (list, tuple)) or len(fisher) != n:
             raise ValueError(f"fisher must be a list of {n} float32 tensors (one per model)")
         fisher = list(fisher)
@@ -287,7 +311,20 @@ def merge_tensors(
             if f.shape != like.shape or f.device != like.device or not f.is_contiguous():
                 raise ValueError(f"fisher[{k}] must be contiguous, shaped {tuple(like.shape)} on {like.device}")
     if trim is not None:
-        trim = _check_reals("trim", trim, n, minimum=0.0)
+        trim = _check_bounds("trim", trim, n)
+    if top is not None:
+        top = _check_bounds("top", top, n)
+    if elect_weights is not None:
+        if not elect:
+            raise ValueError("elect_weights is the weights of TIES' sign election: give elect=True (or trim)")
+        elect_weights = _check_reals("elect_weights", elect_weights, n)
+    if select is not None:
+        select = _as_real("select", select)
+        if math.isnan(select) or select < 0:
+            raise ValueError(f"select must be a variance >= 0 (inf: keep nothing), got {select}")
+    min_den = _as_real("min_den", min_den)
+    if not math.isfinite(min_den) or min_den < 0 or min_den > _FP32_MAX:
+        raise ValueError(f"min_den must be finite and >= 0, got {min_den}")
     scale = _as_real("scale", scale)
     if not math.isfinite(scale) or abs(scale) > _FP32_MAX:
         raise ValueError(f"scale must be finite in float32, got {scale}")
@@ -311,17 +348,21 @@ def merge_tensors(
         _check_out_disjoint(out, {f"fisher[{k}]": f for k, f in enumerate(fisher or [])})
     if name == "reference":
         return out.copy_(reference.merge_reference(
-            xs, weights=weights, base=base, fisher=fisher, trim=trim, scale=scale, normalize=normalize,
+            xs, weights=weights, base=base, fisher=fisher, trim=trim, top=top, elect=elect,
+            elect_weights=elect_weights, select=select, scale=scale, normalize=normalize, min_den=min_den,
             drop_p=drop_p, seed=seed, stream=stream, offset=offset))
     drop_threshold = crossover_threshold(drop_p) if drop_p > 0 else 0
     rescale = 1.0 / (1.0 - drop_p)
     if name == "triton":
         backends.triton_kernels().merge(
-            xs, base, fisher, weights, trim, out, scale=scale, normalize=bool(normalize), rescale=rescale,
-            drop_threshold=drop_threshold, seed=seed, stream=stream, offset=offset)
+            xs, base, fisher, weights, trim, top, (elect_weights or weights) if elect else None, select, out, scale=scale,
+            normalize=bool(normalize), min_den=min_den, rescale=rescale, drop_threshold=drop_threshold, seed=seed,
+            stream=stream, offset=offset)
         return out
     _register_fakes()
     torch.ops.evolver_kernels.merge_(
-        xs, base, fisher or [], weights, trim if trim is not None else [0.0] * n, scale, rescale, drop_threshold,
-        trim is not None, bool(normalize), _to_int64(seed), _to_int64(stream), offset, out)
+        xs, base, fisher or [], weights, trim if trim is not None else [0.0] * n, top if top is not None else [0.0] * n,
+        elect_weights if elect_weights is not None else weights, scale, rescale, drop_threshold,
+        trim is not None or top is not None, top is not None, elect, select, bool(normalize), min_den,
+        _to_int64(seed), _to_int64(stream), offset, out)
     return out

@@ -76,8 +76,13 @@ def merge_reference(
     base: torch.Tensor | None = None,
     fisher: list[torch.Tensor] | None = None,
     trim: list[float] | None = None,
+    top: list[float] | None = None,
+    elect: bool | None = None,
+    elect_weights: list[float] | None = None,
+    select: float | None = None,
     scale: float = 1.0,
     normalize: bool = True,
+    min_den: float = 0.0,
     drop_p: float = 0.0,
     seed: int = 0,
     stream: int = 0,
@@ -89,22 +94,28 @@ def merge_reference(
       v_k = x_k - base                      (x_k when there is no base)
       DARE (drop_p > 0): v_k = 0 where the Philox word of (seed, stream + k, offset + j) < floor(drop_p * 2**32),
                          else v_k * fp32(1 / (1 - drop_p))
-      TIES (trim given): v_k = 0 where |v_k| < trim_k
+      band (trim or top given): v_k = 0 where |v_k| < trim_k, or (top given) where |v_k| >= top_k
+      select (given): m = (sum_k v_k) / n,  var = (sum_k (v_k - m) * (v_k - m)) / n  (variance_reference);
+                      every v_k = 0 where var < select
       c_k = w_k (w_k * fisher_k with Fisher weights),  d_k = c_k * v_k
       linear: y = sum_k d_k,  den = sum_k c_k
-      TIES:   s = sum_k d_k;  agree_k = d_k > 0 if s >= 0 else d_k < 0
+      TIES (elect; by default when trim is given):
+              e_k = ew_k * v_k (ew: elect_weights, default the weights);  s = sum_k e_k
+              agree_k = e_k > 0 if s >= 0 else e_k < 0
               y = sum of the agreeing d_k,  den = sum of the agreeing w_k
-      normalize: y = y / den (0 where den == 0)
+      normalize: y = y / den, 0 where den == 0 (min_den > 0: y / den', den' = min_den where den < min_den)
       out = base + scale * y                (scale * y without a base), rounded once to x's dtype
 
     Returns a new tensor shaped like xs[0].
     """
     f32 = torch.float32
     device = xs[0].device
+    elect = trim is not None if elect is None else elect
+    ew = weights if elect_weights is None else elect_weights
     b = base.float() if base is not None else None
     w = [torch.tensor(v, dtype=f32, device=device) for v in weights]
     rescale = torch.tensor(1.0 / (1.0 - drop_p), dtype=f32, device=device) if drop_p > 0 else None
-    ds, cs = [], []
+    vs = []
     for k, x in enumerate(xs):
         v = x.float()
         if b is not None:
@@ -113,32 +124,64 @@ def merge_reference(
             dropped = crossover_mask_reference(x.numel(), CR=drop_p, seed=seed, stream=stream + k, offset=offset,
                                                device=device).view(x.shape)
             v = torch.where(dropped, torch.zeros((), dtype=f32, device=device), v * rescale)
-        if trim is not None:
-            v = torch.where(v.abs() < torch.tensor(trim[k], dtype=f32, device=device), 0.0, v)
-        c = w[k] * fisher[k].view(x.shape) if fisher is not None else w[k].expand(x.shape)
+        if trim is not None or top is not None:
+            a = v.abs()
+            cut = torch.zeros(x.shape, dtype=torch.bool, device=device)
+            if trim is not None:
+                cut = cut | (a < torch.tensor(trim[k], dtype=f32, device=device))
+            if top is not None:
+                cut = cut | (a >= torch.tensor(top[k], dtype=f32, device=device))
+            v = torch.where(cut, 0.0, v)
+        vs.append(v)
+    if select is not None:
+        keep = variance_reference(vs) >= torch.tensor(select, dtype=f32, device=device)
+        vs = [torch.where(keep, v, 0.0) for v in vs]
+    ds, cs = [], []
+    for k, v in enumerate(vs):
+        c = w[k] * fisher[k].view(v.shape) if fisher is not None else w[k].expand(v.shape)
         ds.append(c * v)
         cs.append(c)
     zero = torch.zeros(xs[0].shape, dtype=f32, device=device)
     y, den = zero.clone(), zero.clone()
-    if trim is None:
+    if not elect:
         for d, c in zip(ds, cs):
             y = y + d
             den = den + c
     else:
+        es = [torch.tensor(ew[k], dtype=f32, device=device) * v for k, v in enumerate(vs)]
         s = zero.clone()
-        for d in ds:
-            s = s + d
+        for e in es:
+            s = s + e
         positive = s >= 0
-        for k, d in enumerate(ds):
-            agree = torch.where(positive, d > 0, d < 0)
+        for k, (e, d) in enumerate(zip(es, ds)):
+            agree = torch.where(positive, e > 0, e < 0)
             y = torch.where(agree, y + d, y)
             den = torch.where(agree, den + w[k], den)
     if normalize:
-        nonzero = den != 0
-        y = torch.where(nonzero, y / torch.where(nonzero, den, 1.0), 0.0)
+        if min_den > 0:
+            floor = torch.tensor(min_den, dtype=f32, device=device)
+            y = y / torch.where(den < floor, floor, den)
+        else:
+            nonzero = den != 0
+            y = torch.where(nonzero, y / torch.where(nonzero, den, 1.0), 0.0)
     scale32 = torch.tensor(scale, dtype=f32, device=device)
     r = b + scale32 * y if b is not None else scale32 * y
     return r.to(xs[0].dtype)
+
+
+def variance_reference(vs: list[torch.Tensor]) -> torch.Tensor:
+    """The population variance over the models of fp32 tensors `vs`, as the fused merge's selection computes it:
+    m = (sum_k v_k) / n, then (sum_k (v_k - m) * (v_k - m)) / n, sums in slot order, each operation rounded."""
+    n = torch.tensor(float(len(vs)), dtype=torch.float32, device=vs[0].device)
+    s = vs[0]
+    for v in vs[1:]:
+        s = s + v
+    m = s / n
+    q = None
+    for v in vs:
+        t = v - m
+        q = t * t if q is None else q + t * t
+    return q / n
 
 
 def naive_merge(xs: list[torch.Tensor], *, weights: list[float], base: torch.Tensor | None = None,

@@ -294,10 +294,10 @@ def _load_model(table_ptr, k, p, valid, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
-                HAS_BASE: tl.constexpr, DROP: tl.constexpr, TIES: tl.constexpr, FISHER: tl.constexpr,
+def _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
+                HAS_BASE: tl.constexpr, DROP: tl.constexpr, BAND: tl.constexpr, HAS_TOP: tl.constexpr,
                 DTYPE: tl.constexpr, GROUPS: tl.constexpr):
-    """(d, c): model k's weighted task vector and its weight (times its Fisher) on this block."""
+    """Model k's task vector on this block: x - base, DARE's drop and rescale, the magnitude band."""
     v = _load_model(x_table, k, p, valid, DTYPE)
     if HAS_BASE:
         v = v - b
@@ -305,21 +305,22 @@ def _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, 
         stream_k = stream + k
         _, word = _words_block(pid, offset, k0, k1, stream_k & 0xFFFFFFFF, stream_k >> 32, GROUPS)
         v = tl.where(word < bound.to(tl.uint32), 0.0, v * rescale)
-    if TIES:
-        v = tl.where(tl.abs(v) < tl.load(trim_ptr + k), 0.0, v)
-    c = tl.broadcast_to(tl.load(w_ptr + k), v.shape)
-    if FISHER:
-        address = tl.load(f_table + k)
-        c = c * tl.load(address.to(tl.pointer_type(tl.float32)) + p, mask=valid, other=0.0)
-    return c * v, c
+    if BAND:
+        a = tl.abs(v)
+        cut = a < tl.load(trim_ptr + k)
+        if HAS_TOP:
+            cut = cut | (a >= tl.load(top_ptr + k))
+        v = tl.where(cut, 0.0, v)
+    return v
 
 
 @triton.jit(do_not_specialize=_MERGE_RUNTIME_INTS)
 def _merge_kernel(
-    x_table, f_table, w_ptr, trim_ptr, base_ptr, out_ptr, n_inputs, numel_hi, numel_lo, scale, rescale, bound,
-    k0, k1, stream_hi, stream_lo, offset_hi, offset_lo,
-    HAS_BASE: tl.constexpr, DROP: tl.constexpr, TIES: tl.constexpr, FISHER: tl.constexpr, NORMALIZE: tl.constexpr,
-    DTYPE: tl.constexpr, GROUPS: tl.constexpr,
+    x_table, f_table, w_ptr, trim_ptr, top_ptr, e_ptr, base_ptr, out_ptr, n_inputs, numel_hi, numel_lo, scale,
+    rescale, bound, k0, k1, stream_hi, stream_lo, offset_hi, offset_lo, select, min_den,
+    HAS_BASE: tl.constexpr, DROP: tl.constexpr, BAND: tl.constexpr, HAS_TOP: tl.constexpr, TIES: tl.constexpr,
+    SELECT: tl.constexpr, FISHER: tl.constexpr, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offset = _join_i64(offset_hi, offset_lo)
@@ -329,34 +330,67 @@ def _merge_kernel(
     b = tl.zeros([GROUPS, 4], dtype=tl.float32)
     if HAS_BASE:
         b = _bits_to_f32(tl.load(base_ptr + p, mask=valid, other=0), DTYPE)
-    acc = tl.zeros([GROUPS, 4], dtype=tl.float32)
-    den = tl.zeros([GROUPS, 4], dtype=tl.float32)
+    keep = valid
     # `while`, not `for k in range(n_inputs)`: Triton 3.6's interpreter cannot take a runtime argument as a
     # range bound (it converts a 1-element array with int()). Compiled for sm_90, the two forms gave PTX of the
     # same size with the same loads (neither is software-pipelined).
+    if SELECT:  # sce: the population variance over the models, as reference.variance_reference computes it
+        count = n_inputs.to(tl.float32)
+        mean = tl.zeros([GROUPS, 4], dtype=tl.float32)
+        k = 0
+        while k < n_inputs:
+            mean = mean + _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0,
+                                      k1, stream, HAS_BASE, DROP, BAND, HAS_TOP, DTYPE, GROUPS)
+            k += 1
+        mean = tl.math.div_rn(mean, count)
+        var = tl.zeros([GROUPS, 4], dtype=tl.float32)
+        k = 0
+        while k < n_inputs:
+            t = _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
+                            HAS_BASE, DROP, BAND, HAS_TOP, DTYPE, GROUPS) - mean
+            var = var + t * t
+            k += 1
+        keep = tl.math.div_rn(var, count) >= select
+    acc = tl.zeros([GROUPS, 4], dtype=tl.float32)
+    den = tl.zeros([GROUPS, 4], dtype=tl.float32)
     k = 0
     while k < n_inputs:
-        d, c = _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1,
-                           stream, HAS_BASE, DROP, TIES, FISHER, DTYPE, GROUPS)
-        acc = acc + d
-        if not TIES:
+        v = _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
+                        HAS_BASE, DROP, BAND, HAS_TOP, DTYPE, GROUPS)
+        if SELECT:
+            v = tl.where(keep, v, 0.0)
+        if TIES:
+            acc = acc + tl.load(e_ptr + k) * v  # the election's total
+        else:
+            c = tl.broadcast_to(tl.load(w_ptr + k), v.shape)
+            if FISHER:
+                address = tl.load(f_table + k)
+                c = c * tl.load(address.to(tl.pointer_type(tl.float32)) + p, mask=valid, other=0.0)
+            acc = acc + c * v
             den = den + c
         k += 1
     if TIES:
         total = tl.zeros([GROUPS, 4], dtype=tl.float32)
         k = 0
         while k < n_inputs:
-            d, c = _merge_task(x_table, f_table, w_ptr, trim_ptr, k, p, valid, b, pid, offset, rescale, bound, k0,
-                               k1, stream, HAS_BASE, DROP, TIES, FISHER, DTYPE, GROUPS)
-            agree = tl.where(acc >= 0.0, d > 0.0, d < 0.0)
-            total = tl.where(agree, total + d, total)
-            den = tl.where(agree, den + c, den)
+            v = _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
+                            HAS_BASE, DROP, BAND, HAS_TOP, DTYPE, GROUPS)
+            if SELECT:
+                v = tl.where(keep, v, 0.0)
+            e = tl.load(e_ptr + k) * v
+            w = tl.load(w_ptr + k)
+            agree = tl.where(acc >= 0.0, e > 0.0, e < 0.0)
+            total = tl.where(agree, total + w * v, total)
+            den = tl.where(agree, den + w, den)
             k += 1
         acc = total
     y = acc
     if NORMALIZE:
-        nonzero = den != 0.0
-        y = tl.where(nonzero, tl.math.div_rn(y, tl.where(nonzero, den, 1.0)), 0.0)
+        if min_den > 0.0:
+            y = tl.math.div_rn(y, tl.where(den < min_den, min_den, den))
+        else:
+            nonzero = den != 0.0
+            y = tl.where(nonzero, tl.math.div_rn(y, tl.where(nonzero, den, 1.0)), 0.0)
     if HAS_BASE:
         r = b + scale * y
     else:
@@ -365,9 +399,12 @@ def _merge_kernel(
 
 
 def merge(xs: list[torch.Tensor], base: torch.Tensor | None, fisher: list[torch.Tensor] | None,
-          weights: list[float], trim: list[float] | None, out: torch.Tensor, *, scale: float, normalize: bool,
-          rescale: float, drop_threshold: int, seed: int, stream: int, offset: int) -> None:
-    """Writes the merge of xs into `out` (arguments checked by evolver_kernels.ops.merge_tensors)."""
+          weights: list[float], trim: list[float] | None, top: list[float] | None,
+          elect_weights: list[float] | None, select: float | None, out: torch.Tensor, *, scale: float,
+          normalize: bool, min_den: float, rescale: float, drop_threshold: int, seed: int, stream: int,
+          offset: int) -> None:
+    """Writes the merge of xs into `out` (arguments checked by evolver_kernels.ops.merge_tensors);
+    elect_weights None: no election (TIES)."""
     n = out.numel()
     if n == 0:
         return
@@ -377,12 +414,16 @@ def merge(xs: list[torch.Tensor], base: torch.Tensor | None, fisher: list[torch.
     f_table = torch.tensor([f.data_ptr() for f in fisher] if fisher else [0], dtype=torch.int64, device=device)
     w = torch.tensor(weights, dtype=torch.float32, device=device)
     t = torch.tensor(trim if trim is not None else [0.0] * len(xs), dtype=torch.float32, device=device)
+    u = torch.tensor(top if top is not None else [0.0] * len(xs), dtype=torch.float32, device=device)
+    e = torch.tensor(elect_weights if elect_weights is not None else weights, dtype=torch.float32, device=device)
     base_view = (base if base is not None else out).view(bits)
     k0, k1 = _split(seed)
     _merge_kernel[_grid(n, offset)](
-        x_table, f_table, w, t, base_view, out.view(bits), len(xs), *_i64_parts(n), scale, rescale, drop_threshold,
-        k0, k1, *_i64_parts(stream), *_i64_parts(offset),
-        HAS_BASE=base is not None, DROP=drop_threshold > 0, TIES=trim is not None, FISHER=bool(fisher),
+        x_table, f_table, w, t, u, e, base_view, out.view(bits), len(xs), *_i64_parts(n), scale, rescale,
+        drop_threshold, k0, k1, *_i64_parts(stream), *_i64_parts(offset), 0.0 if select is None else select,
+        min_den,
+        HAS_BASE=base is not None, DROP=drop_threshold > 0, BAND=trim is not None or top is not None,
+        HAS_TOP=top is not None, TIES=elect_weights is not None, SELECT=select is not None, FISHER=bool(fisher),
         NORMALIZE=normalize, DTYPE=DTYPE_CODES[out.dtype], GROUPS=GROUPS_PER_PROGRAM, num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )

@@ -16,6 +16,7 @@ import yaml
 from _util import (
     MERGEKIT_ATOL,
     MERGEKIT_RTOL,
+    assert_bitwise_equal,
     assert_same_as_mergekit,
     merge_cli_error,
     random_population,
@@ -23,7 +24,7 @@ from _util import (
 )
 from safetensors.torch import load_file
 
-from evolver_kernels import methods, model_io
+from evolver_kernels import available_backends, methods, model_io
 from evolver_kernels.arena import Arena, Layout
 from evolver_kernels.merge import main
 from evolver_kernels.merging import Merger
@@ -337,6 +338,30 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
         if e.numel > 5:  # not vacuous: far from the average of the models and from the base
             assert (out.view(e).double() - sum(x.double() for x in xs) / n).abs().max() > FAR
             assert (out.view(e).double() - base.view(e).double()).abs().max() > FAR
+
+
+@pytest.mark.parametrize("case", ["breadcrumbs", "breadcrumbs_ties", "breadcrumbs_ties_fused", "sce", "sce_all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_passes_give_the_same_bits_on_every_backend(case, dtype):
+    """Breadcrumbs' band and sce's selection run in the fused operator: each CPU backend (and the reference
+    contract) writes the same bits, with chunk boundaries inside the tensors."""
+    n, kwargs, _ = API_CASES[case]
+    layout32, pop32, base32 = _population(n, seed=2)
+    layout = Layout.from_params(((k,), dtype, s) for k, s in SHAPES.items())
+    pop, base = MemoryPopulation(layout, n, "cpu"), Arena.empty(layout)
+    for e, e32 in zip(layout.entries, layout32.entries):
+        base.view(e).copy_(base32.view(e32))
+        for a, a32 in zip(pop.arenas, pop32.arenas):
+            a.view(e).copy_(a32.view(e32))
+    kwargs = dict(kwargs)
+    weights = kwargs.pop("weights", None)
+    outs = {backend: Merger(case.removesuffix("_all").removesuffix("_fused"), base, weights=weights, backend=backend,
+                            **kwargs)(pop, Arena.empty(layout), chunk=7)
+            for backend in ["reference", *available_backends("cpu")]}
+    assert len(outs) >= 2
+    for backend, out in outs.items():
+        for e in layout.entries:
+            assert_bitwise_equal(out.view(e), outs["reference"].view(e), f"{case} {backend} {e.name}")
 
 
 def test_della_refuses_tensors_of_more_than_two_dimensions():

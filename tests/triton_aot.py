@@ -104,6 +104,9 @@ def record_launches() -> list[dict[str, Any]]:
                     {"base": base, "drop_p": 0.9, "normalize": False},  # DARE-linear
                     {"base": base, "drop_p": 0.9, "trim": [0.0] * 3},  # DARE-TIES
                     {"base": base, "fisher": fisher, "drop_p": 0.5},
+                    {"base": base, "trim": [0.1] * 3, "top": [0.5] * 3, "elect": False, "normalize": False},
+                    {"base": base, "trim": [0.1] * 3, "top": [0.5] * 3, "normalize": False},  # breadcrumbs_ties
+                    {"base": base, "select": 0.1, "elect": True, "elect_weights": [1.0] * 3, "min_den": 1e-6},  # sce
                 ):
                     ek.merge_tensors(models, seed=seed, stream=stream, offset=offset, backend="triton", **kwargs)
         for seed in SEEDS:

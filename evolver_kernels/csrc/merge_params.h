@@ -8,14 +8,16 @@
 
 namespace evolver_kernels {
 
-// Inputs per call. Passed by value to the CUDA kernel (about 1.6 KB of its 4 KB parameter space).
+// Inputs per call. Passed by value to the CUDA kernel (about 2.1 KB of its 4 KB parameter space).
 constexpr int kMaxMergeInputs = 64;
 
 struct MergeParams {
   const void* x[kMaxMergeInputs];        // the models' tensors, all of `dtype`
   const float* fisher[kMaxMergeInputs];  // fp32 elementwise weights (Fisher merging), or all null
   float weight[kMaxMergeInputs];         // per-model weights
-  float trim[kMaxMergeInputs];           // TIES: |tau| below this is trimmed to 0 (0: keep all)
+  float trim[kMaxMergeInputs];           // band: |tau| below this is zeroed (0: keep all)
+  float top[kMaxMergeInputs];            // band with has_top: |tau| at or above this is zeroed (breadcrumbs)
+  float elect_weight[kMaxMergeInputs];   // TIES: the sign is elected on sum_k elect_weight[k] * tau_k
   const void* base;                      // null: no base model (tau_k = x_k)
   void* out;                             // may equal one input (each element is read before it is written)
   int n_inputs;
@@ -23,8 +25,13 @@ struct MergeParams {
   float scale;
   float rescale;           // DARE: survivors times fp32(1 / (1 - p))
   int64_t drop_threshold;  // DARE: element of model k dropped when its word (stream + k) < this; 0: no drop
+  bool band;     // trim (and top) apply
+  bool has_top;  // top applies
   bool ties;
+  bool select_on;  // sce: every tau_k zeroed where their variance over the models is below `select`
+  float select;
   bool normalize;
+  float min_den;  // > 0: normalize divides by max(den, min_den) (den < min_den: min_den) instead of 0 at den 0
   uint64_t seed;
   uint64_t stream;  // model k draws from stream + k
   uint64_t offset;  // global index of element 0

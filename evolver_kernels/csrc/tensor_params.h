@@ -83,13 +83,17 @@ inline MaskParams make_mask_params(const at::Tensor& out, int64_t threshold, int
 }
 
 inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
-                                     c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, double scale,
-                                     double rescale, int64_t drop_threshold, bool ties, bool normalize, int64_t seed,
+                                     c10::ArrayRef<double> weights, c10::ArrayRef<double> trim,
+                                     c10::ArrayRef<double> top, c10::ArrayRef<double> elect_weights, double scale,
+                                     double rescale, int64_t drop_threshold, bool band, bool has_top, bool ties,
+                                     c10::optional<double> select, bool normalize, double min_den, int64_t seed,
                                      int64_t stream, int64_t offset, const at::Tensor& out) {
   const int64_t n = static_cast<int64_t>(xs.size());
   TORCH_CHECK(n >= 1 && n <= kMaxMergeInputs, "evolver_kernels: merge takes 1 to ", kMaxMergeInputs, " inputs, got ", n);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == n, "evolver_kernels: ", weights.size(), " weights for ", n, " inputs");
-  TORCH_CHECK(static_cast<int64_t>(trim.size()) == n, "evolver_kernels: ", trim.size(), " trim values for ", n, " inputs");
+  TORCH_CHECK(static_cast<int64_t>(trim.size()) == n && static_cast<int64_t>(top.size()) == n &&
+                  static_cast<int64_t>(elect_weights.size()) == n,
+              "evolver_kernels: trim, top and elect_weights need one value per input (", n, ")");
   TORCH_CHECK(fisher.empty() || static_cast<int64_t>(fisher.size()) == n, "evolver_kernels: ", fisher.size(),
               " fisher tensors for ", n, " inputs");
   TORCH_CHECK(out.is_contiguous(), "evolver_kernels: out must be contiguous");
@@ -101,6 +105,8 @@ inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::
     p.x[k] = xs[k].data_ptr();
     p.weight[k] = static_cast<float>(weights[k]);
     p.trim[k] = static_cast<float>(trim[k]);
+    p.top[k] = static_cast<float>(top[k]);
+    p.elect_weight[k] = static_cast<float>(elect_weights[k]);
     if (!fisher.empty()) {
       const at::Tensor& f = fisher[k];
       TORCH_CHECK(f.scalar_type() == at::kFloat && f.is_contiguous() && f.numel() == out.numel() &&
@@ -117,8 +123,13 @@ inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::
   p.scale = static_cast<float>(scale);
   p.rescale = static_cast<float>(rescale);
   p.drop_threshold = drop_threshold;
+  p.band = band;
+  p.has_top = has_top;
   p.ties = ties;
+  p.select_on = select.has_value();
+  p.select = select.has_value() ? static_cast<float>(*select) : 0.0f;
   p.normalize = normalize;
+  p.min_den = static_cast<float>(min_den);
   p.seed = static_cast<uint64_t>(seed);
   p.stream = static_cast<uint64_t>(stream);
   p.offset = static_cast<uint64_t>(offset);

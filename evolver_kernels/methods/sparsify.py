@@ -18,7 +18,8 @@ per-model weights (1 each by default), everything per tensor:
                      agrees; mergekit's normalize: true)
   della_linear       the same drops, out = base + scale * sum_k w_k tau'_k (normalize: false)
   sce                with select_topk < 1: the elements where the tau_k vary most across models are kept in
-                     every tau_k, zeroed elsewhere: var = torch.var over the models (population variance), the
+                     every tau_k, zeroed elsewhere: var = the population variance over the models (in fp32: the
+                     mean first, then the mean of the squared deviations, reference.variance_reference), the
                      k = int(select_topk * count of non-zero var) largest var per tensor (k = 0: none). Then
                      the elected sign of sum_k tau_k (unweighted), model weights c_k = mean(tau_k^2) / sum_j
                      mean(tau_j^2) (1/N each where that sum is below 1e-6), and
@@ -33,11 +34,12 @@ chunk by chunk; never a stack of the N models, never a mask of a tensor or of th
   pass 2 recomputes the ranks and the drops rather than storing them.
 - sce: the variance threshold in the histogram's two passes (non-zero variances counted in the first), one pass
   for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read.
-The element-wise pass of breadcrumbs (but where no tensor's band has an upper bound: gamma 0, density 1 or a
-tensor too small for int(gamma n) >= 1), of della and of sce is not yet a fused kernel: the fused operator
-merge_tensors has no upper magnitude bound, per-element probabilities or per-element selection, so these
-passes run as plain fp32 torch on the chunk (on the device that holds the output: the same bits on every
-backend of one device). Breadcrumbs' tensors without an upper bound go through merge_tensors.
+The element-wise passes of breadcrumbs and sce are the fused merge operator (merge_tensors, every backend,
+the same bits): breadcrumbs as the band trim_k <= |tau_k| < top_k with or without TIES' election; sce as the
+variance selection (`select`), the election on the unweighted task vectors (`elect_weights` 1) and the divisor
+floor (`min_den`). della's is not: an element's keep probability depends on its magnitude rank in its row,
+which takes a sort of the row, so della's merge pass runs as plain fp32 torch on the chunk (on the device
+that holds the output: the same bits on every backend of one device).
 
 Where ours differs from mergekit, on purpose:
 - della's drops come from the package's Philox contract, not torch.bernoulli: model k's element j (its global
@@ -66,6 +68,7 @@ import torch
 from ..arena import Arena, Entry, iter_chunks
 from ..ops import merge_tensors
 from ..population import Population
+from ..reference import variance_reference
 from ..rng import STREAM_DARE, random_words
 from .registry import MergeContext, MergeMethod, Param, boolean, register
 from .streaming import base_chunk, check_base, check_weights
@@ -118,24 +121,20 @@ def _task_vectors(pop: Population, base: Arena, e: Entry, lo: int, hi: int, devi
     return base_f, [pop.read(k, e.group, a, b).to(device).float() - base_f for k in range(pop.size)]
 
 
-def _elect(ds: list[torch.Tensor], weights: list[float] | None = None, on: list[torch.Tensor] | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """TIES' disjoint sum of the d_k: (the sum of those whose sign is the elected one, + where the sum of the
-    `on` values (default: the d_k) is >= 0; with `weights`, the sum of the agreeing weights). A zero never agrees
-    (mergekit's get_mask, method sum)."""
-    on = ds if on is None else on
-    total = on[0]
-    for v in on[1:]:
-        total = total + v
+def _elect(ds: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES' disjoint sum of the d_k: (the sum of those whose sign is the elected one, + where the sum of the d_k
+    is >= 0; the sum of the agreeing weights). A zero never agrees (mergekit's get_mask, method sum)."""
+    total = ds[0]
+    for d in ds[1:]:
+        total = total + d
     positive = total >= 0
     y = den = None
-    for k, (v, d) in enumerate(zip(on, ds)):
-        agree = torch.where(positive, v > 0, v < 0)
+    for k, d in enumerate(ds):
+        agree = torch.where(positive, d > 0, d < 0)
         term = torch.where(agree, d, 0.0)
+        w = torch.where(agree, torch.tensor(weights[k], dtype=torch.float32, device=d.device), 0.0)
         y = term if y is None else y + term
-        if weights is not None:
-            w = torch.where(agree, torch.tensor(weights[k], dtype=torch.float32, device=d.device), 0.0)
-            den = w if den is None else den + w
+        den = w if den is None else den + w
     return y, den
 
 
@@ -183,40 +182,25 @@ def breadcrumbs(pop: Population, base: Arena, out: Arena, density: float | list[
             found = kth_largest_magnitudes(task_vector, e.offset, e.offset + e.numel, lambda nonzero, ks=ks: ks, chunk)
             high = found.pop(0) if top > 0 else INF
             bounds.append((found[0] if found else 0.0, high))
-        if all(b is None or (b[1] == INF and b[0] < INF) for b in bounds) and (
-                ties or all(b is None or b[0] == 0.0 for b in bounds)):
-            _fused(pop, base, out, e, w, [0.0 if b is None else b[0] for b in bounds] if ties else None, scale,
-                   chunk, backend)
-            continue
-        for lo, hi in iter_chunks(e.numel, chunk):
-            base_f, taus = _task_vectors(pop, base, e, lo, hi, dst.device)
-            ds = []
-            for k, tau in enumerate(taus):
-                if bounds[k] is not None:
-                    magnitude = tau.abs()
-                    tau = torch.where((magnitude >= bounds[k][0]) & (magnitude < bounds[k][1]), tau, 0.0)
-                ds.append(tau * w[k])
-            if ties:
-                y, _ = _elect(ds)
-            else:
-                y = ds[0]
-                for d in ds[1:]:
-                    y = y + d
-            dst[lo:hi] = base_f + scale * y  # one rounding to the arena's dtype
+        band = any(b is not None for b in bounds)
+        _fused(pop, base, out, e, w, [0.0 if b is None else b[0] for b in bounds] if band else None,
+               [INF if b is None else b[1] for b in bounds] if any(b is not None and b[1] < INF for b in bounds) else None,
+               ties, scale, chunk, backend)
     return out
 
 
 def _fused(pop: Population, base: Arena, out: Arena, e: Entry, w: list[float], trim: list[float] | None,
-           scale: float, chunk: int, backend: str | None) -> None:
-    """An entry whose bands have no upper bound: task arithmetic, or TIES with the lower bounds as trims
-    (normalize false), through the fused operator."""
+           top: list[float] | None, elect: bool, scale: float, chunk: int, backend: str | None) -> None:
+    """Breadcrumbs' element-wise pass of entry `e` through the fused operator: each task vector cut to its band
+    trim_k <= |tau| < top_k, then summed (elect: TIES' sum of the agreeing; normalize false)."""
     dst = out.view(e).view(-1)
     start = pop.layout.groups[e.group][0]
     for lo, hi in iter_chunks(e.numel, chunk):
         a, b = e.offset + lo, e.offset + hi
         merge_tensors([pop.read(k, e.group, a, b).to(dst.device) for k in range(pop.size)],
-                      base=base_chunk(base, e.group, a, b, dst.device), weights=w, trim=trim, scale=scale,
-                      normalize=False, offset=start + a, out=dst[lo:hi], backend=backend, stream=STREAM_DARE)
+                      base=base_chunk(base, e.group, a, b, dst.device), weights=w, trim=trim, top=top, elect=elect,
+                      scale=scale, normalize=False, offset=start + a, out=dst[lo:hi], backend=backend,
+                      stream=STREAM_DARE)
 
 
 # -- della -----------------------------------------------------------------------------------------------------
@@ -326,17 +310,13 @@ def sce(pop: Population, base: Arena, out: Arena, select_topk: float = 1.0, chun
         raise ValueError(f"select_topk must be in [0, 1], got {select_topk}")
     n = pop.size
 
-    def variance(taus: list[torch.Tensor]) -> torch.Tensor:
-        return torch.var(torch.stack(taus), dim=0, unbiased=False)  # one chunk of each model (as read)
-
-    def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(base, the task vectors zeroed outside the selection) on elements [lo, hi) of entry e."""
-        base_f, taus = _task_vectors(pop, base, e, lo, hi, device)
+    def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device) -> list[torch.Tensor]:
+        """The task vectors on elements [lo, hi) of entry e, zeroed outside the selection."""
+        taus = _task_vectors(pop, base, e, lo, hi, device)[1]
         if threshold is not None:
-            keep = variance(taus) >= threshold
+            keep = variance_reference(taus) >= threshold  # bit for bit the fused operator's selection
             taus = [torch.where(keep, tau, 0.0) for tau in taus]
-        return base_f, taus
+        return taus
 
     def ks(nonzero: int) -> list[int]:
         k = int(nonzero * select_topk)
@@ -349,23 +329,25 @@ def sce(pop: Population, base: Arena, out: Arena, select_topk: float = 1.0, chun
         threshold = None
         if select_topk < 1:
             found = kth_largest_magnitudes(
-                lambda a, b, e=e, device=dst.device: variance(_task_vectors(pop, base, e, a - e.offset, b - e.offset,
-                                                                            device)[1]),
+                lambda a, b, e=e, device=dst.device: variance_reference(
+                    _task_vectors(pop, base, e, a - e.offset, b - e.offset, device)[1]),
                 e.offset, e.offset + e.numel, ks, chunk)
             threshold = found[0] if found else INF
         squares = torch.zeros(n, dtype=torch.float64, device=dst.device)
         for lo, hi in iter_chunks(e.numel, chunk):
-            _, taus = selected(e, lo, hi, threshold, dst.device)
-            for k, tau in enumerate(taus):
+            for k, tau in enumerate(selected(e, lo, hi, threshold, dst.device)):
                 squares[k] += (tau * tau).sum(dtype=torch.float64)
         means = squares / e.numel
         total = float(means.sum())
         c = [1.0 / n] * n if abs(total) < SCE_WEIGHT_EPS else [float(m) / total for m in means]
+        start = pop.layout.groups[e.group][0]
         for lo, hi in iter_chunks(e.numel, chunk):
-            base_f, taus = selected(e, lo, hi, threshold, dst.device)
-            ds = [tau * torch.tensor(c[k], dtype=torch.float32, device=dst.device) for k, tau in enumerate(taus)]
-            y, den = _elect(ds, c, on=taus)  # the sign elected on the unweighted task vectors (mergekit's sce)
-            dst[lo:hi] = base_f + y / den.clamp(min=SCE_DIVISOR_MIN)
+            a, b = e.offset + lo, e.offset + hi
+            # the sign elected on the unweighted task vectors (mergekit's sce), the c-weighted mean of the agreeing
+            merge_tensors([pop.read(k, e.group, a, b).to(dst.device) for k in range(n)],
+                          base=base_chunk(base, e.group, a, b, dst.device), weights=c, elect=True,
+                          elect_weights=[1.0] * n, select=threshold, min_den=SCE_DIVISOR_MIN, offset=start + a,
+                          out=dst[lo:hi], backend=backend)
     return out
 
 

@@ -1,10 +1,11 @@
-// CPU kernel of the fused merge: out = base + scale * combine_k(weight_k * dare_k(trim_k(x_k - base))),
+// CPU kernel of the fused merge: out = base + scale * combine_k(weight_k * select(band_k(dare_k(x_k - base)))),
 // element by element as evolver_kernels.reference.merge_reference defines it, threaded with ATen's pool.
 //
 // Work is cut into blocks of 4 * kGroups elements aligned to global Philox groups (DARE's words depend only
 // on the element's global index and the model's stream). Per block, each model's elements are read once in a
-// contiguous (vectorised) loop into fp32 accumulators on the stack; TIES keeps the block's weighted task
-// vectors (n_inputs * 256 floats per thread) for its second pass instead of reading the models again.
+// contiguous (vectorised) loop into fp32 accumulators on the stack. TIES and sce's variance selection keep the
+// block's task vectors (n_inputs * 256 floats per thread) for their further passes instead of reading the
+// models again. The band and the selection are runtime flags, tested once per loop (the compiler unswitches).
 #include "merge_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -32,10 +33,12 @@ void merge_kernel(const MergeParams& p) {
   const uint64_t end_group = (p.offset + static_cast<uint64_t>(p.numel) + 3) >> 2;
   const int64_t nblocks = static_cast<int64_t>((end_group - first_group + kGroups - 1) / kGroups);
   const int n = p.n_inputs;
+  const bool staged = kTies || p.select_on;  // task vectors kept for a second pass
+  const float count = static_cast<float>(n);
   at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t words[kBlock];
     alignas(64) float b[kBlock], acc[kBlock], den[kBlock];
-    std::vector<float> taus(kTies ? static_cast<size_t>(n) * kBlock : 0);
+    std::vector<float> taus(staged ? static_cast<size_t>(n) * kBlock : 0);
     for (int64_t blk = begin; blk < end; ++blk) {
       const uint64_t g = first_group + static_cast<uint64_t>(blk) * kGroups;
       const int64_t delta = static_cast<int64_t>(p.offset - 4 * g);  // local index i has word i + delta
@@ -49,45 +52,93 @@ void merge_kernel(const MergeParams& p) {
       for (int k = 0; k < n; ++k) {
         const Bits* x = static_cast<const Bits*>(p.x[k]) + lo;
         const float* fisher = p.fisher[k] ? p.fisher[k] + lo : nullptr;
-        const float w = p.weight[k], trim = p.trim[k], rescale = p.rescale;
+        const float w = p.weight[k], trim = p.trim[k], top = p.top[k], rescale = p.rescale;
+        const bool band = p.band, has_top = p.has_top;
         if (kDrop) block_words(g, p.seed, p.stream + static_cast<uint64_t>(k), words);
         const uint32_t* word = words + lo + delta;
-        float* tau_k = kTies ? taus.data() + static_cast<size_t>(k) * kBlock : nullptr;
+        float* tau_k = staged ? taus.data() + static_cast<size_t>(k) * kBlock : nullptr;
         for (int64_t i = 0; i < len; ++i) {
           float v = Codec::load(x[i]);
           if (kBase) v = v - b[i];
           if (kDrop) v = dropped.selects(word[i]) ? 0.0f : v * rescale;
-          if (kTies) v = std::fabs(v) < trim ? 0.0f : v;
-          const float c = fisher ? w * fisher[i] : w;
-          const float d = c * v;
-          acc[i] = acc[i] + d;
-          if (kTies) {
-            tau_k[i] = d;
+          if (band) {
+            const float a = std::fabs(v);
+            v = (a < trim || (has_top && a >= top)) ? 0.0f : v;
+          }
+          if (staged) {
+            tau_k[i] = v;
           } else {
+            const float c = fisher ? w * fisher[i] : w;
+            acc[i] = acc[i] + c * v;
             den[i] = den[i] + c;
           }
         }
       }
+      if (p.select_on) {
+        // sce: the population variance over the models, as reference.variance_reference computes it.
+        alignas(64) float mean[kBlock], var[kBlock];
+        for (int64_t i = 0; i < len; ++i) mean[i] = var[i] = 0.0f;
+        for (int k = 0; k < n; ++k) {
+          const float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
+          for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] + tau_k[i];
+        }
+        for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] / count;
+        for (int k = 0; k < n; ++k) {
+          const float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
+          for (int64_t i = 0; i < len; ++i) {
+            const float t = tau_k[i] - mean[i];
+            var[i] = var[i] + t * t;
+          }
+        }
+        const float select = p.select;
+        for (int k = 0; k < n; ++k) {
+          float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
+          for (int64_t i = 0; i < len; ++i) tau_k[i] = var[i] / count >= select ? tau_k[i] : 0.0f;
+        }
+        if (!kTies) {
+          for (int k = 0; k < n; ++k) {
+            const float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
+            const float* fisher = p.fisher[k] ? p.fisher[k] + lo : nullptr;
+            const float w = p.weight[k];
+            for (int64_t i = 0; i < len; ++i) {
+              const float c = fisher ? w * fisher[i] : w;
+              acc[i] = acc[i] + c * tau_k[i];
+              den[i] = den[i] + c;
+            }
+          }
+        }
+      }
       if (kTies) {
-        // acc holds the elected sign's total; the disjoint mean over the models that agree with it.
+        // The elected sign's total, then the disjoint sum over the models that agree with it.
+        for (int k = 0; k < n; ++k) {
+          const float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
+          const float e = p.elect_weight[k];
+          for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] + e * tau_k[i];
+        }
         alignas(64) float total[kBlock];
         for (int64_t i = 0; i < len; ++i) total[i] = 0.0f;
         for (int k = 0; k < n; ++k) {
           const float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
-          const float w = p.weight[k];
+          const float w = p.weight[k], e = p.elect_weight[k];
           for (int64_t i = 0; i < len; ++i) {
-            const float d = tau_k[i];
-            const bool agree = acc[i] >= 0.0f ? d > 0.0f : d < 0.0f;
-            total[i] = agree ? total[i] + d : total[i];
+            const float s = e * tau_k[i];
+            const bool agree = acc[i] >= 0.0f ? s > 0.0f : s < 0.0f;
+            total[i] = agree ? total[i] + w * tau_k[i] : total[i];
             den[i] = agree ? den[i] + w : den[i];
           }
         }
         for (int64_t i = 0; i < len; ++i) acc[i] = total[i];
       }
-      const float scale = p.scale;
+      const float scale = p.scale, min_den = p.min_den;
       for (int64_t i = 0; i < len; ++i) {
         float y = acc[i];
-        if (p.normalize) y = den[i] != 0.0f ? y / den[i] : 0.0f;
+        if (p.normalize) {
+          if (min_den > 0.0f) {
+            y = y / (den[i] < min_den ? min_den : den[i]);
+          } else {
+            y = den[i] != 0.0f ? y / den[i] : 0.0f;
+          }
+        }
         const float r = kBase ? b[i] + scale * y : scale * y;
         out[lo + i] = Codec::store(r);
       }

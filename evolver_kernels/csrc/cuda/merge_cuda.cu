@@ -3,8 +3,9 @@
 // One thread per Philox group (4 elements, aligned to the global index), grid-stride, 64-bit indices. A group
 // loads 4 elements of each model with one 8- or 16-byte load when the call is aligned (offset a multiple of 4,
 // every pointer aligned to 4 elements: arena chunks are), else element by element. DARE draws one Philox
-// call per group and model (stream + k). TIES recomputes each model's task vector in its second pass (the
-// reloads hit L1/L2) rather than holding n_inputs x 4 values per thread. The parameters are read in place
+// call per group and model (stream + k). TIES and sce's variance selection recompute each model's task vector
+// in their further passes (the reloads hit L1/L2) rather than holding n_inputs x 4 values per thread. The band
+// and the selection are runtime flags, uniform over the launch. The parameters are read in place
 // (__grid_constant__), so indexing them by model does not copy them to local memory. __f*_rn intrinsics:
 // no FMA contraction, every operation rounded as in the reference.
 #include <cuda_runtime_api.h>
@@ -64,26 +65,24 @@ __device__ __forceinline__ void load_fp32_group(const float* p, int64_t l0, int6
   }
 }
 
-// Model k's weighted task vector d[e] = c[e] * v[e] on group q, with c[e] its weight (times its Fisher).
-template <typename Codec, bool kBase, bool kDrop, bool kTies>
+// Model k's task vector v[e] on group q: x - base, DARE's drop and rescale, the magnitude band.
+template <typename Codec, bool kBase, bool kDrop>
 __device__ __forceinline__ void task_group(const MergeParams& p, int k, uint64_t q, int64_t l0, bool full,
-                                           const float b[4], float d[4], float c[4]) {
-  float v[4];
+                                           const float b[4], float v[4]) {
   load_group<Codec>(p.x[k], l0, p.numel, full, v);
   uint32_t w[4] = {0u, 0u, 0u, 0u};
   if (kDrop) philox_group(q, p.seed, p.stream + static_cast<uint64_t>(k), w);
-  float f[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-  const bool fisher = p.fisher[k] != nullptr;
-  if (fisher) load_fp32_group(p.fisher[k], l0, p.numel, full, f);
   const Threshold dropped(p.drop_threshold);
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     float x = v[e];
     if (kBase) x = __fsub_rn(x, b[e]);
     if (kDrop) x = dropped.selects(w[e]) ? 0.0f : __fmul_rn(x, p.rescale);
-    if (kTies) x = fabsf(x) < p.trim[k] ? 0.0f : x;
-    c[e] = fisher ? __fmul_rn(p.weight[k], f[e]) : p.weight[k];
-    d[e] = __fmul_rn(c[e], x);
+    if (p.band) {
+      const float a = fabsf(x);
+      x = (a < p.trim[k] || (p.has_top && a >= p.top[k])) ? 0.0f : x;
+    }
+    v[e] = x;
   }
 }
 
@@ -93,31 +92,67 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const __grid_constant__
   const uint64_t first_group = p.offset >> 2;
   const int64_t ngroups = static_cast<int64_t>(((p.offset + static_cast<uint64_t>(p.numel) + 3) >> 2) - first_group);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const float count = static_cast<float>(p.n_inputs);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < ngroups; i += stride) {
     const uint64_t q = first_group + static_cast<uint64_t>(i);
     const int64_t l0 = static_cast<int64_t>(4 * q - p.offset);  // local index of the group's first element
     const bool full = aligned && l0 >= 0 && l0 + 4 <= p.numel;
     float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (kBase) load_group<Codec>(p.base, l0, p.numel, full, b);
+    bool keep[4] = {true, true, true, true};
+    if (p.select_on) {
+      // sce: the population variance over the models, as reference.variance_reference computes it.
+      float mean[4] = {0.0f, 0.0f, 0.0f, 0.0f}, var[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int k = 0; k < p.n_inputs; ++k) {
+        float v[4];
+        task_group<Codec, kBase, kDrop>(p, k, q, l0, full, b, v);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mean[e] = __fadd_rn(mean[e], v[e]);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mean[e] = __fdiv_rn(mean[e], count);
+      for (int k = 0; k < p.n_inputs; ++k) {
+        float v[4];
+        task_group<Codec, kBase, kDrop>(p, k, q, l0, full, b, v);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float t = __fsub_rn(v[e], mean[e]);
+          var[e] = __fadd_rn(var[e], __fmul_rn(t, t));
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) keep[e] = __fdiv_rn(var[e], count) >= p.select;
+    }
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, den[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k = 0; k < p.n_inputs; ++k) {
-      float d[4], c[4];
-      task_group<Codec, kBase, kDrop, kTies>(p, k, q, l0, full, b, d, c);
+      float v[4];
+      task_group<Codec, kBase, kDrop>(p, k, q, l0, full, b, v);
+      float f[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+      const bool fisher = !kTies && p.fisher[k] != nullptr;
+      if (fisher) load_fp32_group(p.fisher[k], l0, p.numel, full, f);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        acc[e] = __fadd_rn(acc[e], d[e]);
-        if (!kTies) den[e] = __fadd_rn(den[e], c[e]);
+        const float x = keep[e] ? v[e] : 0.0f;
+        if (kTies) {
+          acc[e] = __fadd_rn(acc[e], __fmul_rn(p.elect_weight[k], x));  // the election's total
+        } else {
+          const float c = fisher ? __fmul_rn(p.weight[k], f[e]) : p.weight[k];
+          acc[e] = __fadd_rn(acc[e], __fmul_rn(c, x));
+          den[e] = __fadd_rn(den[e], c);
+        }
       }
     }
     if (kTies) {
       float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int k = 0; k < p.n_inputs; ++k) {
-        float d[4], c[4];
-        task_group<Codec, kBase, kDrop, kTies>(p, k, q, l0, full, b, d, c);
+        float v[4];
+        task_group<Codec, kBase, kDrop>(p, k, q, l0, full, b, v);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const bool agree = acc[e] >= 0.0f ? d[e] > 0.0f : d[e] < 0.0f;
-          total[e] = agree ? __fadd_rn(total[e], d[e]) : total[e];
+          const float x = keep[e] ? v[e] : 0.0f;
+          const float s = __fmul_rn(p.elect_weight[k], x);
+          const bool agree = acc[e] >= 0.0f ? s > 0.0f : s < 0.0f;
+          total[e] = agree ? __fadd_rn(total[e], __fmul_rn(p.weight[k], x)) : total[e];
           den[e] = agree ? __fadd_rn(den[e], p.weight[k]) : den[e];
         }
       }
@@ -128,7 +163,13 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const __grid_constant__
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       float y = acc[e];
-      if (p.normalize) y = den[e] != 0.0f ? __fdiv_rn(y, den[e]) : 0.0f;
+      if (p.normalize) {
+        if (p.min_den > 0.0f) {
+          y = __fdiv_rn(y, den[e] < p.min_den ? p.min_den : den[e]);
+        } else {
+          y = den[e] != 0.0f ? __fdiv_rn(y, den[e]) : 0.0f;
+        }
+      }
       const float r = kBase ? __fadd_rn(b[e], __fmul_rn(p.scale, y)) : __fmul_rn(p.scale, y);
       o.e[e] = Codec::store(r);
     }
