@@ -40,7 +40,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("evolver_kernels::merge_")
     def _merge_fake(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold, band,
-                    has_top, ties, select, normalize, min_den, seed, stream, offset, out):
+                    has_top, ties, select, normalize, min_den, nearswap_t, seed, stream, offset, out):
         return None
 
 
@@ -261,6 +261,7 @@ def merge_tensors(
     scale: float = 1.0,
     normalize: bool = True,
     min_den: float = 0.0,
+    nearswap_t: float | None = None,
     drop_p: float = 0.0,
     seed: int = 0,
     stream: int = 0,
@@ -281,7 +282,8 @@ def merge_tensors(
     vectors over the models is at least this (sce). drop_p in [0, 1): DARE's drop probability, from the
     Philox contract with stream + k for model k and the element's global index offset + j (needs base).
     normalize: divide by the summed weights (of the agreeing models, for TIES), or by min_den where they
-    sum to less (min_den > 0; sce). Exact formula: evolver_kernels.reference.merge_reference. `out` may be
+    sum to less (min_den > 0; sce). nearswap_t: mergekit's nearswap of one model into `base` instead (w =
+    clamp(t / max(|base - x|, 1e-6), 0, 1), out = w x + (1 - w) base; no other option). Exact formula: evolver_kernels.reference.merge_reference. `out` may be
     one of the inputs; returns `out` (a new tensor when None). Allocates nothing else, but for the triton
     backend's small per-call tables (addresses, weights, bounds).
     """
@@ -297,6 +299,18 @@ def merge_tensors(
     if base is not None:
         _check_tensor("base", base, like)
     weights = _check_reals("weights", [1.0] * n if weights is None else weights, n)
+    if nearswap_t is not None:
+        nearswap_t = _as_real("nearswap_t", nearswap_t)
+        if not math.isfinite(nearswap_t) or abs(nearswap_t) > _FP32_MAX:
+            raise ValueError(f"nearswap_t must be finite in float32, got {nearswap_t}")
+        others = [name for name, given in (("weights", weights != [1.0] * n), ("fisher", fisher is not None),
+                                           ("trim", trim is not None), ("top", top is not None),
+                                           ("elect", bool(elect)), ("select", select is not None),
+                                           ("drop_p", drop_p != 0.0), ("scale", scale != 1.0)) if given]
+        if n != 1 or base is None or others:
+            raise ValueError("nearswap_t merges exactly one model into base and takes no other option"
+                             + (f" (got {', '.join(others)})" if others else f" (got {n} models"
+                                + (", no base)" if base is None else ")")))
     elect = trim is not None if elect is None else bool(elect)
     if fisher is not None:
         if elect:
@@ -350,9 +364,12 @@ def merge_tensors(
         return out.copy_(reference.merge_reference(
             xs, weights=weights, base=base, fisher=fisher, trim=trim, top=top, elect=elect,
             elect_weights=elect_weights, select=select, scale=scale, normalize=normalize, min_den=min_den,
-            drop_p=drop_p, seed=seed, stream=stream, offset=offset))
+            nearswap_t=nearswap_t, drop_p=drop_p, seed=seed, stream=stream, offset=offset))
     drop_threshold = crossover_threshold(drop_p) if drop_p > 0 else 0
     rescale = 1.0 / (1.0 - drop_p)
+    if name == "triton" and nearswap_t is not None:
+        backends.triton_kernels().nearswap(xs[0], base, out, nearswap_t)
+        return out
     if name == "triton":
         backends.triton_kernels().merge(
             xs, base, fisher, weights, trim, top, (elect_weights or weights) if elect else None, select, out, scale=scale,
@@ -363,6 +380,6 @@ def merge_tensors(
     torch.ops.evolver_kernels.merge_(
         xs, base, fisher or [], weights, trim if trim is not None else [0.0] * n, top if top is not None else [0.0] * n,
         elect_weights if elect_weights is not None else weights, scale, rescale, drop_threshold,
-        trim is not None or top is not None, top is not None, elect, select, bool(normalize), min_den,
+        trim is not None or top is not None, top is not None, elect, select, bool(normalize), min_den, nearswap_t,
         _to_int64(seed), _to_int64(stream), offset, out)
     return out

@@ -83,6 +83,7 @@ def merge_reference(
     scale: float = 1.0,
     normalize: bool = True,
     min_den: float = 0.0,
+    nearswap_t: float | None = None,
     drop_p: float = 0.0,
     seed: int = 0,
     stream: int = 0,
@@ -105,11 +106,15 @@ def merge_reference(
               y = sum of the agreeing d_k,  den = sum of the agreeing w_k
       normalize: y = y / den, 0 where den == 0 (min_den > 0: y / den', den' = min_den where den < min_den)
       out = base + scale * y                (scale * y without a base), rounded once to x's dtype
+      nearswap (nearswap_t given; one model x, a base, nothing else):
+              w = clamp(t / max(|base - x|, fp32(1e-6)), 0, 1);  out = w * x + (1 - w) * base
 
     Returns a new tensor shaped like xs[0].
     """
     f32 = torch.float32
     device = xs[0].device
+    if nearswap_t is not None:
+        return nearswap_reference(xs[0], base, nearswap_t)
     elect = trim is not None if elect is None else elect
     ew = weights if elect_weights is None else elect_weights
     b = base.float() if base is not None else None
@@ -167,6 +172,20 @@ def merge_reference(
     scale32 = torch.tensor(scale, dtype=f32, device=device)
     r = b + scale32 * y if b is not None else scale32 * y
     return r.to(xs[0].dtype)
+
+
+NEARSWAP_DIFF_MIN = 1e-6  # mergekit's clamp of |base - x|
+
+
+def nearswap_reference(x: torch.Tensor, base: torch.Tensor, t: float) -> torch.Tensor:
+    """NearSwap of x into base (mergekit's expression, in fp32, rounded once to x's dtype)."""
+    f32 = torch.float32
+    xf, bf = x.float(), base.float()
+    floor = torch.tensor(NEARSWAP_DIFF_MIN, dtype=f32, device=x.device)
+    diff = (bf - xf).abs()
+    w = torch.tensor(t, dtype=f32, device=x.device) / torch.where(diff < floor, floor, diff)
+    w = torch.where(w < 0, 0.0, torch.where(w > 1, 1.0, w))
+    return (w * xf + (1 - w) * bf).to(x.dtype)
 
 
 def variance_reference(vs: list[torch.Tensor]) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import NEARSWAP_DIFF_MIN
 from .rng import MASK32
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -426,4 +427,31 @@ def merge(xs: list[torch.Tensor], base: torch.Tensor | None, fisher: list[torch.
         HAS_TOP=top is not None, TIES=elect_weights is not None, SELECT=select is not None, FISHER=bool(fisher),
         NORMALIZE=normalize, DTYPE=DTYPE_CODES[out.dtype], GROUPS=GROUPS_PER_PROGRAM, num_warps=NUM_WARPS,
         enable_fp_fusion=False,
+    )
+
+
+@triton.jit(do_not_specialize=["numel_hi", "numel_lo"])
+def _nearswap_kernel(x_ptr, base_ptr, out_ptr, numel_hi, numel_lo, t, diff_min, DTYPE: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """mergekit's nearswap of x into the base (reference.nearswap_reference), element-wise."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = i < _join_i64(numel_hi, numel_lo)
+    x = _bits_to_f32(tl.load(x_ptr + i, mask=valid, other=0), DTYPE)
+    b = _bits_to_f32(tl.load(base_ptr + i, mask=valid, other=0), DTYPE)
+    diff = tl.abs(b - x)
+    w = tl.math.div_rn(tl.zeros_like(diff) + t, tl.where(diff < diff_min, diff_min, diff))
+    w = tl.where(w < 0.0, 0.0, tl.where(w > 1.0, 1.0, w))
+    tl.store(out_ptr + i, _f32_to_bits(w * x + (1.0 - w) * b, DTYPE), mask=valid)
+
+
+def nearswap(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor, t: float) -> None:
+    """Writes the nearswap of x into base to `out` (arguments checked by evolver_kernels.ops.merge_tensors)."""
+    n = out.numel()
+    if n == 0:
+        return
+    bits = BITS_VIEW[out.dtype]
+    block = 4 * GROUPS_PER_PROGRAM
+    _nearswap_kernel[(triton.cdiv(n, block),)](
+        x.view(bits), base.view(bits), out.view(bits), *_i64_parts(n), t, NEARSWAP_DIFF_MIN,
+        DTYPE=DTYPE_CODES[out.dtype], BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

@@ -11,7 +11,7 @@ from _util import assert_bitwise_equal
 from conftest import KERNEL_CASES
 
 import evolver_kernels as ek
-from evolver_kernels.reference import crossover_mask_reference, merge_reference
+from evolver_kernels.reference import crossover_mask_reference, merge_reference, nearswap_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MODES = {
@@ -55,6 +55,24 @@ def test_matches_reference_bitwise(device, backend, dtype, numel, mode):
     want = merge_reference(xs, **{"weights": [1.0] * 4, **kw}, **stream_kw)
     got = ek.merge_tensors(xs, backend=backend, **kw, **stream_kw)
     assert_bitwise_equal(got, want, f"{backend} {mode} {dtype}")
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 4099, 100_003])
+@pytest.mark.parametrize("t", [0.3, -0.5, 1e-7])
+def test_nearswap_matches_reference_bitwise(device, backend, dtype, numel, t):
+    gen = torch.Generator().manual_seed(numel)
+    base = torch.randn(numel, generator=gen)
+    x = base + 0.4 * torch.randn(numel, generator=gen)
+    x[: numel // 3] = base[: numel // 3]  # |base - x| = 0: the 1e-6 floor
+    x, base = x.to(dtype).to(device), base.to(dtype).to(device)
+    want = nearswap_reference(x, base, t)
+    got = ek.merge_tensors([x], base=base, nearswap_t=t, backend=backend)
+    assert_bitwise_equal(got, want, f"{backend} nearswap {dtype} t={t}")
+    if t == 0.3 and numel > 1:  # not vacuous: some elements swapped in, others moved less than half-way
+        w = ((got.double() - base.double()) / (x.double() - base.double())).nan_to_num(1.0)
+        assert (w > 0.99).any() and (w < 0.4).any()
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES + [pytest.param("cpu", "reference", id="cpu-reference")])
@@ -164,6 +182,12 @@ def test_bad_arguments():
         ek.merge_tensors([x, x], select=math.nan)
     with pytest.raises(ValueError, match="min_den must be finite"):
         ek.merge_tensors([x, x], min_den=-1.0)
+    with pytest.raises(ValueError, match=r"nearswap_t merges exactly one model into base .*\(got 2 models\)"):
+        ek.merge_tensors([x, x], base=x, nearswap_t=0.5)
+    with pytest.raises(ValueError, match=r"takes no other option \(got weights, drop_p\)"):
+        ek.merge_tensors([x], base=x, nearswap_t=0.5, weights=[2.0], drop_p=0.5)
+    with pytest.raises(ValueError, match="nearswap_t must be finite"):
+        ek.merge_tensors([x], base=x, nearswap_t=math.inf)
     with pytest.raises(TypeError, match=r"fisher\[1\] must be a float32"):
         ek.merge_tensors([x, x], fisher=[x, x.half()])
     with pytest.raises(ValueError, match="out partly overlaps"):

@@ -25,7 +25,7 @@ def test_every_triton_launch_compiles_for_gpu_targets(tmp_path):
 
     # every kernel the module defines was launched by the public operators, and compiled for every target
     assert sorted({r["kernel"] for r in rows}) == report["kernels_defined"]
-    assert set(report["kernels_defined"]) >= {"_de_kernel", "_mask_kernel", "_merge_kernel"}
+    assert set(report["kernels_defined"]) >= {"_de_kernel", "_mask_kernel", "_merge_kernel", "_nearswap_kernel"}
     for arch in ARCHS:
         compiled = {(r["kernel"], json.dumps(r["constexprs"], sort_keys=True)) for r in rows if r["arch"] == arch}
         de = {c for k, c in compiled if k == "_de_kernel"}
@@ -35,6 +35,7 @@ def test_every_triton_launch_compiles_for_gpu_targets(tmp_path):
         # DARE-linear, DARE-TIES, breadcrumbs with and without TIES, sce, ...), each a different set of
         # constexprs, x three dtypes
         assert len(merge) == 12 * 3, merge
+        assert len({c for k, c in compiled if k == "_nearswap_kernel"}) == 3  # three dtypes
         # key words below and above 2**31 are typed i32 and i64: both signatures compiled
         assert {r["signature"]["k0"] for r in rows if r["arch"] == arch and r["kernel"] == "_de_kernel"} == {"i32", "i64"}
 

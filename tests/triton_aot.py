@@ -76,7 +76,7 @@ def record_launches() -> list[dict[str, Any]]:
     if tk is None:
         raise SystemExit(f"evolver_kernels.triton_kernels did not import: {backends._import('evolver_kernels.triton_kernels')[1]}")
     launches: list[dict[str, Any]] = []
-    for kernel in (tk._de_kernel, tk._mask_kernel, tk._merge_kernel, tk._philox_test_kernel):
+    for kernel in (tk._de_kernel, tk._mask_kernel, tk._merge_kernel, tk._nearswap_kernel, tk._philox_test_kernel):
         _launch_recorder(kernel, launches)
     # The operators check their arguments as on a GPU, then hand CPU tensors to the (recording) launches.
     real_reason = backends.unavailable_reason
@@ -109,6 +109,7 @@ def record_launches() -> list[dict[str, Any]]:
                     {"base": base, "select": 0.1, "elect": True, "elect_weights": [1.0] * 3, "min_den": 1e-6},  # sce
                 ):
                     ek.merge_tensors(models, seed=seed, stream=stream, offset=offset, backend="triton", **kwargs)
+                ek.merge_tensors(models[:1], base=base, nearswap_t=0.5, backend="triton")
         for seed in SEEDS:
             tk.philox_block(torch.zeros(4, 4, dtype=torch.int64), seed & 0xFFFFFFFF, seed >> 32)
     finally:

@@ -8,6 +8,9 @@
 
 namespace evolver_kernels {
 
+// NEARSWAP_DIFF_MIN of evolver_kernels.reference: the floor of |base - x| in nearswap's weight.
+constexpr float kNearswapDiffMin = 1e-6f;
+
 // Inputs per call. Passed by value to the CUDA kernel (about 2.1 KB of its 4 KB parameter space).
 constexpr int kMaxMergeInputs = 64;
 
@@ -32,6 +35,8 @@ struct MergeParams {
   float select;
   bool normalize;
   float min_den;  // > 0: normalize divides by max(den, min_den) (den < min_den: min_den) instead of 0 at den 0
+  bool nearswap;  // mergekit's nearswap of x[0] into base instead (nothing else applies)
+  float nearswap_t;
   uint64_t seed;
   uint64_t stream;  // model k draws from stream + k
   uint64_t offset;  // global index of element 0

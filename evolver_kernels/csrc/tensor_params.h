@@ -86,7 +86,8 @@ inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::
                                      c10::ArrayRef<double> weights, c10::ArrayRef<double> trim,
                                      c10::ArrayRef<double> top, c10::ArrayRef<double> elect_weights, double scale,
                                      double rescale, int64_t drop_threshold, bool band, bool has_top, bool ties,
-                                     c10::optional<double> select, bool normalize, double min_den, int64_t seed,
+                                     c10::optional<double> select, bool normalize, double min_den,
+                                     c10::optional<double> nearswap_t, int64_t seed,
                                      int64_t stream, int64_t offset, const at::Tensor& out) {
   const int64_t n = static_cast<int64_t>(xs.size());
   TORCH_CHECK(n >= 1 && n <= kMaxMergeInputs, "evolver_kernels: merge takes 1 to ", kMaxMergeInputs, " inputs, got ", n);
@@ -130,6 +131,9 @@ inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::
   p.select = select.has_value() ? static_cast<float>(*select) : 0.0f;
   p.normalize = normalize;
   p.min_den = static_cast<float>(min_den);
+  p.nearswap = nearswap_t.has_value();
+  p.nearswap_t = nearswap_t.has_value() ? static_cast<float>(*nearswap_t) : 0.0f;
+  TORCH_CHECK(!p.nearswap || (n == 1 && base), "evolver_kernels: nearswap merges one input into a base");
   p.seed = static_cast<uint64_t>(seed);
   p.stream = static_cast<uint64_t>(stream);
   p.offset = static_cast<uint64_t>(offset);

@@ -4,9 +4,8 @@ element, taking the model's value where the two are close and keeping the base's
   weight = clamp(t / max(|b - x|, 1e-6), 0, 1);  out = weight * x + (1 - weight) * b
 
 (mergekit's nearswap: its `base_model` is b, the one other model x; t <= 0 gives the base.) No per-tensor state:
-one element-wise pass, chunk by chunk. It is not yet a fused kernel (the fused operator merge_tensors takes
-per-model scalar weights, and these are per element): plain fp32 torch on the chunk, on the device that holds
-the output, with one rounding to the arena's dtype.
+one element-wise pass, chunk by chunk, through the fused operator (merge_tensors' nearswap mode: fp32, one
+rounding to the arena's dtype, the same bits on every backend; reference.nearswap_reference).
 
 Where ours differs from mergekit, on purpose: inputs in bfloat16 / float16 are computed in fp32 (mergekit
 computes in the inputs' dtype; on float32 inputs the expressions and their bits are mergekit's); `t` defaults to
@@ -17,12 +16,11 @@ computes in the inputs' dtype; on float32 inputs the expressions and their bits 
 from __future__ import annotations
 
 from ..arena import Arena, iter_chunks
+from ..ops import merge_tensors
 from ..population import Population
 from .registry import MergeContext, MergeMethod, register
 from .spherical import T
 from .streaming import base_chunk, check_base
-
-DIFF_MIN = 1e-6  # mergekit's clamp of |b - x|
 
 
 def nearswap(pop: Population, base: Arena, out: Arena, t: float, chunk: int = 1 << 22,
@@ -34,10 +32,9 @@ def nearswap(pop: Population, base: Arena, out: Arena, t: float, chunk: int = 1 
     for e in pop.layout.entries:
         dst = out.view(e).view(-1)
         for lo, hi in iter_chunks(e.numel, chunk):
-            a = base_chunk(base, e.group, e.offset + lo, e.offset + hi, dst.device).float()
-            b = pop.read(0, e.group, e.offset + lo, e.offset + hi).to(dst.device).float()
-            weight = (t / (a - b).abs().clamp(min=DIFF_MIN)).clamp(min=0, max=1)  # mergekit's expression
-            dst[lo:hi] = weight * b + (1 - weight) * a
+            a, b = e.offset + lo, e.offset + hi
+            merge_tensors([pop.read(0, e.group, a, b).to(dst.device)], base=base_chunk(base, e.group, a, b, dst.device),
+                          nearswap_t=t, out=dst[lo:hi], backend=backend)
     return out
 
 

@@ -146,6 +146,25 @@ void merge_kernel(const MergeParams& p) {
   });
 }
 
+// mergekit's nearswap of x[0] into the base, as reference.nearswap_reference defines it.
+template <typename Codec>
+void nearswap_kernel(const MergeParams& p) {
+  using Bits = typename Codec::Bits;
+  const Bits* x = static_cast<const Bits*>(p.x[0]);
+  const Bits* base = static_cast<const Bits*>(p.base);
+  Bits* out = static_cast<Bits*>(p.out);
+  const float t = p.nearswap_t;
+  at::parallel_for(0, p.numel, kGrainBlocks * kBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = Codec::load(x[i]), b = Codec::load(base[i]);
+      const float diff = std::fabs(b - v);
+      float w = t / (diff < kNearswapDiffMin ? kNearswapDiffMin : diff);
+      w = w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w);
+      out[i] = Codec::store(w * v + (1.0f - w) * b);
+    }
+  });
+}
+
 template <typename Codec, bool kBase, bool kDrop>
 void dispatch_ties(const MergeParams& p) {
   if (p.ties) {
@@ -157,6 +176,7 @@ void dispatch_ties(const MergeParams& p) {
 
 template <typename Codec>
 void dispatch(const MergeParams& p) {
+  if (p.nearswap) return nearswap_kernel<Codec>(p);
   const bool drop = p.drop_threshold > 0;
   if (p.base != nullptr) {
     drop ? dispatch_ties<Codec, true, true>(p) : dispatch_ties<Codec, true, false>(p);

@@ -47,10 +47,11 @@ void merge_cuda_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at:
                    c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, c10::ArrayRef<double> top,
                    c10::ArrayRef<double> elect_weights, double scale, double rescale, int64_t drop_threshold, bool band,
                    bool has_top, bool ties, c10::optional<double> select, bool normalize, double min_den,
-                   int64_t seed, int64_t stream, int64_t offset, const at::Tensor& out) {
-  const MergeParams params = make_merge_params(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale,
-                                               drop_threshold, band, has_top, ties, select, normalize, min_den, seed,
-                                               stream, offset, out);
+                   c10::optional<double> nearswap_t, int64_t seed, int64_t stream, int64_t offset,
+                   const at::Tensor& out) {
+  const MergeParams params =
+      make_merge_params(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold, band,
+                        has_top, ties, select, normalize, min_den, nearswap_t, seed, stream, offset, out);
   const c10::cuda::CUDAGuard guard(out.device());
   check_launch(launch_merge_cuda(params, c10::cuda::getCurrentCUDAStream()), "merge");
 }

@@ -185,6 +185,24 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const __grid_constant__
   }
 }
 
+// mergekit's nearswap of x[0] into the base, as reference.nearswap_reference defines it; element-wise,
+// grid-stride.
+template <typename Codec>
+__global__ void __launch_bounds__(kThreads) nearswap_kernel(const __grid_constant__ MergeParams p) {
+  using Bits = typename Codec::Bits;
+  const Bits* x = static_cast<const Bits*>(p.x[0]);
+  const Bits* base = static_cast<const Bits*>(p.base);
+  Bits* out = static_cast<Bits*>(p.out);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.numel; i += stride) {
+    const float v = Codec::load(x[i]), b = Codec::load(base[i]);
+    const float diff = fabsf(__fsub_rn(b, v));
+    float w = __fdiv_rn(p.nearswap_t, diff < kNearswapDiffMin ? kNearswapDiffMin : diff);
+    w = w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w);
+    out[i] = Codec::store(__fadd_rn(__fmul_rn(w, v), __fmul_rn(__fsub_rn(1.0f, w), b)));
+  }
+}
+
 template <typename Codec, bool kBase, bool kDrop>
 cudaError_t launch_ties(const MergeParams& p, bool aligned, cudaStream_t stream) {
   const unsigned int grid = grid_for(p.numel / 4 + 2);
@@ -202,6 +220,10 @@ bool aligned_to(const void* ptr, uintptr_t bytes) {
 
 template <typename Codec>
 cudaError_t launch_typed(const MergeParams& p, cudaStream_t stream) {
+  if (p.nearswap) {
+    nearswap_kernel<Codec><<<grid_for(p.numel), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
   const uintptr_t group_bytes = 4 * sizeof(typename Codec::Bits);
   bool aligned = (p.offset & 3u) == 0 && aligned_to(p.base, group_bytes) && aligned_to(p.out, group_bytes);
   for (int k = 0; k < p.n_inputs; ++k) aligned = aligned && aligned_to(p.x[k], group_bytes) && aligned_to(p.fisher[k], 16);
