@@ -39,7 +39,8 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("evolver_kernels::merge_")
-    def _merge_fake(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold, band,
+    def _merge_fake(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold,
+                    drop_thresholds, drop_rescales, band,
                     has_top, ties, select, normalize, min_den, nearswap_t, seed, stream, offset, out):
         return None
 
@@ -263,6 +264,8 @@ def merge_tensors(
     min_den: float = 0.0,
     nearswap_t: float | None = None,
     drop_p: float = 0.0,
+    drop_thresholds: list[torch.Tensor | None] | None = None,
+    drop_rescales: list[float] | None = None,
     seed: int = 0,
     stream: int = 0,
     offset: int = 0,
@@ -281,9 +284,12 @@ def merge_tensors(
     the unweighted task vectors). select: keep an element (in every model) only where the variance of the task
     vectors over the models is at least this (sce). drop_p in [0, 1): DARE's drop probability, from the
     Philox contract with stream + k for model k and the element's global index offset + j (needs base).
-    normalize: divide by the summed weights (of the agreeing models, for TIES), or by min_den where they
-    sum to less (min_den > 0; sce). nearswap_t: mergekit's nearswap of one model into `base` instead (w =
-    clamp(t / max(|base - x|, 1e-6), 0, 1), out = w x + (1 - w) base; no other option). Exact formula: evolver_kernels.reference.merge_reference. `out` may be
+    drop_thresholds (della; not with drop_p): per model None or an int64 tensor like x of per-element
+    thresholds in [0, 2**32]: the element is dropped where its word is below, the survivors times
+    drop_rescales[k] (default 1). normalize: divide by the summed weights (of the agreeing models, for
+    TIES), or by min_den where they sum to less (min_den > 0; sce). nearswap_t: mergekit's nearswap of one
+    model into `base` instead (w = clamp(t / max(|base - x|, 1e-6), 0, 1), out = w x + (1 - w) base; no
+    other option). Exact formula: evolver_kernels.reference.merge_reference. `out` may be
     one of the inputs; returns `out` (a new tensor when None). Allocates nothing else, but for the triton
     backend's small per-call tables (addresses, weights, bounds).
     """
@@ -304,6 +310,7 @@ def merge_tensors(
         if not math.isfinite(nearswap_t) or abs(nearswap_t) > _FP32_MAX:
             raise ValueError(f"nearswap_t must be finite in float32, got {nearswap_t}")
         others = [name for name, given in (("weights", weights != [1.0] * n), ("fisher", fisher is not None),
+                                           ("drop_thresholds", drop_thresholds is not None),
                                            ("trim", trim is not None), ("top", top is not None),
                                            ("elect", bool(elect)), ("select", select is not None),
                                            ("drop_p", drop_p != 0.0), ("scale", scale != 1.0)) if given]
@@ -347,6 +354,22 @@ def merge_tensors(
         raise ValueError(f"drop_p must be in [0, 1), got {drop_p}")
     if drop_p > 0 and base is None:
         raise ValueError("drop_p > 0 (DARE) drops task-vector elements: give base")
+    if drop_thresholds is not None:
+        if drop_p > 0:
+            raise ValueError("drop_p and drop_thresholds cannot be combined (one drop per element)")
+        if not isinstance(drop_thresholds, (list, tuple)) or len(drop_thresholds) != n:
+            raise ValueError(f"drop_thresholds must be a list of {n} int64 tensors or None (one per model)")
+        drop_thresholds = list(drop_thresholds)
+        for k, t in enumerate(drop_thresholds):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+                raise TypeError(f"drop_thresholds[{k}] must be an int64 tensor or None")
+            if t.numel() != like.numel() or t.device != like.device or not t.is_contiguous():
+                raise ValueError(f"drop_thresholds[{k}] must be contiguous, {like.numel()} elements on {like.device}")
+        drop_rescales = _check_reals("drop_rescales", [1.0] * n if drop_rescales is None else drop_rescales, n)
+    elif drop_rescales is not None:
+        raise ValueError("drop_rescales scales the survivors of drop_thresholds: give drop_thresholds")
     seed, stream, offset = _check_stream(seed, stream, offset, like.numel())
     if stream + n > INDEX_LIMIT:
         raise ValueError(f"stream + len(xs) must stay below 2**62, got {stream} + {n}")
@@ -364,7 +387,8 @@ def merge_tensors(
         return out.copy_(reference.merge_reference(
             xs, weights=weights, base=base, fisher=fisher, trim=trim, top=top, elect=elect,
             elect_weights=elect_weights, select=select, scale=scale, normalize=normalize, min_den=min_den,
-            nearswap_t=nearswap_t, drop_p=drop_p, seed=seed, stream=stream, offset=offset))
+            nearswap_t=nearswap_t, drop_p=drop_p, drop_thresholds=drop_thresholds, drop_rescales=drop_rescales,
+            seed=seed, stream=stream, offset=offset))
     drop_threshold = crossover_threshold(drop_p) if drop_p > 0 else 0
     rescale = 1.0 / (1.0 - drop_p)
     if name == "triton" and nearswap_t is not None:
@@ -373,13 +397,14 @@ def merge_tensors(
     if name == "triton":
         backends.triton_kernels().merge(
             xs, base, fisher, weights, trim, top, (elect_weights or weights) if elect else None, select, out, scale=scale,
-            normalize=bool(normalize), min_den=min_den, rescale=rescale, drop_threshold=drop_threshold, seed=seed,
-            stream=stream, offset=offset)
+            normalize=bool(normalize), min_den=min_den, rescale=rescale, drop_threshold=drop_threshold,
+            drop_thresholds=drop_thresholds, drop_rescales=drop_rescales, seed=seed, stream=stream, offset=offset)
         return out
     _register_fakes()
     torch.ops.evolver_kernels.merge_(
         xs, base, fisher or [], weights, trim if trim is not None else [0.0] * n, top if top is not None else [0.0] * n,
         elect_weights if elect_weights is not None else weights, scale, rescale, drop_threshold,
+        drop_thresholds or [], drop_rescales or [1.0] * n,
         trim is not None or top is not None, top is not None, elect, select, bool(normalize), min_den, nearswap_t,
         _to_int64(seed), _to_int64(stream), offset, out)
     return out

@@ -85,6 +85,8 @@ def merge_reference(
     min_den: float = 0.0,
     nearswap_t: float | None = None,
     drop_p: float = 0.0,
+    drop_thresholds: list[torch.Tensor | None] | None = None,
+    drop_rescales: list[float] | None = None,
     seed: int = 0,
     stream: int = 0,
     offset: int = 0,
@@ -95,6 +97,8 @@ def merge_reference(
       v_k = x_k - base                      (x_k when there is no base)
       DARE (drop_p > 0): v_k = 0 where the Philox word of (seed, stream + k, offset + j) < floor(drop_p * 2**32),
                          else v_k * fp32(1 / (1 - drop_p))
+      per-element drops (drop_thresholds[k] given, della): v_k = 0 where the word < drop_thresholds[k][j]
+                         (int64 in [0, 2**32]), else v_k * fp32(drop_rescales[k]) (default 1)
       band (trim or top given): v_k = 0 where |v_k| < trim_k, or (top given) where |v_k| >= top_k
       select (given): m = (sum_k v_k) / n,  var = (sum_k (v_k - m) * (v_k - m)) / n  (variance_reference);
                       every v_k = 0 where var < select
@@ -129,6 +133,11 @@ def merge_reference(
             dropped = crossover_mask_reference(x.numel(), CR=drop_p, seed=seed, stream=stream + k, offset=offset,
                                                device=device).view(x.shape)
             v = torch.where(dropped, torch.zeros((), dtype=f32, device=device), v * rescale)
+        if drop_thresholds is not None and drop_thresholds[k] is not None:
+            words = random_words(x.numel(), seed=seed, stream=stream + k, offset=offset, device=device)
+            dropped = (words < drop_thresholds[k].reshape(-1)).view(x.shape)
+            factor = torch.tensor(1.0 if drop_rescales is None else drop_rescales[k], dtype=f32, device=device)
+            v = torch.where(dropped, torch.zeros((), dtype=f32, device=device), v * factor)
         if trim is not None or top is not None:
             a = v.abs()
             cut = torch.zeros(x.shape, dtype=torch.bool, device=device)

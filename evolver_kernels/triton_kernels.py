@@ -295,10 +295,11 @@ def _load_model(table_ptr, k, p, valid, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
-                HAS_BASE: tl.constexpr, DROP: tl.constexpr, BAND: tl.constexpr, HAS_TOP: tl.constexpr,
-                DTYPE: tl.constexpr, GROUPS: tl.constexpr):
-    """Model k's task vector on this block: x - base, DARE's drop and rescale, the magnitude band."""
+def _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1,
+                stream, HAS_BASE: tl.constexpr, DROP: tl.constexpr, TABLE_DROP: tl.constexpr, BAND: tl.constexpr,
+                HAS_TOP: tl.constexpr, DTYPE: tl.constexpr, GROUPS: tl.constexpr):
+    """Model k's task vector on this block: x - base, DARE's (or della's per-element) drop and rescale, the
+    magnitude band."""
     v = _load_model(x_table, k, p, valid, DTYPE)
     if HAS_BASE:
         v = v - b
@@ -306,6 +307,13 @@ def _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale
         stream_k = stream + k
         _, word = _words_block(pid, offset, k0, k1, stream_k & 0xFFFFFFFF, stream_k >> 32, GROUPS)
         v = tl.where(word < bound.to(tl.uint32), 0.0, v * rescale)
+    if TABLE_DROP:
+        address = tl.load(d_table + k)
+        stream_k = stream + k
+        _, word = _words_block(pid, offset, k0, k1, stream_k & 0xFFFFFFFF, stream_k >> 32, GROUPS)
+        threshold = tl.load(address.to(tl.pointer_type(tl.int64)) + p, mask=valid & (address != 0), other=0)
+        dropped = tl.where(word.to(tl.int64) < threshold, 0.0, v * tl.load(dr_ptr + k))
+        v = tl.where(address != 0, dropped, v)
     if BAND:
         a = tl.abs(v)
         cut = a < tl.load(trim_ptr + k)
@@ -317,9 +325,9 @@ def _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale
 
 @triton.jit(do_not_specialize=_MERGE_RUNTIME_INTS)
 def _merge_kernel(
-    x_table, f_table, w_ptr, trim_ptr, top_ptr, e_ptr, base_ptr, out_ptr, n_inputs, numel_hi, numel_lo, scale,
-    rescale, bound, k0, k1, stream_hi, stream_lo, offset_hi, offset_lo, select, min_den,
-    HAS_BASE: tl.constexpr, DROP: tl.constexpr, BAND: tl.constexpr, HAS_TOP: tl.constexpr, TIES: tl.constexpr,
+    x_table, f_table, w_ptr, trim_ptr, top_ptr, e_ptr, d_table, dr_ptr, base_ptr, out_ptr, n_inputs, numel_hi,
+    numel_lo, scale, rescale, bound, k0, k1, stream_hi, stream_lo, offset_hi, offset_lo, select, min_den,
+    HAS_BASE: tl.constexpr, DROP: tl.constexpr, TABLE_DROP: tl.constexpr, BAND: tl.constexpr, HAS_TOP: tl.constexpr, TIES: tl.constexpr,
     SELECT: tl.constexpr, FISHER: tl.constexpr, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr,
     GROUPS: tl.constexpr,
 ):
@@ -340,15 +348,16 @@ def _merge_kernel(
         mean = tl.zeros([GROUPS, 4], dtype=tl.float32)
         k = 0
         while k < n_inputs:
-            mean = mean + _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0,
-                                      k1, stream, HAS_BASE, DROP, BAND, HAS_TOP, DTYPE, GROUPS)
+            mean = mean + _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset,
+                                      rescale, bound, k0, k1, stream, HAS_BASE, DROP, TABLE_DROP, BAND, HAS_TOP,
+                                      DTYPE, GROUPS)
             k += 1
         mean = tl.math.div_rn(mean, count)
         var = tl.zeros([GROUPS, 4], dtype=tl.float32)
         k = 0
         while k < n_inputs:
-            t = _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
-                            HAS_BASE, DROP, BAND, HAS_TOP, DTYPE, GROUPS) - mean
+            t = _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset, rescale,
+                            bound, k0, k1, stream, HAS_BASE, DROP, TABLE_DROP, BAND, HAS_TOP, DTYPE, GROUPS) - mean
             var = var + t * t
             k += 1
         keep = tl.math.div_rn(var, count) >= select
@@ -356,8 +365,8 @@ def _merge_kernel(
     den = tl.zeros([GROUPS, 4], dtype=tl.float32)
     k = 0
     while k < n_inputs:
-        v = _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
-                        HAS_BASE, DROP, BAND, HAS_TOP, DTYPE, GROUPS)
+        v = _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset, rescale, bound,
+                        k0, k1, stream, HAS_BASE, DROP, TABLE_DROP, BAND, HAS_TOP, DTYPE, GROUPS)
         if SELECT:
             v = tl.where(keep, v, 0.0)
         if TIES:
@@ -374,8 +383,8 @@ def _merge_kernel(
         total = tl.zeros([GROUPS, 4], dtype=tl.float32)
         k = 0
         while k < n_inputs:
-            v = _merge_task(x_table, trim_ptr, top_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1, stream,
-                            HAS_BASE, DROP, BAND, HAS_TOP, DTYPE, GROUPS)
+            v = _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset, rescale,
+                            bound, k0, k1, stream, HAS_BASE, DROP, TABLE_DROP, BAND, HAS_TOP, DTYPE, GROUPS)
             if SELECT:
                 v = tl.where(keep, v, 0.0)
             e = tl.load(e_ptr + k) * v
@@ -402,8 +411,9 @@ def _merge_kernel(
 def merge(xs: list[torch.Tensor], base: torch.Tensor | None, fisher: list[torch.Tensor] | None,
           weights: list[float], trim: list[float] | None, top: list[float] | None,
           elect_weights: list[float] | None, select: float | None, out: torch.Tensor, *, scale: float,
-          normalize: bool, min_den: float, rescale: float, drop_threshold: int, seed: int, stream: int,
-          offset: int) -> None:
+          normalize: bool, min_den: float, rescale: float, drop_threshold: int,
+          drop_thresholds: list[torch.Tensor | None] | None, drop_rescales: list[float] | None, seed: int,
+          stream: int, offset: int) -> None:
     """Writes the merge of xs into `out` (arguments checked by evolver_kernels.ops.merge_tensors);
     elect_weights None: no election (TIES)."""
     n = out.numel()
@@ -417,13 +427,16 @@ def merge(xs: list[torch.Tensor], base: torch.Tensor | None, fisher: list[torch.
     t = torch.tensor(trim if trim is not None else [0.0] * len(xs), dtype=torch.float32, device=device)
     u = torch.tensor(top if top is not None else [0.0] * len(xs), dtype=torch.float32, device=device)
     e = torch.tensor(elect_weights if elect_weights is not None else weights, dtype=torch.float32, device=device)
+    d_table = torch.tensor([0 if d is None else d.data_ptr() for d in drop_thresholds] if drop_thresholds else [0],
+                           dtype=torch.int64, device=device)
+    dr = torch.tensor(drop_rescales if drop_thresholds else [1.0], dtype=torch.float32, device=device)
     base_view = (base if base is not None else out).view(bits)
     k0, k1 = _split(seed)
     _merge_kernel[_grid(n, offset)](
-        x_table, f_table, w, t, u, e, base_view, out.view(bits), len(xs), *_i64_parts(n), scale, rescale,
+        x_table, f_table, w, t, u, e, d_table, dr, base_view, out.view(bits), len(xs), *_i64_parts(n), scale, rescale,
         drop_threshold, k0, k1, *_i64_parts(stream), *_i64_parts(offset), 0.0 if select is None else select,
         min_den,
-        HAS_BASE=base is not None, DROP=drop_threshold > 0, BAND=trim is not None or top is not None,
+        HAS_BASE=base is not None, DROP=drop_threshold > 0, TABLE_DROP=drop_thresholds is not None, BAND=trim is not None or top is not None,
         HAS_TOP=top is not None, TIES=elect_weights is not None, SELECT=select is not None, FISHER=bool(fisher),
         NORMALIZE=normalize, DTYPE=DTYPE_CODES[out.dtype], GROUPS=GROUPS_PER_PROGRAM, num_warps=NUM_WARPS,
         enable_fp_fusion=False,

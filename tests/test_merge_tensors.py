@@ -1,7 +1,7 @@
 """The fused merge (evolver_kernels.merge_tensors) against its contract (reference.merge_reference) on every
 backend: each mode (average, Fisher weights, task arithmetic, TIES, DARE on both, breadcrumbs' magnitude band,
-sce's variance selection with its election and divisor floor), every dtype, odd sizes,
-chunked calls, in place; the contract against plain stacking formulas; bad arguments."""
+sce's variance selection with its election and divisor floor, della's per-element drops; nearswap), every
+dtype, odd sizes, chunked calls, in place; the contract against plain stacking formulas; bad arguments."""
 
 import math
 
@@ -31,6 +31,10 @@ MODES = {
                 min_den=0.25),
     "select_fisher": dict(select=0.1, fisher=True, weights=[1.0, 2.0, 0.5, 1.5]),
     "dare_top": dict(base=True, top=[0.5, 0.7, 0.3, 0.9], drop_p=0.4, normalize=False),
+    # della: per-element drop thresholds (None: that model keeps everything), survivors rescaled per model
+    "della": dict(base=True, drop_thresholds=[True, False, True, True], drop_rescales=[1.5, 1.0, 0.8, 2.0],
+                  elect=True, weights=[1.0, 0.5, 2.0, 1.0]),
+    "della_linear": dict(base=True, drop_thresholds=[True] * 4, normalize=False, scale=0.7),
 }
 
 
@@ -42,6 +46,13 @@ def _inputs(n, dtype, device, mode, seed=0, count=4):
     kw["base"] = base.to(dtype).to(device) if kw.get("base") else None
     if kw.pop("fisher", False):
         kw["fisher"] = [torch.rand(n, generator=gen).to(device) for _ in range(count)]
+    if "drop_thresholds" in kw:  # keep probabilities spread over (0, 1), the ends 0 and 2**32 included
+        thresholds = []
+        for flag in kw["drop_thresholds"]:
+            t = torch.randint(0, 2**32 + 1, (n,), generator=gen, dtype=torch.int64)
+            t[:2], t[-2:] = 0, 2**32
+            thresholds.append(t.to(device) if flag else None)
+        kw["drop_thresholds"] = thresholds
     return xs, kw
 
 
@@ -76,7 +87,7 @@ def test_nearswap_matches_reference_bitwise(device, backend, dtype, numel, t):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES + [pytest.param("cpu", "reference", id="cpu-reference")])
-@pytest.mark.parametrize("mode", ["average", "dare_ties"])
+@pytest.mark.parametrize("mode", ["average", "dare_ties", "della"])
 def test_chunked_calls_equal_one_call(device, backend, mode):
     n = 20_011
     xs, kw = _inputs(n, torch.bfloat16, device, mode, seed=3)
@@ -89,6 +100,8 @@ def test_chunked_calls_equal_one_call(device, backend, mode):
         part["base"] = kw["base"][lo:hi] if kw["base"] is not None else None
         if kw.get("fisher"):
             part["fisher"] = [f[lo:hi] for f in kw["fisher"]]
+        if kw.get("drop_thresholds"):
+            part["drop_thresholds"] = [None if t is None else t[lo:hi] for t in kw["drop_thresholds"]]
         ek.merge_tensors([x[lo:hi] for x in xs], backend=backend, seed=9, offset=offset + lo, out=out[lo:hi], **part)
     assert_bitwise_equal(out, whole, f"{backend} chunked")
 
@@ -186,6 +199,12 @@ def test_bad_arguments():
         ek.merge_tensors([x, x], base=x, nearswap_t=0.5)
     with pytest.raises(ValueError, match=r"takes no other option \(got weights, drop_p\)"):
         ek.merge_tensors([x], base=x, nearswap_t=0.5, weights=[2.0], drop_p=0.5)
+    with pytest.raises(ValueError, match="drop_p and drop_thresholds cannot be combined"):
+        ek.merge_tensors([x, x], base=x, drop_p=0.5, drop_thresholds=[None, None])
+    with pytest.raises(TypeError, match=r"drop_thresholds\[1\] must be an int64 tensor"):
+        ek.merge_tensors([x, x], base=x, drop_thresholds=[None, x])
+    with pytest.raises(ValueError, match="drop_rescales scales the survivors"):
+        ek.merge_tensors([x, x], base=x, drop_rescales=[1.0, 2.0])
     with pytest.raises(ValueError, match="nearswap_t must be finite"):
         ek.merge_tensors([x], base=x, nearswap_t=math.inf)
     with pytest.raises(TypeError, match=r"fisher\[1\] must be a float32"):

@@ -340,23 +340,24 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
             assert (out.view(e).double() - base.view(e).double()).abs().max() > FAR
 
 
-@pytest.mark.parametrize("case", ["breadcrumbs", "breadcrumbs_ties", "breadcrumbs_ties_fused", "sce", "sce_all"])
+@pytest.mark.parametrize("case", list(API_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_passes_give_the_same_bits_on_every_backend(case, dtype):
-    """Breadcrumbs' band and sce's selection run in the fused operator: each CPU backend (and the reference
-    contract) writes the same bits, with chunk boundaries inside the tensors."""
+    """Breadcrumbs' band, della's drops, sce's selection and nearswap run in the fused operator: each CPU
+    backend (and the reference contract) writes the same bits, with chunk boundaries inside the tensors."""
     n, kwargs, _ = API_CASES[case]
-    layout32, pop32, base32 = _population(n, seed=2)
-    layout = Layout.from_params(((k,), dtype, s) for k, s in SHAPES.items())
+    shapes = DELLA_SHAPES if case.startswith("della") else SHAPES
+    layout32, pop32, base32 = _population(n, seed=2, shapes=shapes)
+    layout = Layout.from_params(((k,), dtype, s) for k, s in shapes.items())
     pop, base = MemoryPopulation(layout, n, "cpu"), Arena.empty(layout)
     for e, e32 in zip(layout.entries, layout32.entries):
         base.view(e).copy_(base32.view(e32))
         for a, a32 in zip(pop.arenas, pop32.arenas):
             a.view(e).copy_(a32.view(e32))
     kwargs = dict(kwargs)
-    weights = kwargs.pop("weights", None)
-    outs = {backend: Merger(case.removesuffix("_all").removesuffix("_fused"), base, weights=weights, backend=backend,
-                            **kwargs)(pop, Arena.empty(layout), chunk=7)
+    weights, seed = kwargs.pop("weights", None), kwargs.pop("seed", 0)
+    outs = {backend: Merger(case.removesuffix("_all").removesuffix("_fused"), base, weights=weights, seed=seed,
+                            backend=backend, **kwargs)(pop, Arena.empty(layout), chunk=7)
             for backend in ["reference", *available_backends("cpu")]}
     assert len(outs) >= 2
     for backend, out in outs.items():

@@ -94,6 +94,7 @@ def record_launches() -> list[dict[str, Any]]:
                     ek.crossover_mask(n, CR=CR, seed=seed, stream=stream, offset=offset, backend="triton")
                 models = [torch.zeros(n, dtype=dtype) for _ in range(3)]
                 fisher = [torch.ones(n, dtype=torch.float32) for _ in range(3)]
+                drops = torch.full((n,), 2**31, dtype=torch.int64)
                 for kwargs in (
                     {},  # average
                     {"normalize": False},
@@ -107,6 +108,8 @@ def record_launches() -> list[dict[str, Any]]:
                     {"base": base, "trim": [0.1] * 3, "top": [0.5] * 3, "elect": False, "normalize": False},
                     {"base": base, "trim": [0.1] * 3, "top": [0.5] * 3, "normalize": False},  # breadcrumbs_ties
                     {"base": base, "select": 0.1, "elect": True, "elect_weights": [1.0] * 3, "min_den": 1e-6},  # sce
+                    {"base": base, "drop_thresholds": [drops, None, drops], "drop_rescales": [1.5, 1.0, 2.0],
+                     "elect": True},  # della
                 ):
                     ek.merge_tensors(models, seed=seed, stream=stream, offset=offset, backend="triton", **kwargs)
                 ek.merge_tensors(models[:1], base=base, nearswap_t=0.5, backend="triton")

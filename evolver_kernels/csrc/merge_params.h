@@ -11,7 +11,7 @@ namespace evolver_kernels {
 // NEARSWAP_DIFF_MIN of evolver_kernels.reference: the floor of |base - x| in nearswap's weight.
 constexpr float kNearswapDiffMin = 1e-6f;
 
-// Inputs per call. Passed by value to the CUDA kernel (about 2.1 KB of its 4 KB parameter space).
+// Inputs per call. Passed by value to the CUDA kernel (about 2.9 KB of its 4 KB parameter space).
 constexpr int kMaxMergeInputs = 64;
 
 struct MergeParams {
@@ -28,6 +28,11 @@ struct MergeParams {
   float scale;
   float rescale;           // DARE: survivors times fp32(1 / (1 - p))
   int64_t drop_threshold;  // DARE: element of model k dropped when its word (stream + k) < this; 0: no drop
+  // della: per-element thresholds of model k (int64, in [0, 2**32]; null: the global threshold above) and the
+  // factor of its survivors
+  const int64_t* drop_thr[kMaxMergeInputs];
+  float drop_rescale[kMaxMergeInputs];
+  bool table_drop;  // some drop_thr is set
   bool band;     // trim (and top) apply
   bool has_top;  // top applies
   bool ties;

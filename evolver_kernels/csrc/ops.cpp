@@ -42,12 +42,13 @@ void crossover_mask_cpu_op(const at::Tensor& out, int64_t threshold, int64_t see
 
 void merge_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
                   c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, c10::ArrayRef<double> top,
-                  c10::ArrayRef<double> elect_weights, double scale, double rescale, int64_t drop_threshold, bool band,
-                  bool has_top, bool ties, c10::optional<double> select, bool normalize, double min_den,
-                  c10::optional<double> nearswap_t, int64_t seed, int64_t stream, int64_t offset,
-                  const at::Tensor& out) {
-  merge_cpu(make_merge_params(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold, band,
-                              has_top, ties, select, normalize, min_den, nearswap_t, seed, stream, offset, out));
+                  c10::ArrayRef<double> elect_weights, double scale, double rescale, int64_t drop_threshold,
+                  const c10::List<c10::optional<at::Tensor>>& drop_thresholds, c10::ArrayRef<double> drop_rescales,
+                  bool band, bool has_top, bool ties, c10::optional<double> select, bool normalize, double min_den,
+                  c10::optional<double> nearswap_t, int64_t seed, int64_t stream, int64_t offset, const at::Tensor& out) {
+  merge_cpu(make_merge_params(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold,
+                              drop_thresholds, drop_rescales, band, has_top, ties, select, normalize, min_den,
+                              nearswap_t, seed, stream, offset, out));
 }
 
 }  // namespace
@@ -63,7 +64,8 @@ TORCH_LIBRARY(evolver_kernels, m) {
   // Fused merge (evolver_kernels.reference.merge_reference); fisher empty = none; out may be an input.
   m.def(
       "merge_(Tensor[] xs, Tensor? base, Tensor[] fisher, float[] weights, float[] trim, float[] top, "
-      "float[] elect_weights, float scale, float rescale, int drop_threshold, bool band, bool has_top, bool ties, "
+      "float[] elect_weights, float scale, float rescale, int drop_threshold, Tensor?[] drop_thresholds, "
+      "float[] drop_rescales, bool band, bool has_top, bool ties, "
       "float? select, bool normalize, float min_den, float? nearswap_t, int seed, int stream, int offset, "
       "Tensor(a!) out) -> ()");
 }

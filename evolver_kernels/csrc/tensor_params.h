@@ -85,7 +85,9 @@ inline MaskParams make_mask_params(const at::Tensor& out, int64_t threshold, int
 inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
                                      c10::ArrayRef<double> weights, c10::ArrayRef<double> trim,
                                      c10::ArrayRef<double> top, c10::ArrayRef<double> elect_weights, double scale,
-                                     double rescale, int64_t drop_threshold, bool band, bool has_top, bool ties,
+                                     double rescale, int64_t drop_threshold,
+                                     const c10::List<c10::optional<at::Tensor>>& drop_thresholds,
+                                     c10::ArrayRef<double> drop_rescales, bool band, bool has_top, bool ties,
                                      c10::optional<double> select, bool normalize, double min_den,
                                      c10::optional<double> nearswap_t, int64_t seed,
                                      int64_t stream, int64_t offset, const at::Tensor& out) {
@@ -115,6 +117,19 @@ inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::
                   "evolver_kernels: fisher tensors must be contiguous float32 like out");
       p.fisher[k] = f.data_ptr<float>();
     }
+  }
+  TORCH_CHECK(drop_thresholds.empty() || (static_cast<int64_t>(drop_thresholds.size()) == n &&
+                                           static_cast<int64_t>(drop_rescales.size()) == n),
+              "evolver_kernels: drop_thresholds and drop_rescales need one entry per input (", n, ")");
+  for (int64_t k = 0; k < static_cast<int64_t>(drop_thresholds.size()); ++k) {
+    const c10::optional<at::Tensor> t = drop_thresholds.get(k);
+    p.drop_rescale[k] = static_cast<float>(drop_rescales[k]);
+    if (!t.has_value()) continue;
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == out.numel() &&
+                    t->device() == out.device(),
+                "evolver_kernels: drop_thresholds must be contiguous int64 tensors like out");
+    p.drop_thr[k] = t->data_ptr<int64_t>();
+    p.table_drop = true;
   }
   if (base) check_like(*base, out, "base");
   p.base = base ? base->data_ptr() : nullptr;

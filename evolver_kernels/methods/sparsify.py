@@ -30,16 +30,17 @@ chunk by chunk; never a stack of the N models, never a mask of a tensor or of th
 - breadcrumbs: both magnitude thresholds of each tau_k found exactly by the radix histogram of TIES
   (task_vectors.kth_largest_magnitudes: the two k's in the same two passes); kept is lo <= |tau| < hi.
 - della: pass 1 (with rescale) sums |tau_k| and |kept tau_k| per tensor; pass 2 merges. Both work on spans of
-  whole rows (a row longer than the chunk is still read whole: della's memory is O(N max(chunk, row))), and
-  pass 2 recomputes the ranks and the drops rather than storing them.
+  whole rows (a row longer than the chunk is still read whole: della's memory is O(N max(chunk, row))): each
+  sorts the span's rows by magnitude (torch.argsort) into per-element drop thresholds (int64, one span per
+  sparse model at a time in pass 1, all of them in pass 2), which the fused operator compares with the Philox
+  words it draws; pass 2 recomputes the thresholds rather than storing them.
 - sce: the variance threshold in the histogram's two passes (non-zero variances counted in the first), one pass
   for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read.
-The element-wise passes of breadcrumbs and sce are the fused merge operator (merge_tensors, every backend,
-the same bits): breadcrumbs as the band trim_k <= |tau_k| < top_k with or without TIES' election; sce as the
-variance selection (`select`), the election on the unweighted task vectors (`elect_weights` 1) and the divisor
-floor (`min_den`). della's is not: an element's keep probability depends on its magnitude rank in its row,
-which takes a sort of the row, so della's merge pass runs as plain fp32 torch on the chunk (on the device
-that holds the output: the same bits on every backend of one device).
+The element-wise passes are the fused merge operator (merge_tensors, every backend, the same bits):
+breadcrumbs as the band trim_k <= |tau_k| < top_k with or without TIES' election; della as per-element drop
+thresholds (`drop_thresholds`, from the rank sort above) with each model's L1 factor (`drop_rescales`); sce as
+the variance selection (`select`), the election on the unweighted task vectors (`elect_weights` 1) and the
+divisor floor (`min_den`).
 
 Where ours differs from mergekit, on purpose:
 - della's drops come from the package's Philox contract, not torch.bernoulli: model k's element j (its global
@@ -114,28 +115,11 @@ def _task_vector(pop: Population, base: Arena, e: Entry, k: int, lo: int, hi: in
 
 
 def _task_vectors(pop: Population, base: Arena, e: Entry, lo: int, hi: int, device: torch.device
-                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(base, [tau_k]) on elements [lo, hi) of entry `e`, in fp32."""
+                  ) -> list[torch.Tensor]:
+    """[tau_k] on elements [lo, hi) of entry `e`, in fp32."""
     a, b = e.offset + lo, e.offset + hi
     base_f = base_chunk(base, e.group, a, b, device).float()
-    return base_f, [pop.read(k, e.group, a, b).to(device).float() - base_f for k in range(pop.size)]
-
-
-def _elect(ds: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES' disjoint sum of the d_k: (the sum of those whose sign is the elected one, + where the sum of the d_k
-    is >= 0; the sum of the agreeing weights). A zero never agrees (mergekit's get_mask, method sum)."""
-    total = ds[0]
-    for d in ds[1:]:
-        total = total + d
-    positive = total >= 0
-    y = den = None
-    for k, d in enumerate(ds):
-        agree = torch.where(positive, d > 0, d < 0)
-        term = torch.where(agree, d, 0.0)
-        w = torch.where(agree, torch.tensor(weights[k], dtype=torch.float32, device=d.device), 0.0)
-        y = term if y is None else y + term
-        den = w if den is None else den + w
-    return y, den
+    return [pop.read(k, e.group, a, b).to(device).float() - base_f for k in range(pop.size)]
 
 
 # -- breadcrumbs ---------------------------------------------------------------------------------------------
@@ -213,11 +197,10 @@ def della_rows(e: Entry) -> tuple[int, int]:
     return (e.shape[0], e.shape[1]) if len(e.shape) == 2 else (1, e.numel)
 
 
-def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int
-               ) -> torch.Tensor:
-    """Bool [R, C]: which elements of task-vector rows `tau` [R, C] della keeps. Rank r of |tau| in its row
-    (ties by index), p = density - epsilon + 2 epsilon r / (C - 1) (density where C == 1), in fp64; element j
-    (global index offset + j) is dropped where its Philox word on `stream` < floor((1 - p) 2**32)."""
+def della_thresholds(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """int64 [R, C]: della's drop threshold of each element of task-vector rows `tau` [R, C]. Rank r of |tau| in
+    its row (ties by index), keep probability p = density - epsilon + 2 epsilon r / (C - 1) (density where
+    C == 1), in fp64; the threshold floor((1 - p) 2**32), against which the element's Philox word is compared."""
     rows, cols = tau.shape
     order = torch.argsort(tau.abs(), dim=1, stable=True)
     ranks = torch.empty_like(order)
@@ -227,9 +210,17 @@ def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, str
     else:
         rank_norm = torch.full((rows, cols), 0.5, dtype=torch.float64, device=tau.device)
     p = (density - epsilon) + rank_norm * (2 * epsilon)
-    threshold = ((1 - p) * TWO_32).floor().to(torch.int64)
+    return ((1 - p) * TWO_32).floor().to(torch.int64)
+
+
+def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int
+               ) -> torch.Tensor:
+    """Bool [R, C]: which elements of task-vector rows `tau` [R, C] della keeps: element j (global index
+    offset + j) is dropped where its Philox word on `stream` is below its della_thresholds value. The formula
+    with the oracle's words, for tests; the merge draws the words inside the fused operator."""
+    rows, cols = tau.shape
     words = random_words(rows * cols, seed=seed, stream=stream, offset=offset, device=tau.device)
-    return words.view(rows, cols) >= threshold
+    return words.view(rows, cols) >= della_thresholds(tau, density, epsilon)
 
 
 def _check_della(densities: list[float], epsilons: list[float]) -> None:
@@ -253,11 +244,9 @@ def della(pop: Population, base: Arena, out: Arena, density: float | list[float]
     w = check_weights(weights, n)
     sparse = [k for k in range(n) if densities[k] < 1]
 
-    def kept(e: Entry, k: int, tau: torch.Tensor, lo: int) -> torch.Tensor:
-        """Which of tau (elements [lo, ...) of entry e, whole rows) model k keeps."""
-        cols = della_rows(e)[1]
-        return della_kept(tau.view(-1, cols), densities[k], epsilons[k], seed, STREAM_DARE + k,
-                          pop.layout.groups[e.group][0] + e.offset + lo).view(-1)
+    def thresholds(e: Entry, k: int, tau: torch.Tensor) -> torch.Tensor:
+        """Model k's della_thresholds of tau (whole rows of entry e), flat."""
+        return della_thresholds(tau.view(-1, della_rows(e)[1]), densities[k], epsilons[k]).view(-1)
 
     for e in pop.layout.entries:
         if e.numel == 0:
@@ -266,6 +255,7 @@ def della(pop: Population, base: Arena, out: Arena, density: float | list[float]
         rows, cols = della_rows(e)
         per = max(1, chunk // cols)
         spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
+        start = pop.layout.groups[e.group][0] + e.offset
         factors = [1.0] * n
         if rescale and sparse:
             before = torch.zeros(n, dtype=torch.float64, device=dst.device)
@@ -273,29 +263,22 @@ def della(pop: Population, base: Arena, out: Arena, density: float | list[float]
             for lo, hi in spans:
                 for k in sparse:
                     tau = _task_vector(pop, base, e, k, lo, hi, dst.device)
+                    kept = merge_tensors([tau], drop_thresholds=[thresholds(e, k, tau)], normalize=False, seed=seed,
+                                         stream=STREAM_DARE + k, offset=start + lo, backend=backend)
                     before[k] += tau.abs().sum(dtype=torch.float64)
-                    after[k] += torch.where(kept(e, k, tau, lo), tau.abs(), 0.0).sum(dtype=torch.float64)
+                    after[k] += kept.abs().sum(dtype=torch.float64)
             for k in sparse:
                 b, a = float(before[k]), float(after[k])
                 if b >= RESCALE_EPS and a >= RESCALE_EPS:
                     factors[k] = b / a
         for lo, hi in spans:
-            base_f, taus = _task_vectors(pop, base, e, lo, hi, dst.device)
-            ds = []
-            for k, tau in enumerate(taus):
-                if k in sparse:
-                    tau = torch.where(kept(e, k, tau, lo), tau, 0.0)
-                    if factors[k] != 1.0:
-                        tau = tau * torch.tensor(factors[k], dtype=torch.float32, device=dst.device)
-                ds.append(tau * w[k])
-            if ties:
-                y, den = _elect(ds, w)
-                y = y / torch.where(den == 0, 1.0, den)
-            else:
-                y = ds[0]
-                for d in ds[1:]:
-                    y = y + d
-            dst[lo:hi] = base_f + scale * y
+            a, b = e.offset + lo, e.offset + hi
+            base_c = base_chunk(base, e.group, a, b, dst.device)
+            xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
+            drops = [thresholds(e, k, xs[k].float() - base_c.float()) if k in sparse else None for k in range(n)]
+            merge_tensors(xs, base=base_c, weights=w, drop_thresholds=drops, drop_rescales=factors, elect=ties,
+                          normalize=ties, scale=scale, seed=seed, stream=STREAM_DARE, offset=start + lo,
+                          out=dst[lo:hi], backend=backend)
     return out
 
 
@@ -312,7 +295,7 @@ def sce(pop: Population, base: Arena, out: Arena, select_topk: float = 1.0, chun
 
     def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device) -> list[torch.Tensor]:
         """The task vectors on elements [lo, hi) of entry e, zeroed outside the selection."""
-        taus = _task_vectors(pop, base, e, lo, hi, device)[1]
+        taus = _task_vectors(pop, base, e, lo, hi, device)
         if threshold is not None:
             keep = variance_reference(taus) >= threshold  # bit for bit the fused operator's selection
             taus = [torch.where(keep, tau, 0.0) for tau in taus]
@@ -330,7 +313,7 @@ def sce(pop: Population, base: Arena, out: Arena, select_topk: float = 1.0, chun
         if select_topk < 1:
             found = kth_largest_magnitudes(
                 lambda a, b, e=e, device=dst.device: variance_reference(
-                    _task_vectors(pop, base, e, a - e.offset, b - e.offset, device)[1]),
+                    _task_vectors(pop, base, e, a - e.offset, b - e.offset, device)),
                 e.offset, e.offset + e.numel, ks, chunk)
             threshold = found[0] if found else INF
         squares = torch.zeros(n, dtype=torch.float64, device=dst.device)
@@ -403,4 +386,4 @@ register(MergeMethod(
             "of the agreeing weighted by each task vector's mean square",
 ))
 
-__all__ = ["breadcrumbs", "breadcrumbs_band", "della", "della_kept", "della_rows", "sce"]
+__all__ = ["breadcrumbs", "breadcrumbs_band", "della", "della_kept", "della_rows", "della_thresholds", "sce"]

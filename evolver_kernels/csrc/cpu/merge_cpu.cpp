@@ -54,13 +54,20 @@ void merge_kernel(const MergeParams& p) {
         const float* fisher = p.fisher[k] ? p.fisher[k] + lo : nullptr;
         const float w = p.weight[k], trim = p.trim[k], top = p.top[k], rescale = p.rescale;
         const bool band = p.band, has_top = p.has_top;
-        if (kDrop) block_words(g, p.seed, p.stream + static_cast<uint64_t>(k), words);
+        const int64_t* thr = kDrop && p.drop_thr[k] ? p.drop_thr[k] + lo : nullptr;  // della's, per element
+        const bool global_drop = kDrop && !thr && p.drop_threshold > 0;
+        const float drop_rescale = p.drop_rescale[k];
+        if (thr || global_drop) block_words(g, p.seed, p.stream + static_cast<uint64_t>(k), words);
         const uint32_t* word = words + lo + delta;
         float* tau_k = staged ? taus.data() + static_cast<size_t>(k) * kBlock : nullptr;
         for (int64_t i = 0; i < len; ++i) {
           float v = Codec::load(x[i]);
           if (kBase) v = v - b[i];
-          if (kDrop) v = dropped.selects(word[i]) ? 0.0f : v * rescale;
+          if (thr) {
+            v = static_cast<int64_t>(word[i]) < thr[i] ? 0.0f : v * drop_rescale;
+          } else if (global_drop) {
+            v = dropped.selects(word[i]) ? 0.0f : v * rescale;
+          }
           if (band) {
             const float a = std::fabs(v);
             v = (a < trim || (has_top && a >= top)) ? 0.0f : v;
@@ -177,7 +184,7 @@ void dispatch_ties(const MergeParams& p) {
 template <typename Codec>
 void dispatch(const MergeParams& p) {
   if (p.nearswap) return nearswap_kernel<Codec>(p);
-  const bool drop = p.drop_threshold > 0;
+  const bool drop = p.drop_threshold > 0 || p.table_drop;
   if (p.base != nullptr) {
     drop ? dispatch_ties<Codec, true, true>(p) : dispatch_ties<Codec, true, false>(p);
   } else {

@@ -65,19 +65,27 @@ __device__ __forceinline__ void load_fp32_group(const float* p, int64_t l0, int6
   }
 }
 
-// Model k's task vector v[e] on group q: x - base, DARE's drop and rescale, the magnitude band.
+// Model k's task vector v[e] on group q: x - base, DARE's (or della's per-element) drop and rescale, the
+// magnitude band.
 template <typename Codec, bool kBase, bool kDrop>
 __device__ __forceinline__ void task_group(const MergeParams& p, int k, uint64_t q, int64_t l0, bool full,
                                            const float b[4], float v[4]) {
   load_group<Codec>(p.x[k], l0, p.numel, full, v);
   uint32_t w[4] = {0u, 0u, 0u, 0u};
-  if (kDrop) philox_group(q, p.seed, p.stream + static_cast<uint64_t>(k), w);
+  const int64_t* thr = kDrop ? p.drop_thr[k] : nullptr;  // della's thresholds, per element
+  const bool global_drop = kDrop && !thr && p.drop_threshold > 0;
+  if (thr || global_drop) philox_group(q, p.seed, p.stream + static_cast<uint64_t>(k), w);
   const Threshold dropped(p.drop_threshold);
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     float x = v[e];
     if (kBase) x = __fsub_rn(x, b[e]);
-    if (kDrop) x = dropped.selects(w[e]) ? 0.0f : __fmul_rn(x, p.rescale);
+    if (thr) {
+      const bool in = l0 + e >= 0 && l0 + e < p.numel;
+      x = (in && static_cast<int64_t>(w[e]) < thr[l0 + e]) ? 0.0f : __fmul_rn(x, p.drop_rescale[k]);
+    } else if (global_drop) {
+      x = dropped.selects(w[e]) ? 0.0f : __fmul_rn(x, p.rescale);
+    }
     if (p.band) {
       const float a = fabsf(x);
       x = (a < p.trim[k] || (p.has_top && a >= p.top[k])) ? 0.0f : x;
@@ -227,7 +235,7 @@ cudaError_t launch_typed(const MergeParams& p, cudaStream_t stream) {
   const uintptr_t group_bytes = 4 * sizeof(typename Codec::Bits);
   bool aligned = (p.offset & 3u) == 0 && aligned_to(p.base, group_bytes) && aligned_to(p.out, group_bytes);
   for (int k = 0; k < p.n_inputs; ++k) aligned = aligned && aligned_to(p.x[k], group_bytes) && aligned_to(p.fisher[k], 16);
-  const bool drop = p.drop_threshold > 0;
+  const bool drop = p.drop_threshold > 0 || p.table_drop;
   if (p.base != nullptr) {
     return drop ? launch_ties<Codec, true, true>(p, aligned, stream) : launch_ties<Codec, true, false>(p, aligned, stream);
   }
