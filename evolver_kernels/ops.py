@@ -40,8 +40,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("evolver_kernels::merge_")
     def _merge_fake(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold,
-                    drop_thresholds, drop_rescales, band,
-                    has_top, ties, select, normalize, min_den, nearswap_t, seed, stream, offset, out):
+                    drop_thresholds, drop_rescales, band, has_top, ties, select, normalize, min_den, nearswap_t, seed,
+                    stream, offset, out):
         return None
 
 
@@ -222,28 +222,20 @@ def _to_int64(v: int) -> int:
 MAX_MERGE_INPUTS = 64  # models per call (the CUDA kernel takes their addresses as launch parameters)
 
 
-def _check_reals(name: str, values, n: int, *, minimum: float | None = None) -> list[float]:
+def _check_reals(name: str, values, n: int, *, minimum: float | None = None, bounds: bool = False) -> list[float]:
+    """One number per model, finite in float32 and at least `minimum`; bounds: magnitude bounds instead,
+    numbers >= 0 or +inf (no bound)."""
     if not isinstance(values, (list, tuple)) or len(values) != n:
         raise ValueError(f"{name} must be a list of {n} numbers (one per model), got {values!r}")
     out = []
     for k, v in enumerate(values):
         v = _as_real(f"{name}[{k}]", v)
-        if not math.isfinite(v) or abs(v) > _FP32_MAX or (minimum is not None and v < minimum):
+        if bounds:
+            if math.isnan(v) or v < 0 or (math.isfinite(v) and v > _FP32_MAX):
+                raise ValueError(f"{name}[{k}] must be >= 0 in float32 or inf, got {v}")
+        elif not math.isfinite(v) or abs(v) > _FP32_MAX or (minimum is not None and v < minimum):
             bound = f" and at least {minimum}" if minimum is not None else ""
             raise ValueError(f"{name}[{k}] must be finite in float32{bound}, got {v}")
-        out.append(v)
-    return out
-
-
-def _check_bounds(name: str, values, n: int) -> list[float]:
-    """Per-model magnitude bounds: numbers >= 0, +inf allowed (no bound)."""
-    if not isinstance(values, (list, tuple)) or len(values) != n:
-        raise ValueError(f"{name} must be a list of {n} numbers (one per model), got {values!r}")
-    out = []
-    for k, v in enumerate(values):
-        v = _as_real(f"{name}[{k}]", v)
-        if math.isnan(v) or v < 0 or (math.isfinite(v) and v > _FP32_MAX):
-            raise ValueError(f"{name}[{k}] must be >= 0 in float32 or inf, got {v}")
         out.append(v)
     return out
 
@@ -289,9 +281,9 @@ def merge_tensors(
     drop_rescales[k] (default 1). normalize: divide by the summed weights (of the agreeing models, for
     TIES), or by min_den where they sum to less (min_den > 0; sce). nearswap_t: mergekit's nearswap of one
     model into `base` instead (w = clamp(t / max(|base - x|, 1e-6), 0, 1), out = w x + (1 - w) base; no
-    other option). Exact formula: evolver_kernels.reference.merge_reference. `out` may be
-    one of the inputs; returns `out` (a new tensor when None). Allocates nothing else, but for the triton
-    backend's small per-call tables (addresses, weights, bounds).
+    other option). Exact formula: evolver_kernels.reference.merge_reference. `out` may be one of the inputs;
+    returns `out` (a new tensor when None). Allocates nothing else, but for the triton backend's small
+    per-call tables (addresses, weights, bounds).
     """
     if not isinstance(xs, (list, tuple)) or not 1 <= len(xs) <= MAX_MERGE_INPUTS:
         raise ValueError(f"xs must be a list of 1 to {MAX_MERGE_INPUTS} tensors, got "
@@ -332,9 +324,9 @@ def merge_tensors(
             if f.shape != like.shape or f.device != like.device or not f.is_contiguous():
                 raise ValueError(f"fisher[{k}] must be contiguous, shaped {tuple(like.shape)} on {like.device}")
     if trim is not None:
-        trim = _check_bounds("trim", trim, n)
+        trim = _check_reals("trim", trim, n, bounds=True)
     if top is not None:
-        top = _check_bounds("top", top, n)
+        top = _check_reals("top", top, n, bounds=True)
     if elect_weights is not None:
         if not elect:
             raise ValueError("elect_weights is the weights of TIES' sign election: give elect=True (or trim)")
@@ -396,7 +388,8 @@ def merge_tensors(
         return out
     if name == "triton":
         backends.triton_kernels().merge(
-            xs, base, fisher, weights, trim, top, (elect_weights or weights) if elect else None, select, out, scale=scale,
+            xs, base, fisher, weights, trim, top, (elect_weights or weights) if elect else None, select, out,
+            scale=scale,
             normalize=bool(normalize), min_den=min_den, rescale=rescale, drop_threshold=drop_threshold,
             drop_thresholds=drop_thresholds, drop_rescales=drop_rescales, seed=seed, stream=stream, offset=offset)
         return out

@@ -327,9 +327,9 @@ def _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid
 def _merge_kernel(
     x_table, f_table, w_ptr, trim_ptr, top_ptr, e_ptr, d_table, dr_ptr, base_ptr, out_ptr, n_inputs, numel_hi,
     numel_lo, scale, rescale, bound, k0, k1, stream_hi, stream_lo, offset_hi, offset_lo, select, min_den,
-    HAS_BASE: tl.constexpr, DROP: tl.constexpr, TABLE_DROP: tl.constexpr, BAND: tl.constexpr, HAS_TOP: tl.constexpr, TIES: tl.constexpr,
-    SELECT: tl.constexpr, FISHER: tl.constexpr, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr,
-    GROUPS: tl.constexpr,
+    HAS_BASE: tl.constexpr, DROP: tl.constexpr, TABLE_DROP: tl.constexpr, BAND: tl.constexpr,
+    HAS_TOP: tl.constexpr, TIES: tl.constexpr, SELECT: tl.constexpr, FISHER: tl.constexpr,
+    NORMALIZE: tl.constexpr, DTYPE: tl.constexpr, GROUPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offset = _join_i64(offset_hi, offset_lo)
@@ -433,11 +433,12 @@ def merge(xs: list[torch.Tensor], base: torch.Tensor | None, fisher: list[torch.
     base_view = (base if base is not None else out).view(bits)
     k0, k1 = _split(seed)
     _merge_kernel[_grid(n, offset)](
-        x_table, f_table, w, t, u, e, d_table, dr, base_view, out.view(bits), len(xs), *_i64_parts(n), scale, rescale,
-        drop_threshold, k0, k1, *_i64_parts(stream), *_i64_parts(offset), 0.0 if select is None else select,
+        x_table, f_table, w, t, u, e, d_table, dr, base_view, out.view(bits), len(xs), *_i64_parts(n), scale,
+        rescale, drop_threshold, k0, k1, *_i64_parts(stream), *_i64_parts(offset), 0.0 if select is None else select,
         min_den,
-        HAS_BASE=base is not None, DROP=drop_threshold > 0, TABLE_DROP=drop_thresholds is not None, BAND=trim is not None or top is not None,
-        HAS_TOP=top is not None, TIES=elect_weights is not None, SELECT=select is not None, FISHER=bool(fisher),
+        HAS_BASE=base is not None, DROP=drop_threshold > 0, TABLE_DROP=drop_thresholds is not None,
+        BAND=trim is not None or top is not None, HAS_TOP=top is not None, TIES=elect_weights is not None,
+        SELECT=select is not None, FISHER=bool(fisher),
         NORMALIZE=normalize, DTYPE=DTYPE_CODES[out.dtype], GROUPS=GROUPS_PER_PROGRAM, num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )

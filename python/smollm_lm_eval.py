@@ -136,7 +136,8 @@ def candidate_times(model_dir: str, tasks_dir: str, limit: int, batch_size: int,
             model.save_pretrained(scratch)
             tok.save_pretrained(scratch)
             results = lm_eval.simple_evaluate(
-                model="hf", model_args={"pretrained": scratch, "dtype": str(DTYPE).removeprefix("torch."), "max_length": LM_EVAL_MAX_LENGTH},
+                model="hf", model_args={"pretrained": scratch, "dtype": str(DTYPE).removeprefix("torch."),
+                                        "max_length": LM_EVAL_MAX_LENGTH},
                 tasks=task_names("dev"), limit=limit, batch_size=batch_size, device="cpu", bootstrap_iters=0,
                 task_manager=manager, log_samples=False)
             disk.append(time.perf_counter() - start)

@@ -45,7 +45,8 @@ void merge_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at::
                   c10::ArrayRef<double> elect_weights, double scale, double rescale, int64_t drop_threshold,
                   const c10::List<c10::optional<at::Tensor>>& drop_thresholds, c10::ArrayRef<double> drop_rescales,
                   bool band, bool has_top, bool ties, c10::optional<double> select, bool normalize, double min_den,
-                  c10::optional<double> nearswap_t, int64_t seed, int64_t stream, int64_t offset, const at::Tensor& out) {
+                  c10::optional<double> nearswap_t, int64_t seed, int64_t stream, int64_t offset,
+                  const at::Tensor& out) {
   merge_cpu(make_merge_params(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold,
                               drop_thresholds, drop_rescales, band, has_top, ties, select, normalize, min_den,
                               nearswap_t, seed, stream, offset, out));

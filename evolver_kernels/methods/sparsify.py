@@ -167,9 +167,9 @@ def breadcrumbs(pop: Population, base: Arena, out: Arena, density: float | list[
             high = found.pop(0) if top > 0 else INF
             bounds.append((found[0] if found else 0.0, high))
         band = any(b is not None for b in bounds)
+        upper = any(b is not None and b[1] < INF for b in bounds)
         _fused(pop, base, out, e, w, [0.0 if b is None else b[0] for b in bounds] if band else None,
-               [INF if b is None else b[1] for b in bounds] if any(b is not None and b[1] < INF for b in bounds) else None,
-               ties, scale, chunk, backend)
+               [INF if b is None else b[1] for b in bounds] if upper else None, ties, scale, chunk, backend)
     return out
 
 
@@ -275,7 +275,8 @@ def della(pop: Population, base: Arena, out: Arena, density: float | list[float]
             a, b = e.offset + lo, e.offset + hi
             base_c = base_chunk(base, e.group, a, b, dst.device)
             xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
-            drops = [thresholds(e, k, xs[k].float() - base_c.float()) if k in sparse else None for k in range(n)]
+            base_f = base_c.float()
+            drops = [thresholds(e, k, xs[k].float() - base_f) if k in sparse else None for k in range(n)]
             merge_tensors(xs, base=base_c, weights=w, drop_thresholds=drops, drop_rescales=factors, elect=ties,
                           normalize=ties, scale=scale, seed=seed, stream=STREAM_DARE, offset=start + lo,
                           out=dst[lo:hi], backend=backend)
