@@ -156,6 +156,23 @@ class Arena:
         return Arena(layout, buffers)
 
     @staticmethod
+    def on_files(layout: Layout, directory: str, prefix: str, create: bool = True) -> Arena:
+        """An arena whose group buffers are the files `directory`/`prefix`-GROUP.bin mapped MAP_SHARED
+        (torch.from_file): its pages are file pages, which the kernel writes back and evicts under memory
+        pressure, so it holds no anonymous memory. With `create` the files are made zero-filled and their space
+        allocated now (posix_fallocate: a full disk or tmpfs is an error here, not a SIGBUS later); without it
+        they are files another process created (a node's shared population)."""
+        buffers = {}
+        for g, (_, numel) in layout.groups.items():
+            path = os.path.join(directory, f"{prefix}-{g}.bin")
+            dtype = layout.group_dtype(g)
+            if create:
+                with open(path, "wb") as f:
+                    os.posix_fallocate(f.fileno(), 0, max(1, numel * dtype.itemsize))
+            buffers[g] = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        return Arena(layout, buffers)
+
+    @staticmethod
     def placed(layout: Layout, place: Callable[[Entry], tuple[str, torch.device]]) -> Arena:
         """Zero-filled arena whose groups are cut into segments: place(entry) gives (placement key, device),
         and a new segment starts wherever the key changes (entries of one key are contiguous in the canonical

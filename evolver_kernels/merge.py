@@ -25,9 +25,14 @@ parameter is a flag `--<param>` (per-model ones take one value or one per model)
     dev: [dev_a.jsonl, dev_b.jsonl]   # methods with statistics (fisher, regmean): the data they are estimated on
 
 Weights are streamed (docs/ARCHITECTURE.md §5): never a stack of the models; the population lives on
-`--population-on` (mapped, the default: the models' own safetensors files read through read-only memory maps,
-no copy; cpu: loaded into host memory; disk: copied into memory-mapped files in a scratch directory under
---out). Slices and a `dtype` other than the models' need the models re-laid out: mapped then loads them (cpu).
+`--population-on` (mapped, the default: the models' own safetensors files, base model included, read through
+read-only memory maps, no copy; cpu: loaded into host memory; disk: copied into memory-mapped files in a
+scratch directory under --out). Slices and a `dtype` other than the models' need the models re-laid out: mapped
+then writes them into files of that scratch directory and maps them. The merged tensors are computed into a
+file there too, mapped MAP_SHARED (the kernel writes its pages back and evicts them under memory pressure, so a
+merge's anonymous memory is its chunk buffers, whatever the model's size), then written out as safetensors
+shards one tensor at a time; the scratch directory is removed at the end, also on failure. Disk: the output's
+size once more while the merge runs (plus the re-laid-out models and base for slices and dtypes).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from .errors import ArgumentError, UserError, describe_error
 from .evaluate import Evaluator, infer_task
 from .methods.settings import check_setting, resolve
 from .offspring import WeightPipeline
-from .population import MappedModels, make_population
+from .population import MappedModels, MemoryPopulation, SharedMemoryPopulation, make_population
 from .report import write_json
 from .rundir import OutputDir, Scratch, format_bytes
 
@@ -411,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the output's tensors (default: the models')")
     parser.add_argument("--population-on", choices=POPULATION_ON, default="mapped",
                         help="mapped (default): read the models' files in place through read-only memory maps; "
-                             "cpu: load them into host memory; disk: copy them into a scratch directory under --out")
+                             "cpu: load them into host memory; disk: copy them into a scratch directory under --out "
+                             "(the merged tensors are held in a file there with every choice)")
     parser.add_argument("--out", required=True, help="output model directory (new, empty, or an earlier merge's)")
     group = parser.add_argument_group("method parameters (evolver_kernels/methods/)")
     for name, p in methods.all_params().items():
@@ -599,22 +605,39 @@ def _fill(arena: Arena, routes: dict[str, Route], source: Callable[[Route], tupl
 
 
 def _load_restacked(spec: MergeSpec, slices: list[Slice], layout: Layout, routes: dict[str, Route],
-                    scratch: Scratch | None) -> tuple[Any, Arena | None]:
+                    scratch: Scratch) -> tuple[Any, Arena | None]:
     """The population of the merged sources (individual k: the k-th source of each tensor's slice) and the base,
-    in the output layout and dtype, one individual at a time."""
+    in the output layout and dtype, one individual at a time. With --population-on mapped (or disk) they are
+    files in the scratch directory, mapped MAP_SHARED: no anonymous copy of a model is held."""
     n = len(slices[0].sources)
-    pop = make_population("cpu" if spec.population_on == "mapped" else spec.population_on, layout, [], [], torch.device("cpu"),
-                          disk_dir=scratch.path if scratch else None, extra=n)
+    cpu = torch.device("cpu")
+    if spec.population_on == "mapped":  # a file-backed MemoryPopulation (its class serves a node's ranks too)
+        pop = SharedMemoryPopulation(layout, n, scratch.path, writes=True)
+    else:
+        pop = make_population(spec.population_on, layout, [], [], cpu, disk_dir=scratch.path, extra=n)
     for k in range(n):
-        arena = _fill(Arena.empty(layout), routes, lambda r, k=k: (slices[r.slice].sources[k], r.layers[k]), spec)
+        def source(r: Route, k=k) -> tuple[Source, int | None]:
+            return slices[r.slice].sources[k], r.layers[k]
+
+        if isinstance(pop, MemoryPopulation):
+            _fill(pop.arenas[k], routes, source, spec)
+            continue
+        arena = _fill(Arena.empty(layout), routes, source, spec)
         pop.begin_write(k)
         for group in layout.groups:
             pop.write(k, group, 0, arena.buffers[group])
         pop.commit_write(k)
     base = None
     if slices[0].base is not None:
-        base = _fill(Arena.empty(layout), routes, lambda r: (slices[r.slice].base, r.base_layer), spec)
+        base = _fill(_scratch_arena(spec, layout, scratch, "base"), routes, lambda r: (slices[r.slice].base, r.base_layer),
+                     spec)
     return pop, base
+
+
+def _scratch_arena(spec: MergeSpec, layout: Layout, scratch: Scratch, name: str) -> Arena:
+    """A zero-filled arena for the merge's own working copies: in host memory with --population-on cpu, else
+    files in the scratch directory mapped MAP_SHARED (the kernel may write them back and evict them)."""
+    return Arena.empty(layout) if spec.population_on == "cpu" else Arena.on_files(layout, scratch.path, name)
 
 
 def _cast(layout: Layout, dtype: str | None) -> Layout:
@@ -735,16 +758,20 @@ def run(spec: MergeSpec, log=print) -> str:
         log(f"merge: {len(slices[0].sources)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
             f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
             f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
-        if spec.population_on == "disk":
-            scratch = Scratch(spec.out, "--out")
+        # the merge's working files (the output before it is written, models re-laid out): removed at the end
+        scratch = Scratch(spec.out, "--out")
+        base = None
         if identity:
             pop = MappedModels(layout, files, models) if spec.population_on == "mapped" else \
-                make_population(spec.population_on, layout, files, models, torch.device("cpu"),
-                                disk_dir=scratch.path if scratch else None)
-            base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base) if base_dir else None
+                make_population(spec.population_on, layout, files, models, torch.device("cpu"), disk_dir=scratch.path)
+            if base_dir and spec.population_on == "mapped":
+                base = MappedModels(layout, [safetensors_files(base_dir)], [spec.base])
+            elif base_dir:
+                base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base,
+                                                 _scratch_arena(spec, layout, scratch, "base"))
         else:
             pop, base = _load_restacked(spec, slices, layout, routes, scratch)
-        arena = Arena.empty(layout)
+        arena = Arena.on_files(layout, scratch.path, "merged")  # the merge's result, until it is written out
         stats = None
         if record.statistics is not None:
             from transformers import AutoTokenizer
@@ -756,6 +783,8 @@ def run(spec: MergeSpec, log=print) -> str:
                                                lambda k: pipeline.copy_into(k, arena), len(spec.models), evaluator)
         merging.merge_per_tensor(record.name, pop, arena, groups, base, seed=spec.seed, stats=stats)
         pop.close()
+        if isinstance(base, MappedModels):
+            base.close()
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
         dtype = DTYPES[spec.dtype] if spec.dtype else None
         if identity:

@@ -33,6 +33,7 @@ from .methods.nearswap import nearswap
 from .methods.ram import ram
 from .methods.sparsify import breadcrumbs, della, sce
 from .methods.spherical import karcher, multislerp, nuslerp, slerp
+from .methods.streaming import Base
 from .methods.task_vectors import kth_largest_magnitude, task_arithmetic, ties
 from .population import Population, ReadOnlyView
 
@@ -45,7 +46,7 @@ class Merger:
     """A registered merge method with its settings, checked once. `params` are the method's parameters (any
     it does not have is refused); `stats` is its Statistics' estimate for methods that have one."""
 
-    def __init__(self, method: str = "average", base: Arena | None = None, *, weights: list[float] | None = None,
+    def __init__(self, method: str = "average", base: Base | None = None, *, weights: list[float] | None = None,
                  seed: int = 0, backend: str | None = None, stats: Any = None, **params):
         self.record = methods.get(method)
         self.method = self.record.name
@@ -83,7 +84,7 @@ class _Tensors(ReadOnlyView):
 TensorGroup = tuple[list[Entry], dict[str, Any], list[float] | None]  # tensors, their settings, their weights
 
 
-def merge_per_tensor(method: str, pop: Population, out: Arena, groups: list[TensorGroup], base: Arena | None = None,
+def merge_per_tensor(method: str, pop: Population, out: Arena, groups: list[TensorGroup], base: Base | None = None,
                      *, seed: int = 0, backend: str | None = None, stats: Any = None, chunk: int = 1 << 22) -> Arena:
     """Merges each group of tensors with its own settings and weights (mergekit's per-tensor parameters:
     gradients over layers, filters by name). One group of every tensor is exactly Merger(...)(pop, out);
@@ -96,7 +97,7 @@ def merge_per_tensor(method: str, pop: Population, out: Arena, groups: list[Tens
         raise ValueError(f"{method} merges with statistics of whole models: per-tensor parameters are not supported")
     for entries, settings, weights in groups:
         layout = pop.layout.subset(entries)
-        view = Arena(layout, base.buffers) if base is not None else None
+        view = None if base is None else Arena(layout, base.buffers) if isinstance(base, Arena) else _Tensors(base, layout)
         merger = Merger(method, view, weights=weights, seed=seed, backend=backend, **settings)
         merger(_Tensors(pop, layout), Arena(layout, out.buffers), chunk)
     return out

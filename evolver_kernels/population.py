@@ -120,17 +120,8 @@ class SharedMemoryPopulation(MemoryPopulation):
     def __init__(self, layout: Layout, size: int, root: str, writes: bool):
         self.layout, self.size, self.root, self.writes = layout, size, root, writes
         self.storage_device = torch.device("cpu")
-        self.arenas = []
-        for i in range(size):
-            buffers = {}
-            for g, (_, numel) in layout.groups.items():
-                path = os.path.join(root, f"ind{i}-{g}.bin")
-                dtype = layout.group_dtype(g)
-                if writes:  # zero-filled and allocated now: a full tmpfs is an error here, not a SIGBUS later
-                    with open(path, "wb") as f:
-                        os.posix_fallocate(f.fileno(), 0, max(1, numel * dtype.itemsize))
-                buffers[g] = torch.from_file(path, shared=True, size=numel, dtype=dtype)
-            self.arenas.append(Arena(layout, buffers))
+        # zero-filled and allocated by the writer; the other ranks map the files afterwards
+        self.arenas = [Arena.on_files(layout, root, f"ind{i}", create=writes) for i in range(size)]
 
 
 def save_flat(arena: Arena, path: str) -> None:

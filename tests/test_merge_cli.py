@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evolver_kernels.merge import main
+from evolver_kernels.rundir import SCRATCH_PREFIX
 
 
 @pytest.fixture()
@@ -73,6 +74,29 @@ def test_mapped_cpu_and_disk_merges_are_the_same_bytes(llama_pop, tmp_path, meth
         assert main(["--method", method, "--models", *models, *flags, "--population-on", tier,
                      "--out", str(tmp_path / tier)]) == 0
         outs.append(_weights(tmp_path / tier))
+    for other in outs[1:]:
+        assert outs[0].keys() == other.keys()
+        assert all(torch.equal(outs[0][k].view(torch.uint8), other[k].view(torch.uint8)) for k in other)
+
+
+def test_a_relaid_out_merge_is_the_same_bytes_on_every_tier_and_leaves_no_scratch(llama_pop, tmp_path):
+    """A `dtype` other than the models' re-lays the models and the base out (mapped: into files of the scratch
+    directory under --out); every tier gives the same bytes and --out holds only what the merge writes."""
+    import os
+
+    import yaml
+
+    cfg = {"merge_method": "ties", "base_model": llama_pop.base, "dtype": "float16",
+           "models": [{"model": m, "parameters": {"weight": 1.0}} for m in llama_pop.models],
+           "parameters": {"density": 0.4}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    outs = []
+    for tier in ("mapped", "cpu", "disk"):
+        assert main(["--config", str(tmp_path / "m.yaml"), "--population-on", tier, "--out", str(tmp_path / tier)]) == 0
+        outs.append(_weights(tmp_path / tier))
+        left = [n for n in os.listdir(tmp_path / tier) if n.startswith(SCRATCH_PREFIX) or n.endswith((".bin", ".tmp"))]
+        assert not left
+    assert all(t.dtype == torch.float16 for t in outs[0].values() if t.is_floating_point())
     for other in outs[1:]:
         assert outs[0].keys() == other.keys()
         assert all(torch.equal(outs[0][k].view(torch.uint8), other[k].view(torch.uint8)) for k in other)

@@ -25,7 +25,7 @@ def _max_magnitude(pop, out, ctx):
     """out = base + gain * (the task-vector element of largest magnitude over the models), chunk by chunk."""
     for group, (_, size) in pop.layout.groups.items():
         for lo, hi in iter_chunks(size, ctx.chunk):
-            base = ctx.base.buffers[group][lo:hi].float()
+            base = methods.base_chunk(ctx.base, group, lo, hi, torch.device("cpu")).float()
             taus = [pop.read(k, group, lo, hi).float() - base for k in range(pop.size)]
             pick = taus[0]
             for tau in taus[1:]:

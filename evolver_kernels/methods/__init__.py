@@ -18,6 +18,7 @@ from .registry import (
     register,
     unregister,
 )
+from .streaming import base_chunk
 
-__all__ = ["METHODS", "MergeContext", "MergeMethod", "Param", "Statistics", "all_params", "get", "markdown_table",
-           "names", "register", "unregister"]
+__all__ = ["METHODS", "MergeContext", "MergeMethod", "Param", "Statistics", "all_params", "base_chunk", "get",
+           "markdown_table", "names", "register", "unregister"]

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..arena import Arena, Entry
 from ..population import Population
 from .registry import MergeContext, MergeMethod, register
-from .streaming import base_chunk, check_base
+from .streaming import Base, base_chunk, check_base
 from .task_vectors import _count
 
 KL_EPS = 1e-8  # mergekit's eps added to both softmaxes
@@ -126,7 +126,7 @@ def fusion_threshold(q1: float, median: float, q3: float) -> torch.Tensor:
     return q[1] + IQR_FACTOR * (q[2] - q[0])
 
 
-def arcee_fusion(pop: Population, base: Arena, out: Arena, chunk: int = 1 << 22, backend: str | None = None
+def arcee_fusion(pop: Population, base: Base, out: Arena, chunk: int = 1 << 22, backend: str | None = None
                  ) -> Arena:
     """Arcee Fusion of the population's one model into the base, tensor by tensor, on spans of whole rows."""
     base = check_base(pop, base, "arcee_fusion")
@@ -139,7 +139,7 @@ def arcee_fusion(pop: Population, base: Arena, out: Arena, chunk: int = 1 << 22,
     return out
 
 
-def _merge_entry(pop: Population, base: Arena, out: Arena, e: Entry, chunk: int) -> None:
+def _merge_entry(pop: Population, base: Base, out: Arena, e: Entry, chunk: int) -> None:
     dst = out.view(e).view(-1)
     device = dst.device
     cols = e.shape[-1] if e.shape else 1

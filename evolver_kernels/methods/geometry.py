@@ -25,7 +25,7 @@ import torch
 from ..arena import Arena, Entry, iter_chunks
 from ..ops import merge_tensors
 from ..population import Population
-from .streaming import base_chunk
+from .streaming import Base, base_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _accumulate(g: torch.Tensor, prod: torch.Tensor, e: Entry, along: int | None
         g[span.c0 : span.c0 + span.hi - span.lo] += prod.to(f64)
 
 
-def read_span(pop: Population, base: Arena | None, e: Entry, span: Span, device: torch.device
+def read_span(pop: Population, base: Base | None, e: Entry, span: Span, device: torch.device
               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Elements [lo, hi) of entry `e` of every model (as stored) and of the base (None without one)."""
     a, b = e.offset + span.lo, e.offset + span.hi
@@ -116,7 +116,7 @@ def read_span(pop: Population, base: Arena | None, e: Entry, span: Span, device:
     return xs, base_chunk(base, e.group, a, b, device) if base is not None else None
 
 
-def gram(pop: Population, base: Arena | None, e: Entry, along: int | None, chunk: int,
+def gram(pop: Population, base: Base | None, e: Entry, along: int | None, chunk: int,
          device: torch.device) -> torch.Tensor:
     """G[f, i, j] = <v_i, v_j> over vector f of entry `e`, shape [vectors, N, N], float64. Products are formed
     in fp32 (as mergekit forms them from fp32 inputs), summed in fp64."""
@@ -132,7 +132,7 @@ def gram(pop: Population, base: Arena | None, e: Entry, along: int | None, chunk
     return torch.where(upper, g, g.transpose(0, 1)).permute(2, 0, 1)
 
 
-def combine(pop: Population, base: Arena | None, out: Arena, e: Entry, along: int | None,
+def combine(pop: Population, base: Base | None, out: Arena, e: Entry, along: int | None,
             coefficients: torch.Tensor, chunk: int, backend: str | None) -> None:
     """Writes entry `e` of `out`: [base +] sum_k c[f, k] v_k on each vector f, for coefficients shaped
     [vectors, N]. One vector: the fused operator with per-tensor scalar weights; several: fp32 torch on spans

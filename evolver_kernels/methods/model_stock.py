@@ -24,7 +24,7 @@ from ..arena import Arena
 from ..population import Population
 from .geometry import combine, gram, matrix_of, per_element, read_span, shaped, spans, vector_count
 from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import check_base
+from .streaming import Base, check_base
 
 FILTER_WISE = Param("filter_wise", boolean, False, "model_stock: one ratio t per row (filter) instead of per tensor")
 
@@ -44,7 +44,7 @@ def model_stock_ratio(g: torch.Tensor) -> torch.Tensor:
     return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
 
 
-def model_stock(pop: Population, base: Arena, out: Arena, filter_wise: bool = False, chunk: int = 1 << 22,
+def model_stock(pop: Population, base: Base, out: Arena, filter_wise: bool = False, chunk: int = 1 << 22,
                 backend: str | None = None) -> Arena:
     """Model Stock of the population (N >= 2 fine-tunes) with its base, per tensor or per row (filter_wise)."""
     base = check_base(pop, base, "model_stock")

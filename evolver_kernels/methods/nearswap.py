@@ -20,10 +20,10 @@ from ..ops import merge_tensors
 from ..population import Population
 from .registry import MergeContext, MergeMethod, register
 from .spherical import T
-from .streaming import base_chunk, check_base
+from .streaming import Base, base_chunk, check_base
 
 
-def nearswap(pop: Population, base: Arena, out: Arena, t: float, chunk: int = 1 << 22,
+def nearswap(pop: Population, base: Base, out: Arena, t: float, chunk: int = 1 << 22,
              backend: str | None = None) -> Arena:
     """NearSwap of the population's one model into the base, tensor by tensor, chunk by chunk."""
     base = check_base(pop, base, "nearswap")

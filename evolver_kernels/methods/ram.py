@@ -48,7 +48,7 @@ import torch
 from ..arena import Arena, Entry, iter_chunks
 from ..population import Population
 from .registry import MergeContext, MergeMethod, Param, register
-from .streaming import base_chunk, check_base
+from .streaming import Base, base_chunk, check_base
 
 RAM_EPSILON = Param("ram_epsilon", float, 1e-5, "ram, ramplus_tl: a task-vector element counts as changed where "
                     "its magnitude is above this (mergekit's epsilon)", low=0.0, aliases=("epsilon",))
@@ -58,7 +58,7 @@ RAMPLUS_ALPHA = Param("ramplus_alpha", float, 0.2, "ramplus_tl: upper clamp of t
                       "unique changes, per tensor (mergekit's alpha)", aliases=("alpha",))
 
 
-def _task_vectors(pop: Population, base: Arena, e: Entry, lo: int, hi: int, device: torch.device
+def _task_vectors(pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device
                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(base, [tau_k]) on elements [lo, hi) of entry `e`, in fp32."""
     a, b = e.offset + lo, e.offset + hi
@@ -83,7 +83,7 @@ def ramplus_lambdas(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha:
     return [1.0 if int(u) == 0 else float(v) for u, v in zip(unique, lam)]
 
 
-def ram(pop: Population, base: Arena, out: Arena, epsilon: float = 1e-5, plus: bool = False, r: float = 0.1,
+def ram(pop: Population, base: Base, out: Arena, epsilon: float = 1e-5, plus: bool = False, r: float = 0.1,
         alpha: float = 0.2, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
     """RAM (plus=True: RAM+ tensor-local, ramplus_tl) of the population's models into the base, tensor by
     tensor, chunk by chunk."""

@@ -10,7 +10,8 @@ choices, and the method table in the README (tests/test_registries.py checks tha
 Adding a method is one module that calls `register(MergeMethod(...))` when imported; the built-in ones are
 imported by evolver_kernels/methods/__init__.py. A merge function has the signature
 `merge(pop, out, ctx) -> out`: `pop` any Population-like reader (evolver_kernels.population), `out` the Arena to
-fill, `ctx` a MergeContext. Functions stream chunk by chunk (docs/ARCHITECTURE.md §5): never a stack of the N
+fill, `ctx` a MergeContext; the base model `ctx.base` is read with `base_chunk(ctx.base, group, lo, hi, device)`
+(evolver_kernels.methods: an Arena in `evolve`, the base's own memory-mapped files in the merge CLI). Functions stream chunk by chunk (docs/ARCHITECTURE.md §5): never a stack of the N
 models, never a mask tensor.
 """
 
@@ -112,7 +113,7 @@ class MergeContext:
     """Everything a merge function gets besides the population and the output arena."""
 
     settings: dict[str, Any]  # every parameter of the method, checked (per-model ones: a value or a list)
-    base: Any = None  # the base model's Arena, for methods with needs_base
+    base: Any = None  # the base model (streaming.Base: an Arena or a reader of its files), for methods with needs_base
     weights: list[float] | None = None  # one per model, None: 1 each
     seed: int = 0  # for methods that draw random numbers (Philox, docs/ARCHITECTURE.md §2)
     backend: str | None = None

@@ -72,7 +72,7 @@ from ..population import Population
 from ..reference import variance_reference
 from ..rng import STREAM_DARE, random_words
 from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import base_chunk, check_base, check_weights
+from .streaming import Base, base_chunk, check_base, check_weights
 from .task_vectors import DENSITY, SCALE, _check_density, kth_largest_magnitudes
 
 GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of each task vector's largest magnitudes dropped, per "
@@ -107,14 +107,14 @@ def _densities(density, n: int) -> list[float]:
     return density if isinstance(density, list) else [density] * n
 
 
-def _task_vector(pop: Population, base: Arena, e: Entry, k: int, lo: int, hi: int, device: torch.device
+def _task_vector(pop: Population, base: Base, e: Entry, k: int, lo: int, hi: int, device: torch.device
                  ) -> torch.Tensor:
     """tau_k on elements [lo, hi) of entry `e`, in fp32."""
     a, b = e.offset + lo, e.offset + hi
     return pop.read(k, e.group, a, b).to(device).float() - base_chunk(base, e.group, a, b, device).float()
 
 
-def _task_vectors(pop: Population, base: Arena, e: Entry, lo: int, hi: int, device: torch.device
+def _task_vectors(pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device
                   ) -> list[torch.Tensor]:
     """[tau_k] on elements [lo, hi) of entry `e`, in fp32."""
     a, b = e.offset + lo, e.offset + hi
@@ -134,7 +134,7 @@ def breadcrumbs_band(numel: int, density: float, gamma: float) -> tuple[int, int
     return numel - bottom - keep, keep
 
 
-def breadcrumbs(pop: Population, base: Arena, out: Arena, density: float | list[float] = 1.0,
+def breadcrumbs(pop: Population, base: Base, out: Arena, density: float | list[float] = 1.0,
                 gamma: float | list[float] = 0.01, scale: float = 1.0, weights: list[float] | None = None,
                 ties: bool = False, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
     """Model Breadcrumbs (ties=True: with TIES' sign election), tensor by tensor: each task vector's magnitude
@@ -173,7 +173,7 @@ def breadcrumbs(pop: Population, base: Arena, out: Arena, density: float | list[
     return out
 
 
-def _fused(pop: Population, base: Arena, out: Arena, e: Entry, w: list[float], trim: list[float] | None,
+def _fused(pop: Population, base: Base, out: Arena, e: Entry, w: list[float], trim: list[float] | None,
            top: list[float] | None, elect: bool, scale: float, chunk: int, backend: str | None) -> None:
     """Breadcrumbs' element-wise pass of entry `e` through the fused operator: each task vector cut to its band
     trim_k <= |tau| < top_k, then summed (elect: TIES' sum of the agreeing; normalize false)."""
@@ -230,7 +230,7 @@ def _check_della(densities: list[float], epsilons: list[float]) -> None:
                              f"density {d} and epsilon {eps}")
 
 
-def della(pop: Population, base: Arena, out: Arena, density: float | list[float] = 1.0,
+def della(pop: Population, base: Base, out: Arena, density: float | list[float] = 1.0,
           epsilon: float | list[float] = 0.15, scale: float = 1.0, weights: list[float] | None = None,
           ties: bool = True, rescale: bool = True, seed: int = 0, chunk: int = 1 << 22,
           backend: str | None = None) -> Arena:
@@ -285,7 +285,7 @@ def della(pop: Population, base: Arena, out: Arena, density: float | list[float]
 
 # -- sce -------------------------------------------------------------------------------------------------------
 
-def sce(pop: Population, base: Arena, out: Arena, select_topk: float = 1.0, chunk: int = 1 << 22,
+def sce(pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk: int = 1 << 22,
         backend: str | None = None) -> Arena:
     """SCE: select the elements of highest variance across the task vectors (select_topk < 1), weight each
     model by its mean square, elect signs, weighted mean of the agreeing; tensor by tensor."""

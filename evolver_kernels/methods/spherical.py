@@ -52,7 +52,7 @@ from ..arena import Arena
 from ..population import Population
 from .geometry import combine, gram, vector_count
 from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import check_weights
+from .streaming import Base, check_weights
 
 T = Param("t", float, 0.5, "slerp: where between the first model (t = 0) and the second (t = 1); outside [0, 1] "
           "extrapolates. nearswap: the distance scale, each element taking weight min(1, t / |base - x|) of the "
@@ -176,7 +176,7 @@ def karcher_coefficients(g: torch.Tensor, max_iter: int = 10, tol: float = 1e-5)
     return scale * mean / safe
 
 
-def _spherical(pop: Population, out: Arena, coefficients, *, base: Arena | None = None, along: int | None = None,
+def _spherical(pop: Population, out: Arena, coefficients, *, base: Base | None = None, along: int | None = None,
                chunk: int = 1 << 22, backend: str | None = None) -> Arena:
     """Entry by entry: the Gram matrices, `coefficients(g)` -> [vectors, N], then the element-wise pass."""
     for e in pop.layout.entries:
@@ -193,7 +193,7 @@ def slerp(pop: Population, out: Arena, t: float, chunk: int = 1 << 22, backend: 
     return _spherical(pop, out, lambda g: slerp_coefficients(g, float(t)), chunk=chunk, backend=backend)
 
 
-def nuslerp(pop: Population, out: Arena, weights: list[float] | None = None, base: Arena | None = None,
+def nuslerp(pop: Population, out: Arena, weights: list[float] | None = None, base: Base | None = None,
             flatten: bool = True, row_wise: bool = False, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
     """Slerp of two models (of their task vectors with a base) at t = w_1 / (w_0 + w_1); one angle per tensor
     (flatten), else per row, or per column (row_wise)."""
@@ -206,7 +206,7 @@ def nuslerp(pop: Population, out: Arena, weights: list[float] | None = None, bas
                       backend=backend)
 
 
-def multislerp(pop: Population, out: Arena, weights: list[float] | None = None, base: Arena | None = None,
+def multislerp(pop: Population, out: Arena, weights: list[float] | None = None, base: Base | None = None,
                normalize_weights: bool = True, eps: float = 1e-8, chunk: int = 1 << 22,
                backend: str | None = None) -> Arena:
     """Barycentric interpolation of N models (task vectors with a base) on the hypersphere, per tensor."""

@@ -10,6 +10,9 @@ from ..ops import MAX_MERGE_INPUTS, merge_tensors
 from ..population import Population
 from ..rng import STREAM_DARE
 
+# a base model: an arena, or a one-model reader of its own files (population.MappedModels, the merge CLI's)
+Base = Arena | Population
+
 
 def check_weights(weights: list[float] | None, n: int) -> list[float]:
     """One non-negative weight per model with a positive sum (default: 1 each)."""
@@ -24,7 +27,7 @@ def check_weights(weights: list[float] | None, n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def check_base(pop: Population, base: Arena | None, method: str) -> Arena:
+def check_base(pop: Population, base: Base | None, method: str) -> Base:
     if base is None:
         raise ValueError(f"{method} needs a base model (the common ancestor of the merged models)")
     if base.layout.fingerprint() != pop.layout.fingerprint():
@@ -37,14 +40,17 @@ def read_all(pop: Population, group: str, lo: int, hi: int, device: torch.device
     return [pop.read(k, group, lo, hi).to(device, non_blocking=True) for k in range(pop.size)]
 
 
-def base_chunk(base: Arena, group: str, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-    """Elements [lo, hi) of the base model's group (they may span its segments if it is placed)."""
+def base_chunk(base: Base, group: str, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    """Elements [lo, hi) of the base model's group: an arena's (they may span its segments if it is placed), or
+    individual 0's of a one-model reader (the base's own files, memory-mapped: population.MappedModels)."""
+    if not isinstance(base, Arena):
+        return base.read(0, group, lo, hi).to(device)
     parts = [t[max(lo, s_lo) - s_lo : min(hi, s_hi) - s_lo] for s_lo, s_hi, t in base.segments(group)
              if s_lo < hi and lo < s_hi]
     return parts[0].to(device) if len(parts) == 1 else torch.cat([p.to(device) for p in parts])
 
 
-def merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, *, base: Arena | None = None,
+def merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, *, base: Base | None = None,
                  fisher=None, **kw) -> Arena:
     """Every group in chunks that may span tensors (the linear modes have no per-tensor state): `pop.chunks`
     may stage the next chunk's reads (a pipeline's candidate view, staging.py); a placed `out` is merged chunk

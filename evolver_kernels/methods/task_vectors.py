@@ -30,7 +30,7 @@ from ..ops import crossover_mask, merge_tensors
 from ..population import Population
 from ..rng import STREAM_DARE
 from .registry import MergeContext, MergeMethod, Param, register
-from .streaming import base_chunk, check_base, check_weights, merge_linear, read_all
+from .streaming import Base, base_chunk, check_base, check_weights, merge_linear, read_all
 
 SCALE = Param("scale", float, 1.0, "task-vector scale (lambda)", aliases=("lambda",))
 DENSITY = Param("density", float, 1.0, "fraction of each task vector kept, per tensor: by magnitude (TIES; "
@@ -57,7 +57,7 @@ def _check_density(density: float | list[float], n: int | None = None) -> float 
     return float(density)
 
 
-def task_arithmetic(pop: Population, base: Arena, out: Arena, scale: float, weights: list[float] | None = None,
+def task_arithmetic(pop: Population, base: Base, out: Arena, scale: float, weights: list[float] | None = None,
                     drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
     """out = base + scale * sum_k w_k tau_k (Ilharco et al., task vectors); drop_p > 0 makes it DARE."""
     base = check_base(pop, base, "task arithmetic")
@@ -65,7 +65,7 @@ def task_arithmetic(pop: Population, base: Arena, out: Arena, scale: float, weig
                          scale=scale, normalize=False, drop_p=_check_p(drop_p), seed=seed)
 
 
-def ties(pop: Population, base: Arena, out: Arena, density: float | list[float], scale: float = 1.0,
+def ties(pop: Population, base: Base, out: Arena, density: float | list[float], scale: float = 1.0,
          weights: list[float] | None = None, drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22,
          backend: str | None = None) -> Arena:
     """TIES-merging (trim, elect sign, disjoint mean), optionally on DARE-dropped task vectors. Tensor by
