@@ -72,8 +72,7 @@ WEIGHT = methods.Param("weight", float, 1.0, "", low=0.0, per_model=True)
 # the one our method has (normalize: ties divides by the agreeing weights, task arithmetic does not)
 MERGEKIT_ONLY = {"int8_mask": None,
                  "normalize": {"ties": True, "dare_ties": True, "task_arithmetic": False, "dare_linear": False,
-                               "average": True, "breadcrumbs": False, "breadcrumbs_ties": False, "della": True,
-                               "della_linear": False},
+                               "average": True, "breadcrumbs": False, "breadcrumbs_ties": False},
                  "rescale": {"breadcrumbs": False, "breadcrumbs_ties": False}}
 # mergekit keys not read, with what to do instead
 REFUSED_KEYS = {
@@ -137,6 +136,7 @@ class MergeSpec:
     tokenizer_from: str | None = None  # tokenizer_source: base -> the base model
     base_model: str | None = None  # the YAML's base_model, whatever role the method gives it (config donor)
     where: str = "--config"
+    read_as: str | None = None  # the YAML's merge_method where it is read as another method (mergekit's dare)
     resolved: dict[str, str] = dataclasses.field(default_factory=dict)  # model reference -> local directory
 
     def local(self, ref: str) -> str:
@@ -229,17 +229,20 @@ def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
     where = f"--config {path}"
     _check_keys(raw, where)
     record = _method(raw, method_flag, where)
-    spec = MergeSpec(out="", method=record.name, where=where)
-    if record.name in DARE_METHODS and _mentions(raw, "density"):
-        # mergekit's dare methods call the fraction DARE keeps `density`; ours is drop_p = 1 - density, and our
-        # density (dare_ties) trims by magnitude as TIES does. Read with our meaning it would be another merge.
-        raise MergeConfigError(f"{where}: density with {record.name} is mergekit's kept fraction, which is not read "
-                               "with that meaning yet: give drop_p (= 1 - density) instead")
+    mergekit_dare = record.name in MERGEKIT_DARE and not _mentions(raw, "drop_p")
+    read_as = record.name if mergekit_dare else None
+    if mergekit_dare:
+        if _mentions(raw, "epsilon"):
+            raise MergeConfigError(f"{where}: epsilon does not apply to mergekit's {record.name} (della's parameter)")
+        record = methods.get(MERGEKIT_DARE[record.name])
+    spec = MergeSpec(out="", method=record.name, where=where, read_as=read_as)
     if raw.get("base_model") is not None:
         if not isinstance(raw["base_model"], str):
             raise MergeConfigError(f"{where}: base_model must be a path, got {raw['base_model']!r}")
         spec.base = spec.base_model = raw["base_model"]
     spec.settings = _parameters(f"{where}: parameters", raw.get("parameters"), record, per_model=False)
+    if mergekit_dare:
+        spec.settings = {"epsilon": 0.0, "normalize": False, **spec.settings}
     spec.seed = spec.settings.pop("seed", 0)
     spec.task = spec.settings.pop("task", None)
     if raw.get("models") is not None:
@@ -350,7 +353,11 @@ def _read_tokenizer_source(spec: MergeSpec, raw: dict, where: str) -> None:
     spec.tokenizer_from = raw["base_model"]
 
 
-DARE_METHODS = ("dare_linear", "dare_ties")
+# mergekit's dare_linear / dare_ties: each task-vector element kept with probability `density` (default 1), the
+# kept task vector L1-rescaled per tensor (`rescale`, default true), no magnitude trim, normalize false by
+# default. That is della_linear / della with epsilon 0, which is how a YAML that does not give our drop_p reads
+# them (the flags' dare_linear / dare_ties: DARE's drop_p with the paper's 1 / (1 - p), and ties' trim).
+MERGEKIT_DARE = {"dare_linear": "della_linear", "dare_ties": "della"}
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -755,6 +762,9 @@ def run(spec: MergeSpec, log=print) -> str:
         routes = _routes(layout, order, slices, num_layers)
         groups = _groups(record, spec, slices, layout, routes)
         settings = record.settings(groups[0][1])
+        if spec.read_as:
+            log(f"merge: {spec.where}: mergekit's {spec.read_as} (bernoulli drops keeping `density`, L1-rescaled) is "
+                f"{record.name} with epsilon 0; the drops are our Philox draws, not torch's")
         log(f"merge: {len(slices[0].sources)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
             f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
             f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
@@ -796,7 +806,8 @@ def run(spec: MergeSpec, log=print) -> str:
             copied = _copy_files(spec.local(spec.tokenizer_from), spec.out, model_io.TOKENIZER_FILES)
             written = [p for p in written if os.path.basename(p) not in model_io.TOKENIZER_FILES] + copied
         written.append(write_json(os.path.join(spec.out, "merge.json"), {
-            "method": record.name, "models": spec.models, "weights": groups[0][2] or [1.0] * len(slices[0].sources),
+            "method": record.name, "mergekit_method": spec.read_as, "models": spec.models,
+            "weights": groups[0][2] or [1.0] * len(slices[0].sources),
             "base": spec.base, **settings, "seed": spec.seed, "dev": spec.dev, "dtype": spec.dtype,
             "compute_dtype": spec.compute_dtype, "tokenizer_source": "base" if spec.tokenizer_from else None,
             "slices": [[[s.model, list(s.layers)] for s in sl.sources] for sl in spec.slices or []] or None,

@@ -8,6 +8,7 @@ YAML, and the same merge given by flags; every tensor is compared. Each comparis
 vacuous: the merge is far (1e-4, 100x the tolerance) from every input, from their average and from the merge
 without the method's own step (plain task arithmetic, TIES without the band, the base)."""
 
+import json
 import os
 
 import pytest
@@ -139,8 +140,10 @@ def _ref_kept(tau, density, epsilon, seed, stream, offset):
     return (words >= torch.floor((1 - p) * 2.0 ** 32).long()).reshape(tau.shape)
 
 
-def _ref_della(base, xs, weights, densities, epsilons, lam, seed, offset, ties, rescale=True):
-    """out of one tensor in fp64 from fp32 task vectors (as both tools form them)."""
+def _ref_della(base, xs, weights, densities, epsilons, lam, seed, offset, ties, rescale=True, normalize=None):
+    """out of one tensor in fp64 from fp32 task vectors (as both tools form them); normalize (default: ties)
+    divides by the weights of the agreeing models (ties) or by all the weights (linear)."""
+    normalize = ties if normalize is None else normalize
     ds = []
     for k, (x, w) in enumerate(zip(xs, weights)):
         tau = x.float() - base.float()
@@ -152,12 +155,12 @@ def _ref_della(base, xs, weights, densities, epsilons, lam, seed, offset, ties, 
             tau = masked * factor
         ds.append(w * tau.double())
     if not ties:
-        return base.double() + lam * sum(ds)
+        return base.double() + lam * sum(ds) / (sum(weights) if normalize else 1.0)
     positive = sum(ds) >= 0
     agree = [torch.where(positive, d > 0, d < 0) for d in ds]
     y = sum(torch.where(a, d, 0.0) for a, d in zip(agree, ds))
     den = sum(a.double() * w for a, w in zip(agree, weights))
-    return base.double() + lam * y / torch.where(den == 0, 1.0, den)
+    return base.double() + lam * (y / torch.where(den == 0, 1.0, den) if normalize else y)
 
 
 DELLA_CASES = {
@@ -168,6 +171,15 @@ DELLA_CASES = {
     "della_linear": ({"merge_method": "della_linear", "base_model": "{base}", "models": "{plain}",
                       "parameters": {"density": 0.4, "epsilon": [{"filter": "mlp", "value": 0.2}, {"value": 0.05}]}},
                      dict(weights=(1.0, 1.0, 1.0), densities=(0.4,) * 3, epsilons=None, lam=1.0, seed=0, ties=False)),
+    # mergekit's dare methods: bernoulli drops keeping `density`, L1 rescale, normalize false unless given
+    "mergekit_dare_ties": ({"merge_method": "dare_ties", "base_model": "{base}", "models": "{weighted}",
+                           "parameters": {"lambda": 0.9, "seed": 7, "int8_mask": True}},
+                          dict(weights=(1.0, 0.5, 2.0), densities=(0.5, 0.7, 0.3), epsilons=(0.0,) * 3, lam=0.9, seed=7,
+                               ties=True, normalize=False, method="della")),
+    "mergekit_dare_linear": ({"merge_method": "dare_linear", "base_model": "{base}", "models": "{plain}",
+                             "parameters": {"density": 0.4, "normalize": True, "rescale": False}},
+                            dict(weights=(1.0, 1.0, 1.0), densities=(0.4,) * 3, epsilons=(0.0,) * 3, lam=1.0, seed=0,
+                                 ties=False, normalize=True, rescale=False, method="della_linear")),
 }
 
 
@@ -190,13 +202,16 @@ def test_della_equals_its_formula_with_our_mask(llama_pop, tmp_path, case):
         offset = layout.groups[e.group][0] + e.offset
         epsilons = p["epsilons"] or ((0.2 if "mlp" in name else 0.05),) * 3
         want = _ref_della(b[name], [x[name] for x in xs], p["weights"], p["densities"], epsilons, p["lam"],
-                          p["seed"], offset, p["ties"])
+                          p["seed"], offset, p["ties"], p.get("rescale", True), p.get("normalize"))
         torch.testing.assert_close(ours[name].double(), want, rtol=RTOL, atol=ATOL, msg=lambda s, n=name: f"{n}: {s}")
         plain = b[name].double() + p["lam"] * sum(w * (x[name].double() - b[name].double())
                                                   for w, x in zip(p["weights"], xs))
         assert (ours[name].double() - plain).abs().max() > FAR  # the drops changed it
         checked += 1
     assert checked == len(ours)
+    record = json.loads((tmp_path / "o" / "merge.json").read_text())
+    assert record["method"] == p.get("method", raw["merge_method"])
+    assert record["mergekit_method"] == (raw["merge_method"] if "method" in p else None)
 
 
 def test_della_keep_rate_agrees_with_mergekits_formula():
@@ -312,11 +327,20 @@ API_CASES = {
     "della_linear": (3, dict(density=0.5, epsilon=[0.1, 0.3, 0.0], scale=1.5, rescale=False),
                      lambda b, xs, o: _ref_della(b, xs, (1.0,) * 3, (0.5,) * 3, (0.1, 0.3, 0.0), 1.5, 0, o, False,
                                                  rescale=False)),
+    # epsilon 0 (mergekit's dare): no ranks, so any tensor, 3-d included, in chunks that split rows
+    "della_flat": (3, dict(density=[0.5, 0.7, 0.3], epsilon=0.0, weights=[1.0, 0.5, 2.0], normalize=False, seed=3),
+                   lambda b, xs, o: _ref_della(b, xs, (1.0, 0.5, 2.0), (0.5, 0.7, 0.3), (0.0,) * 3, 1.0, 3, o, True,
+                                               normalize=False)),
     "sce": (4, dict(select_topk=0.3), lambda b, xs, o: _ref_sce(b, xs, 0.3)),
     "sce_all": (3, dict(), lambda b, xs, o: _ref_sce(b, xs, 1.0)),
     "nearswap": (1, dict(t=0.2), lambda b, xs, o: _ref_nearswap(b, xs[0], 0.2)),
 }
 DELLA_SHAPES = {k: s for k, s in SHAPES.items() if len(s) <= 2}  # della ranks rows of matrices and vectors
+
+
+def _method_and_shapes(case):
+    method = case.removesuffix("_all").removesuffix("_fused").removesuffix("_flat")
+    return method, DELLA_SHAPES if case in ("della", "della_linear") else SHAPES
 
 
 @pytest.mark.parametrize("case", list(API_CASES))
@@ -325,11 +349,11 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
     """chunk 5: boundaries inside every tensor and inside every row (13, 7 and 6 elements; della still reads
     whole rows); 16: spans of several rows per tensor; 1 << 20: one chunk per tensor."""
     n, kwargs, reference = API_CASES[case]
-    layout, pop, base = _population(n, shapes=DELLA_SHAPES if case.startswith("della") else SHAPES)
+    method, shapes = _method_and_shapes(case)
+    layout, pop, base = _population(n, shapes=shapes)
     kwargs = dict(kwargs)
     weights, seed = kwargs.pop("weights", None), kwargs.pop("seed", 0)
-    out = Merger(case.removesuffix("_all").removesuffix("_fused"), base, weights=weights, seed=seed, **kwargs)(
-        pop, Arena.empty(layout), chunk=chunk)
+    out = Merger(method, base, weights=weights, seed=seed, **kwargs)(pop, Arena.empty(layout), chunk=chunk)
     for e in layout.entries:
         xs = [a.view(e) for a in pop.arenas]
         want = reference(base.view(e), xs, layout.groups[e.group][0] + e.offset)
@@ -346,7 +370,7 @@ def test_fused_passes_give_the_same_bits_on_every_backend(case, dtype):
     """Breadcrumbs' band, della's drops, sce's selection and nearswap run in the fused operator: each CPU
     backend (and the reference contract) writes the same bits, with chunk boundaries inside the tensors."""
     n, kwargs, _ = API_CASES[case]
-    shapes = DELLA_SHAPES if case.startswith("della") else SHAPES
+    method, shapes = _method_and_shapes(case)
     layout32, pop32, base32 = _population(n, seed=2, shapes=shapes)
     layout = Layout.from_params(((k,), dtype, s) for k, s in shapes.items())
     pop, base = MemoryPopulation(layout, n, "cpu"), Arena.empty(layout)
@@ -356,8 +380,8 @@ def test_fused_passes_give_the_same_bits_on_every_backend(case, dtype):
             a.view(e).copy_(a32.view(e32))
     kwargs = dict(kwargs)
     weights, seed = kwargs.pop("weights", None), kwargs.pop("seed", 0)
-    outs = {backend: Merger(case.removesuffix("_all").removesuffix("_fused"), base, weights=weights, seed=seed,
-                            backend=backend, **kwargs)(pop, Arena.empty(layout), chunk=7)
+    outs = {backend: Merger(method, base, weights=weights, seed=seed, backend=backend, **kwargs)(
+                pop, Arena.empty(layout), chunk=7)
             for backend in ["reference", *available_backends("cpu")]}
     assert len(outs) >= 2
     for backend, out in outs.items():

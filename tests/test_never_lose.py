@@ -466,8 +466,8 @@ def test_csv_with_a_byte_order_mark(pop, tmp_path):
     ({"merge_method": "ties", "models": [{"model": "{m1}", "weight": 2}, "{m2}"]}, "models entry 1: unknown key(s) weight"),
     ({"merge_method": "ties", "models": [{"model": "{m1}", "parameters": {"scale": 2}}, "{m2}"]}, "scale is a global parameter"),
     ({"merge_method": "slerpy", "models": ["{m1}", "{m2}"]}, "unknown merge method 'slerpy'"),
-    ({"merge_method": "dare_ties", "models": [{"model": "{m1}", "parameters": {"density": 0.5}}, "{m2}"]},
-     "density with dare_ties is mergekit's kept fraction, which is not read with that meaning yet"),
+    ({"merge_method": "dare_ties", "models": [{"model": "{m1}", "parameters": {"density": 0.5}}, "{m2}"],
+      "parameters": {"epsilon": 0.1}}, "epsilon does not apply to mergekit's dare_ties (della's parameter)"),
 ])
 def test_merge_yaml_is_never_silently_dropped(pop, tmp_path, capsys, config, message):
     import yaml

@@ -214,13 +214,19 @@ def all_params() -> dict[str, Param]:
     return found
 
 
+def _default_text(p: Param) -> str:
+    if p.default is None:  # each method has its own (the help says which)
+        return "the method's"
+    return str(p.default).lower() if p.type is boolean else str(p.default)
+
+
 def markdown_table() -> str:
     """The README's method table, generated from the records."""
     rows = ["| method | what it computes | base model | statistics on dev data | parameters (default, range) | "
             "`evolve --merge-method` |",
             "| --- | --- | --- | --- | --- | --- |"]
     for m in METHODS.values():
-        params = "; ".join(f"`{p.name}` ({str(p.default).lower() if p.type is boolean else p.default}, {p.range_text()}{', per model' if p.per_model else ''})"
+        params = "; ".join(f"`{p.name}` ({_default_text(p)}, {p.range_text()}{', per model' if p.per_model else ''})"
                            for p in m.params) or "none"
         name = f"`{m.name}`" + (f" (alias {', '.join(f'`{a}`' for a in m.aliases)})" if m.aliases else "")
         base = "yes" if m.needs_base else "optional" if m.optional_base else "no"

@@ -16,7 +16,11 @@ per-model weights (1 each by default), everything per tensor:
                      rescale_norm l1: sum|tau_k| / sum|kept tau_k|, unless either is below 1e-7). Then TIES'
                      election and out = base + scale * sum_agreeing w_k tau'_k / sum_agreeing w_k (0 where none
                      agrees; mergekit's normalize: true)
-  della_linear       the same drops, out = base + scale * sum_k w_k tau'_k (normalize: false)
+  della_linear       the same drops, out = base + scale * sum_k w_k tau'_k (normalize: false; true divides
+                     by sum_k w_k)
+  epsilon 0          every element kept with probability density, no ranks (any tensor shape, spans of any
+                     length): mergekit's dare_linear / dare_ties (bernoulli, L1 rescale) are della_linear /
+                     della with epsilon 0 and normalize false, which is how merge.py reads their YAML
   sce                with select_topk < 1: the elements where the tau_k vary most across models are kept in
                      every tau_k, zeroed elsewhere: var = the population variance over the models (in fp32: the
                      mean first, then the mean of the squared deviations, reference.variance_reference), the
@@ -56,13 +60,15 @@ Where ours differs from mergekit, on purpose:
   pass in fp32 in slot order with one rounding to the arena's dtype (mergekit computes in the inputs' dtype and
   sums in fp32). On float32 inputs the results agree to fp32 rounding (tests/test_mergekit_sparsify.py).
 - Parameters: mergekit's names (density, gamma, epsilon, lambda = our scale, rescale, select_topk, per-model
-  weight). `density`, `gamma` and `epsilon` may be given per model, as in mergekit. mergekit's `normalize` is
-  not a parameter here: each method merges with mergekit's default (della: true, the others: false); della's
-  `rescale` may be turned off; breadcrumbs has no `rescale` (mergekit's default false only). sce takes no
+  weight). `density`, `gamma` and `epsilon` may be given per model, as in mergekit. della and della_linear
+  take mergekit's `normalize` (default true for della, false for della_linear); breadcrumbs and sce merge with
+  mergekit's default (false); della's `rescale` may be turned off; breadcrumbs has no `rescale` (mergekit's default false only). sce takes no
   weights (mergekit's sce ignores them; we refuse them).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -82,6 +88,9 @@ EPSILON = Param("epsilon", float, 0.15, "della: keep probabilities run from dens
                 high=1.0, high_open=True, per_model=True)
 RESCALE = Param("rescale", boolean, True, "della: scale each sparsified task vector back to its L1 norm, per "
                 "tensor (mergekit's rescale)")
+NORMALIZE = Param("normalize", boolean, None, "della, della_linear: divide the sum of the weighted task vectors "
+                  "by the weights summed (della: of the agreeing models; mergekit's normalize; default: true for "
+                  "della, false for della_linear)")
 SELECT_TOPK = Param("select_topk", float, 1.0, "sce: fraction of each tensor's elements kept, those where the "
                     "task vectors vary most across models (of the non-zero variances)", low=0.0, high=1.0)
 
@@ -189,8 +198,11 @@ def _fused(pop: Population, base: Base, out: Arena, e: Entry, w: list[float], tr
 
 # -- della -----------------------------------------------------------------------------------------------------
 
-def della_rows(e: Entry) -> tuple[int, int]:
-    """(rows, row length) della ranks entry `e` in: a matrix's rows, a vector (or scalar) as one row."""
+def della_rows(e: Entry, ranked: bool = True) -> tuple[int, int]:
+    """(rows, row length) della ranks entry `e` in: a matrix's rows, a vector (or scalar) as one row. Unranked
+    (every epsilon 0: every element's keep probability is its density) any tensor is rows of one element."""
+    if not ranked:
+        return e.numel, 1
     if len(e.shape) > 2:
         raise ValueError(f"della ranks magnitudes along dimension 1 of a tensor (mergekit's della_magprune); "
                          f"{e.name} has {len(e.shape)} dimensions, which is not supported")
@@ -202,6 +214,9 @@ def della_thresholds(tau: torch.Tensor, density: float, epsilon: float) -> torch
     its row (ties by index), keep probability p = density - epsilon + 2 epsilon r / (C - 1) (density where
     C == 1), in fp64; the threshold floor((1 - p) 2**32), against which the element's Philox word is compared."""
     rows, cols = tau.shape
+    if epsilon == 0:  # no rank matters: p = density everywhere, as the formula gives it (mergekit's dare)
+        threshold = math.floor((1 - density) * TWO_32)
+        return torch.full((rows, cols), threshold, dtype=torch.int64, device=tau.device)
     order = torch.argsort(tau.abs(), dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(cols, device=tau.device).expand(rows, cols))
@@ -233,9 +248,10 @@ def _check_della(densities: list[float], epsilons: list[float]) -> None:
 def della(pop: Population, base: Base, out: Arena, density: float | list[float] = 1.0,
           epsilon: float | list[float] = 0.15, scale: float = 1.0, weights: list[float] | None = None,
           ties: bool = True, rescale: bool = True, seed: int = 0, chunk: int = 1 << 22,
-          backend: str | None = None) -> Arena:
+          backend: str | None = None, normalize: bool | None = None) -> Arena:
     """DELLA (ties=True: sign election and the mean of the agreeing; False: della_linear, the weighted sum),
-    tensor by tensor on spans of whole rows."""
+    tensor by tensor on spans of whole rows. `normalize` (None: ties) divides by the agreeing weights (ties) or
+    by all of them (linear)."""
     base = check_base(pop, base, "della")
     n = pop.size
     densities = _densities(density, n)
@@ -243,16 +259,18 @@ def della(pop: Population, base: Base, out: Arena, density: float | list[float] 
     _check_della(densities, epsilons)
     w = check_weights(weights, n)
     sparse = [k for k in range(n) if densities[k] < 1]
+    ranked = any(epsilons[k] > 0 for k in sparse)
+    normalize = ties if normalize is None else normalize
 
     def thresholds(e: Entry, k: int, tau: torch.Tensor) -> torch.Tensor:
         """Model k's della_thresholds of tau (whole rows of entry e), flat."""
-        return della_thresholds(tau.view(-1, della_rows(e)[1]), densities[k], epsilons[k]).view(-1)
+        return della_thresholds(tau.view(-1, della_rows(e, ranked)[1]), densities[k], epsilons[k]).view(-1)
 
     for e in pop.layout.entries:
         if e.numel == 0:
             continue
         dst = out.view(e).view(-1)
-        rows, cols = della_rows(e)
+        rows, cols = della_rows(e, ranked)
         per = max(1, chunk // cols)
         spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
         start = pop.layout.groups[e.group][0] + e.offset
@@ -278,7 +296,7 @@ def della(pop: Population, base: Base, out: Arena, density: float | list[float] 
             base_f = base_c.float()
             drops = [thresholds(e, k, xs[k].float() - base_f) if k in sparse else None for k in range(n)]
             merge_tensors(xs, base=base_c, weights=w, drop_thresholds=drops, drop_rescales=factors, elect=ties,
-                          normalize=ties, scale=scale, seed=seed, stream=STREAM_DARE, offset=start + lo,
+                          normalize=normalize, scale=scale, seed=seed, stream=STREAM_DARE, offset=start + lo,
                           out=dst[lo:hi], backend=backend)
     return out
 
@@ -354,7 +372,7 @@ def _della(ties: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
         s = ctx.settings
         return della(pop, ctx.base, out, s["density"], s["epsilon"], s["scale"], ctx.weights, ties, s["rescale"],
-                     ctx.seed, ctx.chunk, ctx.backend)
+                     ctx.seed, ctx.chunk, ctx.backend, s["normalize"])
     return merge
 
 
@@ -373,12 +391,12 @@ register(MergeMethod(
     summary="breadcrumbs' magnitude band, then TIES' sign election: the sum of the agreeing",
 ))
 register(MergeMethod(
-    name="della", params=(SCALE, DENSITY, EPSILON, RESCALE), needs_base=True, merge=_della(True),
+    name="della", params=(SCALE, DENSITY, EPSILON, RESCALE, NORMALIZE), needs_base=True, merge=_della(True),
     summary="DELLA: task-vector elements dropped with probabilities by magnitude rank in their row (mean "
             "`density`), L1-rescaled, TIES' election, mean of the agreeing",
 ))
 register(MergeMethod(
-    name="della_linear", params=(SCALE, DENSITY, EPSILON, RESCALE), needs_base=True, merge=_della(False),
+    name="della_linear", params=(SCALE, DENSITY, EPSILON, RESCALE, NORMALIZE), needs_base=True, merge=_della(False),
     summary="DELLA's drops, then task arithmetic (the weighted sum)",
 ))
 register(MergeMethod(
