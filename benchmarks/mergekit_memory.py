@@ -44,7 +44,14 @@ CASES: dict[str, tuple[dict, dict, int | None, bool]] = {
     "ram": ({}, {}, None, True),
     "ramplus_tl": ({}, {}, None, True),
     "arcee_fusion": ({}, {}, 1, True),
+    # mergekit's dare: `density` kept, L1 rescale (ours: della / della_linear with epsilon 0, Philox drops)
+    "dare_linear": ({"density": 0.5}, {"weight": 1.0}, None, True),
+    "dare_ties": ({"density": 0.5}, {"weight": 1.0}, None, True),
+    "della": ({"density": 0.5, "epsilon": 0.1}, {"weight": 1.0}, None, True),
+    "della_linear": ({"density": 0.5, "epsilon": 0.1}, {"weight": 1.0}, None, True),
+    "passthrough": ({}, {}, 2, False),  # layer stacking: the first 2/3 of model 0's layers, the last 2/3 of model 1's
 }
+RANDOM = ("dare_linear", "dare_ties", "della", "della_linear")  # drops differ by design (Philox vs torch.bernoulli)
 
 
 def build_models(size: str, n: int, root: str) -> list[str]:
@@ -75,6 +82,13 @@ def write_yaml(method: str, dirs: list[str], path: str) -> None:
     models = dirs[:-1] if count is None else dirs[:count]
     config = {"merge_method": method, "dtype": "bfloat16",
               "models": [{"model": m, **({"parameters": per_model} if per_model else {})} for m in models]}
+    if method == "passthrough":
+        with open(os.path.join(models[0], "config.json")) as f:
+            layers = json.load(f)["num_hidden_layers"]
+        cut = layers * 2 // 3
+        del config["models"]
+        config["slices"] = [{"sources": [{"model": models[0], "layer_range": [0, cut]}]},
+                            {"sources": [{"model": models[1], "layer_range": [layers - cut, layers]}]}]
     if with_base:
         config["base_model"] = dirs[-1]
     if params:
@@ -128,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="125m", choices=list(SIZES))
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--tools", nargs="+", default=["ours", "mergekit"], choices=["ours", "mergekit"])
     parser.add_argument("--root", default=None, help="models and outputs (default: a directory under /tmp)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
@@ -146,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         config = os.path.join(root, f"{method}.yml")
         write_yaml(method, dirs, config)
         row = {}
-        for tool in ("ours", "mergekit"):
+        for tool in args.tools:
             out = os.path.join(root, f"out-{tool}-{method}")
             shutil.rmtree(out, ignore_errors=True)
             proc = subprocess.run([sys.executable, __file__, "--child", tool, config, out], capture_output=True,
@@ -158,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                     raise ValueError
             except (IndexError, ValueError):
                 row[tool] = {"error": (proc.stderr or proc.stdout)[-300:]}
-        if all("error" not in row[t] for t in row):
+        if len(row) == 2 and all("error" not in row[t] for t in row):
             row["max_abs_difference"] = max_difference(os.path.join(root, f"out-ours-{method}"),
                                                        os.path.join(root, f"out-mergekit-{method}"))
 
@@ -167,8 +182,11 @@ def main(argv: list[str] | None = None) -> None:
                 return "failed: " + " ".join(r["error"].split())[-80:]
             return f"{r['peak_bytes'] / 2**30:.3f} ({r['peak_bytes'] / copy_bytes:.2f}), {r['seconds']:.1f}"
 
-        print(f"| {method} | {cell(row['ours'])} | {cell(row['mergekit'])} | {row.get('max_abs_difference', '-')} |",
-              flush=True)
+        diff = row.get("max_abs_difference", "-")
+        if method in RANDOM and diff != "-":
+            diff = f"{diff} (random drops)"
+        print(f"| {method} | {cell(row['ours']) if 'ours' in row else '-'} | "
+              f"{cell(row['mergekit']) if 'mergekit' in row else '-'} | {diff} |", flush=True)
         results[method] = row
     if args.json:
         with open(args.json, "w") as f:

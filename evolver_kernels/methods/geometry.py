@@ -119,10 +119,10 @@ def read_span(pop: Population, base: Base | None, e: Entry, span: Span, device: 
 def gram(pop: Population, base: Base | None, e: Entry, along: int | None, chunk: int,
          device: torch.device) -> torch.Tensor:
     """G[f, i, j] = <v_i, v_j> over vector f of entry `e`, shape [vectors, N, N], float64. Products are formed
-    in fp32 (as mergekit forms them from fp32 inputs), summed in fp64."""
+    in fp32 (as mergekit forms them from fp32 inputs), summed in fp64, on spans of chunk / N elements."""
     n = pop.size
     g = torch.zeros(n, n, vector_count(e, along), dtype=torch.float64, device=device)
-    for span in spans(e, along, chunk):
+    for span in spans(e, along, max(1, chunk // n)):  # N fp32 vectors per span: chunk / N elements
         xs, b = read_span(pop, base, e, span, device)
         vs = [x.float() - b.float() if b is not None else x.float() for x in xs]
         for i in range(n):

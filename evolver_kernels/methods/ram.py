@@ -16,7 +16,7 @@
 Streaming, per tensor, chunk by chunk; never a stack of the N models and never a mask tensor of a tensor or of
 the model (mergekit stacks the N task vectors of a tensor and builds [N, numel] masks): each chunk of every model
 and of the base is read, tau_k, nz_k and c formed for that chunk only, in fp32, on the device that holds the
-output. ram is one element-wise pass. ramplus_tl first counts S_k and U_k over the whole tensor in a pass over
+output (chunks of chunk / N elements, so the N task vectors of a chunk hold about one chunk's worth). ram is one element-wise pass. ramplus_tl first counts S_k and U_k over the whole tensor in a pass over
 its chunks (exact int64 counts), then runs the element-wise pass. Not a fused kernel (the fused operator
 merge_tensors takes per-model scalar weights, and these are per element): plain fp32 torch on the chunk, the
 sum over the models in slot order, one rounding to the arena's dtype.
@@ -94,6 +94,7 @@ def ram(pop: Population, base: Base, out: Arena, epsilon: float = 1e-5, plus: bo
     if not epsilon >= 0:
         raise ValueError(f"{name}: epsilon must be >= 0, got {epsilon}")
     n = pop.size
+    work = max(1, chunk // n)  # each chunk holds N fp32 task vectors and their masks: chunk / N elements
     for e in pop.layout.entries:
         if e.numel == 0:
             continue
@@ -102,14 +103,14 @@ def ram(pop: Population, base: Base, out: Arena, epsilon: float = 1e-5, plus: bo
         if plus:
             shared = torch.zeros(n, dtype=torch.int64, device=dst.device)
             unique = torch.zeros(n, dtype=torch.int64, device=dst.device)
-            for lo, hi in iter_chunks(e.numel, chunk):
+            for lo, hi in iter_chunks(e.numel, work):
                 nz, count = _changed(_task_vectors(pop, base, e, lo, hi, dst.device)[1], epsilon)
                 one, many = count == 1, count > 1
                 for k, m in enumerate(nz):
                     shared[k] += (m & many).sum()
                     unique[k] += (m & one).sum()
             lambdas = ramplus_lambdas(shared.cpu(), unique.cpu(), r, alpha, epsilon)
-        for lo, hi in iter_chunks(e.numel, chunk):
+        for lo, hi in iter_chunks(e.numel, work):
             base_f, taus = _task_vectors(pop, base, e, lo, hi, dst.device)
             nz, count = _changed(taus, epsilon)
             one = count == 1

@@ -34,12 +34,14 @@ chunk by chunk; never a stack of the N models, never a mask of a tensor or of th
 - breadcrumbs: both magnitude thresholds of each tau_k found exactly by the radix histogram of TIES
   (task_vectors.kth_largest_magnitudes: the two k's in the same two passes); kept is lo <= |tau| < hi.
 - della: pass 1 (with rescale) sums |tau_k| and |kept tau_k| per tensor; pass 2 merges. Both work on spans of
-  whole rows (a row longer than the chunk is still read whole: della's memory is O(N max(chunk, row))): each
+  whole rows of about chunk / N elements (a longer row is still read whole: della's memory is
+  O(max(chunk, N row))): each
   sorts the span's rows by magnitude (torch.argsort) into per-element drop thresholds (int64, one span per
   sparse model at a time in pass 1, all of them in pass 2), which the fused operator compares with the Philox
   words it draws; pass 2 recomputes the thresholds rather than storing them.
 - sce: the variance threshold in the histogram's two passes (non-zero variances counted in the first), one pass
-  for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read.
+  for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read (the
+  reduction passes, which hold N fp32 task vectors, on chunks of chunk / N elements).
 The element-wise passes are the fused merge operator (merge_tensors, every backend, the same bits):
 breadcrumbs as the band trim_k <= |tau_k| < top_k with or without TIES' election; della as per-element drop
 thresholds (`drop_thresholds`, from the rank sort above) with each model's L1 factor (`drop_rescales`); sce as
@@ -271,7 +273,7 @@ def della(pop: Population, base: Base, out: Arena, density: float | list[float] 
             continue
         dst = out.view(e).view(-1)
         rows, cols = della_rows(e, ranked)
-        per = max(1, chunk // cols)
+        per = max(1, chunk // (n * cols))  # N int64 thresholds per element: spans of chunk / N hold one chunk's worth
         spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
         start = pop.layout.groups[e.group][0] + e.offset
         factors = [1.0] * n
@@ -311,6 +313,7 @@ def sce(pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk
     if not 0.0 <= select_topk <= 1.0:
         raise ValueError(f"select_topk must be in [0, 1], got {select_topk}")
     n = pop.size
+    work = max(1, chunk // n)  # the reduction passes form N fp32 task vectors: chunks of chunk / N elements
 
     def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device) -> list[torch.Tensor]:
         """The task vectors on elements [lo, hi) of entry e, zeroed outside the selection."""
@@ -333,10 +336,10 @@ def sce(pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk
             found = kth_largest_magnitudes(
                 lambda a, b, e=e, device=dst.device: variance_reference(
                     _task_vectors(pop, base, e, a - e.offset, b - e.offset, device)),
-                e.offset, e.offset + e.numel, ks, chunk)
+                e.offset, e.offset + e.numel, ks, work)
             threshold = found[0] if found else INF
         squares = torch.zeros(n, dtype=torch.float64, device=dst.device)
-        for lo, hi in iter_chunks(e.numel, chunk):
+        for lo, hi in iter_chunks(e.numel, work):
             for k, tau in enumerate(selected(e, lo, hi, threshold, dst.device)):
                 squares[k] += (tau * tau).sum(dtype=torch.float64)
         means = squares / e.numel
