@@ -60,7 +60,7 @@ from .methods.settings import check_setting, resolve
 from .offspring import WeightPipeline
 from .population import MappedModels, MemoryPopulation, SharedMemoryPopulation, make_population
 from .report import write_json
-from .rundir import OutputDir, Scratch, format_bytes
+from .rundir import OutputDir, Scratch, disk_problem, format_bytes
 
 POPULATION_ON = ("mapped", "cpu", "disk")  # where the merge CLI's models are read from (see the docstring)
 YAML_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -69,10 +69,9 @@ RUN_PARAMETERS = {"seed": int, "task": str}  # `parameters:` keys that are optio
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT = methods.Param("weight", float, 1.0, "", low=0.0, per_model=True)
 # mergekit parameters that never change a value (int8_mask: the dtype of its masks) or whose only value read is
-# the one our method has (normalize: ties divides by the agreeing weights, task arithmetic does not)
+# the one our method has (normalize: linear divides by the weights; the task-vector methods take it as a parameter)
 MERGEKIT_ONLY = {"int8_mask": None,
-                 "normalize": {"ties": True, "dare_ties": True, "task_arithmetic": False, "dare_linear": False,
-                               "average": True, "breadcrumbs": False, "breadcrumbs_ties": False},
+                 "normalize": {"average": True},
                  "rescale": {"breadcrumbs": False, "breadcrumbs_ties": False}}
 # mergekit keys not read, with what to do instead
 REFUSED_KEYS = {
@@ -641,6 +640,14 @@ def _load_restacked(spec: MergeSpec, slices: list[Slice], layout: Layout, routes
     return pop, base
 
 
+def _relaid_copies(spec: MergeSpec, identity: bool, slices: list[Slice]) -> int:
+    """How many model copies a merge writes into its scratch directory besides the merged tensors."""
+    copies = len(slices[0].sources) + (slices[0].base is not None)
+    if spec.population_on == "disk":
+        return copies
+    return 0 if identity or spec.population_on == "cpu" else copies
+
+
 def _scratch_arena(spec: MergeSpec, layout: Layout, scratch: Scratch, name: str) -> Arena:
     """A zero-filled arena for the merge's own working copies: in host memory with --population-on cpu, else
     files in the scratch directory mapped MAP_SHARED (the kernel may write them back and evict them)."""
@@ -769,6 +776,10 @@ def run(spec: MergeSpec, log=print) -> str:
             f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
             f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
         # the merge's working files (the output before it is written, models re-laid out): removed at the end
+        problem = disk_problem([("the merged tensors", spec.out, layout.nbytes),
+                                ("the models re-laid out", spec.out, _relaid_copies(spec, identity, slices) * layout.nbytes)])
+        if problem:
+            raise MergeConfigError(f"--out {spec.out}: {problem} (the merge's scratch files, before its output)")
         scratch = Scratch(spec.out, "--out")
         base = None
         if identity:

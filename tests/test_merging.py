@@ -48,9 +48,10 @@ def _dare_ref(tau, k, e, layout, p, seed):
     return torch.where(drop, 0.0, tau) / (1 - p)
 
 
-def _ties_ref(taus, density, weights):
+def _ties_ref(taus, density, weights, normalize=True):
     """mergekit: magnitude prune (top k = max(1, int(density * numel))), majority sign of the weighted sum
-    (+ where it is >= 0), mean of the agreeing weighted values divided by the agreeing weights."""
+    (+ where it is >= 0), mean of the agreeing weighted values divided by the agreeing weights (normalize
+    false: their sum)."""
     pruned = []
     for t in taus:
         k = max(1, int(density * t.numel()))
@@ -62,6 +63,8 @@ def _ties_ref(taus, density, weights):
     sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
     agree = stacked.sign() == sign
     divisor = (w * agree).sum(0)
+    if not normalize:
+        return (stacked * agree).sum(0)
     return (stacked * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
 
 
@@ -98,6 +101,28 @@ def test_ties_matches_mergekit_semantics(density, drop_p):
         if drop_p:
             taus = [_dare_ref(t, k, e, layout, drop_p, 2) for k, t in enumerate(taus)]
         torch.testing.assert_close(out.view(e), b + 0.9 * _ties_ref(taus, density, weights), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_mergekits_normalize_against_its_default(method):
+    """mergekit's normalize, the other way round from each method's default: task arithmetic divided by the
+    weights summed, TIES the sum of the agreeing (mergekit's bio-merge example)."""
+    layout, pop, base = _setup()
+    weights = [1.0, 0.5, 1.0, 2.0]
+    normalize = method == "task_arithmetic"
+    settings = {"scale": 0.9, "normalize": normalize} | ({"density": 0.4} if method == "ties" else {})
+    out = merging.Merger(method, base, weights=weights, **settings)(pop, Arena.empty(layout), chunk=64)
+    settings.pop("normalize")
+    default = merging.Merger(method, base, weights=weights, **settings)(pop, Arena.empty(layout), chunk=64)
+    for e in layout.entries:
+        b = base.view(e).float()
+        taus = [pop.arenas[k].view(e).float() - b for k in range(4)]
+        if method == "ties":
+            want = b + 0.9 * _ties_ref(taus, 0.4, weights, normalize=False)
+        else:
+            want = b + 0.9 * sum(w * t for w, t in zip(weights, taus)) / sum(weights)
+        torch.testing.assert_close(out.view(e), want, rtol=1e-5, atol=1e-6)
+        assert (default.view(e) - out.view(e)).abs().max() > 1e-3  # not vacuous: the flag changed the merge
 
 
 SETTINGS = {"scale": 0.8, "density": 0.3, "drop_p": 0.2}

@@ -402,6 +402,18 @@ def test_plan_counts_the_checkpoint_and_output_on_disk(pop, tmp_path, capsys, mo
     assert "1000 B free" in line
 
 
+def test_merge_checks_the_space_of_its_scratch_files_first(pop, tmp_path, capsys, monkeypatch):
+    """The merged tensors live in a scratch file under --out until they are written out: a filesystem without
+    room for them is refused before any work, --out left as it was (nothing but what the claim removes)."""
+    _, models, _ = pop
+    real = shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    line = _one_line_error(capsys, merge_cli.main(["--models", *models[:2], "--out", str(tmp_path / "o")]),
+                           "the merged tensors under")
+    assert "1000 B free" in line and "scratch files" in line
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
 def test_truncated_safetensors_names_the_file(pop, tmp_path, capsys):
     _, models, dev = pop
     bad = tmp_path / "trunc"

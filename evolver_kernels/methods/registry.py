@@ -164,7 +164,7 @@ class MergeMethod:
     def phrase(self, settings: dict[str, Any]) -> str:
         if self.describe is not None:
             return self.describe(settings)
-        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
+        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items() if v is not None)
         return f"{self.name} ({shown})" if shown else self.name
 
 

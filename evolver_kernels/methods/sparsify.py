@@ -62,9 +62,9 @@ Where ours differs from mergekit, on purpose:
   pass in fp32 in slot order with one rounding to the arena's dtype (mergekit computes in the inputs' dtype and
   sums in fp32). On float32 inputs the results agree to fp32 rounding (tests/test_mergekit_sparsify.py).
 - Parameters: mergekit's names (density, gamma, epsilon, lambda = our scale, rescale, select_topk, per-model
-  weight). `density`, `gamma` and `epsilon` may be given per model, as in mergekit. della and della_linear
-  take mergekit's `normalize` (default true for della, false for della_linear); breadcrumbs and sce merge with
-  mergekit's default (false); della's `rescale` may be turned off; breadcrumbs has no `rescale` (mergekit's default false only). sce takes no
+  weight). `density`, `gamma` and `epsilon` may be given per model, as in mergekit. breadcrumbs and della
+  take mergekit's `normalize` (default true for della, false for the others); sce merges with mergekit's
+  default (false); della's `rescale` may be turned off; breadcrumbs has no `rescale` (mergekit's default false only). sce takes no
   weights (mergekit's sce ignores them; we refuse them).
 """
 
@@ -81,7 +81,7 @@ from ..reference import variance_reference
 from ..rng import STREAM_DARE, random_words
 from .registry import MergeContext, MergeMethod, Param, boolean, register
 from .streaming import Base, base_chunk, check_base, check_weights
-from .task_vectors import DENSITY, SCALE, _check_density, kth_largest_magnitudes
+from .task_vectors import DENSITY, NORMALIZE, SCALE, _check_density, kth_largest_magnitudes
 
 GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of each task vector's largest magnitudes dropped, per "
               "tensor (the outliers), before `density` is kept below them", low=0.0, high=1.0, per_model=True)
@@ -90,9 +90,6 @@ EPSILON = Param("epsilon", float, 0.15, "della: keep probabilities run from dens
                 high=1.0, high_open=True, per_model=True)
 RESCALE = Param("rescale", boolean, True, "della: scale each sparsified task vector back to its L1 norm, per "
                 "tensor (mergekit's rescale)")
-NORMALIZE = Param("normalize", boolean, None, "della, della_linear: divide the sum of the weighted task vectors "
-                  "by the weights summed (della: of the agreeing models; mergekit's normalize; default: true for "
-                  "della, false for della_linear)")
 SELECT_TOPK = Param("select_topk", float, 1.0, "sce: fraction of each tensor's elements kept, those where the "
                     "task vectors vary most across models (of the non-zero variances)", low=0.0, high=1.0)
 
@@ -147,9 +144,11 @@ def breadcrumbs_band(numel: int, density: float, gamma: float) -> tuple[int, int
 
 def breadcrumbs(pop: Population, base: Base, out: Arena, density: float | list[float] = 1.0,
                 gamma: float | list[float] = 0.01, scale: float = 1.0, weights: list[float] | None = None,
-                ties: bool = False, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
+                ties: bool = False, chunk: int = 1 << 22, backend: str | None = None, normalize: bool = False
+                ) -> Arena:
     """Model Breadcrumbs (ties=True: with TIES' sign election), tensor by tensor: each task vector's magnitude
-    band (drop the `gamma` largest, keep `density` below them), then one element-wise pass."""
+    band (drop the `gamma` largest, keep `density` below them), then one element-wise pass (normalize: divided
+    by the weights summed, of the agreeing models with ties)."""
     base = check_base(pop, base, "breadcrumbs")
     n = pop.size
     densities = _densities(density, n)
@@ -180,21 +179,22 @@ def breadcrumbs(pop: Population, base: Base, out: Arena, density: float | list[f
         band = any(b is not None for b in bounds)
         upper = any(b is not None and b[1] < INF for b in bounds)
         _fused(pop, base, out, e, w, [0.0 if b is None else b[0] for b in bounds] if band else None,
-               [INF if b is None else b[1] for b in bounds] if upper else None, ties, scale, chunk, backend)
+               [INF if b is None else b[1] for b in bounds] if upper else None, ties, scale, chunk, backend, normalize)
     return out
 
 
 def _fused(pop: Population, base: Base, out: Arena, e: Entry, w: list[float], trim: list[float] | None,
-           top: list[float] | None, elect: bool, scale: float, chunk: int, backend: str | None) -> None:
+           top: list[float] | None, elect: bool, scale: float, chunk: int, backend: str | None,
+           normalize: bool) -> None:
     """Breadcrumbs' element-wise pass of entry `e` through the fused operator: each task vector cut to its band
-    trim_k <= |tau| < top_k, then summed (elect: TIES' sum of the agreeing; normalize false)."""
+    trim_k <= |tau| < top_k, then summed (elect: TIES' sum of the agreeing)."""
     dst = out.view(e).view(-1)
     start = pop.layout.groups[e.group][0]
     for lo, hi in iter_chunks(e.numel, chunk):
         a, b = e.offset + lo, e.offset + hi
         merge_tensors([pop.read(k, e.group, a, b).to(dst.device) for k in range(pop.size)],
                       base=base_chunk(base, e.group, a, b, dst.device), weights=w, trim=trim, top=top, elect=elect,
-                      scale=scale, normalize=False, offset=start + a, out=dst[lo:hi], backend=backend,
+                      scale=scale, normalize=normalize, offset=start + a, out=dst[lo:hi], backend=backend,
                       stream=STREAM_DARE)
 
 
@@ -367,7 +367,7 @@ def _breadcrumbs(ties: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
         s = ctx.settings
         return breadcrumbs(pop, ctx.base, out, s["density"], s["gamma"], s["scale"], ctx.weights, ties, ctx.chunk,
-                           ctx.backend)
+                           ctx.backend, bool(s["normalize"]))
     return merge
 
 
@@ -385,12 +385,12 @@ def _sce(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 
 register(MergeMethod(
-    name="breadcrumbs", params=(SCALE, DENSITY, GAMMA), needs_base=True, merge=_breadcrumbs(False),
+    name="breadcrumbs", params=(SCALE, DENSITY, GAMMA, NORMALIZE), needs_base=True, merge=_breadcrumbs(False),
     summary="task arithmetic on task vectors cut to a magnitude band per tensor: the `gamma` largest dropped, "
             "`density` kept below them",
 ))
 register(MergeMethod(
-    name="breadcrumbs_ties", params=(SCALE, DENSITY, GAMMA), needs_base=True, merge=_breadcrumbs(True),
+    name="breadcrumbs_ties", params=(SCALE, DENSITY, GAMMA, NORMALIZE), needs_base=True, merge=_breadcrumbs(True),
     summary="breadcrumbs' magnitude band, then TIES' sign election: the sum of the agreeing",
 ))
 register(MergeMethod(

@@ -29,13 +29,16 @@ from ..arena import Arena, iter_chunks
 from ..ops import crossover_mask, merge_tensors
 from ..population import Population
 from ..rng import STREAM_DARE
-from .registry import MergeContext, MergeMethod, Param, register
+from .registry import MergeContext, MergeMethod, Param, boolean, register
 from .streaming import Base, base_chunk, check_base, check_weights, merge_linear, read_all
 
 SCALE = Param("scale", float, 1.0, "task-vector scale (lambda)", aliases=("lambda",))
 DENSITY = Param("density", float, 1.0, "fraction of each task vector kept, per tensor: by magnitude (TIES; "
                 "breadcrumbs below the `gamma` largest), or on average with probabilities by magnitude rank (della)",
                 low=0.0, high=1.0, low_open=True, per_model=True)
+NORMALIZE = Param("normalize", boolean, None, "task_arithmetic, ties, dare_*, breadcrumbs*, della*: divide the "
+                  "sum of the weighted task vectors by the weights summed (of the agreeing models where signs are "
+                  "elected); mergekit's normalize; default: true for ties, dare_ties and della, false for the others")
 DROP_P = Param("drop_p", float, 0.5, "DARE: probability that a task-vector element is dropped",
                low=0.0, high=1.0, high_open=True)
 
@@ -58,19 +61,21 @@ def _check_density(density: float | list[float], n: int | None = None) -> float 
 
 
 def task_arithmetic(pop: Population, base: Base, out: Arena, scale: float, weights: list[float] | None = None,
-                    drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
-    """out = base + scale * sum_k w_k tau_k (Ilharco et al., task vectors); drop_p > 0 makes it DARE."""
+                    drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22, backend: str | None = None,
+                    normalize: bool = False) -> Arena:
+    """out = base + scale * sum_k w_k tau_k (Ilharco et al., task vectors; normalize: divided by sum_k w_k);
+    drop_p > 0 makes it DARE."""
     base = check_base(pop, base, "task arithmetic")
     return merge_linear(pop, out, chunk, backend, base=base, weights=check_weights(weights, pop.size),
-                         scale=scale, normalize=False, drop_p=_check_p(drop_p), seed=seed)
+                         scale=scale, normalize=normalize, drop_p=_check_p(drop_p), seed=seed)
 
 
 def ties(pop: Population, base: Base, out: Arena, density: float | list[float], scale: float = 1.0,
          weights: list[float] | None = None, drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22,
-         backend: str | None = None) -> Arena:
-    """TIES-merging (trim, elect sign, disjoint mean), optionally on DARE-dropped task vectors. Tensor by
-    tensor: the trim threshold is each tensor's own (found in two streaming passes), then one fused pass.
-    `density` is one fraction for every model or one per model."""
+         backend: str | None = None, normalize: bool = True) -> Arena:
+    """TIES-merging (trim, elect sign, disjoint mean; normalize false: the sum of the agreeing), optionally on
+    DARE-dropped task vectors. Tensor by tensor: the trim threshold is each tensor's own (found in two streaming
+    passes), then one fused pass. `density` is one fraction for every model or one per model."""
     base = check_base(pop, base, "TIES")
     density = _check_density(density, pop.size)
     densities = density if isinstance(density, list) else [density] * pop.size
@@ -90,7 +95,7 @@ def ties(pop: Population, base: Base, out: Arena, density: float | list[float], 
         for lo, hi in iter_chunks(e.numel, chunk):
             merge_tensors(read_all(pop, e.group, lo_e + lo, lo_e + hi, dst.device),
                           base=base_chunk(base, e.group, lo_e + lo, lo_e + hi, dst.device), weights=w, trim=trims,
-                          scale=scale, normalize=True, drop_p=drop_p, seed=seed, stream=STREAM_DARE,
+                          scale=scale, normalize=normalize, drop_p=drop_p, seed=seed, stream=STREAM_DARE,
                           offset=start + lo_e + lo, out=dst[lo:hi], backend=backend)
     return out
 
@@ -178,29 +183,34 @@ def _count(counts: torch.Tensor, idx: torch.Tensor) -> None:
         counts.index_add_(0, idx, torch.ones((), dtype=counts.dtype, device=counts.device).expand(idx.numel()))
 
 
+def _normalize(ctx: MergeContext, default: bool) -> bool:
+    given = ctx.settings.get("normalize")
+    return default if given is None else bool(given)
+
+
 def _task_arithmetic(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return task_arithmetic(pop, ctx.base, out, ctx.settings["scale"], ctx.weights, ctx.settings.get("drop_p", 0.0),
-                           ctx.seed, ctx.chunk, ctx.backend)
+                           ctx.seed, ctx.chunk, ctx.backend, _normalize(ctx, False))
 
 
 def _ties(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return ties(pop, ctx.base, out, ctx.settings["density"], ctx.settings["scale"], ctx.weights,
-                ctx.settings.get("drop_p", 0.0), ctx.seed, ctx.chunk, ctx.backend)
+                ctx.settings.get("drop_p", 0.0), ctx.seed, ctx.chunk, ctx.backend, _normalize(ctx, True))
 
 
 register(MergeMethod(
-    name="task_arithmetic", params=(SCALE,), needs_base=True, merge=_task_arithmetic,
+    name="task_arithmetic", params=(SCALE, NORMALIZE), needs_base=True, merge=_task_arithmetic,
     summary="base + scale * sum_k w_k (x_k - base) (task vectors)",
 ))
 register(MergeMethod(
-    name="ties", params=(SCALE, DENSITY), needs_base=True, merge=_ties,
+    name="ties", params=(SCALE, DENSITY, NORMALIZE), needs_base=True, merge=_ties,
     summary="TIES: trim each task vector to its top `density` by magnitude, elect signs, mean of the agreeing",
 ))
 register(MergeMethod(
-    name="dare_linear", params=(SCALE, DROP_P), needs_base=True, merge=_task_arithmetic,
+    name="dare_linear", params=(SCALE, DROP_P, NORMALIZE), needs_base=True, merge=_task_arithmetic,
     summary="task arithmetic on DARE-dropped task vectors (drop `drop_p`, rescale 1 / (1 - drop_p))",
 ))
 register(MergeMethod(
-    name="dare_ties", params=(SCALE, DENSITY, DROP_P), needs_base=True, merge=_ties,
+    name="dare_ties", params=(SCALE, DENSITY, DROP_P, NORMALIZE), needs_base=True, merge=_ties,
     summary="TIES on DARE-dropped task vectors",
 ))
