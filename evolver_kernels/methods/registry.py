@@ -43,7 +43,8 @@ _BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": Fal
 @dataclasses.dataclass(frozen=True)
 class Param:
     """A method parameter. `low` / `high` bound it (open bounds when low_open / high_open); per_model: a merge
-    may take one value per model (mergekit's per-model `parameters:`); aliases: other YAML names for it."""
+    may take one value per model (mergekit's per-model `parameters:`); aliases: other YAML names for it. A
+    default of None means each method's own (the help says which), and None then reads as unset."""
 
     name: str
     type: type
@@ -68,6 +69,8 @@ class Param:
     def check(self, value: Any, where: str) -> Any:
         """`value` converted to the parameter's type and checked against its range; `where` names it in errors
         (a flag, a YAML key). A per-model parameter may be a list of values."""
+        if value is None and self.default is None:  # unset: the method's own default (normalize)
+            return None
         if self.per_model and isinstance(value, (list, tuple)):
             if not value:
                 raise UserError(f"{where} is an empty list")
