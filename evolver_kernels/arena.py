@@ -12,8 +12,10 @@ depend on how the work is chunked or which storage tier holds the individual.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import mmap
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -145,6 +147,7 @@ class Arena:
         self.layout = layout
         self.buffers = buffers
         self._segments = segments
+        self.files: dict[str, str] = {}  # group -> the file its buffer maps (Arena.on_files)
 
     @staticmethod
     def empty(layout: Layout, device: torch.device | str = "cpu", pin_memory: bool = False) -> Arena:
@@ -162,15 +165,35 @@ class Arena:
         pressure, so it holds no anonymous memory. With `create` the files are made zero-filled and their space
         allocated now (posix_fallocate: a full disk or tmpfs is an error here, not a SIGBUS later); without it
         they are files another process created (a node's shared population)."""
-        buffers = {}
+        buffers, files = {}, {}
         for g, (_, numel) in layout.groups.items():
-            path = os.path.join(directory, f"{prefix}-{g}.bin")
+            files[g] = path = os.path.join(directory, f"{prefix}-{g}.bin")
             dtype = layout.group_dtype(g)
             if create:
                 with open(path, "wb") as f:
                     os.posix_fallocate(f.fileno(), 0, max(1, numel * dtype.itemsize))
             buffers[g] = torch.from_file(path, shared=True, size=numel, dtype=dtype)
-        return Arena(layout, buffers)
+        arena = Arena(layout, buffers)
+        arena.files = files
+        return arena
+
+    def discard(self, entry: Entry) -> None:
+        """Gives back the disk blocks and page cache of `entry` in an arena on files (Arena.on_files) that nothing
+        reads again: the whole pages of its bytes are punched out of the file (madvise MADV_REMOVE; they read as
+        zeros afterwards), the partial pages at its ends kept for its neighbours. A no-op for an arena in memory
+        or on a filesystem that cannot punch holes (the file then keeps its size until it is removed)."""
+        path = self.files.get(entry.group)
+        if path is None or not hasattr(mmap, "MADV_REMOVE"):
+            return
+        itemsize = self.layout.group_dtype(entry.group).itemsize
+        page = mmap.PAGESIZE
+        lo = -(-entry.offset * itemsize // page) * page
+        hi = (entry.offset + entry.numel) * itemsize // page * page
+        if hi <= lo:
+            return
+        # EOPNOTSUPP and kin: the blocks stay until the scratch directory is removed
+        with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm, contextlib.suppress(OSError):
+            mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
 
     @staticmethod
     def placed(layout: Layout, place: Callable[[Entry], tuple[str, torch.device]]) -> Arena:

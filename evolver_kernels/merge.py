@@ -31,8 +31,9 @@ scratch directory under --out). Slices and a `dtype` other than the models' need
 then writes them into files of that scratch directory and maps them. The merged tensors are computed into a
 file there too, mapped MAP_SHARED (the kernel writes its pages back and evicts them under memory pressure, so a
 merge's anonymous memory is its chunk buffers, whatever the model's size), then written out as safetensors
-shards one tensor at a time; the scratch directory is removed at the end, also on failure. Disk: the output's
-size once more while the merge runs (plus the re-laid-out models and base for slices and dtypes).
+shards one tensor at a time, each tensor's blocks punched out of the scratch file once written (Arena.discard);
+the scratch directory is removed at the end, also on failure. Disk: about the output's size while the merge runs
+and is written out (plus the re-laid-out models and base for slices and dtypes).
 """
 
 from __future__ import annotations
@@ -684,7 +685,8 @@ def _save_layout(arena: Arena, donor: str, out_dir: str, dtype: torch.dtype | No
     for key in sorted([*entries, *buffers]):
         stored_dtype, shape = stored(key)
         specs.append((key, dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype, shape))
-    paths = model_io.write_shards(out_dir, specs, model_io.output_tensors(arena, entries, index, dtype), shard_bytes)
+    paths = model_io.write_shards(out_dir, specs, model_io.output_tensors(arena, entries, index, dtype), shard_bytes,
+                                  written=model_io.discard_written(arena, entries))
     with open(os.path.join(donor, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if dtype is not None:
@@ -809,7 +811,7 @@ def run(spec: MergeSpec, log=print) -> str:
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
         dtype = DTYPES[spec.dtype] if spec.dtype else None
         if identity:
-            written = model_io.save_model(arena, models[0], files[0], spec.out, dtype=dtype)
+            written = model_io.save_model(arena, models[0], files[0], spec.out, dtype=dtype, discard=True)
         else:
             written = _save_layout(arena, donor, spec.out, dtype or layout.group_dtype(layout.entries[0].group),
                                    stacked)

@@ -170,10 +170,12 @@ SAFETENSORS_DTYPES = {
 
 
 def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                      tensor_for: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+                      tensor_for: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
+                      written: Callable[[str], None] | None = None) -> None:
     """Writes a safetensors file whose tensors are `specs` (name, dtype, shape), in that order, asking
     tensor_for(name) for one tensor at a time and writing its bytes as they are: host memory holds one tensor,
-    where safetensors' save_file holds every tensor of the file and a serialised copy of them."""
+    where safetensors' save_file holds every tensor of the file and a serialised copy of them. written(name),
+    when given, is called once a tensor's bytes are written (its source may then be freed)."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in specs:
@@ -190,14 +192,18 @@ def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, 
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: got {t.dtype} {list(t.shape)}, the header says {dtype} {list(shape)}")
             f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del t
+            if written is not None:
+                written(name)
 
 
 def write_shards(out_dir: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 tensor_for: Callable[[str], torch.Tensor], shard_bytes: int = 2 << 30) -> list[str]:
+                 tensor_for: Callable[[str], torch.Tensor], shard_bytes: int = 2 << 30,
+                 written: Callable[[str], None] | None = None) -> list[str]:
     """Writes the tensors `specs` (name, dtype, shape) as model.safetensors, or as shards of at most
     `shard_bytes` (planned from the specs, in their order) with model.safetensors.index.json; each shard through
-    a temporary name (removed on failure) and write_safetensors, one tensor in memory at a time. Returns the
-    paths written."""
+    a temporary name (removed on failure) and write_safetensors (with `written`), one tensor in memory at a
+    time. Returns the paths written."""
     plan: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     size = 0
     for spec in specs:
@@ -213,7 +219,7 @@ def write_shards(out_dir: str, specs: list[tuple[str, torch.dtype, tuple[int, ..
         fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
         tmp = os.path.join(out_dir, fname + ".tmp")
         try:
-            write_safetensors(tmp, shard, tensor_for, metadata={"format": "pt"})
+            write_safetensors(tmp, shard, tensor_for, metadata={"format": "pt"}, written=written)
         except BaseException:
             if os.path.exists(tmp):  # a partial shard of ours (a full disk, an interrupt): not left behind
                 os.remove(tmp)
@@ -243,12 +249,23 @@ def output_tensors(arena: Arena, evolved: dict, index: dict, dtype: torch.dtype 
     return tensor_for
 
 
+def discard_written(arena: Arena, evolved: dict) -> Callable[[str], None]:
+    """The writers' `written` hook for an output of `arena` (evolved: key -> entry): each entry's disk blocks
+    given back once its tensor is in the output (a no-op for an arena in memory)."""
+    def written(key: str) -> None:
+        if key in evolved:
+            arena.discard(evolved[key])
+
+    return written
+
+
 def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30,
-               dtype: torch.dtype | None = None) -> list[str]:
+               dtype: torch.dtype | None = None, discard: bool = False) -> list[str]:
     """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
     source's buffers, config, generation config and tokenizer files. With `dtype`, every floating-point
-    tensor is cast to it (one rounding from the arena's values) and config.json says so. Returns every path
-    written."""
+    tensor is cast to it (one rounding from the arena's values) and config.json says so. With `discard` the
+    arena's entries are given back once written (Arena.discard: the merge's arena on scratch files, read once).
+    Returns every path written."""
     os.makedirs(out_dir, exist_ok=True)
     index = tensor_index(src_files)
     keys = resolve_names(arena.layout, index, src_dir)
@@ -259,7 +276,8 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
     tensor_for = output_tensors(arena, evolved, index, dtype)
     specs = [(k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2])
              for k in names]
-    paths = write_shards(out_dir, specs, tensor_for, shard_bytes)
+    paths = write_shards(out_dir, specs, tensor_for, shard_bytes,
+                         written=discard_written(arena, evolved) if discard else None)
     for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):

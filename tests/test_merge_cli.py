@@ -102,6 +102,30 @@ def test_a_relaid_out_merge_is_the_same_bytes_on_every_tier_and_leaves_no_scratc
         assert all(torch.equal(outs[0][k].view(torch.uint8), other[k].view(torch.uint8)) for k in other)
 
 
+def test_an_arena_on_files_is_zero_filled_shared_and_gives_back_a_written_entry(tmp_path):
+    """The merge's output arena (Arena.on_files): zero-filled, its writes in the file (another mapping sees
+    them), and an entry written out is punched out of the file while its neighbours keep their values."""
+    import os
+
+    from evolver_kernels.arena import Arena, Layout
+
+    layout = Layout.from_params([(("a",), torch.float32, (3000,)), (("b",), torch.float32, (5000,)),
+                                 (("c",), torch.float32, (7,))])
+    arena = Arena.on_files(layout, str(tmp_path), "t")
+    (group,) = layout.groups
+    assert int(torch.count_nonzero(arena.buffers[group])) == 0
+    for k, e in enumerate(layout.entries):
+        arena.view(e).fill_(k + 1)
+    again = Arena.on_files(layout, str(tmp_path), "t", create=False)
+    assert torch.equal(again.buffers[group], arena.buffers[group])
+    blocks = os.stat(arena.files[group]).st_blocks
+    a, b, c = layout.entries
+    arena.discard(b)
+    assert os.stat(arena.files[group]).st_blocks < blocks
+    assert bool((arena.view(a) == 1).all()) and bool((arena.view(c) == 3).all())
+    Arena.empty(layout).discard(b)  # in memory: nothing to give back
+
+
 def test_yaml_ties_matches_flags(models, tmp_path):
     import yaml
 
