@@ -7,7 +7,8 @@ the same model directories, each run in its own process, one after the other.
 
 The models are N + 1 Hugging Face directories (the last is the base model) with random bf16 weights, written
 once under --root. Peak = anonymous RSS above the process's baseline (RssAnon, sampled every 2 ms): what the
-merge holds beyond the page cache its memory-mapped reads use. Both tools write the merged model to --root.
+merge holds beyond the page cache its memory-mapped reads use. Both tools write the merged model to --root; disk =
+the most bytes allocated under the output directory while the merge runs (its scratch files included).
 The merged tensors of the two tools are compared too (max |difference| over all tensors), so a row whose
 results disagree shows it.
 """
@@ -15,11 +16,13 @@ results disagree shows it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -97,8 +100,37 @@ def write_yaml(method: str, dirs: list[str], path: str) -> None:
         yaml.safe_dump(config, f)
 
 
+class DiskPeak:
+    """The most bytes allocated under a directory (st_blocks of every file, scratch files included), sampled
+    every 20 ms from a thread until stop()."""
+
+    def __init__(self, root: str):
+        self.root, self.peak = root, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def now(self) -> int:
+        total = 0
+        for d, _, names in os.walk(self.root):
+            for name in names:
+                with contextlib.suppress(OSError):  # removed while we looked
+                    total += os.lstat(os.path.join(d, name)).st_blocks * 512
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
+
+
 def child(tool: str, config: str, out: str) -> None:
-    """Runs one merge in this process and prints its peak anonymous memory and seconds."""
+    """Runs one merge in this process and prints its peak anonymous memory, its peak disk under `out` and its
+    seconds."""
     torch.set_num_threads(os.cpu_count() or 1)
     # each tool's modules imported before the baseline: the peak is the merge's, not the libraries'
     if tool == "ours":
@@ -107,7 +139,7 @@ def child(tool: str, config: str, out: str) -> None:
         import mergekit.merge
         from mergekit.scripts.run_yaml import main as mergekit
     baseline = AnonPeak.now()
-    sampler = AnonPeak()
+    sampler, disk = AnonPeak(), DiskPeak(out)
     start = time.perf_counter()
     if tool == "ours":
         code = ours(["--config", config, "--out", out])
@@ -118,7 +150,8 @@ def child(tool: str, config: str, out: str) -> None:
         except SystemExit as err:
             code = int(err.code or 0)
     seconds = time.perf_counter() - start
-    print(json.dumps({"peak_bytes": sampler.stop() - baseline, "seconds": seconds, "code": code}))
+    print(json.dumps({"peak_bytes": sampler.stop() - baseline, "disk_bytes": disk.stop(), "seconds": seconds,
+                      "code": code}))
 
 
 def max_difference(a: str, b: str) -> float:
@@ -154,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     dirs = build_models(args.size, args.n, root)
     copy_bytes = sum(os.path.getsize(os.path.join(dirs[0], f)) for f in os.listdir(dirs[0]) if f.endswith(".safetensors"))
     print(f"one-shot merge of {args.n} {args.size}-shaped bf16 Llama models (one copy {copy_bytes / 2**30:.2f} GiB)")
-    print("| method | ours: peak GiB (copies), s | mergekit: peak GiB (copies), s | max abs difference |\n| --- | --- | --- | --- |")
+    print("| method | ours: peak GiB (copies), disk GiB, s | mergekit: peak GiB (copies), disk GiB, s | "
+          "max abs difference |\n| --- | --- | --- | --- |")
     results = {}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVOLVER_PROGRESS": "0"}
     for method in args.methods:
@@ -180,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         def cell(r):
             if "error" in r:
                 return "failed: " + " ".join(r["error"].split())[-80:]
-            return f"{r['peak_bytes'] / 2**30:.3f} ({r['peak_bytes'] / copy_bytes:.2f}), {r['seconds']:.1f}"
+            return (f"{r['peak_bytes'] / 2**30:.3f} ({r['peak_bytes'] / copy_bytes:.2f}), "
+                    f"{r['disk_bytes'] / 2**30:.2f}, {r['seconds']:.1f}")
 
         diff = row.get("max_abs_difference", "-")
         if method in RANDOM and diff != "-":
