@@ -636,8 +636,8 @@ def _load_restacked(spec: MergeSpec, slices: list[Slice], layout: Layout, routes
         pop.commit_write(k)
     base = None
     if slices[0].base is not None:
-        base = _fill(_scratch_arena(spec, layout, scratch, "base"), routes, lambda r: (slices[r.slice].base, r.base_layer),
-                     spec)
+        base = _fill(_scratch_arena(spec, layout, scratch, "base"), routes,
+                     lambda r: (slices[r.slice].base, r.base_layer), spec)
     return pop, base
 
 
@@ -778,8 +778,9 @@ def run(spec: MergeSpec, log=print) -> str:
             f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
             f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
         # the merge's working files (the output before it is written, models re-laid out): removed at the end
+        relaid = _relaid_copies(spec, identity, slices) * layout.nbytes
         problem = disk_problem([("the merged tensors", spec.out, layout.nbytes),
-                                ("the models re-laid out", spec.out, _relaid_copies(spec, identity, slices) * layout.nbytes)])
+                                ("the models re-laid out", spec.out, relaid)])
         if problem:
             raise MergeConfigError(f"--out {spec.out}: {problem} (the merge's scratch files, before its output)")
         scratch = Scratch(spec.out, "--out")

@@ -1,14 +1,15 @@
 """Merging a population with a registered method (evolver_kernels/methods/: one record per method, its
 parameters and its streaming implementation). `Merger` binds a method to its settings, base model, weights,
 seed and statistics once; `merger(pop, out)` merges any Population-like reader (the driver passes a view of
-the population with offspring in some slots) into an arena. Every method streams chunk by chunk through the
-fused operator evolver_kernels.merge_tensors: each chunk of every model is read once and the merged chunk
+the population with offspring in some slots) into an arena. Every method streams chunk by chunk, most through
+the fused operator evolver_kernels.merge_tensors: each chunk of every model is read once and the merged chunk
 written once; never a stack of N tensors, never a mask tensor (docs/ARCHITECTURE.md §5); the methods whose
 coefficients come from angles (slerp, nuslerp, multislerp, karcher, model_stock) first reduce each tensor to the
 models' Gram matrix in one streamed pass (methods/geometry.py); breadcrumbs, della and sce (methods/sparsify.py)
-reduce each tensor to thresholds or norms first, then merge element-wise in plain fp32 torch (as nearswap,
-methods/nearswap.py, ram and ramplus_tl, methods/ram.py, after ramplus_tl's per-tensor counts, and arcee_fusion,
-methods/arcee_fusion.py, after its per-tensor quantiles): not yet fused kernels. Exact arithmetic:
+reduce each tensor to thresholds or norms first, then merge element-wise through the fused operator, as nearswap
+does (methods/nearswap.py); ram and ramplus_tl (methods/ram.py, after ramplus_tl's per-tensor counts) and
+arcee_fusion (methods/arcee_fusion.py, after its per-tensor quantiles) merge element-wise in plain fp32 torch on
+chunks: not fused kernels. Exact arithmetic:
 evolver_kernels.reference.merge_reference. Where ours differs from mergekit: the docstrings of
 methods/task_vectors.py, methods/spherical.py, methods/model_stock.py, methods/sparsify.py, methods/nearswap.py,
 methods/ram.py and methods/arcee_fusion.py.
@@ -97,7 +98,8 @@ def merge_per_tensor(method: str, pop: Population, out: Arena, groups: list[Tens
         raise ValueError(f"{method} merges with statistics of whole models: per-tensor parameters are not supported")
     for entries, settings, weights in groups:
         layout = pop.layout.subset(entries)
-        view = None if base is None else Arena(layout, base.buffers) if isinstance(base, Arena) else _Tensors(base, layout)
+        view = base if base is None else \
+            Arena(layout, base.buffers) if isinstance(base, Arena) else _Tensors(base, layout)
         merger = Merger(method, view, weights=weights, seed=seed, backend=backend, **settings)
         merger(_Tensors(pop, layout), Arena(layout, out.buffers), chunk)
     return out

@@ -16,8 +16,9 @@
 Streaming, per tensor, chunk by chunk; never a stack of the N models and never a mask tensor of a tensor or of
 the model (mergekit stacks the N task vectors of a tensor and builds [N, numel] masks): each chunk of every model
 and of the base is read, tau_k, nz_k and c formed for that chunk only, in fp32, on the device that holds the
-output (chunks of chunk / N elements, so the N task vectors of a chunk hold about one chunk's worth). ram is one element-wise pass. ramplus_tl first counts S_k and U_k over the whole tensor in a pass over
-its chunks (exact int64 counts), then runs the element-wise pass. Not a fused kernel (the fused operator
+output (chunks of chunk / N elements, so the N task vectors of a chunk hold about one chunk's worth). ram is
+one element-wise pass. ramplus_tl first counts S_k and U_k over the whole tensor in a pass over its chunks
+(exact int64 counts), then runs the element-wise pass. Not a fused kernel (the fused operator
 merge_tensors takes per-model scalar weights, and these are per element): plain fp32 torch on the chunk, the
 sum over the models in slot order, one rounding to the arena's dtype.
 

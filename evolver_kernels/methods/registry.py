@@ -11,8 +11,8 @@ Adding a method is one module that calls `register(MergeMethod(...))` when impor
 imported by evolver_kernels/methods/__init__.py. A merge function has the signature
 `merge(pop, out, ctx) -> out`: `pop` any Population-like reader (evolver_kernels.population), `out` the Arena to
 fill, `ctx` a MergeContext; the base model `ctx.base` is read with `base_chunk(ctx.base, group, lo, hi, device)`
-(evolver_kernels.methods: an Arena in `evolve`, the base's own memory-mapped files in the merge CLI). Functions stream chunk by chunk (docs/ARCHITECTURE.md §5): never a stack of the N
-models, never a mask tensor.
+(evolver_kernels.methods: an Arena in `evolve`, the base's own memory-mapped files in the merge CLI).
+Functions stream chunk by chunk (docs/ARCHITECTURE.md §5): never a stack of the N models, never a mask tensor.
 """
 
 from __future__ import annotations

@@ -64,8 +64,8 @@ Where ours differs from mergekit, on purpose:
 - Parameters: mergekit's names (density, gamma, epsilon, lambda = our scale, rescale, select_topk, per-model
   weight). `density`, `gamma` and `epsilon` may be given per model, as in mergekit. breadcrumbs and della
   take mergekit's `normalize` (default true for della, false for the others); sce merges with mergekit's
-  default (false); della's `rescale` may be turned off; breadcrumbs has no `rescale` (mergekit's default false only). sce takes no
-  weights (mergekit's sce ignores them; we refuse them).
+  default (false); della's `rescale` may be turned off; breadcrumbs has no `rescale` (mergekit's default false
+  only). sce takes no weights (mergekit's sce ignores them; we refuse them).
 """
 
 from __future__ import annotations
