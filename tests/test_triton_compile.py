@@ -31,10 +31,10 @@ def test_every_triton_launch_compiles_for_gpu_targets(tmp_path):
         de = {c for k, c in compiled if k == "_de_kernel"}
         merge = {c for k, c in compiled if k == "_merge_kernel"}
         assert len(de) == 6, de  # two strategies x three dtypes
-        # the thirteen merge configurations of triton_aot.record_launches (average, Fisher, task arithmetic,
-        # TIES, DARE-linear, DARE-TIES, breadcrumbs with and without TIES, sce, della, ...), each a different
-        # set of constexprs, x three dtypes
-        assert len(merge) == 13 * 3, merge
+        # the fifteen merge configurations of triton_aot.record_launches (average, Fisher, task arithmetic,
+        # TIES, DARE-linear, DARE-TIES, breadcrumbs with and without TIES, sce, della with and without
+        # normalize, della_linear, ...), each a different set of constexprs, x three dtypes
+        assert len(merge) == 15 * 3, merge
         assert len({c for k, c in compiled if k == "_nearswap_kernel"}) == 3  # three dtypes
         # key words below and above 2**31 are typed i32 and i64: both signatures compiled
         assert {r["signature"]["k0"] for r in rows if r["arch"] == arch and r["kernel"] == "_de_kernel"} == {"i32", "i64"}

@@ -110,6 +110,10 @@ def record_launches() -> list[dict[str, Any]]:
                     {"base": base, "select": 0.1, "elect": True, "elect_weights": [1.0] * 3, "min_den": 1e-6},  # sce
                     {"base": base, "drop_thresholds": [drops, None, drops], "drop_rescales": [1.5, 1.0, 2.0],
                      "elect": True},  # della
+                    {"base": base, "drop_thresholds": [drops, None, drops], "drop_rescales": [1.5, 1.0, 2.0],
+                     "elect": True, "normalize": False},  # mergekit's dare_ties (della, epsilon 0)
+                    {"base": base, "drop_thresholds": [drops, None, drops], "drop_rescales": [1.5, 1.0, 2.0],
+                     "normalize": False},  # della_linear, mergekit's dare_linear
                 ):
                     ek.merge_tensors(models, seed=seed, stream=stream, offset=offset, backend="triton", **kwargs)
                 ek.merge_tensors(models[:1], base=base, nearswap_t=0.5, backend="triton")
