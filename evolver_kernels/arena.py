@@ -171,7 +171,10 @@ class Arena:
             dtype = layout.group_dtype(g)
             if create:
                 with open(path, "wb") as f:
-                    os.posix_fallocate(f.fileno(), 0, max(1, numel * dtype.itemsize))
+                    if hasattr(os, "posix_fallocate"):
+                        os.posix_fallocate(f.fileno(), 0, max(1, numel * dtype.itemsize))
+                    else:  # macOS: a sparse file (a full disk shows when its pages are written)
+                        f.truncate(max(1, numel * dtype.itemsize))
             buffers[g] = torch.from_file(path, shared=True, size=numel, dtype=dtype)
         arena = Arena(layout, buffers)
         arena.files = files
