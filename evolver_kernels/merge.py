@@ -777,8 +777,9 @@ def run(spec: MergeSpec, log=print) -> str:
         log(f"merge: {len(slices[0].sources)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
             f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
             f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
+        direct = record.copies and not identity  # passthrough's slices: the re-laid-out model is the output
         # the merge's working files (the output before it is written, models re-laid out): removed at the end
-        relaid = _relaid_copies(spec, identity, slices) * layout.nbytes
+        relaid = 0 if direct else _relaid_copies(spec, identity, slices) * layout.nbytes
         problem = disk_problem([("the merged tensors", spec.out, layout.nbytes),
                                 ("the models re-laid out", spec.out, relaid)])
         if problem:
@@ -793,9 +794,11 @@ def run(spec: MergeSpec, log=print) -> str:
             elif base_dir:
                 base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base,
                                                  _scratch_arena(spec, layout, scratch, "base"))
-        else:
+        elif not direct:
             pop, base = _load_restacked(spec, slices, layout, routes, scratch)
         arena = Arena.on_files(layout, scratch.path, "merged")  # the merge's result, until it is written out
+        if direct:
+            _fill(arena, routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
         stats = None
         if record.statistics is not None:
             from transformers import AutoTokenizer
@@ -805,8 +808,9 @@ def run(spec: MergeSpec, log=print) -> str:
             pipeline = WeightPipeline(pop, torch.device("cpu"))
             stats = merging.compute_statistics(record.name, settings, model, layout,
                                                lambda k: pipeline.copy_into(k, arena), len(spec.models), evaluator)
-        merging.merge_per_tensor(record.name, pop, arena, groups, base, seed=spec.seed, stats=stats)
-        pop.close()
+        if not direct:
+            merging.merge_per_tensor(record.name, pop, arena, groups, base, seed=spec.seed, stats=stats)
+            pop.close()
         if isinstance(base, MappedModels):
             base.close()
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)

@@ -33,7 +33,7 @@ register(MergeMethod(
     summary="weighted average of the models, sum w_k x_k / sum w_k (model soup)",
 ))
 register(MergeMethod(
-    name="passthrough", merge=_passthrough, min_models=1, max_models=1, uses_weights=False,
+    name="passthrough", merge=_passthrough, min_models=1, max_models=1, uses_weights=False, copies=True,
     evolve_refusal="it copies one model (layer stacking with mergekit's slices: the merge CLI)",
     summary="the one model given, copied; with mergekit's `slices`, layers stacked from several models",
 ))

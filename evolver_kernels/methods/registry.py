@@ -137,6 +137,9 @@ class MergeMethod:
     optional_base: bool = False  # uses a base model when one is given (merges x_k - base), else the x_k
     max_models: int | None = None  # the most models it merges (slerp, nuslerp: exactly 2)
     min_models: int = 2  # the fewest (passthrough: 1, it copies its model)
+    # the result is its one model unchanged (passthrough): a merge whose models are re-laid out (mergekit's
+    # slices) fills its output from the checkpoints directly, with no population in between
+    copies: bool = False
     uses_weights: bool = True  # takes one weight per model (merge's --weights, mergekit's per-model weight)
     # why `evolve --merge-method` cannot use it (None: it can). A population merge takes every individual of a
     # population view and must be recomputable chunk by chunk from it, with one meaning for any N.
