@@ -22,13 +22,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 import yaml
 
-from evolver_kernels.synthetic import SIZES, AnonPeak
+from evolver_kernels.synthetic import SIZES, AnonPeak, PeakSampler
 
 # method: (global parameters, per-model parameters, models used: None = all N, base_model needed)
 CASES: dict[str, tuple[dict, dict, int | None, bool]] = {
@@ -100,32 +99,14 @@ def write_yaml(method: str, dirs: list[str], path: str) -> None:
         yaml.safe_dump(config, f)
 
 
-class DiskPeak:
-    """The most bytes allocated under a directory (st_blocks of every file, scratch files included), sampled
-    every 20 ms from a thread until stop()."""
-
-    def __init__(self, root: str):
-        self.root, self.peak = root, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def now(self) -> int:
-        total = 0
-        for d, _, names in os.walk(self.root):
-            for name in names:
-                with contextlib.suppress(OSError):  # removed while we looked
-                    total += os.lstat(os.path.join(d, name)).st_blocks * 512
-        return total
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.now())
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, self.now())
+def allocated_under(root: str) -> int:
+    """Bytes allocated under a directory: st_blocks of every file (scratch files included)."""
+    total = 0
+    for d, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):  # removed while we looked
+                total += os.lstat(os.path.join(d, name)).st_blocks * 512
+    return total
 
 
 def child(tool: str, config: str, out: str) -> None:
@@ -139,7 +120,7 @@ def child(tool: str, config: str, out: str) -> None:
         import mergekit.merge
         from mergekit.scripts.run_yaml import main as mergekit
     baseline = AnonPeak.now()
-    sampler, disk = AnonPeak(), DiskPeak(out)
+    sampler, disk = AnonPeak(), PeakSampler(lambda: allocated_under(out), 0.02)
     start = time.perf_counter()
     if tool == "ours":
         code = ours(["--config", config, "--out", out])

@@ -170,11 +170,12 @@ class Arena:
             files[g] = path = os.path.join(directory, f"{prefix}-{g}.bin")
             dtype = layout.group_dtype(g)
             if create:
+                nbytes = max(1, numel * dtype.itemsize)
                 with open(path, "wb") as f:
                     if hasattr(os, "posix_fallocate"):
-                        os.posix_fallocate(f.fileno(), 0, max(1, numel * dtype.itemsize))
+                        os.posix_fallocate(f.fileno(), 0, nbytes)
                     else:  # macOS: a sparse file (a full disk shows when its pages are written)
-                        f.truncate(max(1, numel * dtype.itemsize))
+                        f.truncate(nbytes)
             buffers[g] = torch.from_file(path, shared=True, size=numel, dtype=dtype)
         arena = Arena(layout, buffers)
         arena.files = files

@@ -98,8 +98,10 @@ def merge_per_tensor(method: str, pop: Population, out: Arena, groups: list[Tens
         raise ValueError(f"{method} merges with statistics of whole models: per-tensor parameters are not supported")
     for entries, settings, weights in groups:
         layout = pop.layout.subset(entries)
-        view = base if base is None else \
-            Arena(layout, base.buffers) if isinstance(base, Arena) else _Tensors(base, layout)
+        if isinstance(base, Arena):
+            view = Arena(layout, base.buffers)
+        else:  # no base, or a reader of the base's files (global indices, as the population's)
+            view = None if base is None else _Tensors(base, layout)
         merger = Merger(method, view, weights=weights, seed=seed, backend=backend, **settings)
         merger(_Tensors(pop, layout), Arena(layout, out.buffers), chunk)
     return out

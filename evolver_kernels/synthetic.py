@@ -8,6 +8,7 @@ on any tier with seeded random bf16 values; `weight_generation` runs one generat
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -93,17 +94,41 @@ def weight_generation(pop: Population, device: str = "cpu", chunk: int = 1 << 22
     return accepted
 
 
-class AnonPeak:
+class PeakSampler:
+    """The largest value of probe() (a byte count), sampled from a thread every `interval` seconds from
+    construction until stop(); sampling ends by itself when probe raises OSError (what it measures is gone)."""
+
+    def __init__(self, probe: Callable[[], int], interval: float):
+        self._probe, self._interval = probe, interval
+        self.peak = probe()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.peak = max(self.peak, self._probe())
+            except OSError:
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        try:
+            return max(self.peak, self._probe())
+        except OSError:
+            return self.peak
+
+
+class AnonPeak(PeakSampler):
     """Peak anonymous RSS of a process (this one by default; or a child's pid), RssAnon in /proc/<pid>/status
     sampled every 2 ms: the memory a run holds, without the page cache behind the disk tier's memory maps.
     Sampling ends by itself when the process exits. Linux only."""
 
     def __init__(self, pid: int | str = "self"):
         self.pid = pid
-        self.peak = self.now(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        super().__init__(lambda: self.now(pid), 0.002)
 
     @staticmethod
     def now(pid: int | str = "self") -> int:
@@ -112,21 +137,6 @@ class AnonPeak:
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
         raise OSError(f"RssAnon not found in /proc/{pid}/status (has the process exited?)")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.002):
-            try:
-                self.peak = max(self.peak, self.now(self.pid))
-            except OSError:  # the process has exited
-                return
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        try:
-            return max(self.peak, self.now(self.pid))
-        except OSError:
-            return self.peak
 
 
 def population_digest(pop: Population, chunk: int = 1 << 22) -> list[str]:

@@ -25,7 +25,7 @@ import torch
 from ..arena import Arena, Entry, iter_chunks
 from ..ops import merge_tensors
 from ..population import Population
-from .streaming import Base, base_chunk
+from .streaming import Base, base_chunk, per_model_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ def gram(pop: Population, base: Base | None, e: Entry, along: int | None, chunk:
     in fp32 (as mergekit forms them from fp32 inputs), summed in fp64, on spans of chunk / N elements."""
     n = pop.size
     g = torch.zeros(n, n, vector_count(e, along), dtype=torch.float64, device=device)
-    for span in spans(e, along, max(1, chunk // n)):  # N fp32 vectors per span: chunk / N elements
+    for span in spans(e, along, per_model_chunk(chunk, n)):  # N fp32 vectors per span
         xs, b = read_span(pop, base, e, span, device)
         vs = [x.float() - b.float() if b is not None else x.float() for x in xs]
         for i in range(n):

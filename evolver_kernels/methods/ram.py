@@ -49,7 +49,7 @@ import torch
 from ..arena import Arena, Entry, iter_chunks
 from ..population import Population
 from .registry import MergeContext, MergeMethod, Param, register
-from .streaming import Base, base_chunk, check_base
+from .streaming import Base, base_chunk, check_base, per_model_chunk
 
 RAM_EPSILON = Param("ram_epsilon", float, 1e-5, "ram, ramplus_tl: a task-vector element counts as changed where "
                     "its magnitude is above this (mergekit's epsilon)", low=0.0, aliases=("epsilon",))
@@ -95,7 +95,7 @@ def ram(pop: Population, base: Base, out: Arena, epsilon: float = 1e-5, plus: bo
     if not epsilon >= 0:
         raise ValueError(f"{name}: epsilon must be >= 0, got {epsilon}")
     n = pop.size
-    work = max(1, chunk // n)  # each chunk holds N fp32 task vectors and their masks: chunk / N elements
+    work = per_model_chunk(chunk, n)  # each chunk holds N fp32 task vectors and their masks
     for e in pop.layout.entries:
         if e.numel == 0:
             continue

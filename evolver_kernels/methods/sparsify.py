@@ -80,8 +80,8 @@ from ..population import Population
 from ..reference import variance_reference
 from ..rng import STREAM_DARE, random_words
 from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import Base, base_chunk, check_base, check_weights
-from .task_vectors import DENSITY, NORMALIZE, SCALE, _check_density, kth_largest_magnitudes
+from .streaming import Base, base_chunk, check_base, check_weights, per_model_chunk
+from .task_vectors import DENSITY, NORMALIZE, SCALE, _check_density, kth_largest_magnitudes, normalize_of
 
 GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of each task vector's largest magnitudes dropped, per "
               "tensor (the outliers), before `density` is kept below them", low=0.0, high=1.0, per_model=True)
@@ -273,7 +273,7 @@ def della(pop: Population, base: Base, out: Arena, density: float | list[float] 
             continue
         dst = out.view(e).view(-1)
         rows, cols = della_rows(e, ranked)
-        per = max(1, chunk // (n * cols))  # N int64 thresholds per element: spans of chunk / N hold one chunk's worth
+        per = max(1, per_model_chunk(chunk, n) // cols)  # N int64 thresholds per element, whole rows
         spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
         start = pop.layout.groups[e.group][0] + e.offset
         factors = [1.0] * n
@@ -313,7 +313,7 @@ def sce(pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk
     if not 0.0 <= select_topk <= 1.0:
         raise ValueError(f"select_topk must be in [0, 1], got {select_topk}")
     n = pop.size
-    work = max(1, chunk // n)  # the reduction passes form N fp32 task vectors: chunks of chunk / N elements
+    work = per_model_chunk(chunk, n)  # the reduction passes form N fp32 task vectors
 
     def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device) -> list[torch.Tensor]:
         """The task vectors on elements [lo, hi) of entry e, zeroed outside the selection."""
@@ -367,7 +367,7 @@ def _breadcrumbs(ties: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
         s = ctx.settings
         return breadcrumbs(pop, ctx.base, out, s["density"], s["gamma"], s["scale"], ctx.weights, ties, ctx.chunk,
-                           ctx.backend, bool(s["normalize"]))
+                           ctx.backend, normalize_of(ctx, False))
     return merge
 
 
@@ -375,7 +375,7 @@ def _della(ties: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
         s = ctx.settings
         return della(pop, ctx.base, out, s["density"], s["epsilon"], s["scale"], ctx.weights, ties, s["rescale"],
-                     ctx.seed, ctx.chunk, ctx.backend, s["normalize"])
+                     ctx.seed, ctx.chunk, ctx.backend, normalize_of(ctx, ties))
     return merge
 
 

@@ -35,6 +35,12 @@ def check_base(pop: Population, base: Base | None, method: str) -> Base:
     return base
 
 
+def per_model_chunk(chunk: int, n: int) -> int:
+    """Elements per chunk of a pass that holds N fp32 task vectors (or N per-element values) at once: chunk / N,
+    so that its buffers hold about one chunk's worth whatever N."""
+    return max(1, chunk // n)
+
+
 def read_all(pop: Population, group: str, lo: int, hi: int, device: torch.device) -> list[torch.Tensor]:
     """Chunk [lo, hi) of `group` of every individual, on `device`."""
     return [pop.read(k, group, lo, hi).to(device, non_blocking=True) for k in range(pop.size)]

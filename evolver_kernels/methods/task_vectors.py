@@ -183,19 +183,20 @@ def _count(counts: torch.Tensor, idx: torch.Tensor) -> None:
         counts.index_add_(0, idx, torch.ones((), dtype=counts.dtype, device=counts.device).expand(idx.numel()))
 
 
-def _normalize(ctx: MergeContext, default: bool) -> bool:
+def normalize_of(ctx: MergeContext, default: bool) -> bool:
+    """The merge's `normalize`: as given, else the method's own default (NORMALIZE's default is None)."""
     given = ctx.settings.get("normalize")
     return default if given is None else bool(given)
 
 
 def _task_arithmetic(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return task_arithmetic(pop, ctx.base, out, ctx.settings["scale"], ctx.weights, ctx.settings.get("drop_p", 0.0),
-                           ctx.seed, ctx.chunk, ctx.backend, _normalize(ctx, False))
+                           ctx.seed, ctx.chunk, ctx.backend, normalize_of(ctx, False))
 
 
 def _ties(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return ties(pop, ctx.base, out, ctx.settings["density"], ctx.settings["scale"], ctx.weights,
-                ctx.settings.get("drop_p", 0.0), ctx.seed, ctx.chunk, ctx.backend, _normalize(ctx, True))
+                ctx.settings.get("drop_p", 0.0), ctx.seed, ctx.chunk, ctx.backend, normalize_of(ctx, True))
 
 
 register(MergeMethod(
