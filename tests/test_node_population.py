@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -140,19 +141,26 @@ def test_a_killed_rank_then_resume_with_any_rank_count_gives_the_same_bytes(bert
 
 @pytest.mark.slow
 def test_sigterm_removes_the_shared_population(bert_pop, tmp_path):
-    """A rank stopped with SIGTERM (torchrun stopping the others) leaves through Run.close."""
+    """A rank stopped with SIGTERM (torchrun stopping the others) leaves through Run.close. The signal goes once the
+    run reports a finished generation (its checkpoint's state.json), in a run far too long to end first."""
     models, dev = bert_pop
     shm = tmp_path / "shm"
-    argv = ["--models", *models, "--dev", *dev, "--generations", "50", "--schedule", "synchronous",
+    state = tmp_path / "out" / "checkpoint" / "state.json"
+    argv = ["--models", *models, "--dev", *dev, "--generations", "100000", "--schedule", "synchronous",
             "--population-on", "cpu", "--out", str(tmp_path / "out")]
     proc = _torchrun(argv, shm, 2)
-    import time
 
-    deadline = time.time() + 300
-    while not _leftovers(shm) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    def generations_done() -> int:
+        try:
+            return json.loads(state.read_text())["generation"]
+        except (OSError, ValueError, KeyError):  # not written yet (state.json appears whole, by rename)
+            return 0
+
+    deadline = time.monotonic() + 600  # a safety net against a hung run, not the condition waited for
+    while generations_done() < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before its first generation: " + proc.communicate()[1][-3000:]
     assert _leftovers(shm), "the run never made its shared-memory population"
-    time.sleep(2)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
     _, err = proc.communicate(timeout=120)
     assert "--resume" in err, err[-3000:]
