@@ -1,7 +1,7 @@
 """Builds evolver_kernels._C (C++/OpenMP, always) and evolver_kernels._cuda (when torch has CUDA and nvcc exists)
 ahead of time, against the torch of the build environment, and records what they were built against
 (evolver_kernels/_build_info.json). The sources, flags and toolchain lookups are defined once in
-evolver_kernels/jit.py, which also compiles the extensions just in time at first use when they are missing or
+evolver_kernels/kernels/jit.py, which also compiles the extensions just in time at first use when they are missing or
 were built against another torch than the one that imports them.
 
     pip install --no-build-isolation .   compiles now, against the torch already installed (the usual way)
@@ -31,7 +31,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("evolver_kernels_jit", ROOT / "evolver_kernels" / "jit.py")
+_spec = importlib.util.spec_from_file_location("evolver_kernels_jit", ROOT / "evolver_kernels" / "kernels" / "jit.py")
 jit = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(jit)
 
@@ -42,7 +42,7 @@ def _die(message: str) -> None:
 
 
 def _csrc(name: str) -> list[str]:
-    return [f"evolver_kernels/csrc/{s}" for s in jit.SOURCES[name]]
+    return [f"csrc/{s}" for s in jit.SOURCES[name]]
 
 
 def _extensions():
@@ -60,7 +60,7 @@ def _extensions():
     problem = jit.cxx_compiler_problem()
     if problem:
         _die(problem)
-    include_dirs = [str(ROOT / "evolver_kernels" / "csrc")]
+    include_dirs = [str(ROOT / "csrc")]
     extensions = [CppExtension("evolver_kernels._C", sources=_csrc("_C"), include_dirs=include_dirs,
                                extra_compile_args={"cxx": jit.cxx_flags()}, extra_link_args=jit.LINK_FLAGS["_C"])]
     names = ["_C"]
@@ -99,6 +99,7 @@ class BuildPy(build_py):
         target = Path(self.build_lib) / "evolver_kernels"
         target.mkdir(parents=True, exist_ok=True)
         jit.write_build_info(build_info, target / "_build_info.json")
+        shutil.copytree(ROOT / "csrc", target / "csrc", dirs_exist_ok=True)  # for just-in-time builds
 
 
 cmdclass = {"build_py": BuildPy}
@@ -106,8 +107,6 @@ if build_ext is not None:
     cmdclass["build_ext"] = build_ext.with_options(use_ninja=shutil.which("ninja") is not None)
 setup(
     packages=find_packages(include=["evolver_kernels", "evolver_kernels.*"]),
-    package_data={"evolver_kernels": ["csrc/*.h", "csrc/*.cpp", "csrc/cpu/*.h", "csrc/cpu/*.cpp", "csrc/cuda/*.h",
-                                      "csrc/cuda/*.cpp", "csrc/cuda/*.cu", "csrc/cuda/*.cuh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

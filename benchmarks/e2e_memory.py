@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from evolver_kernels.synthetic import (
+from evolver_kernels.testing.synthetic import (
     SIZES,
     AnonPeak,
     llama_layout,

@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from evolver_kernels import merging
-from evolver_kernels.arena import Arena
-from evolver_kernels.population import DiskPopulation
-from evolver_kernels.reference import naive_merge
-from evolver_kernels.synthetic import SIZES, AnonPeak, llama_layout, synthetic_population
+from evolver_kernels.kernels.reference import naive_merge
+from evolver_kernels.methods import merger as merging
+from evolver_kernels.storage.arena import Arena
+from evolver_kernels.storage.population import DiskPopulation
+from evolver_kernels.testing.synthetic import SIZES, AnonPeak, llama_layout, synthetic_population
 
 DENSITY, DROP_P, SCALE = 0.3, 0.3, 1.0
 
@@ -40,7 +40,7 @@ def _population(size: str, n: int, root: str):
 
 def run_ours(method: str, size: str, n: int, device: str, root: str) -> dict:
     layout, disk = _population(size, n, root)
-    from evolver_kernels.population import PopulationPrefix
+    from evolver_kernels.storage.population import PopulationPrefix
 
     pop = PopulationPrefix(disk, n)
     base = Arena(layout, {g: disk.read(n, g, 0, s).to(device) for g, (_, s) in layout.groups.items()})

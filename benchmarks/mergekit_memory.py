@@ -27,7 +27,7 @@ import time
 import torch
 import yaml
 
-from evolver_kernels.synthetic import SIZES, AnonPeak, PeakSampler
+from evolver_kernels.testing.synthetic import SIZES, AnonPeak, PeakSampler
 
 # method: (global parameters, per-model parameters, models used: None = all N, base_model needed)
 CASES: dict[str, tuple[dict, dict, int | None, bool]] = {

@@ -27,7 +27,7 @@ import time
 import torch
 
 import evolver_kernels as ek
-from evolver_kernels.reference import de_mutate_crossover_reference, naive_de_mutate_crossover
+from evolver_kernels.kernels.reference import de_mutate_crossover_reference, naive_de_mutate_crossover
 
 STRATEGY_INPUTS = {"evolver": 2, "rand/1": 4}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -44,8 +44,7 @@ def report() -> dict:
     import torch
 
     import evolver_kernels
-
-    from . import backends, jit
+    from evolver_kernels.kernels import backends, jit
 
     cxx = os.environ.get("CXX", "c++")
     cuda_home = jit.find_cuda_home()

@@ -19,15 +19,15 @@ import time
 
 import torch
 
-from evolver_kernels import model_io
-from evolver_kernels.arena import Arena, Layout, safetensors_files
-from evolver_kernels.config import EvolveConfig
-from evolver_kernels.evaluate import Evaluator
-from evolver_kernels.evolve import Run
-from evolver_kernels.merging import Merger, average, task_arithmetic, ties
+from evolver_kernels.evaluation.evaluator import Evaluator
+from evolver_kernels.evolve.config import EvolveConfig
+from evolver_kernels.evolve.offspring import WeightPipeline
+from evolver_kernels.evolve.run import Run
+from evolver_kernels.io import model_io
+from evolver_kernels.methods.merger import Merger, average, task_arithmetic, ties
 from evolver_kernels.methods.statistics import RegMean, collect_grams, estimate_fisher
-from evolver_kernels.offspring import WeightPipeline
-from evolver_kernels.population import make_population
+from evolver_kernels.storage.arena import Arena, Layout, safetensors_files
+from evolver_kernels.storage.population import make_population
 
 TA_SCALES = [0.3, 0.5, 0.7, 1.0]
 TIES_GRID = [(0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0)]  # (density, scale), chosen on dev

@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fortunes_population import read_quotes
 
-from evolver_kernels.evaluate import Evaluator
+from evolver_kernels.evaluation.evaluator import Evaluator
 from evolver_kernels.merge import main as merge_main
-from evolver_kernels.synthetic import AnonPeak
+from evolver_kernels.testing.synthetic import AnonPeak
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOMAINS = ["computers", "politics", "science"]

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from smollm_demo import DOMAINS, DTYPE, TA_SCALES, base_model, fine_tune, log, write_data
 
-from evolver_kernels.evaluate import Evaluator
+from evolver_kernels.evaluation.evaluator import Evaluator
 from evolver_kernels.evolve import main as evolve_main
 from evolver_kernels.merge import main as merge_main
 

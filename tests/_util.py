@@ -9,6 +9,9 @@ import subprocess
 
 import torch
 
+# a script that runs evolve and SIGKILLs itself at a chosen point (its docstring)
+KILL_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_run.py")
+
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -77,8 +80,8 @@ def random_population(shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0,
                       dtype: torch.dtype = torch.float32):
     """(layout, population, base): n models around a seeded N(0, 1) base, each moved by 0.3 N(0, 1); with
     `sparse`, each model changes only that random fraction of the elements."""
-    from evolver_kernels.arena import Arena, Layout
-    from evolver_kernels.population import MemoryPopulation
+    from evolver_kernels.storage.arena import Arena, Layout
+    from evolver_kernels.storage.population import MemoryPopulation
 
     layout = Layout.from_params(((k,), dtype, s) for k, s in shapes.items())
     gen = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest
 
 import evolver_kernels
-from evolver_kernels import tiny_models
+from evolver_kernels.testing import tiny_models
 
 HAS_CUDA = torch.cuda.is_available()
 # (device, backend) pairs under test besides the reference: every backend that runs here.

@@ -1,12 +1,11 @@
-"""--adapt jde (evolver_kernels/adaptation.py): the draws, and runs whose F and CR follow jDE's rule exactly."""
+"""--adapt jde (evolver_kernels/evolve/adaptation.py): the draws, and runs whose F and CR follow jDE's rule exactly."""
 
 import json
 
 import pytest
 
-from evolver_kernels import adaptation
-from evolver_kernels.evolve import main
-from evolver_kernels.rng import PURPOSE_ADAPT, derive_seed, random_words
+from evolver_kernels.evolve import adaptation, main
+from evolver_kernels.kernels.rng import PURPOSE_ADAPT, derive_seed, random_words
 
 
 def test_jde_draws_follow_the_rule_from_philox_words():

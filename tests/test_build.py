@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evolver_kernels as ek
-from evolver_kernels import backends
+from evolver_kernels.kernels import backends
 
 
 def test_cpu_extension_imports():

@@ -8,8 +8,8 @@ import torch
 from conftest import KERNEL_CASES
 
 import evolver_kernels as ek
-from evolver_kernels import rng
-from evolver_kernels.reference import crossover_mask_reference
+from evolver_kernels.kernels import rng
+from evolver_kernels.kernels.reference import crossover_mask_reference
 
 ODD_SIZES = [1, 3, 4, 5, 4097, 1_000_003]
 CRS = [0.0, 1.0, 0.5, 2.0**-32, 1e-9, 0.1, 0.999999, 1.0 - 2.0**-32, 1.0 - 2.0**-40]

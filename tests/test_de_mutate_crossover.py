@@ -8,7 +8,7 @@ from _util import BITS, assert_bitwise_equal, assert_within_one_ulp
 from conftest import KERNEL_CASES
 
 import evolver_kernels as ek
-from evolver_kernels.reference import crossover_mask_reference, de_mutate_crossover_reference
+from evolver_kernels.kernels.reference import crossover_mask_reference, de_mutate_crossover_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -99,6 +99,6 @@ def test_multidimensional_tensors(device, backend):
 
 def test_default_backend_is_the_fast_one():
     expected = "cpu" if "cpu" in ek.available_backends("cpu") else "reference"
-    from evolver_kernels.backends import resolve_backend
+    from evolver_kernels.kernels.backends import resolve_backend
 
     assert resolve_backend(None, "cpu") == expected

@@ -12,12 +12,13 @@ import random
 
 import pytest
 import torch
+from _util import KILL_RUN
 from safetensors.torch import load_file
 
-from evolver_kernels import tiny_models
-from evolver_kernels.evaluate import Evaluator, Rival
 from evolver_kernels.evaluation.early_reject import correct
+from evolver_kernels.evaluation.evaluator import Evaluator, Rival
 from evolver_kernels.evolve import main
+from evolver_kernels.testing import tiny_models
 
 WORDS = tiny_models.WORDS  # the tiny tokenizer's vocabulary: every text has its own token ids
 
@@ -287,23 +288,9 @@ def test_resume_with_early_rejection_switched(bert_pop, tmp_path):
     assert main([*first, "--generations", "3", "--early-reject", "off", "--dry-run"]) == 0
     import subprocess
     import sys
-    import textwrap
 
     # killed after the initial population and one offspring: state.json holds the records
-    killer = textwrap.dedent("""
-        import os, signal, sys
-        from evolver_kernels import checkpoint, evolve
-        saves = [0]
-        real = checkpoint.Checkpoint.save
-        def save(self, *a, **k):
-            real(self, *a, **k)
-            saves[0] += 1
-            if saves[0] == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.Checkpoint.save = save
-        sys.exit(evolve.main(sys.argv[1:]))
-    """)
-    killed = subprocess.run([sys.executable, "-c", killer, *first, "--generations", "3"], capture_output=True,
+    killed = subprocess.run([sys.executable, KILL_RUN, "save", "3", "--", *first, "--generations", "3"], capture_output=True,
                             text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})
     assert killed.returncode < 0, killed.stderr[-2000:]
     with open(tmp_path / "r" / "checkpoint" / "state.json") as f:

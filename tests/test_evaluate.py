@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evolver_kernels import tiny_models
-from evolver_kernels.evaluate import Evaluator
+from evolver_kernels.evaluation.evaluator import Evaluator
+from evolver_kernels.testing import tiny_models
 
 
 @pytest.fixture(scope="module")

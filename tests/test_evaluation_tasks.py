@@ -13,9 +13,11 @@ from transformers import (
     AutoTokenizer,
 )
 
-from evolver_kernels import evaluate, evaluation, tiny_models
+from evolver_kernels import evaluation
 from evolver_kernels.errors import UserError
-from evolver_kernels.evaluate import Evaluator
+from evolver_kernels.evaluation import evaluator as evaluate
+from evolver_kernels.evaluation.evaluator import Evaluator
+from evolver_kernels.testing import tiny_models
 
 ROWS = {"bert": tiny_models.sentiment_rows, "gpt2": tiny_models.lm_rows, "t5": tiny_models.seq2seq_rows}
 MODEL_CLASSES = {"bert": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM}

@@ -6,14 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from _util import KILL_RUN
 from safetensors.torch import load_file
 
-from evolver_kernels import tiny_models
 from evolver_kernels.evolve import main
+from evolver_kernels.testing import tiny_models
 
 
 def _run(models, dev, out, *extra):
@@ -128,7 +128,7 @@ def test_multilabel_classification(tmp_path):
     # the recorded fitness is the output model's multi-label F1, scored independently from its directory
     import transformers
 
-    from evolver_kernels.evaluate import Evaluator
+    from evolver_kernels.evaluation.evaluator import Evaluator
 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -159,19 +159,7 @@ def test_help_lists_every_pinned_flag_with_defaults():
     assert "(default: 0.5)" in out.stdout
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from evolver_kernels import evolve
-    limit, calls = int(sys.argv[1]), [0]
-    original = evolve.Run.evaluate
-    def evaluate(self, *args, **kw):
-        calls[0] += 1
-        if calls[0] > limit:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, *args, **kw)
-    evolve.Run.evaluate = evaluate
-    sys.exit(evolve.main(sys.argv[2:]))
-""")
+
 
 
 @pytest.mark.slow
@@ -188,7 +176,7 @@ def test_resume_after_kill_gives_the_same_bytes(bert_pop, tmp_path, fitness, sch
     args = ["--models", *models, "--dev", *dev, "--generations", "3", "--seed", "11", "--fitness", fitness,
             "--schedule", schedule, "--population-on", tier, *extra]
     _run(models, dev, tmp_path / "straight", *args[args.index("--generations"):])
-    killed = subprocess.run([sys.executable, "-c", KILLER, str(kill_after), *args, "--out", str(tmp_path / "k")],
+    killed = subprocess.run([sys.executable, KILL_RUN, "evaluate", str(kill_after), "--", *args, "--out", str(tmp_path / "k")],
                             capture_output=True, text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "k" / "evolution.json").exists()
@@ -215,11 +203,11 @@ def test_sequential_schedule_refuses_several_ranks(bert_pop, tmp_path, monkeypat
     ("task_arithmetic", [], {}),
 ])
 def test_merged_fitness_with_other_merge_methods(bert_pop, tmp_path, method, extra, kw):
-    from evolver_kernels import model_io
-    from evolver_kernels.arena import Arena, Layout, safetensors_files
-    from evolver_kernels.merging import Merger
-    from evolver_kernels.population import make_population
-    from evolver_kernels.rng import PURPOSE_MERGE, derive_seed
+    from evolver_kernels.io import model_io
+    from evolver_kernels.kernels.rng import PURPOSE_MERGE, derive_seed
+    from evolver_kernels.methods.merger import Merger
+    from evolver_kernels.storage.arena import Arena, Layout, safetensors_files
+    from evolver_kernels.storage.population import make_population
 
     models, dev = bert_pop
     base_dir = os.path.join(os.path.dirname(models[0]), "bert-base")
@@ -256,7 +244,7 @@ def test_fisher_and_regmean_merged_fitness_resume_exactly(bert_pop, tmp_path, me
     assert fits == sorted(fits)
     assert ("Fisher" if method == "fisher" else "RegMean") in doc["output"]
     assert not [f for f in os.listdir(tmp_path / "straight" / "checkpoint") if f.endswith("-stats.safetensors")]
-    killed = subprocess.run([sys.executable, "-c", KILLER, "3", *args, "--out", str(tmp_path / "k")],
+    killed = subprocess.run([sys.executable, KILL_RUN, "evaluate", "3", "--", *args, "--out", str(tmp_path / "k")],
                             capture_output=True, text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert os.path.isfile(tmp_path / "k" / "checkpoint" / f"{method}-stats.safetensors")
@@ -286,10 +274,10 @@ def test_extra_individuals_join_the_population(bert_pop, tmp_path, monkeypatch):
 
     from safetensors.torch import save_file
 
-    from evolver_kernels import model_io
-    from evolver_kernels.arena import Arena, Layout, safetensors_files
-    from evolver_kernels.merging import Merger
-    from evolver_kernels.population import make_population
+    from evolver_kernels.io import model_io
+    from evolver_kernels.methods.merger import Merger
+    from evolver_kernels.storage.arena import Arena, Layout, safetensors_files
+    from evolver_kernels.storage.population import make_population
 
     models, dev = bert_pop
     base_dir = os.path.join(os.path.dirname(models[0]), "bert-base")

@@ -7,9 +7,10 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from evolver_kernels import tiny_models
-from evolver_kernels.config import ConfigError, parse_config
-from evolver_kernels.evolve import Run, main
+from evolver_kernels.evolve import main
+from evolver_kernels.evolve.config import ConfigError, parse_config
+from evolver_kernels.evolve.run import Run
+from evolver_kernels.testing import tiny_models
 
 
 @pytest.fixture()
@@ -132,7 +133,7 @@ def test_dry_run_prints_the_plan_and_stops(pop, tmp_path, capsys):
 
 
 def test_plan_that_cannot_fit_is_refused_with_numbers(pop, tmp_path, capsys, monkeypatch):
-    import evolver_kernels.evolve as ev
+    import evolver_kernels.evolve.run as ev
 
     _, models, dev = pop
     monkeypatch.setattr(ev, "host_available", lambda: 1000)
@@ -191,7 +192,7 @@ def test_existing_checkpoint_needs_resume_and_same_config(pop, tmp_path, capsys)
     assert not os.listdir(tmp_path / "o" / "checkpoint" / "individuals")
     assert "--resume: no checkpoint" in _error(capsys, _args(models, dev, tmp_path / "fresh", "--resume"))
     # an interrupted run: a checkpoint that is not finished
-    import evolver_kernels.evolve as ev
+    import evolver_kernels.evolve.run as ev
 
     calls = []
 
@@ -215,7 +216,7 @@ def test_existing_checkpoint_needs_resume_and_same_config(pop, tmp_path, capsys)
 
 def test_errors_come_before_heavy_work(pop, tmp_path, monkeypatch):
     """Data errors surface before the population is loaded."""
-    import evolver_kernels.evolve as ev
+    import evolver_kernels.evolve.run as ev
 
     _, models, _ = pop
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
@@ -254,9 +255,9 @@ def test_unknown_backend_in_a_config_file(pop, tmp_path, capsys):
 
 def test_library_errors_name_their_arguments_and_the_cli_its_flags(pop, tmp_path, capsys):
     """A library function names its own argument (model_dir, path, metric); each command says its own flag."""
-    from evolver_kernels import model_io
-    from evolver_kernels.data import load_examples
     from evolver_kernels.errors import ArgumentError
+    from evolver_kernels.evaluation.data import load_examples
+    from evolver_kernels.io import model_io
 
     with pytest.raises(ArgumentError, match=r"^model_dir /nope: no config.json") as err:
         model_io.load_config("/nope")

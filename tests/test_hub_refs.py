@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evolver_kernels import refs
 from evolver_kernels.evolve import main as evolve_main
+from evolver_kernels.io import refs
 from evolver_kernels.merge import main as merge_main
 
 COMMITS = ["a" * 40, "b" * 40, "c" * 40]

@@ -56,7 +56,7 @@ def test_a_failed_extension_import_warns_once_and_env_says_why():
 
 
 def test_a_build_record_of_another_torch_is_not_trusted(tmp_path, monkeypatch):
-    from evolver_kernels import jit
+    from evolver_kernels.kernels import jit
 
     record = tmp_path / "_build_info.json"
     monkeypatch.setattr(jit, "BUILD_INFO", record)
@@ -121,8 +121,8 @@ def test_pip_install_with_build_isolation_compiles_just_in_time(tmp_path):
     assert json.loads((site / "evolver_kernels" / "_build_info.json").read_text())["extensions"] == []
     code = textwrap.dedent("""
         import json, torch, evolver_kernels as ek
-        from evolver_kernels import backends
-        from evolver_kernels.reference import de_mutate_crossover_reference
+        from evolver_kernels.kernels import backends
+        from evolver_kernels.kernels.reference import de_mutate_crossover_reference
         gen = torch.Generator().manual_seed(0)
         x, a, b = (torch.randn(100_003, generator=gen) for _ in range(3))
         got = ek.de_mutate_crossover(x, x, a, b, F=0.7, CR=0.3, seed=5, offset=17, backend="cpu")

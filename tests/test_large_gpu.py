@@ -6,7 +6,7 @@ from _util import assert_bitwise_equal
 from conftest import KERNEL_CASES
 
 import evolver_kernels as ek
-from evolver_kernels.reference import de_mutate_crossover_reference
+from evolver_kernels.kernels.reference import de_mutate_crossover_reference
 
 
 def _skip_unless_free(nbytes: int) -> None:
@@ -33,7 +33,7 @@ def test_more_than_2_pow_31_elements(backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
 def test_merge_more_than_2_pow_31_elements(backend):
-    from evolver_kernels.reference import merge_reference
+    from evolver_kernels.kernels.reference import merge_reference
 
     n = 2**31 + 4099
     _skip_unless_free(4 * 2 * n)

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed: pip install .[lm-eval]")
 
-from evolver_kernels import tiny_models
-from evolver_kernels.evolve import Run, main
+from evolver_kernels.evolve import main
+from evolver_kernels.evolve.run import Run
+from evolver_kernels.testing import tiny_models
 
 LIMIT, BATCH = 16, 8
 TASK_YAML = """task: {name}
@@ -221,7 +222,7 @@ def test_missing_extra_names_it(llama_pop, lm_tasks, tmp_path, capsys, monkeypat
 
 
 def test_yaml_and_flags_read_the_options_alike(tmp_path):
-    from evolver_kernels.config import parse_config
+    from evolver_kernels.evolve.config import parse_config
 
     path = tmp_path / "run.yaml"
     path.write_text("task: lm-eval\nlm_eval_tasks: [tiny_a, tiny_b]\nlm_eval_metric: acc_norm\nlm_eval_weights: [3, 1e-1]\n"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from evolver_kernels.io.rundir import SCRATCH_PREFIX
 from evolver_kernels.merge import main
-from evolver_kernels.rundir import SCRATCH_PREFIX
 
 
 @pytest.fixture()
@@ -39,9 +39,9 @@ def test_mapped_models_read_like_loaded_ones(llama_pop):
     a tensor is a view of the read-only map, never a writable copy."""
     import random
 
-    from evolver_kernels import model_io
-    from evolver_kernels.arena import Layout, safetensors_files
-    from evolver_kernels.population import MappedModels, make_population
+    from evolver_kernels.io import model_io
+    from evolver_kernels.storage.arena import Layout, safetensors_files
+    from evolver_kernels.storage.population import MappedModels, make_population
 
     config = model_io.load_config(llama_pop.models[0])
     layout = Layout.of_model(model_io.empty_model(config, "causal-lm"))
@@ -107,7 +107,7 @@ def test_an_arena_on_files_is_zero_filled_shared_and_gives_back_a_written_entry(
     them), and an entry written out is punched out of the file while its neighbours keep their values."""
     import os
 
-    from evolver_kernels.arena import Arena, Layout
+    from evolver_kernels.storage.arena import Arena, Layout
 
     layout = Layout.from_params([(("a",), torch.float32, (3000,)), (("b",), torch.float32, (5000,)),
                                  (("c",), torch.float32, (7,))])
@@ -168,7 +168,7 @@ def test_mismatched_model_named(models, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_fisher_and_regmean_from_dev_data(models, tmp_path, capsys, method):
-    from evolver_kernels.tiny_models import sentiment_rows, write_jsonl
+    from evolver_kernels.testing.tiny_models import sentiment_rows, write_jsonl
 
     dev = write_jsonl(str(tmp_path / "dev.jsonl"), sentiment_rows(20, 0))
     argv = ["--method", method, "--models", *models[1:], "--dev", dev, "--examples", "12"]
@@ -191,8 +191,8 @@ def test_outputs_are_sharded_with_an_index(models, tmp_path):
 
     import transformers
 
-    from evolver_kernels import model_io
-    from evolver_kernels.arena import Layout, safetensors_files
+    from evolver_kernels.io import model_io
+    from evolver_kernels.storage.arena import Layout, safetensors_files
 
     config = model_io.load_config(models[0])
     layout = Layout.of_model(model_io.empty_model(config, "sequence-classification"))

@@ -11,7 +11,7 @@ from _util import assert_bitwise_equal
 from conftest import KERNEL_CASES
 
 import evolver_kernels as ek
-from evolver_kernels.reference import crossover_mask_reference, merge_reference, nearswap_reference
+from evolver_kernels.kernels.reference import crossover_mask_reference, merge_reference, nearswap_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MODES = {

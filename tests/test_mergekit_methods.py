@@ -16,10 +16,10 @@ from _util import MERGEKIT_ATOL, MERGEKIT_RTOL, assert_same_as_mergekit, run_mer
 from safetensors.torch import load_file
 
 from evolver_kernels import methods
-from evolver_kernels.arena import Arena, Layout
 from evolver_kernels.merge import main
-from evolver_kernels.merging import Merger
-from evolver_kernels.population import MemoryPopulation
+from evolver_kernels.methods.merger import Merger
+from evolver_kernels.storage.arena import Arena, Layout
+from evolver_kernels.storage.population import MemoryPopulation
 
 RTOL, ATOL = MERGEKIT_RTOL, MERGEKIT_ATOL
 FAR = 1e-4

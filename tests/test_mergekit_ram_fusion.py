@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from _util import assert_same_as_mergekit, merge_cli_error, random_population, run_mergekit
 from safetensors.torch import load_file, save_file
 
-from evolver_kernels import merging, methods
-from evolver_kernels.arena import Arena
+from evolver_kernels import methods
 from evolver_kernels.merge import main
-from evolver_kernels.merging import Merger
+from evolver_kernels.methods import merger as merging
 from evolver_kernels.methods.arcee_fusion import kth_smallest
+from evolver_kernels.methods.merger import Merger
+from evolver_kernels.storage.arena import Arena
 
 FAR = 1e-4
 CLI_CHUNK = 40

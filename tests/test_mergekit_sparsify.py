@@ -25,13 +25,14 @@ from _util import (
 )
 from safetensors.torch import load_file
 
-from evolver_kernels import available_backends, methods, model_io
-from evolver_kernels.arena import Arena, Layout
+from evolver_kernels import available_backends, methods
+from evolver_kernels.io import model_io
+from evolver_kernels.kernels.rng import STREAM_DARE, random_words
 from evolver_kernels.merge import main
-from evolver_kernels.merging import Merger
+from evolver_kernels.methods.merger import Merger
 from evolver_kernels.methods.sparsify import della_kept
-from evolver_kernels.population import MemoryPopulation
-from evolver_kernels.rng import STREAM_DARE, random_words
+from evolver_kernels.storage.arena import Arena, Layout
+from evolver_kernels.storage.population import MemoryPopulation
 
 RTOL, ATOL = MERGEKIT_RTOL, MERGEKIT_ATOL
 FAR = 1e-4

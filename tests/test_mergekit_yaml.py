@@ -16,8 +16,8 @@ import yaml
 from _util import run_mergekit
 from safetensors.torch import load_file
 
-from evolver_kernels import tiny_models
 from evolver_kernels.merge import main
+from evolver_kernels.testing import tiny_models
 
 LAYERS = 8  # the feature cases'
 EXAMPLE_LAYERS = 40  # mergekit's examples slice 13B Llamas of 40 layers

@@ -6,12 +6,13 @@ import torch
 from _util import assert_within_one_ulp
 
 import evolver_kernels
-from evolver_kernels import merging, methods
-from evolver_kernels.arena import Arena, Layout
+from evolver_kernels import methods
+from evolver_kernels.kernels.reference import crossover_mask_reference
+from evolver_kernels.kernels.rng import STREAM_DARE
+from evolver_kernels.methods import merger as merging
 from evolver_kernels.methods.statistics import FisherStats
-from evolver_kernels.population import MemoryPopulation
-from evolver_kernels.reference import crossover_mask_reference
-from evolver_kernels.rng import STREAM_DARE
+from evolver_kernels.storage.arena import Arena, Layout
+from evolver_kernels.storage.population import MemoryPopulation
 
 BACKENDS_HERE = evolver_kernels.available_backends("cpu")
 

@@ -1,6 +1,6 @@
 """Nothing a user owns is overwritten or deleted, and every misuse ends in one line naming the culprit, before
 any heavy work. Each test is a case that lost data, returned a wrong result with exit code 0, or ended in a
-traceback before the output directory rules (evolver_kernels.rundir) and the input checks existed."""
+traceback before the output directory rules (evolver_kernels.io.rundir) and the input checks existed."""
 
 import hashlib
 import json
@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evolver_kernels import merge as merge_cli
-from evolver_kernels import rundir
-from evolver_kernels.config import parse_config
 from evolver_kernels.evolve import main
+from evolver_kernels.evolve.config import parse_config
+from evolver_kernels.io import rundir
+from evolver_kernels.merge import cli as merge_cli
 
 
 @pytest.fixture()
@@ -152,7 +152,7 @@ def test_allow_pickle_keeps_two_models_with_the_same_folder_name_apart(pop, tmp_
     out = tmp_path / "o"
     assert main(_args([*dirs, models[2]], dev, out, "--allow-pickle", "--generations", "0",
                       "--fitness", "individual")) == 0
-    from evolver_kernels.model_io import conversion_key
+    from evolver_kernels.io.model_io import conversion_key
 
     assert len(os.listdir(out / "converted")) == 2
     for d in dirs:
@@ -327,7 +327,7 @@ def test_bad_values_are_one_line(pop, tmp_path, capsys, extra, message):
 
 
 def _no_population(monkeypatch):
-    import evolver_kernels.evolve as ev
+    import evolver_kernels.evolve.run as ev
 
     def refuse(*a, **k):
         raise AssertionError("the population was loaded before the error")
@@ -377,7 +377,7 @@ def test_disk_tier_scratch_is_fresh_and_removed(pop, tmp_path):
 def test_full_disk_is_one_line(pop, tmp_path, capsys, monkeypatch):
     import errno
 
-    import evolver_kernels.model_io as model_io
+    import evolver_kernels.io.model_io as model_io
 
     _, models, dev = pop
 
@@ -427,7 +427,7 @@ def test_truncated_safetensors_names_the_file(pop, tmp_path, capsys):
 
 
 def test_truncated_checkpoint_is_one_line(pop, tmp_path, capsys):
-    import evolver_kernels.evolve as ev
+    import evolver_kernels.evolve.run as ev
 
     _, models, dev = pop
     out = tmp_path / "o"

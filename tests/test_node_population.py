@@ -1,4 +1,4 @@
-"""The population held once per node under torchrun (evolver_kernels/node_share.py), with gloo ranks on this
+"""The population held once per node under torchrun (evolver_kernels/storage/node_share.py), with gloo ranks on this
 machine: 4 and 2 ranks on shared memory and 2 on the disk tier give the bytes of one process;
 two nodes simulated on localhost (two torchrun invocations) too; a rank killed with SIGKILL, then --resume with
 another rank count, too. No shared-memory or scratch directory survives any of it."""
@@ -9,16 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from _util import KILL_RUN
 from safetensors.torch import load_file
 
 from evolver_kernels.evolve import main
-from evolver_kernels.plan import PlanInputs, memory_plan
+from evolver_kernels.evolve.memory_plan import PlanInputs, memory_plan
 
 ARGS = ["--generations", "3", "--seed", "5", "--schedule", "synchronous"]
 
@@ -98,19 +98,7 @@ def test_two_nodes_on_localhost_give_the_same_bytes(bert_pop, reference, tmp_pat
     assert not _leftovers(shm)
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from evolver_kernels import evolve
-    limit, calls = int(os.environ["KILL_AFTER"]), [0]
-    original = evolve.Run.evaluate
-    def evaluate(self, *args, **kw):
-        calls[0] += 1
-        if os.environ.get("RANK") == "1" and calls[0] > limit:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, *args, **kw)
-    evolve.Run.evaluate = evaluate
-    sys.exit(evolve.main(sys.argv[1:]))
-""")
+
 
 
 @pytest.mark.slow
@@ -119,12 +107,10 @@ def test_a_killed_rank_then_resume_with_any_rank_count_gives_the_same_bytes(bert
                                                                          resume_ranks):
     models, dev = bert_pop
     shm = tmp_path / "shm"
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
     argv = ["--models", *models, "--dev", *dev, *ARGS, "--fitness", "individual", "--population-on", "cpu",
             "--out", str(tmp_path / "out")]
-    monkeypatch.setenv("KILL_AFTER", "5")  # rank 1 scores 2 initial individuals, then 2 offspring a generation
-    killed = _torchrun(argv, shm, 2, script=[str(script)])
+    # rank 1 scores 2 initial individuals, then 2 offspring a generation: killed in generation 2
+    killed = _torchrun(argv, shm, 2, script=[KILL_RUN, "evaluate", "5", "1", "--"])
     _, err = killed.communicate(timeout=600)
     assert killed.returncode != 0 and "(SIGKILL)" in err, err[-3000:]
     assert not (tmp_path / "out" / "evolution.json").exists()

@@ -4,7 +4,7 @@ GPU), Triton."""
 import pytest
 import torch
 
-from evolver_kernels import backends, rng
+from evolver_kernels.kernels import backends, rng
 
 COUNTERS = torch.tensor([c for c, _, _ in rng.KNOWN_ANSWERS], dtype=torch.int64)
 

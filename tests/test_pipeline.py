@@ -5,11 +5,11 @@ import pytest
 import torch
 from _util import assert_bitwise_equal
 
-from evolver_kernels import tiny_models
-from evolver_kernels.arena import ALIGN, Arena, Layout
-from evolver_kernels.offspring import OffspringSpec, WeightPipeline
-from evolver_kernels.population import MemoryPopulation
-from evolver_kernels.reference import de_mutate_crossover_reference
+from evolver_kernels.evolve.offspring import OffspringSpec, WeightPipeline
+from evolver_kernels.kernels.reference import de_mutate_crossover_reference
+from evolver_kernels.storage.arena import ALIGN, Arena, Layout
+from evolver_kernels.storage.population import MemoryPopulation
+from evolver_kernels.testing import tiny_models
 
 
 def _population(n=4, dtype_mix=True, seed=0):
@@ -114,7 +114,7 @@ def test_staged_reads_give_the_same_bytes(method):
     """Double-buffered staging (on by default only for a GPU computing on a population off the device) forced
     on the CPU: every read of the offspring, merge and replacement loops is served from the staged buffers,
     and the results are the bytes of unstaged reads."""
-    from evolver_kernels.merging import Merger
+    from evolver_kernels.methods.merger import Merger
     from evolver_kernels.methods.statistics import FisherStats
 
     results = []

@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evolver_kernels import methods, model_io, strategies
-from evolver_kernels.arena import Arena, Layout, iter_chunks, safetensors_files
+from evolver_kernels import methods
 from evolver_kernels.evolve import main as evolve_main
+from evolver_kernels.evolve import strategies
+from evolver_kernels.evolve.offspring import WeightPipeline
+from evolver_kernels.io import model_io
 from evolver_kernels.merge import main as merge_main
-from evolver_kernels.offspring import WeightPipeline
-from evolver_kernels.population import make_population
+from evolver_kernels.storage.arena import Arena, Layout, iter_chunks, safetensors_files
+from evolver_kernels.storage.population import make_population
 
 GAIN = methods.Param("gain", float, 1.0, "scale of the largest task-vector element", low=0.0, high=10.0,
                      low_open=True)
@@ -133,8 +135,8 @@ def test_unknown_strategy_and_method_come_from_the_registries(bert_pop, tmp_path
 
 
 def test_help_of_both_commands_lists_every_registered_method_and_parameter(max_magnitude):
-    from evolver_kernels.config import build_parser
-    from evolver_kernels.merge import build_parser as merge_parser
+    from evolver_kernels.evolve.config import build_parser
+    from evolver_kernels.merge.cli import build_parser as merge_parser
 
     evolve_help, merge_help = build_parser().format_help(), merge_parser().format_help()
     for name in methods.all_params():
@@ -142,10 +144,10 @@ def test_help_of_both_commands_lists_every_registered_method_and_parameter(max_m
     assert "--merge-gain" in evolve_help and "max_magnitude" in merge_help and "--gain" in merge_help
 
 
-def test_readme_method_table_is_the_registrys():
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
-        readme = f.read()
-    assert methods.markdown_table() in readme, "README.md: regenerate the method table from methods.markdown_table()"
+def test_docs_method_table_is_the_registrys():
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "merge.md")) as f:
+        page = f.read()
+    assert methods.markdown_table() in page, "docs/merge.md: regenerate the method table from methods.markdown_table()"
 
 
 def test_registry_refuses_a_parameter_that_means_two_things():
@@ -170,8 +172,8 @@ def test_population_size_adds_seeded_individuals(bert_pop, tmp_path, monkeypatch
     """--population-size 4 with 2 models: slots 2 and 3 are evolver-strategy offspring of models 0 and 1 with a
     random partner (evolve.py's docstring). A fitness that is highest exactly at slot 3's weights makes the run
     output slot 3: its bytes are the seeding rule's."""
-    from evolver_kernels.rng import PURPOSE_OFFSPRING, derive_seed, random_order
-    from evolver_kernels.strategies import OffspringSpec
+    from evolver_kernels.evolve.strategies import OffspringSpec
+    from evolver_kernels.kernels.rng import PURPOSE_OFFSPRING, derive_seed, random_order
 
     models, dev, seed = bert_pop.models[:2], bert_pop.dev, 11
     layout = Layout.of_model(model_io.empty_model(model_io.load_config(models[0]), "sequence-classification"))

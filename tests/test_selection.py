@@ -1,4 +1,4 @@
-"""Held-out selection (--select, --select-fraction; evolver_kernels/selection.py): the split, the options' errors,
+"""Held-out selection (--select, --select-fraction; evolver_kernels/evolve/heldout.py): the split, the options' errors,
 and a run whose output is never worse on the selection data than any model the user brought."""
 
 import collections
@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evolver_kernels import model_io, tiny_models
-from evolver_kernels.data import load_examples
 from evolver_kernels.errors import ArgumentError
-from evolver_kernels.evaluate import Evaluator
+from evolver_kernels.evaluation.data import load_examples
+from evolver_kernels.evaluation.evaluator import Evaluator
 from evolver_kernels.evolve import main
-from evolver_kernels.selection import HeldOut
+from evolver_kernels.evolve.heldout import HeldOut
+from evolver_kernels.io import model_io
+from evolver_kernels.testing import tiny_models
 
 
 def _rows(n: int, seed: int) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 
 CHILD = textwrap.dedent("""
     import json, sys, torch
-    from evolver_kernels.synthetic import AnonPeak, llama_layout, population_digest, synthetic_population, weight_generation
+    from evolver_kernels.testing.synthetic import AnonPeak, llama_layout, population_digest, synthetic_population, weight_generation
     tier, root = sys.argv[1], sys.argv[2]
     base = AnonPeak.now()
     sampler = AnonPeak()

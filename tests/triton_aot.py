@@ -35,7 +35,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
 import evolver_kernels as ek
-from evolver_kernels import backends
+from evolver_kernels.kernels import backends
 
 SEEDS = (5, 2**64 - 1)  # key words below 2**31 and above: Triton types the two differently (i32, i64)
 STREAMS = (3, 2**40 + 7)
@@ -74,7 +74,7 @@ def record_launches() -> list[dict[str, Any]]:
     """The launches of every Triton kernel that the operators make over their modes and argument ranges."""
     tk = backends.triton_kernels()
     if tk is None:
-        raise SystemExit(f"evolver_kernels.triton_kernels did not import: {backends._import('evolver_kernels.triton_kernels')[1]}")
+        raise SystemExit(f"evolver_kernels.kernels.triton_kernels did not import: {backends._import('evolver_kernels.kernels.triton_kernels')[1]}")
     launches: list[dict[str, Any]] = []
     for kernel in (tk._de_kernel, tk._mask_kernel, tk._merge_kernel, tk._nearswap_kernel, tk._philox_test_kernel):
         _launch_recorder(kernel, launches)

@@ -1,4 +1,4 @@
-"""One evaluator per task behind one interface (base.TaskEvaluator); `evolver_kernels.evaluate.Evaluator`
+"""One evaluator per task behind one interface (base.TaskEvaluator); `evolver_kernels.evaluation.evaluator.Evaluator`
 is the front that the rest of the package uses.
 
 TASKS maps each built-in task name to its evaluator class; `task_class` also sends a module:function
@@ -7,8 +7,8 @@ spec to the user-function evaluator, and `build` constructs the evaluator for a 
 
 from __future__ import annotations
 
-from ..errors import ArgumentError
-from .base import (
+from evolver_kernels.errors import ArgumentError
+from evolver_kernels.evaluation.base import (
     LOGITS_BUDGET,
     Fitness,
     TaskEvaluator,
@@ -18,11 +18,11 @@ from .base import (
     unique_basenames,
     with_pad_token,
 )
-from .causal_lm import CausalLMEvaluator
-from .classification import ClassificationEvaluator
-from .lm_eval_task import LmEvalEvaluator
-from .seq2seq import Seq2SeqEvaluator
-from .user_function import UserFunctionEvaluator, load_user_function
+from evolver_kernels.evaluation.causal_lm import CausalLMEvaluator
+from evolver_kernels.evaluation.classification import ClassificationEvaluator
+from evolver_kernels.evaluation.lm_eval_task import LmEvalEvaluator
+from evolver_kernels.evaluation.seq2seq import Seq2SeqEvaluator
+from evolver_kernels.evaluation.user_function import UserFunctionEvaluator, load_user_function
 
 TASKS: dict[str, type[TaskEvaluator]] = {
     cls.name: cls for cls in (ClassificationEvaluator, CausalLMEvaluator, Seq2SeqEvaluator, LmEvalEvaluator)

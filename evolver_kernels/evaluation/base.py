@@ -1,4 +1,4 @@
-"""The task interface behind `evolver_kernels.evaluate.Evaluator`, and what every task shares.
+"""The task interface behind `evolver_kernels.evaluation.evaluator.Evaluator`, and what every task shares.
 
 A `TaskEvaluator` turns examples into padded batches (tokenised once, sorted by length), scores a model on
 one file's batches (higher is better), gives a differentiable loss on one batch (Fisher statistics) and
@@ -23,8 +23,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as nnf
 
-from ..data import load_examples
-from ..errors import ArgumentError
+from evolver_kernels.errors import ArgumentError
+from evolver_kernels.evaluation.data import load_examples
 
 IGNORE_INDEX = -100  # Hugging Face's label for positions that carry no loss (padding, prompts)
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")

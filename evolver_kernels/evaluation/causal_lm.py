@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE_INDEX, TaskEvaluator, budget_slices, token_nll
+from evolver_kernels.evaluation.base import IGNORE_INDEX, TaskEvaluator, budget_slices, token_nll
 
 
 def _next_token_nll(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

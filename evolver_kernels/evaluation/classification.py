@@ -12,9 +12,9 @@ import math
 import torch
 import torch.nn.functional as nnf
 
-from ..data import load_examples
-from ..errors import ArgumentError
-from .base import DevFiles, TaskEvaluator
+from evolver_kernels.errors import ArgumentError
+from evolver_kernels.evaluation.base import DevFiles, TaskEvaluator
+from evolver_kernels.evaluation.data import load_examples
 
 
 def _macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> float:

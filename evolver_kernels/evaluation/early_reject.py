@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from .base import DevFiles, Fitness, TaskEvaluator, file_key, mean_score
+from evolver_kernels.evaluation.base import DevFiles, Fitness, TaskEvaluator, file_key, mean_score
 
 # A record holds one character per example: WRONG, or the decile (0: least sure) of the rival's confidence
 # among the examples it gets right in that file.

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import ArgumentError, UserError
-from .base import DevFiles, Fitness, TaskEvaluator
+from evolver_kernels.errors import ArgumentError, UserError
+from evolver_kernels.evaluation.base import DevFiles, Fitness, TaskEvaluator
 
 EXTRA = 'pip install "evolver-kernels[lm-eval]"'
 STATISTICS_NEED_EXAMPLES = "Fisher and RegMean statistics need a task with examples of our own, not --task lm-eval"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE_INDEX, TaskEvaluator, token_nll
+from evolver_kernels.evaluation.base import IGNORE_INDEX, TaskEvaluator, token_nll
 
 
 class Seq2SeqEvaluator(TaskEvaluator):

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..errors import ArgumentError
-from .base import STATISTICS_NEED_BUILTIN, DevFiles, Fitness, TaskEvaluator
+from evolver_kernels.errors import ArgumentError
+from evolver_kernels.evaluation.base import STATISTICS_NEED_BUILTIN, DevFiles, Fitness, TaskEvaluator
 
 
 def load_user_function(spec: str) -> Callable:

@@ -3,9 +3,9 @@ imported. Importing this package registers the built-in ones."""
 
 # isort: off
 # registration order is the order of --help, error messages and the README table
-from . import linear, task_vectors, statistics, spherical, model_stock, sparsify, nearswap, ram, arcee_fusion  # noqa: F401 - registers the built-in methods
+from evolver_kernels.methods import linear, task_vectors, statistics, spherical, model_stock, sparsify, nearswap, ram, arcee_fusion  # noqa: F401 - registers the built-in methods
 # isort: on
-from .registry import (
+from evolver_kernels.methods.registry import (
     METHODS,
     MergeContext,
     MergeMethod,
@@ -18,7 +18,7 @@ from .registry import (
     register,
     unregister,
 )
-from .streaming import base_chunk
+from evolver_kernels.methods.streaming import base_chunk
 
 __all__ = ["METHODS", "MergeContext", "MergeMethod", "Param", "Statistics", "all_params", "base_chunk", "get",
            "markdown_table", "names", "register", "unregister"]

@@ -43,11 +43,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..arena import Arena, Entry
-from ..population import Population
-from .registry import MergeContext, MergeMethod, register
-from .streaming import Base, base_chunk, check_base
-from .task_vectors import _count
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, register
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base
+from evolver_kernels.methods.task_vectors import _count
+from evolver_kernels.storage.arena import Arena, Entry
+from evolver_kernels.storage.population import Population
 
 KL_EPS = 1e-8  # mergekit's eps added to both softmaxes
 QUANTILES = (0.25, 0.5, 0.75)

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 
 import torch
 
-from ..arena import Arena, Entry, iter_chunks
-from ..ops import merge_tensors
-from ..population import Population
-from .streaming import Base, base_chunk, per_model_chunk
+from evolver_kernels.kernels.ops import merge_tensors
+from evolver_kernels.methods.streaming import Base, base_chunk, per_model_chunk
+from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
+from evolver_kernels.storage.population import Population
 
 
 @dataclasses.dataclass(frozen=True)

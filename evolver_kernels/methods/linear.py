@@ -5,10 +5,10 @@ per-input `scale` of passthrough is not supported)."""
 
 from __future__ import annotations
 
-from ..arena import Arena
-from ..population import Population
-from .registry import MergeContext, MergeMethod, register
-from .streaming import check_weights, merge_linear
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, register
+from evolver_kernels.methods.streaming import check_weights, merge_linear
+from evolver_kernels.storage.arena import Arena
+from evolver_kernels.storage.population import Population
 
 
 def average(pop: Population, out: Arena, weights: list[float] | None = None, chunk: int = 1 << 22,

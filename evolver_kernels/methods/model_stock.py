@@ -20,11 +20,20 @@ from __future__ import annotations
 
 import torch
 
-from ..arena import Arena
-from ..population import Population
-from .geometry import combine, gram, matrix_of, per_element, read_span, shaped, spans, vector_count
-from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import Base, check_base
+from evolver_kernels.methods.geometry import (
+    combine,
+    gram,
+    matrix_of,
+    per_element,
+    read_span,
+    shaped,
+    spans,
+    vector_count,
+)
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
+from evolver_kernels.methods.streaming import Base, check_base
+from evolver_kernels.storage.arena import Arena
+from evolver_kernels.storage.population import Population
 
 FILTER_WISE = Param("filter_wise", boolean, False, "model_stock: one ratio t per row (filter) instead of per tensor")
 

@@ -15,12 +15,12 @@ computes in the inputs' dtype; on float32 inputs the expressions and their bits 
 
 from __future__ import annotations
 
-from ..arena import Arena, iter_chunks
-from ..ops import merge_tensors
-from ..population import Population
-from .registry import MergeContext, MergeMethod, register
-from .spherical import T
-from .streaming import Base, base_chunk, check_base
+from evolver_kernels.kernels.ops import merge_tensors
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, register
+from evolver_kernels.methods.spherical import T
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base
+from evolver_kernels.storage.arena import Arena, iter_chunks
+from evolver_kernels.storage.population import Population
 
 
 def nearswap(pop: Population, base: Base, out: Arena, t: float, chunk: int = 1 << 22,

@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import torch
 
-from ..arena import Arena, Entry, iter_chunks
-from ..population import Population
-from .registry import MergeContext, MergeMethod, Param, register
-from .streaming import Base, base_chunk, check_base, per_model_chunk
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, register
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base, per_model_chunk
+from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
+from evolver_kernels.storage.population import Population
 
 RAM_EPSILON = Param("ram_epsilon", float, 1e-5, "ram, ramplus_tl: a task-vector element counts as changed where "
                     "its magnitude is above this (mergekit's epsilon)", low=0.0, aliases=("epsilon",))

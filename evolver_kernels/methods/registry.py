@@ -9,7 +9,7 @@ choices, and the method table in the README (tests/test_registries.py checks tha
 
 Adding a method is one module that calls `register(MergeMethod(...))` when imported; the built-in ones are
 imported by evolver_kernels/methods/__init__.py. A merge function has the signature
-`merge(pop, out, ctx) -> out`: `pop` any Population-like reader (evolver_kernels.population), `out` the Arena to
+`merge(pop, out, ctx) -> out`: `pop` any Population-like reader (evolver_kernels.storage.population), `out` the Arena to
 fill, `ctx` a MergeContext; the base model `ctx.base` is read with `base_chunk(ctx.base, group, lo, hi, device)`
 (evolver_kernels.methods: an Arena in `evolve`, the base's own memory-mapped files in the merge CLI).
 Functions stream chunk by chunk (docs/ARCHITECTURE.md §5): never a stack of the N models, never a mask tensor.
@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import UserError
+from evolver_kernels.errors import UserError
 
 
 def boolean(value: Any) -> bool:

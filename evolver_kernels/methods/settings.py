@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..errors import UserError
+from evolver_kernels.errors import UserError
 
 Check = Callable[[Any, str], Any]  # Param.check: (value, where) -> the value converted, or a one-line error
 CONDITIONAL_KEYS = ("filter", "value")

@@ -74,14 +74,21 @@ import math
 
 import torch
 
-from ..arena import Arena, Entry, iter_chunks
-from ..ops import merge_tensors
-from ..population import Population
-from ..reference import variance_reference
-from ..rng import STREAM_DARE, random_words
-from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import Base, base_chunk, check_base, check_weights, per_model_chunk
-from .task_vectors import DENSITY, NORMALIZE, SCALE, _check_density, kth_largest_magnitudes, normalize_of
+from evolver_kernels.kernels.ops import merge_tensors
+from evolver_kernels.kernels.reference import variance_reference
+from evolver_kernels.kernels.rng import STREAM_DARE, random_words
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk
+from evolver_kernels.methods.task_vectors import (
+    DENSITY,
+    NORMALIZE,
+    SCALE,
+    _check_density,
+    kth_largest_magnitudes,
+    normalize_of,
+)
+from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
+from evolver_kernels.storage.population import Population
 
 GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of each task vector's largest magnitudes dropped, per "
               "tensor (the outliers), before `density` is kept below them", low=0.0, high=1.0, per_model=True)

@@ -48,11 +48,11 @@ import math
 
 import torch
 
-from ..arena import Arena
-from ..population import Population
-from .geometry import combine, gram, vector_count
-from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import Base, check_weights
+from evolver_kernels.methods.geometry import combine, gram, vector_count
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
+from evolver_kernels.methods.streaming import Base, check_weights
+from evolver_kernels.storage.arena import Arena
+from evolver_kernels.storage.population import Population
 
 T = Param("t", float, 0.5, "slerp: where between the first model (t = 0) and the second (t = 1); outside [0, 1] "
           "extrapolates. nearswap: the distance scale, each element taking weight min(1, t / |base - x|) of the "

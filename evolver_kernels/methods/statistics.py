@@ -22,10 +22,10 @@ from collections.abc import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..arena import Arena, Entry, Layout
-from ..population import Population
-from .linear import average
-from .registry import MergeContext, MergeMethod, Param, Statistics, register
+from evolver_kernels.methods.linear import average
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, Statistics, register
+from evolver_kernels.storage.arena import Arena, Entry, Layout
+from evolver_kernels.storage.population import Population
 
 EXAMPLES = Param("examples", int, 256, "dev examples the statistics are estimated on (once per model)", low=1)
 ALPHA = Param("alpha", float, 0.5, "RegMean: factor on the Gram matrices' off-diagonal entries", low=0.0, high=1.0)

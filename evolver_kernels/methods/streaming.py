@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ..arena import Arena, iter_chunks
-from ..ops import MAX_MERGE_INPUTS, merge_tensors
-from ..population import Population
-from ..rng import STREAM_DARE
+from evolver_kernels.kernels.ops import MAX_MERGE_INPUTS, merge_tensors
+from evolver_kernels.kernels.rng import STREAM_DARE
+from evolver_kernels.storage.arena import Arena, iter_chunks
+from evolver_kernels.storage.population import Population
 
 # a base model: an arena, or a one-model reader of its own files (population.MappedModels, the merge CLI's)
 Base = Arena | Population

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import torch
 
-from ..arena import Arena, iter_chunks
-from ..ops import crossover_mask, merge_tensors
-from ..population import Population
-from ..rng import STREAM_DARE
-from .registry import MergeContext, MergeMethod, Param, boolean, register
-from .streaming import Base, base_chunk, check_base, check_weights, merge_linear, read_all
+from evolver_kernels.kernels.ops import crossover_mask, merge_tensors
+from evolver_kernels.kernels.rng import STREAM_DARE
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, merge_linear, read_all
+from evolver_kernels.storage.arena import Arena, iter_chunks
+from evolver_kernels.storage.population import Population
 
 SCALE = Param("scale", float, 1.0, "task-vector scale (lambda)", aliases=("lambda",))
 DENSITY = Param("density", float, 1.0, "fraction of each task vector kept, per tensor: by magnitude (TIES; "

@@ -1,0 +1,330 @@
+"""Hugging Face model directories in and out: configs, the evaluation model bound to an arena, outputs.
+
+The evaluation model is built without weights (accelerate's init_empty_weights) and its parameters are
+then set to views into its own arena, so an offspring written into the arena is the model evaluated.
+Outputs are written shard by shard under the first model's tensor names, so `from_pretrained(out)` loads
+them; buffers stored in the first model's checkpoint are carried over unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evolver_kernels.errors import ArgumentError
+from evolver_kernels.storage.arena import Arena, Layout, load_into, resolve_names, tensor_index
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "added_tokens.json",
+)
+
+
+def load_config(model_dir: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ArgumentError("model_dir", f"{model_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ArgumentError("model_dir", f"{model_dir}: config.json is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ArgumentError("model_dir", f"{model_dir}: config.json is not a JSON object")
+    if raw.get("auto_map"):
+        raise ArgumentError("model_dir", f"{model_dir}: the model needs remote code (auto_map in config.json), which is never run")
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def model_class(config, task: str):
+    """The transformers class that evaluates `task`; for a user function, the checkpoint's own architecture."""
+    import transformers
+
+    if task == "sequence-classification":
+        return transformers.AutoModelForSequenceClassification
+    if task == "causal-lm":
+        return transformers.AutoModelForCausalLM
+    if task == "seq2seq":
+        return transformers.AutoModelForSeq2SeqLM
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return cls if cls is not None else transformers.AutoModel
+
+
+def empty_model(config, task: str) -> torch.nn.Module:
+    """The model of `config` with parameters on the meta device (buffers real)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        cls = model_class(config, task)
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # from_config does not always tie (transformers 5), from_pretrained does
+    return model.eval()
+
+
+def load_model_arena(layout: Layout, files: list[str], source: str, arena: Arena | None = None) -> Arena:
+    """A model's weights (safetensors `files`, checked against `layout`; errors name `source`) read tensor by
+    tensor into `arena` (default: a new arena in host memory). The one way a whole model (a base model) is
+    loaded outside a population."""
+    arena = arena if arena is not None else Arena.empty(layout)
+    load_into(arena, files, source)
+    return arena
+
+
+def bind_to_arena(model: torch.nn.Module, arena: Arena) -> None:
+    """Makes every parameter of `model` a view into `arena` (tied parameters share one view)."""
+    for entry in arena.layout.entries:
+        param = torch.nn.Parameter(arena.view(entry), requires_grad=False)
+        for alias in entry.aliases:
+            module_name, _, attr = alias.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            module._parameters[attr] = param
+
+
+def load_checkpoint_buffers(model: torch.nn.Module, files: list[str]) -> None:
+    """Copies buffers that the checkpoint stores (e.g. BatchNorm statistics) into the model."""
+    index = tensor_index(files)
+    for name, buf in model.named_buffers():
+        if name in index and buf is not None:
+            with safe_open(index[name][0], framework="pt", device="cpu") as f:
+                buf.copy_(f.get_tensor(name))
+
+
+def attach_arena(model: torch.nn.Module, arena: Arena, files: list[str], device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Makes an empty_model() evaluable: parameters become views into `arena`, buffers stored in the
+    checkpoint `files` are loaded, and the model moves to `device` (the arena's device for its parameters)."""
+    if Layout.of_model(model).fingerprint() != arena.layout.fingerprint():
+        raise ValueError("the evaluation model's parameters differ from the population's layout")
+    bind_to_arena(model, arena)
+    load_checkpoint_buffers(model, files)
+    return model.to(device)
+
+
+def _pickle_files(model_dir: str) -> list[str]:
+    return sorted(f for f in os.listdir(model_dir) if f.endswith(".bin"))
+
+
+def conversion_key(model_dir: str) -> str:
+    """A directory name for the conversion of `model_dir`'s pickle weights: its name, then a hash of its real
+    path and of its .bin files' names, sizes and modification times."""
+    import hashlib
+
+    real = os.path.realpath(model_dir)
+    stamp = [real] + [f"{n}:{os.stat(os.path.join(real, n)).st_size}:{os.stat(os.path.join(real, n)).st_mtime_ns}"
+                      for n in _pickle_files(real)]
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    return f"{os.path.basename(real) or 'model'}-{digest}"
+
+
+def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
+    """--allow-pickle: converts a model's .bin weights to one safetensors file under dest_dir (tensor data
+    only: torch.load with weights_only=True refuses arbitrary objects, and no code in the file runs)."""
+    import pickle
+
+    dest = os.path.join(dest_dir, "model.safetensors")
+    if os.path.exists(dest):
+        return dest
+    names = _pickle_files(model_dir)
+    if not names:
+        raise ArgumentError("model_dir", f"{model_dir}: no safetensors and no .bin weights")
+    state = {}
+    for name in names:
+        path = os.path.join(model_dir, name)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ArgumentError("model_dir", f"{model_dir}: {name} is not a plain tensor checkpoint, refused without "
+                            f"running it ({reason[:200]})") from None
+        if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+            raise ArgumentError("model_dir", f"{model_dir}: {name} does not hold a dictionary of tensors")
+        state.update(loaded)
+    os.makedirs(dest_dir, exist_ok=True)
+    seen, tensors = {}, {}
+    for key, t in state.items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen:  # a tied weight saved twice: keep one name, as safetensors requires
+            continue
+        seen[ptr] = key
+        tensors[key] = t.contiguous().clone()
+    tmp = dest + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, dest)
+    return dest
+
+
+# torch dtype -> the dtype name in a safetensors header
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensor_for: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
+                      written: Callable[[str], None] | None = None) -> None:
+    """Writes a safetensors file whose tensors are `specs` (name, dtype, shape), in that order, asking
+    tensor_for(name) for one tensor at a time and writing its bytes as they are: host memory holds one tensor,
+    where safetensors' save_file holds every tensor of the file and a serialised copy of them. written(name),
+    when given, is called once a tensor's bytes are written (its source may then be freed)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in specs:
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, dtype, shape in specs:
+            t = tensor_for(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: got {t.dtype} {list(t.shape)}, the header says {dtype} {list(shape)}")
+            f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del t
+            if written is not None:
+                written(name)
+
+
+def write_shards(out_dir: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 tensor_for: Callable[[str], torch.Tensor], shard_bytes: int = 2 << 30,
+                 written: Callable[[str], None] | None = None) -> list[str]:
+    """Writes the tensors `specs` (name, dtype, shape) as model.safetensors, or as shards of at most
+    `shard_bytes` (planned from the specs, in their order) with model.safetensors.index.json; each shard through
+    a temporary name (removed on failure) and write_safetensors (with `written`), one tensor in memory at a
+    time. Returns the paths written."""
+    plan: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[2]) * spec[1].itemsize
+        if plan[-1] and size + nbytes > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(spec)
+        size += nbytes
+    os.makedirs(out_dir, exist_ok=True)
+    paths, weight_map = [], {}
+    for n, shard in enumerate(plan, 1):
+        fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
+        tmp = os.path.join(out_dir, fname + ".tmp")
+        try:
+            write_safetensors(tmp, shard, tensor_for, metadata={"format": "pt"}, written=written)
+        except BaseException:
+            if os.path.exists(tmp):  # a partial shard of ours (a full disk, an interrupt): not left behind
+                os.remove(tmp)
+            raise
+        os.replace(tmp, os.path.join(out_dir, fname))
+        paths.append(os.path.join(out_dir, fname))
+        weight_map.update(dict.fromkeys((name for name, _, _ in shard), fname))
+    if len(plan) > 1:
+        paths.append(os.path.join(out_dir, "model.safetensors.index.json"))
+        total = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs)
+        with open(paths[-1], "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return paths
+
+
+def output_tensors(arena: Arena, evolved: dict, index: dict, dtype: torch.dtype | None):
+    """key -> the tensor an output writes under that name: the arena's entry evolved[key], else the tensor
+    from its safetensors file (index: tensor_index); floating-point ones cast to `dtype` when given."""
+    def tensor_for(key: str) -> torch.Tensor:
+        if key in evolved:
+            t = arena.view(evolved[key]).detach()
+        else:
+            with safe_open(index[key][0], framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    return tensor_for
+
+
+def discard_written(arena: Arena, evolved: dict) -> Callable[[str], None]:
+    """The writers' `written` hook for an output of `arena` (evolved: key -> entry): each entry's disk blocks
+    given back once its tensor is in the output (a no-op for an arena in memory)."""
+    def written(key: str) -> None:
+        if key in evolved:
+            arena.discard(evolved[key])
+
+    return written
+
+
+def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30,
+               dtype: torch.dtype | None = None, discard: bool = False) -> list[str]:
+    """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
+    source's buffers, config, generation config and tokenizer files. With `dtype`, every floating-point
+    tensor is cast to it (one rounding from the arena's values) and config.json says so. With `discard` the
+    arena's entries are given back once written (Arena.discard: the merge's arena on scratch files, read once).
+    Returns every path written."""
+    os.makedirs(out_dir, exist_ok=True)
+    index = tensor_index(src_files)
+    keys = resolve_names(arena.layout, index, src_dir)
+    evolved = {keys[e.name]: e for e in arena.layout.entries}
+    tied = {alias for e in arena.layout.entries for alias in e.aliases if alias != keys[e.name]}
+    names = [k for k in sorted(index) if k not in tied]
+
+    tensor_for = output_tensors(arena, evolved, index, dtype)
+    specs = [(k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2])
+             for k in names]
+    paths = write_shards(out_dir, specs, tensor_for, shard_bytes,
+                         written=discard_written(arena, evolved) if discard else None)
+    for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            paths.append(os.path.join(out_dir, name))
+            shutil.copyfile(src, paths[-1])
+    if dtype is not None:
+        config_path = os.path.join(out_dir, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = str(dtype).removeprefix("torch.")
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+    return paths
+
+
+def device_for(name: str, device_map: dict[str, str]) -> str:
+    """The device of parameter / buffer / module `name` under an accelerate-style device map (longest module
+    prefix wins; "" covers the whole model)."""
+    best = None
+    for key in device_map:
+        covers = key == "" or name == key or name.startswith(key + ".")
+        if covers and (best is None or len(key) > len(best)):
+            best = key
+    if best is None:
+        raise ArgumentError("device_map", f"places no module that holds {name}")
+    return best
+
+
+def place_model(model: torch.nn.Module, arena: Arena, files: list[str], device_map: dict[str, str],
+                main_device: torch.device) -> torch.nn.Module:
+    """Makes an empty_model() evaluable over several devices: parameters become views into the placed
+    `arena` (each on the device the map gives its module), buffers follow their modules, and accelerate's
+    hooks move activations to each placed module's device and the outputs back to `main_device`."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    if Layout.of_model(model).fingerprint() != arena.layout.fingerprint():
+        raise ValueError("the evaluation model's parameters differ from the population's layout")
+    bind_to_arena(model, arena)
+    load_checkpoint_buffers(model, files)
+    for name, buf in list(model.named_buffers()):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._buffers[attr] = buf.to(device_map[device_for(name, device_map)])
+    for key, device in device_map.items():
+        if key:
+            add_hook_to_module(model.get_submodule(key), AlignDevicesHook(execution_device=torch.device(device)))
+    add_hook_to_module(model, AlignDevicesHook(execution_device=main_device, io_same_device=True))
+    return model

@@ -1,0 +1,5 @@
+import sys
+
+from evolver_kernels.merge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,286 @@
+"""The merge itself (run): claim --out, read the models through the population tier, merge every tensor through
+the registry's method into a file-backed scratch arena, write the output and merge.json. Weights are streamed
+(docs/ARCHITECTURE.md §5): never a stack of the models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from evolver_kernels.evaluation.evaluator import Evaluator, infer_task
+from evolver_kernels.io import model_io
+from evolver_kernels.io.jsonio import write_json
+from evolver_kernels.io.rundir import OutputDir, Scratch, disk_problem, format_bytes
+from evolver_kernels.kernels.backends import device_backends
+from evolver_kernels.merge.config import (
+    DTYPES,
+    MergeConfigError,
+    MergeSpec,
+    Slice,
+    Source,
+)
+from evolver_kernels.merge.plan import (
+    Route,
+    cast_layout,
+    check,
+    input_name,
+    relaid_copies,
+    routes_of,
+    slices_of,
+    tensor_groups,
+)
+from evolver_kernels.methods import merger
+from evolver_kernels.storage.arena import (
+    Arena,
+    Entry,
+    Layout,
+    layer_index,
+    resolve_names,
+    safetensors_files,
+    tensor_index,
+)
+from evolver_kernels.storage.population import MappedModels, MemoryPopulation, SharedMemoryPopulation, make_population
+
+
+def _fill(arena: Arena, routes: dict[str, Route], source: Callable[[Route], tuple[Source, int | None]],
+          spec: MergeSpec) -> Arena:
+    """`arena` (the output layout) filled tensor by tensor from the checkpoints `source(route)` names (a model
+    and the layer to read), cast to the arena's dtypes."""
+    indexes: dict[str, dict] = {}
+    by_file: dict[str, list[tuple[Entry, str]]] = {}
+    for e in arena.layout.entries:
+        src, layer = source(routes[e.name])
+        if src.model not in indexes:
+            indexes[src.model] = tensor_index(safetensors_files(spec.local(src.model)))
+        index = indexes[src.model]
+        key = next((k for k in (input_name(a, layer) for a in e.aliases) if k in index), None)
+        if key is None:
+            beyond = f" (layer_range {list(src.layers)} beyond its layers?)" if src.layers else ""
+            raise MergeConfigError(f"{src.model}: no tensor {input_name(e.name, layer)}{beyond}")
+        if tuple(index[key][2]) != e.shape:
+            raise MergeConfigError(f"{src.model}: {key} has shape {list(index[key][2])}, expected {list(e.shape)}")
+        by_file.setdefault(index[key][0], []).append((e, key))
+    for path, items in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for e, key in items:
+                arena.view(e).copy_(f.get_tensor(key))
+    return arena
+
+def _load_restacked(spec: MergeSpec, slices: list[Slice], layout: Layout, routes: dict[str, Route],
+                    scratch: Scratch) -> tuple[Any, Arena | None]:
+    """The population of the merged sources (individual k: the k-th source of each tensor's slice) and the base,
+    in the output layout and dtype, one individual at a time. With --population-on mapped (or disk) they are
+    files in the scratch directory, mapped MAP_SHARED: no anonymous copy of a model is held."""
+    n = len(slices[0].sources)
+    cpu = torch.device("cpu")
+    if spec.population_on == "mapped":  # a file-backed MemoryPopulation (its class serves a node's ranks too)
+        pop = SharedMemoryPopulation(layout, n, scratch.path, writes=True)
+    else:
+        pop = make_population(spec.population_on, layout, [], [], cpu, disk_dir=scratch.path, extra=n)
+    for k in range(n):
+        def source(r: Route, k=k) -> tuple[Source, int | None]:
+            return slices[r.slice].sources[k], r.layers[k]
+
+        if isinstance(pop, MemoryPopulation):
+            _fill(pop.arenas[k], routes, source, spec)
+            continue
+        arena = _fill(Arena.empty(layout), routes, source, spec)
+        pop.begin_write(k)
+        for group in layout.groups:
+            pop.write(k, group, 0, arena.buffers[group])
+        pop.commit_write(k)
+    base = None
+    if slices[0].base is not None:
+        base = _fill(_scratch_arena(spec, layout, scratch, "base"), routes,
+                     lambda r: (slices[r.slice].base, r.base_layer), spec)
+    return pop, base
+
+def _scratch_arena(spec: MergeSpec, layout: Layout, scratch: Scratch, name: str) -> Arena:
+    """A zero-filled arena for the merge's own working copies: in host memory with --population-on cpu, else
+    files in the scratch directory mapped MAP_SHARED (the kernel may write them back and evict them)."""
+    return Arena.empty(layout) if spec.population_on == "cpu" else Arena.on_files(layout, scratch.path, name)
+
+def _save_layout(arena: Arena, donor: str, out_dir: str, dtype: torch.dtype | None, num_layers: int | None,
+                 shard_bytes: int = 2 << 30) -> list[str]:
+    """The merge as an HF model directory when its tensors are not the donor checkpoint's (stacked layers, a
+    dtype cast before merging): each tensor under the name the donor gives it, the donor's other tensors
+    (buffers), its config (with num_layers and dtype), generation config and tokenizer files. Returns the paths."""
+    index = tensor_index(safetensors_files(donor))
+    entries = {next((a for a in e.aliases if a in index), e.name): e for e in arena.layout.entries}
+    aliases = {a for e in arena.layout.entries for a in e.aliases}
+    buffers = sorted(set(index) - aliases)
+    for key in buffers:
+        if layer_index(key) is not None and num_layers is not None:
+            raise MergeConfigError(f"{donor}: {key} is a layer's stored buffer, which layer stacking does not carry")
+
+    def stored(key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        if key in entries:
+            return arena.layout.group_dtype(entries[key].group), entries[key].shape
+        return index[key][1], index[key][2]
+
+    specs = []
+    for key in sorted([*entries, *buffers]):
+        stored_dtype, shape = stored(key)
+        specs.append((key, dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype, shape))
+    paths = model_io.write_shards(out_dir, specs, model_io.output_tensors(arena, entries, index, dtype), shard_bytes,
+                                  written=model_io.discard_written(arena, entries))
+    with open(os.path.join(donor, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if dtype is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = str(dtype).removeprefix("torch.")
+    if num_layers is not None:
+        key = getattr(model_io.load_config(donor), "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
+        config[key] = num_layers
+        if isinstance(config.get("layer_types"), list):  # one entry per layer in newer configs
+            config["layer_types"] = [config["layer_types"][0]] * num_layers
+    paths.append(write_json(os.path.join(out_dir, "config.json"), config))
+    return paths + _copy_files(donor, out_dir, ("generation_config.json",) + model_io.TOKENIZER_FILES)
+
+def _copy_files(src: str, out_dir: str, names: tuple[str, ...]) -> list[str]:
+    """Copies the files `names` that `src` has into out_dir (and removes those it lacks there)."""
+    paths = []
+    for name in names:
+        if os.path.isfile(os.path.join(src, name)):
+            paths.append(os.path.join(out_dir, name))
+            shutil.copyfile(os.path.join(src, name), paths[-1])
+        elif os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    return paths
+
+def _check_vocabulary(spec: MergeSpec) -> None:
+    """tokenizer_source: base is the base's tokenizer file for file: every model must have its vocabulary
+    (mergekit would move embeddings onto the base's vocabulary, which is not done here)."""
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(spec.local(spec.tokenizer_from)).get_vocab()
+    for m in spec.models:
+        if AutoTokenizer.from_pretrained(spec.local(m)).get_vocab() != want:
+            raise MergeConfigError(f"{spec.where}: tokenizer_source: base: {m}'s vocabulary differs from the base "
+                                   "model's (moving embeddings onto another vocabulary is not supported)")
+
+def run(spec: MergeSpec, log=print) -> str:
+    """Merges spec.models into spec.out (claimed: rundir.py); returns the output directory."""
+    record = check(spec)
+    slices = slices_of(spec)
+    models = [spec.local(m) for m in spec.models]
+    base_dir = spec.local(slices[0].base.model) if slices[0].base else None
+    inputs = [("--models", m) for m in models] + [("--base", base_dir)] * bool(base_dir) + [("--dev", d) for d in spec.dev]
+    if spec.tokenizer_from:
+        _check_vocabulary(spec)
+    claimed = OutputDir.claim(spec.out, "merge", inputs)
+    scratch = None
+    try:
+        configs = [model_io.load_config(m) for m in models]
+        config = configs[0]
+        for m, c in zip(spec.models[1:], configs[1:]):
+            if c.model_type != config.model_type:
+                raise MergeConfigError(f"--models {m} is a {c.model_type}, {spec.models[0]} a {config.model_type}: "
+                                       "the models must share one architecture")
+        task = spec.task or (infer_task(config) if record.statistics else "auto")
+        donor = models[0]
+        stacked = None
+        if spec.slices is not None:
+            donor = spec.local(spec.base_model or slices[0].sources[0].model)  # mergekit's config donor
+            config = copy.deepcopy(model_io.load_config(donor))
+            stacked = sum(sl.length for sl in slices)
+            config.num_hidden_layers = stacked
+            if isinstance(getattr(config, "layer_types", None), list):
+                config.layer_types = [config.layer_types[0]] * stacked
+        model = model_io.empty_model(config, task)
+        native = Layout.of_model(model)
+        layout = cast_layout(native, spec.compute_dtype)
+        identity = stacked is None and layout.fingerprint() == native.fingerprint()
+        files = [safetensors_files(m) for m in models]
+        if identity:
+            for m, f in zip(spec.models, files):
+                resolve_names(layout, tensor_index(f), m)
+        elif record.statistics is not None:
+            raise MergeConfigError(f"{record.name} estimates statistics on the models as they are: slices and a dtype "
+                                   "other than theirs are not supported")
+        order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+        num_layers = 1 + max((layer_index(e.name) for e in layout.entries if layer_index(e.name) is not None),
+                             default=-1)
+        routes = routes_of(layout, order, slices, num_layers)
+        groups = tensor_groups(record, spec, slices, layout, routes)
+        settings = record.settings(groups[0][1])
+        if spec.read_as:
+            log(f"merge: {spec.where}: mergekit's {spec.read_as} (bernoulli drops keeping `density`, L1-rescaled) is "
+                f"{record.name} with epsilon 0; the drops are our Philox draws, not torch's")
+        log(f"merge: {len(slices[0].sources)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
+            f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
+            f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
+        direct = record.copies and not identity  # passthrough's slices: the re-laid-out model is the output
+        # the merge's working files (the output before it is written, models re-laid out): removed at the end
+        relaid = 0 if direct else relaid_copies(spec, identity, slices) * layout.nbytes
+        problem = disk_problem([("the merged tensors", spec.out, layout.nbytes),
+                                ("the models re-laid out", spec.out, relaid)])
+        if problem:
+            raise MergeConfigError(f"--out {spec.out}: {problem} (the merge's scratch files, before its output)")
+        scratch = Scratch(spec.out, "--out")
+        base = None
+        if identity:
+            pop = MappedModels(layout, files, models) if spec.population_on == "mapped" else \
+                make_population(spec.population_on, layout, files, models, torch.device("cpu"), disk_dir=scratch.path)
+            if base_dir and spec.population_on == "mapped":
+                base = MappedModels(layout, [safetensors_files(base_dir)], [spec.base])
+            elif base_dir:
+                base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base,
+                                                 _scratch_arena(spec, layout, scratch, "base"))
+        elif not direct:
+            pop, base = _load_restacked(spec, slices, layout, routes, scratch)
+        arena = Arena.on_files(layout, scratch.path, "merged")  # the merge's result, until it is written out
+        if direct:
+            _fill(arena, routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
+        stats = None
+        if record.statistics is not None:
+            from transformers import AutoTokenizer
+
+            model_io.attach_arena(model, arena, files[0])
+            evaluator = Evaluator(task, AutoTokenizer.from_pretrained(models[0]), spec.dev, config=config)
+            stats = merger.compute_statistics(record.name, settings, model, layout,
+                                               lambda k: pop.copy_into(k, arena), len(spec.models), evaluator)
+        if not direct:
+            merger.merge_per_tensor(record.name, pop, arena, groups, base, seed=spec.seed, stats=stats)
+            pop.close()
+        if isinstance(base, MappedModels):
+            base.close()
+        claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
+        dtype = DTYPES[spec.dtype] if spec.dtype else None
+        if identity:
+            written = model_io.save_model(arena, models[0], files[0], spec.out, dtype=dtype, discard=True)
+        else:
+            written = _save_layout(arena, donor, spec.out, dtype or layout.group_dtype(layout.entries[0].group),
+                                   stacked)
+        if spec.tokenizer_from:
+            copied = _copy_files(spec.local(spec.tokenizer_from), spec.out, model_io.TOKENIZER_FILES)
+            written = [p for p in written if os.path.basename(p) not in model_io.TOKENIZER_FILES] + copied
+        written.append(write_json(os.path.join(spec.out, "merge.json"), {
+            "method": record.name, "mergekit_method": spec.read_as, "models": spec.models,
+            "weights": groups[0][2] or [1.0] * len(slices[0].sources),
+            "base": spec.base, **settings, "seed": spec.seed, "dev": spec.dev, "dtype": spec.dtype,
+            "compute_dtype": spec.compute_dtype, "tokenizer_source": "base" if spec.tokenizer_from else None,
+            "slices": [[[s.model, list(s.layers)] for s in sl.sources] for sl in spec.slices or []] or None,
+            "per_tensor": [{"tensors": [e.name for e in entries], **record.settings(s), "weights": w}
+                           for entries, s, w in groups] if len(groups) > 1 else None,
+            "backends": device_backends(["cpu"]),
+            "resolved_models": {ref: path for ref, path in spec.resolved.items() if ref != path}}))
+        claimed.record(written)
+    except BaseException:
+        if scratch is not None:
+            scratch.remove()
+        claimed.release(remove_if_unused=True)
+        raise
+    if scratch is not None:
+        scratch.remove()
+    claimed.release()
+    log(f"merged {len(slices[0].sources)} models with {record.phrase(settings)} into {spec.out}")
+    return spec.out
