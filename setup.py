@@ -1,6 +1,6 @@
 """Builds evolver_kernels._C (C++/OpenMP, always) and evolver_kernels._cuda (when torch has CUDA and nvcc exists)
-ahead of time, against the torch of the build environment, and records what they were built against
-(evolver_kernels/_build_info.json). The sources, flags and toolchain lookups are defined once in
+ahead of time, against the torch of the build environment; each module carries the record of what it was built
+against (a generated header, csrc/module.h). The sources, flags and toolchain lookups are defined once in
 evolver_kernels/kernels/jit.py, which also compiles the extensions just in time at first use when they are missing or
 were built against another torch than the one that imports them.
 
@@ -56,14 +56,13 @@ def _extensions():
         print("evolver-kernels: torch is not importable in the build environment (pip's build isolation): no "
               "kernels are compiled now; they compile at first use against the torch that imports them (a C++ "
               "compiler is needed then). To compile now: pip install --no-build-isolation .")
-        return [], None, {"torch": None, "extensions": []}
+        return [], None
     problem = jit.cxx_compiler_problem()
     if problem:
         _die(problem)
     include_dirs = [str(ROOT / "csrc")]
-    extensions = [CppExtension("evolver_kernels._C", sources=_csrc("_C"), include_dirs=include_dirs,
+    extensions = [CppExtension("evolver_kernels._C", sources=_csrc("_C"), include_dirs=include_dirs + _record("_C"),
                                extra_compile_args={"cxx": jit.cxx_flags()}, extra_link_args=jit.LINK_FLAGS["_C"])]
-    names = ["_C"]
     why_not = None
     if jit.flag("EVOLVER_KERNELS_SKIP_CUDA_BUILD"):
         why_not = "EVOLVER_KERNELS_SKIP_CUDA_BUILD is set"
@@ -80,25 +79,29 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = jit.DEFAULT_CUDA_ARCHS
             print(f"evolver-kernels: no GPU visible, building for TORCH_CUDA_ARCH_LIST={jit.DEFAULT_CUDA_ARCHS}")
         extensions.append(CUDAExtension(
-            "evolver_kernels._cuda", sources=_csrc("_cuda"), include_dirs=include_dirs + jit.nvidia_includes(),
+            "evolver_kernels._cuda", sources=_csrc("_cuda"),
+            include_dirs=include_dirs + _record("_cuda") + jit.nvidia_includes(),
             extra_compile_args={"cxx": jit.CUDA_CXX_FLAGS, "nvcc": jit.NVCC_FLAGS}))
-        names.append("_cuda")
-    return extensions, BuildExtension, jit.current_build(names)
+    return extensions, BuildExtension
 
 
-ext_modules, build_ext, build_info = _extensions()
-if ext_modules:  # in-place (editable) builds read the record beside the sources; a build without kernels
-    jit.write_build_info(build_info, ROOT / "evolver_kernels" / "_build_info.json")  # leaves the tree's alone
+def _record(name: str) -> list[str]:
+    """The include folder of extension `name`'s generated build record (build/generated/<name>/)."""
+    directory = ROOT / "build" / "generated" / name
+    jit.write_record_header(jit.record_of(name), directory)
+    return [str(directory)]
+
+
+ext_modules, build_ext = _extensions()
 
 
 class BuildPy(build_py):
-    """Ships this build's record and the kernel sources (for just-in-time builds) inside the package."""
+    """Ships the kernel sources (top-level csrc/) inside the package, for just-in-time builds."""
 
     def run(self):
         super().run()
         target = Path(self.build_lib) / "evolver_kernels"
         target.mkdir(parents=True, exist_ok=True)
-        jit.write_build_info(build_info, target / "_build_info.json")
         shutil.copytree(ROOT / "csrc", target / "csrc", dirs_exist_ok=True)  # for just-in-time builds
 
 

@@ -111,7 +111,7 @@ def worktree(commit: str) -> str:
     if not os.path.isdir(path):
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, commit], check=True, capture_output=True)
     for name in os.listdir(os.path.join(ROOT, "evolver_kernels")):
-        if name.endswith(".so") or name == "_build_info.json":
+        if name.endswith(".so"):
             shutil.copy2(os.path.join(ROOT, "evolver_kernels", name), os.path.join(path, "evolver_kernels", name))
     return path
 

@@ -1,12 +1,12 @@
 // The one place the operators are declared (TORCH_LIBRARY) and the CPU backend is registered.
 // The CUDA extension (csrc/cuda/bind_cuda.cpp) adds CUDA implementations of the same schemas;
 // evolver_kernels/ops.py registers the fake (meta) implementations.
-#include <Python.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "cpu/de_cpu.h"
 #include "cpu/merge_cpu.h"
+#include "module.h"
 #include "philox.h"
 #include "tensor_params.h"
 
@@ -78,6 +78,5 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("merge_", &evolver_kernels::merge_cpu_op);
 }
 
-// A Python module with no functions: importing it runs the registrations above.
-static struct PyModuleDef evolver_kernels_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&evolver_kernels_c_module); }
+// Importing the module runs the registrations above; the module reports its build (module.h).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { evolver_kernels::describe_build(m); }

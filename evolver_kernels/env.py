@@ -1,8 +1,8 @@
 """`python -m evolver_kernels.env` (console script `evolver-env`): what this installation runs on and why.
 
 Versions (package, Python, torch with its CUDA, triton, transformers, safetensors, accelerate), compilers (C++,
-nvcc), the build record of the compiled kernels, each extension (built at install time, compiled just in time, or
-why unavailable), each backend on each visible device with the reason it cannot run and the one that would run,
+nvcc), each extension (built at install time, compiled just in time, or why unavailable) with what the module
+itself says it was compiled with (torch, CUDA, architectures, flags, OpenMP, compiler, the sources' hash), each backend on each visible device with the reason it cannot run and the one that would run,
 the build switches in the environment, and the just-in-time cache. `--json` prints the same as JSON;
 `--no-build` reports without compiling anything (a missing extension is then reported, not built).
 """
@@ -39,6 +39,20 @@ def _version_line(command: list[str], marker: str = "") -> str:
     return next((line for line in lines if marker in line), lines[0] if lines else "")
 
 
+def _build_of(name: str) -> dict | str:
+    """What extension `name` says it was compiled with: the loaded module's own report, else the record its
+    installed binary carries (read, not loaded), else why there is none."""
+    from evolver_kernels.kernels import backends, jit
+
+    module = backends.loaded_extension(name)
+    if module is not None:
+        return jit.module_record(module)
+    path = jit.module_file(name)
+    if path is None:
+        return "not compiled when the package was installed"
+    return jit.embedded_record(path) or f"{path.name} carries no build record"
+
+
 def report() -> dict:
     """Everything the command prints, as a dictionary."""
     import torch
@@ -55,7 +69,7 @@ def report() -> dict:
             extensions[name] = {"available": False, "status": "this torch build has no CUDA"}
             continue
         available, status = backends.extension_status(name)
-        extensions[name] = {"available": available, "status": status}
+        extensions[name] = {"available": available, "status": status, "build": _build_of(name)}
     per_device = {}
     for device in devices:
         rows = {name: (backends.unavailable_reason(name, device) or "available") for name in backends.BACKENDS}
@@ -81,7 +95,6 @@ def report() -> dict:
                       else jit.cxx_compiler_problem(),
                       "nvcc": _version_line([os.path.join(cuda_home, "bin", "nvcc"), "--version"], "release")
                       if cuda_home else "no CUDA toolkit found", "cuda_home": cuda_home},
-        "build": jit.build_info() or "no record: the kernels were not compiled when the package was installed",
         "extensions": extensions,
         "devices": per_device,
         "switches": {k: os.environ[k] for k in SWITCHES if k in os.environ},
@@ -95,8 +108,11 @@ def _text(doc: dict) -> str:
              f"torch {doc['torch']['version']} (CUDA {doc['torch']['cuda']}); GPUs: {', '.join(doc['torch']['gpus']) or 'none'}",
              "packages: " + ", ".join(f"{k} {v}" for k, v in doc["packages"].items()),
              f"c++: {doc['compilers']['c++']}", f"nvcc: {doc['compilers']['nvcc']}",
-             f"build record: {json.dumps(doc['build'])}", "extensions:"]
-    lines += [f"  {name}: {'available' if e['available'] else 'UNAVAILABLE'} - {e['status']}" for name, e in doc["extensions"].items()]
+             "extensions:"]
+    for name, e in doc["extensions"].items():
+        lines.append(f"  {name}: {'available' if e['available'] else 'UNAVAILABLE'} - {e['status']}")
+        if "build" in e:
+            lines.append(f"    built with: {json.dumps(e['build'])}")
     for device, d in doc["devices"].items():
         note = "" if d["runs"] == d["fastest"] else f"  <- the fastest, {d['fastest']}, is unavailable: see its line"
         lines.append(f"{device}: runs the {d['runs']} backend{note}")

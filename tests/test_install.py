@@ -56,22 +56,59 @@ def test_a_failed_extension_import_warns_once_and_env_says_why():
 
 
 def test_a_build_record_of_another_torch_is_not_trusted(tmp_path, monkeypatch):
-    from evolver_kernels.kernels import jit
-
-    record = tmp_path / "_build_info.json"
-    monkeypatch.setattr(jit, "BUILD_INFO", record)
-    assert jit.stale_reason("_C") == "it was not built when the package was installed"
+    """The stale-build check reads the record the binary carries (csrc/module.h), without loading it."""
     import torch
 
-    jit.write_build_info({"torch": "2.0.0", "cuda": torch.version.cuda, "extensions": ["_C"]}, record)
+    from evolver_kernels.kernels import jit
+
+    binary = tmp_path / "_C.so"
+    monkeypatch.setattr(jit, "module_file", lambda name: binary if binary.exists() else None)
+    assert jit.stale_reason("_C") == "it was not built when the package was installed"
+    binary.write_bytes(b"\x7fELF no record here")
+    assert "carries no build record" in jit.stale_reason("_C")
+
+    def carrying(record: dict) -> None:
+        binary.write_bytes(b"\x7fELF\0" + jit.MARKER + json.dumps(record).encode() + b"\0more")
+
+    carrying({**jit.record_of("_C"), "torch": "2.0.0"})
     assert jit.stale_reason("_C") == f"it was built against torch 2.0.0, this is torch {torch.__version__}"
-    jit.write_build_info(dict(jit.current_build(["_C"])), record)
-    assert jit.stale_reason("_C") is None and jit.stale_reason("_cuda") is not None
+    carrying({**jit.record_of("_C"), "sources": "0000"})
+    assert "built from other sources" in jit.stale_reason("_C")
+    carrying(jit.record_of("_C"))
+    assert jit.stale_reason("_C") is None and jit.embedded_record(binary) == jit.record_of("_C")
     monkeypatch.setenv("EVOLVER_KERNELS_CACHE", str(tmp_path / "cache"))
     plain = jit.cache_dir("_C")
     assert str(plain).startswith(str(tmp_path / "cache"))
     monkeypatch.setenv("EVOLVER_KERNELS_PORTABLE", "1")  # other flags: another cache entry
     assert jit.cache_dir("_C") != plain
+
+
+def test_the_installed_module_says_what_it_was_built_with():
+    from evolver_kernels.kernels import backends, jit
+
+    module = backends.cpu_extension()
+    record = jit.module_record(module)
+    assert record == {**jit.embedded_record(jit.module_file("_C")), "openmp": module.openmp, "compiler": module.compiler}
+    assert record["torch"] == __import__("torch").__version__ and record["sources"] == jit.sources_hash()
+    assert record["openmp"] > 0 and "-fopenmp" in record["flags"]["cxx"]
+
+
+@pytest.mark.parametrize("value,on", [("0", False), ("false", False), ("OFF", False), ("no", False), ("1", True),
+                                      ("true", True), ("", True)])
+def test_the_jit_switch_reads_every_spelling(monkeypatch, value, on):
+    from evolver_kernels.kernels import jit
+
+    monkeypatch.setenv("EVOLVER_KERNELS_JIT", value)
+    assert jit.flag("EVOLVER_KERNELS_JIT", default=True) is on
+    assert (jit.jit_problem("_C") or "").startswith("just-in-time builds are off") is not on
+
+
+def test_a_switch_with_another_value_is_refused_naming_it(monkeypatch):
+    from evolver_kernels.kernels import jit
+
+    monkeypatch.setenv("EVOLVER_KERNELS_JIT", "sometimes")
+    with pytest.raises(ValueError, match="EVOLVER_KERNELS_JIT='sometimes': give 1/true/yes/on or 0/false/no/off"):
+        jit.jit_problem("_C")
 
 
 def test_env_command_reports_every_backend(tmp_path):
@@ -118,7 +155,7 @@ def test_pip_install_with_build_isolation_compiles_just_in_time(tmp_path):
                                 str(dist / wheel)], capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr[-3000:]
     assert (site / "evolver_kernels" / "csrc" / "ops.cpp").is_file()
-    assert json.loads((site / "evolver_kernels" / "_build_info.json").read_text())["extensions"] == []
+    assert not list((site / "evolver_kernels").glob("_C*.so")) and not list((site / "evolver_kernels").glob("_cuda*"))
     code = textwrap.dedent("""
         import json, torch, evolver_kernels as ek
         from evolver_kernels.kernels import backends
@@ -127,7 +164,9 @@ def test_pip_install_with_build_isolation_compiles_just_in_time(tmp_path):
         x, a, b = (torch.randn(100_003, generator=gen) for _ in range(3))
         got = ek.de_mutate_crossover(x, x, a, b, F=0.7, CR=0.3, seed=5, offset=17, backend="cpu")
         want = de_mutate_crossover_reference(x, x, a, b, F=0.7, CR=0.3, seed=5, offset=17)
+        from evolver_kernels.kernels import jit
         print(json.dumps({"file": ek.__file__, "status": backends.extension_status("_C")[1],
+                          "record": jit.module_record(backends.cpu_extension()), "want": jit.record_of("_C"),
                           "same": bool(torch.equal(got.view(torch.int32), want.view(torch.int32)))}))
     """)
     run_env = {"PYTHONPATH": str(site), "EVOLVER_KERNELS_CACHE": str(tmp_path / "cache"), "MAX_JOBS": "2"}
@@ -136,6 +175,7 @@ def test_pip_install_with_build_isolation_compiles_just_in_time(tmp_path):
     doc = json.loads(first.stdout.strip().splitlines()[-1])
     assert doc["file"].startswith(str(site)), doc
     assert doc["status"].startswith("compiled just in time") and doc["same"], doc
+    assert {k: doc["record"][k] for k in doc["want"]} == doc["want"], doc  # the compiled module's own record
     assert "compiling the _C kernels" in first.stderr
     again = _python(code, env=run_env, cwd=str(tmp_path))  # cached: no second compilation
     assert again.returncode == 0 and "compiling" not in again.stderr, again.stderr[-2000:]

@@ -74,9 +74,12 @@ def record_launches() -> list[dict[str, Any]]:
     """The launches of every Triton kernel that the operators make over their modes and argument ranges."""
     tk = backends.triton_kernels()
     if tk is None:
-        raise SystemExit(f"evolver_kernels.kernels.triton_kernels did not import: {backends._import('evolver_kernels.kernels.triton_kernels')[1]}")
+        raise SystemExit(f"evolver_kernels.kernels.triton did not import: {backends._import('evolver_kernels.kernels.triton')[1]}")
     launches: list[dict[str, Any]] = []
-    for kernel in (tk._de_kernel, tk._mask_kernel, tk._merge_kernel, tk._nearswap_kernel, tk._philox_test_kernel):
+    from evolver_kernels.kernels.triton import de_kernels, merge_kernels
+
+    for kernel in (de_kernels._de_kernel, de_kernels._mask_kernel, merge_kernels._merge_kernel, merge_kernels._nearswap_kernel,
+                   de_kernels._philox_test_kernel):
         _launch_recorder(kernel, launches)
     # The operators check their arguments as on a GPU, then hand CPU tensors to the (recording) launches.
     real_reason = backends.unavailable_reason
@@ -173,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sm_{row['arch']} {row['kernel']:<20} {flags:<70} {usage}  {row['seconds']:.2f} s")
     print(f"compiled {len(rows)} kernel variants for sm_{', sm_'.join(map(str, archs))} with triton {triton.__version__}")
     if args.json:
-        tk = backends.triton_kernels()
-        defined = sorted(name for name, obj in vars(tk).items()
+        from evolver_kernels.kernels.triton import de_kernels, merge_kernels
+
+        defined = sorted(name for module in (de_kernels, merge_kernels) for name, obj in vars(module).items()
                          if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel"))
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "torch": torch.__version__, "kernels_defined": defined, "rows": rows}, f,

@@ -1,5 +1,4 @@
 // Registers the CUDA implementations of the operators declared in csrc/ops.cpp.
-#include <Python.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty_like.h>
@@ -8,6 +7,7 @@
 #include "../tensor_params.h"
 #include "de_cuda.h"
 #include "merge_cuda.h"
+#include "../module.h"
 
 namespace evolver_kernels {
 namespace {
@@ -68,5 +68,5 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CUDA, m) {
   m.impl("merge_", &evolver_kernels::merge_cuda_op);
 }
 
-static struct PyModuleDef evolver_kernels_cuda_module = {PyModuleDef_HEAD_INIT, "_cuda", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__cuda(void) { return PyModule_Create(&evolver_kernels_cuda_module); }
+// Importing the module runs the registrations above; the module reports its build (module.h).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { evolver_kernels::describe_build(m); }

@@ -65,6 +65,11 @@ def extension_status(name: str) -> tuple[bool, str]:
     return module is not None, how if module is not None else why
 
 
+def loaded_extension(name: str) -> ModuleType | None:
+    """Extension `name` ("_C" or "_cuda") as extension_status obtained it, or None."""
+    return _extension(name)[0]
+
+
 def cpu_extension() -> ModuleType | None:
     """evolver_kernels._C (registers torch.ops.evolver_kernels.* with their CPU kernels), or None."""
     return _extension("_C")[0]
@@ -78,7 +83,7 @@ def cuda_extension() -> ModuleType | None:
 
 
 def triton_kernels() -> ModuleType | None:
-    return _import("evolver_kernels.kernels.triton_kernels")[0]
+    return _import("evolver_kernels.kernels.triton")[0]
 
 
 def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
@@ -113,7 +118,7 @@ def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
         return "torch sees no CUDA GPU"
     module = triton_kernels()
     if module is None:
-        return f"triton did not import ({_import('evolver_kernels.kernels.triton_kernels')[1]})"
+        return f"triton did not import ({_import('evolver_kernels.kernels.triton')[1]})"
     if device.type == "cpu" and not module.INTERPRETED:
         return "the Triton kernels were defined before TRITON_INTERPRET=1 was set; set it before the first use"
     return None

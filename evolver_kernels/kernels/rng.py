@@ -1,7 +1,7 @@
 """Philox4x32-10 in PyTorch, the crossover threshold and seed derivation (docs/ARCHITECTURE.md §2).
 
-This is the PyTorch definition of the generator; evolver_kernels/csrc/philox.h is the C++ one (host and device) and
-evolver_kernels/kernels/triton_kernels.py the Triton one. All three are held to KNOWN_ANSWERS by the tests.
+This is the PyTorch definition of the generator; csrc/philox.h is the C++ one (host and device) and
+evolver_kernels/kernels/triton/common.py the Triton one. All three are held to KNOWN_ANSWERS by the tests.
 
 Words are carried in int64 tensors holding values in [0, 2**32), so every backend of PyTorch (which
 has no full uint32 arithmetic) computes them exactly.
