@@ -133,7 +133,7 @@ def test_dry_run_prints_the_plan_and_stops(pop, tmp_path, capsys):
 
 
 def test_plan_that_cannot_fit_is_refused_with_numbers(pop, tmp_path, capsys, monkeypatch):
-    import evolver_kernels.evolve.run as ev
+    import evolver_kernels.evolve.startup as ev
 
     _, models, dev = pop
     monkeypatch.setattr(ev, "host_available", lambda: 1000)
@@ -216,7 +216,7 @@ def test_existing_checkpoint_needs_resume_and_same_config(pop, tmp_path, capsys)
 
 def test_errors_come_before_heavy_work(pop, tmp_path, monkeypatch):
     """Data errors surface before the population is loaded."""
-    import evolver_kernels.evolve.run as ev
+    import evolver_kernels.evolve.startup as ev
 
     _, models, _ = pop
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')

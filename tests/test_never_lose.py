@@ -327,7 +327,7 @@ def test_bad_values_are_one_line(pop, tmp_path, capsys, extra, message):
 
 
 def _no_population(monkeypatch):
-    import evolver_kernels.evolve.run as ev
+    import evolver_kernels.evolve.startup as ev
 
     def refuse(*a, **k):
         raise AssertionError("the population was loaded before the error")

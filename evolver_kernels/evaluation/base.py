@@ -260,7 +260,7 @@ class TaskEvaluator(abc.ABC):
     def classification_report(self, model: torch.nn.Module, files: DevFiles) -> dict[str, dict[str, float]]:
         raise ValueError("classification_report needs --task sequence-classification")
 
-    # -- data for merge statistics (merge_stats.py) ---------------------------------------------------------
+    # -- data for merge statistics (methods/statistics.py) ---------------------------------------------------------
     @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The batch's mean negative log-likelihood under `model` (differentiable)."""

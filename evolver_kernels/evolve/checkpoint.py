@@ -79,7 +79,7 @@ class Checkpoint:
         state.individual_files = {}
         self.save(state, None, [])
         for name in os.listdir(self.dir):
-            if name.endswith(STATS_SUFFIX):  # merge statistics (evolve.py)
+            if name.endswith(STATS_SUFFIX):  # merge statistics (initial.py)
                 os.remove(os.path.join(self.dir, name))
 
     def stats_path(self, method: str) -> str:

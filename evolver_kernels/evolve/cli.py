@@ -8,7 +8,8 @@ import sys
 from evolver_kernels.distributed import leave, process_group_up
 from evolver_kernels.errors import describe_error
 from evolver_kernels.evolve.config import parse_config
-from evolver_kernels.evolve.run import Run, dry_run
+from evolver_kernels.evolve.run import Run
+from evolver_kernels.evolve.startup import dry_run
 
 # the library's argument names (errors.ArgumentError) as this command's flags
 FLAGS = {"model_dir": "--models", "path": "--dev", "task": "--task", "metric": "--metric", "tier": "--population-on",

@@ -319,7 +319,7 @@ def validate(cfg: EvolveConfig) -> None:
 
 
 def check_selection(cfg: EvolveConfig) -> None:
-    """--select / --select-fraction (selection.py): one of them, held-out data, a task that can use it."""
+    """--select / --select-fraction (heldout.py): one of them, held-out data, a task that can use it."""
     if cfg.select is None and cfg.select_fraction is None:
         return
     if cfg.select is not None and cfg.select_fraction is not None:

@@ -1,4 +1,4 @@
-"""What a run holds before generation 0 besides the models: the individuals past the models (evolve.py's docstring gives the rule): one individual per
+"""What a run holds before generation 0 besides the models: the individuals past the models (evolve/run.py's docstring gives the rule): one individual per
 --extra-individuals merge of the models, then, up to --population-size, seeded offspring: slot s holds the
 evolver-strategy offspring of model (s - M - E) mod M with the first other model of random_order(seed, M, 0, s),
 crossover seed derive_seed(seed, 0, s, PURPOSE_OFFSPRING). Deterministic, so a resumed run rebuilds them.

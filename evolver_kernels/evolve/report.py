@@ -54,7 +54,7 @@ def plot_fitness(out_dir: str, history: list[dict], metric: str) -> str:
 
 
 def _selection_text(selection: dict | None) -> str:
-    """The model card's account of held-out selection (selection.py): every candidate's score, the winner."""
+    """The model card's account of held-out selection (heldout.py): every candidate's score, the winner."""
     if selection is None:
         return ""
     rows = "\n".join(f"| {c['name']} | {_number(c['score'])} |" for c in selection["candidates"])

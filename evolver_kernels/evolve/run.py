@@ -11,7 +11,7 @@ from its config alone and a resumed run repeats exactly what an uninterrupted on
   seeded individual s (--population-size)      partner random_order(seed, M, 0, s), crossover seed
                                                derive_seed(seed, 0, s, PURPOSE_OFFSPRING)
   --adapt jde draws of offspring i in gen. g    random_words(4) under derive_seed(seed, g, i, PURPOSE_ADAPT)   adaptation.py
-  --select-fraction split of dev file f         random_order(derive_seed(seed, 0, f, PURPOSE_SELECT), n, s)    selection.py
+  --select-fraction split of dev file f         random_order(derive_seed(seed, 0, f, PURPOSE_SELECT), n, s)    heldout.py
 Generation numbers start at 1; generation 0 in the history is the initial population.
 
 The population is the M models, then one individual per --extra-individuals merge of the models, then (when
@@ -21,84 +21,41 @@ resumed run rebuilds them exactly. Merge methods with statistics (fisher, regmea
 data once per individual before generation 0 and keep them with the checkpoint.
 
 With selection data (--select, --select-fraction) the output is chosen after the last generation among the
-run's result, the input models and the --extra-individuals merges (selection.py).
+run's result, the input models and the --extra-individuals merges (heldout.py).
 
-Where the rest is decided: options (config.py), inputs and the memory plan (inputs.py, plan.py), devices
-(placement.py), strategies (strategies.py), merge methods (methods/), the fitness modes (fitness.py), the run
-state (state.py), checkpoints (checkpoint.py), what a run may write (rundir.py), outputs (report.py).
+Where the rest is decided: options (config.py), the start-up (startup.py: inputs checked, --out claimed, the
+memory plan accepted, the storage built; inputs.py, memory_plan.py, placement.py), strategies (strategies.py),
+merge methods (methods/), the fitness modes (fitness.py), the run state (state.py), checkpoints
+(checkpoint.py), what a run may write (io/rundir.py), the output chosen and written (output.py, report.py).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
 
-from evolver_kernels.distributed import Ranks
 from evolver_kernels.evaluation.evaluator import Fitness, Rival
 from evolver_kernels.evolve import adaptation
-from evolver_kernels.evolve.checkpoint import Checkpoint
-from evolver_kernels.evolve.config import ConfigError, EvolveConfig, input_paths, validate
+from evolver_kernels.evolve.config import EvolveConfig
 from evolver_kernels.evolve.fitness import FITNESS
-from evolver_kernels.evolve.heldout import Candidate, choose, describe_data
 from evolver_kernels.evolve.initial import fill_slots, initial_statistics
-from evolver_kernels.evolve.inputs import RunInputs, inspect, plan_of, weight_files
-from evolver_kernels.evolve.memory_plan import host_available
-from evolver_kernels.evolve.offspring import WeightPipeline
-from evolver_kernels.evolve.report import write_outputs
+from evolver_kernels.evolve.output import write_run_outputs
+from evolver_kernels.evolve.startup import (  # noqa: F401 - dry_run, check_*: the command's
+    Storage,
+    build_storage,
+    check_checkpoint,
+    check_plan,
+    dry_run,
+    start,
+)
 from evolver_kernels.evolve.state import RunState
 from evolver_kernels.evolve.strategies import OffspringSpec, offspring_spec, visiting_order
-from evolver_kernels.io import model_io, rundir
-from evolver_kernels.kernels.backends import device_backends
 from evolver_kernels.kernels.rng import PURPOSE_MERGE, derive_seed
 from evolver_kernels.methods.merger import Merger
-from evolver_kernels.storage import node_share
-from evolver_kernels.storage.arena import load_into
-from evolver_kernels.storage.population import MappedModels, make_population
-
-
-def check_plan(cfg: EvolveConfig, inputs: RunInputs, log, ranks: Ranks | None = None) -> None:
-    """Prints the memory plan of this node; refuses one that cannot fit, with the numbers."""
-    plan = plan_of(cfg, inputs, ranks)
-    log(plan.text())
-    problem = plan.refusal(host_available(), lambda d: torch.cuda.mem_get_info(torch.device(d))[0], rundir.disk_problem)
-    if problem:
-        raise ConfigError(problem)
-
-
-def check_checkpoint(cfg: EvolveConfig) -> Checkpoint:
-    """--out's checkpoint agrees with --resume: none without it, an unfinished one with it."""
-    checkpoint = Checkpoint(cfg.out)
-    checkpoint.check()
-    if checkpoint.finished():
-        raise ConfigError(f"--out {cfg.out} holds a finished run (its outputs are there): choose another --out")
-    if checkpoint.exists() and not cfg.resume:
-        raise ConfigError(f"--out {cfg.out} holds a checkpointed run: pass --resume to continue it, or choose another --out")
-    if cfg.resume and not checkpoint.exists():
-        raise ConfigError(f"--resume: no checkpoint in {cfg.out}")
-    return checkpoint
-
-
-def dry_run(cfg: EvolveConfig, log=print) -> None:
-    """--dry-run: every input checked and the plan printed; nothing is loaded or written (pickle weights are
-    converted into a temporary directory, removed again)."""
-    validate(cfg)
-    ranks = Ranks()
-    tmp = tempfile.mkdtemp(prefix="evolver-dry-run-")
-    try:
-        def files_of(option, model_dir):
-            return weight_files(model_dir, option, cfg.allow_pickle, tmp, ranks)
-
-        inputs = inspect(cfg, ranks, files_of)
-        check_checkpoint(cfg)
-        check_plan(cfg, inputs, log, Ranks.of_launcher())  # under torchrun: the node's plan
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Run:
@@ -106,71 +63,32 @@ class Run:
     It is the fitness modes' Workbench (fitness.py): the pipeline, the evaluation arena, evaluate, timed."""
 
     def __init__(self, cfg: EvolveConfig, log=print):
-        validate(cfg)
         self.cfg, self.log = cfg, log
-        self.out_dir: rundir.OutputDir | None = None
-        self.scratch: rundir.Scratch | None = None
-        self.pop = self.bar = self.state = None
-        self.node: node_share.NodePopulation | None = None  # the population held once per node, with ranks
+        self.storage: Storage | None = None
+        self.bar = self.state = None
         self.weights_s = self.evaluation_s = 0.0
         self.non_finite = 0
-        cuda = cfg.device.startswith("cuda") if cfg.device else torch.cuda.is_available()
-        self.ranks = Ranks.from_env("cuda" if cuda else "cpu")
-        if self.ranks.enabled and cfg.schedule != "synchronous":
-            raise ConfigError(f"{self.ranks.world} ranks need --schedule synchronous (the sequential schedule is "
-                              "serial by definition)")
-        if self.ranks.is_main:  # claimed before anything is written (conversions, checkpoints, scratch)
-            self.out_dir = rundir.OutputDir.claim(cfg.out, "evolve", input_paths(cfg))
-        self.ranks.barrier()  # the other ranks write nothing before rank 0 holds --out
+        self.setup = start(cfg, log)  # inputs checked, plan accepted, --out claimed
+        self.ranks, self.inputs, self.checkpoint = self.setup.ranks, self.setup.inputs, self.setup.checkpoint
+        self.n, self.device = self.inputs.n, self.inputs.placement.device
         try:
-            self._build()
+            self.storage = build_storage(self.setup)
+            self.pop, self.arena, self.base = self.storage.pop, self.storage.arena, self.storage.base
+            self.pipeline = self.storage.pipeline
+            n_models = len(cfg.models)
+            fill_slots(cfg, self.pop, self.pipeline, self.arena, n_models, self.merger, self.timed, self.log)
+            self.sync(range(n_models, self.n))
+            self.mode = FITNESS[cfg.fitness](self)
+            if self.mode.merges:
+                start_s = time.perf_counter()
+                stats = initial_statistics(cfg, self.checkpoint, self.inputs,
+                                           lambda k: self.pipeline.copy_into(k, self.arena), self.log,
+                                           save=self.ranks.is_main)
+                self.evaluation_s += time.perf_counter() - start_s
+                self.pipeline.merger = self.merger(cfg.merge_method, stats=stats)
         except BaseException:
             self.close(failed=True)
             raise
-
-    def _build(self) -> None:
-        cfg = self.cfg
-        convert_root = os.path.join(cfg.out, "converted")
-        self.inputs = inspect(cfg, self.ranks, lambda option, d: weight_files(d, option, cfg.allow_pickle,
-                                                                                convert_root, self.ranks))
-        self.n, self.device = self.inputs.n, self.inputs.placement.device
-        self.checkpoint = check_checkpoint(cfg)
-        check_plan(cfg, self.inputs, self.log, self.ranks)
-        n_models = len(cfg.models)
-        on_disk = cfg.population_on == "disk"
-        # the disk tier's files go into a fresh directory of ours, removed when the run ends
-        disk_parent = (cfg.population_dir or cfg.out, "--population-dir" if cfg.population_dir else "--out")
-
-        def make(root: str | None, writes: bool = True):
-            return make_population(cfg.population_on, self.inputs.layout, self.inputs.files, list(cfg.models),
-                                   self.device, disk_dir=root if on_disk else None, extra=self.n - n_models,
-                                   shared_dir=root if self.node is not None and not on_disk else None, writes=writes)
-
-        if self.ranks.node_writer:  # shared-memory populations of killed runs (no live writer holds their lock)
-            rundir.remove_stale_scratch(node_share.shm_root())
-        if node_share.shared(cfg.population_on, self.device, self.ranks):  # once per node (node_share.py)
-            self.node = node_share.NodePopulation(self.ranks)
-            self.pop = self.node.create(make, *(disk_parent if on_disk else (node_share.shm_root(), "EVOLVER_SHM_DIR")))
-        else:
-            if on_disk:
-                self.scratch = rundir.Scratch(*disk_parent)
-            self.pop = make(self.scratch.path if self.scratch else None)
-        self.arena = self.inputs.placement.arena()
-        self.inputs.placement.bind(self.inputs.model, self.arena, self.inputs.files[0])
-        self.base = None
-        if cfg.base_model:
-            self.base = model_io.load_model_arena(self.inputs.layout, self.inputs.base_files,
-                                                  f"--base-model {cfg.base_model}", self.inputs.placement.arena())
-        self.pipeline = WeightPipeline(self.pop, self.device, chunk=cfg.chunk_elements, backend=cfg.backend)
-        fill_slots(cfg, self.pop, self.pipeline, self.arena, n_models, self.merger, self.timed, self.log)
-        self.sync(range(n_models, self.n))
-        self.mode = FITNESS[cfg.fitness](self)
-        if self.mode.merges:
-            start = time.perf_counter()
-            stats = initial_statistics(cfg, self.checkpoint, self.inputs, lambda k: self.pipeline.copy_into(k, self.arena),
-                                       self.log, save=self.ranks.is_main)
-            self.evaluation_s += time.perf_counter() - start
-            self.pipeline.merger = self.merger(cfg.merge_method, stats=stats)
 
     def merger(self, method: str, stats=None) -> Merger:
         return Merger(method, self.base, seed=derive_seed(self.cfg.seed, 0, 0, PURPOSE_MERGE), backend=self.cfg.backend,
@@ -242,8 +160,8 @@ class Run:
 
     def sync(self, changed) -> None:
         """A population shared by the node's ranks: every rank waits for its writer's writes of `changed`."""
-        if self.node is not None:
-            self.node.sync(self.pop, changed)
+        if self.storage is not None and self.storage.node is not None:
+            self.storage.node.sync(self.pop, changed)
 
     def run(self) -> dict:
         """Evolves the population and writes the outputs (rank 0); closes the run on every exit path."""
@@ -328,12 +246,6 @@ class Run:
             entry["F"], entry["CR"] = [c[0] for c in state.control], [c[1] for c in state.control]
         return entry
 
-    def _early_reject(self) -> str:
-        """How candidates were scored, for evolution.json."""
-        if not self.inputs.evaluator.exact_bound:
-            return f"not applicable ({self.inputs.evaluator.metric} has no exact bound: every example scored)"
-        return self.cfg.early_reject
-
     @staticmethod
     def _examples_postfix(state: RunState) -> dict[str, str]:
         """The progress bar's share of dev examples scored in this generation (early rejection)."""
@@ -342,62 +254,14 @@ class Run:
         return {"examples": f"{100 * state.examples_scored / state.examples_full:.0f}%"}
 
     def finish(self, state: RunState) -> dict:
-        selection = None
-        if self.inputs.selection is None:
-            kind = self.mode.build_output(state)
-        else:
-            choice = choose(self.selection_candidates(state), lambda what: self.evaluate(what, selection=True), self.log)
-            kind = choice.phrase
-            selection = choice.record(describe_data(self.cfg.select, self.cfg.select_fraction))
-        final = self.evaluate("the output model")
-        extra = {
-            "task": self.inputs.task, "metric": self.inputs.evaluator.metric, "output": kind,
-            "evaluations": state.evaluations,
-            "timing_s": {"weights": round(self.weights_s, 3), "evaluation": round(self.evaluation_s, 3)},
-            "non_finite_evaluations": self.non_finite, "early_reject": self._early_reject(),
-            "backends": device_backends(self.inputs.placement.devices(), self.cfg.backend),
-            "resolved_models": {ref: path for ref, path in self.cfg.resolved.items() if ref != path},
-        }
-        if selection is not None:
-            extra["selection"] = selection
-        written = write_outputs(self.cfg.out, self.arena, self.cfg.local(self.cfg.models[0]), self.inputs.files[0], dict(state.config),
-                                state.history, final.as_dict(), extra, self.inputs.evaluator.metric, kind)
-        self.out_dir.record(written)
-        self.checkpoint.mark_finished(state)
-        self.log(f"final fitness {final.score:.4f} ({self.inputs.evaluator.metric}); wrote {self.cfg.out}")
-        return {"final_fitness": final.score, "per_file": final.per_file, "history": state.history, **extra}
-
-    # -- held-out selection (selection.py) ---------------------------------------------------------------
-    def selection_candidates(self, state: RunState) -> list[Candidate]:
-        """The run's result, every input model, every --extra-individuals merge of the input models."""
-        cfg = self.cfg
-        candidates = [Candidate("the run's result", lambda: self.mode.build_output(state))]
-        for k, ref in enumerate(cfg.models):
-            def load(k=k, ref=ref) -> str:
-                self.timed(load_into, self.arena, self.inputs.files[k], f"--models {ref}")
-                return f"the input model {ref}, chosen on the selection data"
-            candidates.append(Candidate(f"input model {ref}", load))
-        for method in cfg.extra_individuals or []:
-            def merge(method=method) -> str:
-                models = MappedModels(self.inputs.layout, self.inputs.files, list(cfg.models))
-                try:
-                    self.timed(self.merger(method), models, self.arena, cfg.chunk_elements)
-                finally:
-                    models.close()
-                return f"the {method} merge of the input models, chosen on the selection data"
-            candidates.append(Candidate(f"{method} merge of the input models", merge))
-        return candidates
+        """Chooses and writes the output (output.py); rank 0 only."""
+        return write_run_outputs(self, state)
 
     def close(self, failed: bool = False) -> None:
         """Closes the progress bar, unmaps the population, removes the scratch directory and drops the lock on
         --out (every exit path). A run that failed before writing anything removes the --out it created."""
         if self.bar is not None:
             self.bar.close()
-        if self.pop is not None:
-            self.pop.close()
-        if self.scratch is not None:
-            self.scratch.remove()
-        if self.node is not None:
-            self.node.remove()
-        if self.out_dir is not None:
-            self.out_dir.release(remove_if_unused=failed)
+        if self.storage is not None:
+            self.storage.close()
+        self.setup.release(failed)

@@ -107,7 +107,7 @@ PURPOSE_VISIT_ORDER = 1
 PURPOSE_PICKS = 2
 PURPOSE_OFFSPRING = 3
 PURPOSE_MERGE = 4
-PURPOSE_SELECT = 5  # --select-fraction's split of the dev files (selection.py)
+PURPOSE_SELECT = 5  # --select-fraction's split of the dev files (heldout.py)
 PURPOSE_ADAPT = 6  # --adapt's draws of F and CR (adaptation.py)
 
 

@@ -89,7 +89,7 @@ def input_name(name: str, layer: int | None) -> str:
     return name if layer is None or layer_index(name) is None else with_layer(name, layer)
 
 def routes_of(layout: Layout, order: list[str], slices: list[Slice], num_layers: int) -> dict[str, Route]:
-    """mergekit's plan (plan.py): output layer j is layer idx of its slice, read from layer
+    """mergekit's plan: output layer j is layer idx of its slice, read from layer
     layer_range[0] + idx of each source, t = idx / (n - 1) in a slice of n layers (1 when n = 1); a tensor
     outside the layers (embeddings, final norm, head) has t = 0 and comes from the first slice's sources when it
     is before the layers in the model (`order`: its parameters in order), else from the last slice's."""

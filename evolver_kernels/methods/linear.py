@@ -1,6 +1,6 @@
 """The weighted average (model soup): out = sum_k w_k x_k / sum_k w_k, in one fused pass per chunk.
 mergekit calls it `linear` (with its default normalize: true); the name is an alias here. And passthrough:
-the copy of one model, with which mergekit's `slices` stack layers (merge.py builds the stacked inputs; mergekit's
+the copy of one model, with which mergekit's `slices` stack layers (merge/run.py builds the stacked inputs; mergekit's
 per-input `scale` of passthrough is not supported)."""
 
 from __future__ import annotations

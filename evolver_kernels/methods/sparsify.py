@@ -20,7 +20,7 @@ per-model weights (1 each by default), everything per tensor:
                      by sum_k w_k)
   epsilon 0          every element kept with probability density, no ranks (any tensor shape, spans of any
                      length): mergekit's dare_linear / dare_ties (bernoulli, L1 rescale) are della_linear /
-                     della with epsilon 0 and normalize false, which is how merge.py reads their YAML
+                     della with epsilon 0 and normalize false, which is how merge/config.py reads their YAML
   sce                with select_topk < 1: the elements where the tau_k vary most across models are kept in
                      every tau_k, zeroed elsewhere: var = the population variance over the models (in fp32: the
                      mean first, then the mean of the squared deviations, reference.variance_reference), the
