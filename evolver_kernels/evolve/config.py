@@ -22,7 +22,7 @@ from evolver_kernels.evolve.fitness import FITNESS
 from evolver_kernels.io import refs, rundir
 from evolver_kernels.io.jsonio import load_yaml_mapping
 from evolver_kernels.kernels.backends import BACKENDS
-from evolver_kernels.kernels.ops import MAX_MERGE_INPUTS
+from evolver_kernels.kernels.checks import MAX_MERGE_INPUTS
 from evolver_kernels.storage.population import TIERS
 
 SCHEDULES = ("sequential", "synchronous")

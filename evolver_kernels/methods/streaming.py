@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from evolver_kernels.kernels.ops import MAX_MERGE_INPUTS, merge_tensors
+from evolver_kernels.kernels.checks import MAX_MERGE_INPUTS
+from evolver_kernels.kernels.ops import merge_tensors
 from evolver_kernels.kernels.rng import STREAM_DARE
 from evolver_kernels.storage.arena import Arena, iter_chunks
 from evolver_kernels.storage.population import Population

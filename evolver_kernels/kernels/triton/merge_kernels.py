@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evolver_kernels.kernels.merge_params import MergeParams
 from evolver_kernels.kernels.reference import NEARSWAP_DIFF_MIN
 from evolver_kernels.kernels.triton.common import (
     BITS_VIEW,
@@ -162,14 +163,12 @@ def _merge_kernel(
     tl.store(out_ptr + p, f32_to_bits(r, DTYPE), mask=valid)
 
 
-def merge(xs: list[torch.Tensor], base: torch.Tensor | None, fisher: list[torch.Tensor] | None,
-          weights: list[float], trim: list[float] | None, top: list[float] | None,
-          elect_weights: list[float] | None, select: float | None, out: torch.Tensor, *, scale: float,
-          normalize: bool, min_den: float, rescale: float, drop_threshold: int,
-          drop_thresholds: list[torch.Tensor | None] | None, drop_rescales: list[float] | None, seed: int,
-          stream: int, offset: int) -> None:
-    """Writes the merge of xs into `out` (arguments checked by evolver_kernels.kernels.ops.merge_tensors);
-    elect_weights None: no election (TIES)."""
+def merge(p: MergeParams, out: torch.Tensor) -> None:
+    """Writes the merge p describes into `out` (arguments checked by MergeParams)."""
+    xs, base, fisher, weights, trim, top = p.xs, p.base, p.fisher, p.weights, p.trim, p.top
+    elect_weights, select, drop_thresholds, drop_rescales = p.election_weights, p.select, p.drop_thresholds, p.drop_rescales
+    scale, normalize, min_den, rescale, drop_threshold = p.scale, bool(p.normalize), p.min_den, p.rescale, p.drop_threshold
+    seed, stream, offset = p.seed, p.stream, p.offset
     n = out.numel()
     if n == 0:
         return
