@@ -182,8 +182,6 @@ def _merge_entry(pop: Population, base: Base, out: Arena, e: Entry, chunk: int) 
 
 
 def _arcee_fusion(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-    if ctx.weights is not None:
-        raise ValueError("arcee_fusion takes no per-model weights")
     return arcee_fusion(pop, ctx.base, out, ctx.chunk, ctx.backend)
 
 

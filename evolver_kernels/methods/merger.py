@@ -52,10 +52,7 @@ class Merger:
         self.record = methods.get(method)
         self.method = self.record.name
         self.settings = self.record.settings(params)
-        if self.record.needs_base and base is None:
-            raise ValueError(f"{self.method} needs a base model (the common ancestor of the merged models)")
-        if self.record.statistics is not None and stats is None:
-            raise ValueError(f"{self.method} needs its statistics (merging.compute_statistics)")
+        self.record.check_use(self.record.min_models if weights is None else len(weights), weights, base, stats)
         self.base, self.weights, self.seed, self.backend, self.stats = base, weights, seed, backend, stats
 
     def describe(self) -> str:
@@ -67,6 +64,7 @@ class Merger:
             self.stats.changed(i)
 
     def __call__(self, pop: Population, out: Arena, chunk: int = 1 << 22) -> Arena:
+        self.record.check_use(pop.size, self.weights, self.base, self.stats)
         ctx = methods.MergeContext(settings=self.settings, base=self.base, weights=self.weights, seed=self.seed,
                                    backend=self.backend, chunk=chunk, stats=self.stats)
         return self.record.merge(pop, out, ctx)

@@ -82,8 +82,6 @@ def model_stock(pop: Population, base: Base, out: Arena, filter_wise: bool = Fal
 
 
 def _model_stock(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-    if ctx.weights is not None:
-        raise ValueError("model_stock takes no per-model weights")
     return model_stock(pop, ctx.base, out, ctx.settings["filter_wise"], ctx.chunk, ctx.backend)
 
 

@@ -39,8 +39,6 @@ def nearswap(pop: Population, base: Base, out: Arena, t: float, chunk: int = 1 <
 
 
 def _nearswap(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-    if ctx.weights is not None:
-        raise ValueError("nearswap takes no per-model weights")
     return nearswap(pop, ctx.base, out, ctx.settings["t"], ctx.chunk, ctx.backend)
 
 

@@ -127,9 +127,6 @@ def ram(pop: Population, base: Base, out: Arena, epsilon: float = 1e-5, plus: bo
 
 def _merge(plus: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-        name = "ramplus_tl" if plus else "ram"
-        if ctx.weights is not None:
-            raise ValueError(f"{name} takes no per-model weights")
         s = ctx.settings
         return ram(pop, ctx.base, out, s["ram_epsilon"], plus, s.get("r", 0.1), s.get("ramplus_alpha", 0.2),
                    ctx.chunk, ctx.backend)

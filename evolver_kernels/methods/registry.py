@@ -150,6 +150,22 @@ class MergeMethod:
     # inputs of a method that gives the base no role, e.g. karcher)
     yaml_base: str = "base"
 
+    def check_use(self, n_models: int, weights: list[float] | None, base: Any, stats: Any) -> None:
+        """Refuses a use the record does not declare (one place for every method): per-model weights to a
+        method without uses_weights, a missing base for needs_base, missing statistics, a model count outside
+        min_models .. max_models."""
+        if weights is not None and not self.uses_weights:
+            raise ValueError(f"{self.name} takes no per-model weights")
+        if weights is not None and len(weights) != n_models:
+            raise ValueError(f"{self.name}: {len(weights)} weights for {n_models} models")
+        if self.needs_base and base is None:
+            raise ValueError(f"{self.name} needs a base model (the common ancestor of the merged models)")
+        if self.statistics is not None and stats is None:
+            raise ValueError(f"{self.name} needs its statistics (methods.merger.compute_statistics)")
+        if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
+            most = "" if self.max_models is None else f" and at most {self.max_models}"
+            raise ValueError(f"{self.name} merges at least {self.min_models}{most} models, got {n_models}")
+
     def param(self, name: str, aliases: bool = False) -> Param | None:
         """The parameter called `name`; with `aliases`, also by another of its names (mergekit YAML's: flags
         and evolve's options use the names alone, so that one flag has one meaning)."""

@@ -365,11 +365,6 @@ def sce(pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk
 
 # -- records ---------------------------------------------------------------------------------------------------
 
-def _no_weights(ctx: MergeContext, method: str) -> None:
-    if ctx.weights is not None:
-        raise ValueError(f"{method} takes no per-model weights")
-
-
 def _breadcrumbs(ties: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
         s = ctx.settings
@@ -387,7 +382,6 @@ def _della(ties: bool):
 
 
 def _sce(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-    _no_weights(ctx, "sce")
     return sce(pop, ctx.base, out, ctx.settings["select_topk"], ctx.chunk, ctx.backend)
 
 

@@ -221,13 +221,7 @@ def karcher(pop: Population, out: Arena, max_iter: int = 10, tol: float = 1e-5, 
     return _spherical(pop, out, lambda g: karcher_coefficients(g[0], max_iter, tol), chunk=chunk, backend=backend)
 
 
-def _no_weights(ctx: MergeContext, method: str) -> None:
-    if ctx.weights is not None:
-        raise ValueError(f"{method} takes no per-model weights")
-
-
 def _slerp(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-    _no_weights(ctx, "slerp")
     return slerp(pop, out, ctx.settings["t"], ctx.chunk, ctx.backend)
 
 
@@ -243,7 +237,6 @@ def _multislerp(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 
 def _karcher(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-    _no_weights(ctx, "karcher")
     return karcher(pop, out, ctx.settings["max_iter"], ctx.settings["tol"], ctx.chunk, ctx.backend)
 
 
