@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,42 @@ class ConfigError(UserError):
     """An option that cannot work; the message names it."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A numeric option's values, declared with the option: validate checks them, --help shows them."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    multiple_of: int | None = None
+    text: str | None = None  # how a message says it (default: from the bounds)
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        if self.integer and self.high is None:
+            return "a positive integer" if self.low == 1 else "a non-negative integer"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def check(self, flag: str, value) -> None:
+        """Refuses `value` (named by `flag`) outside the range, in one line."""
+        kind = numbers.Integral if self.integer else numbers.Real
+        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (self.low is None or (value > self.low if self.low_open else value >= self.low))
+        ok = ok and (self.high is None or (value < self.high if self.high_open else value <= self.high))
+        if not ok:
+            raise ConfigError(f"{flag} must be {self.describe()}, got {value}")
+        if self.multiple_of and value % self.multiple_of:
+            raise ConfigError(f"{flag} must be a multiple of {self.multiple_of}, got {value}")
+
+
+POSITIVE = Range(1, integer=True)
+NON_NEGATIVE = Range(0, integer=True)
+OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)
+
+
 def _opt(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
@@ -46,10 +83,10 @@ class EvolveConfig:
                                           "the output is the best on it of the run's result, every input model and the "
                                           "--extra-individuals merges", nargs="+", later=True)
     select_fraction: float | None = _opt(None, "hold out this share of each dev file (a seeded split, stratified by label) "
-                                               "as selection data (as --select), in (0, 1)", later=True)
+                                               "as selection data (as --select)", later=True, range=OPEN_UNIT)
     task: str | None = _opt(None, f"{', '.join(evaluation.TASKS)} or module:function (default: from the architecture)")
     metric: str | None = _opt(None, "accuracy, macro-f1, multilabel-f1, neg-loss or exact-match (default: by task)")
-    generations: int = _opt(15, "number of generations")
+    generations: int = _opt(15, "number of generations", range=NON_NEGATIVE)
     population_size: int | None = _opt(None, "individuals (default: the models plus the --extra-individuals); more "
                                               "slots are filled with seeded offspring of the models")
     strategy: str = _opt("evolver", "mutation strategy", choices=strategies.names)
@@ -60,9 +97,11 @@ class EvolveConfig:
     schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
     adapt: str = _opt("none", "how each offspring's F and CR are chosen: none (--F and --CR) or jde (self-adaptive, per "
                               "individual, starting from --F and --CR; adaptation.py)", choices=lambda: tuple(adaptation.ADAPTATIONS), later=True)
-    F: float = _opt(0.5, "mutation scale, in (0, 2]")
-    CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value, in [0, 1]")
-    seed: int = _opt(0, "run seed: every random choice and offspring derives from it")
+    F: float = _opt(0.5, "mutation scale", range=Range(0, 2, low_open=True))
+    CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value",
+                     range=Range(0, 1))
+    seed: int = _opt(0, "run seed: every random choice and offspring derives from it",
+                     range=Range(0, 2**64, high_open=True, integer=True, text="an integer in [0, 2**64)"))
     population_on: str = _opt("gpu", "where the population lives: gpu (device memory; RAM without a GPU), cpu (host memory) or disk (memory-mapped safetensors files)", choices=TIERS)
     population_dir: str | None = _opt(None, "directory under which the disk tier creates its scratch directory of individual files (default: --out)")
     device: str | None = _opt(None, "compute device (default: cuda if available, else cpu)")
@@ -74,18 +113,21 @@ class EvolveConfig:
                                    "accuracy, macro-f1, multilabel-f1, exact-match: the same decisions and outputs; "
                                    "losses and user functions are always scored in full); off: score every example",
                              choices=("on", "off"), transient=True)
-    batch_size: int = _opt(32, "evaluation batch size")
-    max_length: int = _opt(256, "tokens per example at most")
-    max_dev_examples: int | None = _opt(None, "use at most this many examples of each dev file (lm-eval: of each task, its limit)")
-    threshold: float = _opt(0.5, "multi-label decision threshold on sigmoid probabilities")
+    batch_size: int = _opt(32, "evaluation batch size", range=POSITIVE)
+    max_length: int = _opt(256, "tokens per example at most", range=POSITIVE)
+    max_dev_examples: int | None = _opt(None, "use at most this many examples of each dev file (lm-eval: of each task, its limit)",
+                                        range=POSITIVE)
+    threshold: float = _opt(0.5, "multi-label decision threshold on sigmoid probabilities", range=OPEN_UNIT)
     lm_eval_tasks: list[str] | None = _opt(None, "--task lm-eval: lm-evaluation-harness tasks (in the --dev folders or "
                                                  "lm-eval's registry); the fitness is the mean of their metrics", nargs="+")
     lm_eval_metric: list[str] | None = _opt(None, "--task lm-eval: the metric of every task, or one per task, e.g. acc or "
                                                   "acc_norm (default: each task's first)", nargs="+")
-    lm_eval_fewshot: int | None = _opt(None, "--task lm-eval: few-shot examples per prompt (default: each task's own, else 0)")
+    lm_eval_fewshot: int | None = _opt(None, "--task lm-eval: few-shot examples per prompt (default: each task's own, else 0)",
+                                       range=NON_NEGATIVE)
     lm_eval_weights: list[float] | None = _opt(None, "--task lm-eval: one weight per task for the fitness mean (default: equal)",
                                                nargs="+")
-    chunk_elements: int = _opt(1 << 22, "elements per chunk of the streamed weight operators")
+    chunk_elements: int = _opt(1 << 22, "elements per chunk of the streamed weight operators",
+                               range=Range(1, integer=True, multiple_of=64))
     backend: str | None = _opt(None, "operator backend (default: the fastest available on each device)", choices=BACKENDS)
     allow_pickle: bool = _opt(False, "accept pickle (.bin) weights; off by default because unpickling can run code")
     # the merge methods' parameters given (--merge-<param> / merge_<param>): {param: value}; the rest default
@@ -160,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in _cli_fields():
         flag = "--" + f.name.replace("_", "-")
         # SUPPRESS keeps unset flags out of the namespace, so that they do not override the YAML file
-        kw = {"help": f"{f.metadata['help']} (default: {f.default})", "default": argparse.SUPPRESS}
+        values = f"; values: {f.metadata['range'].describe()}" if "range" in f.metadata else ""
+        kw = {"help": f"{f.metadata['help']}{values} (default: {f.default})", "default": argparse.SUPPRESS}
         if _is_bool(f):
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -297,25 +340,20 @@ def validate(cfg: EvolveConfig) -> None:
         if cfg.population_on == "gpu":
             raise ConfigError("--device-map spreads the evaluation model over several devices: keep the population "
                               "on cpu or disk (--population-on)")
-    if not (isinstance(cfg.F, (int, float)) and math.isfinite(cfg.F) and 0 < cfg.F <= 2):
-        raise ConfigError(f"--F must be in (0, 2], got {cfg.F}")
-    if not (isinstance(cfg.CR, (int, float)) and 0 <= cfg.CR <= 1):
-        raise ConfigError(f"--CR must be in [0, 1], got {cfg.CR}")
-    if not (isinstance(cfg.generations, int) and cfg.generations >= 0):
-        raise ConfigError(f"--generations must be a non-negative integer, got {cfg.generations}")
-    if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**64):
-        raise ConfigError(f"--seed must be an integer in [0, 2**64), got {cfg.seed}")
-    positive = ("batch_size", "max_length", "chunk_elements") + ("max_dev_examples",) * (cfg.max_dev_examples is not None)
-    for name in positive:
-        if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) > 0):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.chunk_elements % 64:
-        raise ConfigError(f"--chunk-elements must be a multiple of 64, got {cfg.chunk_elements}")
-    if not 0 < cfg.threshold < 1:
-        raise ConfigError(f"--threshold must be in (0, 1), got {cfg.threshold}")
+    for f in _cli_fields():  # the ranges declared with the options (select_fraction, lm_eval_fewshot: above)
+        if "range" in f.metadata and f.name not in ("select_fraction", "lm_eval_fewshot"):
+            check_range(cfg, f.name)
     rundir.check_out(cfg.out, "evolve", input_paths(cfg))
     if cfg.population_dir:
         rundir.check_scratch_root("--population-dir", cfg.population_dir, input_paths(cfg))
+
+
+def check_range(cfg: EvolveConfig, name: str) -> None:
+    """Option `name`'s value within the range declared with it (None: unset, where the option may be)."""
+    f = next(f for f in dataclasses.fields(EvolveConfig) if f.name == name)
+    value = getattr(cfg, name)
+    if value is not None or f.default is not None:
+        f.metadata["range"].check("--" + name.replace("_", "-"), value)
 
 
 def check_selection(cfg: EvolveConfig) -> None:
@@ -331,9 +369,7 @@ def check_selection(cfg: EvolveConfig) -> None:
         if ":" in (cfg.task or ""):
             raise ConfigError(f"--select-fraction cannot split the dev data of --task {cfg.task} (the function reads "
                               "its files itself): give --select files")
-        p = cfg.select_fraction
-        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1):
-            raise ConfigError(f"--select-fraction must be in (0, 1), got {p}")
+        check_range(cfg, "select_fraction")
         return
     dev = {os.path.realpath(d) for d in cfg.dev or []}
     for path in cfg.select:
@@ -372,8 +408,7 @@ def check_lm_eval(cfg: EvolveConfig) -> None:
             raise ConfigError(f"--lm-eval-weights takes one weight per task ({len(tasks)}), got {len(weights)}")
         if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"--lm-eval-weights must be finite, non-negative and not all 0, got {weights}")
-    if cfg.lm_eval_fewshot is not None and not (isinstance(cfg.lm_eval_fewshot, int) and cfg.lm_eval_fewshot >= 0):
-        raise ConfigError(f"--lm-eval-fewshot must be a non-negative integer, got {cfg.lm_eval_fewshot}")
+    check_range(cfg, "lm_eval_fewshot")
     for path in cfg.dev or []:
         if not os.path.isdir(path):
             raise ConfigError(f"--dev {path}: not a folder (with --task lm-eval, --dev names folders of lm-eval task YAMLs)")
