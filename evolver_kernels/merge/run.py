@@ -5,6 +5,7 @@ the registry's method into a file-backed scratch arena, write the output and mer
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -167,8 +168,106 @@ def _check_vocabulary(spec: MergeSpec) -> None:
             raise MergeConfigError(f"{spec.where}: tokenizer_source: base: {m}'s vocabulary differs from the base "
                                    "model's (moving embeddings onto another vocabulary is not supported)")
 
+@dataclasses.dataclass
+class Target:
+    """What the merge produces, decided from the configs before any weight is read: the output model's config
+    and layout, the input files, where each tensor comes from and the settings of each group of tensors."""
+
+    config: Any
+    task: str
+    donor: str  # the model whose config (and, without tokenizer_source, tokenizer) the output keeps
+    stacked: int | None  # layers of a slices merge's output (None: the models' own layout)
+    model: torch.nn.Module  # the output architecture on the meta device
+    layout: Layout
+    identity: bool  # the output has the models' own layout and dtypes: their files are read in place
+    files: list[list[str]]
+    routes: dict[str, Route]
+    groups: list
+    settings: dict[str, Any]
+
+
+def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> Target:
+    configs = [model_io.load_config(m) for m in models]
+    config = configs[0]
+    for m, c in zip(spec.models[1:], configs[1:]):
+        if c.model_type != config.model_type:
+            raise MergeConfigError(f"--models {m} is a {c.model_type}, {spec.models[0]} a {config.model_type}: "
+                                   "the models must share one architecture")
+    task = spec.task or (infer_task(config) if record.statistics else "auto")
+    donor, stacked = models[0], None
+    if spec.slices is not None:
+        donor = spec.local(spec.base_model or slices[0].sources[0].model)  # mergekit's config donor
+        config = copy.deepcopy(model_io.load_config(donor))
+        stacked = sum(sl.length for sl in slices)
+        config.num_hidden_layers = stacked
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [config.layer_types[0]] * stacked
+    model = model_io.empty_model(config, task)
+    native = Layout.of_model(model)
+    layout = cast_layout(native, spec.compute_dtype)
+    identity = stacked is None and layout.fingerprint() == native.fingerprint()
+    files = [safetensors_files(m) for m in models]
+    if identity:
+        for m, f in zip(spec.models, files):
+            resolve_names(layout, tensor_index(f), m)
+    elif record.statistics is not None:
+        raise MergeConfigError(f"{record.name} estimates statistics on the models as they are: slices and a dtype "
+                               "other than theirs are not supported")
+    order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    num_layers = 1 + max((layer_index(e.name) for e in layout.entries if layer_index(e.name) is not None), default=-1)
+    routes = routes_of(layout, order, slices, num_layers)
+    groups = tensor_groups(record, spec, slices, layout, routes)
+    return Target(config, task, donor, stacked, model, layout, identity, files, routes, groups,
+                  record.settings(groups[0][1]))
+
+
+def _read_inputs(spec: MergeSpec, target: Target, slices: list[Slice], models: list[str], base_dir: str | None,
+                 scratch: Scratch):
+    """(population, base) on --population-on: the models' own files, or their re-laid-out copies in scratch."""
+    layout = target.layout
+    if not target.identity:
+        return _load_restacked(spec, slices, layout, target.routes, scratch)
+    pop = MappedModels(layout, target.files, models) if spec.population_on == "mapped" else \
+        make_population(spec.population_on, layout, target.files, models, torch.device("cpu"), disk_dir=scratch.path)
+    base = None
+    if base_dir and spec.population_on == "mapped":
+        base = MappedModels(layout, [safetensors_files(base_dir)], [spec.base])
+    elif base_dir:
+        base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base,
+                                         _scratch_arena(spec, layout, scratch, "base"))
+    return pop, base
+
+
+def _write_output(spec: MergeSpec, record, target: Target, slices: list[Slice], models: list[str],
+                  arena: Arena) -> list[str]:
+    """The merged model, its config and tokenizer, and merge.json in --out; the paths written."""
+    dtype = DTYPES[spec.dtype] if spec.dtype else None
+    if target.identity:
+        written = model_io.save_model(arena, models[0], target.files[0], spec.out, dtype=dtype, discard=True)
+    else:
+        layout = target.layout
+        written = _save_layout(arena, target.donor, spec.out, dtype or layout.group_dtype(layout.entries[0].group),
+                               target.stacked)
+    if spec.tokenizer_from:
+        copied = _copy_files(spec.local(spec.tokenizer_from), spec.out, model_io.TOKENIZER_FILES)
+        written = [p for p in written if os.path.basename(p) not in model_io.TOKENIZER_FILES] + copied
+    groups = target.groups
+    written.append(write_json(os.path.join(spec.out, "merge.json"), {
+        "method": record.name, "mergekit_method": spec.read_as, "models": spec.models,
+        "weights": groups[0][2] or [1.0] * len(slices[0].sources),
+        "base": spec.base, **target.settings, "seed": spec.seed, "dev": spec.dev, "dtype": spec.dtype,
+        "compute_dtype": spec.compute_dtype, "tokenizer_source": "base" if spec.tokenizer_from else None,
+        "slices": [[[s.model, list(s.layers)] for s in sl.sources] for sl in spec.slices or []] or None,
+        "per_tensor": [{"tensors": [e.name for e in entries], **record.settings(s), "weights": w}
+                       for entries, s, w in groups] if len(groups) > 1 else None,
+        "backends": device_backends(["cpu"]),
+        "resolved_models": {ref: path for ref, path in spec.resolved.items() if ref != path}}))
+    return written
+
+
 def run(spec: MergeSpec, log=print) -> str:
-    """Merges spec.models into spec.out (claimed: rundir.py); returns the output directory."""
+    """Merges spec.models into spec.out (claimed: io/rundir.py); returns the output directory. The scratch
+    directory under --out is removed on every exit path; a failed merge leaves no --out it created."""
     record = check(spec)
     slices = slices_of(spec)
     models = [spec.local(m) for m in spec.models]
@@ -179,101 +278,41 @@ def run(spec: MergeSpec, log=print) -> str:
     claimed = OutputDir.claim(spec.out, "merge", inputs)
     scratch = None
     try:
-        configs = [model_io.load_config(m) for m in models]
-        config = configs[0]
-        for m, c in zip(spec.models[1:], configs[1:]):
-            if c.model_type != config.model_type:
-                raise MergeConfigError(f"--models {m} is a {c.model_type}, {spec.models[0]} a {config.model_type}: "
-                                       "the models must share one architecture")
-        task = spec.task or (infer_task(config) if record.statistics else "auto")
-        donor = models[0]
-        stacked = None
-        if spec.slices is not None:
-            donor = spec.local(spec.base_model or slices[0].sources[0].model)  # mergekit's config donor
-            config = copy.deepcopy(model_io.load_config(donor))
-            stacked = sum(sl.length for sl in slices)
-            config.num_hidden_layers = stacked
-            if isinstance(getattr(config, "layer_types", None), list):
-                config.layer_types = [config.layer_types[0]] * stacked
-        model = model_io.empty_model(config, task)
-        native = Layout.of_model(model)
-        layout = cast_layout(native, spec.compute_dtype)
-        identity = stacked is None and layout.fingerprint() == native.fingerprint()
-        files = [safetensors_files(m) for m in models]
-        if identity:
-            for m, f in zip(spec.models, files):
-                resolve_names(layout, tensor_index(f), m)
-        elif record.statistics is not None:
-            raise MergeConfigError(f"{record.name} estimates statistics on the models as they are: slices and a dtype "
-                                   "other than theirs are not supported")
-        order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
-        num_layers = 1 + max((layer_index(e.name) for e in layout.entries if layer_index(e.name) is not None),
-                             default=-1)
-        routes = routes_of(layout, order, slices, num_layers)
-        groups = tensor_groups(record, spec, slices, layout, routes)
-        settings = record.settings(groups[0][1])
+        target = _target(spec, record, slices, models)
+        layout, groups, settings = target.layout, target.groups, target.settings
         if spec.read_as:
             log(f"merge: {spec.where}: mergekit's {spec.read_as} (bernoulli drops keeping `density`, L1-rescaled) is "
                 f"{record.name} with epsilon 0; the drops are our Philox draws, not torch's")
         log(f"merge: {len(slices[0].sources)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
             f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
             f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
-        direct = record.copies and not identity  # passthrough's slices: the re-laid-out model is the output
+        direct = record.copies and not target.identity  # passthrough's slices: the re-laid-out model is the output
         # the merge's working files (the output before it is written, models re-laid out): removed at the end
-        relaid = 0 if direct else relaid_copies(spec, identity, slices) * layout.nbytes
+        relaid = 0 if direct else relaid_copies(spec, target.identity, slices) * layout.nbytes
         problem = disk_problem([("the merged tensors", spec.out, layout.nbytes),
                                 ("the models re-laid out", spec.out, relaid)])
         if problem:
             raise MergeConfigError(f"--out {spec.out}: {problem} (the merge's scratch files, before its output)")
         scratch = Scratch(spec.out, "--out")
-        base = None
-        if identity:
-            pop = MappedModels(layout, files, models) if spec.population_on == "mapped" else \
-                make_population(spec.population_on, layout, files, models, torch.device("cpu"), disk_dir=scratch.path)
-            if base_dir and spec.population_on == "mapped":
-                base = MappedModels(layout, [safetensors_files(base_dir)], [spec.base])
-            elif base_dir:
-                base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base,
-                                                 _scratch_arena(spec, layout, scratch, "base"))
-        elif not direct:
-            pop, base = _load_restacked(spec, slices, layout, routes, scratch)
+        pop, base = (None, None) if direct else _read_inputs(spec, target, slices, models, base_dir, scratch)
         arena = Arena.on_files(layout, scratch.path, "merged")  # the merge's result, until it is written out
         if direct:
-            _fill(arena, routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
+            _fill(arena, target.routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
         stats = None
         if record.statistics is not None:
             from transformers import AutoTokenizer
 
-            model_io.attach_arena(model, arena, files[0])
-            evaluator = Evaluator(task, AutoTokenizer.from_pretrained(models[0]), spec.dev, config=config)
-            stats = merger.compute_statistics(record.name, settings, model, layout,
-                                               lambda k: pop.copy_into(k, arena), len(spec.models), evaluator)
+            model_io.attach_arena(target.model, arena, target.files[0])
+            evaluator = Evaluator(target.task, AutoTokenizer.from_pretrained(models[0]), spec.dev, config=target.config)
+            stats = merger.compute_statistics(record.name, settings, target.model, layout,
+                                              lambda k: pop.copy_into(k, arena), len(spec.models), evaluator)
         if not direct:
             merger.merge_per_tensor(record.name, pop, arena, groups, base, seed=spec.seed, stats=stats)
             pop.close()
         if isinstance(base, MappedModels):
             base.close()
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
-        dtype = DTYPES[spec.dtype] if spec.dtype else None
-        if identity:
-            written = model_io.save_model(arena, models[0], files[0], spec.out, dtype=dtype, discard=True)
-        else:
-            written = _save_layout(arena, donor, spec.out, dtype or layout.group_dtype(layout.entries[0].group),
-                                   stacked)
-        if spec.tokenizer_from:
-            copied = _copy_files(spec.local(spec.tokenizer_from), spec.out, model_io.TOKENIZER_FILES)
-            written = [p for p in written if os.path.basename(p) not in model_io.TOKENIZER_FILES] + copied
-        written.append(write_json(os.path.join(spec.out, "merge.json"), {
-            "method": record.name, "mergekit_method": spec.read_as, "models": spec.models,
-            "weights": groups[0][2] or [1.0] * len(slices[0].sources),
-            "base": spec.base, **settings, "seed": spec.seed, "dev": spec.dev, "dtype": spec.dtype,
-            "compute_dtype": spec.compute_dtype, "tokenizer_source": "base" if spec.tokenizer_from else None,
-            "slices": [[[s.model, list(s.layers)] for s in sl.sources] for sl in spec.slices or []] or None,
-            "per_tensor": [{"tensors": [e.name for e in entries], **record.settings(s), "weights": w}
-                           for entries, s, w in groups] if len(groups) > 1 else None,
-            "backends": device_backends(["cpu"]),
-            "resolved_models": {ref: path for ref, path in spec.resolved.items() if ref != path}}))
-        claimed.record(written)
+        claimed.record(_write_output(spec, record, target, slices, models, arena))
     except BaseException:
         if scratch is not None:
             scratch.remove()
