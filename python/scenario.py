@@ -197,8 +197,9 @@ def table(rows: dict[str, list[dict]], columns: list[str], held_out: str | None)
 
 
 def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int], max_length: int,
-        population_seed: int, started: float) -> str:
-    """Scores experts, baselines and Evolver on the manifest's test files; returns the Markdown table."""
+        population_seed: int, started: float, full: bool = True) -> str:
+    """Scores experts, baselines and Evolver on the manifest's test files; returns the Markdown table. Without
+    `full`, the Evolver rows are the headline ones (VARIANTS), without the OPTION_VARIANTS rows."""
     from transformers import AutoTokenizer
 
     columns, held_out = manifest["expert_domains"], manifest.get("held_out_domain")
@@ -221,7 +222,7 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
         rows[name] = [by_name(score_model(path, test_eval))]
     chosen: dict[str, list[str]] = {}  # per --select-fraction row, what each seed's run output
     expert_names = dict(zip(manifest["experts"], manifest.get("expert_names", columns)))
-    for fitness, method, label, options in [(*v, {}) for v in VARIANTS] + OPTION_VARIANTS:
+    for fitness, method, label, options in [(*v, {}) for v in VARIANTS] + OPTION_VARIANTS * full:
         reports = []
         row = f"{label.format(alpha=alpha)}, {generations} gen."
         for seed in seeds:
@@ -253,19 +254,25 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
     return md + "\n" + note
 
 
-def main(description: str, build, name: str, max_length: int, default_out: str) -> None:
-    """The command line of a demo: builds (or reuses) the population with `build`, runs the scenario, prints."""
+def main(description: str, build, name: str, max_length: int, default_out: str, full_by_default: bool = True) -> None:
+    """The command line of a demo: builds (or reuses) the population with `build`, runs the scenario, prints.
+    --full: seeds 0, 1 and 2 and every row (the tables of docs/demos.md); without it (where full_by_default is
+    False) seed 0 and the headline rows only."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=".cache", help="population and runs are cached here")
     parser.add_argument("--out", default=default_out, help="results.md and results.json go here")
     parser.add_argument("--generations", type=int, default=5)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", help="Evolver seeds (default: 0 1 2 with --full, else 0)")
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=full_by_default,
+                        help="every row of docs/demos.md's table over seeds 0, 1 and 2 (default: "
+                             f"{'on' if full_by_default else 'off: seed 0, the headline rows'})")
     parser.add_argument("--population-seed", type=int, default=0)
     args = parser.parse_args()
+    seeds = args.seeds or ([0, 1, 2] if args.full else [0])
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     manifest = build(os.path.join(args.cache, f"{name}-population"), seed=args.population_seed, log=log)
-    print(run(manifest, os.path.join(args.cache, f"{name}-runs"), args.out, args.generations, args.seeds,
-              max_length=max_length, population_seed=args.population_seed, started=started))
+    print(run(manifest, os.path.join(args.cache, f"{name}-runs"), args.out, args.generations, seeds,
+              max_length=max_length, population_seed=args.population_seed, started=started, full=args.full))

@@ -12,6 +12,18 @@ import torch
 # a script that runs evolve and SIGKILLs itself at a chosen point (its docstring)
 KILL_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_run.py")
 
+def run_evolve(argv: list[str]) -> dict:
+    """`python -m evolver_kernels.evolve` in this process with `argv` (which names --out); asserts exit 0 and
+    returns the run's evolution.json."""
+    import json
+
+    from evolver_kernels.evolve import main
+
+    assert main(argv) == 0
+    with open(os.path.join(argv[argv.index("--out") + 1], "evolution.json")) as f:
+        return json.load(f)
+
+
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _util import KILL_RUN
+from _util import KILL_RUN, run_evolve
 from safetensors.torch import load_file
 
 from evolver_kernels.evolve import main
@@ -18,9 +18,7 @@ from evolver_kernels.testing import tiny_models
 
 def _run(models, dev, out, *extra):
     argv = ["--models", *models, "--dev", *dev, "--out", str(out), "--generations", "2", "--seed", "7", *extra]
-    assert main(argv) == 0
-    with open(os.path.join(out, "evolution.json")) as f:
-        return json.load(f)
+    return run_evolve(argv)
 
 
 def _weights(out):

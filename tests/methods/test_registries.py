@@ -145,7 +145,7 @@ def test_help_of_both_commands_lists_every_registered_method_and_parameter(max_m
 
 
 def test_docs_method_table_is_the_registrys():
-    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "merge.md")) as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "merge.md")) as f:
         page = f.read()
     assert methods.markdown_table() in page, "docs/merge.md: regenerate the method table from methods.markdown_table()"
 

@@ -4,7 +4,6 @@
 
 import glob
 import json
-import os
 import random
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed: pip install .[lm-eval]")
+
+from _util import run_evolve
 
 from evolver_kernels.evolve import main
 from evolver_kernels.evolve.run import Run
@@ -67,9 +68,7 @@ def lm_tasks(tmp_path_factory) -> str:
 def _evolve(models, tasks_dir, out, *extra) -> dict:
     argv = ["--models", *models, "--task", "lm-eval", "--dev", tasks_dir, "--out", str(out), "--seed", "5",
             "--max-dev-examples", str(LIMIT), "--batch-size", str(BATCH), "--device", "cpu", *extra]
-    assert main(argv) == 0
-    with open(os.path.join(out, "evolution.json")) as f:
-        return json.load(f)
+    return run_evolve(argv)
 
 
 def _lm_eval(model_dir: str, tasks_dir: str, tasks: list[str], num_fewshot: int | None = None) -> dict:

@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from _util import KILL_RUN
+from _util import KILL_RUN, run_evolve
 from safetensors.torch import load_file
 
 from evolver_kernels.evaluation.early_reject import correct
@@ -220,9 +220,7 @@ def test_a_record_of_another_length_is_refused(tmp_path):
 # -- the driver ------------------------------------------------------------------------------------------------
 def _evolve(models, dev, out, *extra):
     argv = ["--models", *models, "--dev", *dev, "--out", str(out), "--generations", "3", "--seed", "11", *extra]
-    assert main(argv) == 0
-    with open(os.path.join(out, "evolution.json")) as f:
-        return json.load(f)
+    return run_evolve(argv)
 
 
 def _same_run(a, b, doc_a, doc_b):

@@ -26,10 +26,11 @@ from typing import Any
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("triton_aot.py: unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared helpers
 
 import torch
 import triton
-from _util import resource_usage  # tests/ is on sys.path: the script runs from there
+from _util import resource_usage
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
