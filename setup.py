@@ -53,16 +53,25 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("evolver-kernels: torch is not importable in the build environment (pip's build isolation): no "
-              "kernels are compiled now; they compile at first use against the torch that imports them (a C++ "
-              "compiler is needed then). To compile now: pip install --no-build-isolation .")
+        print(
+            "evolver-kernels: torch is not importable in the build environment (pip's build isolation): no "
+            "kernels are compiled now; they compile at first use against the torch that imports them (a C++ "
+            "compiler is needed then). To compile now: pip install --no-build-isolation ."
+        )
         return [], None
     problem = jit.cxx_compiler_problem()
     if problem:
         _die(problem)
     include_dirs = [str(ROOT / "csrc")]
-    extensions = [CppExtension("evolver_kernels._C", sources=_csrc("_C"), include_dirs=include_dirs + _record("_C"),
-                               extra_compile_args={"cxx": jit.cxx_flags()}, extra_link_args=jit.LINK_FLAGS["_C"])]
+    extensions = [
+        CppExtension(
+            "evolver_kernels._C",
+            sources=_csrc("_C"),
+            include_dirs=include_dirs + _record("_C"),
+            extra_compile_args={"cxx": jit.cxx_flags()},
+            extra_link_args=jit.LINK_FLAGS["_C"],
+        )
+    ]
     why_not = None
     if jit.flag("EVOLVER_KERNELS_SKIP_CUDA_BUILD"):
         why_not = "EVOLVER_KERNELS_SKIP_CUDA_BUILD is set"
@@ -78,10 +87,14 @@ def _extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = jit.DEFAULT_CUDA_ARCHS
             print(f"evolver-kernels: no GPU visible, building for TORCH_CUDA_ARCH_LIST={jit.DEFAULT_CUDA_ARCHS}")
-        extensions.append(CUDAExtension(
-            "evolver_kernels._cuda", sources=_csrc("_cuda"),
-            include_dirs=include_dirs + _record("_cuda") + jit.nvidia_includes(),
-            extra_compile_args={"cxx": jit.CUDA_CXX_FLAGS, "nvcc": jit.NVCC_FLAGS}))
+        extensions.append(
+            CUDAExtension(
+                "evolver_kernels._cuda",
+                sources=_csrc("_cuda"),
+                include_dirs=include_dirs + _record("_cuda") + jit.nvidia_includes(),
+                extra_compile_args={"cxx": jit.CUDA_CXX_FLAGS, "nvcc": jit.NVCC_FLAGS},
+            )
+        )
     return extensions, BuildExtension
 
 

@@ -65,9 +65,13 @@ def run_ours(size: str, n: int, device: str, tier: str, root: str) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     io_after = _io()
-    return {"seconds": seconds, "numel": layout.numel, "accepted": accepted,
-            "disk_read_bytes": io_after["read_bytes"] - io_before["read_bytes"],
-            "disk_write_bytes": io_after["write_bytes"] - io_before["write_bytes"]}
+    return {
+        "seconds": seconds,
+        "numel": layout.numel,
+        "accepted": accepted,
+        "disk_read_bytes": io_after["read_bytes"] - io_before["read_bytes"],
+        "disk_write_bytes": io_after["write_bytes"] - io_before["write_bytes"],
+    }
 
 
 def run_reference(size: str, n: int, device: str, tier: str, root: str) -> dict:
@@ -133,35 +137,74 @@ def main(argv=None) -> None:
         return
     root = args.root or tempfile.mkdtemp(prefix="evolver-e2e-")
     copy_bytes = sum(torch.Size(s).numel() for _, s in llama_shapes(args.size)) * 2
-    print(f"generation: the weight side of one generation on N = {args.n} {args.size}-shaped models; disk traffic "
-          "counts the generation only (the page cache is dropped after the population is written)")
+    print(
+        f"generation: the weight side of one generation on N = {args.n} {args.size}-shaped models; disk traffic "
+        "counts the generation only (the page cache is dropped after the population is written)"
+    )
     results = {}
     for mode in args.modes:
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--size", args.size, "--n", str(args.n),
-                              "--device", args.device, "--tier", args.tier, "--root", root],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--size",
+                args.size,
+                "--n",
+                str(args.n),
+                "--device",
+                args.device,
+                "--tier",
+                args.tier,
+                "--root",
+                root,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
-            results[mode] = {"error": (out.stderr or "")[-500:] or f"exit code {out.returncode} (killed: out of memory?)"}
+            results[mode] = {
+                "error": (out.stderr or "")[-500:] or f"exit code {out.returncode} (killed: out of memory?)"
+            }
         else:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["copies"] = r["peak_bytes"] / copy_bytes
             results[mode] = r
-    print("| pipeline | tier | size | N | one copy GiB | peak GiB | model copies | generation s | s / offspring "
-          "| disk read GiB | disk write GiB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| pipeline | tier | size | N | one copy GiB | peak GiB | model copies | generation s | s / offspring "
+        "| disk read GiB | disk write GiB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     for mode, r in results.items():
         if "error" in r:
-            print(f"| {mode} | {args.tier} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | failed: {r['error'][-120:]!r} | | |")
+            print(
+                f"| {mode} | {args.tier} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | failed: {r['error'][-120:]!r} | | |"
+            )
             continue
         tier = args.tier if mode == "ours" else "-"
-        print(f"| {mode} | {tier} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
-              f"{r['copies']:.2f} | {r['seconds']:.2f} | {r['seconds_per_offspring']:.2f} | "
-              f"{r['disk_read_bytes'] / 2**30:.2f} | {r['disk_write_bytes'] / 2**30:.2f} |")
+        print(
+            f"| {mode} | {tier} | {args.size} | {args.n} | {copy_bytes / 2**30:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
+            f"{r['copies']:.2f} | {r['seconds']:.2f} | {r['seconds_per_offspring']:.2f} | "
+            f"{r['disk_read_bytes'] / 2**30:.2f} | {r['disk_write_bytes'] / 2**30:.2f} |"
+        )
     if all("copies" in results.get(m, {}) for m in ("ours", "reference")):
-        print(f"\nreference / ours peak memory: {results['reference']['peak_bytes'] / results['ours']['peak_bytes']:.2f}x")
+        print(
+            f"\nreference / ours peak memory: {results['reference']['peak_bytes'] / results['ours']['peak_bytes']:.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "n": args.n, "device": args.device, "tier": args.tier, "copy_bytes": copy_bytes,
-                       "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "size": args.size,
+                    "n": args.n,
+                    "device": args.device,
+                    "tier": args.tier,
+                    "copy_bytes": copy_bytes,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
     if "error" in results.get("ours", {}):
         sys.exit(1)  # the reference running out of memory is a result; ours failing is not
 

@@ -53,24 +53,42 @@ def same_result(a: str, b: str) -> bool:
     for d in (a, b):
         with open(os.path.join(d, "evolution.json")) as f:
             doc = json.load(f)
-        docs.append(([{k: v for k, v in g.items() if k != "examples_scored"} for g in doc["generations"]],
-                     doc["final_fitness"], doc["final_per_file"]))
+        docs.append(
+            (
+                [{k: v for k, v in g.items() if k != "examples_scored"} for g in doc["generations"]],
+                doc["final_fitness"],
+                doc["final_per_file"],
+            )
+        )
     return docs[0] == docs[1]
 
 
 def one_run(manifest, out, fitness, method, seed, args, max_length, alpha, early) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    scenario.evolve(manifest, out, fitness, seed, args.generations, max_length, merge_method=method, merge_alpha=alpha,
-                    early_reject=early)
+    scenario.evolve(
+        manifest,
+        out,
+        fitness,
+        seed,
+        args.generations,
+        max_length,
+        merge_method=method,
+        merge_alpha=alpha,
+        early_reject=early,
+    )
     wall = time.perf_counter() - start
     with open(os.path.join(out, "evolution.json")) as f:
         doc = json.load(f)
     gens = doc["generations"][1:]  # generation 0 scores the initial population in full either way
-    return {"wall_s": wall, "evaluation_s": doc["timing_s"]["evaluation"],
-            "scored": sum(g["examples_scored"] for g in gens), "full": sum(g["examples_full"] for g in gens),
-            "scored_all": sum(g["examples_scored"] for g in doc["generations"]),
-            "full_all": sum(g["examples_full"] for g in doc["generations"])}
+    return {
+        "wall_s": wall,
+        "evaluation_s": doc["timing_s"]["evaluation"],
+        "scored": sum(g["examples_scored"] for g in gens),
+        "full": sum(g["examples_full"] for g in gens),
+        "scored_all": sum(g["examples_scored"] for g in doc["generations"]),
+        "full_all": sum(g["examples_full"] for g in doc["generations"]),
+    }
 
 
 def main() -> None:
@@ -95,13 +113,22 @@ def main() -> None:
             for seed in args.seeds:
                 name = scenario.run_name(fitness, method, seed)
                 dirs = {early: os.path.join(runs, demo, early, name) for early in ("on", "off")}
-                result = {early: one_run(manifest, dirs[early], fitness, method, seed, args, max_length, alpha, early)
-                          for early in ("on", "off")}
-                row = {"demo": demo, "run": name, "label": label.format(alpha=alpha), **result,
-                       "same": same_result(dirs["on"], dirs["off"])}
-                scenario.log(f"[bench] {demo} {name}: scored {result['on']['scored']} of {result['on']['full']} "
-                             f"examples; evaluation {result['on']['evaluation_s']:.1f} s vs "
-                             f"{result['off']['evaluation_s']:.1f} s; same result: {row['same']}")
+                result = {
+                    early: one_run(manifest, dirs[early], fitness, method, seed, args, max_length, alpha, early)
+                    for early in ("on", "off")
+                }
+                row = {
+                    "demo": demo,
+                    "run": name,
+                    "label": label.format(alpha=alpha),
+                    **result,
+                    "same": same_result(dirs["on"], dirs["off"]),
+                }
+                scenario.log(
+                    f"[bench] {demo} {name}: scored {result['on']['scored']} of {result['on']['full']} "
+                    f"examples; evaluation {result['on']['evaluation_s']:.1f} s vs "
+                    f"{result['off']['evaluation_s']:.1f} s; same result: {row['same']}"
+                )
                 rows.append(row)
                 write(rows, args, final=False)  # a partial table survives an interrupted benchmark
     write(rows, args)
@@ -111,24 +138,35 @@ def write(rows: list[dict], args, final: bool = True) -> None:
     def pct(a, b):
         return f"{100 * a / b:.1f}%" if b else "-"
 
-    lines = ["| demo | run | examples scored, generations 1+ (on / full) | all evaluations incl. generation 0 | "
-             "evaluation s (on / off) | run s (on / off) | same bytes and history |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| demo | run | examples scored, generations 1+ (on / full) | all evaluations incl. generation 0 | "
+        "evaluation s (on / off) | run s (on / off) | same bytes and history |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         on, off = r["on"], r["off"]
-        lines.append(f"| {r['demo']} | {r['run']} | {on['scored']} / {on['full']} ({pct(on['scored'], on['full'])}) | "
-                     f"{pct(on['scored_all'], on['full_all'])} | {on['evaluation_s']:.1f} / {off['evaluation_s']:.1f} | "
-                     f"{on['wall_s']:.1f} / {off['wall_s']:.1f} | {'yes' if r['same'] else 'NO'} |")
+        lines.append(
+            f"| {r['demo']} | {r['run']} | {on['scored']} / {on['full']} ({pct(on['scored'], on['full'])}) | "
+            f"{pct(on['scored_all'], on['full_all'])} | {on['evaluation_s']:.1f} / {off['evaluation_s']:.1f} | "
+            f"{on['wall_s']:.1f} / {off['wall_s']:.1f} | {'yes' if r['same'] else 'NO'} |"
+        )
     for demo in sorted({r["demo"] for r in rows}) + ["all"]:
         sel = [r for r in rows if demo in ("all", r["demo"])]
-        s = {k: sum(r["on"][k] for r in sel) for k in ("scored", "full", "scored_all", "full_all", "evaluation_s", "wall_s")}
+        s = {
+            k: sum(r["on"][k] for r in sel)
+            for k in ("scored", "full", "scored_all", "full_all", "evaluation_s", "wall_s")
+        }
         off = {k: sum(r["off"][k] for r in sel) for k in ("evaluation_s", "wall_s")}
-        lines.append(f"| **{demo}** | {len(sel)} runs | {s['scored']} / {s['full']} ({pct(s['scored'], s['full'])}) | "
-                     f"{pct(s['scored_all'], s['full_all'])} | {s['evaluation_s']:.0f} / {off['evaluation_s']:.0f} "
-                     f"(ratio {s['evaluation_s'] / off['evaluation_s']:.2f}) | {s['wall_s']:.0f} / {off['wall_s']:.0f} "
-                     f"(ratio {s['wall_s'] / off['wall_s']:.2f}) | {sum(r['same'] for r in sel)} of {len(sel)} |")
-    note = (f"\nSeeds {args.seeds}, {args.generations} generations, {os.cpu_count()} cores; evaluation s includes "
-            "the Fisher / RegMean statistics (the same work in both). Each run with early rejection on, then off.\n")
+        lines.append(
+            f"| **{demo}** | {len(sel)} runs | {s['scored']} / {s['full']} ({pct(s['scored'], s['full'])}) | "
+            f"{pct(s['scored_all'], s['full_all'])} | {s['evaluation_s']:.0f} / {off['evaluation_s']:.0f} "
+            f"(ratio {s['evaluation_s'] / off['evaluation_s']:.2f}) | {s['wall_s']:.0f} / {off['wall_s']:.0f} "
+            f"(ratio {s['wall_s'] / off['wall_s']:.2f}) | {sum(r['same'] for r in sel)} of {len(sel)} |"
+        )
+    note = (
+        f"\nSeeds {args.seeds}, {args.generations} generations, {os.cpu_count()} cores; evaluation s includes "
+        "the Fisher / RegMean statistics (the same work in both). Each run with early rejection on, then off.\n"
+    )
     if not final:
         note += "(partial: the benchmark was still running)\n"
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -70,8 +70,14 @@ def run_stacking(method: str, size: str, n: int, device: str, root: str) -> dict
         elif method == "task_arithmetic":
             merged = naive_merge(xs, weights=[1.0] * n, base=base, scale=SCALE)
         else:
-            merged = naive_merge(xs, weights=[1.0] * n, base=base, density=DENSITY, scale=SCALE,
-                                 drop_p=DROP_P if method == "dare_ties" else 0.0)
+            merged = naive_merge(
+                xs,
+                weights=[1.0] * n,
+                base=base,
+                density=DENSITY,
+                scale=SCALE,
+                drop_p=DROP_P if method == "dare_ties" else 0.0,
+            )
         out.view(e).copy_(merged)
         del xs, merged
     if device == "cuda":
@@ -96,8 +102,12 @@ def main(argv=None) -> None:
     parser.add_argument("--size", default="125m", choices=list(SIZES))
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--methods", nargs="+", default=["average", "task_arithmetic", "ties", "dare_ties"],
-                        choices=["average", "task_arithmetic", "ties", "dare_ties"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["average", "task_arithmetic", "ties", "dare_ties"],
+        choices=["average", "task_arithmetic", "ties", "dare_ties"],
+    )
     parser.add_argument("--root", default=None, help="where the models' files go (default: a temporary directory)")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
@@ -108,26 +118,57 @@ def main(argv=None) -> None:
         return
     copy_bytes = llama_layout(args.size).nbytes
     results = {}
-    print(f"one-shot merge of N = {args.n} {args.size}-shaped bf16 models (one copy {copy_bytes / 2**30:.2f} GiB) on "
-          f"{args.device}; ties/dare_ties: density {DENSITY}, dare drop p {DROP_P}")
+    print(
+        f"one-shot merge of N = {args.n} {args.size}-shaped bf16 models (one copy {copy_bytes / 2**30:.2f} GiB) on "
+        f"{args.device}; ties/dare_ties: density {DENSITY}, dare drop p {DROP_P}"
+    )
     print("| method | pipeline | peak GiB | model copies | seconds |\n| --- | --- | --- | --- | --- |")
     for method in args.methods:
         for pipeline in ("ours", "stacking"):
-            out = subprocess.run([sys.executable, __file__, "--child", pipeline, method, "--size", args.size,
-                                  "--n", str(args.n), "--device", args.device, "--root", root],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    pipeline,
+                    method,
+                    "--size",
+                    args.size,
+                    "--n",
+                    str(args.n),
+                    "--device",
+                    args.device,
+                    "--root",
+                    root,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0:
                 r = {"error": (out.stderr or "")[-300:] or f"exit code {out.returncode}"}
                 print(f"| {method} | {pipeline} | failed: {r['error'][-100:]!r} | | |")
             else:
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 r["copies"] = r["peak_bytes"] / copy_bytes
-                print(f"| {method} | {pipeline} | {r['peak_bytes'] / 2**30:.3f} | {r['copies']:.2f} | {r['seconds']:.2f} |")
+                print(
+                    f"| {method} | {pipeline} | {r['peak_bytes'] / 2**30:.3f} | {r['copies']:.2f} | {r['seconds']:.2f} |"
+                )
             results[f"{method}/{pipeline}"] = r
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "n": args.n, "device": args.device, "copy_bytes": copy_bytes,
-                       "density": DENSITY, "drop_p": DROP_P, "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "size": args.size,
+                    "n": args.n,
+                    "device": args.device,
+                    "copy_bytes": copy_bytes,
+                    "density": DENSITY,
+                    "drop_p": DROP_P,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

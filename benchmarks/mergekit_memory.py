@@ -64,8 +64,15 @@ def build_models(size: str, n: int, root: str) -> list[str]:
     dirs = [os.path.join(root, f"model{k}") for k in range(n)] + [os.path.join(root, "base")]
     if all(os.path.isfile(os.path.join(d, "model.safetensors")) for d in dirs):
         return dirs
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
-                         num_attention_heads=heads, num_key_value_heads=kv, torch_dtype="bfloat16")
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        torch_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to(torch.bfloat16)
     base.save_pretrained(dirs[-1], safe_serialization=True)
@@ -82,15 +89,20 @@ def build_models(size: str, n: int, root: str) -> list[str]:
 def write_yaml(method: str, dirs: list[str], path: str) -> None:
     params, per_model, count, with_base = CASES[method]
     models = dirs[:-1] if count is None else dirs[:count]
-    config = {"merge_method": method, "dtype": "bfloat16",
-              "models": [{"model": m, **({"parameters": per_model} if per_model else {})} for m in models]}
+    config = {
+        "merge_method": method,
+        "dtype": "bfloat16",
+        "models": [{"model": m, **({"parameters": per_model} if per_model else {})} for m in models],
+    }
     if method == "passthrough":
         with open(os.path.join(models[0], "config.json")) as f:
             layers = json.load(f)["num_hidden_layers"]
         cut = layers * 2 // 3
         del config["models"]
-        config["slices"] = [{"sources": [{"model": models[0], "layer_range": [0, cut]}]},
-                            {"sources": [{"model": models[1], "layer_range": [layers - cut, layers]}]}]
+        config["slices"] = [
+            {"sources": [{"model": models[0], "layer_range": [0, cut]}]},
+            {"sources": [{"model": models[1], "layer_range": [layers - cut, layers]}]},
+        ]
     if with_base:
         config["base_model"] = dirs[-1]
     if params:
@@ -131,8 +143,11 @@ def child(tool: str, config: str, out: str) -> None:
         except SystemExit as err:
             code = int(err.code or 0)
     seconds = time.perf_counter() - start
-    print(json.dumps({"peak_bytes": sampler.stop() - baseline, "disk_bytes": disk.stop(), "seconds": seconds,
-                      "code": code}))
+    print(
+        json.dumps(
+            {"peak_bytes": sampler.stop() - baseline, "disk_bytes": disk.stop(), "seconds": seconds, "code": code}
+        )
+    )
 
 
 def max_difference(a: str, b: str) -> float:
@@ -166,10 +181,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     root = args.root or os.path.join("/tmp", f"evolver-mergekit-{args.size}-n{args.n}")
     dirs = build_models(args.size, args.n, root)
-    copy_bytes = sum(os.path.getsize(os.path.join(dirs[0], f)) for f in os.listdir(dirs[0]) if f.endswith(".safetensors"))
+    copy_bytes = sum(
+        os.path.getsize(os.path.join(dirs[0], f)) for f in os.listdir(dirs[0]) if f.endswith(".safetensors")
+    )
     print(f"one-shot merge of {args.n} {args.size}-shaped bf16 Llama models (one copy {copy_bytes / 2**30:.2f} GiB)")
-    print("| method | ours: peak GiB (copies), disk GiB, s | mergekit: peak GiB (copies), disk GiB, s | "
-          "max abs difference |\n| --- | --- | --- | --- |")
+    print(
+        "| method | ours: peak GiB (copies), disk GiB, s | mergekit: peak GiB (copies), disk GiB, s | "
+        "max abs difference |\n| --- | --- | --- | --- |"
+    )
     results = {}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVOLVER_PROGRESS": "0"}
     for method in args.methods:
@@ -179,8 +198,9 @@ def main(argv: list[str] | None = None) -> None:
         for tool in args.tools:
             out = os.path.join(root, f"out-{tool}-{method}")
             shutil.rmtree(out, ignore_errors=True)
-            proc = subprocess.run([sys.executable, __file__, "--child", tool, config, out], capture_output=True,
-                                  text=True, env=env)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", tool, config, out], capture_output=True, text=True, env=env
+            )
             lines = proc.stdout.strip().splitlines()
             try:
                 row[tool] = json.loads(lines[-1])
@@ -189,20 +209,26 @@ def main(argv: list[str] | None = None) -> None:
             except (IndexError, ValueError):
                 row[tool] = {"error": (proc.stderr or proc.stdout)[-300:]}
         if len(row) == 2 and all("error" not in row[t] for t in row):
-            row["max_abs_difference"] = max_difference(os.path.join(root, f"out-ours-{method}"),
-                                                       os.path.join(root, f"out-mergekit-{method}"))
+            row["max_abs_difference"] = max_difference(
+                os.path.join(root, f"out-ours-{method}"), os.path.join(root, f"out-mergekit-{method}")
+            )
 
         def cell(r):
             if "error" in r:
                 return "failed: " + " ".join(r["error"].split())[-80:]
-            return (f"{r['peak_bytes'] / 2**30:.3f} ({r['peak_bytes'] / copy_bytes:.2f}), "
-                    f"{r['disk_bytes'] / 2**30:.2f}, {r['seconds']:.1f}")
+            return (
+                f"{r['peak_bytes'] / 2**30:.3f} ({r['peak_bytes'] / copy_bytes:.2f}), "
+                f"{r['disk_bytes'] / 2**30:.2f}, {r['seconds']:.1f}"
+            )
 
         diff = row.get("max_abs_difference", "-")
         if method in RANDOM and diff != "-":
             diff = f"{diff} (random drops)"
-        print(f"| {method} | {cell(row['ours']) if 'ours' in row else '-'} | "
-              f"{cell(row['mergekit']) if 'mergekit' in row else '-'} | {diff} |", flush=True)
+        print(
+            f"| {method} | {cell(row['ours']) if 'ours' in row else '-'} | "
+            f"{cell(row['mergekit']) if 'mergekit' in row else '-'} | {diff} |",
+            flush=True,
+        )
         results[method] = row
     if args.json:
         with open(args.json, "w") as f:

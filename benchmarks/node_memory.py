@@ -87,10 +87,36 @@ class NodePeak:
 
 
 def run(checkout: str, manifest: dict, ranks: int, out: str, extra: tuple[str, ...] = ()) -> dict:
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=29517",
-            "-m", "evolver_kernels.evolve", "--models", *manifest["experts"], "--dev", *manifest["dev"],
-            "--out", out, "--fitness", "individual", "--schedule", "synchronous", "--population-on", "cpu",
-            "--generations", "1", "--max-dev-examples", "16", "--max-length", "128", "--seed", "0", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        "--master_port=29517",
+        "-m",
+        "evolver_kernels.evolve",
+        "--models",
+        *manifest["experts"],
+        "--dev",
+        *manifest["dev"],
+        "--out",
+        out,
+        "--fitness",
+        "individual",
+        "--schedule",
+        "synchronous",
+        "--population-on",
+        "cpu",
+        "--generations",
+        "1",
+        "--max-dev-examples",
+        "16",
+        "--max-length",
+        "128",
+        "--seed",
+        "0",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": checkout, "OMP_NUM_THREADS": "1", "EVOLVER_PROGRESS": "0"}
     start = time.perf_counter()
     child = subprocess.Popen(argv, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -100,16 +126,22 @@ def run(checkout: str, manifest: dict, ranks: int, out: str, extra: tuple[str, .
     if child.returncode != 0:
         sys.exit(f"{' '.join(argv)} failed:\n{err[-3000:]}")
     plan = re.search(r"needs: host ([\d.]+ [KMG]iB)", err)
-    return {"peak_bytes": peak, "shmem_bytes": shmem, "seconds": time.perf_counter() - start,
-            "plan_host": plan.group(1) if plan else None, "plan": next((ln for ln in err.splitlines()
-                                                                        if ln.startswith("memory plan")), "")}
+    return {
+        "peak_bytes": peak,
+        "shmem_bytes": shmem,
+        "seconds": time.perf_counter() - start,
+        "plan_host": plan.group(1) if plan else None,
+        "plan": next((ln for ln in err.splitlines() if ln.startswith("memory plan")), ""),
+    }
 
 
 def worktree(commit: str) -> str:
     """A checkout of `commit` that runs with this checkout's compiled extensions (same C++ sources)."""
     path = os.path.join(tempfile.gettempdir(), f"evolver-baseline-{commit}")
     if not os.path.isdir(path):
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, commit], check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", ROOT, "worktree", "add", "--detach", path, commit], check=True, capture_output=True
+        )
     for name in os.listdir(os.path.join(ROOT, "evolver_kernels")):
         if name.endswith(".so"):
             shutil.copy2(os.path.join(ROOT, "evolver_kernels", name), os.path.join(path, "evolver_kernels", name))
@@ -125,7 +157,9 @@ def main() -> None:
     args = parser.parse_args()
     import drug_population
 
-    manifest = drug_population.build(os.path.join(args.cache, "drug-population"), log=lambda m: print(m, file=sys.stderr))
+    manifest = drug_population.build(
+        os.path.join(args.cache, "drug-population"), log=lambda m: print(m, file=sys.stderr)
+    )
     copy = sum(os.path.getsize(os.path.join(e, "model.safetensors")) for e in manifest["experts"][:1])
     old = worktree(args.baseline)
     results = []
@@ -137,13 +171,20 @@ def main() -> None:
             results.append({**dry, "ranks": k, "population": "none (--dry-run)", "copies": dry["peak_bytes"] / copy})
             for name, checkout in (("once per node", ROOT), (f"per rank ({args.baseline})", old)):
                 r = run(checkout, manifest, k, os.path.join(tmp, f"{k}-{len(results)}"))
-                r.update(ranks=k, population=name, copies=r["peak_bytes"] / copy,
-                         above_dry_run_copies=(r["peak_bytes"] - dry["peak_bytes"]) / copy)
+                r.update(
+                    ranks=k,
+                    population=name,
+                    copies=r["peak_bytes"] / copy,
+                    above_dry_run_copies=(r["peak_bytes"] - dry["peak_bytes"]) / copy,
+                )
                 results.append(r)
-                print(f"{k} ranks, population {name}: peak node memory {r['peak_bytes'] / 2**30:.2f} GiB "
-                      f"({r['above_dry_run_copies']:.1f} model copies above the --dry-run; shared memory "
-                      f"{r['shmem_bytes'] / 2**30:.2f} GiB), "
-                      f"plan's host need {r['plan_host']}, {r['seconds']:.0f} s", flush=True)
+                print(
+                    f"{k} ranks, population {name}: peak node memory {r['peak_bytes'] / 2**30:.2f} GiB "
+                    f"({r['above_dry_run_copies']:.1f} model copies above the --dry-run; shared memory "
+                    f"{r['shmem_bytes'] / 2**30:.2f} GiB), "
+                    f"plan's host need {r['plan_host']}, {r['seconds']:.0f} s",
+                    flush=True,
+                )
     print(f"one model copy: {copy / 2**20:.1f} MiB; N = {len(manifest['experts'])}")
     if args.out:
         with open(args.out, "w") as f:

@@ -46,8 +46,12 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
     except OSError:
         info["commit"] = "unknown"
     return info
@@ -106,8 +110,10 @@ def copy_fn(case: Case):
     """A plain copy moving the op's byte count (read half, write half), rotated like the op's inputs."""
     half = case.bytes_moved // 2 // case.out.element_size()
     device = case.out.device.type
-    pairs = [(torch.randn(half, device=device).to(case.dtype), torch.empty(half, dtype=case.dtype, device=device))
-             for _ in range(rotation_count(case.bytes_moved, device))]
+    pairs = [
+        (torch.randn(half, device=device).to(case.dtype), torch.empty(half, dtype=case.dtype, device=device))
+        for _ in range(rotation_count(case.bytes_moved, device))
+    ]
     turns = itertools.count()
 
     def copy():
@@ -159,8 +165,15 @@ def extra_bytes(fn, device: str, out_bytes: int, returns_new: bool) -> int:
     return max(used - (out_bytes if returns_new else 0), 0)
 
 
-def run(device: str, sizes: list[int], dtypes: list[str], strategies: list[str], impls: list[str], threads: int | None,
-        reference_max: int):
+def run(
+    device: str,
+    sizes: list[int],
+    dtypes: list[str],
+    strategies: list[str],
+    impls: list[str],
+    threads: int | None,
+    reference_max: int,
+):
     if threads:
         torch.set_num_threads(threads)
     rows = []
@@ -180,8 +193,15 @@ def run(device: str, sizes: list[int], dtypes: list[str], strategies: list[str],
                         t_naive = t
                     gbs = case.bytes_moved / t / 1e9
                     row = {
-                        "device": device, "dtype": dname, "strategy": strategy, "numel": n, "impl": impl,
-                        "ms": t * 1e3, "GB/s": gbs, "copy GB/s": copy_gbs, "copy fraction": gbs / copy_gbs,
+                        "device": device,
+                        "dtype": dname,
+                        "strategy": strategy,
+                        "numel": n,
+                        "impl": impl,
+                        "ms": t * 1e3,
+                        "GB/s": gbs,
+                        "copy GB/s": copy_gbs,
+                        "copy fraction": gbs / copy_gbs,
                         "speedup vs naive": (t_naive / t) if t_naive else None,
                         "extra bytes": extra_bytes(fn, device, n * case.out.element_size(), impl == "naive"),
                     }
@@ -193,12 +213,16 @@ def run(device: str, sizes: list[int], dtypes: list[str], strategies: list[str],
 
 def format_row(r: dict) -> str:
     sp = f"{r['speedup vs naive']:.1f}x" if r["speedup vs naive"] else "-"
-    return (f"| {r['device']} | {r['dtype']} | {r['strategy']} | 2^{r['numel'].bit_length() - 1} | {r['impl']} | "
-            f"{r['ms']:.3f} | {r['GB/s']:.1f} | {100 * r['copy fraction']:.0f}% | {sp} | {r['extra bytes'] / 2**20:.1f} |")
+    return (
+        f"| {r['device']} | {r['dtype']} | {r['strategy']} | 2^{r['numel'].bit_length() - 1} | {r['impl']} | "
+        f"{r['ms']:.3f} | {r['GB/s']:.1f} | {100 * r['copy fraction']:.0f}% | {sp} | {r['extra bytes'] / 2**20:.1f} |"
+    )
 
 
-HEADER = ("| device | dtype | strategy | numel | impl | ms (median) | GB/s | of copy | vs naive | extra MiB |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+HEADER = (
+    "| device | dtype | strategy | numel | impl | ms (median) | GB/s | of copy | vs naive | extra MiB |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -235,10 +259,14 @@ def main(argv=None) -> None:
     parser.add_argument("--step", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--strategies", nargs="+", default=["evolver", "rand/1"], choices=list(STRATEGY_INPUTS))
-    parser.add_argument("--impls", nargs="+", default=None, help="default: naive, reference, then every compiled backend")
+    parser.add_argument(
+        "--impls", nargs="+", default=None, help="default: naive, reference, then every compiled backend"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reference-max-exp", type=int, default=22, help="time the reference up to this size")
-    parser.add_argument("--json", default=None, help="where to write the rows (default benchmarks/results/ops-<device>.json)")
+    parser.add_argument(
+        "--json", default=None, help="where to write the rows (default benchmarks/results/ops-<device>.json)"
+    )
     parser.add_argument("--plot", default=None, help="PNG of GB/s against size")
     args = parser.parse_args(argv)
     max_exp = args.max_exp or (26 if args.device == "cpu" else 30)
@@ -247,15 +275,21 @@ def main(argv=None) -> None:
         sizes.append(2**max_exp)
     backends = [b for b in ek.available_backends(args.device) if b != "reference"]
     if args.device == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is a correctness tool, not a backend to time
+        backends = [
+            b for b in backends if b != "triton"
+        ]  # the interpreter is a correctness tool, not a backend to time
     impls = args.impls or ["naive", "reference"] + backends
     if "naive" in impls:
         impls = ["naive"] + [i for i in impls if i != "naive"]
     print(HEADER)
     rows = run(args.device, sizes, args.dtypes, args.strategies, impls, args.threads, 2**args.reference_max_exp)
-    doc = {"date": datetime.date.today().isoformat(), "machine": machine(), "threads": torch.get_num_threads(),
-           "command": " ".join(["python", "benchmarks/opbench.py"] + (argv if argv is not None else sys.argv[1:])),
-           "rows": rows}
+    doc = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["python", "benchmarks/opbench.py"] + (argv if argv is not None else sys.argv[1:])),
+        "rows": rows,
+    }
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"ops-{args.device}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -13,7 +13,9 @@ from opbench import DTYPES, Case, extra_bytes, op_fn
 import evolver_kernels as ek
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["naive"] + [b for b in ek.available_backends(DEVICE) if b not in ("reference", "triton" if DEVICE == "cpu" else "")]
+IMPLS = ["naive"] + [
+    b for b in ek.available_backends(DEVICE) if b not in ("reference", "triton" if DEVICE == "cpu" else "")
+]
 SIZES = [2**16, 2**20, 2**24]
 
 
@@ -36,8 +38,12 @@ def test_de_mutate_crossover(benchmark, impl, strategy, dtype, numel):
     benchmark.extra_info["GB/s"] = case.bytes_moved / benchmark.stats.stats.median / 1e9
 
 
-MERGE_METHODS = {"average": {}, "task_arithmetic": {"base": True, "normalize": False},
-                 "ties": {"base": True, "trim": 0.5}, "dare_ties": {"base": True, "trim": 0.5, "drop_p": 0.3}}
+MERGE_METHODS = {
+    "average": {},
+    "task_arithmetic": {"base": True, "normalize": False},
+    "ties": {"base": True, "trim": 0.5},
+    "dare_ties": {"base": True, "trim": 0.5, "drop_p": 0.3},
+}
 
 
 def _naive_merge_op(xs, base, trim, drop_p, normalize):
@@ -69,12 +75,22 @@ def test_merge_tensors(benchmark, impl, method):
     trim, drop_p, normalize = spec.get("trim"), spec.get("drop_p", 0.0), spec.get("normalize", True)
     out = torch.empty_like(xs[0])
     if impl == "naive":
+
         def fn():
             return _naive_merge_op(xs, base, trim, drop_p, normalize)
     else:
+
         def fn():
-            return ek.merge_tensors(xs, base=base, trim=[trim] * n if trim else None, drop_p=drop_p,
-                                    normalize=normalize, out=out, backend=impl)
+            return ek.merge_tensors(
+                xs,
+                base=base,
+                trim=[trim] * n if trim else None,
+                drop_p=drop_p,
+                normalize=normalize,
+                out=out,
+                backend=impl,
+            )
+
     if DEVICE == "cuda":
         inner = fn
 

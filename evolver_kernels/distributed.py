@@ -33,8 +33,14 @@ class Ranks:
     """This process's place: global rank and world size, and its node's (torchrun's LOCAL_RANK,
     LOCAL_WORLD_SIZE and GROUP_RANK): local rank 0 is the node's writer of a shared population."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int | None = None, local_world: int | None = None,
-                 node: int = 0):
+    def __init__(
+        self,
+        rank: int = 0,
+        world: int = 1,
+        local_rank: int | None = None,
+        local_world: int | None = None,
+        node: int = 0,
+    ):
         self.rank, self.world = rank, world
         self.local_rank = rank if local_rank is None else local_rank
         self.local_world = world if local_world is None else local_world
@@ -70,8 +76,13 @@ class Ranks:
             dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
         launcher = Ranks.of_launcher()
         rank, world = dist.get_rank(), dist.get_world_size()
-        return Ranks(rank, world, launcher.local_rank if "LOCAL_RANK" in os.environ else rank,
-                     launcher.local_world if "LOCAL_WORLD_SIZE" in os.environ else world, launcher.node)
+        return Ranks(
+            rank,
+            world,
+            launcher.local_rank if "LOCAL_RANK" in os.environ else rank,
+            launcher.local_world if "LOCAL_WORLD_SIZE" in os.environ else world,
+            launcher.node,
+        )
 
     @staticmethod
     def of_launcher() -> Ranks:
@@ -79,8 +90,13 @@ class Ranks:
         env = os.environ
         world = int(env.get("WORLD_SIZE", "1"))
         rank = int(env.get("RANK", "0"))
-        return Ranks(rank, world, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world)),
-                     int(env.get("GROUP_RANK", 0)))
+        return Ranks(
+            rank,
+            world,
+            int(env.get("LOCAL_RANK", rank)),
+            int(env.get("LOCAL_WORLD_SIZE", world)),
+            int(env.get("GROUP_RANK", 0)),
+        )
 
     def mine(self, i: int) -> bool:
         return i % self.world == self.rank

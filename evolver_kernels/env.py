@@ -17,9 +17,18 @@ import platform
 import subprocess
 import sys
 
-SWITCHES = ("EVOLVER_KERNELS_JIT", "EVOLVER_KERNELS_CACHE", "EVOLVER_KERNELS_SKIP_CUDA_BUILD",
-            "EVOLVER_KERNELS_FORCE_CUDA_BUILD", "EVOLVER_KERNELS_PORTABLE", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME",
-            "MAX_JOBS", "TRITON_INTERPRET", "CXX")
+SWITCHES = (
+    "EVOLVER_KERNELS_JIT",
+    "EVOLVER_KERNELS_CACHE",
+    "EVOLVER_KERNELS_SKIP_CUDA_BUILD",
+    "EVOLVER_KERNELS_FORCE_CUDA_BUILD",
+    "EVOLVER_KERNELS_PORTABLE",
+    "TORCH_CUDA_ARCH_LIST",
+    "CUDA_HOME",
+    "MAX_JOBS",
+    "TRITON_INTERPRET",
+    "CXX",
+)
 
 
 def _version(package: str) -> str:
@@ -84,17 +93,30 @@ def report() -> dict:
         per_device[device] = {"backends": rows, "runs": chosen, "fastest": backends.PREFERENCE[device.split(":")[0]][0]}
     cache = jit.cache_root()
     return {
-        "evolver-kernels": {"version": evolver_kernels.__version__, "location": os.path.dirname(evolver_kernels.__file__)},
+        "evolver-kernels": {
+            "version": evolver_kernels.__version__,
+            "location": os.path.dirname(evolver_kernels.__file__),
+        },
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
-        "torch": {"version": torch.__version__, "cuda": torch.version.cuda, "gpus": [
-            f"{torch.cuda.get_device_name(k)} (sm_{''.join(map(str, torch.cuda.get_device_capability(k)))})"
-            for k in range(torch.cuda.device_count())]},
+        "torch": {
+            "version": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpus": [
+                f"{torch.cuda.get_device_name(k)} (sm_{''.join(map(str, torch.cuda.get_device_capability(k)))})"
+                for k in range(torch.cuda.device_count())
+            ],
+        },
         "packages": {p: _version(p) for p in ("triton", "transformers", "safetensors", "accelerate", "ninja")},
-        "compilers": {"c++": _version_line([cxx, "--version"]) if jit.cxx_compiler_problem() is None
-                      else jit.cxx_compiler_problem(),
-                      "nvcc": _version_line([os.path.join(cuda_home, "bin", "nvcc"), "--version"], "release")
-                      if cuda_home else "no CUDA toolkit found", "cuda_home": cuda_home},
+        "compilers": {
+            "c++": _version_line([cxx, "--version"])
+            if jit.cxx_compiler_problem() is None
+            else jit.cxx_compiler_problem(),
+            "nvcc": _version_line([os.path.join(cuda_home, "bin", "nvcc"), "--version"], "release")
+            if cuda_home
+            else "no CUDA toolkit found",
+            "cuda_home": cuda_home,
+        },
         "extensions": extensions,
         "devices": per_device,
         "switches": {k: os.environ[k] for k in SWITCHES if k in os.environ},
@@ -103,12 +125,16 @@ def report() -> dict:
 
 
 def _text(doc: dict) -> str:
-    lines = [f"evolver-kernels {doc['evolver-kernels']['version']} at {doc['evolver-kernels']['location']}",
-             f"python {doc['python']}", f"platform {doc['platform']}",
-             f"torch {doc['torch']['version']} (CUDA {doc['torch']['cuda']}); GPUs: {', '.join(doc['torch']['gpus']) or 'none'}",
-             "packages: " + ", ".join(f"{k} {v}" for k, v in doc["packages"].items()),
-             f"c++: {doc['compilers']['c++']}", f"nvcc: {doc['compilers']['nvcc']}",
-             "extensions:"]
+    lines = [
+        f"evolver-kernels {doc['evolver-kernels']['version']} at {doc['evolver-kernels']['location']}",
+        f"python {doc['python']}",
+        f"platform {doc['platform']}",
+        f"torch {doc['torch']['version']} (CUDA {doc['torch']['cuda']}); GPUs: {', '.join(doc['torch']['gpus']) or 'none'}",
+        "packages: " + ", ".join(f"{k} {v}" for k, v in doc["packages"].items()),
+        f"c++: {doc['compilers']['c++']}",
+        f"nvcc: {doc['compilers']['nvcc']}",
+        "extensions:",
+    ]
     for name, e in doc["extensions"].items():
         lines.append(f"  {name}: {'available' if e['available'] else 'UNAVAILABLE'} - {e['status']}")
         if "build" in e:
@@ -124,8 +150,9 @@ def _text(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evolver_kernels.env", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m evolver_kernels.env", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--no-build", action="store_true", help="report without compiling missing kernels")
     args = parser.parse_args(argv)

@@ -38,7 +38,10 @@ def describe_error(err: BaseException, resumable: bool = False, flags: dict[str,
         where = f": {err.filename}" if err.filename else ""
         text = f"{err.strerror}{where}"
         if err.errno == errno.ENOSPC:
-            text += ("; free some space and rerun with --resume (the last checkpoint is intact)" if resumable
-                     else "; free some space and run again")
+            text += (
+                "; free some space and rerun with --resume (the last checkpoint is intact)"
+                if resumable
+                else "; free some space and run again"
+            )
         return text
     return " ".join(str(err).split()) or type(err).__name__

@@ -32,16 +32,55 @@ from recipes import build_base, cached_manifest, train_experts, write_manifest
 
 LABELS = ["negative", "neutral", "positive"]
 DOMAINS = {
-    "contraception": ["birth control", "emergency contraception", "abnormal uterine bleeding", "endometriosis",
-                      "polycystic ovary syndrome", "menstrual disorders", "hormone replacement therapy"],
-    "mental_health": ["depression", "bipolar disorde", "anxiety", "adhd", "insomnia", "panic disorde",
-                      "anxiety and stress", "generalized anxiety disorde", "major depressive disorde",
-                      "schizophrenia", "obsessive compulsive disorde", "post traumatic stress disorde",
-                      "smoking cessation", "opiate dependence", "alcohol dependence"],
-    "pain": ["pain", "chronic pain", "migraine", "ibromyalgia", "rheumatoid arthritis", "osteoarthritis",
-             "back pain", "neuropathic pain", "migraine prevention", "muscle spasm", "headache"],
-    "skin_and_weight": ["acne", "rosacea", "hyperhidrosis", "obesity", "weight loss", "diabetes, type 2",
-                        "psoriasis", "eczema"],
+    "contraception": [
+        "birth control",
+        "emergency contraception",
+        "abnormal uterine bleeding",
+        "endometriosis",
+        "polycystic ovary syndrome",
+        "menstrual disorders",
+        "hormone replacement therapy",
+    ],
+    "mental_health": [
+        "depression",
+        "bipolar disorde",
+        "anxiety",
+        "adhd",
+        "insomnia",
+        "panic disorde",
+        "anxiety and stress",
+        "generalized anxiety disorde",
+        "major depressive disorde",
+        "schizophrenia",
+        "obsessive compulsive disorde",
+        "post traumatic stress disorde",
+        "smoking cessation",
+        "opiate dependence",
+        "alcohol dependence",
+    ],
+    "pain": [
+        "pain",
+        "chronic pain",
+        "migraine",
+        "ibromyalgia",
+        "rheumatoid arthritis",
+        "osteoarthritis",
+        "back pain",
+        "neuropathic pain",
+        "migraine prevention",
+        "muscle spasm",
+        "headache",
+    ],
+    "skin_and_weight": [
+        "acne",
+        "rosacea",
+        "hyperhidrosis",
+        "obesity",
+        "weight loss",
+        "diabetes, type 2",
+        "psoriasis",
+        "eczema",
+    ],
 }
 EXPERT_DOMAINS = ["contraception", "mental_health", "pain", "other"]
 HELD_OUT_DOMAIN = "skin_and_weight"
@@ -108,12 +147,19 @@ def write_splits(rows: list[dict], out: str, seed: int) -> dict:
     return counts
 
 
-def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size: int = 16, max_length: int = 128,
-          log=print) -> dict:
+def build(
+    out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size: int = 16, max_length: int = 128, log=print
+) -> dict:
     """Builds (or reuses) the population under `out`; returns its manifest."""
     out = os.path.abspath(out)
-    params = {"recipe": RECIPE_VERSION, "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-              "max_length": max_length}
+    params = {
+        "recipe": RECIPE_VERSION,
+        "seed": seed,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "max_length": max_length,
+    }
     manifest = cached_manifest(out, params, log)
     if manifest is not None:
         return manifest
@@ -121,14 +167,31 @@ def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size
     counts = write_splits(drug_reviews(), out, seed)
     log(f"[population] splits: {counts}")
     base = build_base(out, seed, LABELS)
-    experts = train_experts(base, out, EXPERT_DOMAINS,
-                            [os.path.join(out, "data", f"{d}.train.jsonl") for d in EXPERT_DOMAINS],
-                            seed, epochs, lr, batch_size, max_length, log)
-    return write_manifest(out, params, {
-        "base": base, "experts": experts, "expert_domains": EXPERT_DOMAINS, "held_out_domain": HELD_OUT_DOMAIN,
-        "counts": counts, "dev": [os.path.join(out, "data", f"{d}.dev.jsonl") for d in EXPERT_DOMAINS],
-        "test": {d: os.path.join(out, "data", f"{d}.test.jsonl") for d in EXPERT_DOMAINS + [HELD_OUT_DOMAIN]},
-    })
+    experts = train_experts(
+        base,
+        out,
+        EXPERT_DOMAINS,
+        [os.path.join(out, "data", f"{d}.train.jsonl") for d in EXPERT_DOMAINS],
+        seed,
+        epochs,
+        lr,
+        batch_size,
+        max_length,
+        log,
+    )
+    return write_manifest(
+        out,
+        params,
+        {
+            "base": base,
+            "experts": experts,
+            "expert_domains": EXPERT_DOMAINS,
+            "held_out_domain": HELD_OUT_DOMAIN,
+            "counts": counts,
+            "dev": [os.path.join(out, "data", f"{d}.dev.jsonl") for d in EXPERT_DOMAINS],
+            "test": {d: os.path.join(out, "data", f"{d}.test.jsonl") for d in EXPERT_DOMAINS + [HELD_OUT_DOMAIN]},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -90,11 +90,20 @@ def write_splits(out: str, seed: int) -> dict:
     return {"counts": counts, "expert_names": names}
 
 
-def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size: int = 16, max_length: int = 64,
-          log=print) -> dict:
+def build(
+    out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size: int = 16, max_length: int = 64, log=print
+) -> dict:
     out = os.path.abspath(out)
-    params = {"recipe": RECIPE_VERSION, "seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-              "max_length": max_length, "categories": CATEGORIES, "per_category": PER_CATEGORY}
+    params = {
+        "recipe": RECIPE_VERSION,
+        "seed": seed,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "categories": CATEGORIES,
+        "per_category": PER_CATEGORY,
+    }
     manifest = cached_manifest(out, params, log)
     if manifest is not None:
         return manifest
@@ -103,13 +112,32 @@ def build(out: str, seed: int = 0, epochs: int = 5, lr: float = 1e-4, batch_size
     log(f"[population] splits: {info['counts']}")
     base = build_base(out, seed, CATEGORIES)
     names = [f"expert{k}" for k in range(EXPERTS)]
-    experts = train_experts(base, out, names, [os.path.join(out, "data", f"{n}.train.jsonl") for n in names],
-                            seed, epochs, lr, batch_size, max_length, log)
-    return write_manifest(out, params, {
-        "base": base, "experts": experts, "expert_names": info["expert_names"], "expert_domains": ["all"],
-        "held_out_domain": None, "counts": info["counts"], "dev": [os.path.join(out, "data", "all.dev.jsonl")],
-        "test": {"all": os.path.join(out, "data", "all.test.jsonl")},
-    })
+    experts = train_experts(
+        base,
+        out,
+        names,
+        [os.path.join(out, "data", f"{n}.train.jsonl") for n in names],
+        seed,
+        epochs,
+        lr,
+        batch_size,
+        max_length,
+        log,
+    )
+    return write_manifest(
+        out,
+        params,
+        {
+            "base": base,
+            "experts": experts,
+            "expert_names": info["expert_names"],
+            "expert_domains": ["all"],
+            "held_out_domain": None,
+            "counts": info["counts"],
+            "dev": [os.path.join(out, "data", "all.dev.jsonl")],
+            "test": {"all": os.path.join(out, "data", "all.test.jsonl")},
+        },
+    )
 
 
 if __name__ == "__main__":

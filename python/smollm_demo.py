@@ -126,14 +126,18 @@ def fine_tune(base: str, train_file: str, out: str, seed: int, lr: float, batch_
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     start = time.perf_counter()
     for step, lo in enumerate(range(0, len(texts), batch_size)):
-        batch = tok(texts[lo : lo + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=MAX_LENGTH)
+        batch = tok(
+            texts[lo : lo + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=MAX_LENGTH
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         if step % 10 == 0:
-            log(f"[smollm] {os.path.basename(out)} step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
+            log(
+                f"[smollm] {os.path.basename(out)} step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)"
+            )
     model.to(DTYPE).save_pretrained(out + ".tmp")
     tok.save_pretrained(out + ".tmp")
     os.replace(out + ".tmp", out)
@@ -152,9 +156,11 @@ def perplexities(model_dir: str, files: list[str]) -> list[float]:
 
 # Evolver rows: the demo's setting, then held-out selection (a quarter of each dev file held out, the output
 # chosen on it among the run's result and the experts) and self-adaptive DE (jDE): (label, extra flags)
-VARIANTS = [("Evolver (merged fitness)", []),
-            ("Evolver, --select-fraction 0.25", ["--select-fraction", "0.25"]),
-            ("Evolver, --adapt jde", ["--adapt", "jde"])]
+VARIANTS = [
+    ("Evolver (merged fitness)", []),
+    ("Evolver, --select-fraction 0.25", ["--select-fraction", "0.25"]),
+    ("Evolver, --adapt jde", ["--adapt", "jde"]),
+]
 
 
 def evolve(experts: list[str], dev: list[str], out: str, seed: int, generations: int, extra: list[str]) -> dict:
@@ -168,10 +174,38 @@ def evolve(experts: list[str], dev: list[str], out: str, seed: int, generations:
         import shutil
 
         shutil.rmtree(out)
-    argv = [sys.executable, "-m", "evolver_kernels.evolve", "--models", *experts, "--dev", *dev, "--out", out,
-            "--task", "causal-lm", "--metric", "neg-loss", "--fitness", "merged", "--population-on", "disk",
-            "--generations", str(generations), "--seed", str(seed), "--F", "0.5", "--CR", "0.5",
-            "--max-length", str(MAX_LENGTH), "--device", "cpu", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "evolver_kernels.evolve",
+        "--models",
+        *experts,
+        "--dev",
+        *dev,
+        "--out",
+        out,
+        "--task",
+        "causal-lm",
+        "--metric",
+        "neg-loss",
+        "--fitness",
+        "merged",
+        "--population-on",
+        "disk",
+        "--generations",
+        str(generations),
+        "--seed",
+        str(seed),
+        "--F",
+        "0.5",
+        "--CR",
+        "0.5",
+        "--max-length",
+        str(MAX_LENGTH),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
     def sampled(command: list[str]) -> tuple[int, float]:
         start = time.perf_counter()
@@ -182,8 +216,9 @@ def evolve(experts: list[str], dev: list[str], out: str, seed: int, generations:
         return sampler.stop(), time.perf_counter() - start
 
     # the same command with --dry-run: interpreter, torch, tokenizer and tokenised dev data, no weights
-    baseline, _ = sampled([*argv[:argv.index("--out") + 1], out + "-dry-run", *argv[argv.index("--out") + 2 :],
-                           "--dry-run"])
+    baseline, _ = sampled(
+        [*argv[: argv.index("--out") + 1], out + "-dry-run", *argv[argv.index("--out") + 2 :], "--dry-run"]
+    )
     peak, seconds = sampled(argv)
     result = {"seconds": seconds, "peak_anon_bytes": peak, "dry_run_anon_bytes": baseline}
     with open(os.path.join(out, "evolution.json")) as f:
@@ -208,8 +243,10 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     base = base_model(args.cache)
     data = write_data(args.cache, seed=0)
-    experts = [fine_tune(base, data[d]["train"], os.path.join(args.cache, f"expert-{d}"), seed=k, lr=args.lr)
-               for k, d in enumerate(DOMAINS)]
+    experts = [
+        fine_tune(base, data[d]["train"], os.path.join(args.cache, f"expert-{d}"), seed=k, lr=args.lr)
+        for k, d in enumerate(DOMAINS)
+    ]
     dev = [data[d]["dev"] for d in DOMAINS]
     test = [data[d]["test"] for d in DOMAINS]
 
@@ -224,8 +261,23 @@ def main() -> None:
     for scale in TA_SCALES:
         path = os.path.join(args.cache, f"task-arithmetic-{scale}")
         if not os.path.exists(path):
-            assert merge_main(["--method", "task_arithmetic", "--base", base, "--models", *experts,
-                               "--scale", str(scale), "--out", path]) == 0
+            assert (
+                merge_main(
+                    [
+                        "--method",
+                        "task_arithmetic",
+                        "--base",
+                        base,
+                        "--models",
+                        *experts,
+                        "--scale",
+                        str(scale),
+                        "--out",
+                        path,
+                    ]
+                )
+                == 0
+            )
         dev_ppl = sum(perplexities(path, dev)) / len(dev)
         if best is None or dev_ppl < best[0]:
             best = (dev_ppl, scale, path)
@@ -239,7 +291,9 @@ def main() -> None:
             result = evolve(experts, dev, run_dir, seed, args.generations, extra)
             runs[f"{label}, seed {seed}"] = result
             if "chosen" in result:
-                chosen.setdefault(label, []).append(result["chosen"].removeprefix("input model ").replace(args.cache + "/", ""))
+                chosen.setdefault(label, []).append(
+                    result["chosen"].removeprefix("input model ").replace(args.cache + "/", "")
+                )
             ppls.append(perplexities(run_dir, test))
         rows[f"{label}, {args.generations} gen."] = ppls
 
@@ -257,10 +311,16 @@ def main() -> None:
     memory = f"Evolver runs (disk tier, N = {len(experts)}, one copy = {model_bytes / 2**20:.0f} MiB): " + "; ".join(
         f"{name}: {r['seconds']:.0f} s, peak anonymous RSS {r['peak_anon_bytes'] / 2**30:.2f} GiB, "
         f"{(r['peak_anon_bytes'] - r['dry_run_anon_bytes']) / model_bytes:.1f} model copies above the "
-        f"--dry-run's {r['dry_run_anon_bytes'] / 2**30:.2f} GiB" for name, r in runs.items())
-    picks = "; ".join(f"{label}: " + ", ".join(f"seed {s} {w}" for s, w in zip(args.seeds, ws)) for label, ws in chosen.items())
-    text = (f"Held-out perplexity per domain (lower is better); Evolver rows: mean ± standard deviation over seeds "
-            f"{args.seeds}\n\n" + "\n".join(lines) + "\n\nChosen on the selection data: " + picks + "\n\n" + memory + "\n")
+        f"--dry-run's {r['dry_run_anon_bytes'] / 2**30:.2f} GiB"
+        for name, r in runs.items()
+    )
+    picks = "; ".join(
+        f"{label}: " + ", ".join(f"seed {s} {w}" for s, w in zip(args.seeds, ws)) for label, ws in chosen.items()
+    )
+    text = (
+        f"Held-out perplexity per domain (lower is better); Evolver rows: mean ± standard deviation over seeds "
+        f"{args.seeds}\n\n" + "\n".join(lines) + "\n\nChosen on the selection data: " + picks + "\n\n" + memory + "\n"
+    )
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -107,8 +107,16 @@ def load(model_dir: str):
 def accuracies(model_dir: str, tasks_dir: str, split: str, limit: int, batch_size: int) -> list[float]:
     """acc_norm of the model on each domain's task of `split`, through the package's lm-eval evaluator."""
     model, tok = load(model_dir)
-    ev = Evaluator("lm-eval", tok, [tasks_dir], config=model.config, batch_size=batch_size, max_length=LM_EVAL_MAX_LENGTH,
-                   max_examples=limit, task_options={"tasks": task_names(split), "task_metrics": [METRIC]})
+    ev = Evaluator(
+        "lm-eval",
+        tok,
+        [tasks_dir],
+        config=model.config,
+        batch_size=batch_size,
+        max_length=LM_EVAL_MAX_LENGTH,
+        max_examples=limit,
+        task_options={"tasks": task_names(split), "task_metrics": [METRIC]},
+    )
     fit = ev(model)
     return [fit.per_file[t] for t in task_names(split)]
 
@@ -121,8 +129,16 @@ def candidate_times(model_dir: str, tasks_dir: str, limit: int, batch_size: int,
     from lm_eval.tasks import TaskManager
 
     model, tok = load(model_dir)
-    ev = Evaluator("lm-eval", tok, [tasks_dir], config=model.config, batch_size=batch_size, max_length=LM_EVAL_MAX_LENGTH,
-                   max_examples=limit, task_options={"tasks": task_names("dev"), "task_metrics": [METRIC]})
+    ev = Evaluator(
+        "lm-eval",
+        tok,
+        [tasks_dir],
+        config=model.config,
+        batch_size=batch_size,
+        max_length=LM_EVAL_MAX_LENGTH,
+        max_examples=limit,
+        task_options={"tasks": task_names("dev"), "task_metrics": [METRIC]},
+    )
     ev(model)  # the first call wraps the model once, as the first candidate of a run does
     memory, disk, scores = [], [], []
     manager = TaskManager(include_path=tasks_dir, include_defaults=False)
@@ -136,10 +152,20 @@ def candidate_times(model_dir: str, tasks_dir: str, limit: int, batch_size: int,
             model.save_pretrained(scratch)
             tok.save_pretrained(scratch)
             results = lm_eval.simple_evaluate(
-                model="hf", model_args={"pretrained": scratch, "dtype": str(DTYPE).removeprefix("torch."),
-                                        "max_length": LM_EVAL_MAX_LENGTH},
-                tasks=task_names("dev"), limit=limit, batch_size=batch_size, device="cpu", bootstrap_iters=0,
-                task_manager=manager, log_samples=False)
+                model="hf",
+                model_args={
+                    "pretrained": scratch,
+                    "dtype": str(DTYPE).removeprefix("torch."),
+                    "max_length": LM_EVAL_MAX_LENGTH,
+                },
+                tasks=task_names("dev"),
+                limit=limit,
+                batch_size=batch_size,
+                device="cpu",
+                bootstrap_iters=0,
+                task_manager=manager,
+                log_samples=False,
+            )
             disk.append(time.perf_counter() - start)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -148,15 +174,43 @@ def candidate_times(model_dir: str, tasks_dir: str, limit: int, batch_size: int,
     return {"in_memory_s": memory, "disk_s": disk, "fitness_in_memory_vs_disk": scores}
 
 
-def evolve(experts: list[str], tasks_dir: str, out: str, seed: int, generations: int, limit: int, batch_size: int) -> dict:
+def evolve(
+    experts: list[str], tasks_dir: str, out: str, seed: int, generations: int, limit: int, batch_size: int
+) -> dict:
     """The driver in this process (merged fitness, population in host memory); its evolution.json."""
     record = os.path.join(out, "evolution.json")
     if not os.path.exists(record):
         shutil.rmtree(out, ignore_errors=True)
-        argv = ["--models", *experts, "--task", "lm-eval", "--dev", tasks_dir, "--lm-eval-tasks", *task_names("dev"),
-                "--lm-eval-metric", METRIC, "--max-dev-examples", str(limit), "--batch-size", str(batch_size),
-                "--max-length", str(LM_EVAL_MAX_LENGTH), "--fitness", "merged", "--population-on", "cpu",
-                "--generations", str(generations), "--seed", str(seed), "--device", "cpu", "--out", out]
+        argv = [
+            "--models",
+            *experts,
+            "--task",
+            "lm-eval",
+            "--dev",
+            tasks_dir,
+            "--lm-eval-tasks",
+            *task_names("dev"),
+            "--lm-eval-metric",
+            METRIC,
+            "--max-dev-examples",
+            str(limit),
+            "--batch-size",
+            str(batch_size),
+            "--max-length",
+            str(LM_EVAL_MAX_LENGTH),
+            "--fitness",
+            "merged",
+            "--population-on",
+            "cpu",
+            "--generations",
+            str(generations),
+            "--seed",
+            str(seed),
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ]
         if evolve_main(argv) != 0:
             sys.exit(f"evolve failed: {' '.join(argv)}")
     with open(record) as f:
@@ -180,8 +234,10 @@ def main() -> None:
     os.environ.setdefault("EVOLVER_PROGRESS", "0")
     base = base_model(args.cache)
     data = write_data(args.cache, seed=0)
-    experts = [fine_tune(base, data[d]["train"], os.path.join(args.cache, f"expert-{d}"), seed=k, lr=args.lr)
-               for k, d in enumerate(DOMAINS)]
+    experts = [
+        fine_tune(base, data[d]["train"], os.path.join(args.cache, f"expert-{d}"), seed=k, lr=args.lr)
+        for k, d in enumerate(DOMAINS)
+    ]
     tasks_dir = write_tasks(args.cache, data)
 
     def table_row(model_dir: str) -> list[float]:
@@ -199,8 +255,23 @@ def main() -> None:
     for scale in TA_SCALES:
         path = os.path.join(args.cache, f"task-arithmetic-{scale}")
         if not os.path.exists(path):
-            assert merge_main(["--method", "task_arithmetic", "--base", base, "--models", *experts,
-                               "--scale", str(scale), "--out", path]) == 0
+            assert (
+                merge_main(
+                    [
+                        "--method",
+                        "task_arithmetic",
+                        "--base",
+                        base,
+                        "--models",
+                        *experts,
+                        "--scale",
+                        str(scale),
+                        "--out",
+                        path,
+                    ]
+                )
+                == 0
+            )
         dev = sum(accuracies(path, tasks_dir, "dev", args.dev_limit, args.batch_size)) / len(DOMAINS)
         if best is None or dev > best[0]:
             best = (dev, scale, path)
@@ -218,19 +289,33 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {sum(acc) / len(acc):.3f} |")
     memory, disk = min(times["in_memory_s"]), min(times["disk_s"])
     timing = run["timing_s"]
-    text = (f"Held-out quote completion, {METRIC} ({args.test_limit} questions per domain, {CHOICES} choices; higher is "
-            "better)\n\n" + "\n".join(lines) + "\n\n"
-            f"Evolver run: {run['evaluations']} evaluations in {run_s:.0f} s (weights {timing['weights']:.1f} s, "
-            f"evaluation {timing['evaluation']:.1f} s); fitness = mean dev {METRIC} over {len(DOMAINS)} tasks of "
-            f"{args.dev_limit} questions.\n"
-            f"Time per candidate (the same fitness, best of {args.repeats}): in memory {memory:.1f} s; written to disk and "
-            f"run through lm-eval {disk:.1f} s ({disk / memory:.1f}x); fitness in memory vs from disk: "
-            + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in times["fitness_in_memory_vs_disk"]) + "\n")
+    text = (
+        f"Held-out quote completion, {METRIC} ({args.test_limit} questions per domain, {CHOICES} choices; higher is "
+        "better)\n\n" + "\n".join(lines) + "\n\n"
+        f"Evolver run: {run['evaluations']} evaluations in {run_s:.0f} s (weights {timing['weights']:.1f} s, "
+        f"evaluation {timing['evaluation']:.1f} s); fitness = mean dev {METRIC} over {len(DOMAINS)} tasks of "
+        f"{args.dev_limit} questions.\n"
+        f"Time per candidate (the same fitness, best of {args.repeats}): in memory {memory:.1f} s; written to disk and "
+        f"run through lm-eval {disk:.1f} s ({disk / memory:.1f}x); fitness in memory vs from disk: "
+        + ", ".join(f"{a:.4f} / {b:.4f}" for a, b in times["fitness_in_memory_vs_disk"])
+        + "\n"
+    )
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"domains": DOMAINS, "metric": METRIC, "accuracy": rows, "run_seconds": run_s, "timing_s": timing,
-                   "candidate_times": times, "args": vars(args)}, f, indent=2)
+        json.dump(
+            {
+                "domains": DOMAINS,
+                "metric": METRIC,
+                "accuracy": rows,
+                "run_seconds": run_s,
+                "timing_s": timing,
+                "candidate_times": times,
+                "args": vars(args),
+            },
+            f,
+            indent=2,
+        )
     print(text)
 
 

@@ -12,6 +12,7 @@ import torch
 # a script that runs evolve and SIGKILLs itself at a chosen point (its docstring)
 KILL_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_run.py")
 
+
 def run_evolve(argv: list[str]) -> dict:
     """`python -m evolver_kernels.evolve` in this process with `argv` (which names --out); asserts exit 0 and
     returns the run's evolution.json."""
@@ -47,8 +48,13 @@ def assert_same_as_mergekit(case: str, from_yaml: dict, from_flags: dict, theirs
     worst = max((from_yaml[k] - theirs[k]).abs().max().item() for k in theirs)
     print(f"{case}: max |ours - mergekit| = {worst:.3g}")
     for name in theirs:
-        torch.testing.assert_close(from_yaml[name], theirs[name], rtol=MERGEKIT_RTOL, atol=MERGEKIT_ATOL,
-                                   msg=lambda m, n=name: f"{case} {n}: {m}")
+        torch.testing.assert_close(
+            from_yaml[name],
+            theirs[name],
+            rtol=MERGEKIT_RTOL,
+            atol=MERGEKIT_ATOL,
+            msg=lambda m, n=name: f"{case} {n}: {m}",
+        )
         assert torch.equal(from_flags[name], from_yaml[name]), f"{case} {name}: flags and YAML differ"
 
 
@@ -71,8 +77,12 @@ def run_mergekit(root, configs: dict[str, dict]) -> None:
     for name, config in configs.items():
         (root / f"{name}.yml").write_text(yaml.safe_dump(config))
         argv += [str(root / f"{name}.yml"), str(root / f"{name}-mergekit")]
-    subprocess.run([sys.executable, "-c", _MERGEKIT_RUNNER, *argv], check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [sys.executable, "-c", _MERGEKIT_RUNNER, *argv],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def merge_cli_error(pop, out, capsys, argv: list[str], n_models: int = 2) -> str:
@@ -88,8 +98,9 @@ def merge_cli_error(pop, out, capsys, argv: list[str], n_models: int = 2) -> str
     return capsys.readouterr().err
 
 
-def random_population(shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0, sparse: float = 0.0,
-                      dtype: torch.dtype = torch.float32):
+def random_population(
+    shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0, sparse: float = 0.0, dtype: torch.dtype = torch.float32
+):
     """(layout, population, base): n models around a seeded N(0, 1) base, each moved by 0.3 N(0, 1); with
     `sparse`, each model changes only that random fraction of the elements."""
     from evolver_kernels.storage.arena import Arena, Layout
@@ -140,5 +151,7 @@ def cuobjdump(*args: str) -> str:
 def resource_usage(path: str) -> list[tuple[str, dict[str, int]]]:
     """[(kernel, {"reg", "stack", "shared", "local"})] for every kernel of every architecture in a cubin or a
     library (cuobjdump -res-usage): registers per thread, stack, shared and local memory (spills) in bytes."""
-    return [(name, {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", fields)})
-            for name, fields in re.findall(r"Function (\S+?):?\n\s*(REG:.*)", cuobjdump("-res-usage", path))]
+    return [
+        (name, {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", fields)})
+        for name, fields in re.findall(r"Function (\S+?):?\n\s*(REG:.*)", cuobjdump("-res-usage", path))
+    ]

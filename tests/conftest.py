@@ -46,7 +46,9 @@ class TinyPopulation(NamedTuple):
 
     @property
     def base(self) -> str:
-        return os.path.join(os.path.dirname(self.models[0]), os.path.basename(self.models[0]).rsplit("-", 1)[0] + "-base")
+        return os.path.join(
+            os.path.dirname(self.models[0]), os.path.basename(self.models[0]).rsplit("-", 1)[0] + "-base"
+        )
 
     @property
     def root(self) -> str:

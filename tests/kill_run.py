@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         return result
 
     setattr(owner, name, wrapped)
-    return main(argv[argv.index("--") + 1:])
+    return main(argv[argv.index("--") + 1 :])
 
 
 if __name__ == "__main__":

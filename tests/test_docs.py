@@ -37,4 +37,6 @@ def test_readme_is_short():
 
 def test_the_checker_sees_paths():
     assert _named_paths("see `evolver_kernels/evolve/run.py` and csrc/philox.h.") == {
-        "evolver_kernels/evolve/run.py", "csrc/philox.h"}
+        "evolver_kernels/evolve/run.py",
+        "csrc/philox.h",
+    }

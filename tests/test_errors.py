@@ -50,8 +50,12 @@ def test_device_mismatch_names_the_argument():
 
 @pytest.mark.parametrize("slot", ["x", "base", "a", "b", "out"])
 def test_non_contiguous_is_refused_not_copied(slot):
-    tensors = dict(zip(["x", "base", "a", "b"], [torch.randn(8, 4).t() if s == slot else torch.randn(4, 8)
-                                                  for s in ["x", "base", "a", "b"]]))
+    tensors = dict(
+        zip(
+            ["x", "base", "a", "b"],
+            [torch.randn(8, 4).t() if s == slot else torch.randn(4, 8) for s in ["x", "base", "a", "b"]],
+        )
+    )
     out = torch.randn(8, 4).t() if slot == "out" else None
     with pytest.raises(ValueError, match=f"{slot} must be contiguous"):
         _call(tensors["x"], tensors["base"], tensors["a"], tensors["b"], out=out)
@@ -79,11 +83,20 @@ def test_non_finite_F(F):
         _call(x, base, a, b, F=F)
 
 
-@pytest.mark.parametrize("name,value,exc", [
-    ("F", "0.5", TypeError), ("CR", None, TypeError), ("seed", 1.5, TypeError), ("seed", -1, ValueError),
-    ("seed", 2**64, ValueError), ("stream", -3, ValueError), ("offset", -1, ValueError),
-    ("offset", 2**62, ValueError), ("seed", True, TypeError),
-])
+@pytest.mark.parametrize(
+    "name,value,exc",
+    [
+        ("F", "0.5", TypeError),
+        ("CR", None, TypeError),
+        ("seed", 1.5, TypeError),
+        ("seed", -1, ValueError),
+        ("seed", 2**64, ValueError),
+        ("stream", -3, ValueError),
+        ("offset", -1, ValueError),
+        ("offset", 2**62, ValueError),
+        ("seed", True, TypeError),
+    ],
+)
 def test_bad_scalars_name_the_argument(name, value, exc):
     x, base, a, b = _tensors()
     with pytest.raises(exc, match=name):
@@ -100,7 +113,9 @@ def test_unknown_backend():
 
 def test_unavailable_backend_says_why():
     x, base, a, b = _tensors()
-    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable on cpu: the cuda backend runs on CUDA tensors"):
+    with pytest.raises(
+        BackendUnavailableError, match="backend 'cuda' is unavailable on cpu: the cuda backend runs on CUDA tensors"
+    ):
         _call(x, base, a, b, backend="cuda")
     with pytest.raises(BackendUnavailableError, match="unavailable on cpu"):
         ek.crossover_mask(8, CR=0.5, seed=0, backend="cuda")

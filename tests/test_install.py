@@ -24,8 +24,14 @@ BROKEN_C = textwrap.dedent("""
 
 
 def _python(code: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=cwd,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_a_failed_extension_import_warns_once_and_env_says_why():
@@ -47,11 +53,19 @@ def test_a_failed_extension_import_warns_once_and_env_says_why():
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(doc["warnings"]) == 1, doc["warnings"]  # once per process, not once per call
     message = doc["warnings"][0]
-    for part in ("cpu backend is unavailable", "undefined symbol", "reference backend instead", "about 500x slower",
-                 "pip install --no-build-isolation", "python -m evolver_kernels.env"):
+    for part in (
+        "cpu backend is unavailable",
+        "undefined symbol",
+        "reference backend instead",
+        "about 500x slower",
+        "pip install --no-build-isolation",
+        "python -m evolver_kernels.env",
+    ):
         assert part in message, (part, message)
     assert doc["cpu"]["runs"] == "reference" and doc["cpu"]["fastest"] == "cpu"
-    assert "undefined symbol" in doc["cpu"]["backends"]["cpu"] and "EVOLVER_KERNELS_JIT=0" in doc["cpu"]["backends"]["cpu"]
+    assert (
+        "undefined symbol" in doc["cpu"]["backends"]["cpu"] and "EVOLVER_KERNELS_JIT=0" in doc["cpu"]["backends"]["cpu"]
+    )
     assert doc["_C"]["available"] is False
 
 
@@ -88,13 +102,18 @@ def test_the_installed_module_says_what_it_was_built_with():
 
     module = backends.cpu_extension()
     record = jit.module_record(module)
-    assert record == {**jit.embedded_record(jit.module_file("_C")), "openmp": module.openmp, "compiler": module.compiler}
+    assert record == {
+        **jit.embedded_record(jit.module_file("_C")),
+        "openmp": module.openmp,
+        "compiler": module.compiler,
+    }
     assert record["torch"] == __import__("torch").__version__ and record["sources"] == jit.sources_hash()
     assert record["openmp"] > 0 and "-fopenmp" in record["flags"]["cxx"]
 
 
-@pytest.mark.parametrize("value,on", [("0", False), ("false", False), ("OFF", False), ("no", False), ("1", True),
-                                      ("true", True), ("", True)])
+@pytest.mark.parametrize(
+    "value,on", [("0", False), ("false", False), ("OFF", False), ("no", False), ("1", True), ("true", True), ("", True)]
+)
 def test_the_jit_switch_reads_every_spelling(monkeypatch, value, on):
     from evolver_kernels.kernels import jit
 
@@ -112,16 +131,21 @@ def test_a_switch_with_another_value_is_refused_naming_it(monkeypatch):
 
 
 def test_env_command_reports_every_backend(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "evolver_kernels.env", "--json", "--no-build"], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "evolver_kernels.env", "--json", "--no-build"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout)
     assert doc["torch"]["version"] and doc["devices"]["cpu"]["runs"] == "cpu"
     assert set(doc["devices"]["cpu"]["backends"]) == {"reference", "cpu", "triton", "cuda"}
     assert doc["devices"]["cpu"]["backends"]["cuda"].startswith("the cuda backend runs on CUDA tensors")
     assert doc["extensions"]["_C"]["status"] == "built at install time"
-    text = subprocess.run([sys.executable, "-m", "evolver_kernels.env", "--no-build"], capture_output=True, text=True,
-                          timeout=300).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "evolver_kernels.env", "--no-build"], capture_output=True, text=True, timeout=300
+    ).stdout
     assert "cpu: runs the cpu backend" in text and "just-in-time cache:" in text
 
 
@@ -145,14 +169,23 @@ def test_pip_install_with_build_isolation_compiles_just_in_time(tmp_path):
     into the cache, once, and they give the reference's bits."""
     dist = tmp_path / "dist"
     env = {k: v for k, v in os.environ.items() if k != "PIP_NO_BUILD_ISOLATION"}
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), ROOT],
-                           capture_output=True, text=True, timeout=900, env=env)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), ROOT],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = [p for p in os.listdir(dist) if p.endswith(".whl")]
     assert wheel.endswith("py3-none-any.whl"), wheel  # nothing compiled: torch is not in the isolated build
     site = tmp_path / "site"
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site),
-                                str(dist / wheel)], capture_output=True, text=True, timeout=600)
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(dist / wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
     assert (site / "evolver_kernels" / "csrc" / "ops.cpp").is_file()
     assert not list((site / "evolver_kernels").glob("_C*.so")) and not list((site / "evolver_kernels").glob("_cuda*"))

@@ -81,8 +81,11 @@ def test_merge_disk_tier_leaves_an_existing_population_folder_alone(pop, tmp_pat
     (out / "population").mkdir(parents=True)
     (out / "population" / "mine.txt").write_text("precious")
     before = _tree(out)
-    _one_line_error(capsys, merge_cli.main(["--models", *models[:2], "--out", str(out), "--population-on", "disk"]),
-                    "is not empty and was not written by evolver-kernels")
+    _one_line_error(
+        capsys,
+        merge_cli.main(["--models", *models[:2], "--out", str(out), "--population-on", "disk"]),
+        "is not empty and was not written by evolver-kernels",
+    )
     assert _tree(out) == before
     # into a directory of ours that a user added a folder to: the merge runs, the folder is untouched
     ours = tmp_path / "ours"
@@ -150,8 +153,10 @@ def test_allow_pickle_keeps_two_models_with_the_same_folder_name_apart(pop, tmp_
         os.remove(d / "model.safetensors")
         dirs.append(str(d))
     out = tmp_path / "o"
-    assert main(_args([*dirs, models[2]], dev, out, "--allow-pickle", "--generations", "0",
-                      "--fitness", "individual")) == 0
+    assert (
+        main(_args([*dirs, models[2]], dev, out, "--allow-pickle", "--generations", "0", "--fitness", "individual"))
+        == 0
+    )
     from evolver_kernels.io.model_io import conversion_key
 
     assert len(os.listdir(out / "converted")) == 2
@@ -175,13 +180,16 @@ def test_malicious_pickle_is_one_line_and_runs_nothing(pop, tmp_path, capsys):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"x": Boom()}, str(evil / "pytorch_model.bin"))
-    _one_line_error(capsys, main(_args([models[0], str(evil)], dev, tmp_path / "o", "--allow-pickle")),
-                    f"--models {evil}: pytorch_model.bin is not a plain tensor checkpoint")
+    _one_line_error(
+        capsys,
+        main(_args([models[0], str(evil)], dev, tmp_path / "o", "--allow-pickle")),
+        f"--models {evil}: pytorch_model.bin is not a plain tensor checkpoint",
+    )
     assert not marker.exists()
 
 
 # -- NaN fitness is ranked last ----------------------------------------------------------------------------
-USER_FN = '''
+USER_FN = """
 import math, torch
 calls = [0]
 def nan_first(model, tokenizer, dev_paths, device):
@@ -195,7 +203,7 @@ def nan_if_nan_weights(model, tokenizer, dev_paths, device):
     return float(-model.classifier.weight.float().abs().sum())
 def returns_none(model, tokenizer, dev_paths, device):
     return None
-'''
+"""
 
 
 @pytest.fixture()
@@ -210,6 +218,7 @@ def user_fn(tmp_path, monkeypatch):
 def _strict_json(path):
     def refuse(constant):
         raise AssertionError(f"{path}: non-JSON constant {constant}")
+
     with open(path) as f:
         return json.load(f, parse_constant=refuse)
 
@@ -235,8 +244,22 @@ def test_nan_individual_is_never_the_best(pop, tmp_path, user_fn):
     weights["classifier.weight"].zero_()
     save_file(weights, str(bad / "model.safetensors"))
     out = tmp_path / "o"
-    assert main(_args([models[0], str(bad), models[2]], dev, out, "--task", f"{user_fn}:nan_if_nan_weights",
-                      "--fitness", "individual", "--generations", "1")) == 0
+    assert (
+        main(
+            _args(
+                [models[0], str(bad), models[2]],
+                dev,
+                out,
+                "--task",
+                f"{user_fn}:nan_if_nan_weights",
+                "--fitness",
+                "individual",
+                "--generations",
+                "1",
+            )
+        )
+        == 0
+    )
     doc = _strict_json(out / "evolution.json")
     assert doc["generations"][0]["population_fitness"][1] is None
     assert "#1" not in doc["output"] and doc["final_fitness"] is not None
@@ -245,24 +268,30 @@ def test_nan_individual_is_never_the_best(pop, tmp_path, user_fn):
 
 def test_user_function_returning_none(pop, tmp_path, user_fn, capsys):
     _, models, dev = pop
-    _one_line_error(capsys, main(_args(models, dev, tmp_path / "o", "--task", f"{user_fn}:returns_none")),
-                    f"--task {user_fn}:returns_none: the function returned None; it must return a number")
+    _one_line_error(
+        capsys,
+        main(_args(models, dev, tmp_path / "o", "--task", f"{user_fn}:returns_none")),
+        f"--task {user_fn}:returns_none: the function returned None; it must return a number",
+    )
 
 
 # -- YAML goes through the flags' parser -------------------------------------------------------------------
-@pytest.mark.parametrize("line,message", [
-    ('dry_run: "false"', "dry_run must be true or false, got 'false'"),
-    ('allow_pickle: "false"', "allow_pickle must be true or false, got 'false'"),
-    ('resume: "no"', "resume must be true or false, got 'no'"),
-    ("fitness: bogus", "fitness must be one of individual, merged, got 'bogus'"),
-    ("strategy: bogus", "strategy must be one of evolver, rand/1, best/1, got 'bogus'"),
-    ("generations: true", "generations must be a number, got True"),
-    ("generations: 2.5", "generations must be an integer, got 2.5"),
-    ("seed: [1, 2]", "seed takes one value, got a list"),
-    ("models: {a: 1}", "models must be a string, got {'a': 1}"),
-    ("F: !!python/object/apply:os.system ['true']", "not valid YAML"),
-    ("F: [unclosed", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('dry_run: "false"', "dry_run must be true or false, got 'false'"),
+        ('allow_pickle: "false"', "allow_pickle must be true or false, got 'false'"),
+        ('resume: "no"', "resume must be true or false, got 'no'"),
+        ("fitness: bogus", "fitness must be one of individual, merged, got 'bogus'"),
+        ("strategy: bogus", "strategy must be one of evolver, rand/1, best/1, got 'bogus'"),
+        ("generations: true", "generations must be a number, got True"),
+        ("generations: 2.5", "generations must be an integer, got 2.5"),
+        ("seed: [1, 2]", "seed takes one value, got a list"),
+        ("models: {a: 1}", "models must be a string, got {'a': 1}"),
+        ("F: !!python/object/apply:os.system ['true']", "not valid YAML"),
+        ("F: [unclosed", "not valid YAML"),
+    ],
+)
 def test_yaml_values_are_checked_like_flags(tmp_path, capsys, line, message):
     (tmp_path / "c.yaml").write_text(line + "\n")
     _one_line_error(capsys, main(["--config", str(tmp_path / "c.yaml")]), message)
@@ -276,8 +305,9 @@ def test_yaml_numbers_parse_as_the_flags_do(tmp_path):
 
 def test_yaml_booleans_work(pop, tmp_path, capsys):
     _, models, dev = pop
-    (tmp_path / "c.yaml").write_text(json.dumps({"models": models, "dev": [dev], "out": str(tmp_path / "o"),
-                                                 "dry_run": True}))
+    (tmp_path / "c.yaml").write_text(
+        json.dumps({"models": models, "dev": [dev], "out": str(tmp_path / "o"), "dry_run": True})
+    )
     assert main(["--config", str(tmp_path / "c.yaml")]) == 0
     assert "dry run" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
@@ -289,7 +319,9 @@ def test_second_run_into_a_locked_out_stops_at_once(pop, tmp_path, capsys):
     out = tmp_path / "o"
     holder = rundir.OutputDir.claim(str(out), "evolve", [])
     try:
-        _one_line_error(capsys, main(_args(models, dev, out)), f"--out {out} is in use by another run (pid {os.getpid()}")
+        _one_line_error(
+            capsys, main(_args(models, dev, out)), f"--out {out} is in use by another run (pid {os.getpid()}"
+        )
         assert sorted(os.listdir(out)) == sorted([rundir.MARKER, rundir.LOCK])
     finally:
         holder.release()
@@ -302,7 +334,9 @@ def test_two_concurrent_runs_one_wins_one_refused(pop, tmp_path):
     out = tmp_path / "o"
     argv = [sys.executable, "-m", "evolver_kernels.evolve", *_args(models, dev, out, "--generations", "2")]
     env = {**os.environ, "EVOLVER_PROGRESS": "0"}
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes in ([0, 2], [0, 0]), results  # [0, 0]: the second started after the first had finished
@@ -314,12 +348,15 @@ def test_two_concurrent_runs_one_wins_one_refused(pop, tmp_path):
 
 
 # -- options and files checked before any heavy work ---------------------------------------------------------
-@pytest.mark.parametrize("extra,message", [
-    (["--max-dev-examples", "-5"], "--max-dev-examples must be a positive integer, got -5"),
-    (["--max-dev-examples", "0"], "--max-dev-examples must be a positive integer, got 0"),
-    (["--device", "tpu"], "--device tpu: must be cpu, cuda or cuda:N"),
-    (["--device", "nonsense:x"], "--device nonsense:x: must be cpu, cuda or cuda:N"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--max-dev-examples", "-5"], "--max-dev-examples must be a positive integer, got -5"),
+        (["--max-dev-examples", "0"], "--max-dev-examples must be a positive integer, got 0"),
+        (["--device", "tpu"], "--device tpu: must be cpu, cuda or cuda:N"),
+        (["--device", "nonsense:x"], "--device nonsense:x: must be cpu, cuda or cuda:N"),
+    ],
+)
 def test_bad_values_are_one_line(pop, tmp_path, capsys, extra, message):
     _, models, dev = pop
     _one_line_error(capsys, main(_args(models, dev, tmp_path / "o", *extra)), message)
@@ -331,6 +368,7 @@ def _no_population(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("the population was loaded before the error")
+
     monkeypatch.setattr(ev, "make_population", refuse)
 
 
@@ -341,10 +379,16 @@ def test_unwritable_out_and_population_dir_found_before_any_work(pop, tmp_path, 
     a_file.write_text("x")
     _one_line_error(capsys, main(_args(models, dev, a_file / "o")), f"--out {a_file / 'o'}: cannot create it")
     _one_line_error(capsys, main(_args(models, dev, a_file)), f"--out {a_file} exists and is not a directory")
-    _one_line_error(capsys, main(_args(models, dev, tmp_path / "o", "--population-on", "disk", "--population-dir",
-                                       str(a_file / "p"))), "--population-dir")
-    _one_line_error(capsys, main(_args(models, dev, tmp_path / "o2", "--population-on", "disk", "--population-dir",
-                                       models[0])), "--population-dir")
+    _one_line_error(
+        capsys,
+        main(_args(models, dev, tmp_path / "o", "--population-on", "disk", "--population-dir", str(a_file / "p"))),
+        "--population-dir",
+    )
+    _one_line_error(
+        capsys,
+        main(_args(models, dev, tmp_path / "o2", "--population-on", "disk", "--population-dir", models[0])),
+        "--population-dir",
+    )
     if os.path.isdir("/sys") and not os.access("/sys", os.W_OK) or _cannot_mkdir("/sys/evolver-test"):
         _one_line_error(capsys, main(_args(models, dev, "/sys/evolver-test")), "--out /sys/evolver-test")
 
@@ -368,8 +412,9 @@ def test_disk_tier_scratch_is_fresh_and_removed(pop, tmp_path):
     (stale / rundir.SCRATCH_MARKER).write_text("")  # a killed run's leftover: ours, unlocked
     foreign = scratch_root / (rundir.SCRATCH_PREFIX + "notours")
     foreign.mkdir()  # our prefix but no marker: not ours, kept
-    assert main(_args(models, dev, tmp_path / "o", "--population-on", "disk", "--population-dir",
-                      str(scratch_root))) == 0
+    assert (
+        main(_args(models, dev, tmp_path / "o", "--population-on", "disk", "--population-dir", str(scratch_root))) == 0
+    )
     assert sorted(os.listdir(scratch_root)) == sorted(["ind0.safetensors", foreign.name])
     assert (scratch_root / "ind0.safetensors").read_bytes() == b"a user's file with our name"
 
@@ -383,6 +428,7 @@ def test_full_disk_is_one_line(pop, tmp_path, capsys, monkeypatch):
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o" / "model.safetensors.tmp"))
+
     monkeypatch.setattr(model_io, "write_safetensors", full)
     line = _one_line_error(capsys, main(_args(models, dev, tmp_path / "o")), "No space left on device")
     assert "--resume" in line
@@ -396,9 +442,11 @@ def test_plan_counts_the_checkpoint_and_output_on_disk(pop, tmp_path, capsys, mo
 
     def small(path):
         return real(path)._replace(free=1000)
+
     monkeypatch.setattr(rundir.shutil, "disk_usage", small)
-    line = _one_line_error(capsys, main(_args(models, dev, tmp_path / "o", "--population-on", "cpu")),
-                           "checkpoint and output under")
+    line = _one_line_error(
+        capsys, main(_args(models, dev, tmp_path / "o", "--population-on", "cpu")), "checkpoint and output under"
+    )
     assert "1000 B free" in line
 
 
@@ -408,8 +456,9 @@ def test_merge_checks_the_space_of_its_scratch_files_first(pop, tmp_path, capsys
     _, models, _ = pop
     real = shutil.disk_usage
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
-    line = _one_line_error(capsys, merge_cli.main(["--models", *models[:2], "--out", str(tmp_path / "o")]),
-                           "the merged tensors under")
+    line = _one_line_error(
+        capsys, merge_cli.main(["--models", *models[:2], "--out", str(tmp_path / "o")]), "the merged tensors under"
+    )
     assert "1000 B free" in line and "scratch files" in line
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
 
@@ -420,10 +469,16 @@ def test_truncated_safetensors_names_the_file(pop, tmp_path, capsys):
     shutil.copytree(models[1], bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    _one_line_error(capsys, main(_args([models[0], str(bad)], dev, tmp_path / "o")),
-                    f"{bad / 'model.safetensors'}: not a readable safetensors file")
-    _one_line_error(capsys, merge_cli.main(["--models", models[0], str(bad), "--out", str(tmp_path / "m")]),
-                    f"{bad / 'model.safetensors'}: not a readable safetensors file")
+    _one_line_error(
+        capsys,
+        main(_args([models[0], str(bad)], dev, tmp_path / "o")),
+        f"{bad / 'model.safetensors'}: not a readable safetensors file",
+    )
+    _one_line_error(
+        capsys,
+        merge_cli.main(["--models", models[0], str(bad), "--out", str(tmp_path / "m")]),
+        f"{bad / 'model.safetensors'}: not a readable safetensors file",
+    )
 
 
 def test_truncated_checkpoint_is_one_line(pop, tmp_path, capsys):
@@ -439,16 +494,26 @@ def test_truncated_checkpoint_is_one_line(pop, tmp_path, capsys):
         if len(calls) > 4:
             raise KeyboardInterrupt
         return original(self, *args)
+
     ev.Run.evaluate = crash
     try:
-        assert main(_args(models, dev, out, "--generations", "3", "--fitness", "individual",
-                          "--population-on", "cpu")) == 130
+        assert (
+            main(_args(models, dev, out, "--generations", "3", "--fitness", "individual", "--population-on", "cpu"))
+            == 130
+        )
     finally:
         ev.Run.evaluate = original
     state = out / "checkpoint" / "state.json"
     state.write_text(state.read_text()[:40])
-    _one_line_error(capsys, main(_args(models, dev, out, "--generations", "3", "--fitness", "individual",
-                                       "--population-on", "cpu", "--resume")), f"{state}: not a readable checkpoint")
+    _one_line_error(
+        capsys,
+        main(
+            _args(
+                models, dev, out, "--generations", "3", "--fitness", "individual", "--population-on", "cpu", "--resume"
+            )
+        ),
+        f"{state}: not a readable checkpoint",
+    )
 
 
 def test_non_utf8_dev_file_is_named(pop, tmp_path, capsys):
@@ -466,29 +531,60 @@ def test_csv_with_a_byte_order_mark(pop, tmp_path):
 
 
 # -- merge YAML: every key honoured or refused -------------------------------------------------------------
-@pytest.mark.parametrize("config,message", [
-    ({"merge_method": "ties", "models": "{m1}"}, "models must be a list of entries"),
-    ({"merge_method": "ties", "models": [{"parameters": {"weight": 1}}, {"model": "{m2}"}]}, "models entry 1: needs `model: PATH`"),
-    ({"merge_method": "ties", "models": ["{m1}", "{m2}"], "parameters": [1]}, "parameters: must be a mapping"),
-    ({"merge_method": "ties", "models": ["{m1}", "{m2}"], "parameters": {"densty": 0.5}}, "unknown parameter 'densty'"),
-    ({"merge_method": "linear", "models": ["{m1}", "{m2}"], "parameters": {"density": 0.5}}, "density does not apply to average"),
-    ({"merge_method": "ties", "models": ["{m1}", "{m2}"], "parameters": {"density": [{"pattern": "mlp", "value": 0.3}]}},
-     "a conditional is {filter: SUBSTRING, value: V}"),
-    ({"merge_method": "ties", "models": ["{m1}", "{m2}"], "dtype": "float64"}, "dtype must be one of float32"),
-    ({"merge_method": "ties", "models": [{"model": "{m1}", "weight": 2}, "{m2}"]}, "models entry 1: unknown key(s) weight"),
-    ({"merge_method": "ties", "models": [{"model": "{m1}", "parameters": {"scale": 2}}, "{m2}"]}, "scale is a global parameter"),
-    ({"merge_method": "slerpy", "models": ["{m1}", "{m2}"]}, "unknown merge method 'slerpy'"),
-    ({"merge_method": "dare_ties", "models": [{"model": "{m1}", "parameters": {"density": 0.5}}, "{m2}"],
-      "parameters": {"epsilon": 0.1}}, "epsilon does not apply to mergekit's dare_ties (della's parameter)"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"merge_method": "ties", "models": "{m1}"}, "models must be a list of entries"),
+        (
+            {"merge_method": "ties", "models": [{"parameters": {"weight": 1}}, {"model": "{m2}"}]},
+            "models entry 1: needs `model: PATH`",
+        ),
+        ({"merge_method": "ties", "models": ["{m1}", "{m2}"], "parameters": [1]}, "parameters: must be a mapping"),
+        (
+            {"merge_method": "ties", "models": ["{m1}", "{m2}"], "parameters": {"densty": 0.5}},
+            "unknown parameter 'densty'",
+        ),
+        (
+            {"merge_method": "linear", "models": ["{m1}", "{m2}"], "parameters": {"density": 0.5}},
+            "density does not apply to average",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "models": ["{m1}", "{m2}"],
+                "parameters": {"density": [{"pattern": "mlp", "value": 0.3}]},
+            },
+            "a conditional is {filter: SUBSTRING, value: V}",
+        ),
+        ({"merge_method": "ties", "models": ["{m1}", "{m2}"], "dtype": "float64"}, "dtype must be one of float32"),
+        (
+            {"merge_method": "ties", "models": [{"model": "{m1}", "weight": 2}, "{m2}"]},
+            "models entry 1: unknown key(s) weight",
+        ),
+        (
+            {"merge_method": "ties", "models": [{"model": "{m1}", "parameters": {"scale": 2}}, "{m2}"]},
+            "scale is a global parameter",
+        ),
+        ({"merge_method": "slerpy", "models": ["{m1}", "{m2}"]}, "unknown merge method 'slerpy'"),
+        (
+            {
+                "merge_method": "dare_ties",
+                "models": [{"model": "{m1}", "parameters": {"density": 0.5}}, "{m2}"],
+                "parameters": {"epsilon": 0.1},
+            },
+            "epsilon does not apply to mergekit's dare_ties (della's parameter)",
+        ),
+    ],
+)
 def test_merge_yaml_is_never_silently_dropped(pop, tmp_path, capsys, config, message):
     import yaml
 
     _, models, _ = pop
     text = json.dumps(config).replace("{m1}", models[1]).replace("{m2}", models[2])
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(json.loads(text)))
-    _one_line_error(capsys, merge_cli.main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "o")]),
-                    message)
+    _one_line_error(
+        capsys, merge_cli.main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "o")]), message
+    )
 
 
 def test_merge_yaml_dtype_and_linear_are_honoured(pop, tmp_path):

@@ -51,7 +51,22 @@ def build(task: str, tokenizer, config, **options) -> TaskEvaluator:
 
 
 __all__ = [
-    "LOGITS_BUDGET", "TASKS", "CausalLMEvaluator", "ClassificationEvaluator", "Fitness", "LmEvalEvaluator", "Seq2SeqEvaluator",
-    "TaskEvaluator", "UserFunctionEvaluator", "budget_slices", "build", "default_logits_budget",
-    "is_user_function", "load_user_function", "task_class", "token_nll", "unique_basenames", "with_pad_token",
+    "LOGITS_BUDGET",
+    "TASKS",
+    "CausalLMEvaluator",
+    "ClassificationEvaluator",
+    "Fitness",
+    "LmEvalEvaluator",
+    "Seq2SeqEvaluator",
+    "TaskEvaluator",
+    "UserFunctionEvaluator",
+    "budget_slices",
+    "build",
+    "default_logits_budget",
+    "is_user_function",
+    "load_user_function",
+    "task_class",
+    "token_nll",
+    "unique_basenames",
+    "with_pad_token",
 ]

@@ -30,7 +30,6 @@ IGNORE_INDEX = -100  # Hugging Face's label for positions that carry no loss (pa
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-
 @dataclasses.dataclass
 class DevFile:
     """One dev file, tokenised once: its examples, their encoding, and its default batches (every example,
@@ -73,7 +72,10 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     """Summed cross-entropy of fp32 `logits` [..., vocab] against `labels` [...] and the number of tokens it
     covers (labels IGNORE_INDEX carry no loss). The sum stays a tensor, so it can be backpropagated."""
     total = nnf.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     return total, int((labels != IGNORE_INDEX).sum())
 
@@ -165,7 +167,9 @@ class TaskEvaluator(abc.ABC):
     def _choose_metric(self, metric: str | None) -> str:
         metric = metric or self.default_metric(self.multi_label)
         if metric not in self.metrics:
-            raise ArgumentError("metric", f"{metric!r} does not apply to {self.name}; use one of {', '.join(self.metrics)}")
+            raise ArgumentError(
+                "metric", f"{metric!r} does not apply to {self.name}; use one of {', '.join(self.metrics)}"
+            )
         return metric
 
     def _prepare_tokenizer(self, tokenizer):
@@ -243,7 +247,9 @@ class TaskEvaluator(abc.ABC):
     @contextlib.contextmanager
     def scoring_context(self) -> Iterator[None]:
         """Inference mode, with bf16 autocast on a GPU."""
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
         with torch.inference_mode(), autocast:
             yield
 
@@ -277,11 +283,19 @@ class TaskEvaluator(abc.ABC):
                 for row in range(batch["input_ids"].shape[0]):
                     if limit is not None and count >= limit:
                         return
-                    width = int(batch["attention_mask"][row].sum()) if "attention_mask" in batch else batch["input_ids"].shape[1]
+                    width = (
+                        int(batch["attention_mask"][row].sum())
+                        if "attention_mask" in batch
+                        else batch["input_ids"].shape[1]
+                    )
                     one = {}
                     for key, value in batch.items():
                         if key in INPUT_KEYS:
-                            one[key] = value[row : row + 1, :width] if self.tokenizer.padding_side == "right" else value[row : row + 1, -width:]
+                            one[key] = (
+                                value[row : row + 1, :width]
+                                if self.tokenizer.padding_side == "right"
+                                else value[row : row + 1, -width:]
+                            )
                         else:
                             one[key] = value[row : row + 1]
                     count += 1

@@ -54,13 +54,17 @@ class ClassificationEvaluator(TaskEvaluator):
         return "multilabel-f1" if multi_label else "accuracy"
 
     def read(self, path: str) -> list[dict]:
-        return load_examples(path, self.name, label2id=self.label2id, num_labels=self.num_labels, multi_label=self.multi_label)
+        return load_examples(
+            path, self.name, label2id=self.label2id, num_labels=self.num_labels, multi_label=self.multi_label
+        )
 
     def encode(self, examples: list[dict]) -> dict:
         pairs = [e.get("text_pair") for e in examples]
         return self.tokenizer(
-            [e["text"] for e in examples], pairs if any(p is not None for p in pairs) else None,
-            truncation=True, max_length=self.max_length,
+            [e["text"] for e in examples],
+            pairs if any(p is not None for p in pairs) else None,
+            truncation=True,
+            max_length=self.max_length,
         )
 
     def add_targets(self, batch: dict, examples: list[dict], idx: list[int], enc: dict) -> None:
@@ -111,7 +115,10 @@ class ClassificationEvaluator(TaskEvaluator):
 
     def _metrics(self, pred: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
         if self.multi_label:
-            return {"accuracy": float((pred == gold).all(-1).double().mean()), "multilabel-f1": _multilabel_f1(pred, gold)}
+            return {
+                "accuracy": float((pred == gold).all(-1).double().mean()),
+                "multilabel-f1": _multilabel_f1(pred, gold),
+            }
         return {"accuracy": float((pred == gold).double().mean()), "macro-f1": _macro_f1(pred, gold, self.num_labels)}
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -75,7 +75,11 @@ def _read_dataset_dir(path: str) -> list[tuple[int, dict]]:
 
 
 def load_examples(
-    path: str, task: str, *, label2id: dict[str, int] | None = None, num_labels: int | None = None,
+    path: str,
+    task: str,
+    *,
+    label2id: dict[str, int] | None = None,
+    num_labels: int | None = None,
     multi_label: bool = False,
 ) -> list[dict]:
     """Validated examples of one dev file: dicts with the task's columns, labels as ints (lists for
@@ -88,7 +92,9 @@ def load_examples(
     for n, row in rows:
         missing = [c for c in required if row.get(c) is None or row.get(c) == ""]
         if missing:
-            raise DataError("path", f"{path}:{n}: missing {', '.join(missing)} (a {task} row needs {', '.join(required)})")
+            raise DataError(
+                "path", f"{path}:{n}: missing {', '.join(missing)} (a {task} row needs {', '.join(required)})"
+            )
         for column in ("text", "text_pair", "input", "target"):
             if column in row and row[column] is not None and not isinstance(row[column], str):
                 raise DataError("path", f"{path}:{n}: {column} must be a string, got {type(row[column]).__name__}")

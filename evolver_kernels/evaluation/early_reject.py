@@ -88,7 +88,9 @@ class OutcomeScorer:
         records = tuple(rival.outcomes.get(key, "") for key in self.keys)
         for key, record, f in zip(self.keys, records, self.files):
             if len(record) != len(f.examples) or set(record) - set(WRONG + DECILES):
-                raise ValueError(f"the rival's record of {key} has {len(record)} outcomes for {len(f.examples)} examples")
+                raise ValueError(
+                    f"the rival's record of {key} has {len(record)} outcomes for {len(f.examples)} examples"
+                )
         if records in self._orders:
             self._orders.move_to_end(records)
             return self._orders[records]
@@ -123,7 +125,12 @@ class OutcomeScorer:
                     confidence[n][batch["index"]] = sure.float()
                 scored += len(batch["index"])
                 per_file[self.keys[n]] = task.file_metric(preds[n], self.gold[n])
-                if self.early and rival is not None and scored < self.total and not rival.beaten_by(mean_score(per_file)):
+                if (
+                    self.early
+                    and rival is not None
+                    and scored < self.total
+                    and not rival.beaten_by(mean_score(per_file))
+                ):
                     return Fitness(mean_score(per_file), per_file, scored=scored, total=self.total)
         outcomes = {key: record_of(correct(p, g), c) for key, p, g, c in zip(self.keys, preds, self.gold, confidence)}
         return Fitness(mean_score(per_file), per_file, outcomes=outcomes, scored=scored, total=self.total)

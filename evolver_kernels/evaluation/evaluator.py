@@ -35,8 +35,16 @@ TASKS = tuple(evaluation.TASKS)
 METRICS = {name: cls.metrics for name, cls in evaluation.TASKS.items()}
 
 __all__ = [
-    "LOGITS_BUDGET", "METRICS", "TASKS", "Evaluator", "Fitness", "Rival", "default_logits_budget", "default_metric",
-    "infer_task", "load_user_function",
+    "LOGITS_BUDGET",
+    "METRICS",
+    "TASKS",
+    "Evaluator",
+    "Fitness",
+    "Rival",
+    "default_logits_budget",
+    "default_metric",
+    "infer_task",
+    "load_user_function",
 ]
 
 
@@ -55,8 +63,7 @@ def infer_task(config) -> str:
     if arch.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) and getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     raise ValueError(
-        f"cannot infer --task from architecture {arch or '(none)'}; pass --task "
-        f"({', '.join(TASKS)} or module:function)"
+        f"cannot infer --task from architecture {arch or '(none)'}; pass --task ({', '.join(TASKS)} or module:function)"
     )
 
 
@@ -92,8 +99,16 @@ class Evaluator:
         self.dev_paths = list(dev_paths)
         self.task = task
         self.task_evaluator = evaluation.build(
-            task, tokenizer, config, metric=metric, batch_size=batch_size, max_length=max_length, device=self.device,
-            threshold=threshold, logits_budget=self.logits_budget, **(task_options or {}),
+            task,
+            tokenizer,
+            config,
+            metric=metric,
+            batch_size=batch_size,
+            max_length=max_length,
+            device=self.device,
+            threshold=threshold,
+            logits_budget=self.logits_budget,
+            **(task_options or {}),
         )
         te = self.task_evaluator
         self.user_fn = getattr(te, "fn", None)  # the module:function callable; None for built-in tasks

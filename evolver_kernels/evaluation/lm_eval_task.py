@@ -104,15 +104,26 @@ class LmEvalEvaluator(TaskEvaluator):
     name = "lm-eval"
     metrics = ()
 
-    def __init__(self, tokenizer, config, *, tasks: list[str] | None = None, task_metrics: list[str] | None = None,
-                 num_fewshot: int | None = None, weights: list[float] | None = None, **options):
+    def __init__(
+        self,
+        tokenizer,
+        config,
+        *,
+        tasks: list[str] | None = None,
+        task_metrics: list[str] | None = None,
+        num_fewshot: int | None = None,
+        weights: list[float] | None = None,
+        **options,
+    ):
         require_lm_eval()
         if not tasks:
             raise UserError("--task lm-eval needs --lm-eval-tasks (the lm-eval task names)")
         self.tasks = list(tasks)
         metrics = list(task_metrics or [None])
         if len(metrics) not in (1, len(self.tasks)):
-            raise UserError(f"--lm-eval-metric takes one metric or one per task ({len(self.tasks)}), got {len(metrics)}")
+            raise UserError(
+                f"--lm-eval-metric takes one metric or one per task ({len(self.tasks)}), got {len(metrics)}"
+            )
         self.task_metrics = metrics * len(self.tasks) if len(metrics) == 1 else metrics
         if weights is not None and len(weights) != len(self.tasks):
             raise UserError(f"--lm-eval-weights takes one weight per task ({len(self.tasks)}), got {len(weights)}")
@@ -160,9 +171,12 @@ class LmEvalEvaluator(TaskEvaluator):
             try:
                 self.loaded = manager.load(self.tasks)
             except Exception as err:  # a task's YAML or data that lm-eval cannot read
-                raise UserError(f"--lm-eval-tasks: lm-eval cannot load {', '.join(self.tasks)}: "
-                                f"{' '.join(str(err).split())}") from None
-            self.task_metrics = [self._check_metric(name, metric) for name, metric in zip(self.tasks, self.task_metrics)]
+                raise UserError(
+                    f"--lm-eval-tasks: lm-eval cannot load {', '.join(self.tasks)}: {' '.join(str(err).split())}"
+                ) from None
+            self.task_metrics = [
+                self._check_metric(name, metric) for name, metric in zip(self.tasks, self.task_metrics)
+            ]
             for task in self.loaded["tasks"].values():
                 if self.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                     task.set_config(key="num_fewshot", value=self.num_fewshot)
@@ -173,8 +187,9 @@ class LmEvalEvaluator(TaskEvaluator):
                 task.build_all_requests = _requests_built
                 self.docs += len({inst.doc_id for inst in task.instances})
         shown = set(self.task_metrics)
-        self.metric = "lm-eval " + (shown.pop() if len(shown) == 1 else ", ".join(
-            f"{t} {m}" for t, m in zip(self.tasks, self.task_metrics)))
+        self.metric = "lm-eval " + (
+            shown.pop() if len(shown) == 1 else ", ".join(f"{t} {m}" for t, m in zip(self.tasks, self.task_metrics))
+        )
         return []
 
     def _leaf(self, name: str):
@@ -227,8 +242,10 @@ class LmEvalEvaluator(TaskEvaluator):
                 inst.filtered_resps.clear()
         with lm_eval_seeds(self.device):
             results = evaluate(lm=lm, task_dict=self.loaded, limit=self.limit, bootstrap_iters=0, log_samples=False)
-        per_file = {name: self.sign[name] * self._value(results["results"][name], name, metric)
-                    for name, metric in zip(self.tasks, self.task_metrics)}
+        per_file = {
+            name: self.sign[name] * self._value(results["results"][name], name, metric)
+            for name, metric in zip(self.tasks, self.task_metrics)
+        }
         score = sum(w * per_file[t] for t, w in zip(self.tasks, self.weights)) / sum(self.weights)
         return Fitness(score, per_file, scored=self.docs, total=self.docs)
 

@@ -19,7 +19,9 @@ class Seq2SeqEvaluator(TaskEvaluator):
     def encode(self, examples: list[dict]) -> dict:
         tok = self.tokenizer
         enc = tok([e["input"] for e in examples], truncation=True, max_length=self.max_length)
-        enc["target_ids"] = tok(text_target=[e["target"] for e in examples], truncation=True, max_length=self.max_length)["input_ids"]
+        enc["target_ids"] = tok(
+            text_target=[e["target"] for e in examples], truncation=True, max_length=self.max_length
+        )["input_ids"]
         return enc
 
     def add_targets(self, batch: dict, examples: list[dict], idx: list[int], enc: dict) -> None:

@@ -62,8 +62,9 @@ class UserFunctionEvaluator(TaskEvaluator):
                 raise TypeError  # float() would accept these, but they are not scores
             score = float(value)
         except (TypeError, ValueError):
-            raise ArgumentError("task", f"{self.spec}: the function returned {value!r}; it must return a number "
-                            "(higher is better)") from None
+            raise ArgumentError(
+                "task", f"{self.spec}: the function returned {value!r}; it must return a number (higher is better)"
+            ) from None
         return Fitness(score, {"user": score})
 
     def encode(self, examples: list[dict]) -> dict:

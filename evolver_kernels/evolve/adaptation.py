@@ -42,10 +42,15 @@ class Adaptation:
 
 
 ADAPTATIONS: dict[str, Adaptation] = {
-    a.name: a for a in (
+    a.name: a
+    for a in (
         Adaptation("none", "every offspring uses --F and --CR", None),
-        Adaptation("jde", "jDE (Brest et al. 2006): per-individual F and CR, redrawn with probability 0.1 and kept "
-                          "when the offspring is accepted", _jde),
+        Adaptation(
+            "jde",
+            "jDE (Brest et al. 2006): per-individual F and CR, redrawn with probability 0.1 and kept "
+            "when the offspring is accepted",
+            _jde,
+        ),
     )
 }
 

@@ -34,7 +34,9 @@ class Checkpoint:
         """The checkpoint folders are real directories (a symlink could lead writes and deletions elsewhere)."""
         for path in (self.dir, self.ind_dir):
             if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-                raise UserError(f"{path} is not a directory of ours (a symlink or a file): remove it or choose another --out")
+                raise UserError(
+                    f"{path} is not a directory of ours (a symlink or a file): remove it or choose another --out"
+                )
 
     def exists(self) -> bool:
         return os.path.isfile(self.state_path)
@@ -44,7 +46,9 @@ class Checkpoint:
             with open(self.state_path) as f:
                 doc = json.load(f)
         except (ValueError, UnicodeDecodeError) as err:
-            raise UserError(f"{self.state_path}: not a readable checkpoint ({err}); the run cannot resume from it") from None
+            raise UserError(
+                f"{self.state_path}: not a readable checkpoint ({err}); the run cannot resume from it"
+            ) from None
         if not isinstance(doc, dict) or doc.get("state_version") != STATE_VERSION:
             raise UserError(f"{self.state_path}: written by another version of evolver-kernels")
         try:
@@ -93,8 +97,10 @@ class Checkpoint:
         state = self.load_state()
         differing = sorted(k for k in set(config) | set(state.config) if config.get(k) != state.config.get(k))
         if differing:
-            raise UserError("--resume with a different configuration: " + ", ".join(
-                f"{k} (checkpoint {state.config.get(k)!r}, now {config.get(k)!r})" for k in differing))
+            raise UserError(
+                "--resume with a different configuration: "
+                + ", ".join(f"{k} (checkpoint {state.config.get(k)!r}, now {config.get(k)!r})" for k in differing)
+            )
         self.restore(state, pop, cleanup)
         return state
 
@@ -106,8 +112,10 @@ class Checkpoint:
             try:
                 pop.load(i, path)
             except (OSError, SafetensorError, ValueError) as err:
-                raise UserError(f"{path}: unreadable checkpointed individual ({' '.join(str(err).split())}); "
-                                "the run cannot resume from this checkpoint") from None
+                raise UserError(
+                    f"{path}: unreadable checkpointed individual ({' '.join(str(err).split())}); "
+                    "the run cannot resume from this checkpoint"
+                ) from None
         if cleanup:
             self.remove_unreferenced(state.individual_files)
 

@@ -12,8 +12,16 @@ from evolver_kernels.evolve.run import Run
 from evolver_kernels.evolve.startup import dry_run
 
 # the library's argument names (errors.ArgumentError) as this command's flags
-FLAGS = {"model_dir": "--models", "path": "--dev", "task": "--task", "metric": "--metric", "tier": "--population-on",
-         "disk_dir": "--population-dir", "device_map": "--device-map", "select_fraction": "--select-fraction"}
+FLAGS = {
+    "model_dir": "--models",
+    "path": "--dev",
+    "task": "--task",
+    "metric": "--metric",
+    "tier": "--population-on",
+    "disk_dir": "--population-dir",
+    "device_map": "--device-map",
+    "select_fraction": "--select-fraction",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +60,12 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         # Run.close has run (lock dropped, scratch removed); the checkpoint is written atomically after every
         # evaluation, so the run continues from it
-        print(f"interrupted: continue with the same command and --resume (the checkpoint in {cfg.out} is intact)"
-              if run is not None else "interrupted before any work", file=sys.stderr)
+        print(
+            f"interrupted: continue with the same command and --resume (the checkpoint in {cfg.out} is intact)"
+            if run is not None
+            else "interrupted before any work",
+            file=sys.stderr,
+        )
         if process_group_up():
             leave(130)
         return 130
@@ -66,4 +78,3 @@ def _main(argv: list[str] | None) -> int:
 
 def _terminated(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-

@@ -75,60 +75,132 @@ def _opt(default, help: str, **kw):
 
 @dataclasses.dataclass
 class EvolveConfig:
-    models: list[str] = _opt(None, "fine-tunes of one base model: Hugging Face model directories (safetensors) or Hub ids org/name[@revision]", nargs="+")
-    dev: list[str] = _opt(None, "development data: JSONL, CSV/TSV or load_from_disk directories; one per domain (--task "
-                                "lm-eval: folders of lm-eval task YAMLs, optional)", nargs="+")
+    models: list[str] = _opt(
+        None,
+        "fine-tunes of one base model: Hugging Face model directories (safetensors) or Hub ids org/name[@revision]",
+        nargs="+",
+    )
+    dev: list[str] = _opt(
+        None,
+        "development data: JSONL, CSV/TSV or load_from_disk directories; one per domain (--task "
+        "lm-eval: folders of lm-eval task YAMLs, optional)",
+        nargs="+",
+    )
     out: str = _opt(None, "output directory: the fused model, evolution.json, a fitness plot, a model card")
-    select: list[str] | None = _opt(None, "held-out selection data, read like --dev (one file per domain) and never searched on: "
-                                          "the output is the best on it of the run's result, every input model and the "
-                                          "--extra-individuals merges", nargs="+", later=True)
-    select_fraction: float | None = _opt(None, "hold out this share of each dev file (a seeded split, stratified by label) "
-                                               "as selection data (as --select)", later=True, range=OPEN_UNIT)
+    select: list[str] | None = _opt(
+        None,
+        "held-out selection data, read like --dev (one file per domain) and never searched on: "
+        "the output is the best on it of the run's result, every input model and the "
+        "--extra-individuals merges",
+        nargs="+",
+        later=True,
+    )
+    select_fraction: float | None = _opt(
+        None,
+        "hold out this share of each dev file (a seeded split, stratified by label) as selection data (as --select)",
+        later=True,
+        range=OPEN_UNIT,
+    )
     task: str | None = _opt(None, f"{', '.join(evaluation.TASKS)} or module:function (default: from the architecture)")
     metric: str | None = _opt(None, "accuracy, macro-f1, multilabel-f1, neg-loss or exact-match (default: by task)")
     generations: int = _opt(15, "number of generations", range=NON_NEGATIVE)
-    population_size: int | None = _opt(None, "individuals (default: the models plus the --extra-individuals); more "
-                                              "slots are filled with seeded offspring of the models")
+    population_size: int | None = _opt(
+        None,
+        "individuals (default: the models plus the --extra-individuals); more "
+        "slots are filled with seeded offspring of the models",
+    )
     strategy: str = _opt("evolver", "mutation strategy", choices=strategies.names)
-    fitness: str = _opt("merged", "individual: score each offspring alone; merged: score the population's merge with the offspring in its slot", choices=lambda: tuple(FITNESS))
-    merge_method: str = _opt("average", "how --fitness merged merges the population (the output of that mode too)", choices=lambda: methods.names(evolvable=True))
-    base_model: str | None = _opt(None, "the models' common ancestor (a directory or a Hub id), needed by the task-vector methods")
-    extra_individuals: list[str] | None = _opt(None, "merges of the models added to the initial population as individuals, with the --merge-* settings", nargs="+", choices=lambda: methods.names(with_statistics=False, evolvable=True))
-    schedule: str = _opt("sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES)
-    adapt: str = _opt("none", "how each offspring's F and CR are chosen: none (--F and --CR) or jde (self-adaptive, per "
-                              "individual, starting from --F and --CR; adaptation.py)", choices=lambda: tuple(adaptation.ADAPTATIONS), later=True)
+    fitness: str = _opt(
+        "merged",
+        "individual: score each offspring alone; merged: score the population's merge with the offspring in its slot",
+        choices=lambda: tuple(FITNESS),
+    )
+    merge_method: str = _opt(
+        "average",
+        "how --fitness merged merges the population (the output of that mode too)",
+        choices=lambda: methods.names(evolvable=True),
+    )
+    base_model: str | None = _opt(
+        None, "the models' common ancestor (a directory or a Hub id), needed by the task-vector methods"
+    )
+    extra_individuals: list[str] | None = _opt(
+        None,
+        "merges of the models added to the initial population as individuals, with the --merge-* settings",
+        nargs="+",
+        choices=lambda: methods.names(with_statistics=False, evolvable=True),
+    )
+    schedule: str = _opt(
+        "sequential", "sequential: acceptances visible at once; synchronous: classic DE generations", choices=SCHEDULES
+    )
+    adapt: str = _opt(
+        "none",
+        "how each offspring's F and CR are chosen: none (--F and --CR) or jde (self-adaptive, per "
+        "individual, starting from --F and --CR; adaptation.py)",
+        choices=lambda: tuple(adaptation.ADAPTATIONS),
+        later=True,
+    )
     F: float = _opt(0.5, "mutation scale", range=Range(0, 2, low_open=True))
-    CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value",
-                     range=Range(0, 1))
-    seed: int = _opt(0, "run seed: every random choice and offspring derives from it",
-                     range=Range(0, 2**64, high_open=True, integer=True, text="an integer in [0, 2**64)"))
-    population_on: str = _opt("gpu", "where the population lives: gpu (device memory; RAM without a GPU), cpu (host memory) or disk (memory-mapped safetensors files)", choices=TIERS)
-    population_dir: str | None = _opt(None, "directory under which the disk tier creates its scratch directory of individual files (default: --out)")
+    CR: float = _opt(0.5, "crossover rate: probability that an element takes the mutant value", range=Range(0, 1))
+    seed: int = _opt(
+        0,
+        "run seed: every random choice and offspring derives from it",
+        range=Range(0, 2**64, high_open=True, integer=True, text="an integer in [0, 2**64)"),
+    )
+    population_on: str = _opt(
+        "gpu",
+        "where the population lives: gpu (device memory; RAM without a GPU), cpu (host memory) or disk (memory-mapped safetensors files)",
+        choices=TIERS,
+    )
+    population_dir: str | None = _opt(
+        None, "directory under which the disk tier creates its scratch directory of individual files (default: --out)"
+    )
     device: str | None = _opt(None, "compute device (default: cuda if available, else cpu)")
-    device_map: str | None = _opt(None, "spread the evaluation model over several devices: auto (accelerate's infer_auto_device_map: the GPUs, then the CPU) or a JSON file {module name: device}; the population stays on cpu or disk")
+    device_map: str | None = _opt(
+        None,
+        "spread the evaluation model over several devices: auto (accelerate's infer_auto_device_map: the GPUs, then the CPU) or a JSON file {module name: device}; the population stays on cpu or disk",
+    )
     resume: bool = _opt(False, "continue the run checkpointed in --out (same config required)", transient=True)
     dry_run: bool = _opt(False, "check the inputs, print the memory plan and stop", transient=True)
-    accept_ties: bool = _opt(False, "accept an offspring whose fitness equals its parent's (default: strict improvement)")
-    early_reject: str = _opt("on", "stop scoring a candidate once it cannot beat the model it must beat (exact for "
-                                   "accuracy, macro-f1, multilabel-f1, exact-match: the same decisions and outputs; "
-                                   "losses and user functions are always scored in full); off: score every example",
-                             choices=("on", "off"), transient=True)
+    accept_ties: bool = _opt(
+        False, "accept an offspring whose fitness equals its parent's (default: strict improvement)"
+    )
+    early_reject: str = _opt(
+        "on",
+        "stop scoring a candidate once it cannot beat the model it must beat (exact for "
+        "accuracy, macro-f1, multilabel-f1, exact-match: the same decisions and outputs; "
+        "losses and user functions are always scored in full); off: score every example",
+        choices=("on", "off"),
+        transient=True,
+    )
     batch_size: int = _opt(32, "evaluation batch size", range=POSITIVE)
     max_length: int = _opt(256, "tokens per example at most", range=POSITIVE)
-    max_dev_examples: int | None = _opt(None, "use at most this many examples of each dev file (lm-eval: of each task, its limit)",
-                                        range=POSITIVE)
+    max_dev_examples: int | None = _opt(
+        None, "use at most this many examples of each dev file (lm-eval: of each task, its limit)", range=POSITIVE
+    )
     threshold: float = _opt(0.5, "multi-label decision threshold on sigmoid probabilities", range=OPEN_UNIT)
-    lm_eval_tasks: list[str] | None = _opt(None, "--task lm-eval: lm-evaluation-harness tasks (in the --dev folders or "
-                                                 "lm-eval's registry); the fitness is the mean of their metrics", nargs="+")
-    lm_eval_metric: list[str] | None = _opt(None, "--task lm-eval: the metric of every task, or one per task, e.g. acc or "
-                                                  "acc_norm (default: each task's first)", nargs="+")
-    lm_eval_fewshot: int | None = _opt(None, "--task lm-eval: few-shot examples per prompt (default: each task's own, else 0)",
-                                       range=NON_NEGATIVE)
-    lm_eval_weights: list[float] | None = _opt(None, "--task lm-eval: one weight per task for the fitness mean (default: equal)",
-                                               nargs="+")
-    chunk_elements: int = _opt(1 << 22, "elements per chunk of the streamed weight operators",
-                               range=Range(1, integer=True, multiple_of=64))
-    backend: str | None = _opt(None, "operator backend (default: the fastest available on each device)", choices=BACKENDS)
+    lm_eval_tasks: list[str] | None = _opt(
+        None,
+        "--task lm-eval: lm-evaluation-harness tasks (in the --dev folders or "
+        "lm-eval's registry); the fitness is the mean of their metrics",
+        nargs="+",
+    )
+    lm_eval_metric: list[str] | None = _opt(
+        None,
+        "--task lm-eval: the metric of every task, or one per task, e.g. acc or acc_norm (default: each task's first)",
+        nargs="+",
+    )
+    lm_eval_fewshot: int | None = _opt(
+        None, "--task lm-eval: few-shot examples per prompt (default: each task's own, else 0)", range=NON_NEGATIVE
+    )
+    lm_eval_weights: list[float] | None = _opt(
+        None, "--task lm-eval: one weight per task for the fitness mean (default: equal)", nargs="+"
+    )
+    chunk_elements: int = _opt(
+        1 << 22, "elements per chunk of the streamed weight operators", range=Range(1, integer=True, multiple_of=64)
+    )
+    backend: str | None = _opt(
+        None, "operator backend (default: the fastest available on each device)", choices=BACKENDS
+    )
     allow_pickle: bool = _opt(False, "accept pickle (.bin) weights; off by default because unpickling can run code")
     # the merge methods' parameters given (--merge-<param> / merge_<param>): {param: value}; the rest default
     merge: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"cli": False})
@@ -149,8 +221,11 @@ class EvolveConfig:
         resumable and an older record comparable), and as merge_<param> every parameter of the merge methods this run uses
         (--merge-method and --extra-individuals: the others cannot change the result, and a method added to the
         package later must not make an older checkpoint unresumable)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cli", True)
-               and not (f.metadata.get("later") and getattr(self, f.name) == f.default)}
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("cli", True) and not (f.metadata.get("later") and getattr(self, f.name) == f.default)
+        }
         used = self.merge_methods_used()
         for name, p in methods.all_params().items():
             if any(record.param(name) is not None for record in used):
@@ -159,8 +234,9 @@ class EvolveConfig:
 
     def merge_methods_used(self) -> list[methods.MergeMethod]:
         """The merges this run computes: --merge-method with --fitness merged, then the --extra-individuals."""
-        return [methods.get(self.merge_method)] * (self.fitness == "merged") + \
-            [methods.get(m) for m in self.extra_individuals or []]
+        return [methods.get(self.merge_method)] * (self.fitness == "merged") + [
+            methods.get(m) for m in self.extra_individuals or []
+        ]
 
     def result_options(self) -> dict[str, Any]:
         """The options that define the result, as recorded (evolution.json, the checkpoint, what --resume must
@@ -186,7 +262,9 @@ def _choices(f: dataclasses.Field) -> tuple | None:
 
 def _scalar_type(f: dataclasses.Field):
     """The one parser of a field's values, for flags and YAML alike (a YAML scalar goes through it as text)."""
-    return {"int": int, "int | None": int, "float": float, "float | None": float, "list[float] | None": float}.get(f.type, str)
+    return {"int": int, "int | None": int, "float": float, "float | None": float, "list[float] | None": float}.get(
+        f.type, str
+    )
 
 
 def _is_bool(f: dataclasses.Field) -> bool:
@@ -216,9 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("merge-method parameters (methods/: each applies to the methods named)")
     for name, p in methods.all_params().items():
         users = [m.name for m in methods.METHODS.values() if m.param(name) is not None]
-        group.add_argument(merge_flag(name), dest=f"merge:{name}", type=p.type, default=argparse.SUPPRESS,
-                           metavar=name.upper(), help=f"{p.help}; used by {', '.join(users)}; values: "
-                                                       f"{p.range_text()} (default: {p.default})")
+        group.add_argument(
+            merge_flag(name),
+            dest=f"merge:{name}",
+            type=p.type,
+            default=argparse.SUPPRESS,
+            metavar=name.upper(),
+            help=f"{p.help}; used by {', '.join(users)}; values: {p.range_text()} (default: {p.default})",
+        )
     return parser
 
 
@@ -300,7 +383,7 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError("--models lists the same directory twice")
     for f in _cli_fields():  # choices of options set in code (flags and YAML are checked when parsed)
         value, choices = getattr(cfg, f.name), _choices(f)
-        for v in (value if isinstance(value, list) else [value]):
+        for v in value if isinstance(value, list) else [value]:
             if choices and v is not None and v not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {v!r}")
     extras = list(cfg.extra_individuals or [])
@@ -308,11 +391,15 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError("--extra-individuals lists a merge twice (it would add two identical individuals)")
     n = population_size(cfg)
     if n < len(cfg.models) + len(extras):
-        raise ConfigError(f"--population-size {n} is smaller than the {len(cfg.models)} models plus {len(extras)} "
-                          "extra individuals given: each is an individual")
+        raise ConfigError(
+            f"--population-size {n} is smaller than the {len(cfg.models)} models plus {len(extras)} "
+            "extra individuals given: each is an individual"
+        )
     strategy = strategies.get(cfg.strategy)
     if n < strategy.min_population:
-        raise ConfigError(f"--strategy {cfg.strategy} needs a population of at least {strategy.min_population}, got {n}")
+        raise ConfigError(
+            f"--strategy {cfg.strategy} needs a population of at least {strategy.min_population}, got {n}"
+        )
     if strategy.needs_individual_fitness and cfg.fitness == "merged":
         raise ConfigError(f"--strategy {cfg.strategy} needs per-individual fitness: use --fitness individual")
     if cfg.merge_method != "average" and cfg.fitness != "merged":
@@ -323,11 +410,14 @@ def validate(cfg: EvolveConfig) -> None:
         if p is None:
             raise ConfigError(f"{merge_flag(name)}: no merge method has a parameter {name!r}")
         if not any(m.param(name) is not None for m in used):
-            raise ConfigError(f"{merge_flag(name)} does not apply to {', '.join(m.name for m in used) or 'this run'} "
-                              f"(it applies to {', '.join(m.name for m in methods.METHODS.values() if m.param(name))})")
+            raise ConfigError(
+                f"{merge_flag(name)} does not apply to {', '.join(m.name for m in used) or 'this run'} "
+                f"(it applies to {', '.join(m.name for m in methods.METHODS.values() if m.param(name))})"
+            )
         cfg.merge[name] = p.check(value, merge_flag(name))
-    for what, method in [("--merge-method", m.name) for m in used[:1] if cfg.fitness == "merged"] + \
-            [("--extra-individuals", m) for m in extras]:
+    for what, method in [("--merge-method", m.name) for m in used[:1] if cfg.fitness == "merged"] + [
+        ("--extra-individuals", m) for m in extras
+    ]:
         if methods.get(method).needs_base and not cfg.base_model:
             raise ConfigError(f"{what} {method} needs --base-model (the models' common ancestor)")
         if methods.get(method).statistics is not None and (":" in (cfg.task or "") or cfg.task == "lm-eval"):
@@ -338,8 +428,10 @@ def validate(cfg: EvolveConfig) -> None:
         if cfg.device_map != "auto" and not os.path.isfile(cfg.device_map):
             raise ConfigError(f"--device-map must be auto or a JSON file, got {cfg.device_map!r} (no such file)")
         if cfg.population_on == "gpu":
-            raise ConfigError("--device-map spreads the evaluation model over several devices: keep the population "
-                              "on cpu or disk (--population-on)")
+            raise ConfigError(
+                "--device-map spreads the evaluation model over several devices: keep the population "
+                "on cpu or disk (--population-on)"
+            )
     for f in _cli_fields():  # the ranges declared with the options (select_fraction, lm_eval_fewshot: above)
         if "range" in f.metadata and f.name not in ("select_fraction", "lm_eval_fewshot"):
             check_range(cfg, f.name)
@@ -367,8 +459,10 @@ def check_selection(cfg: EvolveConfig) -> None:
         raise ConfigError(f"{what} does not apply to --task lm-eval (its data are lm-eval tasks, not dev files)")
     if cfg.select_fraction is not None:
         if ":" in (cfg.task or ""):
-            raise ConfigError(f"--select-fraction cannot split the dev data of --task {cfg.task} (the function reads "
-                              "its files itself): give --select files")
+            raise ConfigError(
+                f"--select-fraction cannot split the dev data of --task {cfg.task} (the function reads "
+                "its files itself): give --select files"
+            )
         check_range(cfg, "select_fraction")
         return
     dev = {os.path.realpath(d) for d in cfg.dev or []}
@@ -401,7 +495,9 @@ def check_lm_eval(cfg: EvolveConfig) -> None:
     if cfg.metric is not None:
         raise ConfigError("--metric does not apply to --task lm-eval; use --lm-eval-metric")
     if cfg.lm_eval_metric is not None and len(cfg.lm_eval_metric) not in (1, len(tasks)):
-        raise ConfigError(f"--lm-eval-metric takes one metric or one per task ({len(tasks)}), got {len(cfg.lm_eval_metric)}")
+        raise ConfigError(
+            f"--lm-eval-metric takes one metric or one per task ({len(tasks)}), got {len(cfg.lm_eval_metric)}"
+        )
     weights = cfg.lm_eval_weights
     if weights is not None:
         if len(weights) != len(tasks):
@@ -411,12 +507,16 @@ def check_lm_eval(cfg: EvolveConfig) -> None:
     check_range(cfg, "lm_eval_fewshot")
     for path in cfg.dev or []:
         if not os.path.isdir(path):
-            raise ConfigError(f"--dev {path}: not a folder (with --task lm-eval, --dev names folders of lm-eval task YAMLs)")
+            raise ConfigError(
+                f"--dev {path}: not a folder (with --task lm-eval, --dev names folders of lm-eval task YAMLs)"
+            )
 
 
 def resolve_refs(cfg: EvolveConfig) -> None:
     """Each model reference (--models, --base-model) to its local directory, in cfg.resolved (refs.py)."""
-    for option, ref in [("--models", m) for m in cfg.models] + [("--base-model", cfg.base_model)] * bool(cfg.base_model):
+    for option, ref in [("--models", m) for m in cfg.models] + [("--base-model", cfg.base_model)] * bool(
+        cfg.base_model
+    ):
         if ref not in cfg.resolved:
             try:
                 cfg.resolved[ref] = refs.resolve(ref)
@@ -426,13 +526,18 @@ def resolve_refs(cfg: EvolveConfig) -> None:
 
 def population_size(cfg: EvolveConfig) -> int:
     """--population-size, by default the models plus the extra individuals."""
-    return cfg.population_size if cfg.population_size is not None else len(cfg.models) + len(cfg.extra_individuals or [])
+    return (
+        cfg.population_size if cfg.population_size is not None else len(cfg.models) + len(cfg.extra_individuals or [])
+    )
 
 
 def input_paths(cfg: EvolveConfig) -> list[tuple[str, str]]:
     """(option, path) of everything the run reads: never written into (rundir.py)."""
-    paths = [("--models", cfg.local(m)) for m in cfg.models] + [("--dev", d) for d in cfg.dev or []] + \
-        [("--select", d) for d in cfg.select or []]
+    paths = (
+        [("--models", cfg.local(m)) for m in cfg.models]
+        + [("--dev", d) for d in cfg.dev or []]
+        + [("--select", d) for d in cfg.select or []]
+    )
     if cfg.base_model:
         paths.append(("--base-model", cfg.local(cfg.base_model)))
     return paths

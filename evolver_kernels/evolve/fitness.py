@@ -198,7 +198,8 @@ class MergedFitness(FitnessMode):
             if bench.ranks.is_main:
                 bench.timed(bench.pipeline.merged_into, bench.arena, replace=specs)
             combined = bench.ranks.broadcast(
-                _message(bench.evaluate("the accepted offspring together")) if bench.ranks.is_main else None)
+                _message(bench.evaluate("the accepted offspring together")) if bench.ranks.is_main else None
+            )
             progress(1)
             state.evaluations += 1
             best = max(accepted, key=lambda i: (state.pending[i], -i))

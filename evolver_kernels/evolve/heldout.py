@@ -49,13 +49,17 @@ class HeldOut:
             order = random_order(file_seed, len(rows), s)
             held += [rows[k] for k in order[: math.floor(self.fraction * len(rows) + 0.5)]]
         if not held or len(held) == len(examples):
-            raise ArgumentError("select_fraction", f"{self.fraction}: {path} has {len(examples)} examples, too few to "
-                                "hold out that share for selection and search on the rest")
+            raise ArgumentError(
+                "select_fraction",
+                f"{self.fraction}: {path} has {len(examples)} examples, too few to "
+                "hold out that share for selection and search on the rest",
+            )
         kept = set(held)
         return [j for j in range(len(examples)) if j not in kept], sorted(held)
 
     def part(self, held_out: bool) -> Callable[[int, str, list[dict]], list[dict]]:
         """The examples of each dev file that the search (held_out False) or the selection (True) scores."""
+
         def subset(f: int, path: str, examples: list[dict]) -> list[dict]:
             return [examples[j] for j in self.split(f, path, examples)[held_out]]
 
@@ -83,8 +87,12 @@ class Choice:
 
     def record(self, data: str) -> dict:
         """The `selection` entry of evolution.json."""
-        return {"data": data, "candidates": self.scores, "chosen": self.scores[self.chosen]["name"],
-                "margin_over_next_best": self.margin()}
+        return {
+            "data": data,
+            "candidates": self.scores,
+            "chosen": self.scores[self.chosen]["name"],
+            "margin_over_next_best": self.margin(),
+        }
 
 
 def choose(candidates: list[Candidate], score: Callable[[str], Fitness], log: Callable[[str], None]) -> Choice:
@@ -108,4 +116,3 @@ def describe_data(select: list[str] | None, fraction: float | None) -> str:
     if select:
         return f"--select {' '.join(select)}"
     return f"--select-fraction {fraction}: held out of each dev file (seeded, stratified by label)"
-

@@ -25,12 +25,26 @@ def seeded_spec(cfg: EvolveConfig, n_models: int, first_seeded: int, s: int) -> 
     """The offspring that seeds slot s (s >= first_seeded, the slot after the models and the extras)."""
     parent = (s - first_seeded) % n_models
     partner = next(k for k in random_order(cfg.seed, n_models, 0, s) if k != parent)
-    return OffspringSpec(i=parent, strategy="evolver", picks=(partner,), F=float(cfg.F), CR=float(cfg.CR),
-                         seed=derive_seed(cfg.seed, 0, s, PURPOSE_OFFSPRING))
+    return OffspringSpec(
+        i=parent,
+        strategy="evolver",
+        picks=(partner,),
+        F=float(cfg.F),
+        CR=float(cfg.CR),
+        seed=derive_seed(cfg.seed, 0, s, PURPOSE_OFFSPRING),
+    )
 
 
-def fill_slots(cfg: EvolveConfig, pop: Population, pipeline: WeightPipeline, arena: Arena, n_models: int,
-               merger_for: Callable[[str], Merger], timed: Callable, log: Callable[[str], None]) -> None:
+def fill_slots(
+    cfg: EvolveConfig,
+    pop: Population,
+    pipeline: WeightPipeline,
+    arena: Arena,
+    n_models: int,
+    merger_for: Callable[[str], Merger],
+    timed: Callable,
+    log: Callable[[str], None],
+) -> None:
     """Writes individuals n_models .. pop.size - 1, building each in `arena` first."""
     if not pop.writes:  # another rank of the node builds them into the shared population (node_share.py)
         return
@@ -47,8 +61,14 @@ def fill_slots(cfg: EvolveConfig, pop: Population, pipeline: WeightPipeline, are
         timed(pipeline.write_from, s, arena)
 
 
-def initial_statistics(cfg: EvolveConfig, checkpoint: Checkpoint, inputs, load: Callable[[int], None],
-                       log: Callable[[str], None], save: bool = True):
+def initial_statistics(
+    cfg: EvolveConfig,
+    checkpoint: Checkpoint,
+    inputs,
+    load: Callable[[int], None],
+    log: Callable[[str], None],
+    save: bool = True,
+):
     """The statistics of --merge-method for every individual as the run starts (None for a method without),
     estimated once on the dev data (load(k) puts individual k into the evaluation model) and, with `save` (one
     rank), written atomically beside the checkpoint, so that a resumed run merges with the same ones."""
@@ -62,5 +82,15 @@ def initial_statistics(cfg: EvolveConfig, checkpoint: Checkpoint, inputs, load: 
     start = time.perf_counter()
     os.makedirs(checkpoint.dir, exist_ok=True)
     return merging.compute_statistics(
-        method, settings, inputs.model, inputs.layout, load, inputs.n, inputs.evaluator, save_to=path if save else None,
-        progress=lambda k: log(f"{method}: statistics of individual {k + 1}/{inputs.n} ({time.perf_counter() - start:.1f} s)"))
+        method,
+        settings,
+        inputs.model,
+        inputs.layout,
+        load,
+        inputs.n,
+        inputs.evaluator,
+        save_to=path if save else None,
+        progress=lambda k: log(
+            f"{method}: statistics of individual {k + 1}/{inputs.n} ({time.perf_counter() - start:.1f} s)"
+        ),
+    )

@@ -72,8 +72,10 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
     first = configs[0]
     for m, c in zip(cfg.models[1:], configs[1:]):
         if c.model_type != first.model_type or (c.architectures or [None])[0] != (first.architectures or [None])[0]:
-            raise ConfigError(f"--models {m} is a {c.model_type} {c.architectures}, {cfg.models[0]} a "
-                              f"{first.model_type} {first.architectures}: the models must share one architecture")
+            raise ConfigError(
+                f"--models {m} is a {c.model_type} {c.architectures}, {cfg.models[0]} a "
+                f"{first.model_type} {first.architectures}: the models must share one architecture"
+            )
     task = cfg.task or infer_task(first)
     files = [files_of("--models", cfg.local(m)) for m in cfg.models]
     model = model_io.empty_model(first, task)
@@ -92,10 +94,21 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
     held_out = HeldOut(cfg.select_fraction, cfg.seed) if cfg.select_fraction is not None else None
 
     def evaluator_of(paths: list[str], subset, early_reject: bool) -> Evaluator:
-        return Evaluator(task, tokenizer, paths, config=first, metric=cfg.metric, batch_size=cfg.batch_size,
-                         max_length=cfg.max_length, device=placement.device, threshold=cfg.threshold,
-                         max_examples=cfg.max_dev_examples, early_reject=early_reject,
-                         task_options=task_options(cfg, task), subset=subset)
+        return Evaluator(
+            task,
+            tokenizer,
+            paths,
+            config=first,
+            metric=cfg.metric,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            device=placement.device,
+            threshold=cfg.threshold,
+            max_examples=cfg.max_dev_examples,
+            early_reject=early_reject,
+            task_options=task_options(cfg, task),
+            subset=subset,
+        )
 
     evaluator = evaluator_of(cfg.dev or [], held_out and held_out.part(held_out=False), cfg.early_reject == "on")
     selection = None
@@ -108,17 +121,31 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
             if err.arg != "path":
                 raise
             raise ConfigError(f"--select {err.detail}") from None
-    return RunInputs(config=first, task=task, files=files, base_files=base_files, model=model, layout=layout,
-                     placement=placement, tokenizer=tokenizer, evaluator=evaluator, n=population_size(cfg),
-                     selection=selection)
+    return RunInputs(
+        config=first,
+        task=task,
+        files=files,
+        base_files=base_files,
+        model=model,
+        layout=layout,
+        placement=placement,
+        tokenizer=tokenizer,
+        evaluator=evaluator,
+        n=population_size(cfg),
+        selection=selection,
+    )
 
 
 def task_options(cfg: EvolveConfig, task: str) -> dict | None:
     """The options of the task's own evaluator (lm-eval's: evaluation/lm_eval_task.py)."""
     if task != "lm-eval":
         return None
-    return {"tasks": cfg.lm_eval_tasks, "task_metrics": cfg.lm_eval_metric, "num_fewshot": cfg.lm_eval_fewshot,
-            "weights": cfg.lm_eval_weights}
+    return {
+        "tasks": cfg.lm_eval_tasks,
+        "task_metrics": cfg.lm_eval_metric,
+        "num_fewshot": cfg.lm_eval_fewshot,
+        "weights": cfg.lm_eval_weights,
+    }
 
 
 def scoring_bytes(inputs: RunInputs) -> int:
@@ -142,16 +169,27 @@ def plan_of(cfg: EvolveConfig, inputs: RunInputs, ranks: Ranks | None = None) ->
             stats_name = record.name
     scratch = cfg.population_dir or cfg.out
     device = inputs.placement.device
-    return memory_plan(PlanInputs(
-        copy_bytes=inputs.layout.nbytes, numel=inputs.layout.numel, n=inputs.n, tier=cfg.population_on,
-        compute="cpu" if device.type == "cpu" else str(device), evaluation=inputs.placement.device_bytes(),
-        placement=inputs.placement.describe(), base_model=bool(cfg.base_model), chunk_elements=cfg.chunk_elements,
-        stats_bytes=stats_bytes, stats_name=stats_name,
-        logits_bytes=scoring_bytes(inputs),
-        scratch_root=scratch, out=cfg.out,
-        checkpoint_linked=cfg.population_on == "disk" and same_filesystem(scratch, cfg.out),
-        backends=device_backends(inputs.placement.devices(), cfg.backend),
-        local_ranks=ranks.local_world if ranks.enabled else 1,
-        shared_root=node_share.shm_root() if node_share.shared(cfg.population_on, device, ranks) and
-        cfg.population_on != "disk" else "",
-    ))
+    return memory_plan(
+        PlanInputs(
+            copy_bytes=inputs.layout.nbytes,
+            numel=inputs.layout.numel,
+            n=inputs.n,
+            tier=cfg.population_on,
+            compute="cpu" if device.type == "cpu" else str(device),
+            evaluation=inputs.placement.device_bytes(),
+            placement=inputs.placement.describe(),
+            base_model=bool(cfg.base_model),
+            chunk_elements=cfg.chunk_elements,
+            stats_bytes=stats_bytes,
+            stats_name=stats_name,
+            logits_bytes=scoring_bytes(inputs),
+            scratch_root=scratch,
+            out=cfg.out,
+            checkpoint_linked=cfg.population_on == "disk" and same_filesystem(scratch, cfg.out),
+            backends=device_backends(inputs.placement.devices(), cfg.backend),
+            local_ranks=ranks.local_world if ranks.enabled else 1,
+            shared_root=node_share.shm_root()
+            if node_share.shared(cfg.population_on, device, ranks) and cfg.population_on != "disk"
+            else "",
+        )
+    )

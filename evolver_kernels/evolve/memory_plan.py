@@ -96,12 +96,18 @@ def memory_plan(p: PlanInputs) -> Plan:
     out_disk = (0 if p.checkpoint_linked else (p.n + 1) * p.copy_bytes) + p.stats_bytes + p.copy_bytes
     disk_total = pop_disk + out_disk
     per_rank = f" per rank ({k} ranks on this node)" if k > 1 else ""
-    pop_where = (" in shared memory, once for the node's ranks" if p.shared_root
-                 else " once for the node's ranks" if k > 1 and p.tier == "disk" else per_rank)
+    pop_where = (
+        " in shared memory, once for the node's ranks"
+        if p.shared_root
+        else " once for the node's ranks"
+        if k > 1 and p.tier == "disk"
+        else per_rank
+    )
     lines = (
         f"memory plan: one model copy = {format_bytes(p.copy_bytes)} ({p.numel:,} evolved elements); "
         f"population: {p.n} copies on {p.tier}{pop_where} ({format_bytes(pop_bytes)}); "
-        f"evaluation model: 1 copy on {p.placement}{per_rank}" + ("; base model: 1 copy there" if p.base_model else "")
+        f"evaluation model: 1 copy on {p.placement}{per_rank}"
+        + ("; base model: 1 copy there" if p.base_model else "")
         + f"; chunk buffers <= {format_bytes(chunk)}{per_rank}"
         + (f"; evaluation logits <= {format_bytes(p.logits_bytes)}" if p.logits_bytes else "")
         + (f"; {p.stats_name} statistics (host): {format_bytes(p.stats_bytes)}" if p.stats_bytes else ""),
@@ -109,8 +115,11 @@ def memory_plan(p: PlanInputs) -> Plan:
         + "".join(f", {d} {format_bytes(b)}" for d, b in devices.items() if b)
         + (f", disk {format_bytes(disk_total)}" if disk_total else ""),
     ) + (("  backends: " + ", ".join(f"{d} runs {b}" for d, b in p.backends.items()),) if p.backends else ())
-    disk = (("the population", p.scratch_root, pop_disk), ("checkpoint and output", p.out, out_disk),
-            ("the shared-memory population", p.shared_root, shm))
+    disk = (
+        ("the population", p.scratch_root, pop_disk),
+        ("checkpoint and output", p.out, out_disk),
+        ("the shared-memory population", p.shared_root, shm),
+    )
     return Plan(lines=lines, host=host, devices=devices, disk=disk)
 
 

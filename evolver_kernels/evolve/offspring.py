@@ -38,8 +38,15 @@ class ChunkBuffers:
 class WeightPipeline:
     """Chunked operators over a population, on `device`, `chunk` elements at a time."""
 
-    def __init__(self, population: Population, device: torch.device, chunk: int = 1 << 22, backend: str | None = None,
-                 merger: Merger | None = None, staging: bool | None = None):
+    def __init__(
+        self,
+        population: Population,
+        device: torch.device,
+        chunk: int = 1 << 22,
+        backend: str | None = None,
+        merger: Merger | None = None,
+        staging: bool | None = None,
+    ):
         self.pop = population
         self.device = torch.device(device)
         self.chunk = chunk
@@ -69,8 +76,17 @@ class WeightPipeline:
             if k not in tensors:  # which the kernels detect and read once (the evolver strategy reads 2 tensors)
                 tensors[k] = self.read(k, group, lo, hi, out.device)
         return de_mutate_crossover(
-            tensors[spec.i], tensors[ib], tensors[ia], tensors[ibb], F=spec.F, CR=spec.CR, seed=spec.seed,
-            stream=STREAM_CROSSOVER, offset=base_index + lo, out=out, backend=self.backend,
+            tensors[spec.i],
+            tensors[ib],
+            tensors[ia],
+            tensors[ibb],
+            F=spec.F,
+            CR=spec.CR,
+            seed=spec.seed,
+            stream=STREAM_CROSSOVER,
+            offset=base_index + lo,
+            out=out,
+            backend=self.backend,
         )
 
     def offspring_into(self, spec: OffspringSpec, arena: Arena) -> None:
@@ -81,7 +97,9 @@ class WeightPipeline:
                 for lo, hi, dst in arena.chunks(group, self.chunk):
                     self.offspring_chunk(spec, group, lo, hi, dst)
                 continue
-            for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self.reads_of([spec], g, lo, hi)):
+            for lo, hi in self.staging.chunks(
+                size, self.chunk, lambda lo, hi, g=group: self.reads_of([spec], g, lo, hi)
+            ):
                 self.offspring_chunk(spec, group, lo, hi, arena.buffers[group][lo:hi])
 
     def merged_into(self, arena: Arena, replace: list[OffspringSpec] = ()) -> None:
@@ -114,7 +132,9 @@ class WeightPipeline:
             self.pop.begin_write(spec.i)
         for group, (_, size) in self.pop.layout.groups.items():
             dtype = self.pop.layout.group_dtype(group)
-            for lo, hi in self.staging.chunks(size, self.chunk, lambda lo, hi, g=group: self.reads_of(specs, g, lo, hi)):
+            for lo, hi in self.staging.chunks(
+                size, self.chunk, lambda lo, hi, g=group: self.reads_of(specs, g, lo, hi)
+            ):
                 chunks = [
                     self.offspring_chunk(spec, group, lo, hi, self.buffers.get(dtype, f"apply{j}", hi - lo))
                     for j, spec in enumerate(specs)
@@ -162,7 +182,14 @@ class CandidateView(ReadOnlyView):
 
     def chunks(self, group: str, size: int, chunk: int):
         def keys(lo, hi):
-            return [key for k in range(self.size) for key in
-                    (self.pipeline.reads_of([self.offspring[k]], group, lo, hi) if k in self.offspring
-                     else [(k, group, lo, hi)])]
+            return [
+                key
+                for k in range(self.size)
+                for key in (
+                    self.pipeline.reads_of([self.offspring[k]], group, lo, hi)
+                    if k in self.offspring
+                    else [(k, group, lo, hi)]
+                )
+            ]
+
         return self.pipeline.staging.chunks(size, chunk, keys)

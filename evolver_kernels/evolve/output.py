@@ -18,6 +18,7 @@ def early_reject(run) -> str:
         return f"not applicable ({run.inputs.evaluator.metric} has no exact bound: every example scored)"
     return run.cfg.early_reject
 
+
 def write_run_outputs(run, state: RunState) -> dict:
     """Chooses the output (the fitness mode's, or held-out selection's among the candidates), scores it, writes
     the model, evolution.json, the plot and the card into --out and marks the checkpoint finished."""
@@ -30,32 +31,49 @@ def write_run_outputs(run, state: RunState) -> dict:
         selection = choice.record(describe_data(run.cfg.select, run.cfg.select_fraction))
     final = run.evaluate("the output model")
     extra = {
-        "task": run.inputs.task, "metric": run.inputs.evaluator.metric, "output": kind,
+        "task": run.inputs.task,
+        "metric": run.inputs.evaluator.metric,
+        "output": kind,
         "evaluations": state.evaluations,
         "timing_s": {"weights": round(run.weights_s, 3), "evaluation": round(run.evaluation_s, 3)},
-        "non_finite_evaluations": run.non_finite, "early_reject": early_reject(run),
+        "non_finite_evaluations": run.non_finite,
+        "early_reject": early_reject(run),
         "backends": device_backends(run.inputs.placement.devices(), run.cfg.backend),
         "resolved_models": {ref: path for ref, path in run.cfg.resolved.items() if ref != path},
     }
     if selection is not None:
         extra["selection"] = selection
-    written = write_outputs(run.cfg.out, run.arena, run.cfg.local(run.cfg.models[0]), run.inputs.files[0], dict(state.config),
-                            state.history, final.as_dict(), extra, run.inputs.evaluator.metric, kind)
+    written = write_outputs(
+        run.cfg.out,
+        run.arena,
+        run.cfg.local(run.cfg.models[0]),
+        run.inputs.files[0],
+        dict(state.config),
+        state.history,
+        final.as_dict(),
+        extra,
+        run.inputs.evaluator.metric,
+        kind,
+    )
     run.setup.out_dir.record(written)
     run.checkpoint.mark_finished(state)
     run.log(f"final fitness {final.score:.4f} ({run.inputs.evaluator.metric}); wrote {run.cfg.out}")
     return {"final_fitness": final.score, "per_file": final.per_file, "history": state.history, **extra}
+
 
 def selection_candidates(run, state: RunState) -> list[Candidate]:
     """The run's result, every input model, every --extra-individuals merge of the input models."""
     cfg = run.cfg
     candidates = [Candidate("the run's result", lambda: run.mode.build_output(state))]
     for k, ref in enumerate(cfg.models):
+
         def load(k=k, ref=ref) -> str:
             run.timed(load_into, run.arena, run.inputs.files[k], f"--models {ref}")
             return f"the input model {ref}, chosen on the selection data"
+
         candidates.append(Candidate(f"input model {ref}", load))
     for method in cfg.extra_individuals or []:
+
         def merge(method=method) -> str:
             models = MappedModels(run.inputs.layout, run.inputs.files, list(cfg.models))
             try:
@@ -63,5 +81,6 @@ def selection_candidates(run, state: RunState) -> list[Candidate]:
             finally:
                 models.close()
             return f"the {method} merge of the input models, chosen on the selection data"
+
         candidates.append(Candidate(f"{method} merge of the input models", merge))
     return candidates

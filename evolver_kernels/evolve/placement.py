@@ -19,8 +19,9 @@ from evolver_kernels.storage.arena import Arena, Layout
 class Placement:
     """The compute device and, with a device map, which device holds each module of the evaluation model."""
 
-    def __init__(self, device: str | None, device_map: str | None, ranks: Ranks, model: torch.nn.Module,
-                 layout: Layout):
+    def __init__(
+        self, device: str | None, device_map: str | None, ranks: Ranks, model: torch.nn.Module, layout: Layout
+    ):
         self.layout = layout
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -47,9 +48,15 @@ class Placement:
         for device in sorted(devices):
             reason = backends.unavailable_reason(backend, device)
             if reason is not None:
-                where = " (--device-map places modules there)" if self.device_map and device in self.device_map.values() else ""
-                raise ConfigError(f"--backend {backend} cannot run on {device}{where}: {reason}; "
-                                  "leave --backend unset to use the fastest backend of each device")
+                where = (
+                    " (--device-map places modules there)"
+                    if self.device_map and device in self.device_map.values()
+                    else ""
+                )
+                raise ConfigError(
+                    f"--backend {backend} cannot run on {device}{where}: {reason}; "
+                    "leave --backend unset to use the fastest backend of each device"
+                )
 
     def arena(self) -> Arena:
         """An empty arena for a whole model on the compute side: on the compute device, or placed by the map."""
@@ -88,14 +95,20 @@ class Placement:
             return str(self.device)
         from evolver_kernels.io.rundir import format_bytes
 
-        return "several devices (--device-map: " + ", ".join(f"{d} {format_bytes(b)}" for d, b in self.device_bytes().items()) + ")"
+        return (
+            "several devices (--device-map: "
+            + ", ".join(f"{d} {format_bytes(b)}" for d, b in self.device_bytes().items())
+            + ")"
+        )
 
     def _parse_map(self, spec: str, model: torch.nn.Module, layout: Layout) -> dict[str, str]:
         """--device-map as {module name: device}, checked: devices that exist, tied weights kept together."""
         if spec == "auto":
             from accelerate import infer_auto_device_map
 
-            raw = infer_auto_device_map(model, no_split_module_classes=sorted(getattr(model, "_no_split_modules", None) or []))
+            raw = infer_auto_device_map(
+                model, no_split_module_classes=sorted(getattr(model, "_no_split_modules", None) or [])
+            )
         else:
             try:
                 with open(spec) as f:
@@ -110,10 +123,14 @@ class Placement:
             if device == "cuda":
                 device = "cuda:0"
             if device != "cpu" and not device.startswith("cuda:"):
-                raise ConfigError(f"--device-map: {key!r} on {device!r}; devices are cpu, cuda:N or a GPU index "
-                                  "(disk offload is not supported: use --population-on disk for the population)")
+                raise ConfigError(
+                    f"--device-map: {key!r} on {device!r}; devices are cpu, cuda:N or a GPU index "
+                    "(disk offload is not supported: use --population-on disk for the population)"
+                )
             if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
-                raise ConfigError(f"--device-map: {key!r} on {device}, but torch sees {torch.cuda.device_count()} GPU(s)")
+                raise ConfigError(
+                    f"--device-map: {key!r} on {device}, but torch sees {torch.cuda.device_count()} GPU(s)"
+                )
             if key:
                 try:
                     model.get_submodule(key)
@@ -123,6 +140,8 @@ class Placement:
         for e in layout.entries:
             devices = {device_map[model_io.device_for(alias, device_map)] for alias in e.aliases}
             if len(devices) > 1:
-                raise ConfigError(f"--device-map puts the tied weights {', '.join(e.aliases)} on {sorted(devices)}: "
-                                  "tied weights must share a device")
+                raise ConfigError(
+                    f"--device-map puts the tied weights {', '.join(e.aliases)} on {sorted(devices)}: "
+                    "tied weights must share a device"
+                )
         return device_map

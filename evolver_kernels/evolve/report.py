@@ -13,7 +13,12 @@ from evolver_kernels.io.jsonio import write_json
 def write_evolution_json(out_dir: str, config: dict, history: list[dict], final: dict, extra: dict) -> str:
     """Pinned keys: config, generations [{generation, population_fitness, accepted}], final_fitness. A fitness
     ranked last (NaN or infinite, evolve.Run.evaluate) is null."""
-    doc = {"config": config, "generations": history, "final_fitness": final["score"], "final_per_file": final["per_file"]}
+    doc = {
+        "config": config,
+        "generations": history,
+        "final_fitness": final["score"],
+        "final_per_file": final["per_file"],
+    }
     doc.update(extra)
     return write_json(os.path.join(out_dir, "evolution.json"), doc)
 
@@ -63,7 +68,7 @@ def _selection_text(selection: dict | None) -> str:
     return f"""
 ## Selection on held-out data
 
-The output was chosen on data the search never scored ({selection['data']}): **{selection['chosen']}** won{by}.
+The output was chosen on data the search never scored ({selection["data"]}): **{selection["chosen"]}** won{by}.
 
 | candidate | selection score |
 | --- | --- |
@@ -75,8 +80,15 @@ def _number(value) -> str:
     return f"{value:.4f}" if value is not None and math.isfinite(value) else "-inf (non-finite)"
 
 
-def write_model_card(out_dir: str, config: dict, history: list[dict], final: dict, metric: str, output_kind: str,
-                     selection: dict | None = None) -> str:
+def write_model_card(
+    out_dir: str,
+    config: dict,
+    history: list[dict],
+    final: dict,
+    metric: str,
+    output_kind: str,
+    selection: dict | None = None,
+) -> str:
     rows = "\n".join(
         f"| {h['generation']} | {_summary(h['population_fitness'])[0]:.4f} | {_summary(h['population_fitness'])[1]:.4f} "
         f"| {len(h['accepted'])} |"
@@ -89,11 +101,11 @@ tags: [evolver, model-merging, evolver-kernels]
 ---
 # Evolved model
 
-Fused from {len(config['models'])} models by Evolver (differential evolution on the weights;
+Fused from {len(config["models"])} models by Evolver (differential evolution on the weights;
 evolver-kernels). This directory holds {output_kind}. Fitness is `{metric}` on the development
 data (higher is better); no test data was used for selection.
 {_selection_text(selection)}
-Final dev fitness: **{final['score']:.4f}**
+Final dev fitness: **{final["score"]:.4f}**
 
 | dev file | score |
 | --- | --- |
@@ -119,14 +131,27 @@ Final dev fitness: **{final['score']:.4f}**
     return path
 
 
-def write_outputs(out_dir: str, arena, model_dir: str, model_files: list[str], config: dict, history: list[dict],
-                  final: dict, extra: dict, metric: str, output_kind: str) -> list[str]:
+def write_outputs(
+    out_dir: str,
+    arena,
+    model_dir: str,
+    model_files: list[str],
+    config: dict,
+    history: list[dict],
+    final: dict,
+    extra: dict,
+    metric: str,
+    output_kind: str,
+) -> list[str]:
     """Everything a finished evolution run leaves in `out_dir`: the model (model_io.save_model: shards named as
     in the first model's checkpoint, its config and tokenizer), evolution.json, fitness.png and the model card
     README.md. Returns every path written."""
     from evolver_kernels.io.model_io import save_model
 
     written = save_model(arena, model_dir, model_files, out_dir)
-    written += [write_evolution_json(out_dir, config, history, final, extra), plot_fitness(out_dir, history, metric),
-                write_model_card(out_dir, config, history, final, metric, output_kind, extra.get("selection"))]
+    written += [
+        write_evolution_json(out_dir, config, history, final, extra),
+        plot_fitness(out_dir, history, metric),
+        write_model_card(out_dir, config, history, final, metric, output_kind, extra.get("selection")),
+    ]
     return written

@@ -81,9 +81,14 @@ class Run:
             self.mode = FITNESS[cfg.fitness](self)
             if self.mode.merges:
                 start_s = time.perf_counter()
-                stats = initial_statistics(cfg, self.checkpoint, self.inputs,
-                                           lambda k: self.pipeline.copy_into(k, self.arena), self.log,
-                                           save=self.ranks.is_main)
+                stats = initial_statistics(
+                    cfg,
+                    self.checkpoint,
+                    self.inputs,
+                    lambda k: self.pipeline.copy_into(k, self.arena),
+                    self.log,
+                    save=self.ranks.is_main,
+                )
                 self.evaluation_s += time.perf_counter() - start_s
                 self.pipeline.merger = self.merger(cfg.merge_method, stats=stats)
         except BaseException:
@@ -91,8 +96,14 @@ class Run:
             raise
 
     def merger(self, method: str, stats=None) -> Merger:
-        return Merger(method, self.base, seed=derive_seed(self.cfg.seed, 0, 0, PURPOSE_MERGE), backend=self.cfg.backend,
-                      stats=stats, **self.cfg.merge_settings(method))
+        return Merger(
+            method,
+            self.base,
+            seed=derive_seed(self.cfg.seed, 0, 0, PURPOSE_MERGE),
+            backend=self.cfg.backend,
+            stats=stats,
+            **self.cfg.merge_settings(method),
+        )
 
     # -- the Workbench of the fitness modes ------------------------------------------------------------------
     def evaluate(self, what: str = "a candidate", rival: Rival | None = None, selection: bool = False) -> Fitness:
@@ -108,10 +119,16 @@ class Run:
             self.state.examples_full += fit.total
         if not math.isfinite(fit.score):
             self.non_finite += 1
-            self.log(f"warning: {what} has fitness {fit.score} ({', '.join(f'{k} {v}' for k, v in fit.per_file.items())}): "
-                     "ranked last (-inf); NaN weights or a user function returning NaN are the usual causes")
-            fit = Fitness(-math.inf, {k: (v if math.isfinite(v) else -math.inf) for k, v in fit.per_file.items()},
-                          scored=fit.scored, total=fit.total)
+            self.log(
+                f"warning: {what} has fitness {fit.score} ({', '.join(f'{k} {v}' for k, v in fit.per_file.items())}): "
+                "ranked last (-inf); NaN weights or a user function returning NaN are the usual causes"
+            )
+            fit = Fitness(
+                -math.inf,
+                {k: (v if math.isfinite(v) else -math.inf) for k, v in fit.per_file.items()},
+                scored=fit.scored,
+                total=fit.total,
+            )
         return fit
 
     def rival(self, outcomes: dict[str, str] | None, score: float) -> Rival | None:
@@ -153,7 +170,9 @@ class Run:
         config = self.cfg.result_options()
         if not self.cfg.resume:
             adapting = adaptation.get(self.cfg.adapt).trial is not None
-            return RunState(config=config, control=[[self.cfg.F, self.cfg.CR] for _ in range(self.n)] if adapting else None)
+            return RunState(
+                config=config, control=[[self.cfg.F, self.cfg.CR] for _ in range(self.n)] if adapting else None
+            )
         state = self.checkpoint.resume(config, self.pop, cleanup=self.ranks.is_main)
         self.sync(range(self.n))
         return state
@@ -176,11 +195,19 @@ class Run:
         cfg, ranks, mode = self.cfg, self.ranks, self.mode
         self.state = state = self._state()
         total = mode.evaluations(cfg.generations, cfg.schedule == "synchronous")
-        self.bar = bar = tqdm(total=total, initial=min(state.evaluations, total), desc="evolve", unit="eval",
-                              file=sys.stderr, disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0" or not ranks.is_main)
+        self.bar = bar = tqdm(
+            total=total,
+            initial=min(state.evaluations, total),
+            desc="evolve",
+            unit="eval",
+            file=sys.stderr,
+            disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0" or not ranks.is_main,
+        )
         if state.generation == 0:  # the initial population's fitness
             mode.score_initial(state, bar.update)
-            state.evaluations = mode.initial_evaluations()  # not bar.n: a disabled bar (EVOLVER_PROGRESS=0) counts nothing
+            state.evaluations = (
+                mode.initial_evaluations()
+            )  # not bar.n: a disabled bar (EVOLVER_PROGRESS=0) counts nothing
             state.history.append(self._history_entry(state, 0, []))
             state.generation = 1
             self._save(state, [])
@@ -210,7 +237,10 @@ class Run:
                 bar.set_postfix(gen=g, best=f"{mode.best(state):.4f}", **self._examples_postfix(state))
             changed = []
             if cfg.schedule == "synchronous":
-                state.pending, state.pending_per_file = ranks.gather(state.pending), ranks.gather(state.pending_per_file)
+                state.pending, state.pending_per_file = (
+                    ranks.gather(state.pending),
+                    ranks.gather(state.pending_per_file),
+                )
                 state.pending_outcomes = ranks.gather(state.pending_outcomes)
                 changed = state.accepted_now = mode.end_synchronous(state, g, bar.update)
                 self.adopt(state, g, changed)
@@ -218,10 +248,18 @@ class Run:
             entry = self._history_entry(state, g, sorted(state.accepted_now))
             state.history.append(entry)
             per_file = ", ".join(f"{name} {score:.4f}" for name, score in entry["per_file"].items())
-            self.log(f"generation {g}: fitness {mode.describe(state)}, accepted {entry['accepted']}; "
-                     f"{'merged' if mode.merges else 'best'} model per dev file: {per_file}; "
-                     f"examples scored {entry['examples_scored']} of {entry['examples_full']}")
-            state.generation, state.position, state.pending, state.pending_per_file, state.accepted_now = g + 1, 0, {}, {}, []
+            self.log(
+                f"generation {g}: fitness {mode.describe(state)}, accepted {entry['accepted']}; "
+                f"{'merged' if mode.merges else 'best'} model per dev file: {per_file}; "
+                f"examples scored {entry['examples_scored']} of {entry['examples_full']}"
+            )
+            state.generation, state.position, state.pending, state.pending_per_file, state.accepted_now = (
+                g + 1,
+                0,
+                {},
+                {},
+                [],
+            )
             state.pending_outcomes = {}
             self._save(state, changed)
         bar.close()
@@ -239,9 +277,14 @@ class Run:
         (every rank's; the counters restart for the next generation)."""
         counts = self.ranks.gather({self.ranks.rank: (state.examples_scored, state.examples_full)})
         state.examples_scored = state.examples_full = 0
-        entry = {"generation": generation, "population_fitness": self.mode.population_fitness(state),
-                 "accepted": accepted, "per_file": self.mode.per_file(state),
-                 "examples_scored": sum(c[0] for c in counts.values()), "examples_full": sum(c[1] for c in counts.values())}
+        entry = {
+            "generation": generation,
+            "population_fitness": self.mode.population_fitness(state),
+            "accepted": accepted,
+            "per_file": self.mode.per_file(state),
+            "examples_scored": sum(c[0] for c in counts.values()),
+            "examples_full": sum(c[1] for c in counts.values()),
+        }
         if state.control is not None:  # --adapt: each individual's F and CR after the generation
             entry["F"], entry["CR"] = [c[0] for c in state.control], [c[1] for c in state.control]
         return entry

@@ -40,7 +40,9 @@ def check_checkpoint(cfg: EvolveConfig) -> Checkpoint:
     if checkpoint.finished():
         raise ConfigError(f"--out {cfg.out} holds a finished run (its outputs are there): choose another --out")
     if checkpoint.exists() and not cfg.resume:
-        raise ConfigError(f"--out {cfg.out} holds a checkpointed run: pass --resume to continue it, or choose another --out")
+        raise ConfigError(
+            f"--out {cfg.out} holds a checkpointed run: pass --resume to continue it, or choose another --out"
+        )
     if cfg.resume and not checkpoint.exists():
         raise ConfigError(f"--resume: no checkpoint in {cfg.out}")
     return checkpoint
@@ -53,6 +55,7 @@ def dry_run(cfg: EvolveConfig, log=print) -> None:
     ranks = Ranks()
     tmp = tempfile.mkdtemp(prefix="evolver-dry-run-")
     try:
+
         def files_of(option, model_dir):
             return weight_files(model_dir, option, cfg.allow_pickle, tmp, ranks)
 
@@ -87,8 +90,9 @@ def start(cfg: EvolveConfig, log) -> Setup:
     cuda = cfg.device.startswith("cuda") if cfg.device else torch.cuda.is_available()
     ranks = Ranks.from_env("cuda" if cuda else "cpu")
     if ranks.enabled and cfg.schedule != "synchronous":
-        raise ConfigError(f"{ranks.world} ranks need --schedule synchronous (the sequential schedule is "
-                          "serial by definition)")
+        raise ConfigError(
+            f"{ranks.world} ranks need --schedule synchronous (the sequential schedule is serial by definition)"
+        )
     out_dir = None
     if ranks.is_main:  # claimed before anything is written (conversions, checkpoints, scratch)
         out_dir = rundir.OutputDir.claim(cfg.out, "evolve", input_paths(cfg))
@@ -137,9 +141,17 @@ def build_storage(setup: Setup) -> Storage:
     node = scratch = pop = None
 
     def make(root: str | None, writes: bool = True):
-        return make_population(cfg.population_on, inputs.layout, inputs.files, list(cfg.models), device,
-                               disk_dir=root if on_disk else None, extra=inputs.n - n_models,
-                               shared_dir=root if node is not None and not on_disk else None, writes=writes)
+        return make_population(
+            cfg.population_on,
+            inputs.layout,
+            inputs.files,
+            list(cfg.models),
+            device,
+            disk_dir=root if on_disk else None,
+            extra=inputs.n - n_models,
+            shared_dir=root if node is not None and not on_disk else None,
+            writes=writes,
+        )
 
     try:
         if ranks.node_writer:  # shared-memory populations of killed runs (no live writer holds their lock)
@@ -155,8 +167,9 @@ def build_storage(setup: Setup) -> Storage:
         inputs.placement.bind(inputs.model, arena, inputs.files[0])
         base = None
         if cfg.base_model:
-            base = model_io.load_model_arena(inputs.layout, inputs.base_files, f"--base-model {cfg.base_model}",
-                                             inputs.placement.arena())
+            base = model_io.load_model_arena(
+                inputs.layout, inputs.base_files, f"--base-model {cfg.base_model}", inputs.placement.arena()
+            )
         pipeline = WeightPipeline(pop, device, chunk=cfg.chunk_elements, backend=cfg.backend)
     except BaseException:
         if pop is not None:

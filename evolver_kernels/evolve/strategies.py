@@ -63,18 +63,31 @@ def names() -> list[str]:
     return list(STRATEGIES)
 
 
-register(Strategy(
-    name="evolver", partners=1, roles=lambda i, picks: (i, picks[0], i),
-    summary="x_i + F (x_r - x_i): what the Evolver reference code runs (reads 2 tensors)",
-))
-register(Strategy(
-    name="rand/1", partners=3, roles=lambda i, picks: (picks[0], picks[1], picks[2]),
-    summary="x_r1 + F (x_r2 - x_r3): classic DE",
-))
-register(Strategy(
-    name="best/1", partners=2, uses_best=True, roles=lambda i, picks: (picks[0], picks[1], picks[2]),
-    summary="x_best + F (x_r1 - x_r2), r1 and r2 other than i and the best",
-))
+register(
+    Strategy(
+        name="evolver",
+        partners=1,
+        roles=lambda i, picks: (i, picks[0], i),
+        summary="x_i + F (x_r - x_i): what the Evolver reference code runs (reads 2 tensors)",
+    )
+)
+register(
+    Strategy(
+        name="rand/1",
+        partners=3,
+        roles=lambda i, picks: (picks[0], picks[1], picks[2]),
+        summary="x_r1 + F (x_r2 - x_r3): classic DE",
+    )
+)
+register(
+    Strategy(
+        name="best/1",
+        partners=2,
+        uses_best=True,
+        roles=lambda i, picks: (picks[0], picks[1], picks[2]),
+        summary="x_best + F (x_r1 - x_r2), r1 and r2 other than i and the best",
+    )
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +111,9 @@ def best_index(fitness: list[float]) -> int:
     return max(range(len(fitness)), key=lambda k: (fitness[k], -k))
 
 
-def offspring_spec(strategy: str, F: float, CR: float, run_seed: int, n: int, generation: int, i: int,
-                   fitness: list[float] | None) -> OffspringSpec:
+def offspring_spec(
+    strategy: str, F: float, CR: float, run_seed: int, n: int, generation: int, i: int, fitness: list[float] | None
+) -> OffspringSpec:
     """The offspring of individual i in `generation` (docs/ARCHITECTURE.md §2): partners are the first of
     random_order(run_seed, n, generation, i) other than i (and the best), the crossover seed is
     derive_seed(run_seed, generation, i, PURPOSE_OFFSPRING)."""

@@ -22,8 +22,16 @@ from evolver_kernels.errors import ArgumentError
 from evolver_kernels.storage.arena import Arena, Layout, load_into, resolve_names, tensor_index
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "added_tokens.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "added_tokens.json",
 )
 
 
@@ -40,7 +48,9 @@ def load_config(model_dir: str):
     if not isinstance(raw, dict):
         raise ArgumentError("model_dir", f"{model_dir}: config.json is not a JSON object")
     if raw.get("auto_map"):
-        raise ArgumentError("model_dir", f"{model_dir}: the model needs remote code (auto_map in config.json), which is never run")
+        raise ArgumentError(
+            "model_dir", f"{model_dir}: the model needs remote code (auto_map in config.json), which is never run"
+        )
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
@@ -99,7 +109,9 @@ def load_checkpoint_buffers(model: torch.nn.Module, files: list[str]) -> None:
                 buf.copy_(f.get_tensor(name))
 
 
-def attach_arena(model: torch.nn.Module, arena: Arena, files: list[str], device: torch.device | str = "cpu") -> torch.nn.Module:
+def attach_arena(
+    model: torch.nn.Module, arena: Arena, files: list[str], device: torch.device | str = "cpu"
+) -> torch.nn.Module:
     """Makes an empty_model() evaluable: parameters become views into `arena`, buffers stored in the
     checkpoint `files` are loaded, and the model moves to `device` (the arena's device for its parameters)."""
     if Layout.of_model(model).fingerprint() != arena.layout.fingerprint():
@@ -119,8 +131,10 @@ def conversion_key(model_dir: str) -> str:
     import hashlib
 
     real = os.path.realpath(model_dir)
-    stamp = [real] + [f"{n}:{os.stat(os.path.join(real, n)).st_size}:{os.stat(os.path.join(real, n)).st_mtime_ns}"
-                      for n in _pickle_files(real)]
+    stamp = [real] + [
+        f"{n}:{os.stat(os.path.join(real, n)).st_size}:{os.stat(os.path.join(real, n)).st_mtime_ns}"
+        for n in _pickle_files(real)
+    ]
     digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
     return f"{os.path.basename(real) or 'model'}-{digest}"
 
@@ -143,8 +157,10 @@ def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ArgumentError("model_dir", f"{model_dir}: {name} is not a plain tensor checkpoint, refused without "
-                            f"running it ({reason[:200]})") from None
+            raise ArgumentError(
+                "model_dir",
+                f"{model_dir}: {name} is not a plain tensor checkpoint, refused without running it ({reason[:200]})",
+            ) from None
         if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
             raise ArgumentError("model_dir", f"{model_dir}: {name} does not hold a dictionary of tensors")
         state.update(loaded)
@@ -164,14 +180,26 @@ def convert_pickle_weights(model_dir: str, dest_dir: str) -> str:
 
 # torch dtype -> the dtype name in a safetensors header
 SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
-def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                      tensor_for: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None,
-                      written: Callable[[str], None] | None = None) -> None:
+def write_safetensors(
+    path: str,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensor_for: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    written: Callable[[str], None] | None = None,
+) -> None:
     """Writes a safetensors file whose tensors are `specs` (name, dtype, shape), in that order, asking
     tensor_for(name) for one tensor at a time and writing its bytes as they are: host memory holds one tensor,
     where safetensors' save_file holds every tensor of the file and a serialised copy of them. written(name),
@@ -197,9 +225,13 @@ def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, 
                 written(name)
 
 
-def write_shards(out_dir: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 tensor_for: Callable[[str], torch.Tensor], shard_bytes: int = 2 << 30,
-                 written: Callable[[str], None] | None = None) -> list[str]:
+def write_shards(
+    out_dir: str,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensor_for: Callable[[str], torch.Tensor],
+    shard_bytes: int = 2 << 30,
+    written: Callable[[str], None] | None = None,
+) -> list[str]:
     """Writes the tensors `specs` (name, dtype, shape) as model.safetensors, or as shards of at most
     `shard_bytes` (planned from the specs, in their order) with model.safetensors.index.json; each shard through
     a temporary name (removed on failure) and write_safetensors (with `written`), one tensor in memory at a
@@ -238,6 +270,7 @@ def write_shards(out_dir: str, specs: list[tuple[str, torch.dtype, tuple[int, ..
 def output_tensors(arena: Arena, evolved: dict, index: dict, dtype: torch.dtype | None):
     """key -> the tensor an output writes under that name: the arena's entry evolved[key], else the tensor
     from its safetensors file (index: tensor_index); floating-point ones cast to `dtype` when given."""
+
     def tensor_for(key: str) -> torch.Tensor:
         if key in evolved:
             t = arena.view(evolved[key]).detach()
@@ -252,6 +285,7 @@ def output_tensors(arena: Arena, evolved: dict, index: dict, dtype: torch.dtype 
 def discard_written(arena: Arena, evolved: dict) -> Callable[[str], None]:
     """The writers' `written` hook for an output of `arena` (evolved: key -> entry): each entry's disk blocks
     given back once its tensor is in the output (a no-op for an arena in memory)."""
+
     def written(key: str) -> None:
         if key in evolved:
             arena.discard(evolved[key])
@@ -259,8 +293,15 @@ def discard_written(arena: Arena, evolved: dict) -> Callable[[str], None]:
     return written
 
 
-def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, shard_bytes: int = 2 << 30,
-               dtype: torch.dtype | None = None, discard: bool = False) -> list[str]:
+def save_model(
+    arena: Arena,
+    src_dir: str,
+    src_files: list[str],
+    out_dir: str,
+    shard_bytes: int = 2 << 30,
+    dtype: torch.dtype | None = None,
+    discard: bool = False,
+) -> list[str]:
     """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
     source's buffers, config, generation config and tokenizer files. With `dtype`, every floating-point
     tensor is cast to it (one rounding from the arena's values) and config.json says so. With `discard` the
@@ -274,10 +315,12 @@ def save_model(arena: Arena, src_dir: str, src_files: list[str], out_dir: str, s
     names = [k for k in sorted(index) if k not in tied]
 
     tensor_for = output_tensors(arena, evolved, index, dtype)
-    specs = [(k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2])
-             for k in names]
-    paths = write_shards(out_dir, specs, tensor_for, shard_bytes,
-                         written=discard_written(arena, evolved) if discard else None)
+    specs = [
+        (k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2]) for k in names
+    ]
+    paths = write_shards(
+        out_dir, specs, tensor_for, shard_bytes, written=discard_written(arena, evolved) if discard else None
+    )
     for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):
@@ -308,8 +351,9 @@ def device_for(name: str, device_map: dict[str, str]) -> str:
     return best
 
 
-def place_model(model: torch.nn.Module, arena: Arena, files: list[str], device_map: dict[str, str],
-                main_device: torch.device) -> torch.nn.Module:
+def place_model(
+    model: torch.nn.Module, arena: Arena, files: list[str], device_map: dict[str, str], main_device: torch.device
+) -> torch.nn.Module:
     """Makes an empty_model() evaluable over several devices: parameters become views into the placed
     `arena` (each on the device the map gives its module), buffers follow their modules, and accelerate's
     hooks move activations to each placed module's device and the outputs back to `main_device`."""

@@ -17,8 +17,7 @@ import re
 from evolver_kernels.errors import ArgumentError
 from evolver_kernels.io.model_io import TOKENIZER_FILES
 
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             *TOKENIZER_FILES]
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -57,8 +56,9 @@ def resolve(ref: str) -> str:
     repo, _, revision = ref.partition("@")
     cache = hub_cache()
     try:
-        return snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=offline(),
-                                 allow_patterns=HUB_FILES)
+        return snapshot_download(
+            repo, revision=revision or None, cache_dir=cache, local_files_only=offline(), allow_patterns=HUB_FILES
+        )
     except LocalEntryNotFoundError:
         why = "offline (HF_HUB_OFFLINE=1)" if offline() else "and the Hub could not be reached"
         raise ArgumentError("model_dir", f"{ref}: not in the Hugging Face cache {cache}, {why}") from None

@@ -62,11 +62,15 @@ def check_not_an_input(option: str, path: str, inputs: list[tuple[str, str]]) ->
             continue
         source = _real(input_path)
         if where == source:
-            raise UserError(f"{option} {path} is the {input_option} input {input_path}: choose a new directory "
-                            "(a run never writes into its inputs)")
+            raise UserError(
+                f"{option} {path} is the {input_option} input {input_path}: choose a new directory "
+                "(a run never writes into its inputs)"
+            )
         if _inside(where, source):
-            raise UserError(f"{option} {path} is inside the {input_option} input {input_path}: choose a directory "
-                            "outside it (a run never writes into its inputs)")
+            raise UserError(
+                f"{option} {path} is inside the {input_option} input {input_path}: choose a directory "
+                "outside it (a run never writes into its inputs)"
+            )
         if _inside(source, where):
             raise UserError(f"{option} {path} contains the {input_option} input {input_path}: choose a new directory")
 
@@ -120,10 +124,14 @@ def check_out(out: str, tool: str, inputs: list[tuple[str, str]], option: str = 
     if os.path.isdir(out) and set(os.listdir(out)) - {LOCK, MARKER + ".tmp"}:
         made_by = owner(out)
         if made_by is None:
-            raise UserError(f"{option} {out} is not empty and was not written by evolver-kernels: choose a new or "
-                            "empty directory (nothing in it is ever overwritten)")
+            raise UserError(
+                f"{option} {out} is not empty and was not written by evolver-kernels: choose a new or "
+                "empty directory (nothing in it is ever overwritten)"
+            )
         if made_by != tool:
-            raise UserError(f"{option} {out} holds the output of `{made_by}`, not of `{tool}`: choose another directory")
+            raise UserError(
+                f"{option} {out} holds the output of `{made_by}`, not of `{tool}`: choose another directory"
+            )
 
 
 class Locked:
@@ -143,8 +151,10 @@ class Locked:
                     holder = f.read().strip()
             except OSError:
                 pass
-            raise UserError(f"{what} is in use by another run{f' ({holder})' if holder else ''}: wait for it to "
-                            "end or choose another directory") from None
+            raise UserError(
+                f"{what} is in use by another run{f' ({holder})' if holder else ''}: wait for it to "
+                "end or choose another directory"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self.fd: int | None = fd

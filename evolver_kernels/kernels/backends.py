@@ -176,7 +176,10 @@ def warn_slower(device: torch.device, best: str, used: str) -> None:
         f"running the {used} backend instead, {COST.get((device.type, used), 'slower')}. Fix: install a C++ "
         "compiler (and the CUDA toolkit for the cuda backend) so the kernels compile at first use, or reinstall "
         "with `pip install --no-build-isolation .` against this torch; `python -m evolver_kernels.env` shows "
-        "every backend and why", SlowBackendWarning, stacklevel=3)
+        "every backend and why",
+        SlowBackendWarning,
+        stacklevel=3,
+    )
 
 
 def device_backends(devices, backend: str | None = None) -> dict[str, str]:

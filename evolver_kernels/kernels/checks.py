@@ -120,5 +120,3 @@ def check_reals(name: str, values, n: int, *, minimum: float | None = None, boun
             raise ValueError(f"{name}[{k}] must be finite in float32{bound}, got {v}")
         out.append(v)
     return out
-
-

@@ -67,8 +67,10 @@ class MergeParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.xs, (list, tuple)) or not 1 <= len(self.xs) <= MAX_MERGE_INPUTS:
-            raise ValueError(f"xs must be a list of 1 to {MAX_MERGE_INPUTS} tensors, got "
-                             f"{len(self.xs) if isinstance(self.xs, (list, tuple)) else type(self.xs).__name__}")
+            raise ValueError(
+                f"xs must be a list of 1 to {MAX_MERGE_INPUTS} tensors, got "
+                f"{len(self.xs) if isinstance(self.xs, (list, tuple)) else type(self.xs).__name__}"
+            )
         self.xs = list(self.xs)
         n = len(self.xs)
         check_tensor("xs[0]", self.xs[0], None)
@@ -82,20 +84,36 @@ class MergeParams:
             self.nearswap_t = as_real("nearswap_t", self.nearswap_t)
             if not math.isfinite(self.nearswap_t) or abs(self.nearswap_t) > FP32_MAX:
                 raise ValueError(f"nearswap_t must be finite in float32, got {self.nearswap_t}")
-            others = [name for name, given in (("weights", self.weights != [1.0] * n), ("fisher", self.fisher is not None),
-                                               ("drop_thresholds", self.drop_thresholds is not None),
-                                               ("trim", self.trim is not None), ("top", self.top is not None),
-                                               ("elect", bool(self.elect)), ("select", self.select is not None),
-                                               ("drop_p", self.drop_p != 0.0), ("scale", self.scale != 1.0)) if given]
+            others = [
+                name
+                for name, given in (
+                    ("weights", self.weights != [1.0] * n),
+                    ("fisher", self.fisher is not None),
+                    ("drop_thresholds", self.drop_thresholds is not None),
+                    ("trim", self.trim is not None),
+                    ("top", self.top is not None),
+                    ("elect", bool(self.elect)),
+                    ("select", self.select is not None),
+                    ("drop_p", self.drop_p != 0.0),
+                    ("scale", self.scale != 1.0),
+                )
+                if given
+            ]
             if n != 1 or self.base is None or others:
-                raise ValueError("nearswap_t merges exactly one model into base and takes no other option"
-                                 + (f" (got {', '.join(others)})" if others else f" (got {n} models"
-                                    + (", no base)" if self.base is None else ")")))
+                raise ValueError(
+                    "nearswap_t merges exactly one model into base and takes no other option"
+                    + (
+                        f" (got {', '.join(others)})"
+                        if others
+                        else f" (got {n} models" + (", no base)" if self.base is None else ")")
+                    )
+                )
         self.elect = self.trim is not None if self.elect is None else bool(self.elect)
         if self.fisher is not None:
             if self.elect:
-                raise ValueError("fisher and TIES' election (trim, elect) cannot be combined (Fisher merging is a "
-                                 "weighted average)")
+                raise ValueError(
+                    "fisher and TIES' election (trim, elect) cannot be combined (Fisher merging is a weighted average)"
+                )
             if not isinstance(self.fisher, (list, tuple)) or len(self.fisher) != n:
                 raise ValueError(f"fisher must be a list of {n} float32 tensors (one per model)")
             self.fisher = list(self.fisher)
@@ -139,14 +157,17 @@ class MergeParams:
                 if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
                     raise TypeError(f"drop_thresholds[{k}] must be an int64 tensor or None")
                 if t.numel() != like.numel() or t.device != like.device or not t.is_contiguous():
-                    raise ValueError(f"drop_thresholds[{k}] must be contiguous, {like.numel()} elements on {like.device}")
-            self.drop_rescales = check_reals("drop_rescales", [1.0] * n if self.drop_rescales is None else self.drop_rescales, n)
+                    raise ValueError(
+                        f"drop_thresholds[{k}] must be contiguous, {like.numel()} elements on {like.device}"
+                    )
+            self.drop_rescales = check_reals(
+                "drop_rescales", [1.0] * n if self.drop_rescales is None else self.drop_rescales, n
+            )
         elif self.drop_rescales is not None:
             raise ValueError("drop_rescales scales the survivors of drop_thresholds: give drop_thresholds")
         self.seed, self.stream, self.offset = check_stream(self.seed, self.stream, self.offset, like.numel())
         if self.stream + n > INDEX_LIMIT:
             raise ValueError(f"stream + len(xs) must stay below 2**62, got {self.stream} + {n}")
-
 
     # -- what the backends take beyond the options --------------------------------------------------------
     @property
@@ -177,11 +198,27 @@ class MergeParams:
         """The compiled op's arguments by the names of its schema (csrc/ops.cpp)."""
         n = len(self.xs)
         return dict(
-            xs=self.xs, base=self.base, fisher=self.fisher or [], weights=self.weights,
-            trim=self.trim if self.trim is not None else [0.0] * n, top=self.top if self.top is not None else [0.0] * n,
-            elect_weights=self.elect_weights if self.elect_weights is not None else self.weights, scale=self.scale,
-            rescale=self.rescale, drop_threshold=self.drop_threshold, drop_thresholds=self.drop_thresholds or [],
-            drop_rescales=self.drop_rescales or [1.0] * n, band=self.band, has_top=self.top is not None,
-            ties=self.elect, select=self.select, normalize=bool(self.normalize), min_den=self.min_den,
-            nearswap_t=self.nearswap_t, seed=to_int64(self.seed), stream=to_int64(self.stream), offset=self.offset,
-            out=out)
+            xs=self.xs,
+            base=self.base,
+            fisher=self.fisher or [],
+            weights=self.weights,
+            trim=self.trim if self.trim is not None else [0.0] * n,
+            top=self.top if self.top is not None else [0.0] * n,
+            elect_weights=self.elect_weights if self.elect_weights is not None else self.weights,
+            scale=self.scale,
+            rescale=self.rescale,
+            drop_threshold=self.drop_threshold,
+            drop_thresholds=self.drop_thresholds or [],
+            drop_rescales=self.drop_rescales or [1.0] * n,
+            band=self.band,
+            has_top=self.top is not None,
+            ties=self.elect,
+            select=self.select,
+            normalize=bool(self.normalize),
+            min_den=self.min_den,
+            nearswap_t=self.nearswap_t,
+            seed=to_int64(self.seed),
+            stream=to_int64(self.stream),
+            offset=self.offset,
+            out=out,
+        )

@@ -136,8 +136,9 @@ def available_backends(device: torch.device | str) -> list[str]:
     return backends.available_backends(device)
 
 
-def merge_tensors(xs: list[torch.Tensor], *, out: torch.Tensor | None = None, backend: str | None = None,
-                  **options) -> torch.Tensor:
+def merge_tensors(
+    xs: list[torch.Tensor], *, out: torch.Tensor | None = None, backend: str | None = None, **options
+) -> torch.Tensor:
     """Fused merge of n models' tensors in one pass: each input read once (twice for TIES on a GPU, from
     cache), the output written once, no stacking and no mask tensors.
 

@@ -41,9 +41,9 @@ def de_mutate_crossover_reference(
     Unselected elements are copied bit for bit (the select runs on integer views, so NaN payloads
     and -0.0 survive). Returns a new tensor, or writes into `out` when given.
     """
-    mask = crossover_mask_reference(
-        x.numel(), CR=CR, seed=seed, stream=stream, offset=offset, device=x.device
-    ).view(x.shape)
+    mask = crossover_mask_reference(x.numel(), CR=CR, seed=seed, stream=stream, offset=offset, device=x.device).view(
+        x.shape
+    )
     f32 = torch.tensor(F, dtype=torch.float32, device=x.device)  # F rounded to fp32 once, as the kernels do
     mutant = (base.float() + f32 * (a.float() - b.float())).to(x.dtype)
     bits = _BITS_DTYPE[x.dtype]
@@ -130,8 +130,9 @@ def merge_reference(
         if b is not None:
             v = v - b
         if drop_p > 0:
-            dropped = crossover_mask_reference(x.numel(), CR=drop_p, seed=seed, stream=stream + k, offset=offset,
-                                               device=device).view(x.shape)
+            dropped = crossover_mask_reference(
+                x.numel(), CR=drop_p, seed=seed, stream=stream + k, offset=offset, device=device
+            ).view(x.shape)
             v = torch.where(dropped, torch.zeros((), dtype=f32, device=device), v * rescale)
         if drop_thresholds is not None and drop_thresholds[k] is not None:
             words = random_words(x.numel(), seed=seed, stream=stream + k, offset=offset, device=device)
@@ -212,8 +213,15 @@ def variance_reference(vs: list[torch.Tensor]) -> torch.Tensor:
     return q / n
 
 
-def naive_merge(xs: list[torch.Tensor], *, weights: list[float], base: torch.Tensor | None = None,
-                density: float | None = None, drop_p: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+def naive_merge(
+    xs: list[torch.Tensor],
+    *,
+    weights: list[float],
+    base: torch.Tensor | None = None,
+    density: float | None = None,
+    drop_p: float = 0.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """What merging tools do (mergekit's generalized task arithmetic, peft's merge_utils): stack the task
     vectors, a full-size torch.bernoulli mask for DARE, top-k by sorting for TIES. For benchmarks."""
     stacked = torch.stack(xs)

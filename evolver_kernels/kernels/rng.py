@@ -119,6 +119,8 @@ def random_order(run_seed: int, n: int, *path: int) -> list[int]:
     counter = list(path) + [0] * (2 - len(path))
     k = torch.arange(n, dtype=torch.int64)
     zeros = torch.zeros(n, dtype=torch.int64)
-    w = philox4x32_10(zeros + counter[0], zeros + counter[1], k, zeros + STREAM_ORDER, run_seed & MASK32, run_seed >> 32)
+    w = philox4x32_10(
+        zeros + counter[0], zeros + counter[1], k, zeros + STREAM_ORDER, run_seed & MASK32, run_seed >> 32
+    )
     keys = [(int(w[0][j]) << 32 | int(w[1][j]), j) for j in range(n)]
     return [j for _, j in sorted(keys)]

@@ -57,11 +57,13 @@ from evolver_kernels.merge.run import run
 FLAGS = {"model_dir": "--models", "path": "--dev", "task": "--task", "metric": "--metric"}
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags, built now from the registry (methods registered after import are included)."""
-    parser = argparse.ArgumentParser(prog="python -m evolver_kernels.merge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m evolver_kernels.merge",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="mergekit-style YAML (flags below override it)")
     names = [name for m in methods.METHODS.values() for name in (m.name, *m.aliases)]
     parser.add_argument("--method", choices=names, help="merge method (default: average)")
@@ -72,18 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dev", nargs="+", help="methods with statistics: dev data files (JSONL, CSV/TSV)")
     parser.add_argument("--task", help="methods with statistics: task of the dev data (default: from the architecture)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the output's tensors (default: the models')")
-    parser.add_argument("--population-on", choices=POPULATION_ON, default="mapped",
-                        help="mapped (default): read the models' files in place through read-only memory maps; "
-                             "cpu: load them into host memory; disk: copy them into a scratch directory under --out "
-                             "(the merged tensors are held in a file there with every choice)")
+    parser.add_argument(
+        "--population-on",
+        choices=POPULATION_ON,
+        default="mapped",
+        help="mapped (default): read the models' files in place through read-only memory maps; "
+        "cpu: load them into host memory; disk: copy them into a scratch directory under --out "
+        "(the merged tensors are held in a file there with every choice)",
+    )
     parser.add_argument("--out", required=True, help="output model directory (new, empty, or an earlier merge's)")
     group = parser.add_argument_group("method parameters (evolver_kernels/methods/)")
     for name, p in methods.all_params().items():
         users = ", ".join(m.name for m in methods.METHODS.values() if m.param(name) is not None)
-        group.add_argument(flag(name), dest=f"param:{name}", type=p.type, nargs="+" if p.per_model else None,
-                           metavar=name.upper(), help=f"{p.help}; used by {users}; values: {p.range_text()}"
-                                                       f"{' (one, or one per model)' if p.per_model else ''} (default {p.default})")
+        group.add_argument(
+            flag(name),
+            dest=f"param:{name}",
+            type=p.type,
+            nargs="+" if p.per_model else None,
+            metavar=name.upper(),
+            help=f"{p.help}; used by {users}; values: {p.range_text()}"
+            f"{' (one, or one per model)' if p.per_model else ''} (default {p.default})",
+        )
     return parser
+
 
 def parse_args(argv: list[str] | None = None) -> MergeSpec:
     args = vars(build_parser().parse_args(argv))
@@ -102,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> MergeSpec:
     spec.out, spec.population_on = args["out"], args["population_on"]
     return spec
 
+
 def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv), log=lambda m: print(m, file=sys.stderr))
@@ -109,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe_error(err, flags=FLAGS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: run the command again (it replaces only the files a merge writes in --out)",
-              file=sys.stderr)
+        print(
+            "interrupted: run the command again (it replaces only the files a merge writes in --out)", file=sys.stderr
+        )
         return 130
     return 0
-

@@ -15,16 +15,27 @@ from evolver_kernels.io.jsonio import load_yaml_mapping
 from evolver_kernels.methods.settings import check_setting
 
 POPULATION_ON = ("mapped", "cpu", "disk")  # where the merge CLI's models are read from (see the docstring)
-YAML_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "dev")
+YAML_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "dev",
+)
 RUN_PARAMETERS = {"seed": int, "task": str}  # `parameters:` keys that are options of the run, not of a method
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT = methods.Param("weight", float, 1.0, "", low=0.0, per_model=True)
 # mergekit parameters that never change a value (int8_mask: the dtype of its masks) or whose only value read is
 # the one our method has (normalize: linear divides by the weights; the task-vector methods take it as a parameter)
-MERGEKIT_ONLY = {"int8_mask": None,
-                 "normalize": {"average": True},
-                 "rescale": {"breadcrumbs": False, "breadcrumbs_ties": False}}
+MERGEKIT_ONLY = {
+    "int8_mask": None,
+    "normalize": {"average": True},
+    "rescale": {"breadcrumbs": False, "breadcrumbs_ties": False},
+}
 # mergekit keys not read, with what to do instead
 REFUSED_KEYS = {
     "modules": "give models: or slices: (one module)",
@@ -35,9 +46,9 @@ SLICE_KEYS = ("sources", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 
 
-
 class MergeConfigError(UserError):
     """A merge config or flag that cannot be honoured; the message names the key."""
+
 
 @dataclasses.dataclass
 class Source:
@@ -47,6 +58,7 @@ class Source:
     layers: tuple[int, int] | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     where: str = ""
+
 
 @dataclasses.dataclass
 class Slice:
@@ -60,6 +72,7 @@ class Slice:
     @property
     def length(self) -> int | None:
         return None if self.sources[0].layers is None else self.sources[0].layers[1] - self.sources[0].layers[0]
+
 
 @dataclasses.dataclass
 class MergeSpec:
@@ -87,8 +100,10 @@ class MergeSpec:
     def local(self, ref: str) -> str:
         return self.resolved.get(ref, ref)
 
+
 def flag(param: str) -> str:
     return "--" + param.replace("_", "-")
+
 
 def _parameters(where: str, params, record: methods.MergeMethod, per_model: bool) -> dict[str, Any]:
     """A `parameters:` mapping checked against the method: unknown keys, keys of other methods and global keys
@@ -128,6 +143,7 @@ def _parameters(where: str, params, record: methods.MergeMethod, per_model: bool
         out[p.name] = check_setting(value, p.check, at)
     return out
 
+
 def _mergekit_only(record: methods.MergeMethod, key: str, value: Any, where: str) -> None:
     """mergekit's int8_mask (no effect on values) is accepted; normalize only with the value our method has."""
     table = MERGEKIT_ONLY[key]
@@ -140,8 +156,11 @@ def _mergekit_only(record: methods.MergeMethod, key: str, value: Any, where: str
     except ValueError:
         raise MergeConfigError(f"{where} must be true or false, got {value!r}") from None
     if given != table[record.name]:
-        raise MergeConfigError(f"{where}: {given} is not supported for {record.name} (it always merges with "
-                               f"{key}: {str(table[record.name]).lower()}, mergekit's default)")
+        raise MergeConfigError(
+            f"{where}: {given} is not supported for {record.name} (it always merges with "
+            f"{key}: {str(table[record.name]).lower()}, mergekit's default)"
+        )
+
 
 def _method(raw: dict, method_flag: str | None, where: str) -> methods.MergeMethod:
     method = method_flag or raw.get("merge_method") or "average"
@@ -152,6 +171,7 @@ def _method(raw: dict, method_flag: str | None, where: str) -> methods.MergeMeth
     except UserError as err:
         raise MergeConfigError(f"{where}: merge_method: {err}") from None
 
+
 def _check_keys(raw: dict, where: str) -> None:
     for key in map(str, raw):
         if key in REFUSED_KEYS:
@@ -161,6 +181,7 @@ def _check_keys(raw: dict, where: str) -> None:
         raise MergeConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(YAML_KEYS)})")
     if (raw.get("models") is not None) + (raw.get("slices") is not None) > 1:
         raise MergeConfigError(f"{where}: give models: or slices:, not both")
+
 
 def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
     """A mergekit YAML file as a MergeSpec (out left empty); method_flag (--method) wins over the file."""
@@ -189,8 +210,10 @@ def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
     elif raw.get("slices") is not None:
         _read_slices(spec, raw["slices"], record, where)
     elif "weight" in spec.settings:
-        raise MergeConfigError(f"{where}: parameters: weight is a per-model value (models: - model: PATH, parameters: "
-                               "{weight: W}); give the models in the file")
+        raise MergeConfigError(
+            f"{where}: parameters: weight is a per-model value (models: - model: PATH, parameters: "
+            "{weight: W}); give the models in the file"
+        )
     _read_dtypes(spec, raw, where)
     _read_tokenizer_source(spec, raw, where)
     if raw.get("dev") is not None:
@@ -199,6 +222,7 @@ def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
             raise MergeConfigError(f"{where}: dev must be a list of file paths, got {raw['dev']!r}")
         spec.dev = dev
     return spec
+
 
 def _read_models(spec: MergeSpec, models: Any, record: methods.MergeMethod, where: str) -> None:
     if not isinstance(models, list):
@@ -223,11 +247,14 @@ def _read_models(spec: MergeSpec, models: Any, record: methods.MergeMethod, wher
     elif base is not None:
         spec.base = base.model
 
+
 def _read_slices(spec: MergeSpec, slices: Any, record: methods.MergeMethod, where: str) -> None:
     """mergekit's `slices:`: each a list of `sources` (model, layer_range, parameters) of one length, merged
     layer by layer; the output has the layers of every slice in turn."""
     if not isinstance(slices, list) or not slices:
-        raise MergeConfigError(f"{where}: slices must be a non-empty list of entries (- sources: [...]), got {slices!r}")
+        raise MergeConfigError(
+            f"{where}: slices must be a non-empty list of entries (- sources: [...]), got {slices!r}"
+        )
     spec.slices = []
     for n, entry in enumerate(slices, 1):
         at = f"{where}: slices entry {n}"
@@ -235,25 +262,33 @@ def _read_slices(spec: MergeSpec, slices: Any, record: methods.MergeMethod, wher
             raise MergeConfigError(f"{at}: needs `sources:`, a list of (model, layer_range), got {entry!r}")
         extra = sorted(set(map(str, entry)) - set(SLICE_KEYS))
         if extra:
-            raise MergeConfigError(f"{at}: key(s) {', '.join(extra)} not supported (a slice has sources and parameters)")
+            raise MergeConfigError(
+                f"{at}: key(s) {', '.join(extra)} not supported (a slice has sources and parameters)"
+            )
         sources = [_read_source(src, record, f"{at} sources entry {k}") for k, src in enumerate(entry["sources"], 1)]
         lengths = {s.layers[1] - s.layers[0] for s in sources}
         if len(lengths) > 1:
-            raise MergeConfigError(f"{at}: every source must have as many layers (layer_range lengths {sorted(lengths)})")
+            raise MergeConfigError(
+                f"{at}: every source must have as many layers (layer_range lengths {sorted(lengths)})"
+            )
         base, sources = _place_base(record, spec.base, sources, at, listed_only=True)
         settings = _parameters(f"{at} parameters", entry.get("parameters"), record, per_model=False)
         for key in RUN_PARAMETERS:
             if key in settings:
-                raise MergeConfigError(f"{at} parameters: {key} is an option of the whole merge (top-level parameters:)")
+                raise MergeConfigError(
+                    f"{at} parameters: {key} is an option of the whole merge (top-level parameters:)"
+                )
         spec.slices.append(Slice(sources, base, settings, f"{at} parameters"))
     counts = {len(s.sources) for s in spec.slices}
     if len(counts) > 1 or len({s.base is None for s in spec.slices}) > 1:
-        raise MergeConfigError(f"{where}: slices: every slice must merge as many models (and all or none a base), "
-                               f"got {sorted(counts)}")
+        raise MergeConfigError(
+            f"{where}: slices: every slice must merge as many models (and all or none a base), got {sorted(counts)}"
+        )
     seen = dict.fromkeys(s.model for sl in spec.slices for s in sl.sources)
     spec.models = list(seen)
     if record.yaml_base != "base" or spec.slices[0].base is None:
         spec.base = None
+
 
 def _read_source(entry: Any, record: methods.MergeMethod, at: str) -> Source:
     if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
@@ -262,11 +297,16 @@ def _read_source(entry: Any, record: methods.MergeMethod, at: str) -> Source:
     if extra:
         raise MergeConfigError(f"{at}: unknown key(s) {', '.join(extra)} (a source has {', '.join(SOURCE_KEYS)})")
     layers = entry.get("layer_range")
-    if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
-                                                                     for i in layers) and 0 <= layers[0] < layers[1]):
+    if not (
+        isinstance(layers, list)
+        and len(layers) == 2
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        and 0 <= layers[0] < layers[1]
+    ):
         raise MergeConfigError(f"{at}: layer_range must be [FIRST, END] with 0 <= FIRST < END, got {layers!r}")
     settings = _parameters(f"{at} parameters", entry.get("parameters"), record, per_model=True)
     return Source(entry["model"], (layers[0], layers[1]), settings, f"{at} parameters")
+
 
 def _read_dtypes(spec: MergeSpec, raw: dict, where: str) -> None:
     for key in ("dtype", "out_dtype"):
@@ -275,13 +315,16 @@ def _read_dtypes(spec: MergeSpec, raw: dict, where: str) -> None:
     spec.compute_dtype = raw.get("dtype")
     spec.dtype = raw.get("out_dtype") or raw.get("dtype")  # mergekit: the output stays in dtype without out_dtype
 
+
 def _read_tokenizer_source(spec: MergeSpec, raw: dict, where: str) -> None:
     source = raw.get("tokenizer_source")
     if source is None:
         return
     if source != "base":
-        raise MergeConfigError(f"{where}: tokenizer_source: {source!r} is not supported (give base, the base model's "
-                               "tokenizer, or leave it out for the first model's)")
+        raise MergeConfigError(
+            f"{where}: tokenizer_source: {source!r} is not supported (give base, the base model's "
+            "tokenizer, or leave it out for the first model's)"
+        )
     if raw.get("base_model") is None:
         raise MergeConfigError(f"{where}: tokenizer_source: base needs a base_model")
     spec.tokenizer_from = raw["base_model"]
@@ -293,11 +336,14 @@ def _read_tokenizer_source(spec: MergeSpec, raw: dict, where: str) -> None:
 # them (the flags' dare_linear / dare_ties: DARE's drop_p with the paper's 1 / (1 - p), and ties' trim).
 MERGEKIT_DARE = {"dare_linear": "della_linear", "dare_ties": "della"}
 
+
 def _same_model(a: str, b: str) -> bool:
     return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
 
-def _place_base(record: methods.MergeMethod, base: str | None, sources: list[Source], where: str,
-                listed_only: bool) -> tuple[Source | None, list[Source]]:
+
+def _place_base(
+    record: methods.MergeMethod, base: str | None, sources: list[Source], where: str, listed_only: bool
+) -> tuple[Source | None, list[Source]]:
     """(the base, the merged sources) of a YAML's `models:` (or a slice's `sources:`, listed_only) and
     `base_model:` as mergekit reads them for `record` (MergeMethod.yaml_base): in `models:` mergekit adds a
     base_model that is not listed to the inputs (in a slice it must be listed), and a method then treats it as the
@@ -306,18 +352,25 @@ def _place_base(record: methods.MergeMethod, base: str | None, sources: list[Sou
     listed = [s for s in sources if base is not None and _same_model(s.model, base)]
     others = [s for s in sources if not listed or s not in listed]
     own = listed[0] if listed else None
-    if base is not None and own is None and listed_only and (record.yaml_base == "first" or record.needs_base
-                                                             or record.optional_base):
+    if (
+        base is not None
+        and own is None
+        and listed_only
+        and (record.yaml_base == "first" or record.needs_base or record.optional_base)
+    ):
         raise MergeConfigError(f"{where}: base_model {base} must be one of the slice's sources for {record.name}")
     if own is None and base is not None:
         own = Source(base, None, {}, where)
     if record.yaml_base == "first":
         if base is None:
-            raise MergeConfigError(f"{where}: base_model is required by {record.name}: it is the first of the two "
-                                   "models (t = 0)")
+            raise MergeConfigError(
+                f"{where}: base_model is required by {record.name}: it is the first of the two models (t = 0)"
+            )
         if len(others) != 1:
-            raise MergeConfigError(f"{where}: models: {record.name} interpolates base_model and exactly one other "
-                                   f"model, got {len(others)} others")
+            raise MergeConfigError(
+                f"{where}: models: {record.name} interpolates base_model and exactly one other "
+                f"model, got {len(others)} others"
+            )
         return None, [own, others[0]]
     if base is None:
         return None, sources
@@ -326,6 +379,7 @@ def _place_base(record: methods.MergeMethod, base: str | None, sources: list[Sou
     if record.needs_base or record.optional_base:
         return own, others
     return None, sources
+
 
 def _mentions(raw: dict, key: str) -> bool:
     """`key` among the global, any model's, slice's or source's parameters of a YAML mapping."""

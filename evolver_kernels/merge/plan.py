@@ -34,9 +34,12 @@ def slices_of(spec: MergeSpec) -> list[Slice]:
     if spec.slices is not None:
         return spec.slices
     settings = spec.model_settings if len(spec.model_settings) == len(spec.models) else [{}] * len(spec.models)
-    sources = [Source(m, None, s, f"{spec.where}: models entry {k} parameters")
-               for k, (m, s) in enumerate(zip(spec.models, settings), 1)]
+    sources = [
+        Source(m, None, s, f"{spec.where}: models entry {k} parameters")
+        for k, (m, s) in enumerate(zip(spec.models, settings), 1)
+    ]
     return [Slice(sources, Source(spec.base) if spec.base else None)]
+
 
 def check(spec: MergeSpec) -> methods.MergeMethod:
     """Everything checkable before loading."""
@@ -63,7 +66,9 @@ def check(spec: MergeSpec) -> methods.MergeMethod:
         role = "its first model is mergekit's base_model" if record.yaml_base == "first" else "a base has no role in it"
         raise MergeConfigError(f"--base does not apply to {record.name} ({role}): give the models to merge in --models")
     if record.needs_base and slices[0].base is None:
-        raise MergeConfigError(f"{record.name} needs a base model (--base or base_model:), the common ancestor of the models")
+        raise MergeConfigError(
+            f"{record.name} needs a base model (--base or base_model:), the common ancestor of the models"
+        )
     if record.statistics is not None and not spec.dev:
         raise MergeConfigError(f"{record.name} estimates statistics on data: give --dev files (or dev: in the YAML)")
     for path in spec.dev:
@@ -75,6 +80,7 @@ def check(spec: MergeSpec) -> methods.MergeMethod:
             raise MergeConfigError(f"{flag(p.name)}: {len(settings[p.name])} values given for {n} models")
     return record
 
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     """Where an output tensor comes from: its slice, its t (the position of its layer in the slice, for
@@ -85,8 +91,10 @@ class Route:
     layers: tuple[int | None, ...]
     base_layer: int | None = None
 
+
 def input_name(name: str, layer: int | None) -> str:
     return name if layer is None or layer_index(name) is None else with_layer(name, layer)
+
 
 def routes_of(layout: Layout, order: list[str], slices: list[Slice], num_layers: int) -> dict[str, Route]:
     """mergekit's plan: output layer j is layer idx of its slice, read from layer
@@ -111,12 +119,15 @@ def routes_of(layout: Layout, order: list[str], slices: list[Slice], num_layers:
         def layer(src: Source | None, idx=idx) -> int | None:
             return None if src is None or src.layers is None else src.layers[0] + idx
 
-        routes[e.name] = Route(s, idx / (n - 1) if n > 1 else 1.0, tuple(layer(x) for x in slices[s].sources),
-                               layer(slices[s].base))
+        routes[e.name] = Route(
+            s, idx / (n - 1) if n > 1 else 1.0, tuple(layer(x) for x in slices[s].sources), layer(slices[s].base)
+        )
     return routes
 
-def _tensor_settings(record: methods.MergeMethod, spec: MergeSpec, sl: Slice, route: Route,
-                     name: str) -> tuple[dict[str, Any], list[float] | None]:
+
+def _tensor_settings(
+    record: methods.MergeMethod, spec: MergeSpec, sl: Slice, route: Route, name: str
+) -> tuple[dict[str, Any], list[float] | None]:
     """The method's settings and the weights for one output tensor (mergekit's parameter_resolver): a shared
     parameter from the slice's, then the global parameters (the output tensor's name for filters), a per-model
     one from the source's own, the slice's, then the global ones (the input tensor's name); flags win."""
@@ -124,8 +135,9 @@ def _tensor_settings(record: methods.MergeMethod, spec: MergeSpec, sl: Slice, ro
     inputs = [input_name(name, layer) for layer in route.layers]
 
     def per_model(key: str, check) -> list | None:
-        values = [resolve([(src.settings, src.where), *shared], key, n, route.t, check)
-                  for src, n in zip(sl.sources, inputs)]
+        values = [
+            resolve([(src.settings, src.where), *shared], key, n, route.t, check) for src, n in zip(sl.sources, inputs)
+        ]
         return values if any(v is not None for v in values) else None
 
     settings: dict[str, Any] = {}
@@ -144,8 +156,10 @@ def _tensor_settings(record: methods.MergeMethod, spec: MergeSpec, sl: Slice, ro
         weights = [1.0 if w is None else w for w in values]
     return settings, weights
 
-def tensor_groups(record: methods.MergeMethod, spec: MergeSpec, slices: list[Slice], layout: Layout,
-            routes: dict[str, Route]) -> list[merger.TensorGroup]:
+
+def tensor_groups(
+    record: methods.MergeMethod, spec: MergeSpec, slices: list[Slice], layout: Layout, routes: dict[str, Route]
+) -> list[merger.TensorGroup]:
     """The output tensors grouped by their settings and weights (one group when nothing varies by tensor)."""
     groups: dict[str, merger.TensorGroup] = {}
     for e in layout.entries:
@@ -155,6 +169,7 @@ def tensor_groups(record: methods.MergeMethod, spec: MergeSpec, slices: list[Sli
         groups.setdefault(key, ([], settings, weights))[0].append(e)
     return list(groups.values())
 
+
 def relaid_copies(spec: MergeSpec, identity: bool, slices: list[Slice]) -> int:
     """How many model copies a merge writes into its scratch directory besides the merged tensors."""
     copies = len(slices[0].sources) + (slices[0].base is not None)
@@ -162,9 +177,16 @@ def relaid_copies(spec: MergeSpec, identity: bool, slices: list[Slice]) -> int:
         return copies
     return 0 if identity or spec.population_on == "cpu" else copies
 
+
 def cast_layout(layout: Layout, dtype: str | None) -> Layout:
     """`layout` with its floating-point tensors in `dtype` (mergekit's dtype: inputs cast before merging)."""
     if dtype is None:
         return layout
-    return Layout.from_params((e.aliases, DTYPES[dtype] if layout.group_dtype(e.group).is_floating_point
-                               else layout.group_dtype(e.group), e.shape) for e in layout.entries)
+    return Layout.from_params(
+        (
+            e.aliases,
+            DTYPES[dtype] if layout.group_dtype(e.group).is_floating_point else layout.group_dtype(e.group),
+            e.shape,
+        )
+        for e in layout.entries
+    )

@@ -50,8 +50,9 @@ from evolver_kernels.storage.arena import (
 from evolver_kernels.storage.population import MappedModels, MemoryPopulation, SharedMemoryPopulation, make_population
 
 
-def _fill(arena: Arena, routes: dict[str, Route], source: Callable[[Route], tuple[Source, int | None]],
-          spec: MergeSpec) -> Arena:
+def _fill(
+    arena: Arena, routes: dict[str, Route], source: Callable[[Route], tuple[Source, int | None]], spec: MergeSpec
+) -> Arena:
     """`arena` (the output layout) filled tensor by tensor from the checkpoints `source(route)` names (a model
     and the layer to read), cast to the arena's dtypes."""
     indexes: dict[str, dict] = {}
@@ -74,8 +75,10 @@ def _fill(arena: Arena, routes: dict[str, Route], source: Callable[[Route], tupl
                 arena.view(e).copy_(f.get_tensor(key))
     return arena
 
-def _load_restacked(spec: MergeSpec, slices: list[Slice], layout: Layout, routes: dict[str, Route],
-                    scratch: Scratch) -> tuple[Any, Arena | None]:
+
+def _load_restacked(
+    spec: MergeSpec, slices: list[Slice], layout: Layout, routes: dict[str, Route], scratch: Scratch
+) -> tuple[Any, Arena | None]:
     """The population of the merged sources (individual k: the k-th source of each tensor's slice) and the base,
     in the output layout and dtype, one individual at a time. With --population-on mapped (or disk) they are
     files in the scratch directory, mapped MAP_SHARED: no anonymous copy of a model is held."""
@@ -86,6 +89,7 @@ def _load_restacked(spec: MergeSpec, slices: list[Slice], layout: Layout, routes
     else:
         pop = make_population(spec.population_on, layout, [], [], cpu, disk_dir=scratch.path, extra=n)
     for k in range(n):
+
         def source(r: Route, k=k) -> tuple[Source, int | None]:
             return slices[r.slice].sources[k], r.layers[k]
 
@@ -99,17 +103,26 @@ def _load_restacked(spec: MergeSpec, slices: list[Slice], layout: Layout, routes
         pop.commit_write(k)
     base = None
     if slices[0].base is not None:
-        base = _fill(_scratch_arena(spec, layout, scratch, "base"), routes,
-                     lambda r: (slices[r.slice].base, r.base_layer), spec)
+        base = _fill(
+            _scratch_arena(spec, layout, scratch, "base"), routes, lambda r: (slices[r.slice].base, r.base_layer), spec
+        )
     return pop, base
+
 
 def _scratch_arena(spec: MergeSpec, layout: Layout, scratch: Scratch, name: str) -> Arena:
     """A zero-filled arena for the merge's own working copies: in host memory with --population-on cpu, else
     files in the scratch directory mapped MAP_SHARED (the kernel may write them back and evict them)."""
     return Arena.empty(layout) if spec.population_on == "cpu" else Arena.on_files(layout, scratch.path, name)
 
-def _save_layout(arena: Arena, donor: str, out_dir: str, dtype: torch.dtype | None, num_layers: int | None,
-                 shard_bytes: int = 2 << 30) -> list[str]:
+
+def _save_layout(
+    arena: Arena,
+    donor: str,
+    out_dir: str,
+    dtype: torch.dtype | None,
+    num_layers: int | None,
+    shard_bytes: int = 2 << 30,
+) -> list[str]:
     """The merge as an HF model directory when its tensors are not the donor checkpoint's (stacked layers, a
     dtype cast before merging): each tensor under the name the donor gives it, the donor's other tensors
     (buffers), its config (with num_layers and dtype), generation config and tokenizer files. Returns the paths."""
@@ -130,8 +143,13 @@ def _save_layout(arena: Arena, donor: str, out_dir: str, dtype: torch.dtype | No
     for key in sorted([*entries, *buffers]):
         stored_dtype, shape = stored(key)
         specs.append((key, dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype, shape))
-    paths = model_io.write_shards(out_dir, specs, model_io.output_tensors(arena, entries, index, dtype), shard_bytes,
-                                  written=model_io.discard_written(arena, entries))
+    paths = model_io.write_shards(
+        out_dir,
+        specs,
+        model_io.output_tensors(arena, entries, index, dtype),
+        shard_bytes,
+        written=model_io.discard_written(arena, entries),
+    )
     with open(os.path.join(donor, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if dtype is not None:
@@ -146,6 +164,7 @@ def _save_layout(arena: Arena, donor: str, out_dir: str, dtype: torch.dtype | No
     paths.append(write_json(os.path.join(out_dir, "config.json"), config))
     return paths + _copy_files(donor, out_dir, ("generation_config.json",) + model_io.TOKENIZER_FILES)
 
+
 def _copy_files(src: str, out_dir: str, names: tuple[str, ...]) -> list[str]:
     """Copies the files `names` that `src` has into out_dir (and removes those it lacks there)."""
     paths = []
@@ -157,6 +176,7 @@ def _copy_files(src: str, out_dir: str, names: tuple[str, ...]) -> list[str]:
             os.remove(os.path.join(out_dir, name))
     return paths
 
+
 def _check_vocabulary(spec: MergeSpec) -> None:
     """tokenizer_source: base is the base's tokenizer file for file: every model must have its vocabulary
     (mergekit would move embeddings onto the base's vocabulary, which is not done here)."""
@@ -165,8 +185,11 @@ def _check_vocabulary(spec: MergeSpec) -> None:
     want = AutoTokenizer.from_pretrained(spec.local(spec.tokenizer_from)).get_vocab()
     for m in spec.models:
         if AutoTokenizer.from_pretrained(spec.local(m)).get_vocab() != want:
-            raise MergeConfigError(f"{spec.where}: tokenizer_source: base: {m}'s vocabulary differs from the base "
-                                   "model's (moving embeddings onto another vocabulary is not supported)")
+            raise MergeConfigError(
+                f"{spec.where}: tokenizer_source: base: {m}'s vocabulary differs from the base "
+                "model's (moving embeddings onto another vocabulary is not supported)"
+            )
+
 
 @dataclasses.dataclass
 class Target:
@@ -191,8 +214,10 @@ def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> 
     config = configs[0]
     for m, c in zip(spec.models[1:], configs[1:]):
         if c.model_type != config.model_type:
-            raise MergeConfigError(f"--models {m} is a {c.model_type}, {spec.models[0]} a {config.model_type}: "
-                                   "the models must share one architecture")
+            raise MergeConfigError(
+                f"--models {m} is a {c.model_type}, {spec.models[0]} a {config.model_type}: "
+                "the models must share one architecture"
+            )
     task = spec.task or (infer_task(config) if record.statistics else "auto")
     donor, stacked = models[0], None
     if spec.slices is not None:
@@ -211,57 +236,86 @@ def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> 
         for m, f in zip(spec.models, files):
             resolve_names(layout, tensor_index(f), m)
     elif record.statistics is not None:
-        raise MergeConfigError(f"{record.name} estimates statistics on the models as they are: slices and a dtype "
-                               "other than theirs are not supported")
+        raise MergeConfigError(
+            f"{record.name} estimates statistics on the models as they are: slices and a dtype "
+            "other than theirs are not supported"
+        )
     order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
     num_layers = 1 + max((layer_index(e.name) for e in layout.entries if layer_index(e.name) is not None), default=-1)
     routes = routes_of(layout, order, slices, num_layers)
     groups = tensor_groups(record, spec, slices, layout, routes)
-    return Target(config, task, donor, stacked, model, layout, identity, files, routes, groups,
-                  record.settings(groups[0][1]))
+    return Target(
+        config, task, donor, stacked, model, layout, identity, files, routes, groups, record.settings(groups[0][1])
+    )
 
 
-def _read_inputs(spec: MergeSpec, target: Target, slices: list[Slice], models: list[str], base_dir: str | None,
-                 scratch: Scratch):
+def _read_inputs(
+    spec: MergeSpec, target: Target, slices: list[Slice], models: list[str], base_dir: str | None, scratch: Scratch
+):
     """(population, base) on --population-on: the models' own files, or their re-laid-out copies in scratch."""
     layout = target.layout
     if not target.identity:
         return _load_restacked(spec, slices, layout, target.routes, scratch)
-    pop = MappedModels(layout, target.files, models) if spec.population_on == "mapped" else \
-        make_population(spec.population_on, layout, target.files, models, torch.device("cpu"), disk_dir=scratch.path)
+    pop = (
+        MappedModels(layout, target.files, models)
+        if spec.population_on == "mapped"
+        else make_population(
+            spec.population_on, layout, target.files, models, torch.device("cpu"), disk_dir=scratch.path
+        )
+    )
     base = None
     if base_dir and spec.population_on == "mapped":
         base = MappedModels(layout, [safetensors_files(base_dir)], [spec.base])
     elif base_dir:
-        base = model_io.load_model_arena(layout, safetensors_files(base_dir), spec.base,
-                                         _scratch_arena(spec, layout, scratch, "base"))
+        base = model_io.load_model_arena(
+            layout, safetensors_files(base_dir), spec.base, _scratch_arena(spec, layout, scratch, "base")
+        )
     return pop, base
 
 
-def _write_output(spec: MergeSpec, record, target: Target, slices: list[Slice], models: list[str],
-                  arena: Arena) -> list[str]:
+def _write_output(
+    spec: MergeSpec, record, target: Target, slices: list[Slice], models: list[str], arena: Arena
+) -> list[str]:
     """The merged model, its config and tokenizer, and merge.json in --out; the paths written."""
     dtype = DTYPES[spec.dtype] if spec.dtype else None
     if target.identity:
         written = model_io.save_model(arena, models[0], target.files[0], spec.out, dtype=dtype, discard=True)
     else:
         layout = target.layout
-        written = _save_layout(arena, target.donor, spec.out, dtype or layout.group_dtype(layout.entries[0].group),
-                               target.stacked)
+        written = _save_layout(
+            arena, target.donor, spec.out, dtype or layout.group_dtype(layout.entries[0].group), target.stacked
+        )
     if spec.tokenizer_from:
         copied = _copy_files(spec.local(spec.tokenizer_from), spec.out, model_io.TOKENIZER_FILES)
         written = [p for p in written if os.path.basename(p) not in model_io.TOKENIZER_FILES] + copied
     groups = target.groups
-    written.append(write_json(os.path.join(spec.out, "merge.json"), {
-        "method": record.name, "mergekit_method": spec.read_as, "models": spec.models,
-        "weights": groups[0][2] or [1.0] * len(slices[0].sources),
-        "base": spec.base, **target.settings, "seed": spec.seed, "dev": spec.dev, "dtype": spec.dtype,
-        "compute_dtype": spec.compute_dtype, "tokenizer_source": "base" if spec.tokenizer_from else None,
-        "slices": [[[s.model, list(s.layers)] for s in sl.sources] for sl in spec.slices or []] or None,
-        "per_tensor": [{"tensors": [e.name for e in entries], **record.settings(s), "weights": w}
-                       for entries, s, w in groups] if len(groups) > 1 else None,
-        "backends": device_backends(["cpu"]),
-        "resolved_models": {ref: path for ref, path in spec.resolved.items() if ref != path}}))
+    written.append(
+        write_json(
+            os.path.join(spec.out, "merge.json"),
+            {
+                "method": record.name,
+                "mergekit_method": spec.read_as,
+                "models": spec.models,
+                "weights": groups[0][2] or [1.0] * len(slices[0].sources),
+                "base": spec.base,
+                **target.settings,
+                "seed": spec.seed,
+                "dev": spec.dev,
+                "dtype": spec.dtype,
+                "compute_dtype": spec.compute_dtype,
+                "tokenizer_source": "base" if spec.tokenizer_from else None,
+                "slices": [[[s.model, list(s.layers)] for s in sl.sources] for sl in spec.slices or []] or None,
+                "per_tensor": [
+                    {"tensors": [e.name for e in entries], **record.settings(s), "weights": w}
+                    for entries, s, w in groups
+                ]
+                if len(groups) > 1
+                else None,
+                "backends": device_backends(["cpu"]),
+                "resolved_models": {ref: path for ref, path in spec.resolved.items() if ref != path},
+            },
+        )
+    )
     return written
 
 
@@ -272,7 +326,9 @@ def run(spec: MergeSpec, log=print) -> str:
     slices = slices_of(spec)
     models = [spec.local(m) for m in spec.models]
     base_dir = spec.local(slices[0].base.model) if slices[0].base else None
-    inputs = [("--models", m) for m in models] + [("--base", base_dir)] * bool(base_dir) + [("--dev", d) for d in spec.dev]
+    inputs = (
+        [("--models", m) for m in models] + [("--base", base_dir)] * bool(base_dir) + [("--dev", d) for d in spec.dev]
+    )
     if spec.tokenizer_from:
         _check_vocabulary(spec)
     claimed = OutputDir.claim(spec.out, "merge", inputs)
@@ -281,16 +337,21 @@ def run(spec: MergeSpec, log=print) -> str:
         target = _target(spec, record, slices, models)
         layout, groups, settings = target.layout, target.groups, target.settings
         if spec.read_as:
-            log(f"merge: {spec.where}: mergekit's {spec.read_as} (bernoulli drops keeping `density`, L1-rescaled) is "
-                f"{record.name} with epsilon 0; the drops are our Philox draws, not torch's")
-        log(f"merge: {len(slices[0].sources)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
+            log(
+                f"merge: {spec.where}: mergekit's {spec.read_as} (bernoulli drops keeping `density`, L1-rescaled) is "
+                f"{record.name} with epsilon 0; the drops are our Philox draws, not torch's"
+            )
+        log(
+            f"merge: {len(slices[0].sources)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
             f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
-            f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}")
+            f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}"
+        )
         direct = record.copies and not target.identity  # passthrough's slices: the re-laid-out model is the output
         # the merge's working files (the output before it is written, models re-laid out): removed at the end
         relaid = 0 if direct else relaid_copies(spec, target.identity, slices) * layout.nbytes
-        problem = disk_problem([("the merged tensors", spec.out, layout.nbytes),
-                                ("the models re-laid out", spec.out, relaid)])
+        problem = disk_problem(
+            [("the merged tensors", spec.out, layout.nbytes), ("the models re-laid out", spec.out, relaid)]
+        )
         if problem:
             raise MergeConfigError(f"--out {spec.out}: {problem} (the merge's scratch files, before its output)")
         scratch = Scratch(spec.out, "--out")
@@ -304,8 +365,15 @@ def run(spec: MergeSpec, log=print) -> str:
 
             model_io.attach_arena(target.model, arena, target.files[0])
             evaluator = Evaluator(target.task, AutoTokenizer.from_pretrained(models[0]), spec.dev, config=target.config)
-            stats = merger.compute_statistics(record.name, settings, target.model, layout,
-                                              lambda k: pop.copy_into(k, arena), len(spec.models), evaluator)
+            stats = merger.compute_statistics(
+                record.name,
+                settings,
+                target.model,
+                layout,
+                lambda k: pop.copy_into(k, arena),
+                len(spec.models),
+                evaluator,
+            )
         if not direct:
             merger.merge_per_tensor(record.name, pop, arena, groups, base, seed=spec.seed, stats=stats)
             pop.close()

@@ -3,7 +3,18 @@ imported. Importing this package registers the built-in ones."""
 
 # isort: off
 # registration order is the order of --help, error messages and the README table
-from evolver_kernels.methods import linear, task_vectors, statistics, spherical, model_stock, sparsify, nearswap, ram, arcee_fusion  # noqa: F401 - registers the built-in methods
+from evolver_kernels.methods import (  # noqa: F401 - registers the built-in methods
+    linear,
+    task_vectors,
+    statistics,
+    spherical,
+    model_stock,
+    sparsify,
+    nearswap,
+    ram,
+    arcee_fusion,
+)
+
 # isort: on
 from evolver_kernels.methods.registry import (
     METHODS,
@@ -20,5 +31,17 @@ from evolver_kernels.methods.registry import (
 )
 from evolver_kernels.methods.streaming import base_chunk
 
-__all__ = ["METHODS", "MergeContext", "MergeMethod", "Param", "Statistics", "all_params", "base_chunk", "get",
-           "markdown_table", "names", "register", "unregister"]
+__all__ = [
+    "METHODS",
+    "MergeContext",
+    "MergeMethod",
+    "Param",
+    "Statistics",
+    "all_params",
+    "base_chunk",
+    "get",
+    "markdown_table",
+    "names",
+    "register",
+    "unregister",
+]

@@ -79,8 +79,9 @@ def _bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return idx, int(below[idx - 1]) if idx > 0 else 0
 
 
-def kth_smallest(values: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]], ks: list[int]
-                 ) -> list[float]:
+def kth_smallest(
+    values: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]], ks: list[int]
+) -> list[float]:
     """The k-th smallest (1-based) of the fp32 values(lo, hi) over all spans, for each k, exactly: two passes of
     radix histograms over order-preserving keys (the top 16 bits, then the low 16 bits within the buckets that
     hold a k); O(2^16) counts, never the values of more than one span at once."""
@@ -126,8 +127,7 @@ def fusion_threshold(q1: float, median: float, q3: float) -> torch.Tensor:
     return q[1] + IQR_FACTOR * (q[2] - q[0])
 
 
-def arcee_fusion(pop: Population, base: Base, out: Arena, chunk: int = 1 << 22, backend: str | None = None
-                 ) -> Arena:
+def arcee_fusion(pop: Population, base: Base, out: Arena, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
     """Arcee Fusion of the population's one model into the base, tensor by tensor, on spans of whole rows."""
     base = check_base(pop, base, "arcee_fusion")
     if pop.size != 1:
@@ -164,8 +164,7 @@ def _merge_entry(pop: Population, base: Base, out: Arena, e: Entry, chunk: int) 
     kl = torch.empty(rows, dtype=torch.float32, device=device)
     known = [0]  # rows whose kl is computed (the first pass fills kl span by span)
 
-    def importance_of(lo: int, hi: int, b: torch.Tensor | None = None, x: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+    def importance_of(lo: int, hi: int, b: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
         if b is None:
             b, x = read(lo, hi)
         r0, r1 = lo // cols, hi // cols
@@ -185,11 +184,18 @@ def _arcee_fusion(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return arcee_fusion(pop, ctx.base, out, ctx.chunk, ctx.backend)
 
 
-register(MergeMethod(
-    name="arcee_fusion", needs_base=True, merge=_arcee_fusion, min_models=1, max_models=1, uses_weights=False,
-    evolve_refusal="it merges one model into the base, and a population merge takes every individual",
-    summary="the base, taking the model's change where its importance abs(x - base) KL(softmax of the row) reaches "
-            "the tensor's median + 1.5 IQR of importances",
-))
+register(
+    MergeMethod(
+        name="arcee_fusion",
+        needs_base=True,
+        merge=_arcee_fusion,
+        min_models=1,
+        max_models=1,
+        uses_weights=False,
+        evolve_refusal="it merges one model into the base, and a population merge takes every individual",
+        summary="the base, taking the model's change where its importance abs(x - base) KL(softmax of the row) reaches "
+        "the tensor's median + 1.5 IQR of importances",
+    )
+)
 
 __all__ = ["arcee_fusion", "fusion_threshold", "kth_smallest", "quantile_ranks", "row_kl"]

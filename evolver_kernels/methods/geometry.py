@@ -108,16 +108,18 @@ def _accumulate(g: torch.Tensor, prod: torch.Tensor, e: Entry, along: int | None
         g[span.c0 : span.c0 + span.hi - span.lo] += prod.to(f64)
 
 
-def read_span(pop: Population, base: Base | None, e: Entry, span: Span, device: torch.device
-              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def read_span(
+    pop: Population, base: Base | None, e: Entry, span: Span, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Elements [lo, hi) of entry `e` of every model (as stored) and of the base (None without one)."""
     a, b = e.offset + span.lo, e.offset + span.hi
     xs = [pop.read(k, e.group, a, b).to(device) for k in range(pop.size)]
     return xs, base_chunk(base, e.group, a, b, device) if base is not None else None
 
 
-def gram(pop: Population, base: Base | None, e: Entry, along: int | None, chunk: int,
-         device: torch.device) -> torch.Tensor:
+def gram(
+    pop: Population, base: Base | None, e: Entry, along: int | None, chunk: int, device: torch.device
+) -> torch.Tensor:
     """G[f, i, j] = <v_i, v_j> over vector f of entry `e`, shape [vectors, N, N], float64. Products are formed
     in fp32 (as mergekit forms them from fp32 inputs), summed in fp64, on spans of chunk / N elements."""
     n = pop.size
@@ -132,8 +134,16 @@ def gram(pop: Population, base: Base | None, e: Entry, along: int | None, chunk:
     return torch.where(upper, g, g.transpose(0, 1)).permute(2, 0, 1)
 
 
-def combine(pop: Population, base: Base | None, out: Arena, e: Entry, along: int | None,
-            coefficients: torch.Tensor, chunk: int, backend: str | None) -> None:
+def combine(
+    pop: Population,
+    base: Base | None,
+    out: Arena,
+    e: Entry,
+    along: int | None,
+    coefficients: torch.Tensor,
+    chunk: int,
+    backend: str | None,
+) -> None:
     """Writes entry `e` of `out`: [base +] sum_k c[f, k] v_k on each vector f, for coefficients shaped
     [vectors, N]. One vector: the fused operator with per-tensor scalar weights; several: fp32 torch on spans
     of whole rows (or pieces of one row), each vector taking its own coefficients."""
@@ -143,8 +153,15 @@ def combine(pop: Population, base: Base | None, out: Arena, e: Entry, along: int
         weights = [float(c) for c in coefficients[0].tolist()]
         for span in spans(e, None, chunk):
             xs, b = read_span(pop, base, e, span, dst.device)
-            merge_tensors(xs, base=b, weights=weights, normalize=False, offset=start + e.offset + span.lo,
-                          out=dst[span.lo : span.hi], backend=backend)
+            merge_tensors(
+                xs,
+                base=b,
+                weights=weights,
+                normalize=False,
+                offset=start + e.offset + span.lo,
+                out=dst[span.lo : span.hi],
+                backend=backend,
+            )
         return
     per_model = [coefficients[:, k].to(device=dst.device, dtype=torch.float32) for k in range(pop.size)]
     for span in spans(e, along, chunk):

@@ -11,8 +11,14 @@ from evolver_kernels.storage.arena import Arena
 from evolver_kernels.storage.population import Population
 
 
-def average(pop: Population, out: Arena, weights: list[float] | None = None, chunk: int = 1 << 22,
-            backend: str | None = None, fisher=None) -> Arena:
+def average(
+    pop: Population,
+    out: Arena,
+    weights: list[float] | None = None,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+    fisher=None,
+) -> Arena:
     """out = the weighted average of the population (uniform by default); with `fisher` (statistics.FisherStats)
     each element weighted by its model's Fisher as well."""
     return merge_linear(pop, out, chunk, backend, fisher=fisher, weights=check_weights(weights, pop.size))
@@ -28,12 +34,24 @@ def _passthrough(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return merge_linear(pop, out, ctx.chunk, ctx.backend, weights=[1.0])  # x * 1 / 1: the exact copy
 
 
-register(MergeMethod(
-    name="average", aliases=("linear",), merge=_merge, describe=lambda settings: "simple average",
-    summary="weighted average of the models, sum w_k x_k / sum w_k (model soup)",
-))
-register(MergeMethod(
-    name="passthrough", merge=_passthrough, min_models=1, max_models=1, uses_weights=False, copies=True,
-    evolve_refusal="it copies one model (layer stacking with mergekit's slices: the merge CLI)",
-    summary="the one model given, copied; with mergekit's `slices`, layers stacked from several models",
-))
+register(
+    MergeMethod(
+        name="average",
+        aliases=("linear",),
+        merge=_merge,
+        describe=lambda settings: "simple average",
+        summary="weighted average of the models, sum w_k x_k / sum w_k (model soup)",
+    )
+)
+register(
+    MergeMethod(
+        name="passthrough",
+        merge=_passthrough,
+        min_models=1,
+        max_models=1,
+        uses_weights=False,
+        copies=True,
+        evolve_refusal="it copies one model (layer stacking with mergekit's slices: the merge CLI)",
+        summary="the one model given, copied; with mergekit's `slices`, layers stacked from several models",
+    )
+)

@@ -38,17 +38,45 @@ from evolver_kernels.methods.task_vectors import kth_largest_magnitude, task_ari
 from evolver_kernels.storage.arena import Arena, Entry, Layout
 from evolver_kernels.storage.population import Population, ReadOnlyView
 
-__all__ = ["Merger", "TensorGroup", "arcee_fusion", "average", "breadcrumbs", "compute_statistics", "della",
-           "merge_per_tensor", "karcher", "kth_largest_magnitude", "load_statistics", "model_stock", "multislerp",
-           "nearswap", "nuslerp", "ram", "sce", "slerp", "task_arithmetic", "ties"]
+__all__ = [
+    "Merger",
+    "TensorGroup",
+    "arcee_fusion",
+    "average",
+    "breadcrumbs",
+    "compute_statistics",
+    "della",
+    "merge_per_tensor",
+    "karcher",
+    "kth_largest_magnitude",
+    "load_statistics",
+    "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
+    "ram",
+    "sce",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+]
 
 
 class Merger:
     """A registered merge method with its settings, checked once. `params` are the method's parameters (any
     it does not have is refused); `stats` is its Statistics' estimate for methods that have one."""
 
-    def __init__(self, method: str = "average", base: Base | None = None, *, weights: list[float] | None = None,
-                 seed: int = 0, backend: str | None = None, stats: Any = None, **params):
+    def __init__(
+        self,
+        method: str = "average",
+        base: Base | None = None,
+        *,
+        weights: list[float] | None = None,
+        seed: int = 0,
+        backend: str | None = None,
+        stats: Any = None,
+        **params,
+    ):
         self.record = methods.get(method)
         self.method = self.record.name
         self.settings = self.record.settings(params)
@@ -65,8 +93,15 @@ class Merger:
 
     def __call__(self, pop: Population, out: Arena, chunk: int = 1 << 22) -> Arena:
         self.record.check_use(pop.size, self.weights, self.base, self.stats)
-        ctx = methods.MergeContext(settings=self.settings, base=self.base, weights=self.weights, seed=self.seed,
-                                   backend=self.backend, chunk=chunk, stats=self.stats)
+        ctx = methods.MergeContext(
+            settings=self.settings,
+            base=self.base,
+            weights=self.weights,
+            seed=self.seed,
+            backend=self.backend,
+            chunk=chunk,
+            stats=self.stats,
+        )
         return self.record.merge(pop, out, ctx)
 
 
@@ -83,15 +118,27 @@ class _Tensors(ReadOnlyView):
 TensorGroup = tuple[list[Entry], dict[str, Any], list[float] | None]  # tensors, their settings, their weights
 
 
-def merge_per_tensor(method: str, pop: Population, out: Arena, groups: list[TensorGroup], base: Base | None = None,
-                     *, seed: int = 0, backend: str | None = None, stats: Any = None, chunk: int = 1 << 22) -> Arena:
+def merge_per_tensor(
+    method: str,
+    pop: Population,
+    out: Arena,
+    groups: list[TensorGroup],
+    base: Base | None = None,
+    *,
+    seed: int = 0,
+    backend: str | None = None,
+    stats: Any = None,
+    chunk: int = 1 << 22,
+) -> Arena:
     """Merges each group of tensors with its own settings and weights (mergekit's per-tensor parameters:
     gradients over layers, filters by name). One group of every tensor is exactly Merger(...)(pop, out);
     otherwise each group runs on views of its tensors only, at their global indices, so random drops and
     chunking are those of the whole merge."""
     if len(groups) == 1 and len(groups[0][0]) == len(pop.layout.entries):
         _, settings, weights = groups[0]
-        return Merger(method, base, weights=weights, seed=seed, backend=backend, stats=stats, **settings)(pop, out, chunk)
+        return Merger(method, base, weights=weights, seed=seed, backend=backend, stats=stats, **settings)(
+            pop, out, chunk
+        )
     if stats is not None:
         raise ValueError(f"{method} merges with statistics of whole models: per-tensor parameters are not supported")
     for entries, settings, weights in groups:
@@ -105,8 +152,17 @@ def merge_per_tensor(method: str, pop: Population, out: Arena, groups: list[Tens
     return out
 
 
-def compute_statistics(method: str, settings: dict, model, layout: Layout, load: Callable[[int], None], n: int,
-                       evaluator, save_to: str | None = None, progress=None) -> Any:
+def compute_statistics(
+    method: str,
+    settings: dict,
+    model,
+    layout: Layout,
+    load: Callable[[int], None],
+    n: int,
+    evaluator,
+    save_to: str | None = None,
+    progress=None,
+) -> Any:
     """The statistics `method` merges with, for individuals 0 .. n-1 (load(k) puts individual k into `model`),
     estimated on `evaluator`'s dev data; with `save_to`, also written there atomically (load_statistics reads
     them back). None for a method without statistics."""

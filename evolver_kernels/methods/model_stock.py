@@ -45,16 +45,20 @@ def model_stock_ratio(g: torch.Tensor) -> torch.Tensor:
     """t per vector from Gram matrices [vectors, N, N] of the task vectors (mergekit's model_stock)."""
     n = g.shape[1]
     norms = g.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
-    cosines = [(g[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=NORM_PRODUCT_MIN)).clamp(-1, 1)
-               for i in range(n) for j in range(i + 1, n)]
+    cosines = [
+        (g[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=NORM_PRODUCT_MIN)).clamp(-1, 1)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
     cos = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < SINGULAR
     return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
 
 
-def model_stock(pop: Population, base: Base, out: Arena, filter_wise: bool = False, chunk: int = 1 << 22,
-                backend: str | None = None) -> Arena:
+def model_stock(
+    pop: Population, base: Base, out: Arena, filter_wise: bool = False, chunk: int = 1 << 22, backend: str | None = None
+) -> Arena:
     """Model Stock of the population (N >= 2 fine-tunes) with its base, per tensor or per row (filter_wise)."""
     base = check_base(pop, base, "model_stock")
     if pop.size < 2:
@@ -85,8 +89,14 @@ def _model_stock(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return model_stock(pop, ctx.base, out, ctx.settings["filter_wise"], ctx.chunk, ctx.backend)
 
 
-register(MergeMethod(
-    name="model_stock", params=(FILTER_WISE,), needs_base=True, merge=_model_stock, uses_weights=False,
-    summary="base + t (mean - base), t = N cos / (1 + (N-1) cos) from the mean pairwise cosine of the task vectors, "
-            "per tensor or row",
-))
+register(
+    MergeMethod(
+        name="model_stock",
+        params=(FILTER_WISE,),
+        needs_base=True,
+        merge=_model_stock,
+        uses_weights=False,
+        summary="base + t (mean - base), t = N cos / (1 + (N-1) cos) from the mean pairwise cosine of the task vectors, "
+        "per tensor or row",
+    )
+)

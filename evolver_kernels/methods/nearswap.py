@@ -23,8 +23,9 @@ from evolver_kernels.storage.arena import Arena, iter_chunks
 from evolver_kernels.storage.population import Population
 
 
-def nearswap(pop: Population, base: Base, out: Arena, t: float, chunk: int = 1 << 22,
-             backend: str | None = None) -> Arena:
+def nearswap(
+    pop: Population, base: Base, out: Arena, t: float, chunk: int = 1 << 22, backend: str | None = None
+) -> Arena:
     """NearSwap of the population's one model into the base, tensor by tensor, chunk by chunk."""
     base = check_base(pop, base, "nearswap")
     if pop.size != 1:
@@ -33,8 +34,13 @@ def nearswap(pop: Population, base: Base, out: Arena, t: float, chunk: int = 1 <
         dst = out.view(e).view(-1)
         for lo, hi in iter_chunks(e.numel, chunk):
             a, b = e.offset + lo, e.offset + hi
-            merge_tensors([pop.read(0, e.group, a, b).to(dst.device)], base=base_chunk(base, e.group, a, b, dst.device),
-                          nearswap_t=t, out=dst[lo:hi], backend=backend)
+            merge_tensors(
+                [pop.read(0, e.group, a, b).to(dst.device)],
+                base=base_chunk(base, e.group, a, b, dst.device),
+                nearswap_t=t,
+                out=dst[lo:hi],
+                backend=backend,
+            )
     return out
 
 
@@ -42,9 +48,17 @@ def _nearswap(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return nearswap(pop, ctx.base, out, ctx.settings["t"], ctx.chunk, ctx.backend)
 
 
-register(MergeMethod(
-    name="nearswap", params=(T,), needs_base=True, merge=_nearswap, min_models=1, max_models=1, uses_weights=False,
-    evolve_refusal="it merges one model into the base, and a population merge takes every individual",
-    summary="the base, each element moved to the model's value by weight min(1, t / abs(base - x)) (close elements "
-            "swapped in)",
-))
+register(
+    MergeMethod(
+        name="nearswap",
+        params=(T,),
+        needs_base=True,
+        merge=_nearswap,
+        min_models=1,
+        max_models=1,
+        uses_weights=False,
+        evolve_refusal="it merges one model into the base, and a population merge takes every individual",
+        summary="the base, each element moved to the model's value by weight min(1, t / abs(base - x)) (close elements "
+        "swapped in)",
+    )
+)

@@ -51,16 +51,33 @@ from evolver_kernels.methods.streaming import Base, base_chunk, check_base, per_
 from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
 from evolver_kernels.storage.population import Population
 
-RAM_EPSILON = Param("ram_epsilon", float, 1e-5, "ram, ramplus_tl: a task-vector element counts as changed where "
-                    "its magnitude is above this (mergekit's epsilon)", low=0.0, aliases=("epsilon",))
-R = Param("r", float, 0.1, "ramplus_tl: strength of the rescaling of each model's unique changes, lambda = 1 + r "
-          "clamp(shared / unique, 0, alpha)")
-RAMPLUS_ALPHA = Param("ramplus_alpha", float, 0.2, "ramplus_tl: upper clamp of the ratio of a model's shared to "
-                      "unique changes, per tensor (mergekit's alpha)", aliases=("alpha",))
+RAM_EPSILON = Param(
+    "ram_epsilon",
+    float,
+    1e-5,
+    "ram, ramplus_tl: a task-vector element counts as changed where its magnitude is above this (mergekit's epsilon)",
+    low=0.0,
+    aliases=("epsilon",),
+)
+R = Param(
+    "r",
+    float,
+    0.1,
+    "ramplus_tl: strength of the rescaling of each model's unique changes, lambda = 1 + r "
+    "clamp(shared / unique, 0, alpha)",
+)
+RAMPLUS_ALPHA = Param(
+    "ramplus_alpha",
+    float,
+    0.2,
+    "ramplus_tl: upper clamp of the ratio of a model's shared to unique changes, per tensor (mergekit's alpha)",
+    aliases=("alpha",),
+)
 
 
-def _task_vectors(pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device
-                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _task_vectors(
+    pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(base, [tau_k]) on elements [lo, hi) of entry `e`, in fp32."""
     a, b = e.offset + lo, e.offset + hi
     base_f = base_chunk(base, e.group, a, b, device).float()
@@ -76,16 +93,24 @@ def _changed(taus: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Tenso
     return nz, count
 
 
-def ramplus_lambdas(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float, epsilon: float
-                    ) -> list[float]:
+def ramplus_lambdas(shared: torch.Tensor, unique: torch.Tensor, r: float, alpha: float, epsilon: float) -> list[float]:
     """lambda_k from the int64 counts S_k, U_k of a tensor, with mergekit's fp32 ops; 1 where U_k == 0."""
     rho = shared / unique.clamp(min=epsilon)
     lam = 1 + r * rho.clamp(min=0, max=alpha)
     return [1.0 if int(u) == 0 else float(v) for u, v in zip(unique, lam)]
 
 
-def ram(pop: Population, base: Base, out: Arena, epsilon: float = 1e-5, plus: bool = False, r: float = 0.1,
-        alpha: float = 0.2, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
+def ram(
+    pop: Population,
+    base: Base,
+    out: Arena,
+    epsilon: float = 1e-5,
+    plus: bool = False,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+) -> Arena:
     """RAM (plus=True: RAM+ tensor-local, ramplus_tl) of the population's models into the base, tensor by
     tensor, chunk by chunk."""
     name = "ramplus_tl" if plus else "ram"
@@ -128,21 +153,44 @@ def ram(pop: Population, base: Base, out: Arena, epsilon: float = 1e-5, plus: bo
 def _merge(plus: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
         s = ctx.settings
-        return ram(pop, ctx.base, out, s["ram_epsilon"], plus, s.get("r", 0.1), s.get("ramplus_alpha", 0.2),
-                   ctx.chunk, ctx.backend)
+        return ram(
+            pop,
+            ctx.base,
+            out,
+            s["ram_epsilon"],
+            plus,
+            s.get("r", 0.1),
+            s.get("ramplus_alpha", 0.2),
+            ctx.chunk,
+            ctx.backend,
+        )
+
     return merge
 
 
-register(MergeMethod(
-    name="ram", params=(RAM_EPSILON,), needs_base=True, merge=_merge(False), min_models=1, uses_weights=False,
-    summary="RAM: each element changed (above `ram_epsilon`) by one model takes its change, by several the mean of "
-            "their changes",
-))
-register(MergeMethod(
-    name="ramplus_tl", params=(RAM_EPSILON, R, RAMPLUS_ALPHA), needs_base=True, merge=_merge(True), min_models=1,
-    uses_weights=False,
-    summary="RAM+ (tensor-local): RAM with each model's unique changes scaled by 1 + `r` clamp(shared / unique, 0, "
-            "`ramplus_alpha`), its counts per tensor",
-))
+register(
+    MergeMethod(
+        name="ram",
+        params=(RAM_EPSILON,),
+        needs_base=True,
+        merge=_merge(False),
+        min_models=1,
+        uses_weights=False,
+        summary="RAM: each element changed (above `ram_epsilon`) by one model takes its change, by several the mean of "
+        "their changes",
+    )
+)
+register(
+    MergeMethod(
+        name="ramplus_tl",
+        params=(RAM_EPSILON, R, RAMPLUS_ALPHA),
+        needs_base=True,
+        merge=_merge(True),
+        min_models=1,
+        uses_weights=False,
+        summary="RAM+ (tensor-local): RAM with each model's unique changes scaled by 1 + `r` clamp(shared / unique, 0, "
+        "`ramplus_alpha`), its counts per tensor",
+    )
+)
 
 __all__ = ["ram", "ramplus_lambdas"]

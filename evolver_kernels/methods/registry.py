@@ -37,7 +37,16 @@ def boolean(value: Any) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
-_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_BOOLEAN_WORDS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +94,9 @@ class Param:
         try:
             value = self.type(value)
         except ValueError:
-            raise UserError(f"{where} must be {'an integer' if self.type is int else 'a number'}, got {value!r}") from None
+            raise UserError(
+                f"{where} must be {'an integer' if self.type is int else 'a number'}, got {value!r}"
+            ) from None
         ok = not (isinstance(value, float) and not math.isfinite(value))
         if ok and self.low is not None:
             ok = value > self.low if self.low_open else value >= self.low
@@ -202,7 +213,9 @@ def register(method: MergeMethod) -> MergeMethod:
     for p in method.params:
         known = all_params().get(p.name)
         if known is not None and dataclasses.replace(known, help="") != dataclasses.replace(p, help=""):
-            raise ValueError(f"merge method {method.name}: parameter {p.name} differs from the one other methods declare")
+            raise ValueError(
+                f"merge method {method.name}: parameter {p.name} differs from the one other methods declare"
+            )
     METHODS[method.name] = method
     return method
 
@@ -223,8 +236,11 @@ def get(name: str) -> MergeMethod:
 def names(with_statistics: bool = True, evolvable: bool = False) -> list[str]:
     """Registered method names, in registration order (with_statistics=False: those that need no dev data;
     evolvable=True: those `evolve` can merge a population with, evolve_refusal None)."""
-    return [m.name for m in METHODS.values()
-            if (with_statistics or m.statistics is None) and (not evolvable or m.evolve_refusal is None)]
+    return [
+        m.name
+        for m in METHODS.values()
+        if (with_statistics or m.statistics is None) and (not evolvable or m.evolve_refusal is None)
+    ]
 
 
 def all_params() -> dict[str, Param]:
@@ -244,12 +260,19 @@ def _default_text(p: Param) -> str:
 
 def markdown_table() -> str:
     """The README's method table, generated from the records."""
-    rows = ["| method | what it computes | base model | statistics on dev data | parameters (default, range) | "
-            "`evolve --merge-method` |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| method | what it computes | base model | statistics on dev data | parameters (default, range) | "
+        "`evolve --merge-method` |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for m in METHODS.values():
-        params = "; ".join(f"`{p.name}` ({_default_text(p)}, {p.range_text()}{', per model' if p.per_model else ''})"
-                           for p in m.params) or "none"
+        params = (
+            "; ".join(
+                f"`{p.name}` ({_default_text(p)}, {p.range_text()}{', per model' if p.per_model else ''})"
+                for p in m.params
+            )
+            or "none"
+        )
         name = f"`{m.name}`" + (f" (alias {', '.join(f'`{a}`' for a in m.aliases)})" if m.aliases else "")
         base = "yes" if m.needs_base else "optional" if m.optional_base else "no"
         evolve = "yes" if m.evolve_refusal is None else f"no: {m.evolve_refusal}"

@@ -74,8 +74,9 @@ def evaluate(setting: Any, tensor: str, t: float, check: Check, where: str) -> A
     return None
 
 
-def resolve(scopes: Sequence[tuple[Mapping[str, Any] | None, str]], name: str, tensor: str, t: float,
-            check: Check) -> Any | None:
+def resolve(
+    scopes: Sequence[tuple[Mapping[str, Any] | None, str]], name: str, tensor: str, t: float, check: Check
+) -> Any | None:
     """The value of parameter `name` for `tensor`: the first scope (settings, where) whose setting gives one;
     None when none does (the caller's default)."""
     for settings, where in scopes:
@@ -84,4 +85,3 @@ def resolve(scopes: Sequence[tuple[Mapping[str, Any] | None, str]], name: str, t
             if value is not None:
                 return value
     return None
-

@@ -90,15 +90,42 @@ from evolver_kernels.methods.task_vectors import (
 from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
 from evolver_kernels.storage.population import Population
 
-GAMMA = Param("gamma", float, 0.01, "breadcrumbs: fraction of each task vector's largest magnitudes dropped, per "
-              "tensor (the outliers), before `density` is kept below them", low=0.0, high=1.0, per_model=True)
-EPSILON = Param("epsilon", float, 0.15, "della: keep probabilities run from density - epsilon (a row's smallest "
-                "magnitude) to density + epsilon (its largest); density +- epsilon must lie in (0, 1)", low=0.0,
-                high=1.0, high_open=True, per_model=True)
-RESCALE = Param("rescale", boolean, True, "della: scale each sparsified task vector back to its L1 norm, per "
-                "tensor (mergekit's rescale)")
-SELECT_TOPK = Param("select_topk", float, 1.0, "sce: fraction of each tensor's elements kept, those where the "
-                    "task vectors vary most across models (of the non-zero variances)", low=0.0, high=1.0)
+GAMMA = Param(
+    "gamma",
+    float,
+    0.01,
+    "breadcrumbs: fraction of each task vector's largest magnitudes dropped, per "
+    "tensor (the outliers), before `density` is kept below them",
+    low=0.0,
+    high=1.0,
+    per_model=True,
+)
+EPSILON = Param(
+    "epsilon",
+    float,
+    0.15,
+    "della: keep probabilities run from density - epsilon (a row's smallest "
+    "magnitude) to density + epsilon (its largest); density +- epsilon must lie in (0, 1)",
+    low=0.0,
+    high=1.0,
+    high_open=True,
+    per_model=True,
+)
+RESCALE = Param(
+    "rescale",
+    boolean,
+    True,
+    "della: scale each sparsified task vector back to its L1 norm, per tensor (mergekit's rescale)",
+)
+SELECT_TOPK = Param(
+    "select_topk",
+    float,
+    1.0,
+    "sce: fraction of each tensor's elements kept, those where the "
+    "task vectors vary most across models (of the non-zero variances)",
+    low=0.0,
+    high=1.0,
+)
 
 INF = float("inf")
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescaling when either L1 norm is below it
@@ -122,15 +149,13 @@ def _densities(density, n: int) -> list[float]:
     return density if isinstance(density, list) else [density] * n
 
 
-def _task_vector(pop: Population, base: Base, e: Entry, k: int, lo: int, hi: int, device: torch.device
-                 ) -> torch.Tensor:
+def _task_vector(pop: Population, base: Base, e: Entry, k: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
     """tau_k on elements [lo, hi) of entry `e`, in fp32."""
     a, b = e.offset + lo, e.offset + hi
     return pop.read(k, e.group, a, b).to(device).float() - base_chunk(base, e.group, a, b, device).float()
 
 
-def _task_vectors(pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device
-                  ) -> list[torch.Tensor]:
+def _task_vectors(pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device) -> list[torch.Tensor]:
     """[tau_k] on elements [lo, hi) of entry `e`, in fp32."""
     a, b = e.offset + lo, e.offset + hi
     base_f = base_chunk(base, e.group, a, b, device).float()
@@ -138,6 +163,7 @@ def _task_vectors(pop: Population, base: Base, e: Entry, lo: int, hi: int, devic
 
 
 # -- breadcrumbs ---------------------------------------------------------------------------------------------
+
 
 def breadcrumbs_band(numel: int, density: float, gamma: float) -> tuple[int, int] | None:
     """(top', keep): mergekit's magnitude_outliers keeps the elements of descending magnitude rank in
@@ -149,10 +175,19 @@ def breadcrumbs_band(numel: int, density: float, gamma: float) -> tuple[int, int
     return numel - bottom - keep, keep
 
 
-def breadcrumbs(pop: Population, base: Base, out: Arena, density: float | list[float] = 1.0,
-                gamma: float | list[float] = 0.01, scale: float = 1.0, weights: list[float] | None = None,
-                ties: bool = False, chunk: int = 1 << 22, backend: str | None = None, normalize: bool = False
-                ) -> Arena:
+def breadcrumbs(
+    pop: Population,
+    base: Base,
+    out: Arena,
+    density: float | list[float] = 1.0,
+    gamma: float | list[float] = 0.01,
+    scale: float = 1.0,
+    weights: list[float] | None = None,
+    ties: bool = False,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+    normalize: bool = False,
+) -> Arena:
     """Model Breadcrumbs (ties=True: with TIES' sign election), tensor by tensor: each task vector's magnitude
     band (drop the `gamma` largest, keep `density` below them), then one element-wise pass (normalize: divided
     by the weights summed, of the agreeing models with ties)."""
@@ -185,27 +220,61 @@ def breadcrumbs(pop: Population, base: Base, out: Arena, density: float | list[f
             bounds.append((found[0] if found else 0.0, high))
         band = any(b is not None for b in bounds)
         upper = any(b is not None and b[1] < INF for b in bounds)
-        _fused(pop, base, out, e, w, [0.0 if b is None else b[0] for b in bounds] if band else None,
-               [INF if b is None else b[1] for b in bounds] if upper else None, ties, scale, chunk, backend, normalize)
+        _fused(
+            pop,
+            base,
+            out,
+            e,
+            w,
+            [0.0 if b is None else b[0] for b in bounds] if band else None,
+            [INF if b is None else b[1] for b in bounds] if upper else None,
+            ties,
+            scale,
+            chunk,
+            backend,
+            normalize,
+        )
     return out
 
 
-def _fused(pop: Population, base: Base, out: Arena, e: Entry, w: list[float], trim: list[float] | None,
-           top: list[float] | None, elect: bool, scale: float, chunk: int, backend: str | None,
-           normalize: bool) -> None:
+def _fused(
+    pop: Population,
+    base: Base,
+    out: Arena,
+    e: Entry,
+    w: list[float],
+    trim: list[float] | None,
+    top: list[float] | None,
+    elect: bool,
+    scale: float,
+    chunk: int,
+    backend: str | None,
+    normalize: bool,
+) -> None:
     """Breadcrumbs' element-wise pass of entry `e` through the fused operator: each task vector cut to its band
     trim_k <= |tau| < top_k, then summed (elect: TIES' sum of the agreeing)."""
     dst = out.view(e).view(-1)
     start = pop.layout.groups[e.group][0]
     for lo, hi in iter_chunks(e.numel, chunk):
         a, b = e.offset + lo, e.offset + hi
-        merge_tensors([pop.read(k, e.group, a, b).to(dst.device) for k in range(pop.size)],
-                      base=base_chunk(base, e.group, a, b, dst.device), weights=w, trim=trim, top=top, elect=elect,
-                      scale=scale, normalize=normalize, offset=start + a, out=dst[lo:hi], backend=backend,
-                      stream=STREAM_DARE)
+        merge_tensors(
+            [pop.read(k, e.group, a, b).to(dst.device) for k in range(pop.size)],
+            base=base_chunk(base, e.group, a, b, dst.device),
+            weights=w,
+            trim=trim,
+            top=top,
+            elect=elect,
+            scale=scale,
+            normalize=normalize,
+            offset=start + a,
+            out=dst[lo:hi],
+            backend=backend,
+            stream=STREAM_DARE,
+        )
 
 
 # -- della -----------------------------------------------------------------------------------------------------
+
 
 def della_rows(e: Entry, ranked: bool = True) -> tuple[int, int]:
     """(rows, row length) della ranks entry `e` in: a matrix's rows, a vector (or scalar) as one row. Unranked
@@ -213,8 +282,10 @@ def della_rows(e: Entry, ranked: bool = True) -> tuple[int, int]:
     if not ranked:
         return e.numel, 1
     if len(e.shape) > 2:
-        raise ValueError(f"della ranks magnitudes along dimension 1 of a tensor (mergekit's della_magprune); "
-                         f"{e.name} has {len(e.shape)} dimensions, which is not supported")
+        raise ValueError(
+            f"della ranks magnitudes along dimension 1 of a tensor (mergekit's della_magprune); "
+            f"{e.name} has {len(e.shape)} dimensions, which is not supported"
+        )
     return (e.shape[0], e.shape[1]) if len(e.shape) == 2 else (1, e.numel)
 
 
@@ -237,8 +308,7 @@ def della_thresholds(tau: torch.Tensor, density: float, epsilon: float) -> torch
     return ((1 - p) * TWO_32).floor().to(torch.int64)
 
 
-def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int
-               ) -> torch.Tensor:
+def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int) -> torch.Tensor:
     """Bool [R, C]: which elements of task-vector rows `tau` [R, C] della keeps: element j (global index
     offset + j) is dropped where its Philox word on `stream` is below its della_thresholds value. The formula
     with the oracle's words, for tests; the merge draws the words inside the fused operator."""
@@ -250,14 +320,27 @@ def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, str
 def _check_della(densities: list[float], epsilons: list[float]) -> None:
     for d, eps in zip(densities, epsilons):
         if d < 1 and (d + eps >= 1 or d - eps <= 0):
-            raise ValueError(f"della: epsilon must be chosen such that density +/- epsilon is in (0, 1), got "
-                             f"density {d} and epsilon {eps}")
+            raise ValueError(
+                f"della: epsilon must be chosen such that density +/- epsilon is in (0, 1), got "
+                f"density {d} and epsilon {eps}"
+            )
 
 
-def della(pop: Population, base: Base, out: Arena, density: float | list[float] = 1.0,
-          epsilon: float | list[float] = 0.15, scale: float = 1.0, weights: list[float] | None = None,
-          ties: bool = True, rescale: bool = True, seed: int = 0, chunk: int = 1 << 22,
-          backend: str | None = None, normalize: bool | None = None) -> Arena:
+def della(
+    pop: Population,
+    base: Base,
+    out: Arena,
+    density: float | list[float] = 1.0,
+    epsilon: float | list[float] = 0.15,
+    scale: float = 1.0,
+    weights: list[float] | None = None,
+    ties: bool = True,
+    rescale: bool = True,
+    seed: int = 0,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+    normalize: bool | None = None,
+) -> Arena:
     """DELLA (ties=True: sign election and the mean of the agreeing; False: della_linear, the weighted sum),
     tensor by tensor on spans of whole rows. `normalize` (None: ties) divides by the agreeing weights (ties) or
     by all of them (linear)."""
@@ -290,8 +373,15 @@ def della(pop: Population, base: Base, out: Arena, density: float | list[float] 
             for lo, hi in spans:
                 for k in sparse:
                     tau = _task_vector(pop, base, e, k, lo, hi, dst.device)
-                    kept = merge_tensors([tau], drop_thresholds=[thresholds(e, k, tau)], normalize=False, seed=seed,
-                                         stream=STREAM_DARE + k, offset=start + lo, backend=backend)
+                    kept = merge_tensors(
+                        [tau],
+                        drop_thresholds=[thresholds(e, k, tau)],
+                        normalize=False,
+                        seed=seed,
+                        stream=STREAM_DARE + k,
+                        offset=start + lo,
+                        backend=backend,
+                    )
                     before[k] += tau.abs().sum(dtype=torch.float64)
                     after[k] += kept.abs().sum(dtype=torch.float64)
             for k in sparse:
@@ -304,16 +394,30 @@ def della(pop: Population, base: Base, out: Arena, density: float | list[float] 
             xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
             base_f = base_c.float()
             drops = [thresholds(e, k, xs[k].float() - base_f) if k in sparse else None for k in range(n)]
-            merge_tensors(xs, base=base_c, weights=w, drop_thresholds=drops, drop_rescales=factors, elect=ties,
-                          normalize=normalize, scale=scale, seed=seed, stream=STREAM_DARE, offset=start + lo,
-                          out=dst[lo:hi], backend=backend)
+            merge_tensors(
+                xs,
+                base=base_c,
+                weights=w,
+                drop_thresholds=drops,
+                drop_rescales=factors,
+                elect=ties,
+                normalize=normalize,
+                scale=scale,
+                seed=seed,
+                stream=STREAM_DARE,
+                offset=start + lo,
+                out=dst[lo:hi],
+                backend=backend,
+            )
     return out
 
 
 # -- sce -------------------------------------------------------------------------------------------------------
 
-def sce(pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk: int = 1 << 22,
-        backend: str | None = None) -> Arena:
+
+def sce(
+    pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk: int = 1 << 22, backend: str | None = None
+) -> Arena:
     """SCE: select the elements of highest variance across the task vectors (select_topk < 1), weight each
     model by its mean square, elect signs, weighted mean of the agreeing; tensor by tensor."""
     base = check_base(pop, base, "sce")
@@ -342,8 +446,13 @@ def sce(pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk
         if select_topk < 1:
             found = kth_largest_magnitudes(
                 lambda a, b, e=e, device=dst.device: variance_reference(
-                    _task_vectors(pop, base, e, a - e.offset, b - e.offset, device)),
-                e.offset, e.offset + e.numel, ks, work)
+                    _task_vectors(pop, base, e, a - e.offset, b - e.offset, device)
+                ),
+                e.offset,
+                e.offset + e.numel,
+                ks,
+                work,
+            )
             threshold = found[0] if found else INF
         squares = torch.zeros(n, dtype=torch.float64, device=dst.device)
         for lo, hi in iter_chunks(e.numel, work):
@@ -356,28 +465,63 @@ def sce(pop: Population, base: Base, out: Arena, select_topk: float = 1.0, chunk
         for lo, hi in iter_chunks(e.numel, chunk):
             a, b = e.offset + lo, e.offset + hi
             # the sign elected on the unweighted task vectors (mergekit's sce), the c-weighted mean of the agreeing
-            merge_tensors([pop.read(k, e.group, a, b).to(dst.device) for k in range(n)],
-                          base=base_chunk(base, e.group, a, b, dst.device), weights=c, elect=True,
-                          elect_weights=[1.0] * n, select=threshold, min_den=SCE_DIVISOR_MIN, offset=start + a,
-                          out=dst[lo:hi], backend=backend)
+            merge_tensors(
+                [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)],
+                base=base_chunk(base, e.group, a, b, dst.device),
+                weights=c,
+                elect=True,
+                elect_weights=[1.0] * n,
+                select=threshold,
+                min_den=SCE_DIVISOR_MIN,
+                offset=start + a,
+                out=dst[lo:hi],
+                backend=backend,
+            )
     return out
 
 
 # -- records ---------------------------------------------------------------------------------------------------
 
+
 def _breadcrumbs(ties: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
         s = ctx.settings
-        return breadcrumbs(pop, ctx.base, out, s["density"], s["gamma"], s["scale"], ctx.weights, ties, ctx.chunk,
-                           ctx.backend, normalize_of(ctx, False))
+        return breadcrumbs(
+            pop,
+            ctx.base,
+            out,
+            s["density"],
+            s["gamma"],
+            s["scale"],
+            ctx.weights,
+            ties,
+            ctx.chunk,
+            ctx.backend,
+            normalize_of(ctx, False),
+        )
+
     return merge
 
 
 def _della(ties: bool):
     def merge(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
         s = ctx.settings
-        return della(pop, ctx.base, out, s["density"], s["epsilon"], s["scale"], ctx.weights, ties, s["rescale"],
-                     ctx.seed, ctx.chunk, ctx.backend, normalize_of(ctx, ties))
+        return della(
+            pop,
+            ctx.base,
+            out,
+            s["density"],
+            s["epsilon"],
+            s["scale"],
+            ctx.weights,
+            ties,
+            s["rescale"],
+            ctx.seed,
+            ctx.chunk,
+            ctx.backend,
+            normalize_of(ctx, ties),
+        )
+
     return merge
 
 
@@ -385,28 +529,54 @@ def _sce(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return sce(pop, ctx.base, out, ctx.settings["select_topk"], ctx.chunk, ctx.backend)
 
 
-register(MergeMethod(
-    name="breadcrumbs", params=(SCALE, DENSITY, GAMMA, NORMALIZE), needs_base=True, merge=_breadcrumbs(False),
-    summary="task arithmetic on task vectors cut to a magnitude band per tensor: the `gamma` largest dropped, "
-            "`density` kept below them",
-))
-register(MergeMethod(
-    name="breadcrumbs_ties", params=(SCALE, DENSITY, GAMMA, NORMALIZE), needs_base=True, merge=_breadcrumbs(True),
-    summary="breadcrumbs' magnitude band, then TIES' sign election: the sum of the agreeing",
-))
-register(MergeMethod(
-    name="della", params=(SCALE, DENSITY, EPSILON, RESCALE, NORMALIZE), needs_base=True, merge=_della(True),
-    summary="DELLA: task-vector elements dropped with probabilities by magnitude rank in their row (mean "
-            "`density`), L1-rescaled, TIES' election, mean of the agreeing",
-))
-register(MergeMethod(
-    name="della_linear", params=(SCALE, DENSITY, EPSILON, RESCALE, NORMALIZE), needs_base=True, merge=_della(False),
-    summary="DELLA's drops, then task arithmetic (the weighted sum)",
-))
-register(MergeMethod(
-    name="sce", params=(SELECT_TOPK,), needs_base=True, merge=_sce, uses_weights=False,
-    summary="SCE: the `select_topk` elements of highest variance across the task vectors, sign election, mean "
-            "of the agreeing weighted by each task vector's mean square",
-))
+register(
+    MergeMethod(
+        name="breadcrumbs",
+        params=(SCALE, DENSITY, GAMMA, NORMALIZE),
+        needs_base=True,
+        merge=_breadcrumbs(False),
+        summary="task arithmetic on task vectors cut to a magnitude band per tensor: the `gamma` largest dropped, "
+        "`density` kept below them",
+    )
+)
+register(
+    MergeMethod(
+        name="breadcrumbs_ties",
+        params=(SCALE, DENSITY, GAMMA, NORMALIZE),
+        needs_base=True,
+        merge=_breadcrumbs(True),
+        summary="breadcrumbs' magnitude band, then TIES' sign election: the sum of the agreeing",
+    )
+)
+register(
+    MergeMethod(
+        name="della",
+        params=(SCALE, DENSITY, EPSILON, RESCALE, NORMALIZE),
+        needs_base=True,
+        merge=_della(True),
+        summary="DELLA: task-vector elements dropped with probabilities by magnitude rank in their row (mean "
+        "`density`), L1-rescaled, TIES' election, mean of the agreeing",
+    )
+)
+register(
+    MergeMethod(
+        name="della_linear",
+        params=(SCALE, DENSITY, EPSILON, RESCALE, NORMALIZE),
+        needs_base=True,
+        merge=_della(False),
+        summary="DELLA's drops, then task arithmetic (the weighted sum)",
+    )
+)
+register(
+    MergeMethod(
+        name="sce",
+        params=(SELECT_TOPK,),
+        needs_base=True,
+        merge=_sce,
+        uses_weights=False,
+        summary="SCE: the `select_topk` elements of highest variance across the task vectors, sign election, mean "
+        "of the agreeing weighted by each task vector's mean square",
+    )
+)
 
 __all__ = ["breadcrumbs", "breadcrumbs_band", "della", "della_kept", "della_rows", "della_thresholds", "sce"]

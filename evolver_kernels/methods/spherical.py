@@ -54,18 +54,31 @@ from evolver_kernels.methods.streaming import Base, check_weights
 from evolver_kernels.storage.arena import Arena
 from evolver_kernels.storage.population import Population
 
-T = Param("t", float, 0.5, "slerp: where between the first model (t = 0) and the second (t = 1); outside [0, 1] "
-          "extrapolates. nearswap: the distance scale, each element taking weight min(1, t / |base - x|) of the "
-          "model (t <= 0: the base)")
-NUSLERP_FLATTEN = Param("nuslerp_flatten", boolean, True, "nuslerp: one angle per tensor (flattened); false: one "
-                        "per row, or per column with nuslerp_row_wise")
-NUSLERP_ROW_WISE = Param("nuslerp_row_wise", boolean, False, "nuslerp without flatten: interpolate the vectors "
-                         "along the first dimension (W[:, j], mergekit's dim 0) instead of the rows W[i, :]")
+T = Param(
+    "t",
+    float,
+    0.5,
+    "slerp: where between the first model (t = 0) and the second (t = 1); outside [0, 1] "
+    "extrapolates. nearswap: the distance scale, each element taking weight min(1, t / |base - x|) of the "
+    "model (t <= 0: the base)",
+)
+NUSLERP_FLATTEN = Param(
+    "nuslerp_flatten",
+    boolean,
+    True,
+    "nuslerp: one angle per tensor (flattened); false: one per row, or per column with nuslerp_row_wise",
+)
+NUSLERP_ROW_WISE = Param(
+    "nuslerp_row_wise",
+    boolean,
+    False,
+    "nuslerp without flatten: interpolate the vectors "
+    "along the first dimension (W[:, j], mergekit's dim 0) instead of the rows W[i, :]",
+)
 NORMALIZE_WEIGHTS = Param("normalize_weights", boolean, True, "multislerp: divide the weights by their sum")
 EPS = Param("eps", float, 1e-8, "multislerp: the small constant added to norms", low=0.0, low_open=True)
 MAX_ITER = Param("max_iter", int, 10, "karcher: the most Riemannian gradient steps per tensor", low=0)
-TOL = Param("tol", float, 1e-5, "karcher: stop when a step is shorter; models of norm below it are left out",
-            low=0.0)
+TOL = Param("tol", float, 1e-5, "karcher: stop when a step is shorter; models of norm below it are left out", low=0.0)
 
 SLERP_DOT_THRESHOLD = 0.9995  # mergekit's: above it slerp interpolates linearly
 SLERP_EPS = 1e-8  # mergekit's: norms at most this count as 1
@@ -102,12 +115,13 @@ def nuslerp_coefficients(g: torch.Tensor, t: float) -> torch.Tensor:
     """[vectors, 2] coefficients of nuslerp from Gram matrices [vectors, 2, 2] (mergekit's nuslerp)."""
     norms = g.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt().clamp(min=NUSLERP_NORM_MIN)
     cos = (g[:, 0, 1] / (norms[:, 0] * norms[:, 1])).clamp(-1, 1)
-    c0, c1 = _interpolation(t, torch.acos(cos), (1 - cos.square()) <= NUSLERP_EPS ** 2)
+    c0, c1 = _interpolation(t, torch.acos(cos), (1 - cos.square()) <= NUSLERP_EPS**2)
     return torch.stack([c0, c1], dim=1)
 
 
-def multislerp_coefficients(g: torch.Tensor, weights: list[float], normalize_weights: bool = True,
-                            eps: float = 1e-8) -> torch.Tensor:
+def multislerp_coefficients(
+    g: torch.Tensor, weights: list[float], normalize_weights: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """[N] coefficients of multislerp on v_k from one Gram matrix [N, N] (mergekit's multislerp)."""
     n = g.shape[0]
     w = torch.tensor(weights, dtype=torch.float64, device=g.device)
@@ -119,8 +133,10 @@ def multislerp_coefficients(g: torch.Tensor, weights: list[float], normalize_wei
     if mean_norm < eps:
         if n == 2:
             return w
-        raise ValueError("multislerp: the weighted sum of the models' unit vectors is zero in a tensor (antipodal "
-                         "models with balancing weights); give other weights")
+        raise ValueError(
+            "multislerp: the weighted sum of the models' unit vectors is zero in a tensor (antipodal "
+            "models with balancing weights); give other weights"
+        )
     m = a / mean_norm
     dots = (g @ m) / (norms + eps)
     tangent = a - (w * dots).sum() * m
@@ -176,8 +192,16 @@ def karcher_coefficients(g: torch.Tensor, max_iter: int = 10, tol: float = 1e-5)
     return scale * mean / safe
 
 
-def _spherical(pop: Population, out: Arena, coefficients, *, base: Base | None = None, along: int | None = None,
-               chunk: int = 1 << 22, backend: str | None = None) -> Arena:
+def _spherical(
+    pop: Population,
+    out: Arena,
+    coefficients,
+    *,
+    base: Base | None = None,
+    along: int | None = None,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+) -> Arena:
     """Entry by entry: the Gram matrices, `coefficients(g)` -> [vectors, N], then the element-wise pass."""
     for e in pop.layout.entries:
         if e.numel == 0:
@@ -193,8 +217,16 @@ def slerp(pop: Population, out: Arena, t: float, chunk: int = 1 << 22, backend: 
     return _spherical(pop, out, lambda g: slerp_coefficients(g, float(t)), chunk=chunk, backend=backend)
 
 
-def nuslerp(pop: Population, out: Arena, weights: list[float] | None = None, base: Base | None = None,
-            flatten: bool = True, row_wise: bool = False, chunk: int = 1 << 22, backend: str | None = None) -> Arena:
+def nuslerp(
+    pop: Population,
+    out: Arena,
+    weights: list[float] | None = None,
+    base: Base | None = None,
+    flatten: bool = True,
+    row_wise: bool = False,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+) -> Arena:
     """Slerp of two models (of their task vectors with a base) at t = w_1 / (w_0 + w_1); one angle per tensor
     (flatten), else per row, or per column (row_wise)."""
     _two(pop, "nuslerp")
@@ -202,21 +234,36 @@ def nuslerp(pop: Population, out: Arena, weights: list[float] | None = None, bas
     total = w[0] + w[1]
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
     along = None if flatten else 0 if row_wise else -1
-    return _spherical(pop, out, lambda g: nuslerp_coefficients(g, t), base=base, along=along, chunk=chunk,
-                      backend=backend)
+    return _spherical(
+        pop, out, lambda g: nuslerp_coefficients(g, t), base=base, along=along, chunk=chunk, backend=backend
+    )
 
 
-def multislerp(pop: Population, out: Arena, weights: list[float] | None = None, base: Base | None = None,
-               normalize_weights: bool = True, eps: float = 1e-8, chunk: int = 1 << 22,
-               backend: str | None = None) -> Arena:
+def multislerp(
+    pop: Population,
+    out: Arena,
+    weights: list[float] | None = None,
+    base: Base | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+) -> Arena:
     """Barycentric interpolation of N models (task vectors with a base) on the hypersphere, per tensor."""
     w = check_weights(weights, pop.size)
-    return _spherical(pop, out, lambda g: multislerp_coefficients(g[0], w, normalize_weights, eps), base=base,
-                      chunk=chunk, backend=backend)
+    return _spherical(
+        pop,
+        out,
+        lambda g: multislerp_coefficients(g[0], w, normalize_weights, eps),
+        base=base,
+        chunk=chunk,
+        backend=backend,
+    )
 
 
-def karcher(pop: Population, out: Arena, max_iter: int = 10, tol: float = 1e-5, chunk: int = 1 << 22,
-            backend: str | None = None) -> Arena:
+def karcher(
+    pop: Population, out: Arena, max_iter: int = 10, tol: float = 1e-5, chunk: int = 1 << 22, backend: str | None = None
+) -> Arena:
     """The Karcher mean of N models on the hypersphere, per tensor, scaled by their mean norm."""
     return _spherical(pop, out, lambda g: karcher_coefficients(g[0], max_iter, tol), chunk=chunk, backend=backend)
 
@@ -227,8 +274,7 @@ def _slerp(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 def _nuslerp(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     s = ctx.settings
-    return nuslerp(pop, out, ctx.weights, ctx.base, s["nuslerp_flatten"], s["nuslerp_row_wise"], ctx.chunk,
-                   ctx.backend)
+    return nuslerp(pop, out, ctx.weights, ctx.base, s["nuslerp_flatten"], s["nuslerp_row_wise"], ctx.chunk, ctx.backend)
 
 
 def _multislerp(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
@@ -242,23 +288,47 @@ def _karcher(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 TWO_MODELS = "it merges exactly two models, and a population merge takes every individual"
 
-register(MergeMethod(
-    name="slerp", params=(T,), merge=_slerp, max_models=2, uses_weights=False, yaml_base="first",
-    evolve_refusal=TWO_MODELS,
-    summary="spherical interpolation from the first model (t = 0) to the second (t = 1), one angle per tensor",
-))
-register(MergeMethod(
-    name="nuslerp", params=(NUSLERP_FLATTEN, NUSLERP_ROW_WISE), merge=_nuslerp, optional_base=True, max_models=2,
-    evolve_refusal=TWO_MODELS,
-    summary="slerp of two models (of their task vectors with a base) at t = w_1 / (w_0 + w_1), per tensor, row "
-            "or column",
-))
-register(MergeMethod(
-    name="multislerp", params=(NORMALIZE_WEIGHTS, EPS), merge=_multislerp, optional_base=True,
-    summary="weighted barycentre of N models (task vectors with a base) on the hypersphere, scaled by the "
-            "weighted mean norm",
-))
-register(MergeMethod(
-    name="karcher", params=(MAX_ITER, TOL), merge=_karcher, uses_weights=False, yaml_base="input",
-    summary="Karcher mean of the models on the hypersphere (iterated per tensor), scaled by their mean norm",
-))
+register(
+    MergeMethod(
+        name="slerp",
+        params=(T,),
+        merge=_slerp,
+        max_models=2,
+        uses_weights=False,
+        yaml_base="first",
+        evolve_refusal=TWO_MODELS,
+        summary="spherical interpolation from the first model (t = 0) to the second (t = 1), one angle per tensor",
+    )
+)
+register(
+    MergeMethod(
+        name="nuslerp",
+        params=(NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
+        merge=_nuslerp,
+        optional_base=True,
+        max_models=2,
+        evolve_refusal=TWO_MODELS,
+        summary="slerp of two models (of their task vectors with a base) at t = w_1 / (w_0 + w_1), per tensor, row "
+        "or column",
+    )
+)
+register(
+    MergeMethod(
+        name="multislerp",
+        params=(NORMALIZE_WEIGHTS, EPS),
+        merge=_multislerp,
+        optional_base=True,
+        summary="weighted barycentre of N models (task vectors with a base) on the hypersphere, scaled by the "
+        "weighted mean norm",
+    )
+)
+register(
+    MergeMethod(
+        name="karcher",
+        params=(MAX_ITER, TOL),
+        merge=_karcher,
+        uses_weights=False,
+        yaml_base="input",
+        summary="Karcher mean of the models on the hypersphere (iterated per tensor), scaled by their mean norm",
+    )
+)

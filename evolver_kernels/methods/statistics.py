@@ -41,8 +41,9 @@ class FisherStats:
 
     @staticmethod
     def zeros(layout: Layout, n: int, device: torch.device | str = "cpu") -> FisherStats:
-        return FisherStats(layout, [{g: torch.zeros(size, device=device) for g, (_, size) in layout.groups.items()}
-                                    for _ in range(n)])
+        return FisherStats(
+            layout, [{g: torch.zeros(size, device=device) for g, (_, size) in layout.groups.items()} for _ in range(n)]
+        )
 
     def read(self, k: int, group: str, lo: int, hi: int) -> torch.Tensor:
         return self.buffers[k][group][lo:hi]
@@ -63,8 +64,16 @@ def _parameters(model: torch.nn.Module, layout: Layout) -> list[tuple[Entry, tor
     return [(e, model.get_parameter(e.name)) for e in layout.entries]
 
 
-def estimate_fisher(model: torch.nn.Module, layout: Layout, load: Callable[[int], None], n: int, evaluator,
-                    examples: int = 256, floor: float = FISHER_FLOOR, progress=None) -> FisherStats:
+def estimate_fisher(
+    model: torch.nn.Module,
+    layout: Layout,
+    load: Callable[[int], None],
+    n: int,
+    evaluator,
+    examples: int = 256,
+    floor: float = FISHER_FLOOR,
+    progress=None,
+) -> FisherStats:
     """Diagonal Fisher of individuals 0 .. n-1: load(k) puts individual k into `model`; the first `examples` dev
     examples are scored one at a time (evaluator.loss) and their squared gradients averaged."""
     stats = FisherStats.zeros(layout, n)
@@ -105,12 +114,22 @@ def linear_entries(model: torch.nn.Module, layout: Layout) -> dict[str, Entry]:
     """nn.Linear module name -> the layout entry of its weight, for untied 2-D weights (a weight tied to an
     embedding is not a linear map of the layer's own inputs)."""
     by_name = {e.name: e for e in layout.entries if len(e.aliases) == 1 and len(e.shape) == 2}
-    return {name: by_name[f"{name}.weight"] for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and f"{name}.weight" in by_name}
+    return {
+        name: by_name[f"{name}.weight"]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and f"{name}.weight" in by_name
+    }
 
 
-def collect_grams(model: torch.nn.Module, layout: Layout, load: Callable[[int], None], n: int, evaluator,
-                  examples: int = 256, progress=None) -> list[dict[str, torch.Tensor]]:
+def collect_grams(
+    model: torch.nn.Module,
+    layout: Layout,
+    load: Callable[[int], None],
+    n: int,
+    evaluator,
+    examples: int = 256,
+    progress=None,
+) -> list[dict[str, torch.Tensor]]:
     """grams[k][weight name] = X^T X / rows (fp32, on the CPU) of each linear layer's inputs under individual k,
     over the first `examples` dev examples."""
     layers = linear_entries(model, layout)
@@ -125,8 +144,10 @@ def collect_grams(model: torch.nn.Module, layout: Layout, load: Callable[[int], 
             sums[name] = sums.get(name, 0) + x.T @ x
             rows[name] = rows.get(name, 0) + x.shape[0]
 
-        handles = [model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
-                   for name in layers]
+        handles = [
+            model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name))
+            for name in layers
+        ]
         try:
             evaluator.forward_all(model, examples)
         finally:
@@ -215,27 +236,39 @@ def _merge_regmean(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
     return ctx.stats.merge_into(pop, out)
 
 
-register(MergeMethod(
-    name="fisher", params=(EXAMPLES,), merge=_merge_fisher, describe=lambda settings: "Fisher-weighted average",
-    summary="Fisher merging: sum w_k F_k x_k / sum w_k F_k with F_k model k's diagonal Fisher on dev data",
-    statistics=Statistics(
-        estimate=lambda model, layout, load, n, evaluator, settings, progress=None: estimate_fisher(
-            model, layout, load, n, evaluator, settings["examples"], progress=progress),
-        save=lambda stats, path: stats.save(path),
-        load_file=lambda layout, n, path, settings: FisherStats.load(layout, n, path),
-        host_bytes=_fisher_bytes,
-    ),
-))
-register(MergeMethod(
-    name="regmean", params=(EXAMPLES, ALPHA), merge=_merge_regmean,
-    describe=lambda settings: f"RegMean (alpha {settings['alpha']})",
-    summary="RegMean: linear layers solved from the Gram matrices of their inputs on dev data, the rest averaged",
-    statistics=Statistics(
-        estimate=lambda model, layout, load, n, evaluator, settings, progress=None: RegMean(
-            layout, collect_grams(model, layout, load, n, evaluator, settings["examples"], progress=progress),
-            settings["alpha"]),
-        save=lambda stats, path: save_grams(stats.raw_grams, path),
-        load_file=lambda layout, n, path, settings: RegMean(layout, load_grams(path, n), settings["alpha"]),
-        host_bytes=_regmean_bytes,
-    ),
-))
+register(
+    MergeMethod(
+        name="fisher",
+        params=(EXAMPLES,),
+        merge=_merge_fisher,
+        describe=lambda settings: "Fisher-weighted average",
+        summary="Fisher merging: sum w_k F_k x_k / sum w_k F_k with F_k model k's diagonal Fisher on dev data",
+        statistics=Statistics(
+            estimate=lambda model, layout, load, n, evaluator, settings, progress=None: estimate_fisher(
+                model, layout, load, n, evaluator, settings["examples"], progress=progress
+            ),
+            save=lambda stats, path: stats.save(path),
+            load_file=lambda layout, n, path, settings: FisherStats.load(layout, n, path),
+            host_bytes=_fisher_bytes,
+        ),
+    )
+)
+register(
+    MergeMethod(
+        name="regmean",
+        params=(EXAMPLES, ALPHA),
+        merge=_merge_regmean,
+        describe=lambda settings: f"RegMean (alpha {settings['alpha']})",
+        summary="RegMean: linear layers solved from the Gram matrices of their inputs on dev data, the rest averaged",
+        statistics=Statistics(
+            estimate=lambda model, layout, load, n, evaluator, settings, progress=None: RegMean(
+                layout,
+                collect_grams(model, layout, load, n, evaluator, settings["examples"], progress=progress),
+                settings["alpha"],
+            ),
+            save=lambda stats, path: save_grams(stats.raw_grams, path),
+            load_file=lambda layout, n, path, settings: RegMean(layout, load_grams(path, n), settings["alpha"]),
+            host_bytes=_regmean_bytes,
+        ),
+    )
+)

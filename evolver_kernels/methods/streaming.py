@@ -52,13 +52,17 @@ def base_chunk(base: Base, group: str, lo: int, hi: int, device: torch.device) -
     individual 0's of a one-model reader (the base's own files, memory-mapped: population.MappedModels)."""
     if not isinstance(base, Arena):
         return base.read(0, group, lo, hi).to(device)
-    parts = [t[max(lo, s_lo) - s_lo : min(hi, s_hi) - s_lo] for s_lo, s_hi, t in base.segments(group)
-             if s_lo < hi and lo < s_hi]
+    parts = [
+        t[max(lo, s_lo) - s_lo : min(hi, s_hi) - s_lo]
+        for s_lo, s_hi, t in base.segments(group)
+        if s_lo < hi and lo < s_hi
+    ]
     return parts[0].to(device) if len(parts) == 1 else torch.cat([p.to(device) for p in parts])
 
 
-def merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, *, base: Base | None = None,
-                 fisher=None, **kw) -> Arena:
+def merge_linear(
+    pop: Population, out: Arena, chunk: int, backend: str | None, *, base: Base | None = None, fisher=None, **kw
+) -> Arena:
     """Every group in chunks that may span tensors (the linear modes have no per-tensor state): `pop.chunks`
     may stage the next chunk's reads (a pipeline's candidate view, staging.py); a placed `out` is merged chunk
     by chunk on the device that holds each segment. A layout that is a subset of the tensors (Layout.subset)
@@ -68,8 +72,11 @@ def merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, *
         if covered != [(0, size)]:  # some tensors only (Layout.subset: per-tensor settings)
             if out.is_placed:
                 raise ValueError("a merge of some tensors only writes into an arena that is not placed")
-            spans = ((a + lo, a + hi, out.buffers[group][a + lo : a + hi]) for a, b in covered
-                     for lo, hi in iter_chunks(b - a, chunk))
+            spans = (
+                (a + lo, a + hi, out.buffers[group][a + lo : a + hi])
+                for a, b in covered
+                for lo, hi in iter_chunks(b - a, chunk)
+            )
         elif out.is_placed:
             spans = out.chunks(group, chunk)
         else:
@@ -77,6 +84,14 @@ def merge_linear(pop: Population, out: Arena, chunk: int, backend: str | None, *
         for lo, hi, dst in spans:
             b = base_chunk(base, group, lo, hi, dst.device) if base is not None else None
             f = [fisher.read(k, group, lo, hi).to(dst.device) for k in range(pop.size)] if fisher is not None else None
-            merge_tensors(read_all(pop, group, lo, hi, dst.device), base=b, fisher=f, offset=start + lo,
-                          out=dst, backend=backend, stream=STREAM_DARE, **kw)
+            merge_tensors(
+                read_all(pop, group, lo, hi, dst.device),
+                base=b,
+                fisher=f,
+                offset=start + lo,
+                out=dst,
+                backend=backend,
+                stream=STREAM_DARE,
+                **kw,
+            )
     return out

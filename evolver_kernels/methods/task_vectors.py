@@ -33,14 +33,28 @@ from evolver_kernels.storage.arena import Arena, iter_chunks
 from evolver_kernels.storage.population import Population
 
 SCALE = Param("scale", float, 1.0, "task-vector scale (lambda)", aliases=("lambda",))
-DENSITY = Param("density", float, 1.0, "fraction of each task vector kept, per tensor: by magnitude (TIES; "
-                "breadcrumbs below the `gamma` largest), or on average with probabilities by magnitude rank (della)",
-                low=0.0, high=1.0, low_open=True, per_model=True)
-NORMALIZE = Param("normalize", boolean, None, "task_arithmetic, ties, dare_*, breadcrumbs*, della*: divide the "
-                  "sum of the weighted task vectors by the weights summed (of the agreeing models where signs are "
-                  "elected); mergekit's normalize; default: true for ties, dare_ties and della, false for the others")
-DROP_P = Param("drop_p", float, 0.5, "DARE: probability that a task-vector element is dropped",
-               low=0.0, high=1.0, high_open=True)
+DENSITY = Param(
+    "density",
+    float,
+    1.0,
+    "fraction of each task vector kept, per tensor: by magnitude (TIES; "
+    "breadcrumbs below the `gamma` largest), or on average with probabilities by magnitude rank (della)",
+    low=0.0,
+    high=1.0,
+    low_open=True,
+    per_model=True,
+)
+NORMALIZE = Param(
+    "normalize",
+    boolean,
+    None,
+    "task_arithmetic, ties, dare_*, breadcrumbs*, della*: divide the "
+    "sum of the weighted task vectors by the weights summed (of the agreeing models where signs are "
+    "elected); mergekit's normalize; default: true for ties, dare_ties and della, false for the others",
+)
+DROP_P = Param(
+    "drop_p", float, 0.5, "DARE: probability that a task-vector element is dropped", low=0.0, high=1.0, high_open=True
+)
 
 
 def _check_p(drop_p: float) -> float:
@@ -60,19 +74,48 @@ def _check_density(density: float | list[float], n: int | None = None) -> float 
     return float(density)
 
 
-def task_arithmetic(pop: Population, base: Base, out: Arena, scale: float, weights: list[float] | None = None,
-                    drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22, backend: str | None = None,
-                    normalize: bool = False) -> Arena:
+def task_arithmetic(
+    pop: Population,
+    base: Base,
+    out: Arena,
+    scale: float,
+    weights: list[float] | None = None,
+    drop_p: float = 0.0,
+    seed: int = 0,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+    normalize: bool = False,
+) -> Arena:
     """out = base + scale * sum_k w_k tau_k (Ilharco et al., task vectors; normalize: divided by sum_k w_k);
     drop_p > 0 makes it DARE."""
     base = check_base(pop, base, "task arithmetic")
-    return merge_linear(pop, out, chunk, backend, base=base, weights=check_weights(weights, pop.size),
-                         scale=scale, normalize=normalize, drop_p=_check_p(drop_p), seed=seed)
+    return merge_linear(
+        pop,
+        out,
+        chunk,
+        backend,
+        base=base,
+        weights=check_weights(weights, pop.size),
+        scale=scale,
+        normalize=normalize,
+        drop_p=_check_p(drop_p),
+        seed=seed,
+    )
 
 
-def ties(pop: Population, base: Base, out: Arena, density: float | list[float], scale: float = 1.0,
-         weights: list[float] | None = None, drop_p: float = 0.0, seed: int = 0, chunk: int = 1 << 22,
-         backend: str | None = None, normalize: bool = True) -> Arena:
+def ties(
+    pop: Population,
+    base: Base,
+    out: Arena,
+    density: float | list[float],
+    scale: float = 1.0,
+    weights: list[float] | None = None,
+    drop_p: float = 0.0,
+    seed: int = 0,
+    chunk: int = 1 << 22,
+    backend: str | None = None,
+    normalize: bool = True,
+) -> Arena:
     """TIES-merging (trim, elect sign, disjoint mean; normalize false: the sum of the agreeing), optionally on
     DARE-dropped task vectors. Tensor by tensor: the trim threshold is each tensor's own (found in two streaming
     passes), then one fused pass. `density` is one fraction for every model or one per model."""
@@ -89,14 +132,26 @@ def ties(pop: Population, base: Base, out: Arena, density: float | list[float], 
         for k in range(pop.size):
             keep = max(1, int(densities[k] * e.numel))
             if keep < e.numel:
+
                 def task_vector(lo, hi, k=k, group=e.group, start=start, device=dst.device):
                     return _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend)
+
                 trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, keep, chunk)
         for lo, hi in iter_chunks(e.numel, chunk):
-            merge_tensors(read_all(pop, e.group, lo_e + lo, lo_e + hi, dst.device),
-                          base=base_chunk(base, e.group, lo_e + lo, lo_e + hi, dst.device), weights=w, trim=trims,
-                          scale=scale, normalize=normalize, drop_p=drop_p, seed=seed, stream=STREAM_DARE,
-                          offset=start + lo_e + lo, out=dst[lo:hi], backend=backend)
+            merge_tensors(
+                read_all(pop, e.group, lo_e + lo, lo_e + hi, dst.device),
+                base=base_chunk(base, e.group, lo_e + lo, lo_e + hi, dst.device),
+                weights=w,
+                trim=trims,
+                scale=scale,
+                normalize=normalize,
+                drop_p=drop_p,
+                seed=seed,
+                stream=STREAM_DARE,
+                offset=start + lo_e + lo,
+                out=dst[lo:hi],
+                backend=backend,
+            )
     return out
 
 
@@ -104,8 +159,9 @@ def _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backe
     """tau_k on [lo, hi) of `group` in fp32, exactly as the fused merge computes it before trimming."""
     tau = pop.read(k, group, lo, hi).to(device).float() - base_chunk(base, group, lo, hi, device).float()
     if drop_p > 0:
-        dropped = crossover_mask(hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k, offset=start + lo,
-                                 device=device, backend=backend)
+        dropped = crossover_mask(
+            hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k, offset=start + lo, device=device, backend=backend
+        )
         rescale = torch.tensor(1.0 / (1.0 - drop_p), dtype=torch.float32, device=device)
         tau = torch.where(dropped, torch.zeros((), device=device), tau * rescale)
     return tau
@@ -134,8 +190,10 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
         for a, b in iter_chunks(hi - lo, chunk):
             bits = values(lo + a, lo + b).abs().view(torch.int32)  # counted where the values are (GPU or CPU)
             if not counts:
-                counts = [torch.zeros(1 << 16, dtype=torch.int64, device=bits.device)
-                          for _ in range(1 if select_high is None else len(select_high))]
+                counts = [
+                    torch.zeros(1 << 16, dtype=torch.int64, device=bits.device)
+                    for _ in range(1 if select_high is None else len(select_high))
+                ]
             if select_high is None:
                 _count(counts[0], bits >> 16)
                 zeros = zeros + (bits == 0).sum()  # no sync per chunk
@@ -190,28 +248,69 @@ def normalize_of(ctx: MergeContext, default: bool) -> bool:
 
 
 def _task_arithmetic(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-    return task_arithmetic(pop, ctx.base, out, ctx.settings["scale"], ctx.weights, ctx.settings.get("drop_p", 0.0),
-                           ctx.seed, ctx.chunk, ctx.backend, normalize_of(ctx, False))
+    return task_arithmetic(
+        pop,
+        ctx.base,
+        out,
+        ctx.settings["scale"],
+        ctx.weights,
+        ctx.settings.get("drop_p", 0.0),
+        ctx.seed,
+        ctx.chunk,
+        ctx.backend,
+        normalize_of(ctx, False),
+    )
 
 
 def _ties(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
-    return ties(pop, ctx.base, out, ctx.settings["density"], ctx.settings["scale"], ctx.weights,
-                ctx.settings.get("drop_p", 0.0), ctx.seed, ctx.chunk, ctx.backend, normalize_of(ctx, True))
+    return ties(
+        pop,
+        ctx.base,
+        out,
+        ctx.settings["density"],
+        ctx.settings["scale"],
+        ctx.weights,
+        ctx.settings.get("drop_p", 0.0),
+        ctx.seed,
+        ctx.chunk,
+        ctx.backend,
+        normalize_of(ctx, True),
+    )
 
 
-register(MergeMethod(
-    name="task_arithmetic", params=(SCALE, NORMALIZE), needs_base=True, merge=_task_arithmetic,
-    summary="base + scale * sum_k w_k (x_k - base) (task vectors)",
-))
-register(MergeMethod(
-    name="ties", params=(SCALE, DENSITY, NORMALIZE), needs_base=True, merge=_ties,
-    summary="TIES: trim each task vector to its top `density` by magnitude, elect signs, mean of the agreeing",
-))
-register(MergeMethod(
-    name="dare_linear", params=(SCALE, DROP_P, NORMALIZE), needs_base=True, merge=_task_arithmetic,
-    summary="task arithmetic on DARE-dropped task vectors (drop `drop_p`, rescale 1 / (1 - drop_p))",
-))
-register(MergeMethod(
-    name="dare_ties", params=(SCALE, DENSITY, DROP_P, NORMALIZE), needs_base=True, merge=_ties,
-    summary="TIES on DARE-dropped task vectors",
-))
+register(
+    MergeMethod(
+        name="task_arithmetic",
+        params=(SCALE, NORMALIZE),
+        needs_base=True,
+        merge=_task_arithmetic,
+        summary="base + scale * sum_k w_k (x_k - base) (task vectors)",
+    )
+)
+register(
+    MergeMethod(
+        name="ties",
+        params=(SCALE, DENSITY, NORMALIZE),
+        needs_base=True,
+        merge=_ties,
+        summary="TIES: trim each task vector to its top `density` by magnitude, elect signs, mean of the agreeing",
+    )
+)
+register(
+    MergeMethod(
+        name="dare_linear",
+        params=(SCALE, DROP_P, NORMALIZE),
+        needs_base=True,
+        merge=_task_arithmetic,
+        summary="task arithmetic on DARE-dropped task vectors (drop `drop_p`, rescale 1 / (1 - drop_p))",
+    )
+)
+register(
+    MergeMethod(
+        name="dare_ties",
+        params=(SCALE, DENSITY, DROP_P, NORMALIZE),
+        needs_base=True,
+        merge=_ties,
+        summary="TIES on DARE-dropped task vectors",
+    )
+)

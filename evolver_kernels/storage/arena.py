@@ -142,8 +142,12 @@ class Arena:
     segments instead: contiguous ranges [lo, hi) of the group's indices, each a tensor on its own device.
     `segments(group)` serves both kinds; `buffers` is empty for a placed arena."""
 
-    def __init__(self, layout: Layout, buffers: dict[str, torch.Tensor],
-                 segments: dict[str, list[tuple[int, int, torch.Tensor]]] | None = None):
+    def __init__(
+        self,
+        layout: Layout,
+        buffers: dict[str, torch.Tensor],
+        segments: dict[str, list[tuple[int, int, torch.Tensor]]] | None = None,
+    ):
         self.layout = layout
         self.buffers = buffers
         self._segments = segments
@@ -212,8 +216,10 @@ class Arena:
                 if not runs or runs[-1][1] != key:
                     runs.append((e.offset if runs else 0, key, torch.device(device)))
             bounds = [lo for lo, _, _ in runs[1:]] + [size]
-            segments[group] = [(lo, hi, torch.zeros(hi - lo, dtype=layout.group_dtype(group), device=device))
-                               for (lo, _, device), hi in zip(runs, bounds)]
+            segments[group] = [
+                (lo, hi, torch.zeros(hi - lo, dtype=layout.group_dtype(group), device=device))
+                for (lo, _, device), hi in zip(runs, bounds)
+            ]
         return Arena(layout, {}, segments)
 
     @property
@@ -255,7 +261,9 @@ def safetensors_files(model_dir: str) -> list[str]:
             with open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise UserError(f"{index}: not a safetensors index with a weight_map ({type(err).__name__}: {err})") from None
+            raise UserError(
+                f"{index}: not a safetensors index with a weight_map ({type(err).__name__}: {err})"
+            ) from None
         for shard in shards:
             if not isinstance(shard, str) or os.path.basename(shard) != shard:
                 raise UserError(f"{index}: weight_map names {shard!r}, not a file beside the index")
@@ -265,11 +273,16 @@ def safetensors_files(model_dir: str) -> list[str]:
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.exists(single):
         return [single]
-    others = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))] if os.path.isdir(model_dir) else []
+    others = (
+        [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        if os.path.isdir(model_dir)
+        else []
+    )
     if others:
-        raise PickleWeightsError("model_dir",
+        raise PickleWeightsError(
+            "model_dir",
             f"{model_dir}: only pickle weights ({', '.join(sorted(others))}); convert them to safetensors "
-            "(pickle files can run code when loaded), or pass --allow-pickle to load them anyway"
+            "(pickle files can run code when loaded), or pass --allow-pickle to load them anyway",
         )
     raise ArgumentError("model_dir", f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
@@ -284,7 +297,9 @@ def tensor_index(files: list[str]) -> dict[str, tuple[str, torch.dtype, tuple[in
                     sl = f.get_slice(key)
                     index[key] = (path, _DTYPE_NAMES[sl.get_dtype()], tuple(sl.get_shape()))
         except (SafetensorError, OSError) as err:
-            raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt ({' '.join(str(err).split())})") from None
+            raise UserError(
+                f"{path}: not a readable safetensors file, truncated or corrupt ({' '.join(str(err).split())})"
+            ) from None
         except KeyError as err:
             raise UserError(f"{path}: a tensor of unsupported dtype {err}") from None
     return index

@@ -365,8 +365,13 @@ class MappedModels(ReadOnlyView):
             begin = header[key]["data_offsets"][0]
             with warnings.catch_warnings():  # a read-only map: torch warns that the tensor is not writable
                 warnings.simplefilter("ignore", UserWarning)
-                view = torch.frombuffer(mm, dtype=self.layout.group_dtype(e.group), count=e.numel,
-                                        offset=data_start + begin) if e.numel else torch.empty(0, dtype=self.layout.group_dtype(e.group))
+                view = (
+                    torch.frombuffer(
+                        mm, dtype=self.layout.group_dtype(e.group), count=e.numel, offset=data_start + begin
+                    )
+                    if e.numel
+                    else torch.empty(0, dtype=self.layout.group_dtype(e.group))
+                )
             spans[e.group].append((e.offset, e.offset + e.numel, view))
         for group_spans in spans.values():
             group_spans.sort(key=lambda s: s[0])
@@ -380,7 +385,7 @@ class MappedModels(ReadOnlyView):
             start, _, view = spans[k]
             return view[lo - start : hi - start]
         out = torch.zeros(hi - lo, dtype=self.layout.group_dtype(group))
-        for start, end, view in spans[max(k, 0):]:
+        for start, end, view in spans[max(k, 0) :]:
             if start >= hi:
                 break
             a, b = max(lo, start), min(hi, end)
@@ -399,8 +404,15 @@ class MappedModels(ReadOnlyView):
 
 
 def make_population(
-    tier: str, layout: Layout, model_files: list[list[str]], sources: list[str], compute_device: torch.device,
-    disk_dir: str | None = None, extra: int = 0, shared_dir: str | None = None, writes: bool = True,
+    tier: str,
+    layout: Layout,
+    model_files: list[list[str]],
+    sources: list[str],
+    compute_device: torch.device,
+    disk_dir: str | None = None,
+    extra: int = 0,
+    shared_dir: str | None = None,
+    writes: bool = True,
 ) -> Population:
     """A population of len(model_files) + extra individuals on `tier`, the first loaded tensor by tensor from
     safetensors; the `extra` slots are left for the caller to write (begin_write / write / commit_write).

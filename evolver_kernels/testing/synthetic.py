@@ -34,10 +34,14 @@ def llama_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [
-            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv_dim, h)),
-            (p + "self_attn.v_proj.weight", (kv_dim, h)), (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
-            (p + "mlp.down_proj.weight", (h, inter)), (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv_dim, h)),
+            (p + "self_attn.v_proj.weight", (kv_dim, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (inter, h)),
+            (p + "mlp.up_proj.weight", (inter, h)),
+            (p + "mlp.down_proj.weight", (h, inter)),
+            (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
     return shapes
@@ -47,8 +51,9 @@ def llama_layout(size: str, dtype: torch.dtype = torch.bfloat16) -> Layout:
     return Layout.from_params(((name,), dtype, shape) for name, shape in llama_shapes(size))
 
 
-def synthetic_population(layout: Layout, n: int, tier: str, root: str | None = None, device: str = "cpu",
-                         chunk: int = 1 << 20) -> Population:
+def synthetic_population(
+    layout: Layout, n: int, tier: str, root: str | None = None, device: str = "cpu", chunk: int = 1 << 20
+) -> Population:
     """n individuals of seeded N(0, 1) values, written chunk by chunk (no model-sized temporary)."""
     pop: Population
     if tier == "disk":
@@ -74,8 +79,9 @@ def synthetic_fitness(arena: Arena) -> float:
     return sum(sample_score(buf) for buf in arena.buffers.values())
 
 
-def weight_generation(pop: Population, device: str = "cpu", chunk: int = 1 << 22, seed: int = 0,
-                      staging: bool | None = None) -> list[int]:
+def weight_generation(
+    pop: Population, device: str = "cpu", chunk: int = 1 << 22, seed: int = 0, staging: bool | None = None
+) -> list[int]:
     """One sequential generation with fitness "merged" and the evolver strategy; returns the accepted slots.
     staging: the pipeline's double buffering (None: on when a GPU computes on a population off the device)."""
     arena = Arena.empty(pop.layout, device)

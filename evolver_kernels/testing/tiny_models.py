@@ -16,9 +16,46 @@ import torch
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 WORDS = [
-    "good", "great", "fine", "happy", "love", "best", "nice", "calm", "bad", "awful", "poor", "sad", "hate",
-    "worst", "pain", "angry", "the", "a", "movie", "food", "drug", "day", "it", "was", "very", "not", "so",
-    "really", "and", "but", "with", "this", "that", "is", "of", "to", "in", "on", "for", "my",
+    "good",
+    "great",
+    "fine",
+    "happy",
+    "love",
+    "best",
+    "nice",
+    "calm",
+    "bad",
+    "awful",
+    "poor",
+    "sad",
+    "hate",
+    "worst",
+    "pain",
+    "angry",
+    "the",
+    "a",
+    "movie",
+    "food",
+    "drug",
+    "day",
+    "it",
+    "was",
+    "very",
+    "not",
+    "so",
+    "really",
+    "and",
+    "but",
+    "with",
+    "this",
+    "that",
+    "is",
+    "of",
+    "to",
+    "in",
+    "on",
+    "for",
+    "my",
 ]
 VOCAB = SPECIALS + WORDS
 POSITIVE = {"good", "great", "fine", "happy", "love", "best", "nice", "calm"}
@@ -35,14 +72,21 @@ def make_tokenizer(kind: str):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if kind in ("bert", "roberta"):
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
     elif kind == "t5":
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="<s>",
+        eos_token="</s>",
     )
 
 
@@ -52,8 +96,15 @@ def make_config(kind: str, num_labels: int = 3, multi_label: bool = False):
     common = dict(vocab_size=len(VOCAB), pad_token_id=0, bos_token_id=5, eos_token_id=6)
     if kind in ("bert", "roberta"):
         cls = tf.BertConfig if kind == "bert" else tf.RobertaConfig
-        cfg = cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                  max_position_embeddings=80, num_labels=num_labels, **common)
+        cfg = cls(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=80,
+            num_labels=num_labels,
+            **common,
+        )
         cfg.architectures = ["BertForSequenceClassification" if kind == "bert" else "RobertaForSequenceClassification"]
         if multi_label:
             cfg.problem_type = "multi_label_classification"
@@ -65,13 +116,31 @@ def make_config(kind: str, num_labels: int = 3, multi_label: bool = False):
         cfg.architectures = ["GPT2LMHeadModel"]
         return cfg
     if kind == "llama":
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=1, max_position_embeddings=80, tie_word_embeddings=False, **common)
+        cfg = tf.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=80,
+            tie_word_embeddings=False,
+            **common,
+        )
         cfg.architectures = ["LlamaForCausalLM"]
         return cfg
     if kind == "t5":
-        cfg = tf.T5Config(d_model=32, d_kv=16, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=2,
-                          decoder_start_token_id=0, vocab_size=len(VOCAB), pad_token_id=0, eos_token_id=6)
+        cfg = tf.T5Config(
+            d_model=32,
+            d_kv=16,
+            d_ff=48,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            decoder_start_token_id=0,
+            vocab_size=len(VOCAB),
+            pad_token_id=0,
+            eos_token_id=6,
+        )
         cfg.architectures = ["T5ForConditionalGeneration"]
         return cfg
     raise ValueError(f"unknown tiny model kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -81,13 +150,26 @@ def _model_class(kind: str):
     import transformers as tf
 
     return {
-        "bert": tf.BertForSequenceClassification, "roberta": tf.RobertaForSequenceClassification,
-        "gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "t5": tf.T5ForConditionalGeneration,
+        "bert": tf.BertForSequenceClassification,
+        "roberta": tf.RobertaForSequenceClassification,
+        "gpt2": tf.GPT2LMHeadModel,
+        "llama": tf.LlamaForCausalLM,
+        "t5": tf.T5ForConditionalGeneration,
     }[kind]
 
 
-def make_population(kind: str, root: str, n: int, *, seed: int = 0, noise: float = 0.05, dtype=torch.float32,
-                    num_labels: int = 3, multi_label: bool = False, save_base: bool = False) -> list[str]:
+def make_population(
+    kind: str,
+    root: str,
+    n: int,
+    *,
+    seed: int = 0,
+    noise: float = 0.05,
+    dtype=torch.float32,
+    num_labels: int = 3,
+    multi_label: bool = False,
+    save_base: bool = False,
+) -> list[str]:
     """n model directories under root: one seeded base model plus a different seeded perturbation each.
     With save_base, the unperturbed ancestor is written too, as root/<kind>-base."""
     config = make_config(kind, num_labels=num_labels, multi_label=multi_label)

@@ -60,8 +60,9 @@ def _evaluator(tmp_path, metric, early, sizes=(37, 23), num_labels=4, seed=0):
     config = tiny_models.make_config("bert", num_labels=num_labels, multi_label=multi_label)
     tok = tiny_models.make_tokenizer("bert")
     dev = _dev_files(tmp_path, sizes, num_labels, multi_label, seed)
-    return Evaluator("sequence-classification", tok, dev, config=config, metric=metric, batch_size=5,
-                     early_reject=early)
+    return Evaluator(
+        "sequence-classification", tok, dev, config=config, metric=metric, batch_size=5, early_reject=early
+    )
 
 
 def _table_model(ev: Evaluator, preds: list[torch.Tensor], sure: torch.Generator | None = None) -> TableModel:
@@ -99,8 +100,15 @@ def test_early_decisions_equal_full_decisions(tmp_path, metric):
     full score exactly when the early scorer lets it complete and it beats it; a completed early scoring equals
     the full one (score, per-file scores, outcomes); an early stop's score bounds the full score from above."""
     early = _evaluator(tmp_path, metric, early=True)
-    full = Evaluator("sequence-classification", early.tokenizer, early.dev_paths, config=_config(metric),
-                     metric=metric, batch_size=5, early_reject=False)
+    full = Evaluator(
+        "sequence-classification",
+        early.tokenizer,
+        early.dev_paths,
+        config=_config(metric),
+        metric=metric,
+        batch_size=5,
+        early_reject=False,
+    )
     rng = torch.Generator().manual_seed(1)
     stopped = completed = 0
     fewer = []
@@ -112,8 +120,13 @@ def test_early_decisions_equal_full_decisions(tmp_path, metric):
             cand = _table_model(early, _random_preds(early, rng, 0.3 + 0.6 * (trial % 7) / 6))
         else:  # an offspring: the rival's predictions, a few of them changed
             other = _random_preds(early, rng, 0.5)
-            cand = _table_model(early, [torch.where(_rows(torch.rand(r.shape[0], generator=rng) < 0.1, r), o, r)
-                                        for r, o in zip(rival_preds, other)])
+            cand = _table_model(
+                early,
+                [
+                    torch.where(_rows(torch.rand(r.shape[0], generator=rng) < 0.1, r), o, r)
+                    for r, o in zip(rival_preds, other)
+                ],
+            )
         for ties_win in (False, True):
             # the rival's own score, and scores just around the candidate's, so that ties and near-misses occur
             cand_full = full(cand, Rival(rival_fit.outcomes, rival_fit.score, ties_win))
@@ -126,7 +139,11 @@ def test_early_decisions_equal_full_decisions(tmp_path, metric):
                 assert all(got.per_file[k] >= v for k, v in got_full.per_file.items())
                 if got.complete:
                     completed += 1
-                    assert (got.score, got.per_file, got.outcomes) == (got_full.score, got_full.per_file, got_full.outcomes)
+                    assert (got.score, got.per_file, got.outcomes) == (
+                        got_full.score,
+                        got_full.per_file,
+                        got_full.outcomes,
+                    )
                 else:
                     stopped += 1
                     assert got.outcomes is None and got.scored < got.total
@@ -169,8 +186,13 @@ def test_rival_order_wrong_first_then_right_least_sure_first(tmp_path):
     assert seen == [(n, j) for n, f in enumerate(ev.files) for j in range(len(f.examples))]
     for n, f in enumerate(ev.files):
         for phase in range(8):
-            lengths = [len(f.enc["input_ids"][int(j)]) for m, b in order if m == n for j in b["index"]
-                       if group(n, int(j)) == phase]
+            lengths = [
+                len(f.enc["input_ids"][int(j)])
+                for m, b in order
+                if m == n
+                for j in b["index"]
+                if group(n, int(j)) == phase
+            ]
             assert lengths == sorted(lengths)
 
 
@@ -234,16 +256,21 @@ def _same_run(a, b, doc_a, doc_b):
     assert decisions(doc_a) == decisions(doc_b)
     assert (doc_a["final_fitness"], doc_a["final_per_file"]) == (doc_b["final_fitness"], doc_b["final_per_file"])
     # --early-reject does not define the result: it is not among the recorded options
-    assert {k: v for k, v in doc_a["config"].items() if k != "out"} == {k: v for k, v in doc_b["config"].items() if k != "out"}
+    assert {k: v for k, v in doc_a["config"].items() if k != "out"} == {
+        k: v for k, v in doc_b["config"].items() if k != "out"
+    }
     assert "early_reject" not in doc_a["config"]
 
 
-@pytest.mark.parametrize("fitness,schedule,extra", [
-    ("merged", "sequential", ["--metric", "macro-f1"]),
-    ("individual", "sequential", ["--metric", "accuracy", "--accept-ties"]),
-    ("individual", "synchronous", ["--metric", "macro-f1"]),
-    ("merged", "synchronous", ["--metric", "accuracy", "--accept-ties"]),
-])
+@pytest.mark.parametrize(
+    "fitness,schedule,extra",
+    [
+        ("merged", "sequential", ["--metric", "macro-f1"]),
+        ("individual", "sequential", ["--metric", "accuracy", "--accept-ties"]),
+        ("individual", "synchronous", ["--metric", "macro-f1"]),
+        ("merged", "synchronous", ["--metric", "accuracy", "--accept-ties"]),
+    ],
+)
 def test_evolve_same_bytes_with_and_without_early_rejection(bert_pop, tmp_path, fitness, schedule, extra):
     models, dev = bert_pop
     args = ["--fitness", fitness, "--schedule", schedule, "--batch-size", "8", *extra]
@@ -252,7 +279,11 @@ def test_evolve_same_bytes_with_and_without_early_rejection(bert_pop, tmp_path, 
     _same_run(tmp_path / "on", tmp_path / "off", on, off)
     assert on["early_reject"] == "on" and off["early_reject"] == "off"
     full = sum(g["examples_full"] for g in on["generations"])
-    assert full == sum(g["examples_scored"] for g in off["generations"]) == sum(g["examples_full"] for g in off["generations"])
+    assert (
+        full
+        == sum(g["examples_scored"] for g in off["generations"])
+        == sum(g["examples_full"] for g in off["generations"])
+    )
     assert sum(g["examples_scored"] for g in on["generations"]) < full  # something was rejected early
     # generation 0 scores the initial population in full
     assert on["generations"][0]["examples_scored"] == on["generations"][0]["examples_full"] > 0
@@ -288,8 +319,12 @@ def test_resume_with_early_rejection_switched(bert_pop, tmp_path):
     import sys
 
     # killed after the initial population and one offspring: state.json holds the records
-    killed = subprocess.run([sys.executable, KILL_RUN, "save", "3", "--", *first, "--generations", "3"], capture_output=True,
-                            text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})
+    killed = subprocess.run(
+        [sys.executable, KILL_RUN, "save", "3", "--", *first, "--generations", "3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EVOLVER_PROGRESS": "0"},
+    )
     assert killed.returncode < 0, killed.stderr[-2000:]
     with open(tmp_path / "r" / "checkpoint" / "state.json") as f:
         state = json.load(f)

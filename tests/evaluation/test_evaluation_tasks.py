@@ -29,8 +29,10 @@ def tiny(tmp_path_factory):
     """kind -> (model directory, dev file) for one tiny model of each task."""
     root = tmp_path_factory.mktemp("tasks")
     return {
-        kind: (tiny_models.make_population(kind, str(root / kind), 1)[0],
-               tiny_models.write_jsonl(str(root / kind / "dev.jsonl"), rows(12, 3)))
+        kind: (
+            tiny_models.make_population(kind, str(root / kind), 1)[0],
+            tiny_models.write_jsonl(str(root / kind / "dev.jsonl"), rows(12, 3)),
+        )
         for kind, rows in ROWS.items()
     }
 
@@ -134,7 +136,9 @@ def test_user_function_returning_no_number_is_a_user_error(tiny, user_module, fn
     model, tok, _ = _load(tiny, "gpt2")
     ev = Evaluator(f"{user_module}:{fn}", tok, ["anything"], config=model.config)
     assert isinstance(ev.task_evaluator, evaluation.UserFunctionEvaluator)
-    with pytest.raises(UserError, match=f"^task {user_module}:{fn}: the function returned {shown}; it must return a number"):
+    with pytest.raises(
+        UserError, match=f"^task {user_module}:{fn}: the function returned {shown}; it must return a number"
+    ):
         ev(model)
 
 

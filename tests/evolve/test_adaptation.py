@@ -33,8 +33,28 @@ def test_unknown_adaptation_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("fitness,schedule", [("individual", "sequential"), ("merged", "synchronous")])
 def test_jde_run_keeps_the_values_of_accepted_offspring(bert_pop, tmp_path, fitness, schedule):
     models, dev = bert_pop
-    argv = ["--models", *models, "--dev", *dev, "--out", str(tmp_path / "out"), "--generations", "4", "--seed", "3",
-            "--fitness", fitness, "--schedule", schedule, "--adapt", "jde", "--F", "0.6", "--CR", "0.4"]
+    argv = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--out",
+        str(tmp_path / "out"),
+        "--generations",
+        "4",
+        "--seed",
+        "3",
+        "--fitness",
+        fitness,
+        "--schedule",
+        schedule,
+        "--adapt",
+        "jde",
+        "--F",
+        "0.6",
+        "--CR",
+        "0.4",
+    ]
     assert main(argv) == 0
     doc = json.loads((tmp_path / "out" / "evolution.json").read_text())
     assert doc["config"]["adapt"] == "jde"

@@ -27,7 +27,9 @@ def _weights(out):
 
 def _same_weights(a, b):
     wa, wb = _weights(a), _weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k].view(-1).view(torch.uint8), wb[k].view(-1).view(torch.uint8)) for k in wa)
+    return wa.keys() == wb.keys() and all(
+        torch.equal(wa[k].view(-1).view(torch.uint8), wb[k].view(-1).view(torch.uint8)) for k in wa
+    )
 
 
 def _check_outputs(out, auto_class):
@@ -47,8 +49,10 @@ def _check_outputs(out, auto_class):
     return doc
 
 
-@pytest.mark.parametrize("fitness,schedule", [("merged", "sequential"), ("individual", "synchronous"),
-                                              ("individual", "sequential"), ("merged", "synchronous")])
+@pytest.mark.parametrize(
+    "fitness,schedule",
+    [("merged", "sequential"), ("individual", "synchronous"), ("individual", "sequential"), ("merged", "synchronous")],
+)
 def test_sequence_classification_end_to_end(bert_pop, tmp_path, fitness, schedule):
     models, dev = bert_pop
     doc = _run(models, dev, tmp_path / "out", "--fitness", fitness, "--schedule", schedule, "--metric", "macro-f1")
@@ -84,8 +88,19 @@ def test_same_seed_same_bytes_on_every_tier_and_backend(bert_pop, tmp_path):
     models, dev = bert_pop
     a = _run(models, dev, tmp_path / "a", "--fitness", "individual")
     assert sum(len(g["accepted"]) for g in a["generations"]) > 0, "the test population must accept something"
-    _run(models, dev, tmp_path / "b", "--fitness", "individual", "--population-on", "cpu", "--backend", "reference",
-         "--chunk-elements", "4096")
+    _run(
+        models,
+        dev,
+        tmp_path / "b",
+        "--fitness",
+        "individual",
+        "--population-on",
+        "cpu",
+        "--backend",
+        "reference",
+        "--chunk-elements",
+        "4096",
+    )
     assert _same_weights(tmp_path / "a", tmp_path / "b")
     _run(models, dev, tmp_path / "d", "--fitness", "individual", "--population-on", "disk", "--chunk-elements", "1024")
     assert _same_weights(tmp_path / "a", tmp_path / "d")
@@ -98,12 +113,15 @@ def test_same_seed_same_bytes_on_every_tier_and_backend(bert_pop, tmp_path):
     assert not _same_weights(tmp_path / "a", tmp_path / "c")
 
 
-@pytest.mark.parametrize("kind,auto,extra", [
-    ("gpt2", "AutoModelForCausalLM", ["--fitness", "individual"]),
-    ("llama", "AutoModelForCausalLM", ["--schedule", "synchronous"]),
-    ("t5", "AutoModelForSeq2SeqLM", ["--fitness", "individual"]),
-    ("t5", "AutoModelForSeq2SeqLM", ["--metric", "exact-match"]),
-])
+@pytest.mark.parametrize(
+    "kind,auto,extra",
+    [
+        ("gpt2", "AutoModelForCausalLM", ["--fitness", "individual"]),
+        ("llama", "AutoModelForCausalLM", ["--schedule", "synchronous"]),
+        ("t5", "AutoModelForSeq2SeqLM", ["--fitness", "individual"]),
+        ("t5", "AutoModelForSeq2SeqLM", ["--metric", "exact-match"]),
+    ],
+)
 def test_generative_tasks_end_to_end(tmp_path, kind, auto, extra):
     models = tiny_models.make_population(kind, str(tmp_path), 3, noise=0.1)
     rows = tiny_models.seq2seq_rows(24, 1) if kind == "t5" else tiny_models.lm_rows(24, 1)
@@ -130,8 +148,9 @@ def test_multilabel_classification(tmp_path):
 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    report = Evaluator("sequence-classification", tokenizer, dev, config=model.config,
-                       threshold=0.05).classification_report(model)
+    report = Evaluator(
+        "sequence-classification", tokenizer, dev, config=model.config, threshold=0.05
+    ).classification_report(model)
     assert doc["final_fitness"] == pytest.approx(report[dev[0]]["multilabel-f1"], abs=1e-12)
     assert 0 < doc["final_fitness"] <= 1
 
@@ -141,8 +160,18 @@ def test_yaml_config_with_flag_override(bert_pop, tmp_path):
 
     models, dev = bert_pop
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"models": models, "dev": dev, "out": str(tmp_path / "out"), "generations": 5,
-                                   "fitness": "individual", "population-on": "cpu"}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "models": models,
+                "dev": dev,
+                "out": str(tmp_path / "out"),
+                "generations": 5,
+                "fitness": "individual",
+                "population-on": "cpu",
+            }
+        )
+    )
     assert main(["--config", str(cfg), "--generations", "1"]) == 0
     doc = json.loads((tmp_path / "out" / "evolution.json").read_text())
     assert doc["config"]["generations"] == 1 and doc["config"]["population_on"] == "cpu"
@@ -151,31 +180,69 @@ def test_yaml_config_with_flag_override(bert_pop, tmp_path):
 def test_help_lists_every_pinned_flag_with_defaults():
     out = subprocess.run([sys.executable, "-m", "evolver_kernels.evolve", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for flag in ["--models", "--dev", "--task", "--out", "--generations", "--population-size", "--strategy",
-                 "--fitness", "--schedule", "--F", "--CR", "--seed", "--population-on", "--device", "--resume", "--config"]:
+    for flag in [
+        "--models",
+        "--dev",
+        "--task",
+        "--out",
+        "--generations",
+        "--population-size",
+        "--strategy",
+        "--fitness",
+        "--schedule",
+        "--F",
+        "--CR",
+        "--seed",
+        "--population-on",
+        "--device",
+        "--resume",
+        "--config",
+    ]:
         assert flag in out.stdout, flag
     assert "(default: 0.5)" in out.stdout
 
 
-
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("fitness,schedule,kill_after,tier,extra", [
-    ("individual", "sequential", 7, "gpu", []), ("merged", "sequential", 5, "cpu", []),
-    ("merged", "synchronous", 6, "gpu", []), ("individual", "synchronous", 9, "gpu", []),
-    ("merged", "sequential", 8, "disk", []), ("individual", "sequential", 6, "disk", []),
-    # jDE's F and CR are in the checkpoint; killed in generation 2, then while choosing on the selection data
-    ("individual", "sequential", 11, "gpu", ["--adapt", "jde", "--seed", "3", "--select-fraction", "0.25"]),
-    ("individual", "sequential", 18, "gpu", ["--adapt", "jde", "--seed", "3", "--select-fraction", "0.25"]),
-])
+@pytest.mark.parametrize(
+    "fitness,schedule,kill_after,tier,extra",
+    [
+        ("individual", "sequential", 7, "gpu", []),
+        ("merged", "sequential", 5, "cpu", []),
+        ("merged", "synchronous", 6, "gpu", []),
+        ("individual", "synchronous", 9, "gpu", []),
+        ("merged", "sequential", 8, "disk", []),
+        ("individual", "sequential", 6, "disk", []),
+        # jDE's F and CR are in the checkpoint; killed in generation 2, then while choosing on the selection data
+        ("individual", "sequential", 11, "gpu", ["--adapt", "jde", "--seed", "3", "--select-fraction", "0.25"]),
+        ("individual", "sequential", 18, "gpu", ["--adapt", "jde", "--seed", "3", "--select-fraction", "0.25"]),
+    ],
+)
 def test_resume_after_kill_gives_the_same_bytes(bert_pop, tmp_path, fitness, schedule, kill_after, tier, extra):
     models, dev = bert_pop
-    args = ["--models", *models, "--dev", *dev, "--generations", "3", "--seed", "11", "--fitness", fitness,
-            "--schedule", schedule, "--population-on", tier, *extra]
-    _run(models, dev, tmp_path / "straight", *args[args.index("--generations"):])
-    killed = subprocess.run([sys.executable, KILL_RUN, "evaluate", str(kill_after), "--", *args, "--out", str(tmp_path / "k")],
-                            capture_output=True, text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})
+    args = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--generations",
+        "3",
+        "--seed",
+        "11",
+        "--fitness",
+        fitness,
+        "--schedule",
+        schedule,
+        "--population-on",
+        tier,
+        *extra,
+    ]
+    _run(models, dev, tmp_path / "straight", *args[args.index("--generations") :])
+    killed = subprocess.run(
+        [sys.executable, KILL_RUN, "evaluate", str(kill_after), "--", *args, "--out", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EVOLVER_PROGRESS": "0"},
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "k" / "evolution.json").exists()
     assert main([*args, "--out", str(tmp_path / "k"), "--resume"]) == 0
@@ -195,11 +262,14 @@ def test_sequential_schedule_refuses_several_ranks(bert_pop, tmp_path, monkeypat
     assert "2 ranks need --schedule synchronous" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method,extra,kw", [
-    ("ties", ["--merge-density", "0.4"], {"density": 0.4}),
-    ("dare_linear", ["--merge-scale", "0.5", "--merge-drop-p", "0.3"], {"scale": 0.5, "drop_p": 0.3}),
-    ("task_arithmetic", [], {}),
-])
+@pytest.mark.parametrize(
+    "method,extra,kw",
+    [
+        ("ties", ["--merge-density", "0.4"], {"density": 0.4}),
+        ("dare_linear", ["--merge-scale", "0.5", "--merge-drop-p", "0.3"], {"scale": 0.5, "drop_p": 0.3}),
+        ("task_arithmetic", [], {}),
+    ],
+)
 def test_merged_fitness_with_other_merge_methods(bert_pop, tmp_path, method, extra, kw):
     from evolver_kernels.io import model_io
     from evolver_kernels.kernels.rng import PURPOSE_MERGE, derive_seed
@@ -235,24 +305,42 @@ def test_fisher_and_regmean_merged_fitness_resume_exactly(bert_pop, tmp_path, me
     """Statistics estimated once on the dev data, kept with the checkpoint: a run killed after them resumes
     to the same bytes as a straight run; the merge differs from the plain average."""
     models, dev = bert_pop
-    args = ["--models", *models, "--dev", *dev, "--generations", "2", "--seed", "5", "--merge-method", method,
-            "--merge-examples", "24", *(["--merge-alpha", "0.7"] if method == "regmean" else [])]
-    doc = _run(models, dev, tmp_path / "straight", *args[args.index("--merge-method"):], "--seed", "5")
+    args = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--generations",
+        "2",
+        "--seed",
+        "5",
+        "--merge-method",
+        method,
+        "--merge-examples",
+        "24",
+        *(["--merge-alpha", "0.7"] if method == "regmean" else []),
+    ]
+    doc = _run(models, dev, tmp_path / "straight", *args[args.index("--merge-method") :], "--seed", "5")
     fits = [g["population_fitness"] for g in doc["generations"]]
     assert fits == sorted(fits)
     assert ("Fisher" if method == "fisher" else "RegMean") in doc["output"]
     assert not [f for f in os.listdir(tmp_path / "straight" / "checkpoint") if f.endswith("-stats.safetensors")]
-    killed = subprocess.run([sys.executable, KILL_RUN, "evaluate", "3", "--", *args, "--out", str(tmp_path / "k")],
-                            capture_output=True, text=True, env={**os.environ, "EVOLVER_PROGRESS": "0"})
+    killed = subprocess.run(
+        [sys.executable, KILL_RUN, "evaluate", "3", "--", *args, "--out", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EVOLVER_PROGRESS": "0"},
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert os.path.isfile(tmp_path / "k" / "checkpoint" / f"{method}-stats.safetensors")
     assert main([*args, "--out", str(tmp_path / "k"), "--resume"]) == 0
     assert _same_weights(tmp_path / "straight", tmp_path / "k")
     _run(models, dev, tmp_path / "avg", "--generations", "0")
-    _run(models, dev, tmp_path / "g0", *args[args.index("--merge-method"):], "--generations", "0")
+    _run(models, dev, tmp_path / "g0", *args[args.index("--merge-method") :], "--generations", "0")
     avg, got = _weights(tmp_path / "avg"), _weights(tmp_path / "g0")
-    assert not torch.equal(avg["bert.encoder.layer.0.attention.self.query.weight"],
-                           got["bert.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        avg["bert.encoder.layer.0.attention.self.query.weight"], got["bert.encoder.layer.0.attention.self.query.weight"]
+    )
     if method == "regmean":  # only linear weights are solved for; the rest is the average
         assert torch.equal(avg["bert.embeddings.word_embeddings.weight"], got["bert.embeddings.word_embeddings.weight"])
 
@@ -287,8 +375,17 @@ def test_extra_individuals_join_the_population(bert_pop, tmp_path, monkeypatch):
     (tmp_path / "to_ties.py").write_text(CLOSENESS.format(path=str(tmp_path / "ties.safetensors")))
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("to_ties", None)
-    args = ["--fitness", "individual", "--extra-individuals", "average", "ties", "--base-model", base_dir,
-            "--merge-density", "0.3"]
+    args = [
+        "--fitness",
+        "individual",
+        "--extra-individuals",
+        "average",
+        "ties",
+        "--base-model",
+        base_dir,
+        "--merge-density",
+        "0.3",
+    ]
     doc = _run(models[:2], dev, tmp_path / "g0", *args, "--generations", "0", "--task", "to_ties:closeness")
     fits = doc["generations"][0]["population_fitness"]
     assert len(fits) == 4 and fits[3] == 0.0 and max(fits[:3]) < 0
@@ -315,8 +412,13 @@ def test_extra_individuals_errors(bert_pop, tmp_path, capsys):
     assert "--merge-alpha must be in [0, 1]" in capsys.readouterr().err
 
 
-BERT_MAP = {"bert.embeddings": "cpu", "bert.encoder.layer.0": "cpu", "bert.encoder.layer.1": "cpu",
-            "bert.pooler": "cpu", "classifier": "cpu"}
+BERT_MAP = {
+    "bert.embeddings": "cpu",
+    "bert.encoder.layer.0": "cpu",
+    "bert.encoder.layer.1": "cpu",
+    "bert.pooler": "cpu",
+    "classifier": "cpu",
+}
 
 
 @pytest.mark.parametrize("fitness", ["merged", "individual"])
@@ -350,17 +452,30 @@ def test_device_map_over_gpu_and_cpu(bert_pop, tmp_path):
         assert len(doc["generations"]) == 3
 
 
-@pytest.mark.parametrize("mapping,message", [
-    ({"bert.nothing": "cpu"}, "the model has no module 'bert.nothing'"),
-    ({"": "disk"}, "disk offload is not supported"),
-    ({"": "cuda:7"}, "but torch sees"),
-    ([], "must be a non-empty JSON object"),
-])
+@pytest.mark.parametrize(
+    "mapping,message",
+    [
+        ({"bert.nothing": "cpu"}, "the model has no module 'bert.nothing'"),
+        ({"": "disk"}, "disk offload is not supported"),
+        ({"": "cuda:7"}, "but torch sees"),
+        ([], "must be a non-empty JSON object"),
+    ],
+)
 def test_device_map_errors(bert_pop, tmp_path, capsys, mapping, message):
     models, dev = bert_pop
     (tmp_path / "map.json").write_text(json.dumps(mapping))
-    argv = ["--models", *models, "--dev", *dev, "--out", str(tmp_path / "o"), "--population-on", "cpu",
-            "--device-map", str(tmp_path / "map.json")]
+    argv = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--out",
+        str(tmp_path / "o"),
+        "--population-on",
+        "cpu",
+        "--device-map",
+        str(tmp_path / "map.json"),
+    ]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert main([*argv[:-4], "--device-map", str(tmp_path / "map.json")]) == 2
@@ -377,10 +492,29 @@ def test_ranks_refusing_their_inputs_exit_with_the_error(bert_pop, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          "-m", "evolver_kernels.evolve", "--models", *models, "--dev", *dev, "--out",
-                          str(tmp_path / "o"), "--schedule", "sequential"],
-                         check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "-m",
+            "evolver_kernels.evolve",
+            "--models",
+            *models,
+            "--dev",
+            *dev,
+            "--out",
+            str(tmp_path / "o"),
+            "--schedule",
+            "sequential",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode != 0
     assert "2 ranks need --schedule synchronous" in out.stderr
     assert "exitcode  : 2" in out.stderr and "SIGABRT" not in out.stderr, out.stderr[-3000:]

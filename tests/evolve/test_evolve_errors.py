@@ -69,14 +69,17 @@ def test_different_architectures(pop, tmp_path, capsys):
     assert "must share one architecture" in _error(capsys, _args([models[0], gpt], dev, tmp_path / "o"))
 
 
-@pytest.mark.parametrize("content,message", [
-    ("", "no examples"),
-    ('{"text": "good day", "label": 2}\n{"text": "bad", \n', "dev.jsonl:2: not valid JSON"),
-    ('{"text": "good day", "label": 2}\n{"text": "bad day"}\n', "dev.jsonl:2: missing label"),
-    ('{"text": "good day", "label": 7}\n', "dev.jsonl:1: label 7 outside the model's head (num_labels = 3)"),
-    ('{"text": "good day", "label": "joy"}\n', "dev.jsonl:1: unknown label 'joy'"),
-    ('[1, 2]\n', "dev.jsonl:1: each line must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "no examples"),
+        ('{"text": "good day", "label": 2}\n{"text": "bad", \n', "dev.jsonl:2: not valid JSON"),
+        ('{"text": "good day", "label": 2}\n{"text": "bad day"}\n', "dev.jsonl:2: missing label"),
+        ('{"text": "good day", "label": 7}\n', "dev.jsonl:1: label 7 outside the model's head (num_labels = 3)"),
+        ('{"text": "good day", "label": "joy"}\n', "dev.jsonl:1: unknown label 'joy'"),
+        ("[1, 2]\n", "dev.jsonl:1: each line must be a JSON object"),
+    ],
+)
 def test_malformed_data_names_file_and_line(pop, tmp_path, capsys, content, message):
     _, models, _ = pop
     bad = tmp_path / "dev.jsonl"
@@ -88,8 +91,19 @@ def test_csv_and_tsv_inputs_with_label_names(pop, tmp_path):
     _, models, _ = pop
     (tmp_path / "d.csv").write_text('text,label\n"good day, really",label2\nbad day,label0\n')
     (tmp_path / "d.tsv").write_text("text\tlabel\ngood day\t2\nbad day\t0\n")
-    assert main(_args(models, str(tmp_path / "d.csv"), tmp_path / "o", "--dev", str(tmp_path / "d.csv"),
-                      str(tmp_path / "d.tsv"))) == 0
+    assert (
+        main(
+            _args(
+                models,
+                str(tmp_path / "d.csv"),
+                tmp_path / "o",
+                "--dev",
+                str(tmp_path / "d.csv"),
+                str(tmp_path / "d.tsv"),
+            )
+        )
+        == 0
+    )
 
 
 def test_csv_error_line_counts_header(pop, tmp_path, capsys):
@@ -98,25 +112,37 @@ def test_csv_error_line_counts_header(pop, tmp_path, capsys):
     assert "d.csv:3: label 9 outside" in _error(capsys, _args(models, str(tmp_path / "d.csv"), tmp_path / "o"))
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--strategy", "rand/1"], "--strategy rand/1 needs a population of at least 4, got 3"),
-    (["--F", "0"], "--F must be in (0, 2]"),
-    (["--F", "nan"], "--F must be in (0, 2]"),
-    (["--CR", "1.5"], "--CR must be in [0, 1]"),
-    (["--generations", "-1"], "--generations must be a non-negative integer"),
-    (["--population-size", "2"], "--population-size 2 is smaller than the 3 models plus 0 extra individuals"),
-    (["--merge-density", "0.5"], "--merge-density does not apply to average"),
-    (["--strategy", "best/1", "--population-size", "4"], "--strategy best/1 needs per-individual fitness"),
-    (["--strategy", "best/1", "--fitness", "individual"], "--strategy best/1 needs a population of at least 4, got 3"),
-    (["--metric", "neg-loss"], "--metric 'neg-loss' does not apply to sequence-classification"),
-    (["--task", "nosuchmodule:fn"], "cannot import module 'nosuchmodule'"),
-    (["--chunk-elements", "100"], "--chunk-elements must be a multiple of 64"),
-    (["--merge-method", "ties"], "--merge-method ties needs --base-model"),
-    (["--merge-method", "ties", "--fitness", "individual"], "--merge-method ties applies to --fitness merged"),
-    (["--merge-method", "ties", "--base-model", "/nope"], "--base-model /nope: no such directory"),
-    (["--merge-method", "dare_ties", "--base-model", "{m0}", "--merge-drop-p", "1"], "--merge-drop-p must be in [0, 1)"),
-    (["--merge-method", "ties", "--base-model", "{m0}", "--merge-density", "0"], "--merge-density must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--strategy", "rand/1"], "--strategy rand/1 needs a population of at least 4, got 3"),
+        (["--F", "0"], "--F must be in (0, 2]"),
+        (["--F", "nan"], "--F must be in (0, 2]"),
+        (["--CR", "1.5"], "--CR must be in [0, 1]"),
+        (["--generations", "-1"], "--generations must be a non-negative integer"),
+        (["--population-size", "2"], "--population-size 2 is smaller than the 3 models plus 0 extra individuals"),
+        (["--merge-density", "0.5"], "--merge-density does not apply to average"),
+        (["--strategy", "best/1", "--population-size", "4"], "--strategy best/1 needs per-individual fitness"),
+        (
+            ["--strategy", "best/1", "--fitness", "individual"],
+            "--strategy best/1 needs a population of at least 4, got 3",
+        ),
+        (["--metric", "neg-loss"], "--metric 'neg-loss' does not apply to sequence-classification"),
+        (["--task", "nosuchmodule:fn"], "cannot import module 'nosuchmodule'"),
+        (["--chunk-elements", "100"], "--chunk-elements must be a multiple of 64"),
+        (["--merge-method", "ties"], "--merge-method ties needs --base-model"),
+        (["--merge-method", "ties", "--fitness", "individual"], "--merge-method ties applies to --fitness merged"),
+        (["--merge-method", "ties", "--base-model", "/nope"], "--base-model /nope: no such directory"),
+        (
+            ["--merge-method", "dare_ties", "--base-model", "{m0}", "--merge-drop-p", "1"],
+            "--merge-drop-p must be in [0, 1)",
+        ),
+        (
+            ["--merge-method", "ties", "--base-model", "{m0}", "--merge-density", "0"],
+            "--merge-density must be in (0, 1]",
+        ),
+    ],
+)
 def test_bad_options(pop, tmp_path, capsys, extra, message):
     _, models, dev = pop
     extra = [a.replace("{m0}", models[0]) for a in extra]
@@ -210,7 +236,9 @@ def test_existing_checkpoint_needs_resume_and_same_config(pop, tmp_path, capsys)
     finally:
         ev.Run.evaluate = original
     assert "pass --resume" in _error(capsys, _args(models, dev, tmp_path / "i"))
-    assert "--resume with a different configuration: CR" in _error(capsys, _args(models, dev, tmp_path / "i", "--resume", "--CR", "0.3"))
+    assert "--resume with a different configuration: CR" in _error(
+        capsys, _args(models, dev, tmp_path / "i", "--resume", "--CR", "0.3")
+    )
     assert main(_args(models, dev, tmp_path / "i", "--resume")) == 0
 
 
@@ -241,8 +269,20 @@ def test_backend_that_cannot_run_on_the_device_stops_before_loading(pop, tmp_pat
 def test_backend_checked_on_every_device_map_device(pop, tmp_path, capsys):
     _, models, dev = pop
     (tmp_path / "map.json").write_text(json.dumps({"": "cpu"}))
-    err = _error(capsys, _args(models, dev, tmp_path / "o", "--population-on", "cpu", "--backend", "cuda",
-                               "--device-map", str(tmp_path / "map.json")))
+    err = _error(
+        capsys,
+        _args(
+            models,
+            dev,
+            tmp_path / "o",
+            "--population-on",
+            "cpu",
+            "--backend",
+            "cuda",
+            "--device-map",
+            str(tmp_path / "map.json"),
+        ),
+    )
     assert "--backend cuda cannot run on cpu (--device-map places modules there)" in err
 
 
@@ -250,7 +290,9 @@ def test_unknown_backend_in_a_config_file(pop, tmp_path, capsys):
     _, models, dev = pop
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps({"models": models, "dev": [dev], "out": str(tmp_path / "o"), "backend": "fast"}))
-    assert "run.yaml: backend must be one of reference, cpu, triton, cuda, got 'fast'" in _error(capsys, ["--config", str(cfg)])
+    assert "run.yaml: backend must be one of reference, cpu, triton, cuda, got 'fast'" in _error(
+        capsys, ["--config", str(cfg)]
+    )
 
 
 def test_library_errors_name_their_arguments_and_the_cli_its_flags(pop, tmp_path, capsys):

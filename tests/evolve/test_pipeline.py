@@ -13,8 +13,11 @@ from evolver_kernels.testing import tiny_models
 
 
 def _population(n=4, dtype_mix=True, seed=0):
-    params = [(("b.weight",), torch.float32, (7, 5)), (("a.bias",), torch.float32, (3,)),
-              (("emb.weight", "head.weight"), torch.bfloat16 if dtype_mix else torch.float32, (11, 9))]
+    params = [
+        (("b.weight",), torch.float32, (7, 5)),
+        (("a.bias",), torch.float32, (3,)),
+        (("emb.weight", "head.weight"), torch.bfloat16 if dtype_mix else torch.float32, (11, 9)),
+    ]
     layout = Layout.from_params(params)
     pop = MemoryPopulation(layout, n, "cpu")
     gen = torch.Generator().manual_seed(seed)
@@ -31,8 +34,13 @@ def test_layout_is_canonical_aligned_and_ties_once():
     assert all(e.offset % ALIGN == 0 for e in layout.entries)
     assert set(layout.groups) == {"float32", "bfloat16"}
     assert layout.groups["bfloat16"][0] == 0 and layout.groups["float32"][0] == layout.groups["bfloat16"][1]
-    shuffled = Layout.from_params([(("head.weight", "emb.weight"), torch.bfloat16, (11, 9)),
-                                   (("b.weight",), torch.float32, (7, 5)), (("a.bias",), torch.float32, (3,))])
+    shuffled = Layout.from_params(
+        [
+            (("head.weight", "emb.weight"), torch.bfloat16, (11, 9)),
+            (("b.weight",), torch.float32, (7, 5)),
+            (("a.bias",), torch.float32, (3,)),
+        ]
+    )
     assert shuffled.fingerprint() == layout.fingerprint()
 
 
@@ -59,10 +67,13 @@ def test_offspring_matches_reference_for_any_chunk(chunk, strategy, picks):
     WeightPipeline(pop, "cpu", chunk=chunk).offspring_into(spec, out)
     base_i, a_i, b_i = spec.roles()
     for g, (base_index, _) in layout.groups.items():
+
         def buf(k, g=g):
             return pop.arenas[k].buffers[g]
-        want = de_mutate_crossover_reference(buf(1), buf(base_i), buf(a_i), buf(b_i), F=0.5, CR=0.5, seed=1234,
-                                             offset=base_index)
+
+        want = de_mutate_crossover_reference(
+            buf(1), buf(base_i), buf(a_i), buf(b_i), F=0.5, CR=0.5, seed=1234, offset=base_index
+        )
         assert_bitwise_equal(out.buffers[g], want, g)
 
 
@@ -126,8 +137,12 @@ def test_staged_reads_give_the_same_bytes(method):
                 for b in bufs.values():
                     b.fill_(1.0 + k)
         pipe = WeightPipeline(pop, "cpu", chunk=64, staging=staged, merger=Merger(method, stats=fisher))
-        specs = [OffspringSpec(i=i, strategy="rand/1", picks=((i + 1) % 5, (i + 2) % 5, (i + 3) % 5), F=0.7, CR=0.4,
-                               seed=9 + i) for i in (1, 3)]
+        specs = [
+            OffspringSpec(
+                i=i, strategy="rand/1", picks=((i + 1) % 5, (i + 2) % 5, (i + 3) % 5), F=0.7, CR=0.4, seed=9 + i
+            )
+            for i in (1, 3)
+        ]
         single, merged = Arena.empty(layout), Arena.empty(layout)
         pipe.offspring_into(specs[0], single)
         pipe.merged_into(merged, replace=specs)

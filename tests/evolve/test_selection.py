@@ -70,8 +70,21 @@ def skewed(tmp_path_factory):
 
 
 def _evolve(models, dev, out, *extra):
-    argv = ["--models", *models, "--dev", *dev, "--out", str(out), "--generations", "2", "--seed", "3",
-            "--metric", "macro-f1", *extra]
+    argv = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--out",
+        str(out),
+        "--generations",
+        "2",
+        "--seed",
+        "3",
+        "--metric",
+        "macro-f1",
+        *extra,
+    ]
     return run_evolve(argv)
 
 
@@ -93,22 +106,33 @@ def test_select_fraction_returns_the_strong_expert_over_a_weak_merge(skewed, tmp
     assert selection["chosen"] == f"input model {models[2]}"
     assert scores[f"input model {models[2]}"] > scores["the run's result"] + 0.2
     assert doc["output"] == f"the input model {models[2]}, chosen on the selection data"
-    assert selection["margin_over_next_best"] == pytest.approx(scores[selection["chosen"]] - max(
-        s for n, s in scores.items() if n != selection["chosen"]))
+    assert selection["margin_over_next_best"] == pytest.approx(
+        scores[selection["chosen"]] - max(s for n, s in scores.items() if n != selection["chosen"])
+    )
     # the output is that model's bytes, and its recorded selection scores are what the Evaluator gives alone
-    out, want = load_file(tmp_path / "out" / "model.safetensors"), load_file(os.path.join(models[2], "model.safetensors"))
+    out, want = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(os.path.join(models[2], "model.safetensors")),
+    )
     assert out.keys() == want.keys() and all(torch.equal(out[k], want[k]) for k in out)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(models[0])
     config = model_io.load_config(models[0])
-    held = Evaluator("sequence-classification", tok, dev, config=config, metric="macro-f1",
-                     subset=HeldOut(0.3, seed=3).part(held_out=True))
+    held = Evaluator(
+        "sequence-classification",
+        tok,
+        dev,
+        config=config,
+        metric="macro-f1",
+        subset=HeldOut(0.3, seed=3).part(held_out=True),
+    )
     for m in models:
         assert _scores(m, held).score == scores[f"input model {m}"]
     # the search scored the other 70%: generation 0 scored the merged population once, on every searched example
-    searched = sum(len(HeldOut(0.3, 3).split(f, p, load_examples(p, "sequence-classification"))[0])
-                   for f, p in enumerate(dev))
+    searched = sum(
+        len(HeldOut(0.3, 3).split(f, p, load_examples(p, "sequence-classification"))[0]) for f, p in enumerate(dev)
+    )
     assert doc["generations"][0]["examples_full"] == searched
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Selection on held-out data" in card and f"**input model {models[2]}** won, by" in card
@@ -117,8 +141,19 @@ def test_select_fraction_returns_the_strong_expert_over_a_weak_merge(skewed, tmp
 def test_select_files_and_extra_individuals_are_candidates(skewed, tmp_path):
     models, dev = skewed
     select = tiny_models.write_jsonl(str(tmp_path / "select.jsonl"), tiny_models.sentiment_rows(60, 99))
-    doc = _evolve(models, dev, tmp_path / "out", "--fitness", "individual", "--select", select,
-                  "--extra-individuals", "ties", "--base-model", os.path.join(os.path.dirname(models[0]), "bert-base"))
+    doc = _evolve(
+        models,
+        dev,
+        tmp_path / "out",
+        "--fitness",
+        "individual",
+        "--select",
+        select,
+        "--extra-individuals",
+        "ties",
+        "--base-model",
+        os.path.join(os.path.dirname(models[0]), "bert-base"),
+    )
     names = [c["name"] for c in doc["selection"]["candidates"]]
     assert names[-1] == "ties merge of the input models" and len(names) == 6
     scores = [c["score"] for c in doc["selection"]["candidates"]]
@@ -136,16 +171,19 @@ def test_without_selection_data_nothing_changes(skewed, tmp_path):
     assert "Selection on held-out data" not in (tmp_path / "out" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--select-fraction", "0.2", "--select", "SELECT"], "--select and --select-fraction are two ways"),
-    (["--select-fraction", "1.5"], "--select-fraction must be in (0, 1), got 1.5"),
-    (["--select-fraction", "0"], "--select-fraction must be in (0, 1), got 0"),
-    (["--select", "DEV0"], "is also a --dev file: selection data must be held out"),
-    (["--select", "MISSING"], "--select MISSING: no such file or directory"),
-    (["--select", "BAD"], "--select BAD:2: not valid JSON"),
-    (["--select-fraction", "0.001"], "--select-fraction 0.001: DEV0 has"),
-    (["--select-fraction", "0.2", "--task", "tests.test_selection:user_fitness"], "--select-fraction cannot split"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--select-fraction", "0.2", "--select", "SELECT"], "--select and --select-fraction are two ways"),
+        (["--select-fraction", "1.5"], "--select-fraction must be in (0, 1), got 1.5"),
+        (["--select-fraction", "0"], "--select-fraction must be in (0, 1), got 0"),
+        (["--select", "DEV0"], "is also a --dev file: selection data must be held out"),
+        (["--select", "MISSING"], "--select MISSING: no such file or directory"),
+        (["--select", "BAD"], "--select BAD:2: not valid JSON"),
+        (["--select-fraction", "0.001"], "--select-fraction 0.001: DEV0 has"),
+        (["--select-fraction", "0.2", "--task", "tests.test_selection:user_fitness"], "--select-fraction cannot split"),
+    ],
+)
 def test_selection_errors_name_the_option(skewed, tmp_path, capsys, extra, message):
     models, dev = skewed
     bad = tmp_path / "bad.jsonl"
@@ -163,4 +201,3 @@ def test_selection_errors_name_the_option(skewed, tmp_path, capsys, extra, messa
 
 def user_fitness(model, tokenizer, dev_paths, device):
     return 0.0
-

@@ -56,15 +56,38 @@ def test_evolve_and_merge_take_hub_ids(bert_pop, hub, tmp_path):
     args = ["--models", *ids, "--dev", bert_pop.dev[0], "--generations", "1", "--seed", "3"]
     assert evolve_main([*args, "--out", str(tmp_path / "by-id")]) == 0
     assert evolve_main(["--models", *bert_pop.models[:3], *args[4:], "--out", str(tmp_path / "by-path")]) == 0
-    a, b = load_file(str(tmp_path / "by-id" / "model.safetensors")), load_file(str(tmp_path / "by-path" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "by-id" / "model.safetensors")),
+        load_file(str(tmp_path / "by-path" / "model.safetensors")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     doc = json.loads((tmp_path / "by-id" / "evolution.json").read_text())
     assert doc["config"]["models"] == ids and doc["resolved_models"]["acme/bert-0"] == snapshots[0]
     # the merge CLI, by flags and in a mergekit YAML, with a Hub id as base model
-    assert merge_main(["--method", "task_arithmetic", "--base", "acme/bert-base@v1", "--models", *ids[:2],
-                       "--out", str(tmp_path / "m")]) == 0
-    (tmp_path / "m.yaml").write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": "acme/bert-base",
-                                                 "models": [{"model": m} for m in ids[:2]]}))
+    assert (
+        merge_main(
+            [
+                "--method",
+                "task_arithmetic",
+                "--base",
+                "acme/bert-base@v1",
+                "--models",
+                *ids[:2],
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    (tmp_path / "m.yaml").write_text(
+        json.dumps(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": "acme/bert-base",
+                "models": [{"model": m} for m in ids[:2]],
+            }
+        )
+    )
     assert merge_main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "y")]) == 0
     m, y = load_file(str(tmp_path / "m" / "model.safetensors")), load_file(str(tmp_path / "y" / "model.safetensors"))
     assert all(torch.equal(m[k], y[k]) for k in m)
@@ -72,8 +95,10 @@ def test_evolve_and_merge_take_hub_ids(bert_pop, hub, tmp_path):
 
 def test_a_missing_hub_id_is_one_line_naming_it(bert_pop, hub, tmp_path, capsys):
     cache, _ = hub
-    assert evolve_main(["--models", "acme/bert-0", "acme/nothing", "--dev", bert_pop.dev[0], "--out",
-                        str(tmp_path / "o")]) == 2
+    assert (
+        evolve_main(["--models", "acme/bert-0", "acme/nothing", "--dev", bert_pop.dev[0], "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"error: --models acme/nothing: not in the Hugging Face cache {cache}, offline (HF_HUB_OFFLINE=1)" in err
     assert merge_main(["--models", "acme/bert-0", "acme/nothing", "--out", str(tmp_path / "m")]) == 2

@@ -22,18 +22,32 @@ MODES = {
     "dare_linear": dict(base=True, normalize=False, drop_p=0.3),
     "dare_ties": dict(base=True, trim=[0.1, 0.3, 0.0, 0.2], drop_p=0.6, scale=0.9),
     # breadcrumbs: a magnitude band per model (inf: nothing kept), with and without the election
-    "breadcrumbs": dict(base=True, trim=[0.1, 0.0, 0.2, math.inf], top=[0.6, 0.5, math.inf, math.inf],
-                        elect=False, normalize=False, weights=[1.0, 0.5, 2.0, 1.0], scale=0.8),
-    "breadcrumbs_ties": dict(base=True, trim=[0.1, 0.0, 0.2, 0.05], top=[0.6, 0.5, math.inf, 0.9], elect=True,
-                             normalize=False),
+    "breadcrumbs": dict(
+        base=True,
+        trim=[0.1, 0.0, 0.2, math.inf],
+        top=[0.6, 0.5, math.inf, math.inf],
+        elect=False,
+        normalize=False,
+        weights=[1.0, 0.5, 2.0, 1.0],
+        scale=0.8,
+    ),
+    "breadcrumbs_ties": dict(
+        base=True, trim=[0.1, 0.0, 0.2, 0.05], top=[0.6, 0.5, math.inf, 0.9], elect=True, normalize=False
+    ),
     # sce: variance selection, the sign elected on the unweighted task vectors, a floor under the divisor
-    "sce": dict(base=True, select=0.15, elect=True, elect_weights=[1.0] * 4, weights=[0.4, 0.1, 0.3, 0.2],
-                min_den=0.25),
+    "sce": dict(
+        base=True, select=0.15, elect=True, elect_weights=[1.0] * 4, weights=[0.4, 0.1, 0.3, 0.2], min_den=0.25
+    ),
     "select_fisher": dict(select=0.1, fisher=True, weights=[1.0, 2.0, 0.5, 1.5]),
     "dare_top": dict(base=True, top=[0.5, 0.7, 0.3, 0.9], drop_p=0.4, normalize=False),
     # della: per-element drop thresholds (None: that model keeps everything), survivors rescaled per model
-    "della": dict(base=True, drop_thresholds=[True, False, True, True], drop_rescales=[1.5, 1.0, 0.8, 2.0],
-                  elect=True, weights=[1.0, 0.5, 2.0, 1.0]),
+    "della": dict(
+        base=True,
+        drop_thresholds=[True, False, True, True],
+        drop_rescales=[1.5, 1.0, 0.8, 2.0],
+        elect=True,
+        weights=[1.0, 0.5, 2.0, 1.0],
+    ),
     "della_linear": dict(base=True, drop_thresholds=[True] * 4, normalize=False, scale=0.7),
 }
 
@@ -139,15 +153,16 @@ def test_contract_against_stacking_formulas():
     tau = (stacked - base) * ((stacked - base).abs() >= 0.5)
     d = w * tau
     sign = torch.where(d.sum(0) >= 0, 1.0, -1.0)
-    agree = (d.sign() == sign)
+    agree = d.sign() == sign
     want = base + (d * agree).sum(0) / (w * agree).sum(0).where((w * agree).sum(0) != 0, torch.ones(1)) * (agree.any(0))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     # breadcrumbs: each task vector cut to the band 0.5 <= |tau| < 1.5 (about 48% of it), then summed
     tau = stacked - base
     band = (tau.abs() >= 0.5) & (tau.abs() < 1.5)
     assert 0.4 < band.double().mean() < 0.55
-    got = merge_reference(x32, weights=[1, 2, 3], base=base.float(), trim=[0.5] * 3, top=[1.5] * 3, elect=False,
-                          normalize=False)
+    got = merge_reference(
+        x32, weights=[1, 2, 3], base=base.float(), trim=[0.5] * 3, top=[1.5] * 3, elect=False, normalize=False
+    )
     torch.testing.assert_close(got.double(), base + (w * tau * band).sum(0), rtol=1e-5, atol=1e-5)
     # sce: the elements whose task vectors vary most (torch.var over the models), the sign of their plain sum,
     # the c-weighted mean of the agreeing, the divisor at least 0.25
@@ -158,11 +173,13 @@ def test_contract_against_stacking_formulas():
     agree = (sel.sign() == torch.where(sel.sum(0) >= 0, 1.0, -1.0)) & (sel != 0)
     c = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64).view(-1, 1)
     want = base + (c * sel * agree).sum(0) / (c * agree).sum(0).clamp(min=0.25)
-    got = merge_reference(x32, weights=[0.5, 0.3, 0.2], base=base.float(), select=1.0, elect=True,
-                          elect_weights=[1.0] * 3, min_den=0.25)
+    got = merge_reference(
+        x32, weights=[0.5, 0.3, 0.2], base=base.float(), select=1.0, elect=True, elect_weights=[1.0] * 3, min_den=0.25
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(got, merge_reference(x32, weights=[0.5, 0.3, 0.2], base=base.float(), select=1.0,
-                                                elect=True, min_den=0.25))  # the election's weights matter
+    assert not torch.equal(
+        got, merge_reference(x32, weights=[0.5, 0.3, 0.2], base=base.float(), select=1.0, elect=True, min_den=0.25)
+    )  # the election's weights matter
 
 
 def test_bad_arguments():

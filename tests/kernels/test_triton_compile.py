@@ -37,7 +37,10 @@ def test_every_triton_launch_compiles_for_gpu_targets(tmp_path):
         assert len(merge) == 15 * 3, merge
         assert len({c for k, c in compiled if k == "_nearswap_kernel"}) == 3  # three dtypes
         # key words below and above 2**31 are typed i32 and i64: both signatures compiled
-        assert {r["signature"]["k0"] for r in rows if r["arch"] == arch and r["kernel"] == "_de_kernel"} == {"i32", "i64"}
+        assert {r["signature"]["k0"] for r in rows if r["arch"] == arch and r["kernel"] == "_de_kernel"} == {
+            "i32",
+            "i64",
+        }
 
     # no register spills: a spilling streaming kernel would fall far short of the copy bandwidth (the usage comes
     # from the cuobjdump that ships with Triton's CUDA backend)

@@ -65,8 +65,9 @@ def _launch_recorder(kernel, launches: list[dict[str, Any]]):
                 continue
             if key and "D" in key:
                 attrs[(index,)] = BaseBackend.parse_attr(key)
-        launches.append({"kernel": kernel, "signature": signature, "constexprs": constexprs, "attrs": attrs,
-                             "options": options})
+        launches.append(
+            {"kernel": kernel, "signature": signature, "constexprs": constexprs, "attrs": attrs, "options": options}
+        )
 
     kernel.run = run
 
@@ -75,12 +76,19 @@ def record_launches() -> list[dict[str, Any]]:
     """The launches of every Triton kernel that the operators make over their modes and argument ranges."""
     tk = backends.triton_kernels()
     if tk is None:
-        raise SystemExit(f"evolver_kernels.kernels.triton did not import: {backends._import('evolver_kernels.kernels.triton')[1]}")
+        raise SystemExit(
+            f"evolver_kernels.kernels.triton did not import: {backends._import('evolver_kernels.kernels.triton')[1]}"
+        )
     launches: list[dict[str, Any]] = []
     from evolver_kernels.kernels.triton import de_kernels, merge_kernels
 
-    for kernel in (de_kernels._de_kernel, de_kernels._mask_kernel, merge_kernels._merge_kernel, merge_kernels._nearswap_kernel,
-                   de_kernels._philox_test_kernel):
+    for kernel in (
+        de_kernels._de_kernel,
+        de_kernels._mask_kernel,
+        merge_kernels._merge_kernel,
+        merge_kernels._nearswap_kernel,
+        de_kernels._philox_test_kernel,
+    ):
         _launch_recorder(kernel, launches)
     # The operators check their arguments as on a GPU, then hand CPU tensors to the (recording) launches.
     real_reason = backends.unavailable_reason
@@ -93,8 +101,18 @@ def record_launches() -> list[dict[str, Any]]:
                 for CR in (0.3, 1.0):  # 1.0 selects every element: the take_all path
                     for strategy in ("evolver", "rand/1"):
                         second = (x, x) if strategy == "evolver" else (base, b)
-                        ek.de_mutate_crossover(x, second[0], a, second[1], F=0.5, CR=CR, seed=seed, stream=stream,
-                                               offset=offset, backend="triton")
+                        ek.de_mutate_crossover(
+                            x,
+                            second[0],
+                            a,
+                            second[1],
+                            F=0.5,
+                            CR=CR,
+                            seed=seed,
+                            stream=stream,
+                            offset=offset,
+                            backend="triton",
+                        )
                     ek.crossover_mask(n, CR=CR, seed=seed, stream=stream, offset=offset, backend="triton")
                 models = [torch.zeros(n, dtype=dtype) for _ in range(3)]
                 fisher = [torch.ones(n, dtype=torch.float32) for _ in range(3)]
@@ -112,12 +130,25 @@ def record_launches() -> list[dict[str, Any]]:
                     {"base": base, "trim": [0.1] * 3, "top": [0.5] * 3, "elect": False, "normalize": False},
                     {"base": base, "trim": [0.1] * 3, "top": [0.5] * 3, "normalize": False},  # breadcrumbs_ties
                     {"base": base, "select": 0.1, "elect": True, "elect_weights": [1.0] * 3, "min_den": 1e-6},  # sce
-                    {"base": base, "drop_thresholds": [drops, None, drops], "drop_rescales": [1.5, 1.0, 2.0],
-                     "elect": True},  # della
-                    {"base": base, "drop_thresholds": [drops, None, drops], "drop_rescales": [1.5, 1.0, 2.0],
-                     "elect": True, "normalize": False},  # mergekit's dare_ties (della, epsilon 0)
-                    {"base": base, "drop_thresholds": [drops, None, drops], "drop_rescales": [1.5, 1.0, 2.0],
-                     "normalize": False},  # della_linear, mergekit's dare_linear
+                    {
+                        "base": base,
+                        "drop_thresholds": [drops, None, drops],
+                        "drop_rescales": [1.5, 1.0, 2.0],
+                        "elect": True,
+                    },  # della
+                    {
+                        "base": base,
+                        "drop_thresholds": [drops, None, drops],
+                        "drop_rescales": [1.5, 1.0, 2.0],
+                        "elect": True,
+                        "normalize": False,
+                    },  # mergekit's dare_ties (della, epsilon 0)
+                    {
+                        "base": base,
+                        "drop_thresholds": [drops, None, drops],
+                        "drop_rescales": [1.5, 1.0, 2.0],
+                        "normalize": False,
+                    },  # della_linear, mergekit's dare_linear
                 ):
                     ek.merge_tensors(models, seed=seed, stream=stream, offset=offset, backend="triton", **kwargs)
                 ek.merge_tensors(models[:1], base=base, nearswap_t=0.5, backend="triton")
@@ -138,8 +169,17 @@ def cubin_usage(cubin: bytes) -> dict[str, int]:
 
 
 def _variant_key(launch: dict[str, Any]) -> str:
-    return json.dumps([launch["kernel"].__name__, launch["signature"], launch["constexprs"],
-                       sorted(map(str, launch["attrs"])), launch["options"]], sort_keys=True, default=str)
+    return json.dumps(
+        [
+            launch["kernel"].__name__,
+            launch["signature"],
+            launch["constexprs"],
+            sorted(map(str, launch["attrs"])),
+            launch["options"],
+        ],
+        sort_keys=True,
+        default=str,
+    )
 
 
 def compile_all(archs: list[int]) -> list[dict[str, Any]]:
@@ -152,21 +192,35 @@ def compile_all(archs: list[int]) -> list[dict[str, Any]]:
             kernel = launch["kernel"]
             start = time.perf_counter()
             try:
-                compiled = triton.compile(ASTSource(kernel, launch["signature"], launch["constexprs"], launch["attrs"]),
-                                          target=target, options=launch["options"])
+                compiled = triton.compile(
+                    ASTSource(kernel, launch["signature"], launch["constexprs"], launch["attrs"]),
+                    target=target,
+                    options=launch["options"],
+                )
             except Exception as err:
-                raise SystemExit(f"{kernel.__name__} failed to compile for sm_{arch} with constexprs "
-                                 f"{launch['constexprs']}, signature {launch['signature']}:\n{err}") from err
-            rows.append(dict(kernel=kernel.__name__, arch=arch, constexprs=launch["constexprs"],
-                             signature={k: v for k, v in launch["signature"].items() if v != "constexpr"},
-                             cubin_bytes=len(compiled.asm["cubin"]), seconds=time.perf_counter() - start,
-                             **cubin_usage(compiled.asm["cubin"])))
+                raise SystemExit(
+                    f"{kernel.__name__} failed to compile for sm_{arch} with constexprs "
+                    f"{launch['constexprs']}, signature {launch['signature']}:\n{err}"
+                ) from err
+            rows.append(
+                dict(
+                    kernel=kernel.__name__,
+                    arch=arch,
+                    constexprs=launch["constexprs"],
+                    signature={k: v for k, v in launch["signature"].items() if v != "constexpr"},
+                    cubin_bytes=len(compiled.asm["cubin"]),
+                    seconds=time.perf_counter() - start,
+                    **cubin_usage(compiled.asm["cubin"]),
+                )
+            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, action="append", help="compute capability times ten (repeatable); default 90")
+    parser.add_argument(
+        "--arch", type=int, action="append", help="compute capability times ten (repeatable); default 90"
+    )
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     archs = args.arch or [90]
@@ -175,15 +229,25 @@ def main(argv: list[str] | None = None) -> None:
         flags = ",".join(f"{k}={v}" for k, v in row["constexprs"].items() if k != "GROUPS")
         usage = f"{row.get('reg', '?'):>3} registers, {row.get('local', '?')} B local"
         print(f"sm_{row['arch']} {row['kernel']:<20} {flags:<70} {usage}  {row['seconds']:.2f} s")
-    print(f"compiled {len(rows)} kernel variants for sm_{', sm_'.join(map(str, archs))} with triton {triton.__version__}")
+    print(
+        f"compiled {len(rows)} kernel variants for sm_{', sm_'.join(map(str, archs))} with triton {triton.__version__}"
+    )
     if args.json:
         from evolver_kernels.kernels.triton import de_kernels, merge_kernels
 
-        defined = sorted(name for module in (de_kernels, merge_kernels) for name, obj in vars(module).items()
-                         if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel"))
+        defined = sorted(
+            name
+            for module in (de_kernels, merge_kernels)
+            for name, obj in vars(module).items()
+            if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")
+        )
         with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__, "torch": torch.__version__, "kernels_defined": defined, "rows": rows}, f,
-                      indent=1, default=str)
+            json.dump(
+                {"triton": triton.__version__, "torch": torch.__version__, "kernels_defined": defined, "rows": rows},
+                f,
+                indent=1,
+                default=str,
+            )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,22 @@ def test_mapped_cpu_and_disk_merges_are_the_same_bytes(llama_pop, tmp_path, meth
     flags = ["--base", llama_pop.base, "--density", "0.4"] if method == "ties" else ["--t", "0.3"]
     outs = []
     for tier in ("mapped", "cpu", "disk"):
-        assert main(["--method", method, "--models", *models, *flags, "--population-on", tier,
-                     "--out", str(tmp_path / tier)]) == 0
+        assert (
+            main(
+                [
+                    "--method",
+                    method,
+                    "--models",
+                    *models,
+                    *flags,
+                    "--population-on",
+                    tier,
+                    "--out",
+                    str(tmp_path / tier),
+                ]
+            )
+            == 0
+        )
         outs.append(_weights(tmp_path / tier))
     for other in outs[1:]:
         assert outs[0].keys() == other.keys()
@@ -86,9 +100,13 @@ def test_a_relaid_out_merge_is_the_same_bytes_on_every_tier_and_leaves_no_scratc
 
     import yaml
 
-    cfg = {"merge_method": "ties", "base_model": llama_pop.base, "dtype": "float16",
-           "models": [{"model": m, "parameters": {"weight": 1.0}} for m in llama_pop.models],
-           "parameters": {"density": 0.4}}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": llama_pop.base,
+        "dtype": "float16",
+        "models": [{"model": m, "parameters": {"weight": 1.0}} for m in llama_pop.models],
+        "parameters": {"density": 0.4},
+    }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
     outs = []
     for tier in ("mapped", "cpu", "disk"):
@@ -109,8 +127,9 @@ def test_an_arena_on_files_is_zero_filled_shared_and_gives_back_a_written_entry(
 
     from evolver_kernels.storage.arena import Arena, Layout
 
-    layout = Layout.from_params([(("a",), torch.float32, (3000,)), (("b",), torch.float32, (5000,)),
-                                 (("c",), torch.float32, (7,))])
+    layout = Layout.from_params(
+        [(("a",), torch.float32, (3000,)), (("b",), torch.float32, (5000,)), (("c",), torch.float32, (7,))]
+    )
     arena = Arena.on_files(layout, str(tmp_path), "t")
     (group,) = layout.groups
     assert int(torch.count_nonzero(arena.buffers[group])) == 0
@@ -129,13 +148,39 @@ def test_an_arena_on_files_is_zero_filled_shared_and_gives_back_a_written_entry(
 def test_yaml_ties_matches_flags(models, tmp_path):
     import yaml
 
-    cfg = {"merge_method": "dare_ties", "base_model": models[0],
-           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models[1:], [1.0, 0.5, 1.0])],
-           "parameters": {"lambda": 0.8, "drop_p": 0.2, "seed": 3}}
+    cfg = {
+        "merge_method": "dare_ties",
+        "base_model": models[0],
+        "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models[1:], [1.0, 0.5, 1.0])],
+        "parameters": {"lambda": 0.8, "drop_p": 0.2, "seed": 3},
+    }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "y")]) == 0
-    assert main(["--method", "dare_ties", "--base", models[0], "--models", *models[1:], "--weights", "1", "0.5", "1",
-                 "--scale", "0.8", "--drop-p", "0.2", "--seed", "3", "--out", str(tmp_path / "f")]) == 0
+    assert (
+        main(
+            [
+                "--method",
+                "dare_ties",
+                "--base",
+                models[0],
+                "--models",
+                *models[1:],
+                "--weights",
+                "1",
+                "0.5",
+                "1",
+                "--scale",
+                "0.8",
+                "--drop-p",
+                "0.2",
+                "--seed",
+                "3",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
     a, b = _weights(tmp_path / "y"), _weights(tmp_path / "f")
     assert all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((tmp_path / "y" / "merge.json").read_text())
@@ -144,12 +189,15 @@ def test_yaml_ties_matches_flags(models, tmp_path):
     assert any(not torch.equal(a[k], base[k]) for k in a)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "ties"], "ties needs a base model"),
-    (["--method", "ties", "--base", "{base}", "--density", "0"], "--density must be in (0, 1]"),
-    (["--weights", "1", "2"], "--weights: 2 given for 3 models"),
-    (["--method", "dare_linear", "--base", "{base}", "--drop-p", "1.0"], "--drop-p must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "ties"], "ties needs a base model"),
+        (["--method", "ties", "--base", "{base}", "--density", "0"], "--density must be in (0, 1]"),
+        (["--weights", "1", "2"], "--weights: 2 given for 3 models"),
+        (["--method", "dare_linear", "--base", "{base}", "--drop-p", "1.0"], "--drop-p must be in [0, 1)"),
+    ],
+)
 def test_errors(models, tmp_path, capsys, argv, message):
     argv = [a.replace("{base}", models[0]) for a in argv]
     assert main(["--models", *models[1:], "--out", str(tmp_path / "o"), *argv]) == 2
@@ -201,7 +249,9 @@ def test_outputs_are_sharded_with_an_index(models, tmp_path):
     one = model_io.save_model(arena, models[0], files, str(tmp_path / "one"))
     sharded = model_io.save_model(arena, models[0], files, str(tmp_path / "sharded"), shard_bytes=20_000)
     shards = [p for p in sharded if p.endswith(".safetensors")]
-    assert len(shards) > 2 and [p for p in one if p.endswith(".safetensors")] == [str(tmp_path / "one" / "model.safetensors")]
+    assert len(shards) > 2 and [p for p in one if p.endswith(".safetensors")] == [
+        str(tmp_path / "one" / "model.safetensors")
+    ]
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     whole = load_file(str(tmp_path / "one" / "model.safetensors"))
     assert set(index["weight_map"]) == set(whole)

@@ -66,49 +66,112 @@ def _models(*names, **params):
 # name: (the YAML, the same merge without the feature; our result must differ from it by more than FAR)
 CASES = {
     "slerp_gradient_t": (
-        {"merge_method": "slerp", "base_model": "{m0}", "models": _models("m0", "m1"),
-         "parameters": {"t": [0.0, 0.3, 1.0]}},
-        {"merge_method": "slerp", "base_model": "{m0}", "models": _models("m0", "m1"), "parameters": {"t": 0.0}}),
+        {
+            "merge_method": "slerp",
+            "base_model": "{m0}",
+            "models": _models("m0", "m1"),
+            "parameters": {"t": [0.0, 0.3, 1.0]},
+        },
+        {"merge_method": "slerp", "base_model": "{m0}", "models": _models("m0", "m1"), "parameters": {"t": 0.0}},
+    ),
     "linear_gradient_weight": (
-        {"merge_method": "linear", "models": _models("m0", "m1", "m2", m0={"weight": [1.0, 0.2]},
-                                                     m1={"weight": 0.5}, m2={"weight": [0.1, 2.0, 0.3]})},
-        {"merge_method": "linear", "models": _models("m0", "m1", "m2", m0={"weight": 1.0},
-                                                     m1={"weight": 0.5}, m2={"weight": 0.1})}),
+        {
+            "merge_method": "linear",
+            "models": _models(
+                "m0", "m1", "m2", m0={"weight": [1.0, 0.2]}, m1={"weight": 0.5}, m2={"weight": [0.1, 2.0, 0.3]}
+            ),
+        },
+        {
+            "merge_method": "linear",
+            "models": _models("m0", "m1", "m2", m0={"weight": 1.0}, m1={"weight": 0.5}, m2={"weight": 0.1}),
+        },
+    ),
     "ties_filter_density": (
-        {"merge_method": "ties", "base_model": "{base}", "models": _models("m0", "m1", "m2"),
-         "parameters": {"weight": 1.0, "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]}},
-        {"merge_method": "ties", "base_model": "{base}", "models": _models("m0", "m1", "m2"),
-         "parameters": {"weight": 1.0, "density": 0.8}}),
+        {
+            "merge_method": "ties",
+            "base_model": "{base}",
+            "models": _models("m0", "m1", "m2"),
+            "parameters": {"weight": 1.0, "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]},
+        },
+        {
+            "merge_method": "ties",
+            "base_model": "{base}",
+            "models": _models("m0", "m1", "m2"),
+            "parameters": {"weight": 1.0, "density": 0.8},
+        },
+    ),
     "model_over_global": (  # m1's own density wins; m2's conditional matches self_attn only, elsewhere the global
-        {"merge_method": "ties", "base_model": "{base}",
-         "models": _models("m0", "m1", "m2", m1={"density": 0.2}, m2={"density": [{"filter": "self_attn",
-                                                                                    "value": 0.9}]}),
-         "parameters": {"density": 0.5, "weight": [0.5, 1.0]}},
-        {"merge_method": "ties", "base_model": "{base}", "models": _models("m0", "m1", "m2"),
-         "parameters": {"density": 0.5, "weight": [0.5, 1.0]}}),
+        {
+            "merge_method": "ties",
+            "base_model": "{base}",
+            "models": _models(
+                "m0", "m1", "m2", m1={"density": 0.2}, m2={"density": [{"filter": "self_attn", "value": 0.9}]}
+            ),
+            "parameters": {"density": 0.5, "weight": [0.5, 1.0]},
+        },
+        {
+            "merge_method": "ties",
+            "base_model": "{base}",
+            "models": _models("m0", "m1", "m2"),
+            "parameters": {"density": 0.5, "weight": [0.5, 1.0]},
+        },
+    ),
     "out_dtype_bfloat16": (
-        {"merge_method": "linear", "models": _models("m0", "m1", m0={"weight": 1.0}, m1={"weight": 0.3}),
-         "out_dtype": "bfloat16"},
-        {"merge_method": "linear", "models": _models("m0", "m1", m0={"weight": 1.0}, m1={"weight": 0.3})}),
+        {
+            "merge_method": "linear",
+            "models": _models("m0", "m1", m0={"weight": 1.0}, m1={"weight": 0.3}),
+            "out_dtype": "bfloat16",
+        },
+        {"merge_method": "linear", "models": _models("m0", "m1", m0={"weight": 1.0}, m1={"weight": 0.3})},
+    ),
     "dtype_bfloat16": (  # the inputs are rounded to bfloat16 before merging, the output stays bfloat16
-        {"merge_method": "linear", "models": _models("m0", "m1", m0={"weight": 1.0}, m1={"weight": 0.3}),
-         "dtype": "bfloat16", "out_dtype": "float32"},
-        {"merge_method": "linear", "models": _models("m0", "m1", m0={"weight": 1.0}, m1={"weight": 0.3})}),
+        {
+            "merge_method": "linear",
+            "models": _models("m0", "m1", m0={"weight": 1.0}, m1={"weight": 0.3}),
+            "dtype": "bfloat16",
+            "out_dtype": "float32",
+        },
+        {"merge_method": "linear", "models": _models("m0", "m1", m0={"weight": 1.0}, m1={"weight": 0.3})},
+    ),
     "passthrough_stacked": (  # 6 + 5 layers from two 8-layer models
-        {"merge_method": "passthrough", "slices": [{"sources": [{"model": "{m0}", "layer_range": [0, 6]}]},
-                                                   {"sources": [{"model": "{m1}", "layer_range": [3, 8]}]}]},
-        None),
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "{m0}", "layer_range": [0, 6]}]},
+                {"sources": [{"model": "{m1}", "layer_range": [3, 8]}]},
+            ],
+        },
+        None,
+    ),
     "slices_linear": (  # layer i of m0's range merged with layer i of m1's, per-slice and per-source weights
-        {"merge_method": "linear", "slices": [
-            {"sources": [{"model": "{m0}", "layer_range": [0, 3], "parameters": {"weight": [1.0, 0.0]}},
-                         {"model": "{m1}", "layer_range": [5, 8]}], "parameters": {"weight": 0.5}},
-            {"sources": [{"model": "{m0}", "layer_range": [3, 8]}, {"model": "{m1}", "layer_range": [0, 5]}],
-             "parameters": {"weight": 1.0}}]},
-        {"merge_method": "linear", "models": _models("m0", "m1")}),
+        {
+            "merge_method": "linear",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": "{m0}", "layer_range": [0, 3], "parameters": {"weight": [1.0, 0.0]}},
+                        {"model": "{m1}", "layer_range": [5, 8]},
+                    ],
+                    "parameters": {"weight": 0.5},
+                },
+                {
+                    "sources": [{"model": "{m0}", "layer_range": [3, 8]}, {"model": "{m1}", "layer_range": [0, 5]}],
+                    "parameters": {"weight": 1.0},
+                },
+            ],
+        },
+        {"merge_method": "linear", "models": _models("m0", "m1")},
+    ),
     "tokenizer_source_base": (
-        {"merge_method": "ties", "base_model": "{base_tok}", "models": _models("m0", "m1"),
-         "parameters": {"density": 0.5, "weight": 1.0}, "tokenizer_source": "base"},
-        None),
+        {
+            "merge_method": "ties",
+            "base_model": "{base_tok}",
+            "models": _models("m0", "m1"),
+            "parameters": {"density": 0.5, "weight": 1.0},
+            "tokenizer_source": "base",
+        },
+        None,
+    ),
 }
 
 # mergekit's example configs (github.com/arcee-ai/mergekit, examples/), models renamed to the tiny ones
@@ -199,6 +262,7 @@ dtype: float16
 """,
 }
 
+
 def _fill(x, paths):
     if isinstance(x, dict):
         return {k: _fill(v, paths) for k, v in x.items()}
@@ -242,7 +306,7 @@ def _assert_close(ours: torch.Tensor, theirs: torch.Tensor, name: str, bf16: boo
     """Equal within fp32 rounding; values rounded to bfloat16 (bf16) within one bfloat16 rounding, where fp32
     results an ulp apart straddle a rounding boundary (rare: test_same_tensors_as_mergekit counts them)."""
     if bf16:
-        torch.testing.assert_close(ours, theirs, rtol=2 ** -7, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=ATOL, msg=lambda m: f"{name}: {m}")
     else:
         torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
 
@@ -290,8 +354,10 @@ def test_tokenizer_source_base(merged):
     ours_dir, theirs_dir, _ = merged["tokenizer_source_base"]
     assert AutoTokenizer.from_pretrained(str(ours_dir)).model_max_length == 77
     assert AutoTokenizer.from_pretrained(str(theirs_dir)).model_max_length == 77
-    assert AutoTokenizer.from_pretrained(str(ours_dir)).get_vocab() == AutoTokenizer.from_pretrained(
-        str(theirs_dir)).get_vocab()
+    assert (
+        AutoTokenizer.from_pretrained(str(ours_dir)).get_vocab()
+        == AutoTokenizer.from_pretrained(str(theirs_dir)).get_vocab()
+    )
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
@@ -312,23 +378,39 @@ def test_mergekit_examples_run_unchanged(merged, name):
     assert close / total >= (0.995 if name in ("ties", "bio-merge") else 1.0), f"{name}: {close / total:.3%} close"
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported"),
-    ({"tokenizer_source": "{m1}"}, "is not supported (give base"),
-    ({"tokenizer": {"source": "base"}}, "tokenizer is not supported"),
-    ({"chat_template": "chatml"}, "chat_template is not supported"),
-    ({"modules": {}}, "modules is not supported"),
-    ({"out_path": "x"}, "unknown key(s) out_path"),
-    ({"merge_method": "linear", "base_model": None, "parameters": {"normalize": False}},
-     "normalize: False is not supported for average"),
-    ({"parameters": {"rescale": True}}, "rescale does not apply to ties"),
-    ({"parameters": {"density": [{"filter": "mlp", "value": 0.5, "when": 1}]}}, "a conditional is {filter"),
-    ({"models": None, "slices": [{"sources": [{"model": "{m0}", "layer_range": [0, 2]}], "residual_weight": 0.5}]},
-     "residual_weight not supported"),
-    ({"models": None, "slices": [{"sources": [{"model": "{m0}", "layer_range": [0, 2]}, {"model": "{m1}",
-                                                                                       "layer_range": [0, 3]}]}]},
-     "every source must have as many layers"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported"),
+        ({"tokenizer_source": "{m1}"}, "is not supported (give base"),
+        ({"tokenizer": {"source": "base"}}, "tokenizer is not supported"),
+        ({"chat_template": "chatml"}, "chat_template is not supported"),
+        ({"modules": {}}, "modules is not supported"),
+        ({"out_path": "x"}, "unknown key(s) out_path"),
+        (
+            {"merge_method": "linear", "base_model": None, "parameters": {"normalize": False}},
+            "normalize: False is not supported for average",
+        ),
+        ({"parameters": {"rescale": True}}, "rescale does not apply to ties"),
+        ({"parameters": {"density": [{"filter": "mlp", "value": 0.5, "when": 1}]}}, "a conditional is {filter"),
+        (
+            {
+                "models": None,
+                "slices": [{"sources": [{"model": "{m0}", "layer_range": [0, 2]}], "residual_weight": 0.5}],
+            },
+            "residual_weight not supported",
+        ),
+        (
+            {
+                "models": None,
+                "slices": [
+                    {"sources": [{"model": "{m0}", "layer_range": [0, 2]}, {"model": "{m1}", "layer_range": [0, 3]}]}
+                ],
+            },
+            "every source must have as many layers",
+        ),
+    ],
+)
 def test_refused(merged, tmp_path, capsys, config, message):
     base = {"merge_method": "ties", "base_model": "{base}", "models": _models("m0", "m1")}
     doc = {k: v for k, v in _fill({**base, **config}, merged["paths"]).items() if v is not None}

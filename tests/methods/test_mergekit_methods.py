@@ -29,49 +29,161 @@ def _cases(base, m):
     """name: (mergekit YAML without dtype, our flags, the models merged in the output (for the vacuity
     checks), the t of a two-model interpolation or None)."""
     return {
-        "slerp": ({"merge_method": "slerp", "base_model": m[0], "models": [{"model": m[0]}, {"model": m[1]}],
-                   "parameters": {"t": 0.3}},
-                  ["--method", "slerp", "--models", m[0], m[1], "--t", "0.3"], [m[0], m[1]], 0.3),
+        "slerp": (
+            {
+                "merge_method": "slerp",
+                "base_model": m[0],
+                "models": [{"model": m[0]}, {"model": m[1]}],
+                "parameters": {"t": 0.3},
+            },
+            ["--method", "slerp", "--models", m[0], m[1], "--t", "0.3"],
+            [m[0], m[1]],
+            0.3,
+        ),
         # base_model not listed: mergekit adds it to the inputs, as the first endpoint
-        "slerp_unlisted_base": ({"merge_method": "slerp", "base_model": base, "models": [{"model": m[2]}],
-                                 "parameters": {"t": 0.7}},
-                                ["--method", "slerp", "--models", base, m[2], "--t", "0.7"], [base, m[2]], 0.7),
-        "nuslerp": ({"merge_method": "nuslerp", "models": [{"model": m[0], "parameters": {"weight": 1.0}},
-                                                          {"model": m[1], "parameters": {"weight": 2.5}}]},
-                    ["--method", "nuslerp", "--models", m[0], m[1], "--weights", "1", "2.5"], [m[0], m[1]], 2.5 / 3.5),
-        "nuslerp_base_rows": ({"merge_method": "nuslerp", "base_model": base,
-                               "models": [{"model": m[1], "parameters": {"weight": 2.0}},
-                                          {"model": m[2], "parameters": {"weight": 1.0}}],
-                               "parameters": {"nuslerp_flatten": False}},
-                              ["--method", "nuslerp", "--base", base, "--models", m[1], m[2], "--weights", "2", "1",
-                               "--nuslerp-flatten", "false"], [m[1], m[2]], None),
+        "slerp_unlisted_base": (
+            {"merge_method": "slerp", "base_model": base, "models": [{"model": m[2]}], "parameters": {"t": 0.7}},
+            ["--method", "slerp", "--models", base, m[2], "--t", "0.7"],
+            [base, m[2]],
+            0.7,
+        ),
+        "nuslerp": (
+            {
+                "merge_method": "nuslerp",
+                "models": [
+                    {"model": m[0], "parameters": {"weight": 1.0}},
+                    {"model": m[1], "parameters": {"weight": 2.5}},
+                ],
+            },
+            ["--method", "nuslerp", "--models", m[0], m[1], "--weights", "1", "2.5"],
+            [m[0], m[1]],
+            2.5 / 3.5,
+        ),
+        "nuslerp_base_rows": (
+            {
+                "merge_method": "nuslerp",
+                "base_model": base,
+                "models": [
+                    {"model": m[1], "parameters": {"weight": 2.0}},
+                    {"model": m[2], "parameters": {"weight": 1.0}},
+                ],
+                "parameters": {"nuslerp_flatten": False},
+            },
+            [
+                "--method",
+                "nuslerp",
+                "--base",
+                base,
+                "--models",
+                m[1],
+                m[2],
+                "--weights",
+                "2",
+                "1",
+                "--nuslerp-flatten",
+                "false",
+            ],
+            [m[1], m[2]],
+            None,
+        ),
         # the base listed among the models is the base, not a third model (mergekit's non-base inputs)
-        "nuslerp_base_columns": ({"merge_method": "nuslerp", "base_model": base,
-                                  "models": [{"model": base}, {"model": m[0], "parameters": {"weight": 1.0}},
-                                             {"model": m[2], "parameters": {"weight": 3.0}}],
-                                  "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
-                                 ["--method", "nuslerp", "--base", base, "--models", m[0], m[2], "--weights", "1", "3",
-                                  "--nuslerp-flatten", "false", "--nuslerp-row-wise", "true"], [m[0], m[2]], None),
-        "multislerp": ({"merge_method": "multislerp",
-                        "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(m, (1.0, 2.0, 0.5))]},
-                       ["--method", "multislerp", "--models", *m, "--weights", "1", "2", "0.5"], m, None),
-        "multislerp_base": ({"merge_method": "multislerp", "base_model": base,
-                             "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(m, (1.0, 0.5, 2.0))],
-                             "parameters": {"normalize_weights": False}},
-                            ["--method", "multislerp", "--base", base, "--models", *m, "--weights", "1", "0.5", "2",
-                             "--normalize-weights", "false"], m, None),
-        "karcher": ({"merge_method": "karcher", "models": [{"model": p} for p in m],
-                     "parameters": {"max_iter": 20, "tol": 1e-6}},
-                    ["--method", "karcher", "--models", *m, "--max-iter", "20", "--tol", "1e-6"], m, None),
+        "nuslerp_base_columns": (
+            {
+                "merge_method": "nuslerp",
+                "base_model": base,
+                "models": [
+                    {"model": base},
+                    {"model": m[0], "parameters": {"weight": 1.0}},
+                    {"model": m[2], "parameters": {"weight": 3.0}},
+                ],
+                "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            },
+            [
+                "--method",
+                "nuslerp",
+                "--base",
+                base,
+                "--models",
+                m[0],
+                m[2],
+                "--weights",
+                "1",
+                "3",
+                "--nuslerp-flatten",
+                "false",
+                "--nuslerp-row-wise",
+                "true",
+            ],
+            [m[0], m[2]],
+            None,
+        ),
+        "multislerp": (
+            {
+                "merge_method": "multislerp",
+                "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(m, (1.0, 2.0, 0.5))],
+            },
+            ["--method", "multislerp", "--models", *m, "--weights", "1", "2", "0.5"],
+            m,
+            None,
+        ),
+        "multislerp_base": (
+            {
+                "merge_method": "multislerp",
+                "base_model": base,
+                "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(m, (1.0, 0.5, 2.0))],
+                "parameters": {"normalize_weights": False},
+            },
+            [
+                "--method",
+                "multislerp",
+                "--base",
+                base,
+                "--models",
+                *m,
+                "--weights",
+                "1",
+                "0.5",
+                "2",
+                "--normalize-weights",
+                "false",
+            ],
+            m,
+            None,
+        ),
+        "karcher": (
+            {
+                "merge_method": "karcher",
+                "models": [{"model": p} for p in m],
+                "parameters": {"max_iter": 20, "tol": 1e-6},
+            },
+            ["--method", "karcher", "--models", *m, "--max-iter", "20", "--tol", "1e-6"],
+            m,
+            None,
+        ),
         # karcher gives a base no role: mergekit merges base_model as one more model
-        "karcher_base": ({"merge_method": "karcher", "base_model": base, "models": [{"model": p} for p in m]},
-                         ["--method", "karcher", "--models", *m, base], [*m, base], None),
-        "model_stock": ({"merge_method": "model_stock", "base_model": base, "models": [{"model": p} for p in m]},
-                        ["--method", "model_stock", "--base", base, "--models", *m], m, None),
-        "model_stock_filter_wise": ({"merge_method": "model_stock", "base_model": base,
-                                     "models": [{"model": p} for p in m], "parameters": {"filter_wise": True}},
-                                    ["--method", "model_stock", "--base", base, "--models", *m, "--filter-wise", "true"],
-                                    m, None),
+        "karcher_base": (
+            {"merge_method": "karcher", "base_model": base, "models": [{"model": p} for p in m]},
+            ["--method", "karcher", "--models", *m, base],
+            [*m, base],
+            None,
+        ),
+        "model_stock": (
+            {"merge_method": "model_stock", "base_model": base, "models": [{"model": p} for p in m]},
+            ["--method", "model_stock", "--base", base, "--models", *m],
+            m,
+            None,
+        ),
+        "model_stock_filter_wise": (
+            {
+                "merge_method": "model_stock",
+                "base_model": base,
+                "models": [{"model": p} for p in m],
+                "parameters": {"filter_wise": True},
+            },
+            ["--method", "model_stock", "--base", base, "--models", *m, "--filter-wise", "true"],
+            m,
+            None,
+        ),
     }
 
 
@@ -85,8 +197,9 @@ def merged(llama_pop, tmp_path_factory):
     for name, (_, flags, inputs, t) in cases.items():
         assert main(["--config", str(root / f"{name}.yml"), "--out", str(root / f"{name}-yaml")]) == 0
         assert main([*flags, "--out", str(root / f"{name}-flags")]) == 0
-        out[name] = tuple(load_file(str(root / f"{name}-{kind}" / "model.safetensors"))
-                          for kind in ("yaml", "flags", "mergekit")) + (inputs, t)
+        out[name] = tuple(
+            load_file(str(root / f"{name}-{kind}" / "model.safetensors")) for kind in ("yaml", "flags", "mergekit")
+        ) + (inputs, t)
     return out
 
 
@@ -108,21 +221,29 @@ def test_same_tensors_as_mergekit(merged, case):
 
 def test_merge_json_records_the_settings(merged, llama_pop, tmp_path):
     m = llama_pop.models
-    assert main(["--method", "nuslerp", "--models", m[0], m[1], "--nuslerp-flatten", "no", "--out",
-                 str(tmp_path / "o")]) == 0
+    assert (
+        main(["--method", "nuslerp", "--models", m[0], m[1], "--nuslerp-flatten", "no", "--out", str(tmp_path / "o")])
+        == 0
+    )
     record = json.loads((tmp_path / "o" / "merge.json").read_text())
     assert record["method"] == "nuslerp" and record["nuslerp_flatten"] is False and record["nuslerp_row_wise"] is False
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "slerp", "--models", "{m0}", "{m1}", "{m2}"], "slerp merges exactly 2 models, got 3"),
-    (["--method", "slerp", "--base", "{base}", "--models", "{m0}", "{m1}"], "--base does not apply to slerp"),
-    (["--method", "slerp", "--models", "{m0}", "{m1}", "--weights", "1", "2"], "--weights does not apply to slerp"),
-    (["--method", "karcher", "--models", "{m0}", "{m1}", "--weights", "1", "2"], "--weights does not apply to karcher"),
-    (["--method", "model_stock", "--models", "{m0}", "{m1}"], "model_stock needs a base model"),
-    (["--method", "nuslerp", "--models", "{m0}", "{m1}", "--nuslerp-flatten", "maybe"], "invalid boolean value"),
-    (["--method", "karcher", "--models", "{m0}", "{m1}", "--max-iter", "-1"], "--max-iter must be in [0, inf)"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "slerp", "--models", "{m0}", "{m1}", "{m2}"], "slerp merges exactly 2 models, got 3"),
+        (["--method", "slerp", "--base", "{base}", "--models", "{m0}", "{m1}"], "--base does not apply to slerp"),
+        (["--method", "slerp", "--models", "{m0}", "{m1}", "--weights", "1", "2"], "--weights does not apply to slerp"),
+        (
+            ["--method", "karcher", "--models", "{m0}", "{m1}", "--weights", "1", "2"],
+            "--weights does not apply to karcher",
+        ),
+        (["--method", "model_stock", "--models", "{m0}", "{m1}"], "model_stock needs a base model"),
+        (["--method", "nuslerp", "--models", "{m0}", "{m1}", "--nuslerp-flatten", "maybe"], "invalid boolean value"),
+        (["--method", "karcher", "--models", "{m0}", "{m1}", "--max-iter", "-1"], "--max-iter must be in [0, inf)"),
+    ],
+)
 def test_flag_errors(llama_pop, tmp_path, capsys, argv, message):
     m = llama_pop.models
     argv = [a.format(m0=m[0], m1=m[1], m2=m[2], base=llama_pop.base) for a in argv]
@@ -134,17 +255,41 @@ def test_flag_errors(llama_pop, tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"merge_method": "slerp", "models": ["{m0}", "{m1}"], "parameters": {"t": 0.5}}, "base_model is required by slerp"),
-    ({"merge_method": "slerp", "base_model": "{m0}", "models": ["{m0}", "{m1}", "{m2}"]},
-     "slerp interpolates base_model and exactly one other model, got 2 others"),
-    ({"merge_method": "karcher", "models": [{"model": "{m0}", "parameters": {"weight": 2}}, "{m1}"]},
-     "weight does not apply to karcher"),
-    ({"merge_method": "model_stock", "base_model": "{base}", "models": ["{m0}", "{m1}"],
-      "parameters": {"filter_wise": "sometimes"}}, "filter_wise must be true or false, got 'sometimes'"),
-    ({"merge_method": "slerp", "base_model": "{m0}", "models": ["{m0}", "{m1}"],
-      "parameters": {"t": [{"pattern": "mlp", "value": 0.3}]}}, "a conditional is {filter: SUBSTRING, value: V}"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (
+            {"merge_method": "slerp", "models": ["{m0}", "{m1}"], "parameters": {"t": 0.5}},
+            "base_model is required by slerp",
+        ),
+        (
+            {"merge_method": "slerp", "base_model": "{m0}", "models": ["{m0}", "{m1}", "{m2}"]},
+            "slerp interpolates base_model and exactly one other model, got 2 others",
+        ),
+        (
+            {"merge_method": "karcher", "models": [{"model": "{m0}", "parameters": {"weight": 2}}, "{m1}"]},
+            "weight does not apply to karcher",
+        ),
+        (
+            {
+                "merge_method": "model_stock",
+                "base_model": "{base}",
+                "models": ["{m0}", "{m1}"],
+                "parameters": {"filter_wise": "sometimes"},
+            },
+            "filter_wise must be true or false, got 'sometimes'",
+        ),
+        (
+            {
+                "merge_method": "slerp",
+                "base_model": "{m0}",
+                "models": ["{m0}", "{m1}"],
+                "parameters": {"t": [{"pattern": "mlp", "value": 0.3}]},
+            },
+            "a conditional is {filter: SUBSTRING, value: V}",
+        ),
+    ],
+)
 def test_yaml_errors(llama_pop, tmp_path, capsys, config, message):
     m = llama_pop.models
     names = {"{m0}": m[0], "{m1}": m[1], "{m2}": m[2], "{base}": llama_pop.base}
@@ -238,8 +383,9 @@ def _ref_model_stock(b, xs, rows):
     as_rows = (lambda x: x.reshape(-1, shape[-1])) if rows and b.dim() >= 2 else (lambda x: x.reshape(1, -1))
     b, xs = as_rows(b), [as_rows(x) for x in xs]
     ds = [x - b for x in xs]
-    cos = torch.stack([(ds[i] * ds[j]).sum(-1) / (ds[i].norm(dim=-1) * ds[j].norm(dim=-1))
-                       for i in range(n) for j in range(i + 1, n)]).mean(0)
+    cos = torch.stack(
+        [(ds[i] * ds[j]).sum(-1) / (ds[i].norm(dim=-1) * ds[j].norm(dim=-1)) for i in range(n) for j in range(i + 1, n)]
+    ).mean(0)
     t = (n * cos / (1 + (n - 1) * cos))[:, None]
     return (t * sum(xs) / n + (1 - t) * b).reshape(shape)
 
@@ -267,8 +413,10 @@ API_CASES = {
     "slerp": (2, lambda b: Merger("slerp", t=0.3)),
     "nuslerp": (2, lambda b: Merger("nuslerp", b, weights=[1.0, 3.0])),
     "nuslerp_rows": (2, lambda b: Merger("nuslerp", b, weights=[1.0, 3.0], nuslerp_flatten=False)),
-    "nuslerp_columns": (2, lambda b: Merger("nuslerp", b, weights=[1.0, 3.0], nuslerp_flatten=False,
-                                            nuslerp_row_wise=True)),
+    "nuslerp_columns": (
+        2,
+        lambda b: Merger("nuslerp", b, weights=[1.0, 3.0], nuslerp_flatten=False, nuslerp_row_wise=True),
+    ),
     "multislerp": (4, lambda b: Merger("multislerp", b, weights=[1.0, 2.0, 0.5, 1.5])),
     "karcher": (4, lambda b: Merger("karcher", max_iter=50, tol=1e-9)),
     "model_stock": (4, lambda b: Merger("model_stock", b)),
@@ -286,13 +434,15 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
     out = merger(base_arena)(pop, Arena.empty(LAYOUT), chunk=chunk)
     want = _references(case, base, ms)
     for e in LAYOUT.entries:
-        torch.testing.assert_close(out.view(e).double(), want[e.name], rtol=2e-6, atol=2e-6,
-                                   msg=lambda m, n=e.name: f"{case} {n}: {m}")
+        torch.testing.assert_close(
+            out.view(e).double(), want[e.name], rtol=2e-6, atol=2e-6, msg=lambda m, n=e.name: f"{case} {n}: {m}"
+        )
         assert (out.view(e).double() - sum(m[e.name] for m in ms) / n).abs().max() > FAR
 
 
-@pytest.mark.parametrize("case", ["slerp", "nuslerp_columns", "multislerp", "karcher", "model_stock",
-                                  "model_stock_rows"])
+@pytest.mark.parametrize(
+    "case", ["slerp", "nuslerp_columns", "multislerp", "karcher", "model_stock", "model_stock_rows"]
+)
 def test_bfloat16_models_merge_in_fp32_and_round_once(case):
     """bf16 arenas: computed in fp32 from the stored values, one rounding to bf16 (within one bf16 ulp)."""
     layout = Layout.from_params(((n,), torch.bfloat16, s) for n, s in SHAPES.items())
@@ -302,22 +452,54 @@ def test_bfloat16_models_merge_in_fp32_and_round_once(case):
     want = _references(case, base, ms)
     for e in layout.entries:
         assert out.view(e).dtype == torch.bfloat16
-        torch.testing.assert_close(out.view(e).double(), want[e.name], rtol=2 ** -8, atol=1e-6,
-                                   msg=lambda m, n=e.name: f"{case} {n}: {m}")
+        torch.testing.assert_close(
+            out.view(e).double(), want[e.name], rtol=2**-8, atol=1e-6, msg=lambda m, n=e.name: f"{case} {n}: {m}"
+        )
 
 
-@pytest.mark.parametrize("method,flags", [("model_stock", ["--merge-filter-wise", "true"]),
-                                          ("karcher", ["--merge-max-iter", "3"])])
+@pytest.mark.parametrize(
+    "method,flags", [("model_stock", ["--merge-filter-wise", "true"]), ("karcher", ["--merge-max-iter", "3"])]
+)
 def test_evolve_merges_the_population_with_a_streamed_method(bert_pop, tmp_path, method, flags):
     """With no generation, evolve's output is the population's merge: the same bytes as the merge CLI's."""
     from evolver_kernels.evolve import main as evolve_main
 
     models, base = bert_pop.models[:3], bert_pop.base
     with_base = ["--base-model", base] if method == "model_stock" else []
-    assert evolve_main(["--models", *models, "--dev", *bert_pop.dev, "--merge-method", method, *with_base, *flags,
-                        "--generations", "0", "--out", str(tmp_path / "evolve")]) == 0
+    assert (
+        evolve_main(
+            [
+                "--models",
+                *models,
+                "--dev",
+                *bert_pop.dev,
+                "--merge-method",
+                method,
+                *with_base,
+                *flags,
+                "--generations",
+                "0",
+                "--out",
+                str(tmp_path / "evolve"),
+            ]
+        )
+        == 0
+    )
     merge_flags = [f.replace("--merge-", "--") for f in flags]
-    assert main(["--method", method, *(["--base", base] if with_base else []), "--models", *models, *merge_flags,
-                 "--out", str(tmp_path / "merge")]) == 0
+    assert (
+        main(
+            [
+                "--method",
+                method,
+                *(["--base", base] if with_base else []),
+                "--models",
+                *models,
+                *merge_flags,
+                "--out",
+                str(tmp_path / "merge"),
+            ]
+        )
+        == 0
+    )
     got, want = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("evolve", "merge"))
     assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want)

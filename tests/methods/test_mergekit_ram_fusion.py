@@ -32,11 +32,13 @@ from evolver_kernels.storage.arena import Arena
 FAR = 1e-4
 CLI_CHUNK = 40
 
+
 def _load(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
 # -- full-tensor references (mergekit's formulas, written out) ------------------------------------------------
+
 
 def _ref_ram(base, xs, epsilon=1e-5, plus=False, r=0.1, alpha=0.2):
     """ram / ramplus_tl of one tensor in fp64 from fp32 task vectors."""
@@ -69,6 +71,7 @@ def _ref_fusion(base, x):
 
 # -- against mergekit ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sparse_models(llama_pop, tmp_path_factory):
     """3 models: the llama base with a random 40% of each tensor's elements moved by N(0, 0.05^2)."""
@@ -94,30 +97,66 @@ def _cases(base, m, s):
     ms = [{"model": p} for p in m]
     ss = [{"model": p} for p in s]
     return {
-        "ram": ({"merge_method": "ram", "base_model": base, "models": ss},
-                ["--method", "ram", "--base", base, "--models", *s], [*s, "average", ("task_arithmetic",)]),
-        "ram_epsilon": ({"merge_method": "ram", "base_model": base, "models": ms, "parameters": {"epsilon": 0.03}},
-                        ["--method", "ram", "--base", base, "--models", *m, "--ram-epsilon", "0.03"],
-                        [*m, "average", ("task_arithmetic",)]),
-        "ramplus_tl": ({"merge_method": "ramplus_tl", "base_model": base, "models": ss},
-                       ["--method", "ramplus_tl", "--base", base, "--models", *s],
-                       [*s, "average", ("ram", 1e-5)]),
-        "ramplus_tl_params": ({"merge_method": "ramplus_tl", "base_model": base, "models": ms,
-                               "parameters": {"epsilon": 0.03, "r": 0.5, "alpha": 1.5}},
-                              ["--method", "ramplus_tl", "--base", base, "--models", *m, "--ram-epsilon", "0.03",
-                               "--r", "0.5", "--ramplus-alpha", "1.5"], [*m, "average", ("ram", 0.03)]),
+        "ram": (
+            {"merge_method": "ram", "base_model": base, "models": ss},
+            ["--method", "ram", "--base", base, "--models", *s],
+            [*s, "average", ("task_arithmetic",)],
+        ),
+        "ram_epsilon": (
+            {"merge_method": "ram", "base_model": base, "models": ms, "parameters": {"epsilon": 0.03}},
+            ["--method", "ram", "--base", base, "--models", *m, "--ram-epsilon", "0.03"],
+            [*m, "average", ("task_arithmetic",)],
+        ),
+        "ramplus_tl": (
+            {"merge_method": "ramplus_tl", "base_model": base, "models": ss},
+            ["--method", "ramplus_tl", "--base", base, "--models", *s],
+            [*s, "average", ("ram", 1e-5)],
+        ),
+        "ramplus_tl_params": (
+            {
+                "merge_method": "ramplus_tl",
+                "base_model": base,
+                "models": ms,
+                "parameters": {"epsilon": 0.03, "r": 0.5, "alpha": 1.5},
+            },
+            [
+                "--method",
+                "ramplus_tl",
+                "--base",
+                base,
+                "--models",
+                *m,
+                "--ram-epsilon",
+                "0.03",
+                "--r",
+                "0.5",
+                "--ramplus-alpha",
+                "1.5",
+            ],
+            [*m, "average", ("ram", 0.03)],
+        ),
         # per-tensor settings through mergekit's names: a filter on r, a gradient over the layers on alpha
-        "ramplus_tl_per_tensor": ({"merge_method": "ramplus_tl", "base_model": base, "models": ss,
-                                   "parameters": {"r": [{"filter": "mlp", "value": 0.8}, {"value": 0.3}],
-                                                  "alpha": [0.5, 3.0]}},
-                                  None, [*s, "average", ("ram", 1e-5)]),
+        "ramplus_tl_per_tensor": (
+            {
+                "merge_method": "ramplus_tl",
+                "base_model": base,
+                "models": ss,
+                "parameters": {"r": [{"filter": "mlp", "value": 0.8}, {"value": 0.3}], "alpha": [0.5, 3.0]},
+            },
+            None,
+            [*s, "average", ("ram", 1e-5)],
+        ),
         # the base listed among the models is the base (mergekit's non-base input is the other one)
-        "arcee_fusion": ({"merge_method": "arcee_fusion", "base_model": base,
-                          "models": [{"model": base}, {"model": m[0]}]},
-                         ["--method", "arcee_fusion", "--base", base, "--models", m[0]], [base, m[0], "average"]),
-        "arcee_fusion_sparse": ({"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": s[1]}]},
-                                ["--method", "arcee_fusion", "--base", base, "--models", s[1]],
-                                [base, s[1], "average"]),
+        "arcee_fusion": (
+            {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": base}, {"model": m[0]}]},
+            ["--method", "arcee_fusion", "--base", base, "--models", m[0]],
+            [base, m[0], "average"],
+        ),
+        "arcee_fusion_sparse": (
+            {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": s[1]}]},
+            ["--method", "arcee_fusion", "--base", base, "--models", s[1]],
+            [base, s[1], "average"],
+        ),
     }
 
 
@@ -135,8 +174,11 @@ def merged(llama_pop, sparse_models, tmp_path_factory):
         if flags is not None:
             assert main([*flags, "--out", str(root / f"{name}-flags")]) == 0
         from_yaml = _load(str(root / f"{name}-yaml"))
-        out[name] = (from_yaml, _load(str(root / f"{name}-flags")) if flags else from_yaml,
-                     _load(str(root / f"{name}-mergekit")))
+        out[name] = (
+            from_yaml,
+            _load(str(root / f"{name}-flags")) if flags else from_yaml,
+            _load(str(root / f"{name}-mergekit")),
+        )
     return out
 
 
@@ -175,17 +217,20 @@ def test_per_tensor_settings_took_effect(merged):
         assert (per_tensor[key] - default[key]).abs().max() > FAR, key
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "arcee_fusion", "--models", "{m0}", "{m1}"], "arcee_fusion merges exactly 1 models, got 2"),
-    (["--method", "arcee_fusion", "--weights", "2"], "--weights does not apply to arcee_fusion"),
-    (["--method", "ram", "--weights", "1", "2"], "--weights does not apply to ram"),
-    (["--method", "ram", "--ram-epsilon", "-0.1"], "--ram-epsilon must be in [0, inf)"),
-    (["--method", "ram", "--r", "0.5"], "--r does not apply to ram"),
-    (["--method", "ramplus_tl", "--ramplus-alpha", "inf"], "--ramplus-alpha must be any finite number"),
-    (["--method", "ram", "--ramplus-alpha", "0.5"], "--ramplus-alpha does not apply to ram"),
-    (["--method", "ram", "--epsilon", "0.03"], "--epsilon does not apply to ram (its parameters: ram_epsilon)"),
-    (["--method", "ramplus_tl", "--alpha", "0.3"], "--alpha does not apply to ramplus_tl"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "arcee_fusion", "--models", "{m0}", "{m1}"], "arcee_fusion merges exactly 1 models, got 2"),
+        (["--method", "arcee_fusion", "--weights", "2"], "--weights does not apply to arcee_fusion"),
+        (["--method", "ram", "--weights", "1", "2"], "--weights does not apply to ram"),
+        (["--method", "ram", "--ram-epsilon", "-0.1"], "--ram-epsilon must be in [0, inf)"),
+        (["--method", "ram", "--r", "0.5"], "--r does not apply to ram"),
+        (["--method", "ramplus_tl", "--ramplus-alpha", "inf"], "--ramplus-alpha must be any finite number"),
+        (["--method", "ram", "--ramplus-alpha", "0.5"], "--ramplus-alpha does not apply to ram"),
+        (["--method", "ram", "--epsilon", "0.03"], "--epsilon does not apply to ram (its parameters: ram_epsilon)"),
+        (["--method", "ramplus_tl", "--alpha", "0.3"], "--alpha does not apply to ramplus_tl"),
+    ],
+)
 def test_flag_errors(llama_pop, tmp_path, capsys, argv, message):
     n = 1 if "arcee_fusion" in argv else 2
     assert message in merge_cli_error(llama_pop, tmp_path / "o", capsys, argv, n)
@@ -199,8 +244,11 @@ def test_registry_records():
     assert methods.get("ramplus_tl").param("alpha", aliases=True).name == "ramplus_alpha"
     # flags and the Python API use the names alone: --epsilon is della's, --alpha RegMean's
     assert methods.get("ram").param("epsilon") is None and methods.get("ramplus_tl").param("alpha") is None
-    assert methods.get("ramplus_tl").settings({"ram_epsilon": 0.2, "ramplus_alpha": 3, "r": 1}) == \
-        {"ram_epsilon": 0.2, "r": 1.0, "ramplus_alpha": 3.0}
+    assert methods.get("ramplus_tl").settings({"ram_epsilon": 0.2, "ramplus_alpha": 3, "r": 1}) == {
+        "ram_epsilon": 0.2,
+        "r": 1.0,
+        "ramplus_alpha": 3.0,
+    }
     params = methods.all_params()
     assert (params["epsilon"].default, params["epsilon"].per_model) == (0.15, True)  # della's
     assert (params["alpha"].default, params["alpha"].high) == (0.5, 1.0)  # RegMean's
@@ -225,8 +273,11 @@ API_CASES = {
     "ram": (3, dict(), lambda b, xs: _ref_ram(b, xs)),
     "ram_epsilon": (4, dict(ram_epsilon=0.2), lambda b, xs: _ref_ram(b, xs, epsilon=0.2)),
     "ramplus_tl": (3, dict(), lambda b, xs: _ref_ram(b, xs, plus=True)),
-    "ramplus_tl_params": (4, dict(ram_epsilon=0.1, r=0.7, ramplus_alpha=2.5),
-                          lambda b, xs: _ref_ram(b, xs, 0.1, True, 0.7, 2.5)),
+    "ramplus_tl_params": (
+        4,
+        dict(ram_epsilon=0.1, r=0.7, ramplus_alpha=2.5),
+        lambda b, xs: _ref_ram(b, xs, 0.1, True, 0.7, 2.5),
+    ),
     # one model: nothing shared, lambda 1; the changes at or below epsilon left out
     "ramplus_tl_one": (1, dict(r=0.5, ram_epsilon=0.2), lambda b, xs: _ref_ram(b, xs, 0.2, True, 0.5)),
     "arcee_fusion": (1, dict(), lambda b, xs: _ref_fusion(b, xs[0]).double()),
@@ -246,8 +297,9 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
     for e in layout.entries:
         xs = [a.view(e) for a in pop.arenas]
         want = reference(base.view(e), xs)
-        torch.testing.assert_close(out.view(e).double(), want, rtol=2e-6, atol=2e-6,
-                                   msg=lambda m, name=e.name: f"{case} {name}: {m}")
+        torch.testing.assert_close(
+            out.view(e).double(), want, rtol=2e-6, atol=2e-6, msg=lambda m, name=e.name: f"{case} {name}: {m}"
+        )
         if case.startswith("arcee"):
             assert torch.equal(out.view(e), want.float()), e.name  # the same fp32 ops: the same bits
         far_avg = max(far_avg, float((out.view(e).double() - sum(x.double() for x in xs) / n).abs().max()))
@@ -258,14 +310,14 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
 @pytest.mark.parametrize("case", ["ramplus_tl", "arcee_fusion"])
 def test_bfloat16_models_merge_in_fp32_and_round_once(case):
     n, kwargs, reference = API_CASES[case]
-    layout, pop, base = _population(n, seed=1, sparse=0.0 if case.startswith("arcee") else 0.5,
-                                    dtype=torch.bfloat16)
+    layout, pop, base = _population(n, seed=1, sparse=0.0 if case.startswith("arcee") else 0.5, dtype=torch.bfloat16)
     out = Merger(case, base, **kwargs)(pop, Arena.empty(layout), chunk=5)
     for e in layout.entries:
         assert out.view(e).dtype == torch.bfloat16
         want = reference(base.view(e), [a.view(e) for a in pop.arenas])  # from the bf16 values, in fp32 / fp64
-        torch.testing.assert_close(out.view(e).double(), want, rtol=2 ** -8, atol=1e-6,
-                                   msg=lambda m, name=e.name: f"{case} {name}: {m}")
+        torch.testing.assert_close(
+            out.view(e).double(), want, rtol=2**-8, atol=1e-6, msg=lambda m, name=e.name: f"{case} {name}: {m}"
+        )
 
 
 def test_ramplus_tl_epsilon_zero_with_an_unchanged_model_is_not_nan():

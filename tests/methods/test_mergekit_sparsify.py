@@ -39,8 +39,10 @@ FAR = 1e-4
 
 
 def _weights(paths, ws, **per_model):
-    return [{"model": p, "parameters": {"weight": w, **{k: v[i] for k, v in per_model.items()}}}
-            for i, (p, w) in enumerate(zip(paths, ws))]
+    return [
+        {"model": p, "parameters": {"weight": w, **{k: v[i] for k, v in per_model.items()}}}
+        for i, (p, w) in enumerate(zip(paths, ws))
+    ]
 
 
 def _cases(base, m):
@@ -48,34 +50,100 @@ def _cases(base, m):
     "ties" (both with the case's weights and lambda), or model paths)."""
     w = ["1", "0.5", "2"]
     return {
-        "breadcrumbs": ({"merge_method": "breadcrumbs", "base_model": base,
-                         "models": _weights(m, (1.0, 0.5, 2.0), density=(0.5, 0.7, 0.4)),
-                         "parameters": {"gamma": 0.05, "lambda": 0.8}},
-                        ["--method", "breadcrumbs", "--base", base, "--models", *m, "--weights", *w,
-                         "--density", "0.5", "0.7", "0.4", "--gamma", "0.05", "--scale", "0.8"], ["task_arithmetic"]),
-        "breadcrumbs_ties": ({"merge_method": "breadcrumbs_ties", "base_model": base,
-                              "models": _weights(m, (1.0, 0.5, 2.0), gamma=(0.02, 0.1, 0.05)),
-                              "parameters": {"density": 0.6}},
-                             ["--method", "breadcrumbs_ties", "--base", base, "--models", *m, "--weights", *w,
-                              "--density", "0.6", "--gamma", "0.02", "0.1", "0.05"], ["task_arithmetic", "ties"]),
+        "breadcrumbs": (
+            {
+                "merge_method": "breadcrumbs",
+                "base_model": base,
+                "models": _weights(m, (1.0, 0.5, 2.0), density=(0.5, 0.7, 0.4)),
+                "parameters": {"gamma": 0.05, "lambda": 0.8},
+            },
+            [
+                "--method",
+                "breadcrumbs",
+                "--base",
+                base,
+                "--models",
+                *m,
+                "--weights",
+                *w,
+                "--density",
+                "0.5",
+                "0.7",
+                "0.4",
+                "--gamma",
+                "0.05",
+                "--scale",
+                "0.8",
+            ],
+            ["task_arithmetic"],
+        ),
+        "breadcrumbs_ties": (
+            {
+                "merge_method": "breadcrumbs_ties",
+                "base_model": base,
+                "models": _weights(m, (1.0, 0.5, 2.0), gamma=(0.02, 0.1, 0.05)),
+                "parameters": {"density": 0.6},
+            },
+            [
+                "--method",
+                "breadcrumbs_ties",
+                "--base",
+                base,
+                "--models",
+                *m,
+                "--weights",
+                *w,
+                "--density",
+                "0.6",
+                "--gamma",
+                "0.02",
+                "0.1",
+                "0.05",
+            ],
+            ["task_arithmetic", "ties"],
+        ),
         # gamma + density > 1: mergekit drops fewer outliers and keeps the smallest `density`
-        "breadcrumbs_ties_low": ({"merge_method": "breadcrumbs_ties", "base_model": base,
-                                  "models": _weights(m, (1.0, 1.0, 1.0)), "parameters": {"density": 0.7, "gamma": 0.5}},
-                                 ["--method", "breadcrumbs_ties", "--base", base, "--models", *m, "--density", "0.7",
-                                  "--gamma", "0.5"], ["task_arithmetic", "ties"]),
+        "breadcrumbs_ties_low": (
+            {
+                "merge_method": "breadcrumbs_ties",
+                "base_model": base,
+                "models": _weights(m, (1.0, 1.0, 1.0)),
+                "parameters": {"density": 0.7, "gamma": 0.5},
+            },
+            ["--method", "breadcrumbs_ties", "--base", base, "--models", *m, "--density", "0.7", "--gamma", "0.5"],
+            ["task_arithmetic", "ties"],
+        ),
         # the base listed among the models is the base (mergekit's non-base input is the other one)
-        "nearswap": ({"merge_method": "nearswap", "base_model": base, "models": [{"model": base}, {"model": m[0]}],
-                      "parameters": {"t": 0.02}},
-                     ["--method", "nearswap", "--base", base, "--models", m[0], "--t", "0.02"], [base, m[0]]),
-        "sce": ({"merge_method": "sce", "base_model": base, "models": [{"model": p} for p in m],
-                 "parameters": {"select_topk": 0.4}},
-                ["--method", "sce", "--base", base, "--models", *m, "--select-topk", "0.4"], ["ties"]),
-        "sce_all": ({"merge_method": "sce", "base_model": base, "models": [{"model": p} for p in m]},
-                    ["--method", "sce", "--base", base, "--models", *m], ["ties"]),
+        "nearswap": (
+            {
+                "merge_method": "nearswap",
+                "base_model": base,
+                "models": [{"model": base}, {"model": m[0]}],
+                "parameters": {"t": 0.02},
+            },
+            ["--method", "nearswap", "--base", base, "--models", m[0], "--t", "0.02"],
+            [base, m[0]],
+        ),
+        "sce": (
+            {
+                "merge_method": "sce",
+                "base_model": base,
+                "models": [{"model": p} for p in m],
+                "parameters": {"select_topk": 0.4},
+            },
+            ["--method", "sce", "--base", base, "--models", *m, "--select-topk", "0.4"],
+            ["ties"],
+        ),
+        "sce_all": (
+            {"merge_method": "sce", "base_model": base, "models": [{"model": p} for p in m]},
+            ["--method", "sce", "--base", base, "--models", *m],
+            ["ties"],
+        ),
     }
 
 
 CASE_WEIGHTS = {"breadcrumbs": ((1.0, 0.5, 2.0), 0.8), "breadcrumbs_ties": ((1.0, 0.5, 2.0), 1.0)}
+
 
 def _load(path):
     return load_file(os.path.join(path, "model.safetensors"))
@@ -130,6 +198,7 @@ def test_same_tensors_as_mergekit(merged, llama_pop, case):
 
 # -- della: the CLI against the formula with our Philox mask, tensor by tensor --------------------------------
 
+
 def _ref_kept(tau, density, epsilon, seed, stream, offset):
     """della's keep decisions written out: ranks by a stable double argsort, p in fp64, the Philox words."""
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
@@ -138,7 +207,7 @@ def _ref_kept(tau, density, epsilon, seed, stream, offset):
     rank_norm = ranks.double() / (c - 1) if c > 1 else torch.full(rows.shape, 0.5, dtype=torch.float64)
     p = (density - epsilon) + rank_norm * (2 * epsilon)
     words = random_words(rows.numel(), seed=seed, stream=stream, offset=offset).view(rows.shape)
-    return (words >= torch.floor((1 - p) * 2.0 ** 32).long()).reshape(tau.shape)
+    return (words >= torch.floor((1 - p) * 2.0**32).long()).reshape(tau.shape)
 
 
 def _ref_della(base, xs, weights, densities, epsilons, lam, seed, offset, ties, rescale=True, normalize=None):
@@ -165,22 +234,62 @@ def _ref_della(base, xs, weights, densities, epsilons, lam, seed, offset, ties, 
 
 
 DELLA_CASES = {
-    "della": ({"merge_method": "della", "base_model": "{base}", "models": "{weighted}",
-               "parameters": {"epsilon": 0.1, "lambda": 0.9, "seed": 7}},
-              dict(weights=(1.0, 0.5, 2.0), densities=(0.5, 0.7, 0.3), epsilons=(0.1,) * 3, lam=0.9, seed=7,
-                   ties=True)),
-    "della_linear": ({"merge_method": "della_linear", "base_model": "{base}", "models": "{plain}",
-                      "parameters": {"density": 0.4, "epsilon": [{"filter": "mlp", "value": 0.2}, {"value": 0.05}]}},
-                     dict(weights=(1.0, 1.0, 1.0), densities=(0.4,) * 3, epsilons=None, lam=1.0, seed=0, ties=False)),
+    "della": (
+        {
+            "merge_method": "della",
+            "base_model": "{base}",
+            "models": "{weighted}",
+            "parameters": {"epsilon": 0.1, "lambda": 0.9, "seed": 7},
+        },
+        dict(weights=(1.0, 0.5, 2.0), densities=(0.5, 0.7, 0.3), epsilons=(0.1,) * 3, lam=0.9, seed=7, ties=True),
+    ),
+    "della_linear": (
+        {
+            "merge_method": "della_linear",
+            "base_model": "{base}",
+            "models": "{plain}",
+            "parameters": {"density": 0.4, "epsilon": [{"filter": "mlp", "value": 0.2}, {"value": 0.05}]},
+        },
+        dict(weights=(1.0, 1.0, 1.0), densities=(0.4,) * 3, epsilons=None, lam=1.0, seed=0, ties=False),
+    ),
     # mergekit's dare methods: bernoulli drops keeping `density`, L1 rescale, normalize false unless given
-    "mergekit_dare_ties": ({"merge_method": "dare_ties", "base_model": "{base}", "models": "{weighted}",
-                           "parameters": {"lambda": 0.9, "seed": 7, "int8_mask": True}},
-                          dict(weights=(1.0, 0.5, 2.0), densities=(0.5, 0.7, 0.3), epsilons=(0.0,) * 3, lam=0.9, seed=7,
-                               ties=True, normalize=False, method="della")),
-    "mergekit_dare_linear": ({"merge_method": "dare_linear", "base_model": "{base}", "models": "{plain}",
-                             "parameters": {"density": 0.4, "normalize": True, "rescale": False}},
-                            dict(weights=(1.0, 1.0, 1.0), densities=(0.4,) * 3, epsilons=(0.0,) * 3, lam=1.0, seed=0,
-                                 ties=False, normalize=True, rescale=False, method="della_linear")),
+    "mergekit_dare_ties": (
+        {
+            "merge_method": "dare_ties",
+            "base_model": "{base}",
+            "models": "{weighted}",
+            "parameters": {"lambda": 0.9, "seed": 7, "int8_mask": True},
+        },
+        dict(
+            weights=(1.0, 0.5, 2.0),
+            densities=(0.5, 0.7, 0.3),
+            epsilons=(0.0,) * 3,
+            lam=0.9,
+            seed=7,
+            ties=True,
+            normalize=False,
+            method="della",
+        ),
+    ),
+    "mergekit_dare_linear": (
+        {
+            "merge_method": "dare_linear",
+            "base_model": "{base}",
+            "models": "{plain}",
+            "parameters": {"density": 0.4, "normalize": True, "rescale": False},
+        },
+        dict(
+            weights=(1.0, 1.0, 1.0),
+            densities=(0.4,) * 3,
+            epsilons=(0.0,) * 3,
+            lam=1.0,
+            seed=0,
+            ties=False,
+            normalize=True,
+            rescale=False,
+            method="della_linear",
+        ),
+    ),
 }
 
 
@@ -188,9 +297,13 @@ DELLA_CASES = {
 def test_della_equals_its_formula_with_our_mask(llama_pop, tmp_path, case):
     raw, p = DELLA_CASES[case]
     base, m = llama_pop.base, llama_pop.models
-    models = {"{weighted}": [{"model": path, "parameters": {"weight": w, "density": d}}
-                             for path, w, d in zip(m, p["weights"], p["densities"])],
-              "{plain}": [{"model": path} for path in m]}
+    models = {
+        "{weighted}": [
+            {"model": path, "parameters": {"weight": w, "density": d}}
+            for path, w, d in zip(m, p["weights"], p["densities"])
+        ],
+        "{plain}": [{"model": path} for path in m],
+    }
     config = {**raw, "base_model": base, "models": models[raw["models"]], "dtype": "float32"}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
     assert main(["--config", str(tmp_path / "c.yml"), "--out", str(tmp_path / "o")]) == 0
@@ -202,11 +315,23 @@ def test_della_equals_its_formula_with_our_mask(llama_pop, tmp_path, case):
         name = next(a for a in e.aliases if a in ours)
         offset = layout.groups[e.group][0] + e.offset
         epsilons = p["epsilons"] or ((0.2 if "mlp" in name else 0.05),) * 3
-        want = _ref_della(b[name], [x[name] for x in xs], p["weights"], p["densities"], epsilons, p["lam"],
-                          p["seed"], offset, p["ties"], p.get("rescale", True), p.get("normalize"))
+        want = _ref_della(
+            b[name],
+            [x[name] for x in xs],
+            p["weights"],
+            p["densities"],
+            epsilons,
+            p["lam"],
+            p["seed"],
+            offset,
+            p["ties"],
+            p.get("rescale", True),
+            p.get("normalize"),
+        )
         torch.testing.assert_close(ours[name].double(), want, rtol=RTOL, atol=ATOL, msg=lambda s, n=name: f"{n}: {s}")
-        plain = b[name].double() + p["lam"] * sum(w * (x[name].double() - b[name].double())
-                                                  for w, x in zip(p["weights"], xs))
+        plain = b[name].double() + p["lam"] * sum(
+            w * (x[name].double() - b[name].double()) for w, x in zip(p["weights"], xs)
+        )
         assert (ours[name].double() - plain).abs().max() > FAR  # the drops changed it
         checked += 1
     assert checked == len(ours)
@@ -238,18 +363,21 @@ def test_della_keep_rate_agrees_with_mergekits_formula():
     # reproducible, and the same drops as DARE's where epsilon is 0 (drop_p = 1 - density)
     small = tau[:4, :100]
     assert torch.equal(ours[:1], della_kept(tau[:1], density, epsilon, seed=11, stream=STREAM_DARE, offset=12345))
-    dare = random_words(small.numel(), seed=11, stream=STREAM_DARE, offset=99) < int((1 - density) * 2 ** 32)
+    dare = random_words(small.numel(), seed=11, stream=STREAM_DARE, offset=99) < int((1 - density) * 2**32)
     assert torch.equal(della_kept(small, density, 0.0, seed=11, stream=STREAM_DARE, offset=99).view(-1), ~dare)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "della", "--density", "0.2", "--epsilon", "0.3"], "density +/- epsilon is in (0, 1)"),
-    (["--method", "nearswap", "--models", "{m0}", "{m1}"], "nearswap merges exactly 1 models, got 2"),
-    (["--method", "sce", "--weights", "1", "2"], "--weights does not apply to sce"),
-    (["--method", "breadcrumbs", "--gamma", "1.5"], "--gamma must be in [0, 1]"),
-    (["--method", "sce", "--select-topk", "-0.1"], "--select-topk must be in [0, 1]"),
-    (["--method", "breadcrumbs", "--epsilon", "0.1"], "--epsilon does not apply to breadcrumbs"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "della", "--density", "0.2", "--epsilon", "0.3"], "density +/- epsilon is in (0, 1)"),
+        (["--method", "nearswap", "--models", "{m0}", "{m1}"], "nearswap merges exactly 1 models, got 2"),
+        (["--method", "sce", "--weights", "1", "2"], "--weights does not apply to sce"),
+        (["--method", "breadcrumbs", "--gamma", "1.5"], "--gamma must be in [0, 1]"),
+        (["--method", "sce", "--select-topk", "-0.1"], "--select-topk must be in [0, 1]"),
+        (["--method", "breadcrumbs", "--epsilon", "0.1"], "--epsilon does not apply to breadcrumbs"),
+    ],
+)
 def test_flag_errors(llama_pop, tmp_path, capsys, argv, message):
     assert message in merge_cli_error(llama_pop, tmp_path / "o", capsys, argv)
 
@@ -277,7 +405,7 @@ def _ref_band(tau, density, gamma):
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.argsort(tau.abs().reshape(-1))[bottom:bottom + keep]] = True
+    mask[torch.argsort(tau.abs().reshape(-1))[bottom : bottom + keep]] = True
     return torch.where(mask.view(tau.shape), tau, 0.0)
 
 
@@ -315,23 +443,40 @@ def _ref_nearswap(base, x, t):
 
 API_CASES = {
     # name: (models, Merger kwargs, reference(base, xs, offset))
-    "breadcrumbs": (3, dict(weights=[1.0, 0.5, 2.0], density=[0.5, 0.7, 0.4], gamma=0.1, scale=0.8),
-                    lambda b, xs, o: _ref_breadcrumbs(b, xs, (1.0, 0.5, 2.0), (0.5, 0.7, 0.4), (0.1,) * 3, 0.8, False)),
-    "breadcrumbs_ties": (3, dict(density=0.6, gamma=[0.0, 0.2, 0.1]),
-                         lambda b, xs, o: _ref_breadcrumbs(b, xs, (1.0,) * 3, (0.6,) * 3, (0.0, 0.2, 0.1), 1.0, True)),
+    "breadcrumbs": (
+        3,
+        dict(weights=[1.0, 0.5, 2.0], density=[0.5, 0.7, 0.4], gamma=0.1, scale=0.8),
+        lambda b, xs, o: _ref_breadcrumbs(b, xs, (1.0, 0.5, 2.0), (0.5, 0.7, 0.4), (0.1,) * 3, 0.8, False),
+    ),
+    "breadcrumbs_ties": (
+        3,
+        dict(density=0.6, gamma=[0.0, 0.2, 0.1]),
+        lambda b, xs, o: _ref_breadcrumbs(b, xs, (1.0,) * 3, (0.6,) * 3, (0.0, 0.2, 0.1), 1.0, True),
+    ),
     # no upper bound anywhere: the fused operator's TIES with the lower bounds as trims
-    "breadcrumbs_ties_fused": (3, dict(density=[0.5, 1.0, 0.3], gamma=0.0, weights=[2.0, 1.0, 1.0]),
-                               lambda b, xs, o: _ref_breadcrumbs(b, xs, (2.0, 1.0, 1.0), (0.5, 1.0, 0.3), (0.0,) * 3,
-                                                                 1.0, True)),
-    "della": (3, dict(density=[0.5, 0.6, 0.4], epsilon=0.2, weights=[1.0, 2.0, 0.5], seed=5),
-              lambda b, xs, o: _ref_della(b, xs, (1.0, 2.0, 0.5), (0.5, 0.6, 0.4), (0.2,) * 3, 1.0, 5, o, True)),
-    "della_linear": (3, dict(density=0.5, epsilon=[0.1, 0.3, 0.0], scale=1.5, rescale=False),
-                     lambda b, xs, o: _ref_della(b, xs, (1.0,) * 3, (0.5,) * 3, (0.1, 0.3, 0.0), 1.5, 0, o, False,
-                                                 rescale=False)),
+    "breadcrumbs_ties_fused": (
+        3,
+        dict(density=[0.5, 1.0, 0.3], gamma=0.0, weights=[2.0, 1.0, 1.0]),
+        lambda b, xs, o: _ref_breadcrumbs(b, xs, (2.0, 1.0, 1.0), (0.5, 1.0, 0.3), (0.0,) * 3, 1.0, True),
+    ),
+    "della": (
+        3,
+        dict(density=[0.5, 0.6, 0.4], epsilon=0.2, weights=[1.0, 2.0, 0.5], seed=5),
+        lambda b, xs, o: _ref_della(b, xs, (1.0, 2.0, 0.5), (0.5, 0.6, 0.4), (0.2,) * 3, 1.0, 5, o, True),
+    ),
+    "della_linear": (
+        3,
+        dict(density=0.5, epsilon=[0.1, 0.3, 0.0], scale=1.5, rescale=False),
+        lambda b, xs, o: _ref_della(b, xs, (1.0,) * 3, (0.5,) * 3, (0.1, 0.3, 0.0), 1.5, 0, o, False, rescale=False),
+    ),
     # epsilon 0 (mergekit's dare): no ranks, so any tensor, 3-d included, in chunks that split rows
-    "della_flat": (3, dict(density=[0.5, 0.7, 0.3], epsilon=0.0, weights=[1.0, 0.5, 2.0], normalize=False, seed=3),
-                   lambda b, xs, o: _ref_della(b, xs, (1.0, 0.5, 2.0), (0.5, 0.7, 0.3), (0.0,) * 3, 1.0, 3, o, True,
-                                               normalize=False)),
+    "della_flat": (
+        3,
+        dict(density=[0.5, 0.7, 0.3], epsilon=0.0, weights=[1.0, 0.5, 2.0], normalize=False, seed=3),
+        lambda b, xs, o: _ref_della(
+            b, xs, (1.0, 0.5, 2.0), (0.5, 0.7, 0.3), (0.0,) * 3, 1.0, 3, o, True, normalize=False
+        ),
+    ),
     "sce": (4, dict(select_topk=0.3), lambda b, xs, o: _ref_sce(b, xs, 0.3)),
     "sce_all": (3, dict(), lambda b, xs, o: _ref_sce(b, xs, 1.0)),
     "nearswap": (1, dict(t=0.2), lambda b, xs, o: _ref_nearswap(b, xs[0], 0.2)),
@@ -358,8 +503,9 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
     for e in layout.entries:
         xs = [a.view(e) for a in pop.arenas]
         want = reference(base.view(e), xs, layout.groups[e.group][0] + e.offset)
-        torch.testing.assert_close(out.view(e).double(), want, rtol=2e-6, atol=2e-6,
-                                   msg=lambda m, name=e.name: f"{case} {name}: {m}")
+        torch.testing.assert_close(
+            out.view(e).double(), want, rtol=2e-6, atol=2e-6, msg=lambda m, name=e.name: f"{case} {name}: {m}"
+        )
         if e.numel > 5:  # not vacuous: far from the average of the models and from the base
             assert (out.view(e).double() - sum(x.double() for x in xs) / n).abs().max() > FAR
             assert (out.view(e).double() - base.view(e).double()).abs().max() > FAR
@@ -383,9 +529,12 @@ def test_fused_passes_give_the_same_bits_on_every_backend(case, dtype):
     weights, seed = kwargs.pop("weights", None), kwargs.pop("seed", 0)
     # della without ranks spans chunk / N elements: 7 of them, as every other case's chunks (not 2)
     chunk = 7 * n if case == "della_flat" else 7
-    outs = {backend: Merger(method, base, weights=weights, seed=seed, backend=backend, **kwargs)(
-                pop, Arena.empty(layout), chunk=chunk)
-            for backend in ["reference", *available_backends("cpu")]}
+    outs = {
+        backend: Merger(method, base, weights=weights, seed=seed, backend=backend, **kwargs)(
+            pop, Arena.empty(layout), chunk=chunk
+        )
+        for backend in ["reference", *available_backends("cpu")]
+    }
     assert len(outs) >= 2
     for backend, out in outs.items():
         for e in layout.entries:
@@ -415,8 +564,9 @@ def test_bfloat16_models_merge_in_fp32_and_round_once(case):
     for e in layout.entries:
         assert out.view(e).dtype == torch.bfloat16
         want = reference(base.view(e), [a.view(e) for a in pop.arenas], layout.groups[e.group][0] + e.offset)
-        torch.testing.assert_close(out.view(e).double(), want, rtol=2 ** -8, atol=1e-6,
-                                   msg=lambda m, name=e.name: f"{case} {name}: {m}")
+        torch.testing.assert_close(
+            out.view(e).double(), want, rtol=2**-8, atol=1e-6, msg=lambda m, name=e.name: f"{case} {name}: {m}"
+        )
 
 
 def test_evolve_merges_the_population_with_breadcrumbs_ties(bert_pop, tmp_path):
@@ -425,10 +575,41 @@ def test_evolve_merges_the_population_with_breadcrumbs_ties(bert_pop, tmp_path):
 
     models, base = bert_pop.models[:3], bert_pop.base
     flags = ["--density", "0.5", "--gamma", "0.05"]
-    assert evolve_main(["--models", *models, "--dev", *bert_pop.dev, "--merge-method", "breadcrumbs_ties",
-                        "--base-model", base, *[f.replace("--", "--merge-") if f.startswith("--") else f for f in flags],
-                        "--generations", "0", "--out", str(tmp_path / "evolve")]) == 0
-    assert main(["--method", "breadcrumbs_ties", "--base", base, "--models", *models, *flags,
-                 "--out", str(tmp_path / "merge")]) == 0
+    assert (
+        evolve_main(
+            [
+                "--models",
+                *models,
+                "--dev",
+                *bert_pop.dev,
+                "--merge-method",
+                "breadcrumbs_ties",
+                "--base-model",
+                base,
+                *[f.replace("--", "--merge-") if f.startswith("--") else f for f in flags],
+                "--generations",
+                "0",
+                "--out",
+                str(tmp_path / "evolve"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--method",
+                "breadcrumbs_ties",
+                "--base",
+                base,
+                "--models",
+                *models,
+                *flags,
+                "--out",
+                str(tmp_path / "merge"),
+            ]
+        )
+        == 0
+    )
     got, want = (_load(str(tmp_path / d)) for d in ("evolve", "merge"))
     assert set(want) <= set(got) and all(torch.equal(got[k], want[k]) for k in want)

@@ -95,7 +95,9 @@ def test_task_arithmetic_and_dare(drop_p):
 def test_ties_matches_mergekit_semantics(density, drop_p):
     layout, pop, base = _setup()
     weights = [1.0, 0.5, 1.0, 2.0]
-    out = merging.ties(pop, base, Arena.empty(layout), density=density, scale=0.9, weights=weights, drop_p=drop_p, seed=2)
+    out = merging.ties(
+        pop, base, Arena.empty(layout), density=density, scale=0.9, weights=weights, drop_p=drop_p, seed=2
+    )
     for e in layout.entries:
         b = base.view(e).float()
         taus = [pop.arenas[k].view(e).float() - b for k in range(4)]
@@ -127,9 +129,14 @@ def test_mergekits_normalize_against_its_default(method):
 
 
 SETTINGS = {"scale": 0.8, "density": 0.3, "drop_p": 0.2}
-DESCRIPTIONS = {"average": "simple average", "fisher": "Fisher-weighted average",
-                "task_arithmetic": "task_arithmetic (scale 0.8)", "dare_linear": "dare_linear (scale 0.8, drop p 0.2)",
-                "ties": "ties (scale 0.8, density 0.3)", "dare_ties": "dare_ties (scale 0.8, density 0.3, drop p 0.2)"}
+DESCRIPTIONS = {
+    "average": "simple average",
+    "fisher": "Fisher-weighted average",
+    "task_arithmetic": "task_arithmetic (scale 0.8)",
+    "dare_linear": "dare_linear (scale 0.8, drop p 0.2)",
+    "ties": "ties (scale 0.8, density 0.3)",
+    "dare_ties": "dare_ties (scale 0.8, density 0.3, drop p 0.2)",
+}
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if b != "cpu"])
@@ -143,8 +150,9 @@ def test_every_backend_gives_the_same_bits(backend, method):
     stats = _random_fisher(layout, pop.size, seed=3) if method == "fisher" else None
 
     def merger(backend):
-        return merging.Merger(method, base if record.needs_base else None, seed=4, stats=stats, backend=backend,
-                              **settings)
+        return merging.Merger(
+            method, base if record.needs_base else None, seed=4, stats=stats, backend=backend, **settings
+        )
 
     want = merger("cpu")(pop, Arena.empty(layout), chunk=1 << 20)
     got = merger(backend)(pop, Arena.empty(layout), chunk=100)
@@ -197,8 +205,10 @@ def test_merges_never_stack_the_population():
 
     layout, pop, base = _setup(n=6)
     out = Arena.empty(layout)
-    for run in (lambda: merging.average(pop, out, chunk=64),
-                lambda: merging.ties(pop, base, out, density=0.3, drop_p=0.2, chunk=64)):
+    for run in (
+        lambda: merging.average(pop, out, chunk=64),
+        lambda: merging.ties(pop, base, out, density=0.3, drop_p=0.2, chunk=64),
+    ):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             run()
         biggest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
@@ -230,8 +240,10 @@ def test_regmean_solves_the_closed_form_and_tracks_changed_individuals():
     alpha = 0.6
 
     def closed_form():
-        reduced = [alpha * g["lin.weight"].double() + (1 - alpha) * torch.diag(g["lin.weight"].double().diagonal())
-                   for g in grams]
+        reduced = [
+            alpha * g["lin.weight"].double() + (1 - alpha) * torch.diag(g["lin.weight"].double().diagonal())
+            for g in grams
+        ]
         rhs = sum(r @ pop.arenas[k].view(layout.entries[0]).double().T for k, r in enumerate(reduced))
         return torch.linalg.solve(sum(reduced), rhs).T
 

@@ -19,8 +19,7 @@ from evolver_kernels.merge import main as merge_main
 from evolver_kernels.storage.arena import Arena, Layout, iter_chunks, safetensors_files
 from evolver_kernels.storage.population import make_population
 
-GAIN = methods.Param("gain", float, 1.0, "scale of the largest task-vector element", low=0.0, high=10.0,
-                     low_open=True)
+GAIN = methods.Param("gain", float, 1.0, "scale of the largest task-vector element", low=0.0, high=10.0, low_open=True)
 
 
 def _max_magnitude(pop, out, ctx):
@@ -38,18 +37,29 @@ def _max_magnitude(pop, out, ctx):
 
 @pytest.fixture()
 def max_magnitude():
-    record = methods.register(methods.MergeMethod(
-        name="max_magnitude", summary="base + gain * the largest-magnitude task-vector element",
-        merge=_max_magnitude, params=(GAIN,), needs_base=True))
+    record = methods.register(
+        methods.MergeMethod(
+            name="max_magnitude",
+            summary="base + gain * the largest-magnitude task-vector element",
+            merge=_max_magnitude,
+            params=(GAIN,),
+            needs_base=True,
+        )
+    )
     yield record
     methods.unregister("max_magnitude")
 
 
 @pytest.fixture()
 def current1():
-    record = strategies.register(strategies.Strategy(
-        name="current/1", partners=2, roles=lambda i, picks: (i, picks[0], picks[1]),
-        summary="x_i + F (x_r1 - x_r2)"))
+    record = strategies.register(
+        strategies.Strategy(
+            name="current/1",
+            partners=2,
+            roles=lambda i, picks: (i, picks[0], picks[1]),
+            summary="x_i + F (x_r1 - x_r2)",
+        )
+    )
     yield record
     strategies.unregister("current/1")
 
@@ -73,26 +83,75 @@ def test_a_new_merge_method_runs_through_merge_and_evolve(bert_pop, tmp_path, ma
     models, dev, base_dir = bert_pop.models[:3], bert_pop.dev, bert_pop.base
     layout, want = _expected_merge(models, base_dir, 0.5)
     # merge: flag, then YAML, derived from the record
-    assert merge_main(["--method", "max_magnitude", "--base", base_dir, "--models", *models, "--gain", "0.5",
-                       "--out", str(tmp_path / "flags")]) == 0
+    assert (
+        merge_main(
+            [
+                "--method",
+                "max_magnitude",
+                "--base",
+                base_dir,
+                "--models",
+                *models,
+                "--gain",
+                "0.5",
+                "--out",
+                str(tmp_path / "flags"),
+            ]
+        )
+        == 0
+    )
     _assert_model_equals(tmp_path / "flags", layout, want)
-    (tmp_path / "m.yaml").write_text(json.dumps({"merge_method": "max_magnitude", "base_model": base_dir,
-                                                 "models": [{"model": m} for m in models],
-                                                 "parameters": {"gain": 0.5}}))
+    (tmp_path / "m.yaml").write_text(
+        json.dumps(
+            {
+                "merge_method": "max_magnitude",
+                "base_model": base_dir,
+                "models": [{"model": m} for m in models],
+                "parameters": {"gain": 0.5},
+            }
+        )
+    )
     assert merge_main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "yaml")]) == 0
     _assert_model_equals(tmp_path / "yaml", layout, want)
     assert json.loads((tmp_path / "yaml" / "merge.json").read_text())["gain"] == 0.5
     # evolve: --merge-method and --merge-gain; with no generation the output is the merge itself
-    args = ["--models", *models, "--dev", *dev, "--merge-method", "max_magnitude", "--base-model", base_dir,
-            "--merge-gain", "0.5", "--generations", "0"]
+    args = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--merge-method",
+        "max_magnitude",
+        "--base-model",
+        base_dir,
+        "--merge-gain",
+        "0.5",
+        "--generations",
+        "0",
+    ]
     assert evolve_main([*args, "--out", str(tmp_path / "g0")]) == 0
     _assert_model_equals(tmp_path / "g0", layout, want)
     doc = json.loads((tmp_path / "g0" / "evolution.json").read_text())
     assert doc["config"]["merge_gain"] == 0.5 and "max_magnitude (gain 0.5)" in doc["output"]
     assert evolve_main([*args[:-2], "--generations", "1", "--out", str(tmp_path / "g1")]) == 0
     # the record's range is every front end's check
-    assert merge_main(["--method", "max_magnitude", "--base", base_dir, "--models", *models, "--gain", "0",
-                       "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        merge_main(
+            [
+                "--method",
+                "max_magnitude",
+                "--base",
+                base_dir,
+                "--models",
+                *models,
+                "--gain",
+                "0",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert evolve_main([*args, "--merge-gain", "11", "--out", str(tmp_path / "bad2")]) == 2
     assert evolve_main([*args[:6], "--merge-gain", "2", "--out", str(tmp_path / "bad3")]) == 2  # average has no gain
 
@@ -102,10 +161,27 @@ def test_a_new_strategy_runs_through_evolve(bert_pop, tmp_path, current1, monkey
     output is then individual n-1's offspring, built from the initial population with the strategy's roles."""
     models, dev = bert_pop.models[:3], bert_pop.dev
     (tmp_path / "counting.py").write_text(
-        "calls = [0]\ndef fitness(model, tokenizer, dev_paths, device):\n    calls[0] += 1\n    return float(calls[0])\n")
+        "calls = [0]\ndef fitness(model, tokenizer, dev_paths, device):\n    calls[0] += 1\n    return float(calls[0])\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    args = ["--models", *models, "--dev", *dev, "--strategy", "current/1", "--fitness", "individual", "--schedule",
-            "synchronous", "--generations", "1", "--seed", "3", "--task", "counting:fitness"]
+    args = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--strategy",
+        "current/1",
+        "--fitness",
+        "individual",
+        "--schedule",
+        "synchronous",
+        "--generations",
+        "1",
+        "--seed",
+        "3",
+        "--task",
+        "counting:fitness",
+    ]
     sys.modules.pop("counting", None)
     assert evolve_main([*args, "--out", str(tmp_path / "o")]) == 0
     doc = json.loads((tmp_path / "o" / "evolution.json").read_text())
@@ -128,10 +204,16 @@ def test_unknown_strategy_and_method_come_from_the_registries(bert_pop, tmp_path
         evolve_main(["--models", *models, "--dev", *dev, "--out", str(tmp_path / "o"), "--strategy", "current/9"])
     assert "invalid choice: 'current/9'" in capsys.readouterr().err
     (tmp_path / "c.yaml").write_text("merge_method: no_such_method\n")
-    assert evolve_main(["--config", str(tmp_path / "c.yaml"), "--models", *models, "--dev", *dev, "--out",
-                        str(tmp_path / "o")]) == 2
-    assert "merge_method must be one of average, task_arithmetic, ties, dare_linear, dare_ties, fisher, regmean" in \
-        capsys.readouterr().err
+    assert (
+        evolve_main(
+            ["--config", str(tmp_path / "c.yaml"), "--models", *models, "--dev", *dev, "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    assert (
+        "merge_method must be one of average, task_arithmetic, ties, dare_linear, dare_ties, fisher, regmean"
+        in capsys.readouterr().err
+    )
 
 
 def test_help_of_both_commands_lists_every_registered_method_and_parameter(max_magnitude):
@@ -179,8 +261,9 @@ def test_population_size_adds_seeded_individuals(bert_pop, tmp_path, monkeypatch
     layout = Layout.of_model(model_io.empty_model(model_io.load_config(models[0]), "sequence-classification"))
     pop = make_population("cpu", layout, [safetensors_files(m) for m in models], models, torch.device("cpu"))
     partner = next(k for k in random_order(seed, 2, 0, 3) if k != 1)
-    spec = OffspringSpec(i=1, strategy="evolver", picks=(partner,), F=0.5, CR=0.5,
-                         seed=derive_seed(seed, 0, 3, PURPOSE_OFFSPRING))
+    spec = OffspringSpec(
+        i=1, strategy="evolver", picks=(partner,), F=0.5, CR=0.5, seed=derive_seed(seed, 0, 3, PURPOSE_OFFSPRING)
+    )
     want = Arena.empty(layout)
     WeightPipeline(pop, "cpu").offspring_into(spec, want)
     from safetensors.torch import save_file
@@ -189,8 +272,22 @@ def test_population_size_adds_seeded_individuals(bert_pop, tmp_path, monkeypatch
     (tmp_path / "seeded.py").write_text(SEEDED_FITNESS.format(path=str(tmp_path / "target.safetensors")))
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("seeded", None)
-    args = ["--models", *models, "--dev", *dev, "--fitness", "individual", "--population-size", "4",
-            "--generations", "0", "--seed", str(seed), "--task", "seeded:closeness"]
+    args = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--fitness",
+        "individual",
+        "--population-size",
+        "4",
+        "--generations",
+        "0",
+        "--seed",
+        str(seed),
+        "--task",
+        "seeded:closeness",
+    ]
     assert evolve_main([*args, "--out", str(tmp_path / "a")]) == 0
     doc = json.loads((tmp_path / "a" / "evolution.json").read_text())
     fits = doc["generations"][0]["population_fitness"]

@@ -33,11 +33,27 @@ def _env(shm) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "EVOLVER_PROGRESS": "0", "EVOLVER_SHM_DIR": str(shm)}
 
 
-def _torchrun(argv: list[str], shm, nproc: int, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
-              script: list[str] | None = None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
-               f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or _port()}",
-               *(script or ["-m", "evolver_kernels.evolve"]), *argv]
+def _torchrun(
+    argv: list[str],
+    shm,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    port: int | None = None,
+    script: list[str] | None = None,
+) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port or _port()}",
+        *(script or ["-m", "evolver_kernels.evolve"]),
+        *argv,
+    ]
     return subprocess.Popen(command, env=_env(shm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -55,7 +71,9 @@ def _same(a, b) -> None:
 
 
 def _leftovers(*roots) -> list[str]:
-    return [os.path.join(r, n) for r in roots if os.path.isdir(r) for n in os.listdir(r) if n.startswith("evolver-scratch-")]
+    return [
+        os.path.join(r, n) for r in roots if os.path.isdir(r) for n in os.listdir(r) if n.startswith("evolver-scratch-")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +89,32 @@ def reference(bert_pop, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,tier,fitness", [(4, "cpu", "merged"), (2, "disk", "individual"),
-                                               (2, "gpu", "merged")])  # gpu without a GPU: host memory
+@pytest.mark.parametrize(
+    "nproc,tier,fitness", [(4, "cpu", "merged"), (2, "disk", "individual"), (2, "gpu", "merged")]
+)  # gpu without a GPU: host memory
 def test_ranks_of_one_node_share_one_population(bert_pop, reference, tmp_path, nproc, tier, fitness):
     models, dev = bert_pop
     shm = tmp_path / "shm"
     out = tmp_path / "out"
-    err = _finish(_torchrun(["--models", *models, "--dev", *dev, *ARGS, "--fitness", fitness, "--population-on", tier,
-                             "--out", str(out)], shm, nproc))
+    err = _finish(
+        _torchrun(
+            [
+                "--models",
+                *models,
+                "--dev",
+                *dev,
+                *ARGS,
+                "--fitness",
+                fitness,
+                "--population-on",
+                tier,
+                "--out",
+                str(out),
+            ],
+            shm,
+            nproc,
+        )
+    )
     where = "once for the node's ranks" if tier == "disk" else "in shared memory, once for the node's ranks"
     assert f"population: 4 copies on {tier} {where}" in err and f"per rank ({nproc} ranks on this node)" in err
     _same(reference[fitness], out)
@@ -89,8 +125,19 @@ def test_ranks_of_one_node_share_one_population(bert_pop, reference, tmp_path, n
 def test_two_nodes_on_localhost_give_the_same_bytes(bert_pop, reference, tmp_path):
     models, dev = bert_pop
     shm, port = tmp_path / "shm", _port()
-    argv = ["--models", *models, "--dev", *dev, *ARGS, "--fitness", "individual", "--population-on", "cpu",
-            "--out", str(tmp_path / "out")]
+    argv = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        *ARGS,
+        "--fitness",
+        "individual",
+        "--population-on",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     nodes = [_torchrun(argv, shm, 1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
     for proc in nodes:
         _finish(proc)
@@ -98,17 +145,26 @@ def test_two_nodes_on_localhost_give_the_same_bytes(bert_pop, reference, tmp_pat
     assert not _leftovers(shm)
 
 
-
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("resume_ranks", [1, 2])
-def test_a_killed_rank_then_resume_with_any_rank_count_gives_the_same_bytes(bert_pop, reference, tmp_path, monkeypatch,
-                                                                         resume_ranks):
+def test_a_killed_rank_then_resume_with_any_rank_count_gives_the_same_bytes(
+    bert_pop, reference, tmp_path, monkeypatch, resume_ranks
+):
     models, dev = bert_pop
     shm = tmp_path / "shm"
-    argv = ["--models", *models, "--dev", *dev, *ARGS, "--fitness", "individual", "--population-on", "cpu",
-            "--out", str(tmp_path / "out")]
+    argv = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        *ARGS,
+        "--fitness",
+        "individual",
+        "--population-on",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     # rank 1 scores 2 initial individuals, then 2 offspring a generation: killed in generation 2
     killed = _torchrun(argv, shm, 2, script=[KILL_RUN, "evaluate", "5", "1", "--"])
     _, err = killed.communicate(timeout=600)
@@ -132,8 +188,20 @@ def test_sigterm_removes_the_shared_population(bert_pop, tmp_path):
     models, dev = bert_pop
     shm = tmp_path / "shm"
     state = tmp_path / "out" / "checkpoint" / "state.json"
-    argv = ["--models", *models, "--dev", *dev, "--generations", "100000", "--schedule", "synchronous",
-            "--population-on", "cpu", "--out", str(tmp_path / "out")]
+    argv = [
+        "--models",
+        *models,
+        "--dev",
+        *dev,
+        "--generations",
+        "100000",
+        "--schedule",
+        "synchronous",
+        "--population-on",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     proc = _torchrun(argv, shm, 2)
 
     def generations_done() -> int:
@@ -157,8 +225,18 @@ def test_the_plan_is_the_nodes():
     """N copies once (in shared memory, checked like a disk), an evaluation model and chunk buffers per rank;
     one copy per rank without sharing (GPUs hold theirs)."""
     mib = 1 << 20
-    common = dict(copy_bytes=100 * mib, numel=25 * mib, n=4, tier="cpu", compute="cpu", evaluation={"cpu": 100 * mib},
-                  placement="cpu", base_model=False, chunk_elements=1 << 20, out="/out")
+    common = dict(
+        copy_bytes=100 * mib,
+        numel=25 * mib,
+        n=4,
+        tier="cpu",
+        compute="cpu",
+        evaluation={"cpu": 100 * mib},
+        placement="cpu",
+        base_model=False,
+        chunk_elements=1 << 20,
+        out="/out",
+    )
     chunk = (1 << 20) * 4 * (2 * 4 + 5)
     one = memory_plan(PlanInputs(**common))
     four = memory_plan(PlanInputs(**common, local_ranks=4, shared_root="/dev/shm"))

@@ -28,8 +28,18 @@ from evolver_kernels.kernels.triton.common import (
 # addresses (any number of models in one launch, no stacking); each is cast back to a typed pointer, as in
 # Triton's grouped GEMM tutorial.
 
-_MERGE_RUNTIME_INTS = ["n_inputs", "numel_hi", "numel_lo", "bound", "k0", "k1", "stream_hi", "stream_lo",
-                       "offset_hi", "offset_lo"]
+_MERGE_RUNTIME_INTS = [
+    "n_inputs",
+    "numel_hi",
+    "numel_lo",
+    "bound",
+    "k0",
+    "k1",
+    "stream_hi",
+    "stream_lo",
+    "offset_hi",
+    "offset_lo",
+]
 
 
 @triton.jit
@@ -50,9 +60,31 @@ def _load_model(table_ptr, k, p, valid, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset, rescale, bound, k0, k1,
-                stream, HAS_BASE: tl.constexpr, DROP: tl.constexpr, TABLE_DROP: tl.constexpr, BAND: tl.constexpr,
-                HAS_TOP: tl.constexpr, DTYPE: tl.constexpr, GROUPS: tl.constexpr):
+def _merge_task(
+    x_table,
+    trim_ptr,
+    top_ptr,
+    d_table,
+    dr_ptr,
+    k,
+    p,
+    valid,
+    b,
+    pid,
+    offset,
+    rescale,
+    bound,
+    k0,
+    k1,
+    stream,
+    HAS_BASE: tl.constexpr,
+    DROP: tl.constexpr,
+    TABLE_DROP: tl.constexpr,
+    BAND: tl.constexpr,
+    HAS_TOP: tl.constexpr,
+    DTYPE: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
     """Model k's task vector on this block: x - base, DARE's (or della's per-element) drop and rescale, the
     magnitude band."""
     v = _load_model(x_table, k, p, valid, DTYPE)
@@ -80,11 +112,41 @@ def _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid
 
 @triton.jit(do_not_specialize=_MERGE_RUNTIME_INTS)
 def _merge_kernel(
-    x_table, f_table, w_ptr, trim_ptr, top_ptr, e_ptr, d_table, dr_ptr, base_ptr, out_ptr, n_inputs, numel_hi,
-    numel_lo, scale, rescale, bound, k0, k1, stream_hi, stream_lo, offset_hi, offset_lo, select, min_den,
-    HAS_BASE: tl.constexpr, DROP: tl.constexpr, TABLE_DROP: tl.constexpr, BAND: tl.constexpr,
-    HAS_TOP: tl.constexpr, TIES: tl.constexpr, SELECT: tl.constexpr, FISHER: tl.constexpr,
-    NORMALIZE: tl.constexpr, DTYPE: tl.constexpr, GROUPS: tl.constexpr,
+    x_table,
+    f_table,
+    w_ptr,
+    trim_ptr,
+    top_ptr,
+    e_ptr,
+    d_table,
+    dr_ptr,
+    base_ptr,
+    out_ptr,
+    n_inputs,
+    numel_hi,
+    numel_lo,
+    scale,
+    rescale,
+    bound,
+    k0,
+    k1,
+    stream_hi,
+    stream_lo,
+    offset_hi,
+    offset_lo,
+    select,
+    min_den,
+    HAS_BASE: tl.constexpr,
+    DROP: tl.constexpr,
+    TABLE_DROP: tl.constexpr,
+    BAND: tl.constexpr,
+    HAS_TOP: tl.constexpr,
+    TIES: tl.constexpr,
+    SELECT: tl.constexpr,
+    FISHER: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offset = join_i64(offset_hi, offset_lo)
@@ -103,16 +165,64 @@ def _merge_kernel(
         mean = tl.zeros([GROUPS, 4], dtype=tl.float32)
         k = 0
         while k < n_inputs:
-            mean = mean + _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset,
-                                      rescale, bound, k0, k1, stream, HAS_BASE, DROP, TABLE_DROP, BAND, HAS_TOP,
-                                      DTYPE, GROUPS)
+            mean = mean + _merge_task(
+                x_table,
+                trim_ptr,
+                top_ptr,
+                d_table,
+                dr_ptr,
+                k,
+                p,
+                valid,
+                b,
+                pid,
+                offset,
+                rescale,
+                bound,
+                k0,
+                k1,
+                stream,
+                HAS_BASE,
+                DROP,
+                TABLE_DROP,
+                BAND,
+                HAS_TOP,
+                DTYPE,
+                GROUPS,
+            )
             k += 1
         mean = tl.math.div_rn(mean, count)
         var = tl.zeros([GROUPS, 4], dtype=tl.float32)
         k = 0
         while k < n_inputs:
-            t = _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset, rescale,
-                            bound, k0, k1, stream, HAS_BASE, DROP, TABLE_DROP, BAND, HAS_TOP, DTYPE, GROUPS) - mean
+            t = (
+                _merge_task(
+                    x_table,
+                    trim_ptr,
+                    top_ptr,
+                    d_table,
+                    dr_ptr,
+                    k,
+                    p,
+                    valid,
+                    b,
+                    pid,
+                    offset,
+                    rescale,
+                    bound,
+                    k0,
+                    k1,
+                    stream,
+                    HAS_BASE,
+                    DROP,
+                    TABLE_DROP,
+                    BAND,
+                    HAS_TOP,
+                    DTYPE,
+                    GROUPS,
+                )
+                - mean
+            )
             var = var + t * t
             k += 1
         keep = tl.math.div_rn(var, count) >= select
@@ -120,8 +230,31 @@ def _merge_kernel(
     den = tl.zeros([GROUPS, 4], dtype=tl.float32)
     k = 0
     while k < n_inputs:
-        v = _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset, rescale, bound,
-                        k0, k1, stream, HAS_BASE, DROP, TABLE_DROP, BAND, HAS_TOP, DTYPE, GROUPS)
+        v = _merge_task(
+            x_table,
+            trim_ptr,
+            top_ptr,
+            d_table,
+            dr_ptr,
+            k,
+            p,
+            valid,
+            b,
+            pid,
+            offset,
+            rescale,
+            bound,
+            k0,
+            k1,
+            stream,
+            HAS_BASE,
+            DROP,
+            TABLE_DROP,
+            BAND,
+            HAS_TOP,
+            DTYPE,
+            GROUPS,
+        )
         if SELECT:
             v = tl.where(keep, v, 0.0)
         if TIES:
@@ -138,8 +271,31 @@ def _merge_kernel(
         total = tl.zeros([GROUPS, 4], dtype=tl.float32)
         k = 0
         while k < n_inputs:
-            v = _merge_task(x_table, trim_ptr, top_ptr, d_table, dr_ptr, k, p, valid, b, pid, offset, rescale,
-                            bound, k0, k1, stream, HAS_BASE, DROP, TABLE_DROP, BAND, HAS_TOP, DTYPE, GROUPS)
+            v = _merge_task(
+                x_table,
+                trim_ptr,
+                top_ptr,
+                d_table,
+                dr_ptr,
+                k,
+                p,
+                valid,
+                b,
+                pid,
+                offset,
+                rescale,
+                bound,
+                k0,
+                k1,
+                stream,
+                HAS_BASE,
+                DROP,
+                TABLE_DROP,
+                BAND,
+                HAS_TOP,
+                DTYPE,
+                GROUPS,
+            )
             if SELECT:
                 v = tl.where(keep, v, 0.0)
             e = tl.load(e_ptr + k) * v
@@ -166,8 +322,19 @@ def _merge_kernel(
 def merge(p: MergeParams, out: torch.Tensor) -> None:
     """Writes the merge p describes into `out` (arguments checked by MergeParams)."""
     xs, base, fisher, weights, trim, top = p.xs, p.base, p.fisher, p.weights, p.trim, p.top
-    elect_weights, select, drop_thresholds, drop_rescales = p.election_weights, p.select, p.drop_thresholds, p.drop_rescales
-    scale, normalize, min_den, rescale, drop_threshold = p.scale, bool(p.normalize), p.min_den, p.rescale, p.drop_threshold
+    elect_weights, select, drop_thresholds, drop_rescales = (
+        p.election_weights,
+        p.select,
+        p.drop_thresholds,
+        p.drop_rescales,
+    )
+    scale, normalize, min_den, rescale, drop_threshold = (
+        p.scale,
+        bool(p.normalize),
+        p.min_den,
+        p.rescale,
+        p.drop_threshold,
+    )
     seed, stream, offset = p.seed, p.stream, p.offset
     n = out.numel()
     if n == 0:
@@ -180,26 +347,56 @@ def merge(p: MergeParams, out: torch.Tensor) -> None:
     t = torch.tensor(trim if trim is not None else [0.0] * len(xs), dtype=torch.float32, device=device)
     u = torch.tensor(top if top is not None else [0.0] * len(xs), dtype=torch.float32, device=device)
     e = torch.tensor(elect_weights if elect_weights is not None else weights, dtype=torch.float32, device=device)
-    d_table = torch.tensor([0 if d is None else d.data_ptr() for d in drop_thresholds] if drop_thresholds else [0],
-                           dtype=torch.int64, device=device)
+    d_table = torch.tensor(
+        [0 if d is None else d.data_ptr() for d in drop_thresholds] if drop_thresholds else [0],
+        dtype=torch.int64,
+        device=device,
+    )
     dr = torch.tensor(drop_rescales if drop_thresholds else [1.0], dtype=torch.float32, device=device)
     base_view = (base if base is not None else out).view(bits)
     k0, k1 = split_seed(seed)
     _merge_kernel[grid(n, offset)](
-        x_table, f_table, w, t, u, e, d_table, dr, base_view, out.view(bits), len(xs), *i64_parts(n), scale,
-        rescale, drop_threshold, k0, k1, *i64_parts(stream), *i64_parts(offset), 0.0 if select is None else select,
+        x_table,
+        f_table,
+        w,
+        t,
+        u,
+        e,
+        d_table,
+        dr,
+        base_view,
+        out.view(bits),
+        len(xs),
+        *i64_parts(n),
+        scale,
+        rescale,
+        drop_threshold,
+        k0,
+        k1,
+        *i64_parts(stream),
+        *i64_parts(offset),
+        0.0 if select is None else select,
         min_den,
-        HAS_BASE=base is not None, DROP=drop_threshold > 0, TABLE_DROP=drop_thresholds is not None,
-        BAND=trim is not None or top is not None, HAS_TOP=top is not None, TIES=elect_weights is not None,
-        SELECT=select is not None, FISHER=bool(fisher),
-        NORMALIZE=normalize, DTYPE=DTYPE_CODES[out.dtype], GROUPS=GROUPS_PER_PROGRAM, num_warps=NUM_WARPS,
+        HAS_BASE=base is not None,
+        DROP=drop_threshold > 0,
+        TABLE_DROP=drop_thresholds is not None,
+        BAND=trim is not None or top is not None,
+        HAS_TOP=top is not None,
+        TIES=elect_weights is not None,
+        SELECT=select is not None,
+        FISHER=bool(fisher),
+        NORMALIZE=normalize,
+        DTYPE=DTYPE_CODES[out.dtype],
+        GROUPS=GROUPS_PER_PROGRAM,
+        num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )
 
 
 @triton.jit(do_not_specialize=["numel_hi", "numel_lo"])
-def _nearswap_kernel(x_ptr, base_ptr, out_ptr, numel_hi, numel_lo, t, diff_min, DTYPE: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _nearswap_kernel(
+    x_ptr, base_ptr, out_ptr, numel_hi, numel_lo, t, diff_min, DTYPE: tl.constexpr, BLOCK: tl.constexpr
+):
     """mergekit's nearswap of x into the base (reference.nearswap_reference), element-wise."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = i < join_i64(numel_hi, numel_lo)
@@ -219,6 +416,14 @@ def nearswap(x: torch.Tensor, base: torch.Tensor, out: torch.Tensor, t: float) -
     bits = BITS_VIEW[out.dtype]
     block = 4 * GROUPS_PER_PROGRAM
     _nearswap_kernel[(triton.cdiv(n, block),)](
-        x.view(bits), base.view(bits), out.view(bits), *i64_parts(n), t, NEARSWAP_DIFF_MIN,
-        DTYPE=DTYPE_CODES[out.dtype], BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        x.view(bits),
+        base.view(bits),
+        out.view(bits),
+        *i64_parts(n),
+        t,
+        NEARSWAP_DIFF_MIN,
+        DTYPE=DTYPE_CODES[out.dtype],
+        BLOCK=block,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
