@@ -9,21 +9,15 @@ import argparse
 import dataclasses
 import math
 import numbers
-import os
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from evolver_kernels import evaluation, methods
-from evolver_kernels.errors import ArgumentError, UserError
-from evolver_kernels.evaluation.lm_eval_task import require_lm_eval
+from evolver_kernels.errors import UserError
 from evolver_kernels.evolve import adaptation, strategies
 from evolver_kernels.evolve.fitness import FITNESS
-from evolver_kernels.io import refs, rundir
 from evolver_kernels.io.jsonio import load_yaml_mapping
 from evolver_kernels.kernels.backends import BACKENDS
-from evolver_kernels.kernels.checks import MAX_MERGE_INPUTS
 from evolver_kernels.storage.population import TIERS
 
 SCHEDULES = ("sequential", "synchronous")
@@ -250,11 +244,11 @@ def merge_flag(param: str) -> str:
     return "--merge-" + param.replace("_", "-")
 
 
-def _cli_fields() -> list[dataclasses.Field]:
+def cli_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(EvolveConfig) if f.metadata.get("cli", True)]
 
 
-def _choices(f: dataclasses.Field) -> tuple | None:
+def choices_of(f: dataclasses.Field) -> tuple | None:
     """A field's choices, resolved now (registries may have grown since import)."""
     choices = f.metadata.get("choices")
     return tuple(choices()) if isinstance(choices, Callable) else choices
@@ -277,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fuse fine-tuned models of one base model by evolving their weights (Evolver).",
     )
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    for f in _cli_fields():
+    for f in cli_fields():
         flag = "--" + f.name.replace("_", "-")
         # SUPPRESS keeps unset flags out of the namespace, so that they do not override the YAML file
         values = f"; values: {f.metadata['range'].describe()}" if "range" in f.metadata else ""
@@ -288,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = _scalar_type(f)
             if "nargs" in f.metadata:
                 kw["nargs"] = f.metadata["nargs"]
-            if _choices(f):
-                kw["choices"] = _choices(f)
+            if choices_of(f):
+                kw["choices"] = choices_of(f)
         parser.add_argument(flag, **kw)
     group = parser.add_argument_group("merge-method parameters (methods/: each applies to the methods named)")
     for name, p in methods.all_params().items():
@@ -310,7 +304,7 @@ def _from_yaml(f: dataclasses.Field, value: Any, where: str) -> Any:
     numbers go through the flag's own type (so `F: 1e-1`, a string to YAML 1.1, is 0.1), choices are checked."""
     if value is None:
         return f.default
-    if isinstance(value, bool) and _choices(f) == ("on", "off"):
+    if isinstance(value, bool) and choices_of(f) == ("on", "off"):
         return "on" if value else "off"  # YAML 1.1 reads a bare on / off as a boolean
     if _is_bool(f):
         if not isinstance(value, bool):
@@ -326,7 +320,7 @@ def _from_yaml(f: dataclasses.Field, value: Any, where: str) -> Any:
         except ValueError:
             kind = {int: "an integer", float: "a number"}[_scalar_type(f)]
             raise ConfigError(f"{where}: {f.name} must be {kind}, got {v!r}") from None
-        choices = _choices(f)
+        choices = choices_of(f)
         if choices and v not in choices:
             raise ConfigError(f"{where}: {f.name} must be one of {', '.join(map(str, choices))}, got {v!r}")
         return v
@@ -349,7 +343,7 @@ def parse_config(argv: list[str] | None = None) -> EvolveConfig:
     merge: dict[str, Any] = {}
     if config_path:
         loaded = load_yaml_mapping(config_path)
-        fields = {f.name: f for f in _cli_fields()}
+        fields = {f.name: f for f in cli_fields()}
         params = {f"merge_{name}": name for name in methods.all_params()}
         loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(loaded) - set(fields) - set(params))
@@ -364,164 +358,6 @@ def parse_config(argv: list[str] | None = None) -> EvolveConfig:
         merge[key.removeprefix("merge:")] = args.pop(key)
     values.update(args)
     return EvolveConfig(**values, merge=merge)
-
-
-def validate(cfg: EvolveConfig) -> None:
-    """Checks that need no model loaded: presence, types, ranges, paths, and the registries' rules."""
-    for name in ("models", "out") + ("dev",) * (cfg.task != "lm-eval"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"--{name} is required")
-    check_lm_eval(cfg)
-    resolve_refs(cfg)
-    if cfg.device is not None:
-        check_device(cfg.device)
-    for path in cfg.dev or []:
-        if not os.path.exists(path):
-            raise ConfigError(f"--dev {path}: no such file or directory")
-    check_selection(cfg)
-    if len({os.path.realpath(cfg.local(m)) for m in cfg.models}) != len(cfg.models):
-        raise ConfigError("--models lists the same directory twice")
-    for f in _cli_fields():  # choices of options set in code (flags and YAML are checked when parsed)
-        value, choices = getattr(cfg, f.name), _choices(f)
-        for v in value if isinstance(value, list) else [value]:
-            if choices and v is not None and v not in choices:
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {v!r}")
-    extras = list(cfg.extra_individuals or [])
-    if len(set(extras)) != len(extras):
-        raise ConfigError("--extra-individuals lists a merge twice (it would add two identical individuals)")
-    n = population_size(cfg)
-    if n < len(cfg.models) + len(extras):
-        raise ConfigError(
-            f"--population-size {n} is smaller than the {len(cfg.models)} models plus {len(extras)} "
-            "extra individuals given: each is an individual"
-        )
-    strategy = strategies.get(cfg.strategy)
-    if n < strategy.min_population:
-        raise ConfigError(
-            f"--strategy {cfg.strategy} needs a population of at least {strategy.min_population}, got {n}"
-        )
-    if strategy.needs_individual_fitness and cfg.fitness == "merged":
-        raise ConfigError(f"--strategy {cfg.strategy} needs per-individual fitness: use --fitness individual")
-    if cfg.merge_method != "average" and cfg.fitness != "merged":
-        raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged")
-    used = cfg.merge_methods_used()
-    for name, value in cfg.merge.items():
-        p = methods.all_params().get(name)
-        if p is None:
-            raise ConfigError(f"{merge_flag(name)}: no merge method has a parameter {name!r}")
-        if not any(m.param(name) is not None for m in used):
-            raise ConfigError(
-                f"{merge_flag(name)} does not apply to {', '.join(m.name for m in used) or 'this run'} "
-                f"(it applies to {', '.join(m.name for m in methods.METHODS.values() if m.param(name))})"
-            )
-        cfg.merge[name] = p.check(value, merge_flag(name))
-    for what, method in [("--merge-method", m.name) for m in used[:1] if cfg.fitness == "merged"] + [
-        ("--extra-individuals", m) for m in extras
-    ]:
-        if methods.get(method).needs_base and not cfg.base_model:
-            raise ConfigError(f"{what} {method} needs --base-model (the models' common ancestor)")
-        if methods.get(method).statistics is not None and (":" in (cfg.task or "") or cfg.task == "lm-eval"):
-            raise ConfigError(f"{what} {method} estimates statistics with a built-in --task, not {cfg.task}")
-    if cfg.fitness == "merged" and n > MAX_MERGE_INPUTS:
-        raise ConfigError(f"--fitness merged merges at most {MAX_MERGE_INPUTS} individuals, the population has {n}")
-    if cfg.device_map is not None:
-        if cfg.device_map != "auto" and not os.path.isfile(cfg.device_map):
-            raise ConfigError(f"--device-map must be auto or a JSON file, got {cfg.device_map!r} (no such file)")
-        if cfg.population_on == "gpu":
-            raise ConfigError(
-                "--device-map spreads the evaluation model over several devices: keep the population "
-                "on cpu or disk (--population-on)"
-            )
-    for f in _cli_fields():  # the ranges declared with the options (select_fraction, lm_eval_fewshot: above)
-        if "range" in f.metadata and f.name not in ("select_fraction", "lm_eval_fewshot"):
-            check_range(cfg, f.name)
-    rundir.check_out(cfg.out, "evolve", input_paths(cfg))
-    if cfg.population_dir:
-        rundir.check_scratch_root("--population-dir", cfg.population_dir, input_paths(cfg))
-
-
-def check_range(cfg: EvolveConfig, name: str) -> None:
-    """Option `name`'s value within the range declared with it (None: unset, where the option may be)."""
-    f = next(f for f in dataclasses.fields(EvolveConfig) if f.name == name)
-    value = getattr(cfg, name)
-    if value is not None or f.default is not None:
-        f.metadata["range"].check("--" + name.replace("_", "-"), value)
-
-
-def check_selection(cfg: EvolveConfig) -> None:
-    """--select / --select-fraction (heldout.py): one of them, held-out data, a task that can use it."""
-    if cfg.select is None and cfg.select_fraction is None:
-        return
-    if cfg.select is not None and cfg.select_fraction is not None:
-        raise ConfigError("--select and --select-fraction are two ways to give selection data: use one")
-    what = "--select" if cfg.select is not None else "--select-fraction"
-    if cfg.task == "lm-eval":
-        raise ConfigError(f"{what} does not apply to --task lm-eval (its data are lm-eval tasks, not dev files)")
-    if cfg.select_fraction is not None:
-        if ":" in (cfg.task or ""):
-            raise ConfigError(
-                f"--select-fraction cannot split the dev data of --task {cfg.task} (the function reads "
-                "its files itself): give --select files"
-            )
-        check_range(cfg, "select_fraction")
-        return
-    dev = {os.path.realpath(d) for d in cfg.dev or []}
-    for path in cfg.select:
-        if not os.path.exists(path):
-            raise ConfigError(f"--select {path}: no such file or directory")
-        if os.path.realpath(path) in dev:
-            raise ConfigError(f"--select {path} is also a --dev file: selection data must be held out of the search")
-
-
-LM_EVAL_OPTIONS = ("lm_eval_tasks", "lm_eval_metric", "lm_eval_fewshot", "lm_eval_weights")
-
-
-def check_lm_eval(cfg: EvolveConfig) -> None:
-    """The --lm-eval-* options: given only with --task lm-eval, which needs them and lm-eval installed."""
-    given = [name for name in LM_EVAL_OPTIONS if getattr(cfg, name) is not None]
-    if cfg.task != "lm-eval":
-        if given:
-            raise ConfigError(f"--{given[0].replace('_', '-')} applies to --task lm-eval only")
-        return
-    try:
-        require_lm_eval()
-    except ArgumentError as err:
-        raise ConfigError(f"--task {err.detail}") from None
-    tasks = cfg.lm_eval_tasks or []
-    if not tasks:
-        raise ConfigError("--task lm-eval needs --lm-eval-tasks (the lm-eval task names)")
-    if len(set(tasks)) != len(tasks):
-        raise ConfigError("--lm-eval-tasks names a task twice")
-    if cfg.metric is not None:
-        raise ConfigError("--metric does not apply to --task lm-eval; use --lm-eval-metric")
-    if cfg.lm_eval_metric is not None and len(cfg.lm_eval_metric) not in (1, len(tasks)):
-        raise ConfigError(
-            f"--lm-eval-metric takes one metric or one per task ({len(tasks)}), got {len(cfg.lm_eval_metric)}"
-        )
-    weights = cfg.lm_eval_weights
-    if weights is not None:
-        if len(weights) != len(tasks):
-            raise ConfigError(f"--lm-eval-weights takes one weight per task ({len(tasks)}), got {len(weights)}")
-        if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-            raise ConfigError(f"--lm-eval-weights must be finite, non-negative and not all 0, got {weights}")
-    check_range(cfg, "lm_eval_fewshot")
-    for path in cfg.dev or []:
-        if not os.path.isdir(path):
-            raise ConfigError(
-                f"--dev {path}: not a folder (with --task lm-eval, --dev names folders of lm-eval task YAMLs)"
-            )
-
-
-def resolve_refs(cfg: EvolveConfig) -> None:
-    """Each model reference (--models, --base-model) to its local directory, in cfg.resolved (refs.py)."""
-    for option, ref in [("--models", m) for m in cfg.models] + [("--base-model", cfg.base_model)] * bool(
-        cfg.base_model
-    ):
-        if ref not in cfg.resolved:
-            try:
-                cfg.resolved[ref] = refs.resolve(ref)
-            except ArgumentError as err:
-                raise ConfigError(f"{option} {err.detail}") from None
 
 
 def population_size(cfg: EvolveConfig) -> int:
@@ -541,14 +377,3 @@ def input_paths(cfg: EvolveConfig) -> list[tuple[str, str]]:
     if cfg.base_model:
         paths.append(("--base-model", cfg.local(cfg.base_model)))
     return paths
-
-
-def check_device(spec: str) -> torch.device:
-    """--device as a torch.device: cpu, cuda or cuda:N, refused with one line otherwise."""
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {spec}: must be cpu, cuda or cuda:N")
-    return device

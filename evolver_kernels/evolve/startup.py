@@ -14,10 +14,11 @@ import torch
 
 from evolver_kernels.distributed import Ranks
 from evolver_kernels.evolve.checkpoint import Checkpoint
-from evolver_kernels.evolve.config import ConfigError, EvolveConfig, input_paths, validate
+from evolver_kernels.evolve.config import ConfigError, EvolveConfig, input_paths
 from evolver_kernels.evolve.inputs import RunInputs, inspect, plan_of, weight_files
 from evolver_kernels.evolve.memory_plan import host_available
 from evolver_kernels.evolve.offspring import WeightPipeline
+from evolver_kernels.evolve.validate import validate
 from evolver_kernels.io import model_io, rundir
 from evolver_kernels.storage import node_share
 from evolver_kernels.storage.arena import Arena

@@ -5,7 +5,7 @@ the population with offspring in some slots) into an arena. Every method streams
 the fused operator evolver_kernels.merge_tensors: each chunk of every model is read once and the merged chunk
 written once; never a stack of N tensors, never a mask tensor (docs/ARCHITECTURE.md §5); the methods whose
 coefficients come from angles (slerp, nuslerp, multislerp, karcher, model_stock) first reduce each tensor to the
-models' Gram matrix in one streamed pass (methods/geometry.py); breadcrumbs, della and sce (methods/sparsify.py)
+models' Gram matrix in one streamed pass (methods/geometry.py); breadcrumbs, della and sce (methods/sparsify.py, methods/della.py)
 reduce each tensor to thresholds or norms first, then merge element-wise through the fused operator, as nearswap
 does (methods/nearswap.py); ram and ramplus_tl (methods/ram.py, after ramplus_tl's per-tensor counts) and
 arcee_fusion (methods/arcee_fusion.py, after its per-tensor quantiles) merge element-wise in plain fp32 torch on
@@ -27,11 +27,12 @@ from typing import Any
 
 from evolver_kernels import methods
 from evolver_kernels.methods.arcee_fusion import arcee_fusion
+from evolver_kernels.methods.della import della
 from evolver_kernels.methods.linear import average
 from evolver_kernels.methods.model_stock import model_stock
 from evolver_kernels.methods.nearswap import nearswap
 from evolver_kernels.methods.ram import ram
-from evolver_kernels.methods.sparsify import breadcrumbs, della, sce
+from evolver_kernels.methods.sparsify import breadcrumbs, sce
 from evolver_kernels.methods.spherical import karcher, multislerp, nuslerp, slerp
 from evolver_kernels.methods.streaming import Base
 from evolver_kernels.methods.task_vectors import kth_largest_magnitude, task_arithmetic, ties

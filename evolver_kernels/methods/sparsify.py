@@ -1,4 +1,5 @@
-"""Sparsified task-vector methods with mergekit 0.1.5's semantics and parameter names: Model Breadcrumbs
+"""Sparsified task-vector methods with mergekit 0.1.5's semantics (della's passes in methods/della.py, registered
+here with the others) and parameter names: Model Breadcrumbs
 (breadcrumbs, breadcrumbs_ties), DELLA (della, della_linear) and SCE (sce). tau_k = x_k - base, w_k the
 per-model weights (1 each by default), everything per tensor:
 
@@ -70,22 +71,28 @@ Where ours differs from mergekit, on purpose:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from evolver_kernels.kernels.ops import merge_tensors
 from evolver_kernels.kernels.reference import variance_reference
-from evolver_kernels.kernels.rng import STREAM_DARE, random_words
-from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
+from evolver_kernels.kernels.rng import STREAM_DARE
+from evolver_kernels.methods.della import (
+    EPSILON,
+    RESCALE,
+    della,
+)
+from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, register
 from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk
 from evolver_kernels.methods.task_vectors import (
     DENSITY,
     NORMALIZE,
     SCALE,
-    _check_density,
+    densities_of,
     kth_largest_magnitudes,
     normalize_of,
+    per_model_values,
+    task_vector_chunk,
+    task_vectors_of,
 )
 from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
 from evolver_kernels.storage.population import Population
@@ -100,23 +107,6 @@ GAMMA = Param(
     high=1.0,
     per_model=True,
 )
-EPSILON = Param(
-    "epsilon",
-    float,
-    0.15,
-    "della: keep probabilities run from density - epsilon (a row's smallest "
-    "magnitude) to density + epsilon (its largest); density +- epsilon must lie in (0, 1)",
-    low=0.0,
-    high=1.0,
-    high_open=True,
-    per_model=True,
-)
-RESCALE = Param(
-    "rescale",
-    boolean,
-    True,
-    "della: scale each sparsified task vector back to its L1 norm, per tensor (mergekit's rescale)",
-)
 SELECT_TOPK = Param(
     "select_topk",
     float,
@@ -128,38 +118,8 @@ SELECT_TOPK = Param(
 )
 
 INF = float("inf")
-RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescaling when either L1 norm is below it
 SCE_WEIGHT_EPS = 1e-6  # mergekit's sce_weight: uniform weights when the mean squares sum below it
 SCE_DIVISOR_MIN = 1e-6  # mergekit's sce: the agreeing weights' sum is clamped to at least this
-TWO_32 = 4294967296.0
-
-
-def _per_model(value, n: int, name: str, low: float, high: float) -> list[float]:
-    """One value for every model, or one per model, each in [low, high]."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(values) != n:
-        raise ValueError(f"{name}: {len(values)} given for {n} models")
-    if any(not low <= float(v) <= high for v in values):
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
-    return [float(v) for v in values]
-
-
-def _densities(density, n: int) -> list[float]:
-    density = _check_density(density, n)
-    return density if isinstance(density, list) else [density] * n
-
-
-def _task_vector(pop: Population, base: Base, e: Entry, k: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-    """tau_k on elements [lo, hi) of entry `e`, in fp32."""
-    a, b = e.offset + lo, e.offset + hi
-    return pop.read(k, e.group, a, b).to(device).float() - base_chunk(base, e.group, a, b, device).float()
-
-
-def _task_vectors(pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device) -> list[torch.Tensor]:
-    """[tau_k] on elements [lo, hi) of entry `e`, in fp32."""
-    a, b = e.offset + lo, e.offset + hi
-    base_f = base_chunk(base, e.group, a, b, device).float()
-    return [pop.read(k, e.group, a, b).to(device).float() - base_f for k in range(pop.size)]
 
 
 # -- breadcrumbs ---------------------------------------------------------------------------------------------
@@ -193,8 +153,8 @@ def breadcrumbs(
     by the weights summed, of the agreeing models with ties)."""
     base = check_base(pop, base, "breadcrumbs")
     n = pop.size
-    densities = _densities(density, n)
-    gammas = _per_model(gamma, n, "gamma", 0.0, 1.0)
+    densities = densities_of(density, n)
+    gammas = per_model_values(gamma, n, "gamma", 0.0, 1.0)
     w = check_weights(weights, n)
     for e in pop.layout.entries:
         if e.numel == 0:
@@ -213,7 +173,7 @@ def breadcrumbs(
             ks = ([top] if top > 0 else []) + ([top + keep] if top + keep < e.numel else [])
 
             def task_vector(a, b, k=k, e=e, device=dst.device):
-                return _task_vector(pop, base, e, k, a - e.offset, b - e.offset, device)
+                return task_vector_chunk(pop, base, e, k, a - e.offset, b - e.offset, device)
 
             found = kth_largest_magnitudes(task_vector, e.offset, e.offset + e.numel, lambda nonzero, ks=ks: ks, chunk)
             high = found.pop(0) if top > 0 else INF
@@ -273,145 +233,6 @@ def _fused(
         )
 
 
-# -- della -----------------------------------------------------------------------------------------------------
-
-
-def della_rows(e: Entry, ranked: bool = True) -> tuple[int, int]:
-    """(rows, row length) della ranks entry `e` in: a matrix's rows, a vector (or scalar) as one row. Unranked
-    (every epsilon 0: every element's keep probability is its density) any tensor is rows of one element."""
-    if not ranked:
-        return e.numel, 1
-    if len(e.shape) > 2:
-        raise ValueError(
-            f"della ranks magnitudes along dimension 1 of a tensor (mergekit's della_magprune); "
-            f"{e.name} has {len(e.shape)} dimensions, which is not supported"
-        )
-    return (e.shape[0], e.shape[1]) if len(e.shape) == 2 else (1, e.numel)
-
-
-def della_thresholds(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """int64 [R, C]: della's drop threshold of each element of task-vector rows `tau` [R, C]. Rank r of |tau| in
-    its row (ties by index), keep probability p = density - epsilon + 2 epsilon r / (C - 1) (density where
-    C == 1), in fp64; the threshold floor((1 - p) 2**32), against which the element's Philox word is compared."""
-    rows, cols = tau.shape
-    if epsilon == 0:  # no rank matters: p = density everywhere, as the formula gives it (mergekit's dare)
-        threshold = math.floor((1 - density) * TWO_32)
-        return torch.full((rows, cols), threshold, dtype=torch.int64, device=tau.device)
-    order = torch.argsort(tau.abs(), dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=tau.device).expand(rows, cols))
-    if cols > 1:
-        rank_norm = ranks.to(torch.float64) / (cols - 1)
-    else:
-        rank_norm = torch.full((rows, cols), 0.5, dtype=torch.float64, device=tau.device)
-    p = (density - epsilon) + rank_norm * (2 * epsilon)
-    return ((1 - p) * TWO_32).floor().to(torch.int64)
-
-
-def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int) -> torch.Tensor:
-    """Bool [R, C]: which elements of task-vector rows `tau` [R, C] della keeps: element j (global index
-    offset + j) is dropped where its Philox word on `stream` is below its della_thresholds value. The formula
-    with the oracle's words, for tests; the merge draws the words inside the fused operator."""
-    rows, cols = tau.shape
-    words = random_words(rows * cols, seed=seed, stream=stream, offset=offset, device=tau.device)
-    return words.view(rows, cols) >= della_thresholds(tau, density, epsilon)
-
-
-def _check_della(densities: list[float], epsilons: list[float]) -> None:
-    for d, eps in zip(densities, epsilons):
-        if d < 1 and (d + eps >= 1 or d - eps <= 0):
-            raise ValueError(
-                f"della: epsilon must be chosen such that density +/- epsilon is in (0, 1), got "
-                f"density {d} and epsilon {eps}"
-            )
-
-
-def della(
-    pop: Population,
-    base: Base,
-    out: Arena,
-    density: float | list[float] = 1.0,
-    epsilon: float | list[float] = 0.15,
-    scale: float = 1.0,
-    weights: list[float] | None = None,
-    ties: bool = True,
-    rescale: bool = True,
-    seed: int = 0,
-    chunk: int = 1 << 22,
-    backend: str | None = None,
-    normalize: bool | None = None,
-) -> Arena:
-    """DELLA (ties=True: sign election and the mean of the agreeing; False: della_linear, the weighted sum),
-    tensor by tensor on spans of whole rows. `normalize` (None: ties) divides by the agreeing weights (ties) or
-    by all of them (linear)."""
-    base = check_base(pop, base, "della")
-    n = pop.size
-    densities = _densities(density, n)
-    epsilons = _per_model(epsilon, n, "epsilon", 0.0, 1.0)
-    _check_della(densities, epsilons)
-    w = check_weights(weights, n)
-    sparse = [k for k in range(n) if densities[k] < 1]
-    ranked = any(epsilons[k] > 0 for k in sparse)
-    normalize = ties if normalize is None else normalize
-
-    def thresholds(e: Entry, k: int, tau: torch.Tensor) -> torch.Tensor:
-        """Model k's della_thresholds of tau (whole rows of entry e), flat."""
-        return della_thresholds(tau.view(-1, della_rows(e, ranked)[1]), densities[k], epsilons[k]).view(-1)
-
-    for e in pop.layout.entries:
-        if e.numel == 0:
-            continue
-        dst = out.view(e).view(-1)
-        rows, cols = della_rows(e, ranked)
-        per = max(1, per_model_chunk(chunk, n) // cols)  # N int64 thresholds per element, whole rows
-        spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
-        start = pop.layout.groups[e.group][0] + e.offset
-        factors = [1.0] * n
-        if rescale and sparse:
-            before = torch.zeros(n, dtype=torch.float64, device=dst.device)
-            after = torch.zeros(n, dtype=torch.float64, device=dst.device)
-            for lo, hi in spans:
-                for k in sparse:
-                    tau = _task_vector(pop, base, e, k, lo, hi, dst.device)
-                    kept = merge_tensors(
-                        [tau],
-                        drop_thresholds=[thresholds(e, k, tau)],
-                        normalize=False,
-                        seed=seed,
-                        stream=STREAM_DARE + k,
-                        offset=start + lo,
-                        backend=backend,
-                    )
-                    before[k] += tau.abs().sum(dtype=torch.float64)
-                    after[k] += kept.abs().sum(dtype=torch.float64)
-            for k in sparse:
-                b, a = float(before[k]), float(after[k])
-                if b >= RESCALE_EPS and a >= RESCALE_EPS:
-                    factors[k] = b / a
-        for lo, hi in spans:
-            a, b = e.offset + lo, e.offset + hi
-            base_c = base_chunk(base, e.group, a, b, dst.device)
-            xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
-            base_f = base_c.float()
-            drops = [thresholds(e, k, xs[k].float() - base_f) if k in sparse else None for k in range(n)]
-            merge_tensors(
-                xs,
-                base=base_c,
-                weights=w,
-                drop_thresholds=drops,
-                drop_rescales=factors,
-                elect=ties,
-                normalize=normalize,
-                scale=scale,
-                seed=seed,
-                stream=STREAM_DARE,
-                offset=start + lo,
-                out=dst[lo:hi],
-                backend=backend,
-            )
-    return out
-
-
 # -- sce -------------------------------------------------------------------------------------------------------
 
 
@@ -428,7 +249,7 @@ def sce(
 
     def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device) -> list[torch.Tensor]:
         """The task vectors on elements [lo, hi) of entry e, zeroed outside the selection."""
-        taus = _task_vectors(pop, base, e, lo, hi, device)
+        taus = task_vectors_of(pop, base, e, lo, hi, device)
         if threshold is not None:
             keep = variance_reference(taus) >= threshold  # bit for bit the fused operator's selection
             taus = [torch.where(keep, tau, 0.0) for tau in taus]
@@ -446,7 +267,7 @@ def sce(
         if select_topk < 1:
             found = kth_largest_magnitudes(
                 lambda a, b, e=e, device=dst.device: variance_reference(
-                    _task_vectors(pop, base, e, a - e.offset, b - e.offset, device)
+                    task_vectors_of(pop, base, e, a - e.offset, b - e.offset, device)
                 ),
                 e.offset,
                 e.offset + e.numel,
@@ -579,4 +400,4 @@ register(
     )
 )
 
-__all__ = ["breadcrumbs", "breadcrumbs_band", "della", "della_kept", "della_rows", "della_thresholds", "sce"]
+__all__ = ["breadcrumbs", "breadcrumbs_band", "sce"]

@@ -29,7 +29,7 @@ from evolver_kernels.kernels.ops import crossover_mask, merge_tensors
 from evolver_kernels.kernels.rng import STREAM_DARE
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
 from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, merge_linear, read_all
-from evolver_kernels.storage.arena import Arena, iter_chunks
+from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
 from evolver_kernels.storage.population import Population
 
 SCALE = Param("scale", float, 1.0, "task-vector scale (lambda)", aliases=("lambda",))
@@ -314,3 +314,39 @@ register(
         summary="TIES on DARE-dropped task vectors",
     )
 )
+
+
+# -- per-model task vectors and values, shared by the sparsifying methods (sparsify.py, della.py) ----------
+TWO_32 = 4294967296.0
+
+
+def per_model_values(value, n: int, name: str, low: float, high: float) -> list[float]:
+    """One value for every model, or one per model, each in [low, high]."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name}: {len(values)} given for {n} models")
+    if any(not low <= float(v) <= high for v in values):
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+    return [float(v) for v in values]
+
+
+def densities_of(density, n: int) -> list[float]:
+    density = _check_density(density, n)
+    return density if isinstance(density, list) else [density] * n
+
+
+def task_vector_chunk(
+    pop: Population, base: Base, e: Entry, k: int, lo: int, hi: int, device: torch.device
+) -> torch.Tensor:
+    """tau_k on elements [lo, hi) of entry `e`, in fp32."""
+    a, b = e.offset + lo, e.offset + hi
+    return pop.read(k, e.group, a, b).to(device).float() - base_chunk(base, e.group, a, b, device).float()
+
+
+def task_vectors_of(
+    pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device
+) -> list[torch.Tensor]:
+    """[tau_k] on elements [lo, hi) of entry `e`, in fp32."""
+    a, b = e.offset + lo, e.offset + hi
+    base_f = base_chunk(base, e.group, a, b, device).float()
+    return [pop.read(k, e.group, a, b).to(device).float() - base_f for k in range(pop.size)]

@@ -29,8 +29,8 @@ from evolver_kernels import available_backends, methods
 from evolver_kernels.io import model_io
 from evolver_kernels.kernels.rng import STREAM_DARE, random_words
 from evolver_kernels.merge import main
+from evolver_kernels.methods.della import della_kept
 from evolver_kernels.methods.merger import Merger
-from evolver_kernels.methods.sparsify import della_kept
 from evolver_kernels.storage.arena import Arena, Layout
 from evolver_kernels.storage.population import MemoryPopulation
 
