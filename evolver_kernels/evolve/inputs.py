@@ -70,12 +70,17 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
     """Everything a run needs before it loads weights, checked; files_of(option, model_dir) lists weights."""
     configs = [model_io.load_config(cfg.local(m)) for m in cfg.models]
     first = configs[0]
-    for m, c in zip(cfg.models[1:], configs[1:]):
-        if c.model_type != first.model_type or (c.architectures or [None])[0] != (first.architectures or [None])[0]:
-            raise ConfigError(
-                f"--models {m} is a {c.model_type} {c.architectures}, {cfg.models[0]} a "
-                f"{first.model_type} {first.architectures}: the models must share one architecture"
+    try:
+        model_io.check_same_architecture(configs, list(cfg.models))
+    except ArgumentError as err:
+        raise ConfigError(f"--models {err.detail}") from None
+    if cfg.base_model:
+        try:
+            model_io.check_same_architecture(
+                [first, model_io.load_config(cfg.local(cfg.base_model))], [cfg.models[0], cfg.base_model]
             )
+        except ArgumentError as err:
+            raise ConfigError(f"--base-model {err.detail}") from None
     task = cfg.task or infer_task(first)
     files = [files_of("--models", cfg.local(m)) for m in cfg.models]
     model = model_io.empty_model(first, task)

@@ -54,6 +54,73 @@ def load_config(model_dir: str):
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
+# config.json keys that say nothing of what the weights compute (bookkeeping, generation and output defaults, token
+# ids the tokenizer owns): models that differ only in these are one architecture
+METADATA_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_commit_hash",
+        "finetuning_task",
+        "use_cache",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "tokenizer_class",
+        "task_specific_params",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "prefix",
+        "id2label",
+        "label2id",
+    }
+)
+
+
+def _default_labels(id2label: dict) -> bool:
+    return all(str(v) == f"LABEL_{k}" for k, v in id2label.items())
+
+
+def check_same_architecture(configs: list, names: list[str], option: str = "--models") -> None:
+    """Refuses models that are not one architecture beyond their shapes: another model type, any differing
+    config key that changes what the weights compute (hidden_act, layer_norm_eps, ...), or classification
+    heads whose labels are in another order (their rows would mix classes); names[k] is configs[k]'s model."""
+    first = configs[0].to_dict()
+    for name, config in zip(names[1:], configs[1:]):
+        other = config.to_dict()
+        if other.get("model_type") != first.get("model_type"):
+            raise ArgumentError(
+                "model_dir",
+                f"{name} is a {other.get('model_type')}, {names[0]} a {first.get('model_type')}: "
+                "the models must share one architecture",
+            )
+        keys = sorted((set(first) | set(other)) - METADATA_KEYS)
+        differ = [k for k in keys if first.get(k) != other.get(k)]
+        if differ:
+            shown = "; ".join(f"{k} {other.get(k)!r} (not {first.get(k)!r})" for k in differ[:4])
+            raise ArgumentError(
+                "model_dir",
+                f"{name}: config.json differs from {names[0]}'s in what the weights compute: {shown}"
+                + (f" and {len(differ) - 4} more" if len(differ) > 4 else ""),
+            )
+        a = {int(k): str(v) for k, v in (first.get("id2label") or {}).items()}
+        b = {int(k): str(v) for k, v in (other.get("id2label") or {}).items()}
+        if a != b and not (_default_labels(a) or _default_labels(b)):
+            raise ArgumentError(
+                "model_dir",
+                f"{name}: its labels (id2label {dict(sorted(b.items()))}) are not {names[0]}'s "
+                f"({dict(sorted(a.items()))}): the classification heads' rows would mix classes; re-save the "
+                "model with the same label order",
+            )
+
+
 def model_class(config, task: str):
     """The transformers class that evaluates `task`; for a user function, the checkpoint's own architecture."""
     import transformers
