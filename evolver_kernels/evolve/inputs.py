@@ -74,13 +74,6 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
         model_io.check_same_architecture(configs, list(cfg.models))
     except ArgumentError as err:
         raise ConfigError(f"--models {err.detail}") from None
-    if cfg.base_model:
-        try:
-            model_io.check_same_architecture(
-                [first, model_io.load_config(cfg.local(cfg.base_model))], [cfg.models[0], cfg.base_model]
-            )
-        except ArgumentError as err:
-            raise ConfigError(f"--base-model {err.detail}") from None
     task = cfg.task or infer_task(first)
     files = [files_of("--models", cfg.local(m)) for m in cfg.models]
     model = model_io.empty_model(first, task)
