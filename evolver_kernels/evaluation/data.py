@@ -1,8 +1,22 @@
 """Development data: JSONL, CSV/TSV or a `datasets.load_from_disk` directory, checked row by row.
 
-Columns by task: sequence classification `text`, optional `text_pair`, `label` (an index or a label name;
-a list of them for multi-label); causal LM `text`; seq2seq `input`, `target`. Errors name the file and
-the line (1-based, counting the CSV header as line 1).
+Columns by task: sequence classification `text`, optional `text_pair`, `label`; causal LM `text`; seq2seq
+`input`, `target`. Errors name the file and the line (1-based, counting the CSV header as line 1).
+
+Labels are read the same way from every source (the model's label2id gives the names):
+
+- single-label: a JSON integer is always an index. A text label (CSV/TSV, or a JSON string) is a label name when
+  it is one, else an index when it reads as an integer; text that is both a label name and the index of another
+  class (label names that are numbers other than their own indices: "1", "2", "3" for 0, 1, 2) is ambiguous and
+  refused (give indices as JSON integers). Names that are numbers equal to their indices are not ambiguous.
+- multi-label: a list of numbers (a JSON list, or text of numbers separated by `,` or `;`) is a multi-hot
+  vector: exactly num_labels entries, each 0 or 1 (0.0/1.0, and JSON true/false, are read as 0/1), the labels
+  being the positions holding 1; text of numbers is a vector even when the label names are numbers. A list of
+  strings (or text of names separated by `,` or `;`) is a list of label names; `[]` is a row with no label.
+  Anything else (a vector of the wrong length, values other than 0/1, a mix of numbers and names, an unknown
+  name) is refused. A list of indices is not read: `[0, 2]` is refused, write `[1, 0, 1]`.
+
+Labels come back as an int (single-label) or the sorted list of label indices (multi-label).
 """
 
 from __future__ import annotations
@@ -10,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 from evolver_kernels.errors import ArgumentError
 
@@ -107,14 +122,48 @@ def load_examples(
 
 def _parse_label(value, path, n, label2id, num_labels, multi_label):
     if multi_label:
-        if isinstance(value, str):
-            value = [v for v in value.replace(";", ",").split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise DataError("path", f"{path}:{n}: a multi-label row needs a list of labels, got {value!r}")
-        return sorted({_one_label(v, path, n, label2id, num_labels) for v in value})
+        return _label_set(value, path, n, label2id or {}, num_labels)
     if isinstance(value, list):
         raise DataError("path", f"{path}:{n}: label is a list but the model is single-label")
     return _one_label(value, path, n, label2id, num_labels)
+
+
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _label_set(value, path, n, label2id: dict, num_labels) -> list[int]:
+    """A multi-label row's labels as sorted indices, from a multi-hot vector or a list of label names."""
+    vector = names = None
+    if isinstance(value, str):
+        entries = [v.strip() for v in value.replace(";", ",").split(",")]
+        if all(_NUMBER.fullmatch(v) for v in entries):
+            vector = [float(v) for v in entries]
+        elif any(entries) and not any(_NUMBER.fullmatch(v) for v in entries):
+            names = [v for v in entries if v]  # a separator at the end adds no name
+    elif isinstance(value, list):
+        if all(isinstance(v, str) for v in value):
+            names = [v.strip() for v in value]  # [] too: a row with no label
+        elif all(isinstance(v, (bool, int, float)) for v in value):
+            vector = value
+    else:
+        raise DataError("path", f"{path}:{n}: a multi-label row needs a list of labels, got {value!r}")
+    if vector is not None and (num_labels is None or len(vector) == num_labels) and all(v in (0, 1) for v in vector):
+        return [i for i, v in enumerate(vector) if v == 1]
+    unknown = [v for v in names if v not in label2id] if names is not None else None
+    if unknown == []:
+        return sorted({int(label2id[v]) for v in names})
+    why = ""
+    if unknown:
+        known = f"; the model's labels are {sorted(label2id)}" if label2id else "; the model has no label names"
+        why = f": {unknown[0]!r} is not one{known}"
+    elif isinstance(value, str) and vector is not None and all(v in label2id for v in entries):
+        why = ": text of numbers is a vector; give label names that are numbers as a JSON list of strings"
+    size = f"{num_labels} " if num_labels is not None else ""
+    raise DataError(
+        "path",
+        f"{path}:{n}: label {value!r} is not a multi-hot vector of {size}values 0/1 (nor a list of label names{why})",
+    )
 
 
 def _one_label(value, path, n, label2id, num_labels) -> int:
@@ -122,13 +171,21 @@ def _one_label(value, path, n, label2id, num_labels) -> int:
         raise DataError("path", f"{path}:{n}: label {value!r} is not an index or a label name")
     if isinstance(value, str):
         v = value.strip()
+        index = int(v) if _INTEGER.fullmatch(v) else None
         if label2id and v in label2id:
-            return int(label2id[v])
-        if v.lstrip("-").isdigit():
-            value = int(v)
-        else:
+            named = int(label2id[v])
+            if index is not None and index != named and (num_labels is None or 0 <= index < num_labels):
+                raise DataError(
+                    "path",
+                    f"{path}:{n}: label {value!r} is ambiguous: it is the label name of class {named} and the index"
+                    f" of class {index} (this model's label names are numbers that are not their indices);"
+                    " give indices as JSON integers in a .jsonl file",
+                )
+            return named
+        if index is None:
             known = f"; the model's labels are {sorted(label2id)}" if label2id else ""
             raise DataError("path", f"{path}:{n}: unknown label {value!r}{known}")
+        value = index
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):

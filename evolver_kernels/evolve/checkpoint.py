@@ -16,6 +16,7 @@ import re
 from safetensors import SafetensorError
 
 from evolver_kernels.errors import UserError
+from evolver_kernels.evolve.provenance import check_same_inputs, differing_options
 from evolver_kernels.evolve.state import STATE_VERSION, RunState
 from evolver_kernels.storage.population import Population
 
@@ -90,18 +91,23 @@ class Checkpoint:
         """Where a merge method's statistics are kept for --resume."""
         return os.path.join(self.dir, f"{method}{STATS_SUFFIX}")
 
-    def resume(self, config: dict, pop: Population, cleanup: bool = True) -> RunState:
-        """The checkpointed state, if it was written with the same `config` (refused naming every option that
-        differs), with its individuals loaded into `pop` (and, with `cleanup`, files it does not name removed:
-        one rank does that)."""
+    def resume(self, config: dict, inputs: dict, n: int, generations: int) -> RunState:
+        """The checkpointed state, if it is this run's: written with the same `config` (refused naming every option
+        that differs; path options compared as the real paths they name), from the same `inputs` (provenance.py),
+        and a state this run can be in (`n` individuals, `generations`): a checkpoint edited or written by another
+        run is refused in one line, never resumed."""
         state = self.load_state()
-        differing = sorted(k for k in set(config) | set(state.config) if config.get(k) != state.config.get(k))
+        paths = (state.inputs or {}).get("paths")
+        differing = differing_options(state.config, config, paths)
         if differing:
             raise UserError(
                 "--resume with a different configuration: "
                 + ", ".join(f"{k} (checkpoint {state.config.get(k)!r}, now {config.get(k)!r})" for k in differing)
             )
-        self.restore(state, pop, cleanup)
+        check_same_inputs(state.inputs, inputs)
+        problem = _impossible(state, n, generations)
+        if problem:
+            raise UserError(f"{self.state_path}: {problem}: not a state of this run (edited?); it cannot resume")
         return state
 
     def restore(self, state: RunState, pop: Population, cleanup: bool = True) -> None:
@@ -129,3 +135,20 @@ class Checkpoint:
             path = os.path.join(self.ind_dir, name)
             if name not in keep and OUR_FILE.fullmatch(name) and not os.path.islink(path) and os.path.isfile(path):
                 os.remove(path)
+
+
+def _impossible(state: RunState, n: int, generations: int) -> str | None:
+    """Why `state` cannot be a state of a run of `n` individuals and `generations` generations, or None."""
+    if not isinstance(state.generation, int) or not 0 <= state.generation <= generations + 1:
+        return f"generation {state.generation!r} is outside 0 .. {generations + 1} (--generations {generations})"
+    if not isinstance(state.position, int) or not 0 <= state.position <= n:
+        return f"position {state.position!r} is outside 0 .. {n} (the population's size)"
+    if len(state.history) != state.generation:
+        return f"{len(state.history)} generations in its history, at generation {state.generation}"
+    if state.fitness is not None and len(state.fitness) != n:
+        return f"{len(state.fitness)} fitness values for {n} individuals"
+    if state.control is not None and len(state.control) != n:
+        return f"{len(state.control)} control parameter pairs for {n} individuals"
+    if any(not 0 <= i < n for i in [*state.individual_files, *state.pending, *state.per_file]):
+        return f"an individual outside 0 .. {n - 1}"
+    return None

@@ -39,6 +39,7 @@ class RunInputs:
     evaluator: Evaluator
     n: int  # individuals
     selection: Evaluator | None = None  # the held-out selection data's (--select, --select-fraction)
+    notes: tuple[str, ...] = ()  # what the plan says besides the memory (an option applied otherwise than given)
 
     def source(self, cfg: EvolveConfig, i: int) -> str:
         """Where individual i comes from, in words."""
@@ -89,6 +90,9 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.local(cfg.models[0]), trust_remote_code=False)
+    max_length, length_note = cfg.max_length, None
+    if task in ("sequence-classification", "causal-lm", "seq2seq"):
+        max_length, length_note = usable_length(cfg.max_length, first, tokenizer, cfg.models[0], task)
     held_out = HeldOut(cfg.select_fraction, cfg.seed) if cfg.select_fraction is not None else None
 
     def evaluator_of(paths: list[str], subset, early_reject: bool) -> Evaluator:
@@ -99,7 +103,7 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
             config=first,
             metric=cfg.metric,
             batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
+            max_length=max_length,
             device=placement.device,
             threshold=cfg.threshold,
             max_examples=cfg.max_dev_examples,
@@ -131,6 +135,36 @@ def inspect(cfg: EvolveConfig, ranks: Ranks, files_of: Callable[[str, str], list
         evaluator=evaluator,
         n=population_size(cfg),
         selection=selection,
+        notes=(length_note,) if length_note else (),
+    )
+
+
+# models whose position ids start past the padding index (padding_idx + 1): that many positions are unusable
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")
+
+
+def usable_length(max_length: int, config, tokenizer, model: str, task: str) -> tuple[int, str | None]:
+    """The tokens per example the evaluator may use, and a note when it is less than --max-length: the model
+    embeds no more positions (a longer example would fail inside the model), so examples are cut there, said in
+    the plan. A --max-length that leaves no token besides the tokenizer's special tokens cannot be applied and is
+    refused (a causal LM needs two: one to predict from, one to score)."""
+    special = tokenizer.num_special_tokens_to_add(pair=task == "sequence-classification")
+    least = special + (2 if task == "causal-lm" else 1)
+    if max_length < least:
+        raise ConfigError(
+            f"--max-length {max_length} leaves no room for text: {model}'s tokenizer adds {special} special "
+            f"tokens{' and a causal LM scores a next token' if task == 'causal-lm' else ''}; give at least {least}"
+        )
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return max_length, None
+    if config.model_type in OFFSET_POSITIONS and isinstance(config.pad_token_id, int):
+        positions -= config.pad_token_id + 1
+    if max_length <= positions:
+        return max_length, None
+    return positions, (
+        f"note: --max-length {max_length} is more than {model} embeds ({positions} positions): examples are cut "
+        f"at {positions} tokens"
     )
 
 

@@ -167,13 +167,15 @@ class Run:
 
     # -- the run ---------------------------------------------------------------------------------------------
     def _state(self) -> RunState:
-        config = self.cfg.result_options()
         if not self.cfg.resume:
             adapting = adaptation.get(self.cfg.adapt).trial is not None
             return RunState(
-                config=config, control=[[self.cfg.F, self.cfg.CR] for _ in range(self.n)] if adapting else None
+                config=self.cfg.result_options(),
+                control=[[self.cfg.F, self.cfg.CR] for _ in range(self.n)] if adapting else None,
+                inputs=self.setup.inputs_record,
             )
-        state = self.checkpoint.resume(config, self.pop, cleanup=self.ranks.is_main)
+        state = self.setup.resumed  # checked at start-up (startup.start: same options, inputs, a state of this run)
+        self.checkpoint.restore(state, self.pop, cleanup=self.ranks.is_main)
         self.sync(range(self.n))
         return state
 

@@ -1,6 +1,6 @@
 """A run's start-up, one way: check the options, claim --out (rank 0, before anything is written), read and check
-every input (inspect: models, dev data, placement), check the checkpoint against --resume, accept the memory
-plan (start -> Setup); then build the storage the generations work in (build_storage -> Storage). `dry_run`
+every input (inspect: models, dev data, placement), check the checkpoint against --resume (the same options and
+inputs, recorded by provenance.py; a state this run can be in), accept the memory plan (start -> Setup); then build the storage the generations work in (build_storage -> Storage). `dry_run`
 goes through the same checks and stops before claiming anything."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from evolver_kernels.evolve.config import ConfigError, EvolveConfig, input_paths
 from evolver_kernels.evolve.inputs import RunInputs, inspect, plan_of, weight_files
 from evolver_kernels.evolve.memory_plan import host_available
 from evolver_kernels.evolve.offspring import WeightPipeline
+from evolver_kernels.evolve.provenance import record_inputs
+from evolver_kernels.evolve.state import RunState
 from evolver_kernels.evolve.validate import validate
 from evolver_kernels.io import model_io, rundir
 from evolver_kernels.storage import node_share
@@ -29,6 +31,8 @@ def check_plan(cfg: EvolveConfig, inputs: RunInputs, log, ranks: Ranks | None = 
     """Prints the memory plan of this node; refuses one that cannot fit, with the numbers."""
     plan = plan_of(cfg, inputs, ranks)
     log(plan.text())
+    for note in inputs.notes:
+        log(note)
     problem = plan.refusal(host_available(), lambda d: torch.cuda.mem_get_info(torch.device(d))[0], rundir.disk_problem)
     if problem:
         raise ConfigError(problem)
@@ -77,6 +81,8 @@ class Setup:
     out_dir: rundir.OutputDir | None
     inputs: RunInputs
     checkpoint: Checkpoint
+    inputs_record: dict  # what the run reads, as it is now (provenance.py)
+    resumed: RunState | None = None  # --resume: the checkpointed state, checked against this run
 
     def release(self, failed: bool = False) -> None:
         """Drops the lock on --out; a run that failed before writing anything removes the --out it created."""
@@ -102,12 +108,16 @@ def start(cfg: EvolveConfig, log) -> Setup:
         convert_root = os.path.join(cfg.out, "converted")
         inputs = inspect(cfg, ranks, lambda option, d: weight_files(d, option, cfg.allow_pickle, convert_root, ranks))
         checkpoint = check_checkpoint(cfg)
+        record = record_inputs(cfg)
+        resumed = None
+        if cfg.resume:  # before any heavy work: the same options and inputs, a state this run can be in
+            resumed = checkpoint.resume(cfg.result_options(), record, inputs.n, cfg.generations)
         check_plan(cfg, inputs, log, ranks)
     except BaseException:
         if out_dir is not None:
             out_dir.release(remove_if_unused=True)
         raise
-    return Setup(cfg, ranks, out_dir, inputs, checkpoint)
+    return Setup(cfg, ranks, out_dir, inputs, checkpoint, record, resumed)
 
 
 @dataclasses.dataclass

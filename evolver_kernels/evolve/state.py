@@ -3,8 +3,8 @@
 
 JSON has string keys only; individuals are ints here and strings in the file (to_json / from_json convert).
 The file format is STATE_VERSION 1: per_file holds the individuals' per-dev-file scores under their index and
-the merged model's under "merged". The records of early rejection, the example counts and the adapted control
-parameters were added to it later with defaults, so a checkpoint written before them still resumes (its first candidates of each
+the merged model's under "merged". The records of early rejection, the example counts, the adapted control
+parameters and the inputs' record were added to it later with defaults, so a checkpoint written before them still resumes (its first candidates of each
 individual are then scored in full, in the default order).
 """
 
@@ -43,6 +43,8 @@ class RunState:
     individual_files: dict[int, str] = dataclasses.field(default_factory=dict)  # checkpointed individuals
     file_version: int = 0
     finished: bool = False
+    # what the run read when it started (provenance.py): None in a checkpoint written before it was recorded
+    inputs: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         per_file = {str(k): v for k, v in self.per_file.items()}
@@ -70,6 +72,7 @@ class RunState:
             "individual_files": {str(k): v for k, v in self.individual_files.items()},
             "file_version": self.file_version,
             "finished": self.finished,
+            "inputs": self.inputs,
         }
 
     @staticmethod
@@ -98,4 +101,5 @@ class RunState:
             individual_files={int(k): v for k, v in doc.get("individual_files", {}).items()},
             file_version=doc.get("file_version", 0),
             finished=bool(doc.get("finished", False)),
+            inputs=doc.get("inputs"),
         )

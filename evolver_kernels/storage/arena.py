@@ -254,7 +254,12 @@ class PickleWeightsError(ArgumentError):
 
 
 def safetensors_files(model_dir: str) -> list[str]:
-    """The weight files of an HF model directory (sharded or not), or a clear error."""
+    """The weight files of an HF model directory, chosen as transformers' from_pretrained chooses them: a
+    model.safetensors wins over a model.safetensors.index.json beside it (save_pretrained re-saving with another
+    shard size leaves both); else the index's shards; else a clear error."""
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -270,9 +275,6 @@ def safetensors_files(model_dir: str) -> list[str]:
             if not os.path.isfile(os.path.join(model_dir, shard)):
                 raise UserError(f"{index}: names the shard {shard}, which is missing")
         return [os.path.join(model_dir, s) for s in shards]
-    single = os.path.join(model_dir, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
     others = (
         [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         if os.path.isdir(model_dir)

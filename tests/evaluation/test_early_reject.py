@@ -47,7 +47,8 @@ def _dev_files(tmp_path, sizes, num_labels, multi_label, seed):
                 continue
             texts.add(text)
             if multi_label:
-                label = sorted(rng.sample(range(num_labels), rng.randint(1, 2)))
+                chosen = rng.sample(range(num_labels), rng.randint(1, 2))
+                label = [int(c in chosen) for c in range(num_labels)]  # a multi-hot vector
             else:
                 label = rng.randrange(num_labels - 1)  # the last label never gold: predicting it adds a class
             rows.append({"text": text, "label": label})
@@ -291,7 +292,10 @@ def test_evolve_same_bytes_with_and_without_early_rejection(bert_pop, tmp_path, 
 
 def test_evolve_multilabel_same_bytes(tmp_path):
     models = tiny_models.make_population("roberta", str(tmp_path), 3, num_labels=4, multi_label=True, noise=0.3)
-    rows = [{"text": r["text"], "label": [r["label"], 3]} for r in tiny_models.sentiment_rows(40, 3)]
+    rows = [
+        {"text": r["text"], "label": [int(c in (r["label"], 3)) for c in range(4)]}
+        for r in tiny_models.sentiment_rows(40, 3)
+    ]
     dev = [tiny_models.write_jsonl(str(tmp_path / "dev.jsonl"), rows)]
     args = ["--threshold", "0.05", "--fitness", "individual", "--batch-size", "8"]
     on = _evolve(models, dev, tmp_path / "on", *args)

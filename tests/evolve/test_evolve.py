@@ -136,7 +136,10 @@ def test_generative_tasks_end_to_end(tmp_path, kind, auto, extra):
 
 def test_multilabel_classification(tmp_path):
     models = tiny_models.make_population("roberta", str(tmp_path), 2, num_labels=4, multi_label=True)
-    rows = [{"text": r["text"], "label": [r["label"], 3]} for r in tiny_models.sentiment_rows(32, 3)]
+    rows = [
+        {"text": r["text"], "label": [int(c in (r["label"], 3)) for c in range(4)]}
+        for r in tiny_models.sentiment_rows(32, 3)
+    ]
     dev = [tiny_models.write_jsonl(str(tmp_path / "dev.jsonl"), rows)]
     # the tiny heads' sigmoids sit below 0.5: a low threshold makes labels predicted, so F1 can move
     doc = _run(models, dev, tmp_path / "out", "--threshold", "0.05", "--fitness", "individual")
