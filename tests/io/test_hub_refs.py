@@ -104,3 +104,41 @@ def test_a_missing_hub_id_is_one_line_naming_it(bert_pop, hub, tmp_path, capsys)
     assert merge_main(["--models", "acme/bert-0", "acme/nothing", "--out", str(tmp_path / "m")]) == 2
     assert "--models acme/nothing: not in the Hugging Face cache" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "m")
+
+
+def test_a_hub_id_whose_revision_moved_since_the_kill_is_refused_on_resume(
+    bert_pop, hub, tmp_path, capsys, monkeypatch
+):
+    """acme/bert-1 without a revision resolves to refs/main: moved to another commit between the interruption and
+    --resume, the run would read other weights; it is refused, naming the id and the revision to pin."""
+    from evolver_kernels.evolve.run import Run
+
+    cache, _ = hub
+    args = [
+        "--models",
+        "acme/bert-0",
+        "acme/bert-1",
+        "acme/bert-2",
+        "--dev",
+        bert_pop.dev[0],
+        "--generations",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    calls, original = [], Run.evaluate
+
+    def evaluate(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Run, "evaluate", evaluate)
+    assert evolve_main(args) == 130
+    monkeypatch.setattr(Run, "evaluate", original)
+    _add_to_cache(cache, "acme/bert-1", bert_pop.models[3], "e" * 40)  # refs/main moves on
+    capsys.readouterr()
+    assert evolve_main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: --models acme/bert-1 resolves to" in err and "pin the revision" in err
