@@ -102,6 +102,16 @@ def _cases(base, m):
             ],
             ["task_arithmetic", "ties"],
         ),
+        # weight 1 each, density and gamma given per model (the config of issue #28 that came out 1.8% away)
+        "breadcrumbs_per_model": (
+            {
+                "merge_method": "breadcrumbs",
+                "base_model": base,
+                "models": _weights(m, (1.0, 1.0, 1.0), density=(0.7,) * 3, gamma=(0.05,) * 3),
+            },
+            ["--method", "breadcrumbs", "--base", base, "--models", *m, "--density", "0.7", "--gamma", "0.05"],
+            ["task_arithmetic"],
+        ),
         # gamma + density > 1: mergekit drops fewer outliers and keeps the smallest `density`
         "breadcrumbs_ties_low": (
             {
