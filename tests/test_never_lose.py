@@ -143,6 +143,80 @@ def test_a_finished_merge_output_is_rewritten_without_stale_files(pop, tmp_path)
     assert all(t.dtype == torch.float16 for t in load_file(str(out / "model.safetensors")).values())
 
 
+def _fine_tune(path) -> None:
+    """What a user saves over a merge's output: the same tensors changed (the same size: only the time tells)."""
+    weights = load_file(str(path))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, str(path))
+
+
+def test_a_merge_rerun_never_replaces_a_file_changed_since_it_wrote_it(pop, tmp_path, capsys):
+    """The marker records each output's size and modification time: a rerun into the merge's directory after a
+    user saved a fine-tune over its model.safetensors is refused before any work, naming the file, and nothing
+    there changes; moved away, the rerun writes its own again. A marker from before (names only) reads as ours."""
+    _, models, _ = pop
+    out = tmp_path / "m"
+    argv = ["--models", *models[:2], "--out", str(out)]
+    assert merge_cli.main(argv) == 0
+    capsys.readouterr()
+    written = json.loads((out / rundir.MARKER).read_text())["written"]
+    assert {"model.safetensors", "merge.json", "config.json"} <= set(written)
+    assert written["model.safetensors"]["size"] == (out / "model.safetensors").stat().st_size
+    _fine_tune(out / "model.safetensors")
+    before = _tree(out)
+    line = _one_line_error(capsys, merge_cli.main(argv), f"--out {out}: model.safetensors changed since the merge")
+    assert "move it away or choose another --out" in line
+    assert _tree(out) == before
+    os.rename(out / "model.safetensors", tmp_path / "fine-tuned.safetensors")
+    assert merge_cli.main(argv) == 0
+    assert (out / "model.safetensors").read_bytes() != (tmp_path / "fine-tuned.safetensors").read_bytes()
+    # an older marker: the names only, each ours (replaced by the rerun), and recorded with its size and time now
+    marker = json.loads((out / rundir.MARKER).read_text())
+    (out / rundir.MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "written"}))
+    _fine_tune(out / "model.safetensors")
+    assert merge_cli.main(argv) == 0
+    assert "model.safetensors" in json.loads((out / rundir.MARKER).read_text())["written"]
+    assert (out / "model.safetensors").read_bytes() != (tmp_path / "fine-tuned.safetensors").read_bytes()
+
+
+def test_a_recorded_file_changed_while_the_merge_runs_is_kept(pop, tmp_path, capsys, monkeypatch):
+    """A file changed after the claim (the merge computing): removing the earlier outputs is refused, nothing
+    removed."""
+    import evolver_kernels.merge.run as merge_run
+
+    _, models, _ = pop
+    out = tmp_path / "m"
+    argv = ["--models", *models[:2], "--out", str(out)]
+    assert merge_cli.main(argv) == 0
+    real = merge_run.OutputDir.clear_recorded
+    saved = {}
+
+    def user_saves_first(self):
+        _fine_tune(out / "model.safetensors")
+        saved.update(_tree(out))
+        return real(self)
+
+    monkeypatch.setattr(merge_run.OutputDir, "clear_recorded", user_saves_first)
+    capsys.readouterr()
+    _one_line_error(capsys, merge_cli.main(argv), "model.safetensors changed since the merge wrote it")
+    assert _tree(out) == {k: v for k, v in saved.items() if not k.startswith(rundir.SCRATCH_PREFIX)}
+
+
+def test_an_evolve_rerun_never_replaces_a_file_changed_since_it_wrote_it(pop, tmp_path, capsys):
+    _, models, dev = pop
+    out = tmp_path / "o"
+    assert main(_args(models, dev, out, "--generations", "0")) == 0
+    assert "model.safetensors" in json.loads((out / rundir.MARKER).read_text())["written"]
+    _fine_tune(out / "model.safetensors")
+    before = _tree(out)
+    for extra in ([], ["--resume"]):
+        _one_line_error(
+            capsys,
+            main(_args(models, dev, out, "--generations", "0", *extra)),
+            f"--out {out}: model.safetensors changed since the evolve run wrote it",
+        )
+    assert _tree(out) == before
+
+
 def test_allow_pickle_keeps_two_models_with_the_same_folder_name_apart(pop, tmp_path):
     _, models, dev = pop
     dirs = []
@@ -295,6 +369,29 @@ def test_user_function_returning_none(pop, tmp_path, user_fn, capsys):
 def test_yaml_values_are_checked_like_flags(tmp_path, capsys, line, message):
     (tmp_path / "c.yaml").write_text(line + "\n")
     _one_line_error(capsys, main(["--config", str(tmp_path / "c.yaml")]), message)
+
+
+DUPLICATE_KEY = "models:\n  - model: a\n  - model: b\nout: o\nmodels: [c]\n"
+
+
+def test_evolve_yaml_with_a_key_given_twice_is_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(DUPLICATE_KEY)
+    line = _one_line_error(capsys, main(["--config", str(tmp_path / "c.yaml")]), f"--config {tmp_path / 'c.yaml'}")
+    assert "'models' is given twice (lines 1 and 5)" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_yaml_with_a_key_given_twice_is_refused(pop, tmp_path, capsys):
+    _, models, _ = pop
+    text = f"merge_method: linear\nmodels:\n  - model: {models[0]}\n  - model: {models[1]}\nmerge_method: ties\n"
+    (tmp_path / "m.yaml").write_text(text)
+    line = _one_line_error(
+        capsys,
+        merge_cli.main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "o")]),
+        f"--config {tmp_path / 'm.yaml'}",
+    )
+    assert "'merge_method' is given twice (lines 1 and 5)" in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_yaml_numbers_parse_as_the_flags_do(tmp_path):

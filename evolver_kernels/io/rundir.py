@@ -11,8 +11,12 @@ The rule: a run never writes into or deletes anything it did not create.
 - Scratch space (the disk tier's individuals) is a fresh directory made by mkdtemp under the scratch root,
   never an existing one, with its own lock: leftovers of a killed run are recognised (our name prefix, our
   marker inside, nobody holding their lock) and removed by the next run that uses the same root.
-- Files a run writes into `--out` are listed in the marker; a later merge into the same directory removes
-  exactly those before writing its own, so no stale shard of an earlier output survives.
+- Files a run writes into `--out` are listed in the marker, each with its size and modification time (ns) as
+  written; a later merge into the same directory removes exactly those before writing its own, so no stale
+  shard of an earlier output survives. A recorded file that changed since (a user saved a fine-tune of the
+  merge there) is a user's: a run into that directory is refused before any work, naming the file, and the
+  file is never removed nor overwritten. A name recorded without its size and time (markers written before
+  they were) is ours as before.
 """
 
 from __future__ import annotations
@@ -115,6 +119,46 @@ def owner(out: str) -> str | None:
     return None
 
 
+WROTE = {"merge": "the merge", "evolve": "the evolve run"}  # who wrote a recorded file, for the refusal
+
+
+def _stamp(path: str) -> dict | None:
+    """A file's size and modification time (ns), not following links; None where there is no file."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "file": os.path.isfile(path) and not os.path.islink(path)}
+
+
+def changed_outputs(out: str, marker: dict | None = None) -> list[str]:
+    """The files a run of ours recorded in `out` that changed since it wrote them (another size or time, or no
+    longer a plain file); a recorded name that is gone, or has no size and time (an older marker), is not."""
+    marker = read_marker(out) if marker is None else marker
+    if marker is None:
+        return []
+    stamps = marker.get("written")
+    stamps = stamps if isinstance(stamps, dict) else {}
+    changed = []
+    for name in marker.get("files", []):
+        was = stamps.get(name)
+        now = _stamp(os.path.join(out, name))
+        if not isinstance(was, dict) or now is None:
+            continue
+        if not now["file"] or (now["size"], now["mtime_ns"]) != (was.get("size"), was.get("mtime_ns")):
+            changed.append(name)
+    return changed
+
+
+def _refuse_changed(option: str, out: str, tool: str, changed: list[str]) -> None:
+    if changed:
+        more = f" (and {len(changed) - 1} more recorded file(s))" if len(changed) > 1 else ""
+        raise UserError(
+            f"{option} {out}: {changed[0]}{more} changed since {WROTE.get(tool, 'a run of ours')} wrote it: move it "
+            "away or choose another --out (a run never replaces a file it did not write)"
+        )
+
+
 def check_out(out: str, tool: str, inputs: list[tuple[str, str]], option: str = "--out") -> None:
     """Refuses an output directory this run may not write into; creates nothing (a dry run calls it too)."""
     check_not_an_input(option, out, inputs)
@@ -132,6 +176,7 @@ def check_out(out: str, tool: str, inputs: list[tuple[str, str]], option: str = 
             raise UserError(
                 f"{option} {out} holds the output of `{made_by}`, not of `{tool}`: choose another directory"
             )
+        _refuse_changed(option, out, tool, changed_outputs(out))
 
 
 class Locked:
@@ -198,19 +243,31 @@ class OutputDir:
         os.replace(tmp, os.path.join(self.path, MARKER))
 
     def record(self, paths: list[str]) -> None:
-        """Adds files this run wrote (paths inside the directory) to the marker's list of our outputs."""
+        """Adds files this run wrote (paths inside the directory) to the marker's list of our outputs, each with
+        its size and modification time as it is now (call it once they are written)."""
         names = set(self.marker.get("files", []))
-        names.update(os.path.relpath(p, self.path) for p in paths)
-        self.marker = dict(self.marker, files=sorted(names))
+        stamps = dict(self.marker.get("written") or {})
+        for p in paths:
+            name = os.path.relpath(p, self.path)
+            names.add(name)
+            stamp = _stamp(p)
+            if stamp is not None and stamp.pop("file"):
+                stamps[name] = stamp
+        self.marker = dict(
+            self.marker, files=sorted(names), written={n: stamps[n] for n in sorted(names) if n in stamps}
+        )
         self._write_marker(self.marker)
 
     def clear_recorded(self) -> None:
-        """Removes the output files an earlier run of ours recorded here (and nothing else)."""
+        """Removes the output files an earlier run of ours recorded here (and nothing else); refuses, removing
+        nothing, where one changed since it was written (claim refused that already: this is a change made
+        while the run worked)."""
+        _refuse_changed("--out", self.path, self.tool, changed_outputs(self.path, self.marker))
         for name in self.marker.get("files", []):
             path = os.path.join(self.path, name)
             if _inside(_real(path), _real(self.path)) and os.path.isfile(path) and not os.path.islink(path):
                 os.remove(path)
-        self.marker = dict(self.marker, files=[])
+        self.marker = dict(self.marker, files=[], written={})
         self._write_marker(self.marker)
 
     def release(self, remove_if_unused: bool = False) -> None:

@@ -28,7 +28,8 @@ YAML_KEYS = (
 )
 RUN_PARAMETERS = {"seed": int, "task": str}  # `parameters:` keys that are options of the run, not of a method
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WEIGHT = methods.Param("weight", float, 1.0, "", low=0.0, per_model=True)
+# a per-model weight: any finite number here, >= 0 but for a method with signed_weights (weight_check)
+WEIGHT = methods.Param("weight", float, 1.0, "", per_model=True)
 # mergekit parameters that never change a value (int8_mask: the dtype of its masks) or whose only value read is
 # the one our method has (normalize: linear divides by the weights; the task-vector methods take it as a parameter)
 MERGEKIT_ONLY = {
@@ -105,6 +106,33 @@ def flag(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
+def base_role(record: methods.MergeMethod) -> str:
+    """How mergekit's base_model reads for `record` (MergeMethod.yaml_base): "base" only for a method that
+    takes a base; mergekit adds base_model to the inputs of every method, so where a method gives a base no role
+    (average, passthrough, fisher, regmean, karcher) it is one more model merged, "input"."""
+    if record.yaml_base == "base" and not (record.needs_base or record.optional_base):
+        return "input"
+    return record.yaml_base
+
+
+def weight_check(record: methods.MergeMethod):
+    """The check of one per-model weight for `record`: any finite number for a method with signed_weights
+    (task_arithmetic: task negation), else >= 0, the refusal saying why."""
+    if record.signed_weights:
+        return WEIGHT.check
+
+    def check(value: Any, where: str) -> float:
+        value = WEIGHT.check(value, where)
+        if value < 0:
+            raise MergeConfigError(
+                f"{where} must be >= 0 for {record.name}, got {value:g} (a negative weight, task negation, is "
+                "task_arithmetic's with normalize false: elsewhere a sum of weights it divides by could be zero)"
+            )
+        return value
+
+    return check
+
+
 def _parameters(where: str, params, record: methods.MergeMethod, per_model: bool) -> dict[str, Any]:
     """A `parameters:` mapping checked against the method: unknown keys, keys of other methods and global keys
     given per model are refused, never dropped. Values are mergekit settings (a scalar, a gradient list or
@@ -119,7 +147,7 @@ def _parameters(where: str, params, record: methods.MergeMethod, per_model: bool
         if key == "weight":
             if not record.uses_weights:
                 raise MergeConfigError(f"{at} does not apply to {record.name} (it takes no per-model weights)")
-            out["weight"] = check_setting(value, WEIGHT.check, at)
+            out["weight"] = check_setting(value, weight_check(record), at)
             continue
         if key in RUN_PARAMETERS and not per_model:
             if not isinstance(value, RUN_PARAMETERS[key]) or isinstance(value, bool):
@@ -242,7 +270,7 @@ def _read_models(spec: MergeSpec, models: Any, record: methods.MergeMethod, wher
     base, sources = _place_base(record, spec.base, sources, where, listed_only=False)
     spec.models = [s.model for s in sources]
     spec.model_settings = [s.settings for s in sources]
-    if record.yaml_base != "base":
+    if base_role(record) != "base":
         spec.base = None  # it is one of the models now
     elif base is not None:
         spec.base = base.model
@@ -286,7 +314,7 @@ def _read_slices(spec: MergeSpec, slices: Any, record: methods.MergeMethod, wher
         )
     seen = dict.fromkeys(s.model for sl in spec.slices for s in sl.sources)
     spec.models = list(seen)
-    if record.yaml_base != "base" or spec.slices[0].base is None:
+    if base_role(record) != "base" or spec.slices[0].base is None:
         spec.base = None
 
 
@@ -348,7 +376,8 @@ def _place_base(
     `base_model:` as mergekit reads them for `record` (MergeMethod.yaml_base): in `models:` mergekit adds a
     base_model that is not listed to the inputs (in a slice it must be listed), and a method then treats it as the
     base (not merged), as the first of the two models it interpolates (slerp), or as one more model (a method
-    that gives the base no role)."""
+    that gives the base no role: linear, karcher)."""
+    role = base_role(record)
     listed = [s for s in sources if base is not None and _same_model(s.model, base)]
     others = [s for s in sources if not listed or s not in listed]
     own = listed[0] if listed else None
@@ -356,12 +385,12 @@ def _place_base(
         base is not None
         and own is None
         and listed_only
-        and (record.yaml_base == "first" or record.needs_base or record.optional_base)
+        and (role == "first" or record.needs_base or record.optional_base)
     ):
         raise MergeConfigError(f"{where}: base_model {base} must be one of the slice's sources for {record.name}")
     if own is None and base is not None:
         own = Source(base, None, {}, where)
-    if record.yaml_base == "first":
+    if role == "first":
         if base is None:
             raise MergeConfigError(
                 f"{where}: base_model is required by {record.name}: it is the first of the two models (t = 0)"
@@ -374,11 +403,9 @@ def _place_base(
         return None, [own, others[0]]
     if base is None:
         return None, sources
-    if record.yaml_base == "input":
+    if role == "input":
         return None, sources if listed or listed_only else [*sources, own]
-    if record.needs_base or record.optional_base:
-        return own, others
-    return None, sources
+    return own, others
 
 
 def _mentions(raw: dict, key: str) -> bool:

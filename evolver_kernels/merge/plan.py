@@ -13,12 +13,13 @@ from evolver_kernels.errors import ArgumentError
 from evolver_kernels.io import refs
 from evolver_kernels.merge.config import (
     DTYPES,
-    WEIGHT,
     MergeConfigError,
     MergeSpec,
     Slice,
     Source,
+    base_role,
     flag,
+    weight_check,
 )
 from evolver_kernels.methods import merger
 from evolver_kernels.methods.settings import resolve
@@ -59,10 +60,16 @@ def check(spec: MergeSpec) -> methods.MergeMethod:
     if spec.weights is not None and len(spec.weights) != n:
         raise MergeConfigError(f"--weights: {len(spec.weights)} given for {n} models")
     if record.max_models is not None and n > record.max_models:
-        raise MergeConfigError(f"--models: {record.name} merges exactly {record.max_models} models, got {n}")
+        joined = spec.base_model is not None and base_role(record) == "input" and spec.base_model in spec.models
+        raise MergeConfigError(
+            f"--models: {record.name} merges exactly {record.max_models} models, got {n}"
+            + (f" (base_model {spec.base_model} is one more model for it, as in mergekit)" if joined else "")
+        )
     if spec.weights is not None and not record.uses_weights:
         raise MergeConfigError(f"--weights does not apply to {record.name} (it takes no per-model weights)")
-    if spec.base and not (record.needs_base or record.optional_base) and record.yaml_base != "base":
+    for w in spec.weights or []:
+        weight_check(record)(w, "--weights")
+    if spec.base and base_role(record) != "base":
         role = "its first model is mergekit's base_model" if record.yaml_base == "first" else "a base has no role in it"
         raise MergeConfigError(f"--base does not apply to {record.name} ({role}): give the models to merge in --models")
     if record.needs_base and slices[0].base is None:
@@ -152,8 +159,14 @@ def _tensor_settings(
         elif (value := resolve(shared, p.name, name, route.t, p.check)) is not None:
             settings[p.name] = value
     weights = spec.weights
-    if weights is None and record.uses_weights and (values := per_model("weight", WEIGHT.check)) is not None:
+    if weights is None and record.uses_weights and (values := per_model("weight", weight_check(record))) is not None:
         weights = [1.0 if w is None else w for w in values]
+    if record.signed_weights and settings.get("normalize") and any(w < 0 for w in weights or []):
+        raise MergeConfigError(
+            f"{'--weights' if spec.weights is not None else spec.where}: weights {[float(w) for w in weights]} for "
+            f"{name} with normalize true: {record.name} takes a negative weight only with normalize false (it "
+            "would divide by the sum of the weights, which a negative one can make zero)"
+        )
     return settings, weights
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from evolver_kernels.errors import ArgumentError
 from evolver_kernels.evaluation.evaluator import Evaluator, infer_task
 from evolver_kernels.io import model_io
 from evolver_kernels.io.jsonio import write_json
@@ -212,12 +213,10 @@ class Target:
 def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> Target:
     configs = [model_io.load_config(m) for m in models]
     config = configs[0]
-    for m, c in zip(spec.models[1:], configs[1:]):
-        if c.model_type != config.model_type:
-            raise MergeConfigError(
-                f"--models {m} is a {c.model_type}, {spec.models[0]} a {config.model_type}: "
-                "the models must share one architecture"
-            )
+    try:  # one architecture beyond shapes: the output keeps the first model's config
+        model_io.check_same_architecture(configs, list(spec.models))
+    except ArgumentError as err:
+        raise MergeConfigError(f"--models {err.detail}") from None
     task = spec.task or (infer_task(config) if record.statistics else "auto")
     donor, stacked = models[0], None
     if spec.slices is not None:
@@ -342,7 +341,7 @@ def run(spec: MergeSpec, log=print) -> str:
                 f"{record.name} with epsilon 0; the drops are our Philox draws, not torch's"
             )
         log(
-            f"merge: {len(slices[0].sources)} models of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
+            f"merge: {_count(spec, slices)} of {format_bytes(layout.nbytes)} with {record.phrase(settings)}"
             f"{f' ({len(groups)} groups of tensor settings)' if len(groups) > 1 else ''}; population on "
             f"{spec.population_on}; backends: cpu runs {device_backends(['cpu'])['cpu']}"
         )
@@ -389,5 +388,11 @@ def run(spec: MergeSpec, log=print) -> str:
     if scratch is not None:
         scratch.remove()
     claimed.release()
-    log(f"merged {len(slices[0].sources)} models with {record.phrase(settings)} into {spec.out}")
+    log(f"merged {_count(spec, slices)} with {record.phrase(settings)} into {spec.out}")
     return spec.out
+
+
+def _count(spec: MergeSpec, slices: list[Slice]) -> str:
+    """How many distinct models the merge merges, as "N models" (a slices merge: every slice's, not the first's)."""
+    n = len({os.path.realpath(spec.local(s.model)) for sl in slices for s in sl.sources})
+    return f"{n} model{'s' if n != 1 else ''}"

@@ -158,8 +158,13 @@ class MergeMethod:
     # how mergekit's `base_model:` reads for this method: "base" (the common ancestor; a `models:` entry equal
     # to it is the base, not one more model, where the method takes a base), "first" (the first of the
     # merged models: slerp), "input" (one more model merged, appended unless listed: mergekit adds it to the
-    # inputs of a method that gives the base no role, e.g. karcher)
+    # inputs of a method that gives the base no role, e.g. karcher; merge/config.py reads "base" so for a method
+    # with neither needs_base nor optional_base)
     yaml_base: str = "base"
+    # a per-model weight may be negative (task negation: base + sum_k w_k tau_k, as mergekit's task_arithmetic);
+    # only where nothing divides by the sum of the weights, which a negative one can make zero: the method's
+    # normalize must default to false, and a merge that sets it true is refused
+    signed_weights: bool = False
 
     def check_use(self, n_models: int, weights: list[float] | None, base: Any, stats: Any) -> None:
         """Refuses a use the record does not declare (one place for every method): per-model weights to a

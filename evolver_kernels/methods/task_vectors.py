@@ -86,8 +86,8 @@ def task_arithmetic(
     backend: str | None = None,
     normalize: bool = False,
 ) -> Arena:
-    """out = base + scale * sum_k w_k tau_k (Ilharco et al., task vectors; normalize: divided by sum_k w_k);
-    drop_p > 0 makes it DARE."""
+    """out = base + scale * sum_k w_k tau_k (Ilharco et al., task vectors; normalize: divided by sum_k w_k;
+    without it a w_k may be negative, task negation); drop_p > 0 makes it DARE."""
     base = check_base(pop, base, "task arithmetic")
     return merge_linear(
         pop,
@@ -95,12 +95,21 @@ def task_arithmetic(
         chunk,
         backend,
         base=base,
-        weights=check_weights(weights, pop.size),
+        weights=_signed_weights(weights, pop.size) if not normalize else check_weights(weights, pop.size),
         scale=scale,
         normalize=normalize,
         drop_p=_check_p(drop_p),
         seed=seed,
     )
+
+
+def _signed_weights(weights: list[float] | None, n: int) -> list[float]:
+    """check_weights' count and length checks, a weight of any sign (task negation): without normalize no sum of
+    the weights divides (the signed_weights record field); not all zero."""
+    if weights is None:
+        return check_weights(None, n)
+    check_weights([abs(w) for w in weights], n)  # abs: the same message for all-zero weights
+    return [float(w) for w in weights]
 
 
 def ties(
@@ -283,6 +292,7 @@ register(
         name="task_arithmetic",
         params=(SCALE, NORMALIZE),
         needs_base=True,
+        signed_weights=True,
         merge=_task_arithmetic,
         summary="base + scale * sum_k w_k (x_k - base) (task vectors)",
     )

@@ -196,12 +196,86 @@ def test_yaml_ties_matches_flags(models, tmp_path):
         (["--method", "ties", "--base", "{base}", "--density", "0"], "--density must be in (0, 1]"),
         (["--weights", "1", "2"], "--weights: 2 given for 3 models"),
         (["--method", "dare_linear", "--base", "{base}", "--drop-p", "1.0"], "--drop-p must be in [0, 1)"),
+        # a flag is never dropped: average gives a base no role (it was merged without it, exit 0)
+        (["--base", "{base}"], "--base does not apply to average (a base has no role in it)"),
+        (["--method", "fisher", "--base", "{base}"], "--base does not apply to fisher"),
+        # a negative weight is task negation, task_arithmetic's without normalize (elsewhere a sum could be 0)
+        (["--weights", "1", "-0.5", "1"], "--weights must be >= 0 for average, got -0.5 (a negative weight"),
+        (["--method", "ties", "--base", "{base}", "--weights", "1", "-1", "1"], "--weights must be >= 0 for ties"),
+        (
+            ["--method", "task_arithmetic", "--base", "{base}", "--weights", "1", "-1", "1", "--normalize", "true"],
+            "task_arithmetic takes a negative weight only with normalize false",
+        ),
     ],
 )
 def test_errors(models, tmp_path, capsys, argv, message):
     argv = [a.replace("{base}", models[0]) for a in argv]
     assert main(["--models", *models[1:], "--out", str(tmp_path / "o"), *argv]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (
+            {"merge_method": "linear", "models": [{"model": "{m1}", "parameters": {"weight": -1}}, "{m2}"]},
+            "models entry 1 parameters: weight must be >= 0 for average, got -1",
+        ),
+        (
+            {"merge_method": "linear", "models": ["{m1}", "{m2}"], "parameters": {"weight": [1, -0.5]}},
+            "parameters: weight must be >= 0 for average, got -0.5",
+        ),
+        (
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": "{base}",
+                "models": [{"model": "{m1}", "parameters": {"weight": -1}}, "{m2}"],
+                "parameters": {"normalize": [{"filter": "classifier", "value": True}, {"value": False}]},
+            },
+            "weights [-1.0, 1.0] for classifier.bias with normalize true: task_arithmetic takes a negative weight only",
+        ),
+    ],
+)
+def test_yaml_weights_of_either_sign_only_where_they_mean_something(models, tmp_path, capsys, config, message):
+    import yaml
+
+    names = {"{m1}": models[1], "{m2}": models[2], "{base}": models[0]}
+    text = json.dumps(config)
+    for k, v in names.items():
+        text = text.replace(k, v)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(json.loads(text)))
+    assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+
+
+def test_a_slices_merge_counts_the_models_it_merges(llama_pop, tmp_path, capsys):
+    """Its log counts the distinct models of every slice (it said "merged 1 models" for two, the first slice's)."""
+    import yaml
+
+    m = llama_pop.models
+    stacked = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": m[0], "layer_range": [0, 2]}]},
+            {"sources": [{"model": m[1], "layer_range": [1, 2]}]},
+        ],
+    }
+    layered = {
+        "merge_method": "linear",
+        "slices": [
+            {"sources": [{"model": m[0], "layer_range": [0, 1]}, {"model": m[1], "layer_range": [1, 2]}]},
+            {"sources": [{"model": m[2], "layer_range": [0, 1]}, {"model": m[1], "layer_range": [0, 1]}]},
+        ],
+    }
+    for name, config, n in (("stacked", stacked, 2), ("layered", layered, 3)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        capsys.readouterr()
+        assert main(["--config", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+        err = capsys.readouterr().err
+        assert f"merge: {n} models of " in err and f"merged {n} models with " in err, err
 
 
 def test_mismatched_model_named(models, tmp_path, capsys):
@@ -262,3 +336,22 @@ def test_outputs_are_sharded_with_an_index(models, tmp_path):
         assert all(torch.equal(part[k], whole[k]) and index["weight_map"][k] == os.path.basename(path) for k in part)
     loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "sharded")
     assert all(torch.equal(p, whole[n]) for n, p in loaded.state_dict().items() if n in whole)
+
+
+@pytest.mark.parametrize("key,value", [("hidden_act", "relu"), ("layer_norm_eps", 1e-5)])
+def test_models_whose_configs_compute_otherwise_are_refused(bert_pop, tmp_path, capsys, key, value):
+    """The output keeps the first model's config: a model whose config.json differs in what its weights compute
+    is refused, naming it and the key (as evolve does)."""
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(bert_pop.models[1], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, key: value}))
+    assert main(["--models", bert_pop.models[0], str(other), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"--models {other}: config.json differs from {bert_pop.models[0]}'s in what the weights compute: {key}" in err
+    )
+    assert not (tmp_path / "o").exists()

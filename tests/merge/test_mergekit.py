@@ -71,7 +71,8 @@ def test_same_tensors_as_mergekit(models, tmp_path, case):
     base, paths = models
     flags, method, params, per_model = CASES[case]
     ours_dir = tmp_path / "ours"
-    assert main(["--models", *paths, "--base", base, "--out", str(ours_dir), *flags]) == 0
+    base_flags = [] if method == "linear" else ["--base", base]  # a base has no role in linear (--base refused)
+    assert main(["--models", *paths, *base_flags, "--out", str(ours_dir), *flags]) == 0
     ours = load_file(str(ours_dir / "model.safetensors"))
     theirs = _mergekit(tmp_path, base, paths, method, params, per_model)
     assert set(ours) == set(theirs)
@@ -124,3 +125,71 @@ def test_mergekit_yaml_with_per_model_densities(models, tmp_path):
     )
     key = "model.layers.0.mlp.up_proj.weight"
     assert not torch.allclose(ours[key], load_file(str(uniform / "model.safetensors"))[key], atol=1e-4)
+
+
+def _yaml_cases(base, m):
+    """name: (mergekit's YAML, the same merge by our flags); mergekit 0.1.5 itself runs every YAML."""
+    return {
+        # mergekit adds a base_model missing from `models:` to the inputs of linear (a method that gives a base no
+        # role): one more model merged, with the global weight (mergekit requires one for it; ours: 1)
+        "linear_base_model": (
+            {
+                "merge_method": "linear",
+                "base_model": base,
+                "models": [{"model": m[0], "parameters": {"weight": 1.0}}, {"model": m[1]}],
+                "parameters": {"weight": 0.25},
+            },
+            ["--method", "average", "--models", m[0], m[1], base, "--weights", "1", "0.25", "0.25"],
+        ),
+        # task negation: mergekit's task_arithmetic merges base + sum_k w_k tau_k, a negative w_k included
+        "task_negation": (
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": base,
+                "models": [
+                    {"model": m[0], "parameters": {"weight": 1.0}},
+                    {"model": m[1], "parameters": {"weight": -0.5}},
+                    {"model": m[2], "parameters": {"weight": -1.0}},
+                ],
+                "parameters": {"lambda": 0.8},
+            },
+            ["--method", "task_arithmetic", "--base", base, "--models", *m]
+            + ["--weights", "1", "-0.5", "-1", "--scale", "0.8"],
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def yaml_merged(llama_pop, tmp_path_factory):
+    """{case: (ours from the YAML, ours from flags, mergekit's)}."""
+    from _util import run_mergekit
+
+    root = tmp_path_factory.mktemp("mergekit-keys")
+    cases = _yaml_cases(llama_pop.base, llama_pop.models)
+    run_mergekit(root, {name: {**config, "dtype": "float32"} for name, (config, _) in cases.items()})
+    out = {}
+    for name, (_, flags) in cases.items():
+        assert main(["--config", str(root / f"{name}.yml"), "--out", str(root / f"{name}-yaml")]) == 0
+        assert main([*flags, "--out", str(root / f"{name}-flags")]) == 0
+        out[name] = tuple(
+            load_file(str(root / f"{name}-{kind}" / "model.safetensors")) for kind in ("yaml", "flags", "mergekit")
+        )
+    return out
+
+
+@pytest.mark.parametrize("case", ["linear_base_model", "task_negation"])
+def test_yaml_keys_read_as_mergekit_reads_them(yaml_merged, llama_pop, case):
+    """linear's base_model is one more model merged (it was dropped), a negative task_arithmetic weight negates
+    its task vector (it was refused): mergekit's tensors, by YAML and by flags; not vacuous: far from the merge
+    without the base, or with the weights' magnitudes."""
+    from _util import assert_same_as_mergekit
+
+    from_yaml, from_flags, theirs = yaml_merged[case]
+    assert_same_as_mergekit(case, from_yaml, from_flags, theirs)
+    base = load_file(f"{llama_pop.base}/model.safetensors")
+    ws = [load_file(f"{p}/model.safetensors") for p in llama_pop.models]
+    if case == "linear_base_model":
+        other = {k: (ws[0][k] + 0.25 * ws[1][k]) / 1.25 for k in theirs}
+    else:
+        other = {k: base[k] + 0.8 * sum(c * (w[k] - base[k]) for c, w in zip((1, 0.5, 1), ws)) for k in theirs}
+    assert max((theirs[k] - other[k]).abs().max().item() for k in theirs) > 1e-4, case
