@@ -318,6 +318,21 @@ def _write_output(
     return written
 
 
+def _check_finite(arena: Arena, method: str, chunk: int = 1 << 22) -> None:
+    """Refuses to write a merge with a NaN or infinite value (a broken input, or weights that cancel under
+    normalize), naming the first such tensor; one pass over the merged tensors, chunk by chunk."""
+    for entry in arena.layout.entries:
+        flat = arena.view(entry).reshape(-1)
+        for lo in range(0, entry.numel, chunk):
+            bad = int((~torch.isfinite(flat[lo : lo + chunk])).sum())
+            if bad:
+                raise MergeConfigError(
+                    f"the {method} merge of {entry.name} has non-finite values (NaN or inf; {bad} in its first "
+                    f"{min(entry.numel, lo + chunk)} elements): check the input models for NaN or inf; nothing "
+                    "was written"
+                )
+
+
 def run(spec: MergeSpec, log=print) -> str:
     """Merges spec.models into spec.out (claimed: io/rundir.py); returns the output directory. The scratch
     directory under --out is removed on every exit path; a failed merge leaves no --out it created."""
@@ -378,6 +393,7 @@ def run(spec: MergeSpec, log=print) -> str:
             pop.close()
         if isinstance(base, MappedModels):
             base.close()
+        _check_finite(arena, record.name)
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
         claimed.record(_write_output(spec, record, target, slices, models, arena))
     except BaseException:

@@ -355,3 +355,21 @@ def test_models_whose_configs_compute_otherwise_are_refused(bert_pop, tmp_path, 
         f"--models {other}: config.json differs from {bert_pop.models[0]}'s in what the weights compute: {key}" in err
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_a_merge_with_non_finite_values_is_not_written(bert_pop, tmp_path, capsys):
+    """An input with a NaN makes the merged tensor NaN: the merge says which tensor and writes nothing."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bert_pop.models[1], broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = next(k for k in sorted(weights) if k.endswith("weight") and weights[k].dim() == 2)
+    weights[name].view(-1)[3] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["--models", bert_pop.models[0], str(broken), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"the average merge of {name} has non-finite values" in err and "nothing was written" in err
+    assert not (tmp_path / "o").exists()
