@@ -294,12 +294,18 @@ def run(
         + ", ".join(f"seed {s} {w}" for s, w in zip(seeds, ws))
         for row, ws in chosen.items()
     )
+    evolver = f"mean ± standard deviation over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    selection = (
+        f" (--select-fraction rows: the search used {1 - SELECTION_FRACTION:.0%} of each dev file and the output "
+        f"was chosen on the rest; chosen: {outputs})"
+        if chosen
+        else ""
+    )
+    headline = "" if full else " Headline rows only: --full adds the --select-fraction and --adapt jde rows."
     note = (
-        f"\nMacro-F1 / accuracy (%) on the test files. Evolver rows: mean ± standard deviation over seeds "
-        f"{seeds}; the other rows are deterministic given the population (population seed {population_seed}). "
-        f"Selection used the dev files only (--select-fraction rows: the search used {1 - SELECTION_FRACTION:.0%} of "
-        f"each dev file and the output was chosen on the rest; chosen: {outputs}). "
-        f"{elapsed:.0f} s on {os.cpu_count()} cores.\n"
+        f"\nMacro-F1 / accuracy (%) on the test files. Evolver rows: {evolver}; the other rows are deterministic "
+        f"given the population (population seed {population_seed}). Selection used the dev files only{selection}."
+        f"{headline} {elapsed:.0f} s on {os.cpu_count()} cores.\n"
     )
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.md"), "w") as f:
