@@ -40,17 +40,7 @@ void crossover_mask_cpu_op(const at::Tensor& out, int64_t threshold, int64_t see
   crossover_mask_cpu(make_mask_params(out, threshold, seed, stream, offset));
 }
 
-void merge_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
-                  c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, c10::ArrayRef<double> top,
-                  c10::ArrayRef<double> elect_weights, double scale, double rescale, int64_t drop_threshold,
-                  const c10::List<c10::optional<at::Tensor>>& drop_thresholds, c10::ArrayRef<double> drop_rescales,
-                  bool band, bool has_top, bool ties, c10::optional<double> select, bool normalize, double min_den,
-                  c10::optional<double> nearswap_t, int64_t seed, int64_t stream, int64_t offset,
-                  const at::Tensor& out) {
-  merge_cpu(make_merge_params(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold,
-                              drop_thresholds, drop_rescales, band, has_top, ties, select, normalize, min_den,
-                              nearswap_t, seed, stream, offset, out));
-}
+void run_merge_cpu(const MergeParams& params, const at::Tensor&) { merge_cpu(params); }
 
 }  // namespace
 }  // namespace evolver_kernels
@@ -75,7 +65,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("de_mutate_crossover_", &evolver_kernels::de_mutate_crossover_cpu_op);
   m.impl("crossover_mask_", &evolver_kernels::crossover_mask_cpu_op);
   m.impl("philox4x32_10", &evolver_kernels::philox4x32_10_cpu_op);
-  m.impl("merge_", &evolver_kernels::merge_cpu_op);
+  m.impl("merge_", &evolver_kernels::merge_op<evolver_kernels::run_merge_cpu>);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).

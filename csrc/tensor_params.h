@@ -155,4 +155,20 @@ inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::
   return p;
 }
 
+// The merge_ op's implementation for every backend, its argument list written once beside make_merge_params (the
+// schema is in ops.cpp; Python passes the arguments by these names: kernels/merge_params.py op_arguments).
+// Run(params, out) launches the backend's kernel.
+template <void (*Run)(const MergeParams&, const at::Tensor&)>
+void merge_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
+              c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, c10::ArrayRef<double> top,
+              c10::ArrayRef<double> elect_weights, double scale, double rescale, int64_t drop_threshold,
+              const c10::List<c10::optional<at::Tensor>>& drop_thresholds, c10::ArrayRef<double> drop_rescales,
+              bool band, bool has_top, bool ties, c10::optional<double> select, bool normalize, double min_den,
+              c10::optional<double> nearswap_t, int64_t seed, int64_t stream, int64_t offset, const at::Tensor& out) {
+  Run(make_merge_params(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold,
+                        drop_thresholds, drop_rescales, band, has_top, ties, select, normalize, min_den, nearswap_t,
+                        seed, stream, offset, out),
+      out);
+}
+
 }  // namespace evolver_kernels

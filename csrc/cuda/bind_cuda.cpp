@@ -43,17 +43,7 @@ at::Tensor philox4x32_10_cuda_op(const at::Tensor& counters, int64_t k0, int64_t
   return out;
 }
 
-void merge_cuda_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at::TensorList fisher,
-                   c10::ArrayRef<double> weights, c10::ArrayRef<double> trim, c10::ArrayRef<double> top,
-                   c10::ArrayRef<double> elect_weights, double scale, double rescale, int64_t drop_threshold,
-                   const c10::List<c10::optional<at::Tensor>>& drop_thresholds, c10::ArrayRef<double> drop_rescales,
-                   bool band, bool has_top, bool ties, c10::optional<double> select, bool normalize, double min_den,
-                   c10::optional<double> nearswap_t, int64_t seed, int64_t stream, int64_t offset,
-                   const at::Tensor& out) {
-  const MergeParams params =
-      make_merge_params(xs, base, fisher, weights, trim, top, elect_weights, scale, rescale, drop_threshold,
-                        drop_thresholds, drop_rescales, band, has_top, ties, select, normalize, min_den, nearswap_t,
-                        seed, stream, offset, out);
+void run_merge_cuda(const MergeParams& params, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(out.device());
   check_launch(launch_merge_cuda(params, c10::cuda::getCurrentCUDAStream()), "merge");
 }
@@ -65,7 +55,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CUDA, m) {
   m.impl("de_mutate_crossover_", &evolver_kernels::de_mutate_crossover_cuda_op);
   m.impl("crossover_mask_", &evolver_kernels::crossover_mask_cuda_op);
   m.impl("philox4x32_10", &evolver_kernels::philox4x32_10_cuda_op);
-  m.impl("merge_", &evolver_kernels::merge_cuda_op);
+  m.impl("merge_", &evolver_kernels::merge_op<evolver_kernels::run_merge_cuda>);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).
