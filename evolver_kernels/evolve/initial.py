@@ -15,7 +15,7 @@ from evolver_kernels.evolve.config import EvolveConfig
 from evolver_kernels.evolve.offspring import WeightPipeline
 from evolver_kernels.evolve.strategies import OffspringSpec
 from evolver_kernels.kernels.rng import PURPOSE_OFFSPRING, derive_seed, random_order
-from evolver_kernels.methods import merger as merging
+from evolver_kernels.methods import merger
 from evolver_kernels.methods.merger import Merger
 from evolver_kernels.storage.arena import Arena
 from evolver_kernels.storage.population import Population, PopulationPrefix
@@ -73,15 +73,15 @@ def initial_statistics(
     estimated once on the dev data (load(k) puts individual k into the evaluation model) and, with `save` (one
     rank), written atomically beside the checkpoint, so that a resumed run merges with the same ones."""
     method = cfg.merge_method
-    if merging.methods.get(method).statistics is None:
+    if merger.methods.get(method).statistics is None:
         return None
     settings, path = cfg.merge_settings(method), checkpoint.stats_path(method)
     if cfg.resume and os.path.isfile(path):
         log(f"{method}: statistics from {path}")
-        return merging.load_statistics(method, settings, inputs.layout, inputs.n, path)
+        return merger.load_statistics(method, settings, inputs.layout, inputs.n, path)
     start = time.perf_counter()
     os.makedirs(checkpoint.dir, exist_ok=True)
-    return merging.compute_statistics(
+    return merger.compute_statistics(
         method,
         settings,
         inputs.model,

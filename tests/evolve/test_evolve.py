@@ -290,7 +290,7 @@ def test_merged_fitness_with_other_merge_methods(bert_pop, tmp_path, method, ext
     _run(models, dev, tmp_path / "m2", *args)
     assert _same_weights(tmp_path / "m", tmp_path / "m2")
 
-    # with no generation, the output is exactly the merge of the models, as merging.Merger computes it
+    # with no generation, the output is exactly the merge of the models, as methods.merger.Merger computes it
     _run(models, dev, tmp_path / "g0", *args, "--generations", "0")
     layout = Layout.of_model(model_io.empty_model(model_io.load_config(models[0]), "sequence-classification"))
     pop = make_population("cpu", layout, [safetensors_files(m) for m in models], models, torch.device("cpu"))

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from evolver_kernels import methods
 from evolver_kernels.merge import main
-from evolver_kernels.methods import merger as merging
+from evolver_kernels.methods import merger
 from evolver_kernels.methods.arcee_fusion import kth_smallest
 from evolver_kernels.methods.merger import Merger
 from evolver_kernels.storage.arena import Arena
@@ -169,7 +169,7 @@ def merged(llama_pop, sparse_models, tmp_path_factory):
     out = {}
     for name, (_, flags, _) in cases.items():
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(merging, "merge_per_tensor", functools.partial(merging.merge_per_tensor, chunk=CLI_CHUNK))
+            mp.setattr(merger, "merge_per_tensor", functools.partial(merger.merge_per_tensor, chunk=CLI_CHUNK))
             assert main(["--config", str(root / f"{name}.yml"), "--out", str(root / f"{name}-yaml")]) == 0
         if flags is not None:
             assert main([*flags, "--out", str(root / f"{name}-flags")]) == 0

@@ -9,7 +9,7 @@ import evolver_kernels
 from evolver_kernels import methods
 from evolver_kernels.kernels.reference import crossover_mask_reference
 from evolver_kernels.kernels.rng import STREAM_DARE
-from evolver_kernels.methods import merger as merging
+from evolver_kernels.methods import merger
 from evolver_kernels.methods.statistics import FisherStats
 from evolver_kernels.storage.arena import Arena, Layout
 from evolver_kernels.storage.population import MemoryPopulation
@@ -72,7 +72,7 @@ def _ties_ref(taus, density, weights, normalize=True):
 @pytest.mark.parametrize("chunk", [64, 1 << 20])
 def test_weighted_average(chunk):
     layout, pop, _ = _setup()
-    out = merging.average(pop, Arena.empty(layout), weights=[1, 2, 0, 1], chunk=chunk)
+    out = merger.average(pop, Arena.empty(layout), weights=[1, 2, 0, 1], chunk=chunk)
     for e in layout.entries:
         want = (_stack(pop, e) * torch.tensor([1.0, 2, 0, 1]).view(-1, 1, *[1] * (len(e.shape) - 1))).sum(0) / 4
         assert_within_one_ulp(out.view(e), want.to(out.view(e).dtype), e.name)
@@ -81,7 +81,7 @@ def test_weighted_average(chunk):
 @pytest.mark.parametrize("drop_p", [0.0, 0.3])
 def test_task_arithmetic_and_dare(drop_p):
     layout, pop, base = _setup()
-    out = merging.task_arithmetic(pop, base, Arena.empty(layout), scale=0.7, drop_p=drop_p, seed=5, chunk=64)
+    out = merger.task_arithmetic(pop, base, Arena.empty(layout), scale=0.7, drop_p=drop_p, seed=5, chunk=64)
     for e in layout.entries:
         b = base.view(e).float()
         taus = [pop.arenas[k].view(e).float() - b for k in range(4)]
@@ -95,7 +95,7 @@ def test_task_arithmetic_and_dare(drop_p):
 def test_ties_matches_mergekit_semantics(density, drop_p):
     layout, pop, base = _setup()
     weights = [1.0, 0.5, 1.0, 2.0]
-    out = merging.ties(
+    out = merger.ties(
         pop, base, Arena.empty(layout), density=density, scale=0.9, weights=weights, drop_p=drop_p, seed=2
     )
     for e in layout.entries:
@@ -114,9 +114,9 @@ def test_mergekits_normalize_against_its_default(method):
     weights = [1.0, 0.5, 1.0, 2.0]
     normalize = method == "task_arithmetic"
     settings = {"scale": 0.9, "normalize": normalize} | ({"density": 0.4} if method == "ties" else {})
-    out = merging.Merger(method, base, weights=weights, **settings)(pop, Arena.empty(layout), chunk=64)
+    out = merger.Merger(method, base, weights=weights, **settings)(pop, Arena.empty(layout), chunk=64)
     settings.pop("normalize")
-    default = merging.Merger(method, base, weights=weights, **settings)(pop, Arena.empty(layout), chunk=64)
+    default = merger.Merger(method, base, weights=weights, **settings)(pop, Arena.empty(layout), chunk=64)
     for e in layout.entries:
         b = base.view(e).float()
         taus = [pop.arenas[k].view(e).float() - b for k in range(4)]
@@ -149,21 +149,21 @@ def test_every_backend_gives_the_same_bits(backend, method):
     settings = {k: v for k, v in SETTINGS.items() if record.param(k) is not None}
     stats = _random_fisher(layout, pop.size, seed=3) if method == "fisher" else None
 
-    def merger(backend):
-        return merging.Merger(
+    def bound(backend):
+        return merger.Merger(
             method, base if record.needs_base else None, seed=4, stats=stats, backend=backend, **settings
         )
 
-    want = merger("cpu")(pop, Arena.empty(layout), chunk=1 << 20)
-    got = merger(backend)(pop, Arena.empty(layout), chunk=100)
-    assert merger(backend).describe() == DESCRIPTIONS[method]
+    want = bound("cpu")(pop, Arena.empty(layout), chunk=1 << 20)
+    got = bound(backend)(pop, Arena.empty(layout), chunk=100)
+    assert bound(backend).describe() == DESCRIPTIONS[method]
     assert torch.equal(got.buffers["bfloat16"].view(torch.int16), want.buffers["bfloat16"].view(torch.int16))
 
 
 def test_fisher_weighted_average():
     layout, pop, _ = _setup()
     fisher = _random_fisher(layout, pop.size, seed=1)
-    out = merging.average(pop, Arena.empty(layout), weights=[1, 2, 1, 1], fisher=fisher, chunk=50)
+    out = merger.average(pop, Arena.empty(layout), weights=[1, 2, 1, 1], fisher=fisher, chunk=50)
     for e in layout.entries:
         lo, hi = e.offset, e.offset + e.numel
         f = torch.stack([fisher.read(k, e.group, lo, hi).view(e.shape) for k in range(4)])
@@ -177,7 +177,7 @@ def test_kth_largest_magnitude_is_exact(n, k):
     gen = torch.Generator().manual_seed(n + k)
     v = torch.randn(n, generator=gen) * torch.logspace(-30, 30, n).float()
     v[::7] = v[-1]  # ties at one magnitude
-    got = merging.kth_largest_magnitude(lambda a, b: v[a:b], 0, n, k, chunk=999)
+    got = merger.kth_largest_magnitude(lambda a, b: v[a:b], 0, n, k, chunk=999)
     assert got == float(v.abs().kthvalue(n - k + 1).values)
 
 
@@ -185,18 +185,18 @@ def test_bad_arguments_are_named():
     layout, pop, base = _setup()
     out = Arena.empty(layout)
     with pytest.raises(ValueError, match="needs a base model"):
-        merging.ties(pop, None, out, density=0.5)
+        merger.ties(pop, None, out, density=0.5)
     with pytest.raises(ValueError, match="density must be in \\(0, 1\\]"):
-        merging.ties(pop, base, out, density=0.0)
+        merger.ties(pop, base, out, density=0.0)
     with pytest.raises(ValueError, match="density must be in \\(0, 1\\]"):
-        merging.ties(pop, base, out, density=1.5)
+        merger.ties(pop, base, out, density=1.5)
     with pytest.raises(ValueError, match="drop_p must be in \\[0, 1\\)"):
-        merging.task_arithmetic(pop, base, out, scale=1.0, drop_p=1.0)
+        merger.task_arithmetic(pop, base, out, scale=1.0, drop_p=1.0)
     with pytest.raises(ValueError, match="weights: 3 given for 4 models"):
-        merging.average(pop, out, weights=[1, 1, 1])
+        merger.average(pop, out, weights=[1, 1, 1])
     other, _, _ = _setup(dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="base: its parameters differ"):
-        merging.task_arithmetic(pop, Arena.empty(other), out, scale=1.0)
+        merger.task_arithmetic(pop, Arena.empty(other), out, scale=1.0)
 
 
 def test_merges_never_stack_the_population():
@@ -206,8 +206,8 @@ def test_merges_never_stack_the_population():
     layout, pop, base = _setup(n=6)
     out = Arena.empty(layout)
     for run in (
-        lambda: merging.average(pop, out, chunk=64),
-        lambda: merging.ties(pop, base, out, density=0.3, drop_p=0.2, chunk=64),
+        lambda: merger.average(pop, out, chunk=64),
+        lambda: merger.ties(pop, base, out, density=0.3, drop_p=0.2, chunk=64),
     ):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             run()
@@ -218,9 +218,9 @@ def test_merges_never_stack_the_population():
 def test_inputs_are_left_untouched():
     layout, pop, base = _setup()
     before = [a.buffers["float32"].clone() for a in pop.arenas] + [base.buffers["float32"].clone()]
-    merging.task_arithmetic(pop, base, Arena.empty(layout), scale=0.5, drop_p=0.1)
-    merging.ties(pop, base, Arena.empty(layout), density=0.3)
-    merging.average(pop, Arena.empty(layout))
+    merger.task_arithmetic(pop, base, Arena.empty(layout), scale=0.5, drop_p=0.1)
+    merger.ties(pop, base, Arena.empty(layout), density=0.3)
+    merger.average(pop, Arena.empty(layout))
     after = [a.buffers["float32"] for a in pop.arenas] + [base.buffers["float32"]]
     assert all(torch.equal(x, y) for x, y in zip(before, after))
 
@@ -248,15 +248,15 @@ def test_regmean_solves_the_closed_form_and_tracks_changed_individuals():
         return torch.linalg.solve(sum(reduced), rhs).T
 
     regmean = RegMean(layout, grams, alpha)
-    merger = merging.Merger("regmean", stats=regmean, alpha=alpha)
-    out = merger(pop, Arena.empty(layout))
+    bound = merger.Merger("regmean", stats=regmean, alpha=alpha)
+    out = bound(pop, Arena.empty(layout))
     torch.testing.assert_close(out.view(layout.entries[0]).double(), closed_form(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.view(layout.entries[1]), _stack(pop, layout.entries[1]).mean(0))
     pop.arenas[1].buffers["float32"].mul_(2)  # individual 1 replaced: its cached term must be recomputed
-    merger.changed(1)
-    out = merger(pop, Arena.empty(layout))
+    bound.changed(1)
+    out = bound(pop, Arena.empty(layout))
     torch.testing.assert_close(out.view(layout.entries[0]).double(), closed_form(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="alpha must be in"):
         RegMean(layout, grams, 1.5)
     with pytest.raises(ValueError, match="regmean needs its statistics"):
-        merging.Merger("regmean")
+        merger.Merger("regmean")
