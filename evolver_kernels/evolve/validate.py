@@ -83,6 +83,14 @@ def validate(cfg: EvolveConfig) -> None:
             raise ConfigError(f"{what} {method} needs --base-model (the models' common ancestor)")
         if methods.get(method).statistics is not None and (":" in (cfg.task or "") or cfg.task == "lm-eval"):
             raise ConfigError(f"{what} {method} estimates statistics with a built-in --task, not {cfg.task}")
+    if cfg.base_model and not any(m.needs_base or m.optional_base for m in used):
+        merges = (
+            ", ".join(dict.fromkeys(m.name for m in used)) or "nothing (--fitness individual, no --extra-individuals)"
+        )
+        raise ConfigError(
+            f"--base-model does not apply: this run merges {merges}, which takes no base model (it would be read "
+            "and never used); give it with a method that takes one (task_arithmetic, ties, ...) or leave it out"
+        )
     if cfg.fitness == "merged" and n > MAX_MERGE_INPUTS:
         raise ConfigError(f"--fitness merged merges at most {MAX_MERGE_INPUTS} individuals, the population has {n}")
     if cfg.device_map is not None:

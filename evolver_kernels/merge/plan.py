@@ -62,7 +62,8 @@ def check(spec: MergeSpec) -> methods.MergeMethod:
     if record.max_models is not None and n > record.max_models:
         joined = spec.base_model is not None and base_role(record) == "input" and spec.base_model in spec.models
         raise MergeConfigError(
-            f"--models: {record.name} merges exactly {record.max_models} models, got {n}"
+            f"--models: {record.name} merges {'exactly' if record.min_models == record.max_models else 'at most'} "
+            f"{record.max_models} model{'s' * (record.max_models != 1)}, got {n}"
             + (f" (base_model {spec.base_model} is one more model for it, as in mergekit)" if joined else "")
         )
     if spec.weights is not None and not record.uses_weights:

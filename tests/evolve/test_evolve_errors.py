@@ -314,3 +314,14 @@ def test_library_errors_name_their_arguments_and_the_cli_its_flags(pop, tmp_path
 
     assert merge_main(["--models", models[0], str(empty), "--out", str(tmp_path / "m")]) == 2
     assert f"--models {empty}: no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,merges",
+    [([], "average"), (["--fitness", "individual"], "nothing (--fitness individual, no --extra-individuals)")],
+)
+def test_a_base_model_no_merge_of_the_run_uses_is_refused(pop, tmp_path, capsys, extra, merges):
+    """--base-model is never read and dropped: a run whose merges take no base refuses it, naming them."""
+    root, models, dev = pop
+    err = _error(capsys, _args(models, dev, tmp_path / "o", "--base-model", os.path.join(root, "bert-base"), *extra))
+    assert f"--base-model does not apply: this run merges {merges}, which takes no base model" in err

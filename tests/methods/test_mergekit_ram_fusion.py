@@ -220,7 +220,7 @@ def test_per_tensor_settings_took_effect(merged):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--method", "arcee_fusion", "--models", "{m0}", "{m1}"], "arcee_fusion merges exactly 1 models, got 2"),
+        (["--method", "arcee_fusion", "--models", "{m0}", "{m1}"], "arcee_fusion merges exactly 1 model, got 2"),
         (["--method", "arcee_fusion", "--weights", "2"], "--weights does not apply to arcee_fusion"),
         (["--method", "ram", "--weights", "1", "2"], "--weights does not apply to ram"),
         (["--method", "ram", "--ram-epsilon", "-0.1"], "--ram-epsilon must be in [0, inf)"),

@@ -381,7 +381,7 @@ def test_della_keep_rate_agrees_with_mergekits_formula():
     "argv,message",
     [
         (["--method", "della", "--density", "0.2", "--epsilon", "0.3"], "density +/- epsilon is in (0, 1)"),
-        (["--method", "nearswap", "--models", "{m0}", "{m1}"], "nearswap merges exactly 1 models, got 2"),
+        (["--method", "nearswap", "--models", "{m0}", "{m1}"], "nearswap merges exactly 1 model, got 2"),
         (["--method", "sce", "--weights", "1", "2"], "--weights does not apply to sce"),
         (["--method", "breadcrumbs", "--gamma", "1.5"], "--gamma must be in [0, 1]"),
         (["--method", "sce", "--select-topk", "-0.1"], "--select-topk must be in [0, 1]"),
