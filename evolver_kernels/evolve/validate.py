@@ -42,6 +42,16 @@ def validate(cfg: EvolveConfig) -> None:
     check_selection(cfg)
     if len({os.path.realpath(cfg.local(m)) for m in cfg.models}) != len(cfg.models):
         raise ConfigError("--models lists the same directory twice")
+    for option, paths in (("--dev", cfg.dev or []), ("--select", cfg.select or [])):
+        seen: dict[str, str] = {}
+        for path in paths:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise ConfigError(
+                    f"{option} lists {path} twice ({seen[real]} is the same file): each domain's data once, or its "
+                    "score would count twice in the mean"
+                )
+            seen[real] = path
     for f in cli_fields():  # choices of options set in code (flags and YAML are checked when parsed)
         value, choices = getattr(cfg, f.name), choices_of(f)
         for v in value if isinstance(value, list) else [value]:

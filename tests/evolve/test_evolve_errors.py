@@ -325,3 +325,11 @@ def test_a_base_model_no_merge_of_the_run_uses_is_refused(pop, tmp_path, capsys,
     root, models, dev = pop
     err = _error(capsys, _args(models, dev, tmp_path / "o", "--base-model", os.path.join(root, "bert-base"), *extra))
     assert f"--base-model does not apply: this run merges {merges}, which takes no base model" in err
+
+
+def test_a_dev_file_given_twice_is_refused(pop, tmp_path, capsys):
+    """The same dev file twice (however spelled) would count its domain twice in the mean fitness."""
+    _, models, dev = pop
+    respelled = os.path.join(os.path.dirname(dev), ".", os.path.basename(dev))
+    argv = ["--models", *models, "--dev", dev, respelled, "--out", str(tmp_path / "o"), "--generations", "1"]
+    assert f"--dev lists {respelled} twice ({dev} is the same file)" in _error(capsys, argv)
