@@ -58,6 +58,13 @@ from evolver_kernels.kernels.rng import PURPOSE_MERGE, derive_seed
 from evolver_kernels.methods.merger import Merger
 
 
+def examples_postfix(state: RunState) -> dict[str, str]:
+    """The progress bar's share of dev examples scored in this generation (early rejection)."""
+    if not state.examples_full:
+        return {}
+    return {"examples": f"{100 * state.examples_scored / state.examples_full:.0f}%"}
+
+
 class Run:
     """One evolution run: claims --out, checks its inputs, builds the population, then run() evolves it.
     It is the fitness modes' Workbench (fitness.py): the pipeline, the evaluation arena, evaluate, timed."""
@@ -236,7 +243,7 @@ class Run:
                     changed = [i]
                 if not ranks.enabled:  # ranks checkpoint at generation ends: their pending scores are split
                     self._save(state, changed)  # after every evaluation; individuals when accepted
-                bar.set_postfix(gen=g, best=f"{mode.best(state):.4f}", **self._examples_postfix(state))
+                bar.set_postfix(gen=g, best=f"{mode.best(state):.4f}", **examples_postfix(state))
             changed = []
             if cfg.schedule == "synchronous":
                 state.pending, state.pending_per_file = (
@@ -290,13 +297,6 @@ class Run:
         if state.control is not None:  # --adapt: each individual's F and CR after the generation
             entry["F"], entry["CR"] = [c[0] for c in state.control], [c[1] for c in state.control]
         return entry
-
-    @staticmethod
-    def _examples_postfix(state: RunState) -> dict[str, str]:
-        """The progress bar's share of dev examples scored in this generation (early rejection)."""
-        if not state.examples_full:
-            return {}
-        return {"examples": f"{100 * state.examples_scored / state.examples_full:.0f}%"}
 
     def finish(self, state: RunState) -> dict:
         """Chooses and writes the output (output.py); rank 0 only."""

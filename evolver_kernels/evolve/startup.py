@@ -134,11 +134,16 @@ class Storage:
 
     def close(self) -> None:
         """Unmaps the population and removes the run's scratch and shared memory (every exit path)."""
-        self.pop.close()
-        if self.scratch is not None:
-            self.scratch.remove()
-        if self.node is not None:
-            self.node.remove()
+        _release(self.pop, self.scratch, self.node)
+
+
+def _release(pop: Population | None, scratch: rundir.Scratch | None, node: node_share.NodePopulation | None) -> None:
+    if pop is not None:
+        pop.close()
+    if scratch is not None:
+        scratch.remove()
+    if node is not None:
+        node.remove()
 
 
 def build_storage(setup: Setup) -> Storage:
@@ -183,11 +188,6 @@ def build_storage(setup: Setup) -> Storage:
             )
         pipeline = WeightPipeline(pop, device, chunk=cfg.chunk_elements, backend=cfg.backend)
     except BaseException:
-        if pop is not None:
-            pop.close()
-        if scratch is not None:
-            scratch.remove()
-        if node is not None:
-            node.remove()
+        _release(pop, scratch, node)
         raise
     return Storage(pop, arena, base, pipeline, node, scratch)

@@ -40,18 +40,16 @@ def validate(cfg: EvolveConfig) -> None:
         if not os.path.exists(path):
             raise ConfigError(f"--dev {path}: no such file or directory")
     check_selection(cfg)
-    if len({os.path.realpath(cfg.local(m)) for m in cfg.models}) != len(cfg.models):
-        raise ConfigError("--models lists the same directory twice")
+    repeated = _repeated(cfg.models, cfg.local)
+    if repeated:
+        raise ConfigError(f"--models lists the same directory twice ({repeated[0]} is {repeated[1]})")
     for option, paths in (("--dev", cfg.dev or []), ("--select", cfg.select or [])):
-        seen: dict[str, str] = {}
-        for path in paths:
-            real = os.path.realpath(path)
-            if real in seen:
-                raise ConfigError(
-                    f"{option} lists {path} twice ({seen[real]} is the same file): each domain's data once, or its "
-                    "score would count twice in the mean"
-                )
-            seen[real] = path
+        repeated = _repeated(paths, str)
+        if repeated:
+            raise ConfigError(
+                f"{option} lists {repeated[0]} twice ({repeated[1]} is the same file): each domain's data once, or "
+                "its score would count twice in the mean"
+            )
     for f in cli_fields():  # choices of options set in code (flags and YAML are checked when parsed)
         value, choices = getattr(cfg, f.name), choices_of(f)
         for v in value if isinstance(value, list) else [value]:
@@ -117,6 +115,17 @@ def validate(cfg: EvolveConfig) -> None:
     rundir.check_out(cfg.out, "evolve", input_paths(cfg))
     if cfg.population_dir:
         rundir.check_scratch_root("--population-dir", cfg.population_dir, input_paths(cfg))
+
+
+def _repeated(refs: list[str], local) -> tuple[str, str] | None:
+    """(a reference, the earlier one) naming the same file or directory (local(ref): its path), or None."""
+    seen: dict[str, str] = {}
+    for ref in refs:
+        real = os.path.realpath(local(ref))
+        if real in seen:
+            return ref, seen[real]
+        seen[real] = ref
+    return None
 
 
 def check_range(cfg: EvolveConfig, name: str) -> None:

@@ -211,9 +211,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("EVOLVER_KERNELS_CACHE") or Path.home() / ".cache" / "evolver_kernels")
 
 
-def cache_dir(extension: str) -> Path:
-    """The just-in-time build directory of `extension` for the running torch, flags and sources."""
-    info = record_of(extension)
+def cache_dir(extension: str, record: dict | None = None) -> Path:
+    """The just-in-time build directory of `extension` for the running torch, flags and sources (`record`:
+    record_of(extension), when the caller has it)."""
+    info = record or record_of(extension)
     key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
     torch_tag = str(info["torch"]).replace("+", "_")
     return cache_root() / f"{extension}-torch{torch_tag}-{key}"
@@ -245,11 +246,12 @@ def build(extension: str, log=None):
     and imports it. Raises RuntimeError with the compiler's complaint when the build fails."""
     from torch.utils.cpp_extension import load
 
-    directory = cache_dir(extension)
+    record = record_of(extension)  # what the module will carry, and its cache directory's key
+    directory = cache_dir(extension, record)
     directory.mkdir(parents=True, exist_ok=True)
     if log is not None and not any(directory.glob("*.so")):
         log(
-            f"evolver-kernels: compiling the {extension} kernels for torch {record_of(extension)['torch']} "
+            f"evolver-kernels: compiling the {extension} kernels for torch {record['torch']} "
             f"(once; cached in {directory})"
         )
     generated = directory / "generated"
@@ -264,7 +266,7 @@ def build(extension: str, log=None):
         }
     else:
         kw = {"extra_include_paths": [str(CSRC), str(generated)], "extra_cflags": cxx_flags()}
-    write_record_header(record_of(extension), generated)
+    write_record_header(record, generated)
     try:
         return load(
             name=extension,

@@ -106,15 +106,6 @@ def flag(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
-def base_role(record: methods.MergeMethod) -> str:
-    """How mergekit's base_model reads for `record` (MergeMethod.yaml_base): "base" only for a method that
-    takes a base; mergekit adds base_model to the inputs of every method, so where a method gives a base no role
-    (average, passthrough, fisher, regmean, karcher) it is one more model merged, "input"."""
-    if record.yaml_base == "base" and not (record.needs_base or record.optional_base):
-        return "input"
-    return record.yaml_base
-
-
 def weight_check(record: methods.MergeMethod):
     """The check of one per-model weight for `record`: any finite number for a method with signed_weights
     (task_arithmetic: task negation), else >= 0, the refusal saying why."""
@@ -270,7 +261,7 @@ def _read_models(spec: MergeSpec, models: Any, record: methods.MergeMethod, wher
     base, sources = _place_base(record, spec.base, sources, where, listed_only=False)
     spec.models = [s.model for s in sources]
     spec.model_settings = [s.settings for s in sources]
-    if base_role(record) != "base":
+    if record.yaml_base_role != "base":
         spec.base = None  # it is one of the models now
     elif base is not None:
         spec.base = base.model
@@ -314,7 +305,7 @@ def _read_slices(spec: MergeSpec, slices: Any, record: methods.MergeMethod, wher
         )
     seen = dict.fromkeys(s.model for sl in spec.slices for s in sl.sources)
     spec.models = list(seen)
-    if base_role(record) != "base" or spec.slices[0].base is None:
+    if record.yaml_base_role != "base" or spec.slices[0].base is None:
         spec.base = None
 
 
@@ -373,11 +364,11 @@ def _place_base(
     record: methods.MergeMethod, base: str | None, sources: list[Source], where: str, listed_only: bool
 ) -> tuple[Source | None, list[Source]]:
     """(the base, the merged sources) of a YAML's `models:` (or a slice's `sources:`, listed_only) and
-    `base_model:` as mergekit reads them for `record` (MergeMethod.yaml_base): in `models:` mergekit adds a
+    `base_model:` as mergekit reads them for `record` (MergeMethod.yaml_base_role): in `models:` mergekit adds a
     base_model that is not listed to the inputs (in a slice it must be listed), and a method then treats it as the
     base (not merged), as the first of the two models it interpolates (slerp), or as one more model (a method
     that gives the base no role: linear, karcher)."""
-    role = base_role(record)
+    role = record.yaml_base_role
     listed = [s for s in sources if base is not None and _same_model(s.model, base)]
     others = [s for s in sources if not listed or s not in listed]
     own = listed[0] if listed else None

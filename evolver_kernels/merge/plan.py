@@ -17,7 +17,6 @@ from evolver_kernels.merge.config import (
     MergeSpec,
     Slice,
     Source,
-    base_role,
     flag,
     weight_check,
 )
@@ -60,7 +59,7 @@ def check(spec: MergeSpec) -> methods.MergeMethod:
     if spec.weights is not None and len(spec.weights) != n:
         raise MergeConfigError(f"--weights: {len(spec.weights)} given for {n} models")
     if record.max_models is not None and n > record.max_models:
-        joined = spec.base_model is not None and base_role(record) == "input" and spec.base_model in spec.models
+        joined = spec.base_model is not None and record.yaml_base_role == "input" and spec.base_model in spec.models
         raise MergeConfigError(
             f"--models: {record.name} merges {'exactly' if record.min_models == record.max_models else 'at most'} "
             f"{record.max_models} model{'s' * (record.max_models != 1)}, got {n}"
@@ -70,8 +69,12 @@ def check(spec: MergeSpec) -> methods.MergeMethod:
         raise MergeConfigError(f"--weights does not apply to {record.name} (it takes no per-model weights)")
     for w in spec.weights or []:
         weight_check(record)(w, "--weights")
-    if spec.base and base_role(record) != "base":
-        role = "its first model is mergekit's base_model" if record.yaml_base == "first" else "a base has no role in it"
+    if spec.base and record.yaml_base_role != "base":
+        role = (
+            "its first model is mergekit's base_model"
+            if record.yaml_base_role == "first"
+            else "a base has no role in it"
+        )
         raise MergeConfigError(f"--base does not apply to {record.name} ({role}): give the models to merge in --models")
     if record.needs_base and slices[0].base is None:
         raise MergeConfigError(

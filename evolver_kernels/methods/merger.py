@@ -81,7 +81,7 @@ class Merger:
         self.record = methods.get(method)
         self.method = self.record.name
         self.settings = self.record.settings(params)
-        self.record.check_use(self.record.min_models if weights is None else len(weights), weights, base, stats)
+        self.record.check_use(None, weights, base, stats)  # the models are known when it is called
         self.base, self.weights, self.seed, self.backend, self.stats = base, weights, seed, backend, stats
 
     def describe(self) -> str:

@@ -156,28 +156,37 @@ class MergeMethod:
     # population view and must be recomputable chunk by chunk from it, with one meaning for any N.
     evolve_refusal: str | None = None
     # how mergekit's `base_model:` reads for this method: "base" (the common ancestor; a `models:` entry equal
-    # to it is the base, not one more model, where the method takes a base), "first" (the first of the
-    # merged models: slerp), "input" (one more model merged, appended unless listed: mergekit adds it to the
-    # inputs of a method that gives the base no role, e.g. karcher; merge/config.py reads "base" so for a method
-    # with neither needs_base nor optional_base)
-    yaml_base: str = "base"
+    # to it is the base, not one more model), "first" (the first of the merged models: slerp), "input" (one more
+    # model merged, appended unless listed: mergekit adds it to the inputs of a method that gives the base no
+    # role, e.g. karcher); None: "base" for a method that takes a base, else "input" (yaml_base_role)
+    yaml_base: str | None = None
     # a per-model weight may be negative (task negation: base + sum_k w_k tau_k, as mergekit's task_arithmetic);
     # only where nothing divides by the sum of the weights, which a negative one can make zero: the method's
     # normalize must default to false, and a merge that sets it true is refused
     signed_weights: bool = False
 
-    def check_use(self, n_models: int, weights: list[float] | None, base: Any, stats: Any) -> None:
+    @property
+    def yaml_base_role(self) -> str:
+        """How mergekit's `base_model:` reads for this method (yaml_base, or its default)."""
+        if self.yaml_base is not None:
+            return self.yaml_base
+        return "base" if self.needs_base or self.optional_base else "input"
+
+    def check_use(self, n_models: int | None, weights: list[float] | None, base: Any, stats: Any) -> None:
         """Refuses a use the record does not declare (one place for every method): per-model weights to a
-        method without uses_weights, a missing base for needs_base, missing statistics, a model count outside
-        min_models .. max_models."""
+        method without uses_weights, a missing base for needs_base, missing statistics, and once the models are
+        known (n_models; None: not yet) a model count outside min_models .. max_models or weights of another
+        count."""
         if weights is not None and not self.uses_weights:
             raise ValueError(f"{self.name} takes no per-model weights")
-        if weights is not None and len(weights) != n_models:
-            raise ValueError(f"{self.name}: {len(weights)} weights for {n_models} models")
         if self.needs_base and base is None:
             raise ValueError(f"{self.name} needs a base model (the common ancestor of the merged models)")
         if self.statistics is not None and stats is None:
             raise ValueError(f"{self.name} needs its statistics (methods.merger.compute_statistics)")
+        if n_models is None:
+            return
+        if weights is not None and len(weights) != n_models:
+            raise ValueError(f"{self.name}: {len(weights)} weights for {n_models} models")
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
             most = "" if self.max_models is None else f" and at most {self.max_models}"
             raise ValueError(f"{self.name} merges at least {self.min_models}{most} models, got {n_models}")
