@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
+import sys
 
 import torch
 
@@ -155,3 +157,46 @@ def resource_usage(path: str) -> list[tuple[str, dict[str, int]]]:
         (name, {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", fields)})
         for name, fields in re.findall(r"Function (\S+?):?\n\s*(REG:.*)", cuobjdump("-res-usage", path))
     ]
+
+
+# -- torchrun on this machine (gloo ranks): the runs of several processes --
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun_env(shm) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "EVOLVER_PROGRESS": "0", "EVOLVER_SHM_DIR": str(shm)}
+
+
+def torchrun(
+    argv: list[str],
+    shm,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    port: int | None = None,
+    script: list[str] | None = None,
+) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port or free_port()}",
+        *(script or ["-m", "evolver_kernels.evolve"]),
+        *argv,
+    ]
+    return subprocess.Popen(command, env=_torchrun_env(shm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return err

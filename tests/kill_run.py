@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     rank = rest[0] if rest else None
     from evolver_kernels.evolve import checkpoint, main, run
 
-    owner, name = (run.Run, "evaluate") if point == "evaluate" else (checkpoint.Checkpoint, "save")
+    owner, name = (run.Search, "evaluate") if point == "evaluate" else (checkpoint.Checkpoint, "save")
     original, calls = getattr(owner, name), [0]
 
     def wrapped(self, *args, **kw):

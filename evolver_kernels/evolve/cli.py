@@ -8,6 +8,7 @@ import sys
 from evolver_kernels.distributed import leave, process_group_up
 from evolver_kernels.errors import describe_error
 from evolver_kernels.evolve.config import parse_config
+from evolver_kernels.evolve.recipe import RecipeRun
 from evolver_kernels.evolve.run import Run
 from evolver_kernels.evolve.startup import dry_run
 
@@ -48,7 +49,8 @@ def _main(argv: list[str] | None) -> int:
             dry_run(cfg, log=lambda msg: print(msg, file=sys.stderr))
             print("dry run: inputs checked, nothing evolved")
             return 0
-        run = Run(cfg, log=lambda msg: print(msg, file=sys.stderr))
+        search = RecipeRun if cfg.search == "recipe" else Run
+        run = search(cfg, log=lambda msg: print(msg, file=sys.stderr))
         result = run.run()
     except (ValueError, FileNotFoundError, NotImplementedError, OSError) as err:
         print(f"error: {describe_error(err, resumable=True, flags=FLAGS)}", file=sys.stderr)

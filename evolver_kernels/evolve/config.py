@@ -21,6 +21,7 @@ from evolver_kernels.kernels.backends import BACKENDS
 from evolver_kernels.storage.population import TIERS
 
 SCHEDULES = ("sequential", "synchronous")
+SEARCHES = ("weights", "recipe")
 
 
 class ConfigError(UserError):
@@ -97,11 +98,40 @@ class EvolveConfig:
     )
     task: str | None = _opt(None, f"{', '.join(evaluation.TASKS)} or module:function (default: from the architecture)")
     metric: str | None = _opt(None, "accuracy, macro-f1, multilabel-f1, neg-loss or exact-match (default: by task)")
+    search: str = _opt(
+        "weights",
+        "weights: evolve every element of the weights (Evolver); recipe: CMA-ES over the --merge-method's "
+        "searchable parameters per layer group and model (mergekit-evolve's genome; recipe.py)",
+        choices=SEARCHES,
+        later=True,
+    )
     generations: int = _opt(15, "number of generations", range=NON_NEGATIVE)
+    max_evaluations: int | None = _opt(
+        None,
+        "stop after this many fitness evaluations, the initial ones included (as mergekit-evolve's --max-fevals)",
+        later=True,
+        range=POSITIVE,
+    )
+    layer_groups: int | None = _opt(
+        None,
+        "--search recipe: the models' layers in this many groups of consecutive layers, each with its own "
+        "parameters (mergekit-evolve's layer_granularity is the layers per group; default 1)",
+        later=True,
+        range=POSITIVE,
+    )
+    sigma0: float | None = _opt(
+        None,
+        "--search recipe: CMA-ES's initial step size, in the searched intervals' units (default 1/6, "
+        "mergekit-evolve's)",
+        later=True,
+        range=Range(0, 1, low_open=True),
+    )
     population_size: int | None = _opt(
         None,
         "individuals (default: the models plus the --extra-individuals); more "
-        "slots are filled with seeded offspring of the models",
+        "slots are filled with seeded offspring of the models. --search recipe: candidates per CMA-ES generation "
+        "(default: cma's, 4 + 3 ln(genes))",
+        range=POSITIVE,
     )
     strategy: str = _opt("evolver", "mutation strategy", choices=strategies.names)
     fitness: str = _opt(
@@ -111,8 +141,9 @@ class EvolveConfig:
     )
     merge_method: str = _opt(
         "average",
-        "how --fitness merged merges the population (the output of that mode too)",
-        choices=lambda: methods.names(evolvable=True),
+        "how --fitness merged merges the population (the output of that mode too); --search recipe: the merge "
+        "whose parameters are searched",
+        choices=lambda: methods.names(),
     )
     base_model: str | None = _opt(
         None, "the models' common ancestor (a directory or a Hub id), needed by the task-vector methods"
@@ -227,10 +258,10 @@ class EvolveConfig:
         return out
 
     def merge_methods_used(self) -> list[methods.MergeMethod]:
-        """The merges this run computes: --merge-method with --fitness merged, then the --extra-individuals."""
-        return [methods.get(self.merge_method)] * (self.fitness == "merged") + [
-            methods.get(m) for m in self.extra_individuals or []
-        ]
+        """The merges this run computes: --merge-method with --fitness merged or --search recipe, then the
+        --extra-individuals."""
+        merges = self.fitness == "merged" or self.search == "recipe"
+        return [methods.get(self.merge_method)] * merges + [methods.get(m) for m in self.extra_individuals or []]
 
     def result_options(self) -> dict[str, Any]:
         """The options that define the result, as recorded (evolution.json, the checkpoint, what --resume must
@@ -361,7 +392,10 @@ def parse_config(argv: list[str] | None = None) -> EvolveConfig:
 
 
 def population_size(cfg: EvolveConfig) -> int:
-    """--population-size, by default the models plus the extra individuals."""
+    """The individuals the run holds: --population-size, by default the models plus the extra individuals; with
+    --search recipe the models (--population-size is then CMA-ES's candidates per generation)."""
+    if cfg.search == "recipe":
+        return len(cfg.models)
     return (
         cfg.population_size if cfg.population_size is not None else len(cfg.models) + len(cfg.extra_individuals or [])
     )

@@ -125,7 +125,8 @@ class IndividualFitness(FitnessMode):
         state.outcomes[spec.i] = fit.outcomes
 
     def end_synchronous(self, state: RunState, generation: int, progress) -> list[int]:
-        accepted = [i for i in range(self.bench.n) if self.bench.better(state.pending[i], state.fitness[i])]
+        # the offspring scored (all of them, unless --max-evaluations cut the generation short)
+        accepted = [i for i in sorted(state.pending) if self.bench.better(state.pending[i], state.fitness[i])]
         specs = [self.bench.spec(generation, i, state.fitness) for i in accepted]
         self._apply(specs)
         for i in accepted:
@@ -189,7 +190,7 @@ class MergedFitness(FitnessMode):
 
     def end_synchronous(self, state: RunState, generation: int, progress) -> list[int]:
         bench = self.bench
-        accepted = [i for i in range(bench.n) if bench.better(state.pending[i], state.merged_fitness)]
+        accepted = [i for i in sorted(state.pending) if bench.better(state.pending[i], state.merged_fitness)]
         if len(accepted) > 1:
             # Each offspring improved the merged model alone; together they may not. Score them together
             # and keep the better of the combination and the best single offspring, so the merged fitness

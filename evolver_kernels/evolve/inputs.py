@@ -223,5 +223,6 @@ def plan_of(cfg: EvolveConfig, inputs: RunInputs, ranks: Ranks | None = None) ->
             shared_root=node_share.shm_root()
             if node_share.shared(cfg.population_on, device, ranks) and cfg.population_on != "disk"
             else "",
+            replaces=cfg.search == "weights",
         )
     )

@@ -35,6 +35,8 @@ class PlanInputs:
     backends: dict[str, str] = dataclasses.field(default_factory=dict)  # the backend each device runs
     local_ranks: int = 1  # ranks of this node (torchrun): each holds its evaluation model and chunk buffers
     shared_root: str = ""  # with several ranks: where the node's one host-memory population lives (shared memory)
+    # individuals are replaced and checkpointed (--search weights); --search recipe reads the models only
+    replaces: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +85,8 @@ def memory_plan(p: PlanInputs) -> Plan:
             devices[device] = devices.get(device, 0) + nbytes
     pop_disk = shm = 0
     if p.tier == "disk":
-        pop_disk = pop_bytes + p.copy_bytes  # a replacement is written beside the file it replaces (once per node)
+        # a replacement is written beside the file it replaces (once per node)
+        pop_disk = pop_bytes + p.copy_bytes * p.replaces
     elif p.tier == "gpu" and on_gpu:
         devices[p.compute] += pop_bytes  # each rank's own GPU
     elif p.shared_root:
@@ -93,7 +96,8 @@ def memory_plan(p: PlanInputs) -> Plan:
         host += k * pop_bytes
     # under --out: checkpointed individuals (each replaced one is written before its old file goes, unless the
     # disk tier hard-links its own files), the statistics, the output model
-    out_disk = (0 if p.checkpoint_linked else (p.n + 1) * p.copy_bytes) + p.stats_bytes + p.copy_bytes
+    checkpointed = 0 if p.checkpoint_linked or not p.replaces else (p.n + 1) * p.copy_bytes
+    out_disk = checkpointed + p.stats_bytes + p.copy_bytes
     disk_total = pop_disk + out_disk
     per_rank = f" per rank ({k} ranks on this node)" if k > 1 else ""
     pop_where = (
@@ -105,7 +109,8 @@ def memory_plan(p: PlanInputs) -> Plan:
     )
     lines = (
         f"memory plan: one model copy = {format_bytes(p.copy_bytes)} ({p.numel:,} evolved elements); "
-        f"population: {p.n} copies on {p.tier}{pop_where} ({format_bytes(pop_bytes)}); "
+        f"{'population' if p.replaces else 'the models (read only)'}: {p.n} copies on {p.tier}{pop_where} "
+        f"({format_bytes(pop_bytes)}); "
         f"evaluation model: 1 copy on {p.placement}{per_rank}"
         + ("; base model: 1 copy there" if p.base_model else "")
         + f"; chunk buffers <= {format_bytes(chunk)}{per_rank}"

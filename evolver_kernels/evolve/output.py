@@ -19,12 +19,13 @@ def early_reject(run) -> str:
     return run.cfg.early_reject
 
 
-def write_run_outputs(run, state: RunState) -> dict:
-    """Chooses the output (the fitness mode's, or held-out selection's among the candidates), scores it, writes
-    the model, evolution.json, the plot and the card into --out and marks the checkpoint finished."""
+def write_run_outputs(run, state: RunState, search: dict | None = None, more=None) -> dict:
+    """Chooses the output (the search's result, or held-out selection's among the candidates), scores it, writes
+    the model, evolution.json (with the search's own record `search` under its name), the plot and the card into
+    --out, then more() (the search's own files: the paths it wrote), and marks the checkpoint finished."""
     selection = None
     if run.inputs.selection is None:
-        kind = run.mode.build_output(state)
+        kind = run.build_output(state)
     else:
         choice = choose(selection_candidates(run, state), lambda what: run.evaluate(what, selection=True), run.log)
         kind = choice.phrase
@@ -43,6 +44,8 @@ def write_run_outputs(run, state: RunState) -> dict:
     }
     if selection is not None:
         extra["selection"] = selection
+    if search is not None:
+        extra.update(search)
     written = write_outputs(
         run.cfg.out,
         run.arena,
@@ -55,6 +58,8 @@ def write_run_outputs(run, state: RunState) -> dict:
         run.inputs.evaluator.metric,
         kind,
     )
+    if more is not None:
+        written += more()
     run.setup.out_dir.record(written)
     run.checkpoint.mark_finished(state)
     run.log(f"final fitness {final.score:.4f} ({run.inputs.evaluator.metric}); wrote {run.cfg.out}")
@@ -64,7 +69,7 @@ def write_run_outputs(run, state: RunState) -> dict:
 def selection_candidates(run, state: RunState) -> list[Candidate]:
     """The run's result, every input model, every --extra-individuals merge of the input models."""
     cfg = run.cfg
-    candidates = [Candidate("the run's result", lambda: run.mode.build_output(state))]
+    candidates = [Candidate("the run's result", lambda: run.build_output(state))]
     for k, ref in enumerate(cfg.models):
 
         def load(k=k, ref=ref) -> str:

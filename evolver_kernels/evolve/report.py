@@ -76,6 +76,15 @@ The output was chosen on data the search never scored ({selection["data"]}): **{
 """
 
 
+def _how(config: dict) -> str:
+    if config.get("search") == "recipe":
+        return (
+            "a CMA-ES search of merge recipes (the merge's parameters per layer group and model, "
+            "mergekit-evolve's genome; evolver-kernels)"
+        )
+    return "Evolver (differential evolution on the weights; evolver-kernels)"
+
+
 def _number(value) -> str:
     return f"{value:.4f}" if value is not None and math.isfinite(value) else "-inf (non-finite)"
 
@@ -101,8 +110,7 @@ tags: [evolver, model-merging, evolver-kernels]
 ---
 # Evolved model
 
-Fused from {len(config["models"])} models by Evolver (differential evolution on the weights;
-evolver-kernels). This directory holds {output_kind}. Fitness is `{metric}` on the development
+Fused from {len(config["models"])} models by {_how(config)}. This directory holds {output_kind}. Fitness is `{metric}` on the development
 data (higher is better); no test data was used for selection.
 {_selection_text(selection)}
 Final dev fitness: **{final["score"]:.4f}**

@@ -65,9 +65,10 @@ def examples_postfix(state: RunState) -> dict[str, str]:
     return {"examples": f"{100 * state.examples_scored / state.examples_full:.0f}%"}
 
 
-class Run:
-    """One evolution run: claims --out, checks its inputs, builds the population, then run() evolves it.
-    It is the fitness modes' Workbench (fitness.py): the pipeline, the evaluation arena, evaluate, timed."""
+class Search:
+    """What both searches share (this module's Run, Evolver; recipe.RecipeRun, --search recipe): the start-up
+    (--out claimed, inputs checked, plan accepted), the storage, scoring (evaluate, timed) and the end (close).
+    A search's prepare() builds what it needs once the storage is there; run() searches and writes the outputs."""
 
     def __init__(self, cfg: EvolveConfig, log=print):
         self.cfg, self.log = cfg, log
@@ -82,25 +83,13 @@ class Run:
             self.storage = build_storage(self.setup)
             self.pop, self.arena, self.base = self.storage.pop, self.storage.arena, self.storage.base
             self.pipeline = self.storage.pipeline
-            n_models = len(cfg.models)
-            fill_slots(cfg, self.pop, self.pipeline, self.arena, n_models, self.merger, self.timed, self.log)
-            self.sync(range(n_models, self.n))
-            self.mode = FITNESS[cfg.fitness](self)
-            if self.mode.merges:
-                start_s = time.perf_counter()
-                stats = initial_statistics(
-                    cfg,
-                    self.checkpoint,
-                    self.inputs,
-                    lambda k: self.pipeline.copy_into(k, self.arena),
-                    self.log,
-                    save=self.ranks.is_main,
-                )
-                self.evaluation_s += time.perf_counter() - start_s
-                self.pipeline.merger = self.merger(cfg.merge_method, stats=stats)
+            self.prepare()
         except BaseException:
             self.close(failed=True)
             raise
+
+    def prepare(self) -> None:
+        """What the search builds once its storage exists."""
 
     def merger(self, method: str, stats=None) -> Merger:
         return Merger(
@@ -112,7 +101,6 @@ class Run:
             **self.cfg.merge_settings(method),
         )
 
-    # -- the Workbench of the fitness modes ------------------------------------------------------------------
     def evaluate(self, what: str = "a candidate", rival: Rival | None = None, selection: bool = False) -> Fitness:
         """Scores the evaluation model on the dev data (against `rival`: early rejection) and counts the
         examples scored in the generation's state; with `selection`, on the selection data, every example. A
@@ -138,16 +126,89 @@ class Run:
             )
         return fit
 
-    def rival(self, outcomes: dict[str, str] | None, score: float) -> Rival | None:
-        """What a candidate must beat, for early rejection; None (full scoring) without a record."""
-        return Rival(outcomes, score, self.cfg.accept_ties) if outcomes is not None else None
-
     def timed(self, fn, *args, **kw) -> None:
         start = time.perf_counter()
         fn(*args, **kw)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.weights_s += time.perf_counter() - start
+
+    def source(self, i: int) -> str:
+        return self.inputs.source(self.cfg, i)
+
+    def sync(self, changed) -> None:
+        """A population shared by the node's ranks: every rank waits for its writer's writes of `changed`."""
+        if self.storage is not None and self.storage.node is not None:
+            self.storage.node.sync(self.pop, changed)
+
+    def progress(self, total: int, initial: int):
+        """The progress bar (stderr, rank 0; EVOLVER_PROGRESS=0 turns it off)."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            initial=min(initial, total),
+            desc="evolve",
+            unit="eval",
+            file=sys.stderr,
+            disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0" or not self.ranks.is_main,
+        )
+        return self.bar
+
+    def run(self) -> dict:
+        """Searches and writes the outputs (rank 0); closes the run on every exit path."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
+        raise NotImplementedError
+
+    def build_output(self, state: RunState) -> str:
+        """Puts the search's result into the evaluation model; returns what it is, in words."""
+        raise NotImplementedError
+
+    def close(self, failed: bool = False) -> None:
+        """Closes the progress bar, unmaps the population, removes the scratch directory and drops the lock on
+        --out (every exit path). A run that failed before writing anything removes the --out it created."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.storage is not None:
+            self.storage.close()
+        self.setup.release(failed)
+
+
+class Run(Search):
+    """One Evolver run (--search weights): builds the population, then run() evolves it. It is the fitness
+    modes' Workbench (fitness.py): the pipeline, the evaluation arena, evaluate, timed."""
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        n_models = len(cfg.models)
+        fill_slots(cfg, self.pop, self.pipeline, self.arena, n_models, self.merger, self.timed, self.log)
+        self.sync(range(n_models, self.n))
+        self.mode = FITNESS[cfg.fitness](self)
+        if self.mode.merges:
+            start_s = time.perf_counter()
+            stats = initial_statistics(
+                cfg,
+                self.checkpoint,
+                self.inputs,
+                lambda k: self.pipeline.copy_into(k, self.arena),
+                self.log,
+                save=self.ranks.is_main,
+            )
+            self.evaluation_s += time.perf_counter() - start_s
+            self.pipeline.merger = self.merger(cfg.merge_method, stats=stats)
+
+    def build_output(self, state: RunState) -> str:
+        return self.mode.build_output(state)
+
+    # -- the Workbench of the fitness modes ------------------------------------------------------------------
+    def rival(self, outcomes: dict[str, str] | None, score: float) -> Rival | None:
+        """What a candidate must beat, for early rejection; None (full scoring) without a record."""
+        return Rival(outcomes, score, self.cfg.accept_ties) if outcomes is not None else None
 
     def better(self, new: float, old: float) -> bool:
         return new > old or (self.cfg.accept_ties and new == old)
@@ -169,9 +230,6 @@ class Run:
             for i in accepted:  # control(generation, i) reads individual i's values alone
                 state.control[i] = list(self.control(generation, i))
 
-    def source(self, i: int) -> str:
-        return self.inputs.source(self.cfg, i)
-
     # -- the run ---------------------------------------------------------------------------------------------
     def _state(self) -> RunState:
         if not self.cfg.resume:
@@ -186,32 +244,13 @@ class Run:
         self.sync(range(self.n))
         return state
 
-    def sync(self, changed) -> None:
-        """A population shared by the node's ranks: every rank waits for its writer's writes of `changed`."""
-        if self.storage is not None and self.storage.node is not None:
-            self.storage.node.sync(self.pop, changed)
-
-    def run(self) -> dict:
-        """Evolves the population and writes the outputs (rank 0); closes the run on every exit path."""
-        try:
-            return self._run()
-        finally:
-            self.close()
-
     def _run(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg, ranks, mode = self.cfg, self.ranks, self.mode
         self.state = state = self._state()
         total = mode.evaluations(cfg.generations, cfg.schedule == "synchronous")
-        self.bar = bar = tqdm(
-            total=total,
-            initial=min(state.evaluations, total),
-            desc="evolve",
-            unit="eval",
-            file=sys.stderr,
-            disable=os.environ.get("EVOLVER_PROGRESS", "1") == "0" or not ranks.is_main,
-        )
+        if cfg.max_evaluations is not None:
+            total = min(total, cfg.max_evaluations)
+        bar = self.progress(total, state.evaluations)
         if state.generation == 0:  # the initial population's fitness
             mode.score_initial(state, bar.update)
             state.evaluations = (
@@ -220,10 +259,10 @@ class Run:
             state.history.append(self._history_entry(state, 0, []))
             state.generation = 1
             self._save(state, [])
-        while state.generation <= cfg.generations:
+        while state.generation <= cfg.generations and self.budget_left(state):
             g = state.generation
             order = visiting_order(cfg.schedule, cfg.seed, self.n, g)
-            while state.position < self.n:
+            while state.position < self.n and self.budget_left(state):
                 i = order[state.position]
                 bar.update(1)
                 state.evaluations += 1
@@ -272,9 +311,19 @@ class Run:
             state.pending_outcomes = {}
             self._save(state, changed)
         bar.close()
+        if not self.budget_left(state):
+            self.log(f"stopped after {state.evaluations} fitness evaluations (--max-evaluations {cfg.max_evaluations})")
         if not ranks.is_main:
             return {"rank": ranks.rank, "final_fitness": None}
         return self.finish(state)
+
+    def budget_left(self, state: RunState) -> bool:
+        """Whether another offspring's evaluation fits --max-evaluations (a generation it cuts short ends with the
+        offspring scored so far; the synchronous merged mode keeps one for scoring accepted offspring together)."""
+        if self.cfg.max_evaluations is None:
+            return True
+        reserve = int(self.cfg.schedule == "synchronous" and self.mode.merges)
+        return state.evaluations < self.cfg.max_evaluations - reserve
 
     def _save(self, state: RunState, changed: list[int]) -> None:
         if self.ranks.is_main:
@@ -301,12 +350,3 @@ class Run:
     def finish(self, state: RunState) -> dict:
         """Chooses and writes the output (output.py); rank 0 only."""
         return write_run_outputs(self, state)
-
-    def close(self, failed: bool = False) -> None:
-        """Closes the progress bar, unmaps the population, removes the scratch directory and drops the lock on
-        --out (every exit path). A run that failed before writing anything removes the --out it created."""
-        if self.bar is not None:
-            self.bar.close()
-        if self.storage is not None:
-            self.storage.close()
-        self.setup.release(failed)

@@ -15,6 +15,7 @@ import torch
 from evolver_kernels.distributed import Ranks
 from evolver_kernels.evolve.checkpoint import Checkpoint
 from evolver_kernels.evolve.config import ConfigError, EvolveConfig, input_paths
+from evolver_kernels.evolve.genome import Genome, candidates_per_generation, num_layers
 from evolver_kernels.evolve.inputs import RunInputs, inspect, plan_of, weight_files
 from evolver_kernels.evolve.memory_plan import host_available
 from evolver_kernels.evolve.offspring import WeightPipeline
@@ -27,8 +28,21 @@ from evolver_kernels.storage.arena import Arena
 from evolver_kernels.storage.population import Population, make_population
 
 
+def recipe_genome(cfg: EvolveConfig, inputs: RunInputs) -> Genome | None:
+    """--search recipe's genome over the models' layers (refused in one line when --layer-groups cannot cut them);
+    None for --search weights."""
+    return Genome(cfg, num_layers(inputs.layout)) if cfg.search == "recipe" else None
+
+
 def check_plan(cfg: EvolveConfig, inputs: RunInputs, log, ranks: Ranks | None = None) -> None:
-    """Prints the memory plan of this node; refuses one that cannot fit, with the numbers."""
+    """Prints the memory plan of this node (and --search recipe's genome); refuses one that cannot fit, with the
+    numbers."""
+    genome = recipe_genome(cfg, inputs)
+    if genome is not None:
+        log(
+            f"{genome.describe()}; CMA-ES: {candidates_per_generation(cfg, genome.size)} candidates per generation, "
+            f"each merged into the evaluation model (no file per candidate)"
+        )
     plan = plan_of(cfg, inputs, ranks)
     log(plan.text())
     for note in inputs.notes:
@@ -83,6 +97,7 @@ class Setup:
     checkpoint: Checkpoint
     inputs_record: dict  # what the run reads, as it is now (provenance.py)
     resumed: RunState | None = None  # --resume: the checkpointed state, checked against this run
+    genome: Genome | None = None  # --search recipe's
 
     def release(self, failed: bool = False) -> None:
         """Drops the lock on --out; a run that failed before writing anything removes the --out it created."""
@@ -96,7 +111,7 @@ def start(cfg: EvolveConfig, log) -> Setup:
     validate(cfg)
     cuda = cfg.device.startswith("cuda") if cfg.device else torch.cuda.is_available()
     ranks = Ranks.from_env("cuda" if cuda else "cpu")
-    if ranks.enabled and cfg.schedule != "synchronous":
+    if ranks.enabled and cfg.schedule != "synchronous" and cfg.search == "weights":
         raise ConfigError(
             f"{ranks.world} ranks need --schedule synchronous (the sequential schedule is serial by definition)"
         )
@@ -110,14 +125,17 @@ def start(cfg: EvolveConfig, log) -> Setup:
         checkpoint = check_checkpoint(cfg)
         record = record_inputs(cfg)
         resumed = None
+        genome = recipe_genome(cfg, inputs)
         if cfg.resume:  # before any heavy work: the same options and inputs, a state this run can be in
-            resumed = checkpoint.resume(cfg.result_options(), record, inputs.n, cfg.generations)
+            # positions in a generation: the individuals, or --search recipe's candidates per generation
+            positions = inputs.n if genome is None else candidates_per_generation(cfg, genome.size)
+            resumed = checkpoint.resume(cfg.result_options(), record, positions, cfg.generations)
         check_plan(cfg, inputs, log, ranks)
     except BaseException:
         if out_dir is not None:
             out_dir.release(remove_if_unused=True)
         raise
-    return Setup(cfg, ranks, out_dir, inputs, checkpoint, record, resumed)
+    return Setup(cfg, ranks, out_dir, inputs, checkpoint, record, resumed, genome)
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@
 JSON has string keys only; individuals are ints here and strings in the file (to_json / from_json convert).
 The file format is STATE_VERSION 1: per_file holds the individuals' per-dev-file scores under their index and
 the merged model's under "merged". The records of early rejection, the example counts, the adapted control
-parameters and the inputs' record were added to it later with defaults, so a checkpoint written before them still resumes (its first candidates of each
+parameters, the inputs' record and the recipe search's candidates were added to it later with defaults, so a checkpoint written before them still resumes (its first candidates of each
 individual are then scored in full, in the default order).
 """
 
@@ -45,6 +45,8 @@ class RunState:
     finished: bool = False
     # what the run read when it started (provenance.py): None in a checkpoint written before it was recorded
     inputs: dict[str, Any] | None = None
+    # --search recipe (recipe.py): every candidate scored, in order: generation, candidate, genome, score, per_file
+    recipe: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         per_file = {str(k): v for k, v in self.per_file.items()}
@@ -73,6 +75,7 @@ class RunState:
             "file_version": self.file_version,
             "finished": self.finished,
             "inputs": self.inputs,
+            "recipe": self.recipe,
         }
 
     @staticmethod
@@ -102,4 +105,5 @@ class RunState:
             file_version=doc.get("file_version", 0),
             finished=bool(doc.get("finished", False)),
             inputs=doc.get("inputs"),
+            recipe=doc.get("recipe"),
         )

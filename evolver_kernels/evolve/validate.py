@@ -55,6 +55,7 @@ def validate(cfg: EvolveConfig) -> None:
         for v in value if isinstance(value, list) else [value]:
             if choices and v is not None and v not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {v!r}")
+    check_search(cfg)
     extras = list(cfg.extra_individuals or [])
     if len(set(extras)) != len(extras):
         raise ConfigError("--extra-individuals lists a merge twice (it would add two identical individuals)")
@@ -64,6 +65,11 @@ def validate(cfg: EvolveConfig) -> None:
             f"--population-size {n} is smaller than the {len(cfg.models)} models plus {len(extras)} "
             "extra individuals given: each is an individual"
         )
+    if cfg.search == "weights" and cfg.fitness == "individual" and (cfg.max_evaluations or n) < n:
+        raise ConfigError(
+            f"--max-evaluations {cfg.max_evaluations} is fewer than the {n} evaluations of the initial "
+            "population (--fitness individual scores each individual first)"
+        )
     strategy = strategies.get(cfg.strategy)
     if n < strategy.min_population:
         raise ConfigError(
@@ -71,8 +77,8 @@ def validate(cfg: EvolveConfig) -> None:
         )
     if strategy.needs_individual_fitness and cfg.fitness == "merged":
         raise ConfigError(f"--strategy {cfg.strategy} needs per-individual fitness: use --fitness individual")
-    if cfg.merge_method != "average" and cfg.fitness != "merged":
-        raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged")
+    if cfg.merge_method != "average" and cfg.fitness != "merged" and cfg.search == "weights":
+        raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged (or --search recipe)")
     used = cfg.merge_methods_used()
     for name, value in cfg.merge.items():
         p = methods.all_params().get(name)
@@ -99,7 +105,7 @@ def validate(cfg: EvolveConfig) -> None:
             f"--base-model does not apply: this run merges {merges}, which takes no base model (it would be read "
             "and never used); give it with a method that takes one (task_arithmetic, ties, ...) or leave it out"
         )
-    if cfg.fitness == "merged" and n > MAX_MERGE_INPUTS:
+    if (cfg.fitness == "merged" or cfg.search == "recipe") and n > MAX_MERGE_INPUTS:
         raise ConfigError(f"--fitness merged merges at most {MAX_MERGE_INPUTS} individuals, the population has {n}")
     if cfg.device_map is not None:
         if cfg.device_map != "auto" and not os.path.isfile(cfg.device_map):
@@ -115,6 +121,51 @@ def validate(cfg: EvolveConfig) -> None:
     rundir.check_out(cfg.out, "evolve", input_paths(cfg))
     if cfg.population_dir:
         rundir.check_scratch_root("--population-dir", cfg.population_dir, input_paths(cfg))
+
+
+# the options of --search weights alone (Evolver's), refused with --search recipe when given
+WEIGHTS_ONLY = ("fitness", "strategy", "schedule", "adapt", "F", "CR", "accept_ties", "extra_individuals")
+RECIPE_ONLY = ("layer_groups", "sigma0")
+
+
+def check_search(cfg: EvolveConfig) -> None:
+    """--search: the options of the other search refused when given, the --merge-method the search can use, and
+    with --search recipe no --merge-<param> for a parameter it searches."""
+    fields = {f.name: f for f in cli_fields()}
+    record = methods.get(cfg.merge_method)
+    if cfg.search == "weights":
+        given = [name for name in RECIPE_ONLY if getattr(cfg, name) is not None]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies to --search recipe")
+        if record.evolve_refusal is not None and cfg.fitness == "merged":
+            raise ConfigError(
+                f"--merge-method {record.name} cannot merge a population ({record.evolve_refusal}); "
+                "--search recipe can search its parameters"
+            )
+        return
+    given = [name for name in WEIGHTS_ONLY if getattr(cfg, name) != fields[name].default]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ConfigError(f"{flag} applies to --search weights (Evolver); --search recipe has no {flag}")
+    if cfg.population_size is not None and cfg.population_size < 2:
+        raise ConfigError(f"--population-size {cfg.population_size}: CMA-ES needs at least 2 candidates per generation")
+    if record.statistics is not None:
+        raise ConfigError(
+            f"--search recipe: --merge-method {record.name} merges with statistics of whole models, which do not "
+            "split by layer group; choose a method without statistics"
+        )
+    if record.copies or not record.searched:
+        raise ConfigError(f"--search recipe: --merge-method {record.name} has no parameter to search")
+    n = len(cfg.models)
+    if n < record.min_models or (record.max_models is not None and n > record.max_models):
+        most = f" and at most {record.max_models}" if record.max_models is not None else ""
+        raise ConfigError(f"--models: {record.name} merges at least {record.min_models}{most} models, got {n}")
+    for p in record.searched:
+        if p.name in cfg.merge:
+            raise ConfigError(
+                f"{merge_flag(p.name)}: --search recipe searches {p.name} (per layer group"
+                f"{' and model' if p.per_model else ''}, in [{p.search[0]:g}, {p.search[1]:g}]): leave it out"
+            )
 
 
 def _repeated(refs: list[str], local) -> tuple[str, str] | None:

@@ -77,3 +77,15 @@ def write_json(path: str, doc) -> str:
         json.dump(json_safe(doc), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
     return path
+
+
+def write_yaml(path: str, doc: dict, comment: str = "") -> str:
+    """`doc` as YAML in its own key order (floats as Python writes them: they read back exactly), after a
+    `# comment` line when given, written atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        if comment:
+            f.write(f"# {comment}\n")
+        yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=False)
+    os.replace(tmp, path)
+    return path

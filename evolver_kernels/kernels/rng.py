@@ -109,6 +109,7 @@ PURPOSE_OFFSPRING = 3
 PURPOSE_MERGE = 4
 PURPOSE_SELECT = 5  # --select-fraction's split of the dev files (heldout.py)
 PURPOSE_ADAPT = 6  # --adapt's draws of F and CR (adaptation.py)
+PURPOSE_RECIPE = 7  # --search recipe: the seed of CMA-ES's normal draws (evolve/recipe.py)
 
 
 def random_order(run_seed: int, n: int, *path: int) -> list[int]:

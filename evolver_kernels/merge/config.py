@@ -29,7 +29,7 @@ YAML_KEYS = (
 RUN_PARAMETERS = {"seed": int, "task": str}  # `parameters:` keys that are options of the run, not of a method
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # a per-model weight: any finite number here, >= 0 but for a method with signed_weights (weight_check)
-WEIGHT = methods.Param("weight", float, 1.0, "", per_model=True)
+WEIGHT = methods.WEIGHT
 # mergekit parameters that never change a value (int8_mask: the dtype of its masks) or whose only value read is
 # the one our method has (normalize: linear divides by the weights; the task-vector methods take it as a parameter)
 MERGEKIT_ONLY = {
@@ -204,8 +204,11 @@ def _check_keys(raw: dict, where: str) -> None:
 
 def read_yaml(path: str, method_flag: str | None) -> MergeSpec:
     """A mergekit YAML file as a MergeSpec (out left empty); method_flag (--method) wins over the file."""
-    raw = load_yaml_mapping(path)
-    where = f"--config {path}"
+    return read_mapping(load_yaml_mapping(path), method_flag, f"--config {path}")
+
+
+def read_mapping(raw: dict, method_flag: str | None = None, where: str = "the merge config") -> MergeSpec:
+    """A mergekit config, as its YAML reads, as a MergeSpec (out left empty); `where` names it in errors."""
     _check_keys(raw, where)
     record = _method(raw, method_flag, where)
     mergekit_dare = record.name in MERGEKIT_DARE and not _mentions(raw, "drop_p")

@@ -92,6 +92,25 @@ def check(spec: MergeSpec) -> methods.MergeMethod:
     return record
 
 
+def in_place(slices: list[Slice], num_layers: int) -> bool:
+    """Slices that re-lay out nothing (mergekit-evolve's genome, `evolve --search recipe`'s recipe): each reads its
+    output positions from the same layers of the same models, listed once and in one order, and of one base,
+    and together they cover the models' `num_layers`. Such a merge reads the models' files in place, as a
+    `models:` merge whose settings vary by layer."""
+    models = [s.model for s in slices[0].sources]
+    base = slices[0].base.model if slices[0].base else None
+    if len(set(models)) != len(models):
+        return False
+    position = 0
+    for sl in slices:
+        if [s.model for s in sl.sources] != models or (sl.base.model if sl.base else None) != base:
+            return False
+        if any(s.layers != (position, position + sl.length) for s in sl.sources + [sl.base] * (sl.base is not None)):
+            return False
+        position += sl.length
+    return position == num_layers
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     """Where an output tensor comes from: its slice, its t (the position of its layer in the slice, for

@@ -32,6 +32,7 @@ from evolver_kernels.merge.plan import (
     Route,
     cast_layout,
     check,
+    in_place,
     input_name,
     relaid_copies,
     routes_of,
@@ -219,7 +220,7 @@ def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> 
         raise MergeConfigError(f"--models {err.detail}") from None
     task = spec.task or (infer_task(config) if record.statistics else "auto")
     donor, stacked = models[0], None
-    if spec.slices is not None:
+    if spec.slices is not None and not in_place(slices, config.num_hidden_layers):
         donor = spec.local(spec.base_model or slices[0].sources[0].model)  # mergekit's config donor
         config = copy.deepcopy(model_io.load_config(donor))
         stacked = sum(sl.length for sl in slices)

@@ -18,6 +18,7 @@ from evolver_kernels.methods import (  # noqa: F401 - registers the built-in met
 # isort: on
 from evolver_kernels.methods.registry import (
     METHODS,
+    WEIGHT,
     MergeContext,
     MergeMethod,
     Param,
@@ -33,6 +34,7 @@ from evolver_kernels.methods.streaming import base_chunk
 
 __all__ = [
     "METHODS",
+    "WEIGHT",
     "MergeContext",
     "MergeMethod",
     "Param",

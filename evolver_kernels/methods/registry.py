@@ -65,6 +65,8 @@ class Param:
     high_open: bool = False
     per_model: bool = False
     aliases: tuple[str, ...] = ()
+    # the interval `evolve --search recipe` explores (CMA-ES's bounds), inside the range; None: not searched
+    search: tuple[float, float] | None = None
 
     def range_text(self) -> str:
         if self.type is boolean:
@@ -106,6 +108,11 @@ class Param:
             bounded = self.low is not None or self.high is not None
             raise UserError(f"{where} must be {'in ' if bounded else ''}{self.range_text()}, got {value}")
         return value
+
+
+# a merge's per-model weight (merge's --weights, mergekit's per-model `weight`); not a method parameter, but
+# searched by `evolve --search recipe` for every method that takes weights (uses_weights)
+WEIGHT = Param("weight", float, 1.0, "the model's weight in the merge", per_model=True, search=(0.0, 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +197,12 @@ class MergeMethod:
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
             most = "" if self.max_models is None else f" and at most {self.max_models}"
             raise ValueError(f"{self.name} merges at least {self.min_models}{most} models, got {n_models}")
+
+    @property
+    def searched(self) -> tuple[Param, ...]:
+        """What `evolve --search recipe` searches for this method, per layer group: the per-model weight (when it
+        takes weights), then its parameters with a search interval (per model or shared by the models)."""
+        return (WEIGHT,) * self.uses_weights + tuple(p for p in self.params if p.search is not None)
 
     def param(self, name: str, aliases: bool = False) -> Param | None:
         """The parameter called `name`; with `aliases`, also by another of its names (mergekit YAML's: flags

@@ -61,6 +61,7 @@ T = Param(
     "slerp: where between the first model (t = 0) and the second (t = 1); outside [0, 1] "
     "extrapolates. nearswap: the distance scale, each element taking weight min(1, t / |base - x|) of the "
     "model (t <= 0: the base)",
+    search=(0.0, 1.0),
 )
 NUSLERP_FLATTEN = Param(
     "nuslerp_flatten",

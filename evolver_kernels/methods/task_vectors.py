@@ -43,6 +43,7 @@ DENSITY = Param(
     high=1.0,
     low_open=True,
     per_model=True,
+    search=(0.01, 1.0),
 )
 NORMALIZE = Param(
     "normalize",

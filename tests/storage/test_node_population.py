@@ -6,61 +6,21 @@ another rank count, too. No shared-memory or scratch directory survives any of i
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from _util import KILL_RUN
+from _util import finish as _finish
+from _util import free_port as _port
+from _util import torchrun as _torchrun
 from safetensors.torch import load_file
 
 from evolver_kernels.evolve import main
 from evolver_kernels.evolve.memory_plan import PlanInputs, memory_plan
 
 ARGS = ["--generations", "3", "--seed", "5", "--schedule", "synchronous"]
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(shm) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "EVOLVER_PROGRESS": "0", "EVOLVER_SHM_DIR": str(shm)}
-
-
-def _torchrun(
-    argv: list[str],
-    shm,
-    nproc: int,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    port: int | None = None,
-    script: list[str] | None = None,
-) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--nnodes={nnodes}",
-        f"--node_rank={node_rank}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port or _port()}",
-        *(script or ["-m", "evolver_kernels.evolve"]),
-        *argv,
-    ]
-    return subprocess.Popen(command, env=_env(shm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    return err
 
 
 def _same(a, b) -> None:
