@@ -65,20 +65,8 @@ def validate(cfg: EvolveConfig) -> None:
             f"--population-size {n} is smaller than the {len(cfg.models)} models plus {len(extras)} "
             "extra individuals given: each is an individual"
         )
-    if cfg.search == "weights" and cfg.fitness == "individual" and (cfg.max_evaluations or n) < n:
-        raise ConfigError(
-            f"--max-evaluations {cfg.max_evaluations} is fewer than the {n} evaluations of the initial "
-            "population (--fitness individual scores each individual first)"
-        )
-    strategy = strategies.get(cfg.strategy)
-    if n < strategy.min_population:
-        raise ConfigError(
-            f"--strategy {cfg.strategy} needs a population of at least {strategy.min_population}, got {n}"
-        )
-    if strategy.needs_individual_fitness and cfg.fitness == "merged":
-        raise ConfigError(f"--strategy {cfg.strategy} needs per-individual fitness: use --fitness individual")
-    if cfg.merge_method != "average" and cfg.fitness != "merged" and cfg.search == "weights":
-        raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged (or --search recipe)")
+    if cfg.search == "weights":
+        check_evolver(cfg, n)
     used = cfg.merge_methods_used()
     for name, value in cfg.merge.items():
         p = methods.all_params().get(name)
@@ -166,6 +154,24 @@ def check_search(cfg: EvolveConfig) -> None:
                 f"{merge_flag(p.name)}: --search recipe searches {p.name} (per layer group"
                 f"{' and model' if p.per_model else ''}, in [{p.search[0]:g}, {p.search[1]:g}]): leave it out"
             )
+
+
+def check_evolver(cfg: EvolveConfig, n: int) -> None:
+    """--search weights' own rules, for a population of n: the strategy's, the merge's, the budget's."""
+    if cfg.fitness == "individual" and (cfg.max_evaluations or n) < n:
+        raise ConfigError(
+            f"--max-evaluations {cfg.max_evaluations} is fewer than the {n} evaluations of the initial "
+            "population (--fitness individual scores each individual first)"
+        )
+    strategy = strategies.get(cfg.strategy)
+    if n < strategy.min_population:
+        raise ConfigError(
+            f"--strategy {cfg.strategy} needs a population of at least {strategy.min_population}, got {n}"
+        )
+    if strategy.needs_individual_fitness and cfg.fitness == "merged":
+        raise ConfigError(f"--strategy {cfg.strategy} needs per-individual fitness: use --fitness individual")
+    if cfg.merge_method != "average" and cfg.fitness != "merged":
+        raise ConfigError(f"--merge-method {cfg.merge_method} applies to --fitness merged (or --search recipe)")
 
 
 def _repeated(refs: list[str], local) -> tuple[str, str] | None:

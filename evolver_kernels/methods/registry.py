@@ -289,13 +289,14 @@ def markdown_table() -> str:
     """The README's method table, generated from the records."""
     rows = [
         "| method | what it computes | base model | statistics on dev data | parameters (default, range) | "
-        "`evolve --merge-method` |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "`evolve --merge-method` | `evolve --search recipe` searches |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in METHODS.values():
         params = (
             "; ".join(
-                f"`{p.name}` ({_default_text(p)}, {p.range_text()}{', per model' if p.per_model else ''})"
+                f"`{p.name}` ({_default_text(p)}, {p.range_text()}{', per model' if p.per_model else ''}"
+                f"{f'; searched in [{p.search[0]:g}, {p.search[1]:g}]' if p.search else ''})"
                 for p in m.params
             )
             or "none"
@@ -303,5 +304,14 @@ def markdown_table() -> str:
         name = f"`{m.name}`" + (f" (alias {', '.join(f'`{a}`' for a in m.aliases)})" if m.aliases else "")
         base = "yes" if m.needs_base else "optional" if m.optional_base else "no"
         evolve = "yes" if m.evolve_refusal is None else f"no: {m.evolve_refusal}"
-        rows.append(f"| {name} | {m.summary} | {base} | {'yes' if m.statistics else 'no'} | {params} | {evolve} |")
+        searched = (
+            "no (statistics)"
+            if m.statistics
+            else ", ".join(f"{p.name}{' per model' if p.per_model else ''}" for p in m.searched) or "nothing"
+        )
+        if m.copies:
+            searched = "nothing"
+        rows.append(
+            f"| {name} | {m.summary} | {base} | {'yes' if m.statistics else 'no'} | {params} | {evolve} | {searched} |"
+        )
     return "\n".join(rows)

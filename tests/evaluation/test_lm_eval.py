@@ -420,3 +420,13 @@ def test_yaml_and_flags_read_the_options_alike(tmp_path):
             [3.0, 0.1],
             2,
         )
+
+
+def test_recipe_search_with_an_lm_eval_fitness(llama_pop, lm_tasks, tmp_path):
+    """--search recipe scores its candidates with lm-eval too; the output scores its final fitness under lm-eval."""
+    args = ["--search", "recipe", "--merge-method", "task_arithmetic", "--base-model", llama_pop.base]
+    args += ["--population-size", "3", "--generations", "1", "--lm-eval-tasks", "tiny_a", "tiny_b"]
+    doc = _evolve(llama_pop.models, lm_tasks, tmp_path / "run", *args)
+    assert doc["evaluations"] == 4 and doc["recipe"]["candidates_scored"] == 4
+    ours = _lm_eval(str(tmp_path / "run"), lm_tasks, ["tiny_a", "tiny_b"])
+    assert doc["final_per_file"] == {"tiny_a": ours["tiny_a"]["acc,none"], "tiny_b": ours["tiny_b"]["acc,none"]}

@@ -210,3 +210,27 @@ def test_options_of_the_recipe_search_are_refused_by_the_weights_search(bert_pop
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_recipe_search_from_every_tier_gives_the_same_bytes(straight, bert_pop, tmp_path, tier):
+    run_evolve(_args(bert_pop, tmp_path / tier, "--population-on", tier))
+    assert _bytes(tmp_path / tier) == _bytes(straight)
+    assert not [n for n in os.listdir(tmp_path / tier) if n.startswith("evolver-scratch-")]
+
+
+def test_recipe_search_of_a_causal_lm(llama_pop, tmp_path):
+    args = ["--models", *llama_pop.models, "--dev", *llama_pop.dev, "--base-model", llama_pop.base]
+    args += ["--search", "recipe", "--merge-method", "task_arithmetic", "--out", str(tmp_path / "lm")]
+    args += ["--population-size", "3", "--generations", "1", "--max-evaluations", "3", "--seed", "2"]
+    doc = run_evolve(args)
+    assert doc["task"] == "causal-lm" and doc["evaluations"] == 3
+    assert merge_main(["--config", str(tmp_path / "lm" / "recipe.yaml"), "--out", str(tmp_path / "m")]) == 0
+    assert _bytes(tmp_path / "m") == _bytes(tmp_path / "lm")
+
+
+def test_recipe_search_with_held_out_selection(bert_pop, tmp_path):
+    doc = run_evolve(_args(bert_pop, tmp_path / "s", "--select-fraction", "0.25", "--max-evaluations", "5"))
+    names = [c["name"] for c in doc["selection"]["candidates"]]
+    assert names == ["the run's result", *(f"input model {m}" for m in bert_pop.models[:3])]
+    assert doc["selection"]["chosen"] in names
