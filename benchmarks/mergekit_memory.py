@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                 row[tool]["whole_command_s"] = whole
             except (IndexError, ValueError):
                 row[tool] = {"error": (proc.stderr or proc.stdout)[-300:]}
-        if len(row) == 2 and all("error" not in row[t] for t in row):
+        if all(t in row and "error" not in row[t] for t in ("ours", "mergekit")):
             row["max_abs_difference"] = max_difference(
                 os.path.join(root, f"out-ours-{method}"), os.path.join(root, f"out-mergekit-{method}")
             )
