@@ -22,6 +22,7 @@ import torch
 from evolver_kernels.evaluation.evaluator import Evaluator
 from evolver_kernels.evolve.config import EvolveConfig
 from evolver_kernels.evolve.offspring import WeightPipeline
+from evolver_kernels.evolve.recipe import RecipeRun
 from evolver_kernels.evolve.run import Run
 from evolver_kernels.io import model_io
 from evolver_kernels.methods.merger import Merger, average, task_arithmetic, ties
@@ -67,6 +68,17 @@ OPTION_VARIANTS = [
     ("merged", "average", "Evolver + average (merged fitness), --adapt jde", {"adapt": "jde"}),
     ("individual", "average", "Evolver, individual fitness, --adapt jde", {"adapt": "jde"}),
 ]
+
+
+# the recipe search (CMA-ES over the average's weights per layer group and expert: mergekit-evolve's genome) at the
+# budget of the merged-fitness Evolver row: 1 + generations x experts fitness evaluations
+RECIPE_GROUPS = 2
+RECIPE_VARIANT = (
+    "merged",
+    "average",
+    f"recipe search (CMA-ES over the average's weights, {RECIPE_GROUPS} layer groups), {{budget}} evaluations",
+    {"search": "recipe", "layer_groups": RECIPE_GROUPS},
+)
 
 
 def run_name(fitness: str, method: str, seed: int, options: dict | None = None) -> str:
@@ -120,7 +132,7 @@ def evolve(
         shutil.rmtree(out)  # a finished run with other settings: start over
     cfg.resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))  # an interrupted run: continue it
     start = time.perf_counter()
-    Run(cfg, log=log).run()
+    (RecipeRun if cfg.search == "recipe" else Run)(cfg, log=log).run()
     log(f"[demo] evolver {fitness} ({merge_method}) seed {seed}: {time.perf_counter() - start:.0f} s")
     return out
 
@@ -264,9 +276,13 @@ def run(
         rows[name] = [by_name(score_model(path, test_eval))]
     chosen: dict[str, list[str]] = {}  # per --select-fraction row, what each seed's run output
     expert_names = dict(zip(manifest["experts"], manifest.get("expert_names", columns)))
-    for fitness, method, label, options in [(*v, {}) for v in VARIANTS] + OPTION_VARIANTS * full:
+    budget = 1 + generations * len(manifest["experts"])  # the merged-fitness Evolver run's evaluations
+    for fitness, method, label, options in [(*v, {}) for v in VARIANTS] + [RECIPE_VARIANT] + OPTION_VARIANTS * full:
         reports = []
-        row = f"{label.format(alpha=alpha)}, {generations} gen."
+        recipe = options.get("search") == "recipe"
+        row = label.format(alpha=alpha, budget=budget) + ("" if recipe else f", {generations} gen.")
+        if recipe:
+            options = {**options, "max_evaluations": budget}
         for seed in seeds:
             run_dir = evolve(
                 manifest,
