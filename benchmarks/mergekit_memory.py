@@ -89,9 +89,15 @@ def build_models(size: str, n: int, root: str) -> list[str]:
     return dirs
 
 
+def merged_dirs(method: str, dirs: list[str]) -> list[str]:
+    """The model directories a case merges (dirs: the models, then the base), the base not included."""
+    count = CASES[method][2]
+    return dirs[:-1] if count is None else dirs[:count]
+
+
 def write_yaml(method: str, dirs: list[str], path: str) -> None:
-    params, per_model, count, with_base = CASES[method]
-    models = dirs[:-1] if count is None else dirs[:count]
+    params, per_model, _, with_base = CASES[method]
+    models = merged_dirs(method, dirs)
     config = {
         "merge_method": method,
         "dtype": "bfloat16",
@@ -243,9 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods:
         config = os.path.join(root, f"{method}.yml")
         write_yaml(method, dirs, config)
-        params, per_model, count, with_base = CASES[method]
-        read = dirs[:-1] if count is None else dirs[:count]
-        inputs = [f for d in read + [dirs[-1]] * with_base for f in safetensors_of(d)]
+        with_base = CASES[method][3]
+        inputs = [f for d in merged_dirs(method, dirs) + [dirs[-1]] * with_base for f in safetensors_of(d)]
         row = {"roofline": io_roofline(inputs, os.path.join(root, "roofline"), copy_bytes)}
         for tool in args.tools:
             out = os.path.join(root, f"out-{tool}-{method}")

@@ -18,6 +18,7 @@ from evolver_kernels.evolve import adaptation, strategies
 from evolver_kernels.evolve.fitness import FITNESS
 from evolver_kernels.io.jsonio import load_yaml_mapping
 from evolver_kernels.kernels.backends import BACKENDS
+from evolver_kernels.kernels.rng import PURPOSE_MERGE, derive_seed
 from evolver_kernels.storage.population import TIERS
 
 SCHEDULES = ("sequential", "synchronous")
@@ -235,6 +236,11 @@ class EvolveConfig:
     def local(self, ref: str) -> str:
         """The local directory of a model reference of this run (a Hub id's cache snapshot)."""
         return self.resolved.get(ref, ref)
+
+    @property
+    def merge_seed(self) -> int:
+        """The seed of the run's random merges (DARE's drops): derive_seed(seed, 0, 0, PURPOSE_MERGE)."""
+        return derive_seed(self.seed, 0, 0, PURPOSE_MERGE)
 
     def merge_settings(self, method: str) -> dict[str, Any]:
         """Every parameter of `method`, from the given values over the registry's defaults."""

@@ -25,11 +25,10 @@ from typing import Any
 
 from evolver_kernels import methods
 from evolver_kernels.evolve.config import ConfigError, EvolveConfig
-from evolver_kernels.kernels.rng import PURPOSE_MERGE, derive_seed
 from evolver_kernels.merge import config as merge_config
 from evolver_kernels.merge import plan
 from evolver_kernels.methods.merger import TensorGroup
-from evolver_kernels.storage.arena import Layout, layer_index
+from evolver_kernels.storage.arena import Layout
 
 SIGMA0 = 1 / 6  # mergekit-evolve's initial step size
 
@@ -46,11 +45,6 @@ class Gene:
     def name(self) -> str:
         who = "" if self.model is None else f" model {self.model}"
         return f"group {self.group}{who} {self.param.name}"
-
-
-def num_layers(layout: Layout) -> int:
-    """The layers of a model's layout (1 + the largest layer index of its tensors; 0 without layers)."""
-    return 1 + max((layer_index(e.name) for e in layout.entries if layer_index(e.name) is not None), default=-1)
 
 
 class Genome:
@@ -86,6 +80,12 @@ class Genome:
     def size(self) -> int:
         return len(self.genes)
 
+    @property
+    def candidates(self) -> int:
+        """CMA-ES's candidates per generation: --population-size, else cma's default 4 + int(3 ln genes)."""
+        population = self.cfg.population_size
+        return population if population is not None else int(4 + 3 * math.log(self.size))
+
     def x0(self) -> list[float]:
         """The starting point (mergekit-evolve's): weight 1/M, the other parameters their defaults."""
         n = len(self.cfg.models)
@@ -109,13 +109,6 @@ class Genome:
             f"recipe genome: {self.size} genes = {self.groups} layer group(s) of {self.layers // self.groups} "
             f"layers x ({searched}) for {n} models of {self.record.name}"
         )
-
-    def check(self, x: list[float]) -> list[float]:
-        """`x` as a genome of this run (a recorded one: its size and bounds), refused in one line otherwise."""
-        lows, highs = self.bounds()
-        if len(x) != self.size or not all(lo <= float(v) <= hi for v, lo, hi in zip(x, lows, highs)):
-            raise ConfigError(f"a genome of {len(x)} values is not one of this run's ({self.size} genes in bounds)")
-        return [float(v) for v in x]
 
     def values(self, x: list[float]) -> list[dict[str, Any]]:
         """Per layer group: {"layers": [first, end], "models": [{param: value} per model], "shared": {...}}."""
@@ -145,7 +138,7 @@ class Genome:
                 sources.append({"model": base, "layer_range": list(group["layers"])})
             slices.append({"sources": sources, **({"parameters": group["shared"]} if group["shared"] else {})})
         params = {_yaml_name(record, k): v for k, v in self.settings.items()}
-        params["seed"] = derive_seed(cfg.seed, 0, 0, PURPOSE_MERGE)  # the merge seed of the run (random drops)
+        params["seed"] = cfg.merge_seed  # the run's seed of random drops
         out = {"merge_method": record.aliases[0] if record.aliases else record.name}
         if role == "first":  # slerp: mergekit's base_model is the first of the two models
             out["base_model"] = models[0]
@@ -161,11 +154,6 @@ class Genome:
         slices = plan.slices_of(spec)
         routes = plan.routes_of(layout, order, slices, self.layers)
         return plan.tensor_groups(self.record, spec, slices, layout, routes)
-
-
-def candidates_per_generation(cfg: EvolveConfig, size: int) -> int:
-    """CMA-ES's population: --population-size, else cma's default for `size` genes, 4 + int(3 ln size)."""
-    return cfg.population_size if cfg.population_size is not None else int(4 + 3 * math.log(size))
 
 
 def _reference(cfg: EvolveConfig, ref: str) -> str:

@@ -29,13 +29,13 @@ import os
 import numpy as np
 
 from evolver_kernels.errors import UserError
-from evolver_kernels.evolve.genome import SIGMA0, Genome, candidates_per_generation
+from evolver_kernels.evolve.genome import SIGMA0, Genome
 from evolver_kernels.evolve.offspring import CandidateView
 from evolver_kernels.evolve.output import write_run_outputs
 from evolver_kernels.evolve.run import Search, examples_postfix
 from evolver_kernels.evolve.state import RunState
 from evolver_kernels.io.jsonio import write_yaml
-from evolver_kernels.kernels.rng import PURPOSE_MERGE, PURPOSE_RECIPE, derive_seed
+from evolver_kernels.kernels.rng import PURPOSE_RECIPE, derive_seed
 from evolver_kernels.methods.merger import merge_per_tensor
 
 RECIPE_FILE = "recipe.yaml"
@@ -72,11 +72,9 @@ class RecipeRun(Search):
     """One --search recipe run: the models on their tier, CMA-ES over the genome, run() searches and writes."""
 
     def prepare(self) -> None:
-        cfg = self.cfg
         self.genome: Genome = self.setup.genome
         self.order = [name for name, _ in self.inputs.model.named_parameters(remove_duplicate=False)]
-        self.popsize = candidates_per_generation(cfg, self.genome.size)
-        self.merge_seed = derive_seed(cfg.seed, 0, 0, PURPOSE_MERGE)
+        self.popsize = self.genome.candidates
         self.es = None
 
     def build(self, x: list[float]) -> None:
@@ -89,12 +87,12 @@ class RecipeRun(Search):
             self.arena,
             groups,
             self.base,
-            seed=self.merge_seed,
+            seed=self.cfg.merge_seed,
             backend=self.cfg.backend,
             chunk=self.cfg.chunk_elements,
         )
 
-    def score(self, state: RunState, generation: int, j: int, x: list[float]) -> dict:
+    def score(self, generation: int, j: int, x: list[float]) -> dict:
         self.build(x)
         fit = self.evaluate(f"candidate {j} of generation {generation}")
         return {"generation": generation, "candidate": j, "genome": x, "score": fit.score, "per_file": fit.per_file}
@@ -136,8 +134,7 @@ class RecipeRun(Search):
         self.state = state = self._state()
         bar = self.progress(self.total(), state.evaluations)
         if state.generation == 0:  # the starting recipe
-            x0 = self.genome.check(self.genome.x0())
-            record = self.score(state, 0, 0, x0) if ranks.is_main else None
+            record = self.score(0, 0, self.genome.x0()) if ranks.is_main else None
             state.recipe.append(ranks.broadcast(record))
             bar.update(1)
             state.evaluations = 1
@@ -158,7 +155,7 @@ class RecipeRun(Search):
                 state.evaluations += 1
                 state.position += 1
                 if ranks.mine(j):
-                    scores[j] = self.score(state, g, j, self.asked[j])
+                    scores[j] = self.score(g, j, self.asked[j])
                 if not ranks.enabled:  # ranks gather at the generation's end, and checkpoint there
                     state.recipe.append(scores[j])
                     self._save(state)
@@ -228,8 +225,6 @@ class RecipeRun(Search):
     def _history_entry(self, state: RunState, generation: int) -> dict:
         """generation, population_fitness (the generation's candidates' scores), accepted (the candidates that
         were the best so far when scored), best, per_file (the best's) and the dev examples scored."""
-        counts = self.ranks.gather({self.ranks.rank: (state.examples_scored, state.examples_full)})
-        state.examples_scored = state.examples_full = 0
         scored = [c for c in state.recipe if c["generation"] == generation]
         before = [c["score"] for c in state.recipe if c["generation"] < generation]
         record, improved = max(before, default=-math.inf), []
@@ -244,8 +239,7 @@ class RecipeRun(Search):
             "accepted": improved,
             "best": best["score"],
             "per_file": best["per_file"],
-            "examples_scored": sum(c[0] for c in counts.values()),
-            "examples_full": sum(c[1] for c in counts.values()),
+            **self.examples_counted(state),
         }
 
     def _save(self, state: RunState) -> None:

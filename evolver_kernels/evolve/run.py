@@ -54,7 +54,6 @@ from evolver_kernels.evolve.startup import (  # noqa: F401 - dry_run, check_*: t
 )
 from evolver_kernels.evolve.state import RunState
 from evolver_kernels.evolve.strategies import OffspringSpec, offspring_spec, visiting_order
-from evolver_kernels.kernels.rng import PURPOSE_MERGE, derive_seed
 from evolver_kernels.methods.merger import Merger
 
 
@@ -95,7 +94,7 @@ class Search:
         return Merger(
             method,
             self.base,
-            seed=derive_seed(self.cfg.seed, 0, 0, PURPOSE_MERGE),
+            seed=self.cfg.merge_seed,
             backend=self.cfg.backend,
             stats=stats,
             **self.cfg.merge_settings(method),
@@ -140,6 +139,16 @@ class Search:
         """A population shared by the node's ranks: every rank waits for its writer's writes of `changed`."""
         if self.storage is not None and self.storage.node is not None:
             self.storage.node.sync(self.pop, changed)
+
+    def examples_counted(self, state: RunState) -> dict[str, int]:
+        """The dev examples every rank scored in the generation, against those full evaluations would have; the
+        counters restart for the next generation (history entries' examples_scored, examples_full)."""
+        counts = self.ranks.gather({self.ranks.rank: (state.examples_scored, state.examples_full)})
+        state.examples_scored = state.examples_full = 0
+        return {
+            "examples_scored": sum(c[0] for c in counts.values()),
+            "examples_full": sum(c[1] for c in counts.values()),
+        }
 
     def progress(self, total: int, initial: int):
         """The progress bar (stderr, rank 0; EVOLVER_PROGRESS=0 turns it off)."""
@@ -333,15 +342,12 @@ class Run(Search):
         """Pinned keys (generation, population_fitness, accepted) plus the per-file scores of the model the run
         would output now and the dev examples the generation scored against those full evaluations would have
         (every rank's; the counters restart for the next generation)."""
-        counts = self.ranks.gather({self.ranks.rank: (state.examples_scored, state.examples_full)})
-        state.examples_scored = state.examples_full = 0
         entry = {
             "generation": generation,
             "population_fitness": self.mode.population_fitness(state),
             "accepted": accepted,
             "per_file": self.mode.per_file(state),
-            "examples_scored": sum(c[0] for c in counts.values()),
-            "examples_full": sum(c[1] for c in counts.values()),
+            **self.examples_counted(state),
         }
         if state.control is not None:  # --adapt: each individual's F and CR after the generation
             entry["F"], entry["CR"] = [c[0] for c in state.control], [c[1] for c in state.control]

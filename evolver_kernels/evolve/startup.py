@@ -15,7 +15,7 @@ import torch
 from evolver_kernels.distributed import Ranks
 from evolver_kernels.evolve.checkpoint import Checkpoint
 from evolver_kernels.evolve.config import ConfigError, EvolveConfig, input_paths
-from evolver_kernels.evolve.genome import Genome, candidates_per_generation, num_layers
+from evolver_kernels.evolve.genome import Genome
 from evolver_kernels.evolve.inputs import RunInputs, inspect, plan_of, weight_files
 from evolver_kernels.evolve.memory_plan import host_available
 from evolver_kernels.evolve.offspring import WeightPipeline
@@ -24,7 +24,7 @@ from evolver_kernels.evolve.state import RunState
 from evolver_kernels.evolve.validate import validate
 from evolver_kernels.io import model_io, rundir
 from evolver_kernels.storage import node_share
-from evolver_kernels.storage.arena import Arena
+from evolver_kernels.storage.arena import Arena, num_layers
 from evolver_kernels.storage.population import Population, make_population
 
 
@@ -34,14 +34,15 @@ def recipe_genome(cfg: EvolveConfig, inputs: RunInputs) -> Genome | None:
     return Genome(cfg, num_layers(inputs.layout)) if cfg.search == "recipe" else None
 
 
-def check_plan(cfg: EvolveConfig, inputs: RunInputs, log, ranks: Ranks | None = None) -> None:
-    """Prints the memory plan of this node (and --search recipe's genome); refuses one that cannot fit, with the
-    numbers."""
-    genome = recipe_genome(cfg, inputs)
+def check_plan(
+    cfg: EvolveConfig, inputs: RunInputs, log, ranks: Ranks | None = None, genome: Genome | None = None
+) -> None:
+    """Prints --search recipe's genome (when given) and the memory plan of this node; refuses a plan that cannot
+    fit, with the numbers."""
     if genome is not None:
         log(
-            f"{genome.describe()}; CMA-ES: {candidates_per_generation(cfg, genome.size)} candidates per generation, "
-            f"each merged into the evaluation model (no file per candidate)"
+            f"{genome.describe()}; CMA-ES: {genome.candidates} candidates per generation, each merged into the "
+            "evaluation model (no file per candidate)"
         )
     plan = plan_of(cfg, inputs, ranks)
     log(plan.text())
@@ -80,7 +81,8 @@ def dry_run(cfg: EvolveConfig, log=print) -> None:
 
         inputs = inspect(cfg, ranks, files_of)
         check_checkpoint(cfg)
-        check_plan(cfg, inputs, log, Ranks.of_launcher())  # under torchrun: the node's plan
+        # under torchrun: the node's plan
+        check_plan(cfg, inputs, log, Ranks.of_launcher(), recipe_genome(cfg, inputs))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -128,9 +130,9 @@ def start(cfg: EvolveConfig, log) -> Setup:
         genome = recipe_genome(cfg, inputs)
         if cfg.resume:  # before any heavy work: the same options and inputs, a state this run can be in
             # positions in a generation: the individuals, or --search recipe's candidates per generation
-            positions = inputs.n if genome is None else candidates_per_generation(cfg, genome.size)
+            positions = inputs.n if genome is None else genome.candidates
             resumed = checkpoint.resume(cfg.result_options(), record, positions, cfg.generations)
-        check_plan(cfg, inputs, log, ranks)
+        check_plan(cfg, inputs, log, ranks, genome)
     except BaseException:
         if out_dir is not None:
             out_dir.release(remove_if_unused=True)

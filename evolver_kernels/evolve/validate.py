@@ -144,10 +144,9 @@ def check_search(cfg: EvolveConfig) -> None:
         )
     if record.copies or not record.searched:
         raise ConfigError(f"--search recipe: --merge-method {record.name} has no parameter to search")
-    n = len(cfg.models)
-    if n < record.min_models or (record.max_models is not None and n > record.max_models):
-        most = f" and at most {record.max_models}" if record.max_models is not None else ""
-        raise ConfigError(f"--models: {record.name} merges at least {record.min_models}{most} models, got {n}")
+    problem = record.count_problem(len(cfg.models))
+    if problem:
+        raise ConfigError(f"--models: {problem}")
     for p in record.searched:
         if p.name in cfg.merge:
             raise ConfigError(

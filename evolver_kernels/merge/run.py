@@ -45,6 +45,7 @@ from evolver_kernels.storage.arena import (
     Entry,
     Layout,
     layer_index,
+    num_layers,
     resolve_names,
     safetensors_files,
     tensor_index,
@@ -241,8 +242,7 @@ def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> 
             "other than theirs are not supported"
         )
     order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
-    num_layers = 1 + max((layer_index(e.name) for e in layout.entries if layer_index(e.name) is not None), default=-1)
-    routes = routes_of(layout, order, slices, num_layers)
+    routes = routes_of(layout, order, slices, num_layers(layout))
     groups = tensor_groups(record, spec, slices, layout, routes)
     return Target(
         config, task, donor, stacked, model, layout, identity, files, routes, groups, record.settings(groups[0][1])

@@ -194,9 +194,16 @@ class MergeMethod:
             return
         if weights is not None and len(weights) != n_models:
             raise ValueError(f"{self.name}: {len(weights)} weights for {n_models} models")
+        problem = self.count_problem(n_models)
+        if problem:
+            raise ValueError(problem)
+
+    def count_problem(self, n_models: int) -> str | None:
+        """Why this method cannot merge `n_models` models (outside min_models .. max_models), or None."""
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
             most = "" if self.max_models is None else f" and at most {self.max_models}"
-            raise ValueError(f"{self.name} merges at least {self.min_models}{most} models, got {n_models}")
+            return f"{self.name} merges at least {self.min_models}{most} models, got {n_models}"
+        return None
 
     @property
     def searched(self) -> tuple[Param, ...]:

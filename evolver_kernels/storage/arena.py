@@ -347,6 +347,11 @@ def layer_index(name: str) -> int | None:
     return int(m.group(3)) if m else None
 
 
+def num_layers(layout: Layout) -> int:
+    """The layers of a layout: 1 + the largest layer index of its tensors (0 without a layer stack)."""
+    return 1 + max((layer_index(e.name) for e in layout.entries if layer_index(e.name) is not None), default=-1)
+
+
 def with_layer(name: str, index: int) -> str:
     """`name` with its layer index replaced by `index` (layer stacking renames the layers it copies)."""
     m = LAYER.search(name)
