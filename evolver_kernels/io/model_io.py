@@ -35,9 +35,8 @@ TOKENIZER_FILES = (
 )
 
 
-def load_config(model_dir: str):
-    from transformers import AutoConfig
-
+def read_config_json(model_dir: str) -> dict:
+    """config.json of a model directory as a dict, refusing in one line a missing or malformed file and remote code."""
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ArgumentError("model_dir", f"{model_dir}: no config.json (not a Hugging Face model directory)")
     try:
@@ -51,6 +50,14 @@ def load_config(model_dir: str):
         raise ArgumentError(
             "model_dir", f"{model_dir}: the model needs remote code (auto_map in config.json), which is never run"
         )
+    return raw
+
+
+def load_config(model_dir: str):
+    """The transformers config of a model directory (read_config_json's checks first)."""
+    from transformers import AutoConfig
+
+    read_config_json(model_dir)
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
@@ -82,6 +89,16 @@ METADATA_KEYS = frozenset(
         "label2id",
     }
 )
+
+
+def same_config_json(raws: list[dict]) -> bool:
+    """The raw config.json dicts agree on every key but METADATA_KEYS, and on their labels: then the models are one
+    architecture (check_same_architecture would pass) without building their transformers configs."""
+
+    def weights(raw: dict) -> dict:
+        return {k: v for k, v in raw.items() if k not in METADATA_KEYS}
+
+    return all(weights(r) == weights(raws[0]) and r.get("id2label") == raws[0].get("id2label") for r in raws[1:])
 
 
 def _default_labels(id2label: dict) -> bool:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from evolver_kernels.errors import ArgumentError
 from evolver_kernels.evaluation.evaluator import Evaluator, infer_task
 from evolver_kernels.io import model_io
+from evolver_kernels.io.header_layout import causal_lm_layout
 from evolver_kernels.io.jsonio import write_json
 from evolver_kernels.io.rundir import OutputDir, Scratch, disk_problem, format_bytes
 from evolver_kernels.kernels.backends import device_backends
@@ -199,11 +200,11 @@ class Target:
     """What the merge produces, decided from the configs before any weight is read: the output model's config
     and layout, the input files, where each tensor comes from and the settings of each group of tensors."""
 
-    config: Any
+    config: Any  # the transformers config (None: the layout was read from the headers)
     task: str
     donor: str  # the model whose config (and, without tokenizer_source, tokenizer) the output keeps
     stacked: int | None  # layers of a slices merge's output (None: the models' own layout)
-    model: torch.nn.Module  # the output architecture on the meta device
+    model: torch.nn.Module | None  # the output architecture on the meta device (None: read from the headers)
     layout: Layout
     identity: bool  # the output has the models' own layout and dtypes: their files are read in place
     files: list[list[str]]
@@ -212,7 +213,52 @@ class Target:
     settings: dict[str, Any]
 
 
+def _from_headers(spec: MergeSpec, record, slices: list[Slice], models: list[str]):
+    """(layout, order) of the models read from their safetensors headers and raw configs (io/header_layout.py),
+    when the merge needs nothing else of transformers: no statistics, no task, one config, slices that re-lay out
+    nothing. None: the model is built instead (the merge's start-up then imports transformers' modeling code)."""
+    if record.statistics is not None or spec.task not in (None, "causal-lm"):
+        return None
+    raws = [model_io.read_config_json(m) for m in models]
+    if not model_io.same_config_json(raws):
+        return None  # check_same_architecture on the transformers configs decides, and names what differs
+    read = causal_lm_layout(raws[0], tensor_index(safetensors_files(models[0])))
+    if read is not None and spec.slices is not None and not in_place(slices, raws[0]["num_hidden_layers"]):
+        return None
+    return read
+
+
 def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> Target:
+    read = _from_headers(spec, record, slices, models)
+    config = model = None
+    task, donor, stacked = spec.task or "auto", models[0], None
+    if read is not None:
+        native, order = read
+    else:
+        config, model, task, donor, stacked = _built_target(spec, record, slices, models)
+        native = Layout.of_model(model)
+        order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    layout = cast_layout(native, spec.compute_dtype)
+    identity = stacked is None and layout.fingerprint() == native.fingerprint()
+    files = [safetensors_files(m) for m in models]
+    if identity:
+        for m, f in zip(spec.models, files):
+            resolve_names(layout, tensor_index(f), m)
+    elif record.statistics is not None:
+        raise MergeConfigError(
+            f"{record.name} estimates statistics on the models as they are: slices and a dtype "
+            "other than theirs are not supported"
+        )
+    routes = routes_of(layout, order, slices, num_layers(layout))
+    groups = tensor_groups(record, spec, slices, layout, routes)
+    return Target(
+        config, task, donor, stacked, model, layout, identity, files, routes, groups, record.settings(groups[0][1])
+    )
+
+
+def _built_target(spec: MergeSpec, record, slices: list[Slice], models: list[str]):
+    """(config, model on the meta device, task, config donor, stacked layers) of the output, from the models'
+    transformers configs."""
     configs = [model_io.load_config(m) for m in models]
     config = configs[0]
     try:  # one architecture beyond shapes: the output keeps the first model's config
@@ -228,25 +274,7 @@ def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> 
         config.num_hidden_layers = stacked
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = [config.layer_types[0]] * stacked
-    model = model_io.empty_model(config, task)
-    native = Layout.of_model(model)
-    layout = cast_layout(native, spec.compute_dtype)
-    identity = stacked is None and layout.fingerprint() == native.fingerprint()
-    files = [safetensors_files(m) for m in models]
-    if identity:
-        for m, f in zip(spec.models, files):
-            resolve_names(layout, tensor_index(f), m)
-    elif record.statistics is not None:
-        raise MergeConfigError(
-            f"{record.name} estimates statistics on the models as they are: slices and a dtype "
-            "other than theirs are not supported"
-        )
-    order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
-    routes = routes_of(layout, order, slices, num_layers(layout))
-    groups = tensor_groups(record, spec, slices, layout, routes)
-    return Target(
-        config, task, donor, stacked, model, layout, identity, files, routes, groups, record.settings(groups[0][1])
-    )
+    return config, model_io.empty_model(config, task), task, donor, stacked
 
 
 def _read_inputs(
@@ -325,6 +353,8 @@ def _check_finite(arena: Arena, method: str, chunk: int = 1 << 22) -> None:
     for entry in arena.layout.entries:
         flat = arena.view(entry).reshape(-1)
         for lo in range(0, entry.numel, chunk):
+            if not entry.numel or all(torch.isfinite(m) for m in torch.aminmax(flat[lo : lo + chunk])):
+                continue  # min and max are NaN where a value is, and inf where one is: a pass at copy speed
             bad = int((~torch.isfinite(flat[lo : lo + chunk])).sum())
             if bad:
                 raise MergeConfigError(
