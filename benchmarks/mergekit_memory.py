@@ -4,9 +4,11 @@ the same model directories, each run in its own process, one after the other.
 
     python benchmarks/mergekit_memory.py --size 125m --n 5
     python benchmarks/mergekit_memory.py --methods ties slerp --json benchmarks/results/mergekit-memory.json
+    python benchmarks/mergekit_memory.py --size 7b --layers 4 --n 3     # a 7B's tensors, 4 of its 32 layers
 
 The models are N + 1 Hugging Face directories (the last is the base model) with random bf16 weights, written
-once under --root. Peak = anonymous RSS above the process's baseline (RssAnon, sampled every 2 ms): what the
+once under --root, tensor by tensor (`--layers` keeps every tensor's shape and takes fewer layers, so that 7B-shaped
+models fit the disk). Peak = anonymous RSS above the process's baseline (RssAnon, sampled every 2 ms): what the
 merge holds beyond the page cache its memory-mapped reads use. Both tools write the merged model to --root; disk =
 the most bytes allocated under the output directory while the merge runs (its scratch files included).
 The merged tensors of the two tools are compared too (max |difference| over all tensors), so a row whose
@@ -59,33 +61,51 @@ CASES: dict[str, tuple[dict, dict, int | None, bool]] = {
 RANDOM = ("dare_linear", "dare_ties", "della", "della_linear")  # drops differ by design (Philox vs torch.bernoulli)
 
 
-def build_models(size: str, n: int, root: str) -> list[str]:
-    """n + 1 bf16 Llama directories under root (base last): one random base plus small perturbations."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_models(size: str, n: int, root: str, layers: int | None = None) -> list[str]:
+    """n + 1 bf16 Llama directories under root (base last): one random base plus small perturbations, each
+    written tensor by tensor (a 7B-shaped model never in memory whole). `layers` overrides the size's layer
+    count: every tensor keeps the size's shape."""
+    from transformers import LlamaConfig
 
-    hidden, inter, layers, vocab, heads, kv = SIZES[size]
+    from evolver_kernels.io.model_io import write_shards
+    from evolver_kernels.storage.arena import layer_index
+    from evolver_kernels.testing.synthetic import llama_shapes
+
+    hidden, inter, depth, vocab, heads, kv = SIZES[size]
+    depth = layers or depth
     dirs = [os.path.join(root, f"model{k}") for k in range(n)] + [os.path.join(root, "base")]
-    if all(os.path.isfile(os.path.join(d, "model.safetensors")) for d in dirs):
+    if all(os.path.isfile(os.path.join(d, "config.json")) for d in dirs):
         return dirs
     config = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=inter,
-        num_hidden_layers=layers,
+        num_hidden_layers=depth,
         vocab_size=vocab,
         num_attention_heads=heads,
         num_key_value_heads=kv,
-        torch_dtype="bfloat16",
+        tie_word_embeddings=False,
+        dtype="bfloat16",
     )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).to(torch.bfloat16)
-    base.save_pretrained(dirs[-1], safe_serialization=True)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    for k, d in enumerate(dirs[:-1]):
-        gen = torch.Generator().manual_seed(k + 1)
-        with torch.no_grad():
-            for name, p in base.named_parameters():
-                p.copy_(state[name] + 0.01 * torch.randn(p.shape, generator=gen).to(p.dtype))
-        base.save_pretrained(d, safe_serialization=True)
+    config.architectures = ["LlamaForCausalLM"]
+    shapes = {name: shape for name, shape in llama_shapes(size) if (layer_index(name) or 0) < depth}
+    names = sorted(shapes)
+    seeds = {name: k for k, name in enumerate(names)}
+
+    def tensor(name: str, model: int | None) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seeds[name])
+        t = torch.randn(shapes[name], generator=gen) * 0.02
+        if model is not None:
+            t += 0.01 * torch.randn(shapes[name], generator=gen.manual_seed(1_000_003 * (model + 1) + seeds[name]))
+        return t.to(torch.bfloat16)
+
+    for k, d in enumerate(dirs):
+        if os.path.isfile(os.path.join(d, "config.json")):
+            continue
+        model = None if d == dirs[-1] else k
+        write_shards(
+            d, [(name, torch.bfloat16, shapes[name]) for name in names], lambda name, model=model: tensor(name, model)
+        )
+        config.save_pretrained(d)  # config.json last: it marks a complete model directory
     return dirs
 
 
@@ -220,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="125m", choices=list(SIZES))
     parser.add_argument("--n", type=int, default=5)
+    parser.add_argument(
+        "--layers", type=int, default=None, help="layers of each model (default: the size's); tensors keep its shapes"
+    )
     parser.add_argument("--methods", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--tools", nargs="+", default=["ours", "mergekit"], choices=["ours", "mergekit"])
     parser.add_argument("--root", default=None, help="models and outputs (default: a directory under /tmp)")
@@ -229,12 +252,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(*args.child)
         return
-    root = args.root or os.path.join("/tmp", f"evolver-mergekit-{args.size}-n{args.n}")
-    dirs = build_models(args.size, args.n, root)
+    shape = args.size if args.layers is None else f"{args.size}-{args.layers}layers"
+    root = args.root or os.path.join("/tmp", f"evolver-mergekit-{shape}-n{args.n}")
+    dirs = build_models(args.size, args.n, root, args.layers)
     copy_bytes = sum(
         os.path.getsize(os.path.join(dirs[0], f)) for f in os.listdir(dirs[0]) if f.endswith(".safetensors")
     )
-    print(f"one-shot merge of {args.n} {args.size}-shaped bf16 Llama models (one copy {copy_bytes / 2**30:.2f} GiB)")
+    print(f"one-shot merge of {args.n} {shape}-shaped bf16 Llama models (one copy {copy_bytes / 2**30:.2f} GiB)")
     print(
         "Each merge starts with the inputs' page cache emptied; its roofline (every input it reads read once, "
         "one output written and synced, measured before it in this run) and times as multiples of it: the merge "
@@ -296,7 +320,11 @@ def main(argv: list[str] | None = None) -> None:
         results[method] = row
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "n": args.n, "copy_bytes": copy_bytes, "results": results}, f, indent=1)
+            json.dump(
+                {"size": args.size, "layers": args.layers, "n": args.n, "copy_bytes": copy_bytes, "results": results},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

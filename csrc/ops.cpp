@@ -6,6 +6,7 @@
 
 #include "cpu/de_cpu.h"
 #include "cpu/merge_cpu.h"
+#include "cpu/select_cpu.h"
 #include "module.h"
 #include "philox.h"
 #include "tensor_params.h"
@@ -42,6 +43,31 @@ void crossover_mask_cpu_op(const at::Tensor& out, int64_t threshold, int64_t see
 
 void run_merge_cpu(const MergeParams& params, const at::Tensor&) { merge_cpu(params); }
 
+void magnitude_histogram_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base,
+                                const c10::optional<at::Tensor>& slots, const at::Tensor& counts) {
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "evolver_kernels: x must be a contiguous 1-D tensor");
+  const ElementType type = element_type_of(x);
+  if (base) {
+    TORCH_CHECK(base->scalar_type() == x.scalar_type() && base->is_contiguous() && base->numel() == x.numel(),
+                "evolver_kernels: base must be a contiguous tensor of x's dtype and size");
+  }
+  if (slots) {
+    TORCH_CHECK(slots->scalar_type() == at::kInt && slots->is_contiguous() && slots->numel() == 65536,
+                "evolver_kernels: slots must be a contiguous int32 tensor of 65536 elements");
+  }
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.numel() > 0 &&
+                  counts.numel() % 65536 == 0 && (slots || counts.numel() == 65536),
+              "evolver_kernels: counts must be a contiguous int64 tensor of 65536 (times the slots) elements");
+  HistogramParams p{x.data_ptr(),
+                    base ? base->data_ptr() : nullptr,
+                    x.numel(),
+                    type,
+                    slots ? slots->data_ptr<int32_t>() : nullptr,
+                    counts.data_ptr<int64_t>(),
+                    counts.numel()};
+  magnitude_histogram_cpu(p);
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -59,6 +85,9 @@ TORCH_LIBRARY(evolver_kernels, m) {
       "float[] drop_rescales, bool band, bool has_top, bool ties, "
       "float? select, bool normalize, float min_den, float? nearswap_t, int seed, int stream, int offset, "
       "Tensor(a!) out) -> ()");
+  // counts += the radix histogram of |x - base| in fp32 (task_vectors.kth_largest_magnitudes' passes): by the top
+  // 16 bits, or with slots by the low 16 bits of the elements whose top 16 bits have a slot (>= 0).
+  m.def("magnitude_histogram_(Tensor x, Tensor? base, Tensor? slots, Tensor(a!) counts) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
@@ -66,6 +95,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("crossover_mask_", &evolver_kernels::crossover_mask_cpu_op);
   m.impl("philox4x32_10", &evolver_kernels::philox4x32_10_cpu_op);
   m.impl("merge_", &evolver_kernels::merge_op<evolver_kernels::run_merge_cpu>);
+  m.impl("magnitude_histogram_", &evolver_kernels::magnitude_histogram_cpu_op);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).

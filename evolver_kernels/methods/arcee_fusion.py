@@ -12,8 +12,8 @@ where it changed the base most, judged per tensor:
 
 Streaming, per tensor: spans of whole rows (the softmax is row-wise; a row longer than the chunk is still read
 whole, so memory is O(max(chunk, row length))); never a mask tensor of a tensor or of the model. A tensor that
-is one span (at most one chunk, or a single row) is read once: its importances sorted, thresholded and merged.
-A larger one takes three passes over its spans: (1) kl of each row, kept as one fp32 per row (a [rows] vector,
+is one span (at most one chunk, or a single row) is read once: its importances counted in the two histogram
+passes below (no sort), thresholded and merged. A larger one takes three passes over its spans: (1) kl of each row, kept as one fp32 per row (a [rows] vector,
 1 / row length of the tensor), and the histogram of the top 16 bits of each importance's order-preserving fp32
 key; (2) the histogram of the low 16 bits within the buckets that hold the three order statistics, which gives
 them exactly (kth_smallest: TIES' radix selection extended to signed values, since kl, and so an importance,
@@ -43,16 +43,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from evolver_kernels.kernels.histogram import BUCKETS, count_into
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, register
 from evolver_kernels.methods.streaming import Base, base_chunk, check_base
-from evolver_kernels.methods.task_vectors import _count
 from evolver_kernels.storage.arena import Arena, Entry
 from evolver_kernels.storage.population import Population
 
 KL_EPS = 1e-8  # mergekit's eps added to both softmaxes
 QUANTILES = (0.25, 0.5, 0.75)
 IQR_FACTOR = 1.5
-BUCKETS = 1 << 16
 
 
 def quantile_ranks(n: int) -> list[int]:
@@ -94,7 +93,7 @@ def kth_smallest(
         keys = _keys(values(lo, hi)).view(-1)
         if top is None:
             top = torch.zeros(BUCKETS, dtype=torch.int64, device=keys.device)
-        _count(top, ((keys >> 16) + half).long())
+        count_into(top, ((keys >> 16) + half).long())
     counted = top.cpu()
     found = [_bucket(counted, k) for k in ks]
     highs = sorted({high for high, _ in found})
@@ -105,7 +104,7 @@ def kth_smallest(
         keys = _keys(values(lo, hi)).view(-1)
         s = slot[((keys >> 16) + half).long()]
         selected = s >= 0
-        _count(lows, s[selected] * BUCKETS + (keys[selected] & 0xFFFF).long())
+        count_into(lows, s[selected] * BUCKETS + (keys[selected] & 0xFFFF).long())
     lows = lows.view(len(highs), BUCKETS).cpu()
     out = []
     for k, (high, below) in zip(ks, found):
@@ -154,11 +153,11 @@ def _merge_entry(pop: Population, base: Base, out: Arena, e: Entry, chunk: int) 
         return b, pop.read(0, e.group, a, z).to(device).float().view(-1, cols)
 
     ranks = quantile_ranks(e.numel)
-    if len(spans) == 1:  # one read: sorted directly
+    if len(spans) == 1:  # one read, both histogram passes over it
         b, x = read(0, e.numel)
         importance = (x - b).abs() * row_kl(x, b).unsqueeze(-1)
-        ordered = torch.sort(importance.view(-1)).values
-        threshold = fusion_threshold(*(float(ordered[i]) for i in ranks))
+        flat = importance.view(-1)
+        threshold = fusion_threshold(*kth_smallest(lambda lo, hi: flat[lo:hi], spans, [i + 1 for i in ranks]))
         dst.copy_((b + (x - b) * (importance >= threshold.to(device))).view(-1))
         return
     kl = torch.empty(rows, dtype=torch.float32, device=device)

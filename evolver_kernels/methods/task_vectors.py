@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from evolver_kernels.kernels.histogram import BUCKETS, magnitude_bits, magnitude_histogram
 from evolver_kernels.kernels.ops import crossover_mask, merge_tensors
 from evolver_kernels.kernels.rng import STREAM_DARE
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
@@ -165,16 +166,18 @@ def ties(
     return out
 
 
-def _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend) -> torch.Tensor:
-    """tau_k on [lo, hi) of `group` in fp32, exactly as the fused merge computes it before trimming."""
-    tau = pop.read(k, group, lo, hi).to(device).float() - base_chunk(base, group, lo, hi, device).float()
-    if drop_p > 0:
-        dropped = crossover_mask(
-            hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k, offset=start + lo, device=device, backend=backend
-        )
-        rescale = torch.tensor(1.0 / (1.0 - drop_p), dtype=torch.float32, device=device)
-        tau = torch.where(dropped, torch.zeros((), device=device), tau * rescale)
-    return tau
+def _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend):
+    """tau_k on [lo, hi) of `group` in fp32, exactly as the fused merge computes it before trimming; without DARE
+    drops the pair (x_k, base) it is the difference of (kth_largest_magnitudes forms it in its histogram pass)."""
+    x, b = pop.read(k, group, lo, hi).to(device), base_chunk(base, group, lo, hi, device)
+    if drop_p == 0:
+        return x, b
+    tau = x.float() - b.float()
+    dropped = crossover_mask(
+        hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k, offset=start + lo, device=device, backend=backend
+    )
+    rescale = torch.tensor(1.0 / (1.0 - drop_p), dtype=torch.float32, device=device)
+    return torch.where(dropped, torch.zeros((), device=device), tau * rescale)
 
 
 def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22) -> float:
@@ -183,72 +186,60 @@ def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22
     floats order as their bits): the top 16 bits, then the low 16 bits within the chosen bucket."""
     if not 1 <= k <= hi - lo:
         raise ValueError(f"k must be in [1, {hi - lo}], got {k}")
-    return kth_largest_magnitudes(values, lo, hi, lambda nonzero: [k], chunk)[0]
+    return kth_largest_magnitudes(values, lo, hi, [k], chunk)[0]
 
 
 def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -> list[float]:
-    """kth_largest_magnitude for several k at once, in the same two passes (the second histograms the
-    buckets of every k); a range of at most one chunk is read once and sorted instead. `ks(nonzero)` gives the
-    k's from the count of non-zero |v|, counted in the first pass (sce selects a fraction of the non-zero
-    variances); each k must be in [1, hi - lo]."""
+    """kth_largest_magnitude for several k at once, in the same two passes (the second histograms the buckets of
+    every k; a range of at most one chunk is read once): no sort, at any size. values(a, b) is a chunk's fp32
+    values, or a pair (x, base) whose fp32 difference they are (the histogram kernel then forms it, without a
+    tensor of it: kernels/histogram.py). `ks` is the list of k's, or a function of the count of non-zero |v|,
+    counted in the first pass, that gives them (sce selects a fraction of the non-zero variances); each k must be
+    in [1, hi - lo]."""
+    if hi - lo <= chunk:
+        held = values(lo, hi)
 
-    def histogram(select_high: list[int] | None) -> tuple[list[torch.Tensor], int]:
-        """Counts of the top 16 bits (select_high None; with the count of zeros), else of the low 16 bits
-        within each bucket of select_high."""
-        counts: list[torch.Tensor] = []
+        def values(a: int, b: int):
+            return held
+
+    def histogram(slots: torch.Tensor | None, n_slots: int = 1) -> tuple[torch.Tensor, int]:
+        """The counts of the top 16 bits (slots None; with the count of zeros when ks needs it), else of the low
+        16 bits within each bucket that has a slot, one histogram per slot."""
+        counts = None
         zeros = 0
         for a, b in iter_chunks(hi - lo, chunk):
-            bits = values(lo + a, lo + b).abs().view(torch.int32)  # counted where the values are (GPU or CPU)
-            if not counts:
-                counts = [
-                    torch.zeros(1 << 16, dtype=torch.int64, device=bits.device)
-                    for _ in range(1 if select_high is None else len(select_high))
-                ]
-            if select_high is None:
-                _count(counts[0], bits >> 16)
-                zeros = zeros + (bits == 0).sum()  # no sync per chunk
-            else:
-                for c, high in zip(counts, select_high):
-                    _count(c, bits[(bits >> 16) == high] & 0xFFFF)
-        return [c.cpu() for c in counts], int(zeros)
+            v = values(lo + a, lo + b)
+            x, base = v if isinstance(v, tuple) else (v, None)
+            if counts is None:
+                counts = torch.zeros(n_slots * BUCKETS, dtype=torch.int64, device=x.device)
+                slots = None if slots is None else slots.to(x.device)
+            magnitude_histogram(counts, x, base, slots)
+            if slots is None and callable(ks):
+                zeros = zeros + (magnitude_bits(x, base) == 0).sum()  # no sync per chunk
+        return counts.cpu(), int(zeros)
 
     def bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
         """(bucket holding the k-th largest, how many lie in higher buckets)."""
         from_top = counts.flip(0).cumsum(0)
         idx = int(torch.searchsorted(from_top, k))
-        return (1 << 16) - 1 - idx, int(from_top[idx - 1]) if idx > 0 else 0
+        return BUCKETS - 1 - idx, int(from_top[idx - 1]) if idx > 0 else 0
 
-    def check(ks: list[int]) -> list[int]:
-        if any(not 1 <= k <= hi - lo for k in ks):
-            raise ValueError(f"k must be in [1, {hi - lo}], got {ks}")
-        return ks
-
-    if hi - lo <= chunk:  # one chunk: sorted directly (one read, O(chunk) memory as a pass)
-        magnitudes = values(lo, hi).abs().view(-1)
-        ks = check(list(ks(int((magnitudes != 0).sum()))))
-        ordered = torch.sort(magnitudes, descending=True).values if ks else None
-        return [float(ordered[k - 1]) for k in ks]
-    (top,), zeros = histogram(None)
-    ks = check(list(ks(hi - lo - zeros)))
+    top, zeros = histogram(None)
+    ks = list(ks(hi - lo - zeros)) if callable(ks) else list(ks)
+    if any(not 1 <= k <= hi - lo for k in ks):
+        raise ValueError(f"k must be in [1, {hi - lo}], got {ks}")
     if not ks:
         return []
     buckets = [bucket_of_kth(top, k) for k in ks]
     highs = sorted({high for high, _ in buckets})
-    lows = dict(zip(highs, histogram(highs)[0]))
+    slots = torch.full((BUCKETS,), -1, dtype=torch.int32)
+    slots[highs] = torch.arange(len(highs), dtype=torch.int32)
+    lows = histogram(slots, len(highs))[0].view(len(highs), BUCKETS)
     out = []
     for k, (high, above) in zip(ks, buckets):
-        low, _ = bucket_of_kth(lows[high], k - above)
+        low, _ = bucket_of_kth(lows[highs.index(high)], k - above)
         out.append(float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32)))
     return out
-
-
-def _count(counts: torch.Tensor, idx: torch.Tensor) -> None:
-    """counts[i] += how many of idx equal i (exact integer counts: the same in any order, on any device);
-    bincount for large chunks, index_add_ for small ones (bincount's cost is O(len(counts)) per call)."""
-    if idx.numel() >= counts.numel():
-        counts += torch.bincount(idx, minlength=counts.numel())
-    else:
-        counts.index_add_(0, idx, torch.ones((), dtype=counts.dtype, device=counts.device).expand(idx.numel()))
 
 
 def normalize_of(ctx: MergeContext, default: bool) -> bool:

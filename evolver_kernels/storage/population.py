@@ -339,6 +339,8 @@ class MappedModels(ReadOnlyView):
         self._files: list[tuple[mmap.mmap, object]] = []
         # per individual and group: (start, end, flat view of the tensor), sorted by start
         self._spans: list[dict[str, list[tuple[int, int, torch.Tensor]]]] = []
+        # per individual and group, in the same order: (map, byte offset of the tensor) for read-ahead
+        self._bytes: list[dict[str, list[tuple[mmap.mmap, int]]]] = []
         self._starts: list[dict[str, list[int]]] = []
         try:
             for files, source in zip(model_files, sources):
@@ -352,7 +354,7 @@ class MappedModels(ReadOnlyView):
 
         index = tensor_index(files)
         keys = resolve_names(self.layout, index, source)
-        maps, spans = {}, {g: [] for g in self.layout.groups}
+        maps, spans, places = {}, {g: [] for g in self.layout.groups}, {g: [] for g in self.layout.groups}
         for path in sorted({index[keys[e.name]][0] for e in self.layout.entries}):
             f = open(path, "rb")  # noqa: SIM115 - kept open with its map until close()
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -373,12 +375,35 @@ class MappedModels(ReadOnlyView):
                     else torch.empty(0, dtype=self.layout.group_dtype(e.group))
                 )
             spans[e.group].append((e.offset, e.offset + e.numel, view))
-        for group_spans in spans.values():
+            places[e.group].append((e.offset, mm, data_start + begin))
+        for g, group_spans in spans.items():
             group_spans.sort(key=lambda s: s[0])
+            places[g] = [(mm, at) for _, mm, at in sorted(places[g], key=lambda p: p[0])]
         self._starts.append({g: [s[0] for s in group_spans] for g, group_spans in spans.items()})
+        self._bytes.append(places)
         return spans
 
+    def _read_ahead(self, i: int, group: str, lo: int, hi: int) -> None:
+        """Asks the kernel to start reading elements [lo, hi) of individual i's group from the disk now
+        (madvise WILLNEED: asynchronous), so that the read of the next chunk overlaps the merge of this one."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        itemsize = self.layout.group_dtype(group).itemsize
+        spans, places = self._spans[i][group], self._bytes[i][group]
+        k = max(0, bisect.bisect_right(self._starts[i][group], lo) - 1)
+        for (start, end, _), (mm, at) in zip(spans[k:], places[k:]):
+            if start >= hi:
+                break
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                first = (at + (a - start) * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
+                with contextlib.suppress(OSError, ValueError):  # a hint: never an error
+                    mm.madvise(mmap.MADV_WILLNEED, first, at + (b - start) * itemsize - first)
+
     def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of model i's group (a view of the page cache when one tensor holds them), the
+        next hi - lo elements read ahead."""
+        self._read_ahead(i, group, hi, hi + (hi - lo))
         spans = self._spans[i][group]
         k = bisect.bisect_right(self._starts[i][group], lo) - 1
         if k >= 0 and spans[k][0] <= lo and hi <= spans[k][1]:
@@ -394,7 +419,7 @@ class MappedModels(ReadOnlyView):
         return out
 
     def close(self) -> None:
-        self._spans, self._starts = [], []
+        self._spans, self._starts, self._bytes = [], [], []
         for mm, f in self._files:
             # a chunk view still referenced keeps its map open until it is collected
             with contextlib.suppress(BufferError):

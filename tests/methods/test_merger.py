@@ -177,8 +177,33 @@ def test_kth_largest_magnitude_is_exact(n, k):
     gen = torch.Generator().manual_seed(n + k)
     v = torch.randn(n, generator=gen) * torch.logspace(-30, 30, n).float()
     v[::7] = v[-1]  # ties at one magnitude
-    got = merger.kth_largest_magnitude(lambda a, b: v[a:b], 0, n, k, chunk=999)
-    assert got == float(v.abs().kthvalue(n - k + 1).values)
+    want = float(v.abs().kthvalue(n - k + 1).values)
+    for chunk in (999, n):  # chunked passes, and one chunk read once
+        assert merger.kth_largest_magnitude(lambda a, b: v[a:b], 0, n, k, chunk=chunk) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [333, 1 << 22])
+def test_kth_largest_magnitude_of_pairs_is_the_task_vectors(dtype, chunk):
+    """values() may give (x, base): the magnitudes are |x - base| in fp32, the task vector the merge trims."""
+    gen = torch.Generator().manual_seed(3)
+    n = 5001
+    x, b = (torch.randn(n, generator=gen).to(dtype) for _ in range(2))
+    b[::11] = x[::11]  # zeros
+    tau = (x.float() - b.float()).abs()
+    ks = [1, 17, 2500, n]
+    got = merger_kths(lambda lo, hi: (x[lo:hi], b[lo:hi]), n, ks, chunk)
+    assert got == [float(tau.kthvalue(n - k + 1).values) for k in ks]
+    nonzero = int((tau != 0).sum())
+    assert merger_kths(lambda lo, hi: (x[lo:hi], b[lo:hi]), n, lambda nz: [nz], chunk) == [
+        float(tau.kthvalue(n - nonzero + 1).values)
+    ]
+
+
+def merger_kths(values, n, ks, chunk):
+    from evolver_kernels.methods.task_vectors import kth_largest_magnitudes
+
+    return kth_largest_magnitudes(values, 0, n, ks, chunk)
 
 
 def test_bad_arguments_are_named():

@@ -1,0 +1,23 @@
+// CPU radix histograms of task-vector magnitudes: the two passes of an exact k-th-largest selection
+// (evolver_kernels/methods/task_vectors.py: kth_largest_magnitudes), without a sort and without a tensor of |x - base|.
+#pragma once
+
+#include <cstdint>
+
+#include "../de_params.h"  // ElementType
+
+namespace evolver_kernels {
+
+struct HistogramParams {
+  const void* x;      // n elements
+  const void* base;   // n elements of the same type, or nullptr (the magnitudes of x)
+  int64_t n;
+  ElementType type;
+  const int32_t* slots;  // nullptr: pass 1; else 65536 slots (-1: not selected) of the top 16 bits
+  int64_t* counts;       // pass 1: [65536] by the top 16 bits; pass 2: [slots used][65536] by the low 16 bits
+  int64_t n_counts;      // elements of counts
+};
+
+void magnitude_histogram_cpu(const HistogramParams& p);
+
+}  // namespace evolver_kernels
