@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tools", nargs="+", default=["ours", "mergekit"], choices=["ours", "mergekit"])
     parser.add_argument("--root", default=None, help="models and outputs (default: a directory under /tmp)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--keep-outputs", action="store_true", help="keep each method's merged models under --root")
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -297,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
             row["max_abs_difference"] = max_difference(
                 os.path.join(root, f"out-ours-{method}"), os.path.join(root, f"out-mergekit-{method}")
             )
+        if not args.keep_outputs:  # 7B-shaped outputs of every method would fill the disk
+            for tool in args.tools:
+                shutil.rmtree(os.path.join(root, f"out-{tool}-{method}"), ignore_errors=True)
 
         roof = row["roofline"]["seconds"]
 
@@ -318,13 +322,19 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         results[method] = row
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"size": args.size, "layers": args.layers, "n": args.n, "copy_bytes": copy_bytes, "results": results},
-                f,
-                indent=1,
-            )
+        if args.json:  # after every method: a long run stopped early keeps the rows it measured
+            with open(args.json, "w") as f:
+                json.dump(
+                    {
+                        "size": args.size,
+                        "layers": args.layers,
+                        "n": args.n,
+                        "copy_bytes": copy_bytes,
+                        "results": results,
+                    },
+                    f,
+                    indent=1,
+                )
 
 
 if __name__ == "__main__":

@@ -68,6 +68,31 @@ void magnitude_histogram_cpu_op(const at::Tensor& x, const c10::optional<at::Ten
   magnitude_histogram_cpu(p);
 }
 
+void magnitude_gather_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base, int64_t lo, int64_t hi,
+                             const at::Tensor& out, const at::Tensor& counts) {
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "evolver_kernels: x must be a contiguous 1-D tensor");
+  const ElementType type = element_type_of(x);
+  if (base) {
+    TORCH_CHECK(base->scalar_type() == x.scalar_type() && base->is_contiguous() && base->numel() == x.numel(),
+                "evolver_kernels: base must be a contiguous tensor of x's dtype and size");
+  }
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= 0x7fffffffLL,
+              "evolver_kernels: the window [lo, hi] must lie within the non-negative fp32 bit patterns");
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous(), "evolver_kernels: out must be contiguous int32");
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.numel() == 2,
+              "evolver_kernels: counts must be a contiguous int64 tensor of 2 elements");
+  GatherParams p{x.data_ptr(),
+                 base ? base->data_ptr() : nullptr,
+                 x.numel(),
+                 type,
+                 static_cast<uint32_t>(lo),
+                 static_cast<uint32_t>(hi),
+                 out.data_ptr<int32_t>(),
+                 out.numel(),
+                 counts.data_ptr<int64_t>()};
+  magnitude_gather_cpu(p);
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -88,6 +113,9 @@ TORCH_LIBRARY(evolver_kernels, m) {
   // counts += the radix histogram of |x - base| in fp32 (task_vectors.kth_largest_magnitudes' passes): by the top
   // 16 bits, or with slots by the low 16 bits of the elements whose top 16 bits have a slot (>= 0).
   m.def("magnitude_histogram_(Tensor x, Tensor? base, Tensor? slots, Tensor(a!) counts) -> ()");
+  // counts[0] += the magnitudes (as above) whose fp32 bits are above hi; those in [lo, hi] appended to out at
+  // counts[1] while it has room, counts[1] += how many: one pass of a selection a sample narrowed.
+  m.def("magnitude_gather_(Tensor x, Tensor? base, int lo, int hi, Tensor(a!) out, Tensor(b!) counts) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
@@ -96,6 +124,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("philox4x32_10", &evolver_kernels::philox4x32_10_cpu_op);
   m.impl("merge_", &evolver_kernels::merge_op<evolver_kernels::run_merge_cpu>);
   m.impl("magnitude_histogram_", &evolver_kernels::magnitude_histogram_cpu_op);
+  m.impl("magnitude_gather_", &evolver_kernels::magnitude_gather_cpu_op);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).

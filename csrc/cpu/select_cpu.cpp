@@ -1,10 +1,12 @@
-// CPU radix histograms of |x - base| in fp32 (the bits the fused merge's task vectors have), threaded with
-// ATen's pool. Each thread counts its range into its own 32-bit histogram (256 KiB: it stays in L2), then adds
-// it into the shared 64-bit counts under a lock: integer counts, the same whatever the threads or their order.
+// CPU passes of the exact magnitude selections over |x - base| in fp32 (the bits the fused merge's task vectors
+// have), threaded with ATen's pool: radix histograms (each thread counts into its own 32-bit histogram, 256 KiB,
+// then adds it into the shared 64-bit counts under a lock: the same counts whatever the threads or their order)
+// and the gather of a sampled window (what lies above it counted, what lies in it collected).
 #include "select_cpu.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <mutex>
 #include <vector>
 
@@ -55,6 +57,36 @@ void dispatch(const HistogramParams& p) {
   histogram_kernel<Codec, false, false>(p);
 }
 
+// The magnitudes in the window [lo, hi] gathered into out (their fp32 bits), those above hi counted: most elements
+// fall outside a narrow window, so the loop is loads, a subtraction and two predictable compares.
+template <typename Codec, bool kBase>
+void gather_kernel(const GatherParams& p) {
+  using Bits = typename Codec::Bits;
+  const Bits* x = static_cast<const Bits*>(p.x);
+  const Bits* base = static_cast<const Bits*>(p.base);
+  const uint32_t lo = p.lo, span = p.hi - p.lo;
+  std::mutex lock;
+  at::parallel_for(0, p.n, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> inside;
+    int64_t above = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = kBase ? Codec::load(x[i]) - Codec::load(base[i]) : Codec::load(x[i]);
+      const uint32_t bits = float_to_bits(v) & 0x7fffffffu;
+      if (bits - lo <= span) {  // wraps around below the window: not gathered
+        inside.push_back(bits);
+      } else if (bits > lo) {
+        ++above;
+      }
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    p.counts[0] += above;
+    const int64_t at = p.counts[1];
+    const int64_t room = std::max<int64_t>(0, std::min<int64_t>(p.capacity - at, static_cast<int64_t>(inside.size())));
+    std::copy(inside.begin(), inside.begin() + room, p.out + at);
+    p.counts[1] += static_cast<int64_t>(inside.size());  // counted beyond the capacity too: the caller sees it
+  });
+}
+
 }  // namespace
 
 void magnitude_histogram_cpu(const HistogramParams& p) {
@@ -65,6 +97,18 @@ void magnitude_histogram_cpu(const HistogramParams& p) {
       return dispatch<BFloat16Codec>(p);
     case ElementType::kFloat16:
       return dispatch<Float16Codec>(p);
+  }
+}
+
+void magnitude_gather_cpu(const GatherParams& p) {
+  const bool base = p.base != nullptr;
+  switch (p.type) {
+    case ElementType::kFloat32:
+      return base ? gather_kernel<Float32Codec, true>(p) : gather_kernel<Float32Codec, false>(p);
+    case ElementType::kBFloat16:
+      return base ? gather_kernel<BFloat16Codec, true>(p) : gather_kernel<BFloat16Codec, false>(p);
+    case ElementType::kFloat16:
+      return base ? gather_kernel<Float16Codec, true>(p) : gather_kernel<Float16Codec, false>(p);
   }
 }
 

@@ -20,4 +20,19 @@ struct HistogramParams {
 
 void magnitude_histogram_cpu(const HistogramParams& p);
 
+struct GatherParams {
+  const void* x;     // n elements
+  const void* base;  // n elements of the same type, or nullptr
+  int64_t n;
+  ElementType type;
+  uint32_t lo, hi;   // the window: magnitudes whose fp32 bits are in [lo, hi]
+  int32_t* out;      // the window's bits, appended at counts[1] while room is left (capacity elements)
+  int64_t capacity;
+  int64_t* counts;   // [2]: += the magnitudes above hi, += those in the window (gathered or not)
+};
+
+// One pass of an exact selection that a sample narrowed to a window: what lies above it counted, what lies in it
+// gathered (its k-th is then found among few).
+void magnitude_gather_cpu(const GatherParams& p);
+
 }  // namespace evolver_kernels

@@ -1,5 +1,6 @@
 """Radix histograms of magnitudes: the passes of the exact k-th-largest selections (TIES' and breadcrumbs' trims,
-sce's variances) that replace a sort.
+sce's variances) that replace a sort, and the one-pass window count that replaces both passes when a sample has
+narrowed the answer (counting what lies above the window, gathering what lies in it).
 
 The magnitudes are |x - base| formed in fp32 (|x| without a base), which is how the fused merge forms a task
 vector before trimming it, and are counted by their fp32 bit patterns (non-negative floats order as their bits):
@@ -34,18 +35,23 @@ def magnitude_bits(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.T
     return v.abs().view(torch.int32)
 
 
+def _native(x: torch.Tensor, base: torch.Tensor | None) -> bool:
+    """The CPU extension's kernels count these chunks."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _NATIVE
+        and (base is None or base.dtype == x.dtype)
+        and backends.cpu_extension() is not None
+    )
+
+
 def magnitude_histogram(
     counts: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None = None, slots: torch.Tensor | None = None
 ) -> None:
     """counts (int64, on x's device) += the histogram of the magnitudes of x (a 1-D chunk; `base` the same
     size and dtype): by their top 16 bits (counts of BUCKETS), or with `slots` (int32 of BUCKETS: the bucket's
     histogram number, -1 where not counted) by their low 16 bits into counts[slot * BUCKETS + low]."""
-    if (
-        x.device.type == "cpu"
-        and x.dtype in _NATIVE
-        and (base is None or base.dtype == x.dtype)
-        and backends.cpu_extension() is not None
-    ):
+    if _native(x, base):
         torch.ops.evolver_kernels.magnitude_histogram_(
             x.contiguous().view(-1), None if base is None else base.contiguous().view(-1), slots, counts
         )
@@ -57,3 +63,24 @@ def magnitude_histogram(
     slot = slots[(bits >> 16).long()]
     chosen = slot >= 0
     count_into(counts, slot[chosen].long() * BUCKETS + (bits[chosen] & 0xFFFF).long())
+
+
+def magnitude_gather(
+    counts: torch.Tensor, out: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None, lo: int, hi: int
+) -> None:
+    """One pass of a selection that a sample narrowed to the window [lo, hi] of fp32 bit patterns of the magnitudes
+    of x (as magnitude_histogram forms them): counts[0] += how many lie above hi; those in the window are appended
+    to `out` (int32 bits) at counts[1] while it has room, and counts[1] += how many (int64 counts of 2, on x's
+    device; which of them fill the room is unspecified, their multiset is not when they all fit)."""
+    if _native(x, base):
+        torch.ops.evolver_kernels.magnitude_gather_(
+            x.contiguous().view(-1), None if base is None else base.contiguous().view(-1), lo, hi, out, counts
+        )
+        return
+    bits = magnitude_bits(x, base).view(-1)
+    inside = bits[(bits >= lo) & (bits <= hi)]
+    at = int(counts[1])
+    room = max(0, min(out.numel() - at, inside.numel()))
+    out[at : at + room] = inside[:room]
+    counts[0] += (bits > hi).sum()
+    counts[1] += inside.numel()

@@ -91,7 +91,6 @@ from evolver_kernels.methods.task_vectors import (
     kth_largest_magnitudes,
     normalize_of,
     per_model_values,
-    task_vector_chunk,
     task_vectors_of,
 )
 from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
@@ -172,10 +171,10 @@ def breadcrumbs(
                 continue
             ks = ([top] if top > 0 else []) + ([top + keep] if top + keep < e.numel else [])
 
-            def task_vector(a, b, k=k, e=e, device=dst.device):
-                return task_vector_chunk(pop, base, e, k, a - e.offset, b - e.offset, device)
+            def task_vector(a, b, k=k, e=e, device=dst.device):  # (x_k, base): the histogram forms x_k - base
+                return pop.read(k, e.group, a, b).to(device), base_chunk(base, e.group, a, b, device)
 
-            found = kth_largest_magnitudes(task_vector, e.offset, e.offset + e.numel, lambda nonzero, ks=ks: ks, chunk)
+            found = kth_largest_magnitudes(task_vector, e.offset, e.offset + e.numel, ks, chunk)
             high = found.pop(0) if top > 0 else INF
             bounds.append((found[0] if found else 0.0, high))
         band = any(b is not None for b in bounds)

@@ -23,9 +23,11 @@ Where ours differs from mergekit's generalized task arithmetic and peft's merge_
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from evolver_kernels.kernels.histogram import BUCKETS, magnitude_bits, magnitude_histogram
+from evolver_kernels.kernels.histogram import BUCKETS, magnitude_bits, magnitude_gather, magnitude_histogram
 from evolver_kernels.kernels.ops import crossover_mask, merge_tensors
 from evolver_kernels.kernels.rng import STREAM_DARE
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
@@ -200,7 +202,11 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
         held = values(lo, hi)
 
         def values(a: int, b: int):
-            return held
+            return _part(held, a - lo, b - lo)
+
+    found = {} if callable(ks) else _sampled_kths(values, lo, hi, ks, chunk)
+    if not callable(ks) and all(k in found for k in ks):
+        return [found[k] for k in ks]
 
     def histogram(slots: torch.Tensor | None, n_slots: int = 1) -> tuple[torch.Tensor, int]:
         """The counts of the top 16 bits (slots None; with the count of zeros when ks needs it), else of the low
@@ -226,8 +232,7 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
 
     top, zeros = histogram(None)
     ks = list(ks(hi - lo - zeros)) if callable(ks) else list(ks)
-    if any(not 1 <= k <= hi - lo for k in ks):
-        raise ValueError(f"k must be in [1, {hi - lo}], got {ks}")
+    _check_ks(ks, hi - lo)
     if not ks:
         return []
     buckets = [bucket_of_kth(top, k) for k in ks]
@@ -240,6 +245,67 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
         low, _ = bucket_of_kth(lows[highs.index(high)], k - above)
         out.append(float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32)))
     return out
+
+
+SAMPLED_MIN = 1 << 18  # elements from which a sample narrows the selection to one pass
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 256, 512  # evenly spaced blocks of contiguous elements (a few pages each)
+
+
+def _check_ks(ks: list[int], n: int) -> None:
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"k must be in [1, {n}], got {ks}")
+
+
+def _part(v, a: int, b: int):
+    """Elements [a, b) of a chunk's values or of its (x, base) pair."""
+    return (v[0][a:b], v[1][a:b]) if isinstance(v, tuple) else v[a:b]
+
+
+def _pair(v) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return v if isinstance(v, tuple) else (v, None)
+
+
+def _sampled_kths(values, lo: int, hi: int, ks: list[int], chunk: int) -> dict[int, float]:
+    """The k-th largest magnitudes that one pass settles, exactly (Floyd and Rivest's selection): a deterministic
+    sample (evenly spaced blocks) places each k-th between two of the sample's order statistics, a margin of 6
+    standard deviations of a sample rank (and 16 more) on either side; one pass over [lo, hi) counts the
+    magnitudes above that window and gathers those in it (kernels/histogram.magnitude_gather); a k is settled
+    when the counts put its k-th largest in the window, and it is then the right one among the few gathered.
+    A k not settled (a sample that misled) is missing from the result: the two histogram passes find it. The
+    answer never depends on the sample, only the cost."""
+    n = hi - lo
+    _check_ks(ks, n)
+    if n < SAMPLED_MIN or not ks:
+        return {}
+    blocks = min(SAMPLE_BLOCKS, n // SAMPLE_BLOCK)
+    starts = [lo + j * (n - SAMPLE_BLOCK) // (blocks - 1) for j in range(blocks)]
+    sample = torch.cat([magnitude_bits(*_pair(values(a, a + SAMPLE_BLOCK))).view(-1) for a in starts]).cpu()
+    m = sample.numel()
+
+    def at(rank: int) -> int:  # the sample's rank-th largest (0-based) bit pattern; kthvalue, no sort
+        return int(sample.kthvalue(m - rank).values)
+
+    found: dict[int, float] = {}
+    for k in ks:
+        r = (k - 1) * m / n
+        margin = 6.0 * math.sqrt(r * (1.0 - r / m) + 1.0) + 16.0
+        top_rank, low_rank = max(0, math.floor(r - margin)), min(m - 1, math.ceil(r + margin))
+        low = 0 if low_rank == m - 1 else at(low_rank)
+        high = 0x7FFFFFFF if top_rank == 0 else at(top_rank)
+        capacity = int(2 * (low_rank - top_rank + 1) * n / m) + 1024  # twice what the sample expects in it
+        counts = gathered = None
+        for a, b in iter_chunks(n, chunk):
+            x, base = _pair(values(lo + a, lo + b))
+            if counts is None:
+                counts = torch.zeros(2, dtype=torch.int64, device=x.device)
+                gathered = torch.empty(capacity, dtype=torch.int32, device=x.device)
+            magnitude_gather(counts, gathered, x, base, low, high)
+        above, inside = (int(c) for c in counts.cpu())
+        if above < k <= above + inside and inside <= capacity:
+            rank = k - above  # the rank-th largest of the gathered
+            bits = gathered[:inside].kthvalue(inside - rank + 1).values
+            found[k] = float(bits.cpu().view(torch.float32))
+    return found
 
 
 def normalize_of(ctx: MergeContext, default: bool) -> bool:

@@ -56,3 +56,31 @@ def test_bad_arguments_are_refused():
         torch.ops.evolver_kernels.magnitude_histogram_(x, None, None, torch.zeros(10, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16 or float16"):
         torch.ops.evolver_kernels.magnitude_histogram_(x.double(), None, None, torch.zeros(BUCKETS, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_native_gather_is_torchs(dtype, with_base):
+    """The window's magnitudes gathered (as a multiset) and those above it counted, chunk by chunk, as torch does;
+    a window with more than the room counts them all and fills the room."""
+    from evolver_kernels.kernels import histogram
+
+    gen = torch.Generator().manual_seed(1)
+    n = (1 << 20) + 11
+    x = torch.randn(n, generator=gen).to(dtype)
+    base = torch.randn(n, generator=gen).to(dtype) if with_base else None
+    bits = magnitude_bits(x, base)
+    for lo, hi in [(0x3F000000, 0x3F000000), (0x3F000000, 0x3F0FFFFF), (0, 0x7FFFFFFF)]:
+        inside = torch.sort(bits[(bits >= lo) & (bits <= hi)]).values
+        for room in (inside.numel(), inside.numel() // 2):
+            counts = torch.zeros(2, dtype=torch.int64)
+            out = torch.full((room,), -1, dtype=torch.int32)
+            for a in range(0, n, 300_007):  # chunk by chunk into the same counts
+                histogram.magnitude_gather(
+                    counts, out, x[a : a + 300_007], None if base is None else base[a : a + 300_007], lo, hi
+                )
+            assert counts.tolist() == [int((bits > hi).sum()), inside.numel()]
+            if room == inside.numel():
+                assert torch.equal(torch.sort(out).values, inside)
+            else:
+                assert bool(((out >= lo) & (out <= hi)).all())

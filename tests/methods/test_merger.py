@@ -285,3 +285,30 @@ def test_regmean_solves_the_closed_form_and_tracks_changed_individuals():
         RegMean(layout, grams, 1.5)
     with pytest.raises(ValueError, match="regmean needs its statistics"):
         merger.Merger("regmean")
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 100_003])
+def test_sampled_selection_is_exact_and_falls_back(chunk):
+    """Above SAMPLED_MIN elements a sample narrows each k-th to a window counted in one pass; the answer is the
+    exact k-th (kthvalue's) whether the window settles it or, where the sample misleads, the histograms do."""
+    from evolver_kernels.methods import task_vectors as tv
+
+    n = tv.SAMPLED_MIN + 4099
+    gen = torch.Generator().manual_seed(5)
+    x, b = (torch.randn(n, generator=gen).bfloat16() for _ in range(2))
+    b[::3] = x[::3]
+    tau = (x.float() - b.float()).abs()
+    ks = [1, 7, n // 3, n // 2 + 1, n - 5, n]
+    want = [float(tau.kthvalue(n - k + 1).values) for k in ks]
+    assert merger_kths(lambda lo, hi: (x[lo:hi], b[lo:hi]), n, ks, chunk) == want
+    settled = tv._sampled_kths(lambda lo, hi: (x[lo:hi], b[lo:hi]), 0, n, ks, chunk)
+    assert {n // 3, n // 2 + 1} <= set(settled) and all(settled[k] == want[ks.index(k)] for k in settled)
+    # a sample that misleads: every sampled block zero, the rest large
+    v = torch.randn(n, generator=gen) + 10.0
+    blocks = tv.SAMPLE_BLOCKS
+    for j in range(blocks):
+        a = j * (n - tv.SAMPLE_BLOCK) // (blocks - 1)
+        v[a : a + tv.SAMPLE_BLOCK] = 0.0
+    k = n // 10
+    assert tv._sampled_kths(lambda lo, hi: v[lo:hi], 0, n, [k], chunk) == {}
+    assert merger_kths(lambda lo, hi: v[lo:hi], n, [k], chunk) == [float(v.abs().kthvalue(n - k + 1).values)]
