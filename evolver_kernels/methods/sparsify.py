@@ -32,8 +32,8 @@ per-model weights (1 each by default), everything per tensor:
 
 Streaming: per-tensor reductions in fp32 over chunks first, then one element-wise pass writing the output
 chunk by chunk; never a stack of the N models, never a mask of a tensor or of the model:
-- breadcrumbs: both magnitude thresholds of each tau_k found exactly by the radix histogram of TIES
-  (task_vectors.kth_largest_magnitudes: the two k's in the same two passes); kept is lo <= |tau| < hi.
+- breadcrumbs: both magnitude thresholds of each tau_k found exactly as TIES' are
+  (task_vectors.kth_largest_magnitudes: the two k's in the same passes); kept is lo <= |tau| < hi.
 - della: pass 1 (with rescale) sums |tau_k| and |kept tau_k| per tensor; pass 2 merges. Both work on spans of
   whole rows of about chunk / N elements (a longer row is still read whole: della's memory is
   O(max(chunk, N row))): each sorts the span's rows by magnitude (torch.argsort) into per-element drop

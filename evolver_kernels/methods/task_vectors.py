@@ -1,6 +1,7 @@
 """Task-vector methods (tau_k = x_k - base): task arithmetic, TIES and DARE, streamed through the fused
-operator merge_tensors, with TIES' per-tensor trim thresholds found exactly by a two-pass radix histogram
-over chunks (memory O(chunk), not O(tensor)).
+operator merge_tensors, with TIES' per-tensor trim thresholds found exactly without a sort: one pass over a
+window a sample narrowed (the sample select), else two radix-histogram passes, over chunks (memory O(chunk), not
+O(tensor)): kth_largest_magnitudes.
 
   task_arithmetic    out = base + scale * sum_k w_k tau_k                      (Ilharco et al. 2023)
   ties               trim each tau_k to its top `density` fraction by magnitude (per tensor), elect the sign
