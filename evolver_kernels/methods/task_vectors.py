@@ -193,8 +193,9 @@ def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22
 
 
 def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -> list[float]:
-    """kth_largest_magnitude for several k at once, in the same two passes (the second histograms the buckets of
-    every k; a range of at most one chunk is read once): no sort, at any size. values(a, b) is a chunk's fp32
+    """kth_largest_magnitude for several k at once, without a sort at any size: from SAMPLED_MIN elements in one
+    pass where a sample settles them (_sampled_kths), else in two histogram passes shared by every k (the second
+    histograms the buckets of every k; a range of at most one chunk is read once). values(a, b) is a chunk's fp32
     values, or a pair (x, base) whose fp32 difference they are (the histogram kernel then forms it, without a
     tensor of it: kernels/histogram.py). `ks` is the list of k's, or a function of the count of non-zero |v|,
     counted in the first pass, that gives them (sce selects a fraction of the non-zero variances); each k must be
@@ -215,8 +216,7 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
         counts = None
         zeros = 0
         for a, b in iter_chunks(hi - lo, chunk):
-            v = values(lo + a, lo + b)
-            x, base = v if isinstance(v, tuple) else (v, None)
+            x, base = _pair(values(lo + a, lo + b))
             if counts is None:
                 counts = torch.zeros(n_slots * BUCKETS, dtype=torch.int64, device=x.device)
                 slots = None if slots is None else slots.to(x.device)
