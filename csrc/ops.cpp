@@ -43,14 +43,19 @@ void crossover_mask_cpu_op(const at::Tensor& out, int64_t threshold, int64_t see
 
 void run_merge_cpu(const MergeParams& params, const at::Tensor&) { merge_cpu(params); }
 
-void magnitude_histogram_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base,
-                                const c10::optional<at::Tensor>& slots, const at::Tensor& counts) {
+// The magnitudes' inputs of both selection passes: x a contiguous 1-D float tensor, base (if any) its like.
+ElementType check_magnitude_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& base) {
   TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "evolver_kernels: x must be a contiguous 1-D tensor");
-  const ElementType type = element_type_of(x);
   if (base) {
     TORCH_CHECK(base->scalar_type() == x.scalar_type() && base->is_contiguous() && base->numel() == x.numel(),
                 "evolver_kernels: base must be a contiguous tensor of x's dtype and size");
   }
+  return element_type_of(x);
+}
+
+void magnitude_histogram_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base,
+                                const c10::optional<at::Tensor>& slots, const at::Tensor& counts) {
+  const ElementType type = check_magnitude_inputs(x, base);
   if (slots) {
     TORCH_CHECK(slots->scalar_type() == at::kInt && slots->is_contiguous() && slots->numel() == 65536,
                 "evolver_kernels: slots must be a contiguous int32 tensor of 65536 elements");
@@ -70,12 +75,7 @@ void magnitude_histogram_cpu_op(const at::Tensor& x, const c10::optional<at::Ten
 
 void magnitude_gather_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base, int64_t lo, int64_t hi,
                              const at::Tensor& out, const at::Tensor& counts) {
-  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "evolver_kernels: x must be a contiguous 1-D tensor");
-  const ElementType type = element_type_of(x);
-  if (base) {
-    TORCH_CHECK(base->scalar_type() == x.scalar_type() && base->is_contiguous() && base->numel() == x.numel(),
-                "evolver_kernels: base must be a contiguous tensor of x's dtype and size");
-  }
+  const ElementType type = check_magnitude_inputs(x, base);
   TORCH_CHECK(0 <= lo && lo <= hi && hi <= 0x7fffffffLL,
               "evolver_kernels: the window [lo, hi] must lie within the non-negative fp32 bit patterns");
   TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous(), "evolver_kernels: out must be contiguous int32");

@@ -18,6 +18,26 @@ namespace {
 constexpr int64_t kBuckets = 1 << 16;
 constexpr int64_t kGrain = 1 << 16;
 
+// |x[i] - base[i]| (|x[i]| without a base) in fp32, as its bits: non-negative floats order as their bits.
+template <typename Codec, bool kBase>
+inline uint32_t magnitude_bits(const typename Codec::Bits* x, const typename Codec::Bits* base, int64_t i) {
+  const float v = kBase ? Codec::load(x[i]) - Codec::load(base[i]) : Codec::load(x[i]);
+  return float_to_bits(v) & 0x7fffffffu;
+}
+
+// run(codec) with the codec of `type`.
+template <typename Run>
+void with_codec(ElementType type, Run&& run) {
+  switch (type) {
+    case ElementType::kFloat32:
+      return run(Float32Codec{});
+    case ElementType::kBFloat16:
+      return run(BFloat16Codec{});
+    case ElementType::kFloat16:
+      return run(Float16Codec{});
+  }
+}
+
 template <typename Codec, bool kBase, bool kSelect>
 void histogram_kernel(const HistogramParams& p) {
   using Bits = typename Codec::Bits;
@@ -30,8 +50,7 @@ void histogram_kernel(const HistogramParams& p) {
     for (int64_t lo = begin; lo < end; lo += kStep) {
       const int64_t hi = std::min(end, lo + kStep);
       for (int64_t i = lo; i < hi; ++i) {
-        const float v = kBase ? Codec::load(x[i]) - Codec::load(base[i]) : Codec::load(x[i]);
-        const uint32_t bits = float_to_bits(v) & 0x7fffffffu;  // |v|: non-negative floats order as their bits
+        const uint32_t bits = magnitude_bits<Codec, kBase>(x, base, i);
         if (kSelect) {
           const int32_t slot = p.slots[bits >> 16];
           if (slot >= 0) ++local[static_cast<size_t>(slot) * kBuckets + (bits & 0xffffu)];
@@ -70,8 +89,7 @@ void gather_kernel(const GatherParams& p) {
     std::vector<uint32_t> inside;
     int64_t above = 0;
     for (int64_t i = begin; i < end; ++i) {
-      const float v = kBase ? Codec::load(x[i]) - Codec::load(base[i]) : Codec::load(x[i]);
-      const uint32_t bits = float_to_bits(v) & 0x7fffffffu;
+      const uint32_t bits = magnitude_bits<Codec, kBase>(x, base, i);
       if (bits - lo <= span) {  // wraps around below the window: not gathered
         inside.push_back(bits);
       } else if (bits > lo) {
@@ -90,26 +108,14 @@ void gather_kernel(const GatherParams& p) {
 }  // namespace
 
 void magnitude_histogram_cpu(const HistogramParams& p) {
-  switch (p.type) {
-    case ElementType::kFloat32:
-      return dispatch<Float32Codec>(p);
-    case ElementType::kBFloat16:
-      return dispatch<BFloat16Codec>(p);
-    case ElementType::kFloat16:
-      return dispatch<Float16Codec>(p);
-  }
+  with_codec(p.type, [&](auto codec) { dispatch<decltype(codec)>(p); });
 }
 
 void magnitude_gather_cpu(const GatherParams& p) {
-  const bool base = p.base != nullptr;
-  switch (p.type) {
-    case ElementType::kFloat32:
-      return base ? gather_kernel<Float32Codec, true>(p) : gather_kernel<Float32Codec, false>(p);
-    case ElementType::kBFloat16:
-      return base ? gather_kernel<BFloat16Codec, true>(p) : gather_kernel<BFloat16Codec, false>(p);
-    case ElementType::kFloat16:
-      return base ? gather_kernel<Float16Codec, true>(p) : gather_kernel<Float16Codec, false>(p);
-  }
+  with_codec(p.type, [&](auto codec) {
+    using Codec = decltype(codec);
+    p.base != nullptr ? gather_kernel<Codec, true>(p) : gather_kernel<Codec, false>(p);
+  });
 }
 
 }  // namespace evolver_kernels

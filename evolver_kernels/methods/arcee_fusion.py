@@ -13,8 +13,8 @@ where it changed the base most, judged per tensor:
 Streaming, per tensor: spans of whole rows (the softmax is row-wise; a row longer than the chunk is still read
 whole, so memory is O(max(chunk, row length))); never a mask tensor of a tensor or of the model. A tensor that
 is one span (at most one chunk, or a single row) is read once: its importances counted in the two histogram
-passes below (no sort), thresholded and merged. A larger one takes three passes over its spans: (1) kl of each row, kept as one fp32 per row (a [rows] vector,
-1 / row length of the tensor), and the histogram of the top 16 bits of each importance's order-preserving fp32
+passes below (no sort), thresholded and merged. A larger one takes three passes over its spans: (1) kl of each
+row, kept as one fp32 per row (a [rows] vector, 1 / row length of the tensor), and the histogram of the top 16 bits of each importance's order-preserving fp32
 key; (2) the histogram of the low 16 bits within the buckets that hold the three order statistics, which gives
 them exactly (kth_smallest: TIES' radix selection extended to signed values, since kl, and so an importance,
 can round below 0); (3) the element-wise merge. Each pass recomputes the importances of a span from b, x and

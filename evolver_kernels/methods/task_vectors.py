@@ -194,8 +194,8 @@ def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22
 
 def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -> list[float]:
     """kth_largest_magnitude for several k at once, without a sort at any size: from SAMPLED_MIN elements in one
-    pass where a sample settles them (_sampled_kths), else in two histogram passes shared by every k (the second
-    histograms the buckets of every k; a range of at most one chunk is read once). values(a, b) is a chunk's fp32
+    pass where a sample settles them (_sampled_kths), the others in two histogram passes shared by them (the
+    second histograms the buckets of every such k; a range of at most one chunk is read once). values(a, b) is a chunk's fp32
     values, or a pair (x, base) whose fp32 difference they are (the histogram kernel then forms it, without a
     tensor of it: kernels/histogram.py). `ks` is the list of k's, or a function of the count of non-zero |v|,
     counted in the first pass, that gives them (sce selects a fraction of the non-zero variances); each k must be
@@ -232,20 +232,20 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
         return BUCKETS - 1 - idx, int(from_top[idx - 1]) if idx > 0 else 0
 
     top, zeros = histogram(None)
-    ks = list(ks(hi - lo - zeros)) if callable(ks) else list(ks)
-    _check_ks(ks, hi - lo)
+    wanted = list(ks(hi - lo - zeros)) if callable(ks) else list(ks)
+    _check_ks(wanted, hi - lo)
+    ks = [k for k in wanted if k not in found]
     if not ks:
-        return []
+        return [found[k] for k in wanted]
     buckets = [bucket_of_kth(top, k) for k in ks]
     highs = sorted({high for high, _ in buckets})
     slots = torch.full((BUCKETS,), -1, dtype=torch.int32)
     slots[highs] = torch.arange(len(highs), dtype=torch.int32)
     lows = histogram(slots, len(highs))[0].view(len(highs), BUCKETS)
-    out = []
     for k, (high, above) in zip(ks, buckets):
         low, _ = bucket_of_kth(lows[highs.index(high)], k - above)
-        out.append(float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32)))
-    return out
+        found[k] = float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
+    return [found[k] for k in wanted]
 
 
 SAMPLED_MIN = 1 << 18  # elements from which a sample narrows the selection to one pass

@@ -354,7 +354,7 @@ class MappedModels(ReadOnlyView):
 
         index = tensor_index(files)
         keys = resolve_names(self.layout, index, source)
-        maps, spans, places = {}, {g: [] for g in self.layout.groups}, {g: [] for g in self.layout.groups}
+        maps, items = {}, {g: [] for g in self.layout.groups}
         for path in sorted({index[keys[e.name]][0] for e in self.layout.entries}):
             f = open(path, "rb")  # noqa: SIM115 - kept open with its map until close()
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -374,13 +374,12 @@ class MappedModels(ReadOnlyView):
                     if e.numel
                     else torch.empty(0, dtype=self.layout.group_dtype(e.group))
                 )
-            spans[e.group].append((e.offset, e.offset + e.numel, view))
-            places[e.group].append((e.offset, mm, data_start + begin))
-        for g, group_spans in spans.items():
-            group_spans.sort(key=lambda s: s[0])
-            places[g] = [(mm, at) for _, mm, at in sorted(places[g], key=lambda p: p[0])]
-        self._starts.append({g: [s[0] for s in group_spans] for g, group_spans in spans.items()})
-        self._bytes.append(places)
+            items[e.group].append((e.offset, e.offset + e.numel, view, mm, data_start + begin))
+        for group_items in items.values():
+            group_items.sort(key=lambda item: item[0])
+        spans = {g: [item[:3] for item in group_items] for g, group_items in items.items()}
+        self._starts.append({g: [item[0] for item in group_items] for g, group_items in items.items()})
+        self._bytes.append({g: [item[3:] for item in group_items] for g, group_items in items.items()})
         return spans
 
     def _read_ahead(self, i: int, group: str, lo: int, hi: int) -> None:
