@@ -37,7 +37,7 @@ void merge_kernel(const MergeParams& p) {
   const float count = static_cast<float>(n);
   at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t words[kBlock];
-    alignas(64) float b[kBlock], acc[kBlock], den[kBlock];
+    alignas(64) float b[kBlock], acc[kBlock], den[kBlock], tau[kBlock];
     std::vector<float> taus(staged ? static_cast<size_t>(n) * kBlock : 0);
     for (int64_t blk = begin; blk < end; ++blk) {
       const uint64_t g = first_group + static_cast<uint64_t>(blk) * kGroups;
@@ -59,25 +59,62 @@ void merge_kernel(const MergeParams& p) {
         const float drop_rescale = p.drop_rescale[k];
         if (thr || global_drop) block_words(g, p.seed, p.stream + static_cast<uint64_t>(k), words);
         const uint32_t* word = words + lo + delta;
-        float* tau_k = staged ? taus.data() + static_cast<size_t>(k) * kBlock : nullptr;
-        for (int64_t i = 0; i < len; ++i) {
-          float v = Codec::load(x[i]);
-          if (kBase) v = v - b[i];
+        // One simple loop per step (each vectorises; one loop with all the branches did not), the same
+        // operations in the same order per element as before.
+        if (!thr && !global_drop && !band && !staged && !fisher) {  // linear: one loop, at memory speed
+          for (int64_t i = 0; i < len; ++i) {
+            float u = Codec::load(x[i]);
+            if (kBase) u = u - b[i];
+            acc[i] = acc[i] + w * u;
+            den[i] = den[i] + w;
+          }
+          continue;
+        }
+        float* v = staged ? taus.data() + static_cast<size_t>(k) * kBlock : tau;
+        if (!thr && !global_drop) {  // TIES, breadcrumbs: the band in the loading loop
+          for (int64_t i = 0; i < len; ++i) {
+            float u = Codec::load(x[i]);
+            if (kBase) u = u - b[i];
+            if (band) {
+              const float a = std::fabs(u);
+              u = (a < trim || (has_top && a >= top)) ? 0.0f : u;
+            }
+            v[i] = u;
+          }
+        } else {
+          if (kBase) {
+            for (int64_t i = 0; i < len; ++i) v[i] = Codec::load(x[i]) - b[i];
+          } else {
+            for (int64_t i = 0; i < len; ++i) v[i] = Codec::load(x[i]);
+          }
           if (thr) {
-            v = static_cast<int64_t>(word[i]) < thr[i] ? 0.0f : v * drop_rescale;
-          } else if (global_drop) {
-            v = dropped.selects(word[i]) ? 0.0f : v * rescale;
+            for (int64_t i = 0; i < len; ++i) {
+              v[i] = static_cast<int64_t>(word[i]) < thr[i] ? 0.0f : v[i] * drop_rescale;
+            }
+          } else if (dropped.all) {
+            for (int64_t i = 0; i < len; ++i) v[i] = 0.0f;
+          } else {
+            const uint32_t bound = dropped.bound;
+            for (int64_t i = 0; i < len; ++i) v[i] = word[i] < bound ? 0.0f : v[i] * rescale;
           }
           if (band) {
-            const float a = std::fabs(v);
-            v = (a < trim || (has_top && a >= top)) ? 0.0f : v;
+            for (int64_t i = 0; i < len; ++i) {
+              const float a = std::fabs(v[i]);
+              v[i] = (a < trim || (has_top && a >= top)) ? 0.0f : v[i];
+            }
           }
-          if (staged) {
-            tau_k[i] = v;
-          } else {
-            const float c = fisher ? w * fisher[i] : w;
-            acc[i] = acc[i] + c * v;
+        }
+        if (staged) continue;
+        if (fisher) {
+          for (int64_t i = 0; i < len; ++i) {
+            const float c = w * fisher[i];
+            acc[i] = acc[i] + c * v[i];
             den[i] = den[i] + c;
+          }
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            acc[i] = acc[i] + w * v[i];
+            den[i] = den[i] + w;
           }
         }
       }
