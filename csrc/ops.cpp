@@ -93,6 +93,32 @@ void magnitude_gather_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor
   magnitude_gather_cpu(p);
 }
 
+void magnitude_rank_drops_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base, const at::Tensor& table,
+                                 int64_t seed, int64_t stream, int64_t offset, const at::Tensor& out) {
+  const ElementType type = check_magnitude_inputs(x, base);
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 1 && table.is_contiguous() && table.numel() > 0,
+              "evolver_kernels: table must be a contiguous int64 1-D tensor of the row length");
+  const int64_t cols = table.numel();
+  TORCH_CHECK(x.numel() % cols == 0 && cols < (int64_t{1} << 32),
+              "evolver_kernels: x must be whole rows of table's length (below 2^32)");
+  const at::Tensor steps = table.slice(0, 1).sub(table.slice(0, 0, cols - 1));
+  TORCH_CHECK(cols == 1 || steps.max().item<int64_t>() <= 0, "evolver_kernels: table must be non-increasing");
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.is_contiguous() && out.numel() == x.numel(),
+              "evolver_kernels: out must be a contiguous int64 tensor of x's size");
+  RankDropParams p{};
+  p.x = x.data_ptr();
+  p.base = base ? base->data_ptr() : nullptr;
+  p.rows = x.numel() / cols;
+  p.cols = cols;
+  p.type = type;
+  p.table = table.data_ptr<int64_t>();
+  p.seed = static_cast<uint64_t>(seed);
+  p.stream = static_cast<uint64_t>(stream);
+  p.offset = static_cast<uint64_t>(offset);
+  p.out = out.data_ptr<int64_t>();
+  magnitude_rank_drops_cpu(p);
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -116,6 +142,10 @@ TORCH_LIBRARY(evolver_kernels, m) {
   // counts[0] += the magnitudes (as above) whose fp32 bits are above hi; those in [lo, hi] appended to out at
   // counts[1] while it has room, counts[1] += how many: one pass of a selection a sample narrowed.
   m.def("magnitude_gather_(Tensor x, Tensor? base, int lo, int hi, Tensor(a!) out, Tensor(b!) counts) -> ()");
+  // della's drops in rows of table's length: out[r, j] = 2^32 (dropped) where element j's Philox word is below
+  // table[rank of its magnitude (as above) in row r], else 0 (ranks ascending, ties by index).
+  m.def("magnitude_rank_drops_(Tensor x, Tensor? base, Tensor table, int seed, int stream, int offset, "
+        "Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
@@ -125,6 +155,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("merge_", &evolver_kernels::merge_op<evolver_kernels::run_merge_cpu>);
   m.impl("magnitude_histogram_", &evolver_kernels::magnitude_histogram_cpu_op);
   m.impl("magnitude_gather_", &evolver_kernels::magnitude_gather_cpu_op);
+  m.impl("magnitude_rank_drops_", &evolver_kernels::magnitude_rank_drops_cpu_op);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).

@@ -105,7 +105,128 @@ void gather_kernel(const GatherParams& p) {
   });
 }
 
+// Element j of a row is dropped where its Philox word < table[its rank]; the table is non-increasing, so a coarse
+// rank settles almost every element. Per row: the magnitudes' fp32 bits cut into buckets (a rank lies in its
+// bucket's range [lo, hi]); an element with word < table[hi] is dropped, one with word >= table[lo] kept, both
+// without a branch. Only the few others' buckets are ranked exactly: their members gathered in index order, which
+// is already the rank order in a bucket of one magnitude (bf16 task vectors tie often), else sorted by (bits,
+// index). No sort of the row. Rows run in parallel, each with its own buffers.
+template <typename Codec, bool kBase>
+void rank_drop_kernel(const RankDropParams& p) {
+  using Bits = typename Codec::Bits;
+  const int64_t cols = p.cols;
+  // About four elements per bucket of a row's range of magnitudes (at most 2^12 buckets).
+  const int bucket_bits = std::clamp(64 - __builtin_clzll(static_cast<uint64_t>(cols)) - 2, 1, 12);
+  const int64_t buckets = (int64_t{1} << bucket_bits) + 2;  // the zeros' bucket, then up to 2^bits + 1 others
+  constexpr uint32_t kSpan = uint32_t{16} << 23;                 // 16 binades of fp32 bits
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    const int64_t* table = p.table;  // locals: stores through out must not reload them
+    std::vector<uint32_t> bits(static_cast<size_t>(cols)), words(static_cast<size_t>(cols) + 8 * kGroups);
+    std::vector<uint32_t> start(static_cast<size_t>(buckets) + 1);  // counts at v + 1, then first ranks at v
+    std::vector<uint8_t> unsettled(static_cast<size_t>(buckets));
+    std::vector<uint64_t> keys;
+    std::vector<uint16_t> slot(static_cast<size_t>(cols));
+    std::vector<int64_t> first_thr(static_cast<size_t>(buckets)), last_thr(static_cast<size_t>(buckets));
+    std::vector<uint32_t> groups, group_of(static_cast<size_t>(buckets)), cursor;
+    for (int64_t r = begin; r < end; ++r) {
+      const Bits* x = static_cast<const Bits*>(p.x) + r * cols;
+      const Bits* base = kBase ? static_cast<const Bits*>(p.base) + r * cols : nullptr;
+      int64_t* out = p.out + r * cols;
+      uint32_t low = 0xffffffffu, high = 0;  // the smallest non-zero magnitude's bits, the largest's
+      for (int64_t j = 0; j < cols; ++j) {
+        const uint32_t m = magnitude_bits<Codec, kBase>(x, base, j);
+        bits[j] = m > 0x7f800000u ? 0x7fc00000u : m;  // every NaN the same
+      }
+      for (int64_t j = 0; j < cols; ++j) {
+        const uint32_t m = bits[j];
+        low = std::min(low, m - 1);  // zero wraps to the top: the smallest non-zero, minus one
+        high = std::max(high, m);
+      }
+      low += 1;
+      // Bucket 0 holds the zeros; the others cut [bottom, high] evenly in bits (which grow as the logarithm), bottom
+      // at most 16 binades below the largest magnitude, smaller ones with it in bucket 1: the buckets stay small
+      // where the magnitudes are, whatever the row's few smallest.
+      const uint32_t bottom = std::max(std::min(low, high), high > kSpan ? high - kSpan : 0u);
+      const uint32_t range = high - bottom;
+      const int shift = std::max(0, (range == 0 ? 0 : 32 - __builtin_clz(range)) - bucket_bits);
+      auto bucket_of = [bottom, shift](uint32_t m) -> uint32_t {
+        return m == 0 ? 0u : 1u + ((std::max(m, bottom) - bottom) >> shift);
+      };
+      std::fill(start.begin(), start.end(), 0u);
+      for (int64_t j = 0; j < cols; ++j) {
+        const uint32_t v = bucket_of(bits[j]);
+        slot[j] = static_cast<uint16_t>(v);
+        ++start[v + 1];
+      }
+      for (int64_t v = 0; v + 1 < buckets; ++v) start[v + 1] += start[v];  // start[v]: the first rank of bucket v
+      for (int64_t v = 0; v + 1 < buckets; ++v) {  // the thresholds of each bucket's first and last rank
+        if (start[v + 1] > start[v]) {
+          first_thr[v] = table[start[v]];
+          last_thr[v] = table[start[v + 1] - 1];
+        }
+      }
+      // The row's Philox words: groups aligned to the global index, as the merge draws them.
+      const uint64_t row_start = p.offset + static_cast<uint64_t>(r * cols);
+      const uint64_t group = row_start >> 2;
+      const int64_t delta = static_cast<int64_t>(row_start - 4 * group);
+      for (int64_t at = 0; at < delta + cols; at += 4 * kGroups) {
+        block_words(group + static_cast<uint64_t>(at / 4), p.seed, p.stream, words.data() + at);
+      }
+      const uint32_t* word = words.data() + delta;
+      uint32_t any_unsettled = 0;
+      std::fill(unsettled.begin(), unsettled.end(), uint8_t{0});
+      for (int64_t j = 0; j < cols; ++j) {  // branch-free: a drop is a coin toss to the branch predictor
+        const uint32_t v = slot[j];
+        const int64_t w = word[j];
+        const uint32_t dropped = w < last_thr[v], kept = w >= first_thr[v];
+        out[j] = static_cast<int64_t>(dropped) << 32;  // kDropAll or 0
+        const uint32_t open = 1u ^ (dropped | kept);
+        unsettled[v] |= static_cast<uint8_t>(open);
+        any_unsettled |= open;
+      }
+      if (!any_unsettled) continue;
+      // The unsettled buckets' members, grouped by bucket in index order (a counting sort over those buckets).
+      groups.clear();
+      for (int64_t v = 0; v + 1 < buckets; ++v) {
+        if (unsettled[v]) {
+          group_of[v] = static_cast<uint32_t>(groups.size());
+          groups.push_back(static_cast<uint32_t>(v));
+        }
+      }
+      cursor.assign(groups.size() + 1, 0u);
+      for (size_t g = 0; g < groups.size(); ++g) cursor[g + 1] = cursor[g] + start[groups[g] + 1] - start[groups[g]];
+      keys.resize(cursor.back());
+      for (int64_t j = 0; j < cols; ++j) {
+        const uint32_t v = slot[j];
+        if (unsettled[v]) keys[cursor[group_of[v]]++] = static_cast<uint64_t>(bits[j]) << 32 | static_cast<uint64_t>(j);
+      }
+      uint64_t* member = keys.data();
+      for (size_t g = 0; g < groups.size(); ++g) {
+        const uint32_t v = groups[g];
+        const int64_t size = start[v + 1] - start[v];
+        bool tied = true;  // one magnitude (bf16 task vectors tie often): index order is rank order already
+        for (int64_t q = 1; q < size; ++q) tied &= (member[q] >> 32) == (member[0] >> 32);
+        if (!tied) std::sort(member, member + size);  // (bits, index): a stable sort's order
+        for (int64_t q = 0; q < size; ++q) {
+          const int64_t j = static_cast<int64_t>(member[q] & 0xffffffffu);
+          out[j] = static_cast<int64_t>(word[j]) < table[start[v] + q] ? kDropAll : 0;
+        }
+        member += size;
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void magnitude_rank_drops_cpu(const RankDropParams& p) {
+  if (p.rows <= 0 || p.cols <= 0) return;
+  with_codec(p.type, [&](auto codec) {
+    using Codec = decltype(codec);
+    p.base != nullptr ? rank_drop_kernel<Codec, true>(p) : rank_drop_kernel<Codec, false>(p);
+  });
+}
 
 void magnitude_histogram_cpu(const HistogramParams& p) {
   with_codec(p.type, [&](auto codec) { dispatch<decltype(codec)>(p); });

@@ -35,4 +35,23 @@ struct GatherParams {
 // gathered (its k-th is then found among few).
 void magnitude_gather_cpu(const GatherParams& p);
 
+struct RankDropParams {
+  const void* x;         // rows * cols elements, row-major
+  const void* base;      // the same, or nullptr
+  int64_t rows, cols;
+  ElementType type;
+  const int64_t* table;  // [cols], non-increasing: the drop threshold of each rank
+  uint64_t seed, stream, offset;  // the Philox words: element j of the span has global index offset + j
+  int64_t* out;          // rows * cols: kDropAll where the element is dropped, else 0
+};
+
+// The drop threshold that drops everything: every 32-bit word is below it.
+constexpr int64_t kDropAll = int64_t{1} << 32;
+
+// della's drops: element j of row r is dropped where its Philox word (seed, stream, offset + r * cols + j) is below
+// table[its rank], the rank of its magnitude among row r's (ascending, ties by index: a stable sort's order; all
+// NaNs equal and above infinity, as torch.argsort orders them). Written as thresholds the fused merge compares
+// the same words with: kDropAll (dropped) or 0 (kept).
+void magnitude_rank_drops_cpu(const RankDropParams& p);
+
 }  // namespace evolver_kernels

@@ -35,8 +35,8 @@ def magnitude_bits(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.T
     return v.abs().view(torch.int32)
 
 
-def _native(x: torch.Tensor, base: torch.Tensor | None) -> bool:
-    """The CPU extension's kernels count these chunks."""
+def native_magnitudes(x: torch.Tensor, base: torch.Tensor | None) -> bool:
+    """The CPU extension's magnitude kernels take these chunks (its histograms, gathers and ranks)."""
     return (
         x.device.type == "cpu"
         and x.dtype in _NATIVE
@@ -51,7 +51,7 @@ def magnitude_histogram(
     """counts (int64, on x's device) += the histogram of the magnitudes of x (a 1-D chunk; `base` the same
     size and dtype): by their top 16 bits (counts of BUCKETS), or with `slots` (int32 of BUCKETS: the bucket's
     histogram number, -1 where not counted) by their low 16 bits into counts[slot * BUCKETS + low]."""
-    if _native(x, base):
+    if native_magnitudes(x, base):
         torch.ops.evolver_kernels.magnitude_histogram_(
             x.contiguous().view(-1), None if base is None else base.contiguous().view(-1), slots, counts
         )
@@ -72,7 +72,7 @@ def magnitude_gather(
     of x (as magnitude_histogram forms them): counts[0] += how many lie above hi; those in the window are appended
     to `out` (int32 bits) at counts[1] while it has room, and counts[1] += how many (int64 counts of 2, on x's
     device; which of them fill the room is unspecified, their multiset is not when they all fit)."""
-    if _native(x, base):
+    if native_magnitudes(x, base):
         torch.ops.evolver_kernels.magnitude_gather_(
             x.contiguous().view(-1), None if base is None else base.contiguous().view(-1), lo, hi, out, counts
         )

@@ -9,6 +9,7 @@ import math
 import torch
 
 from evolver_kernels.kernels.ops import merge_tensors
+from evolver_kernels.kernels.ranks import rank_drop_thresholds
 from evolver_kernels.kernels.rng import STREAM_DARE, random_words
 from evolver_kernels.methods.registry import Param, boolean
 from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk
@@ -56,23 +57,29 @@ def della_rows(e: Entry, ranked: bool = True) -> tuple[int, int]:
     return (e.shape[0], e.shape[1]) if len(e.shape) == 2 else (1, e.numel)
 
 
+def della_table(cols: int, density: float, epsilon: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 [cols]: della's drop threshold of rank r = 0 .. cols - 1 (0 the smallest magnitude) in a row of
+    `cols`: keep probability p = density - epsilon + 2 epsilon r / (cols - 1) (density where cols == 1), in fp64;
+    the threshold floor((1 - p) 2**32), against which the element's Philox word is compared."""
+    ranks = torch.arange(cols, dtype=torch.float64, device=device)
+    if cols > 1:
+        rank_norm = ranks / (cols - 1)
+    else:
+        rank_norm = torch.full((cols,), 0.5, dtype=torch.float64, device=device)
+    p = (density - epsilon) + rank_norm * (2 * epsilon)
+    return ((1 - p) * TWO_32).floor().to(torch.int64)
+
+
 def della_thresholds(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """int64 [R, C]: della's drop threshold of each element of task-vector rows `tau` [R, C]. Rank r of |tau| in
-    its row (ties by index), keep probability p = density - epsilon + 2 epsilon r / (C - 1) (density where
-    C == 1), in fp64; the threshold floor((1 - p) 2**32), against which the element's Philox word is compared."""
+    """int64 [R, C]: della's drop threshold of each element of task-vector rows `tau` [R, C]: della_table's
+    entry for the rank of |tau| in its row (ties by index). The formula by torch's stable argsort, for tests."""
     rows, cols = tau.shape
     if epsilon == 0:  # no rank matters: p = density everywhere, as the formula gives it (mergekit's dare)
         threshold = math.floor((1 - density) * TWO_32)
         return torch.full((rows, cols), threshold, dtype=torch.int64, device=tau.device)
     order = torch.argsort(tau.abs(), dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=tau.device).expand(rows, cols))
-    if cols > 1:
-        rank_norm = ranks.to(torch.float64) / (cols - 1)
-    else:
-        rank_norm = torch.full((rows, cols), 0.5, dtype=torch.float64, device=tau.device)
-    p = (density - epsilon) + rank_norm * (2 * epsilon)
-    return ((1 - p) * TWO_32).floor().to(torch.int64)
+    table = della_table(cols, density, epsilon, tau.device)
+    return torch.empty_like(order).scatter_(1, order, table.expand(rows, cols))
 
 
 def della_kept(tau: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, offset: int) -> torch.Tensor:
@@ -121,9 +128,14 @@ def della(
     ranked = any(epsilons[k] > 0 for k in sparse)
     normalize = ties if normalize is None else normalize
 
-    def thresholds(e: Entry, k: int, tau: torch.Tensor) -> torch.Tensor:
-        """Model k's della_thresholds of tau (whole rows of entry e), flat."""
-        return della_thresholds(tau.view(-1, della_rows(e, ranked)[1]), densities[k], epsilons[k]).view(-1)
+    def thresholds(e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int) -> torch.Tensor:
+        """Drop thresholds (flat) that drop what model k's della_thresholds of x - base (whole rows of entry e,
+        at global index `offset`) drop."""
+        if epsilons[k] == 0:  # every rank alike: one threshold
+            threshold = math.floor((1 - densities[k]) * TWO_32)
+            return torch.full((x.numel(),), threshold, dtype=torch.int64, device=x.device)
+        table = della_table(della_rows(e, ranked)[1], densities[k], epsilons[k], x.device)
+        return rank_drop_thresholds(x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset)
 
     for e in pop.layout.entries:
         if e.numel == 0:
@@ -142,7 +154,7 @@ def della(
                     tau = task_vector_chunk(pop, base, e, k, lo, hi, dst.device)
                     kept = merge_tensors(
                         [tau],
-                        drop_thresholds=[thresholds(e, k, tau)],
+                        drop_thresholds=[thresholds(e, k, tau, None, start + lo)],
                         normalize=False,
                         seed=seed,
                         stream=STREAM_DARE + k,
@@ -159,8 +171,7 @@ def della(
             a, b = e.offset + lo, e.offset + hi
             base_c = base_chunk(base, e.group, a, b, dst.device)
             xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
-            base_f = base_c.float()
-            drops = [thresholds(e, k, xs[k].float() - base_f) if k in sparse else None for k in range(n)]
+            drops = [thresholds(e, k, xs[k], base_c, start + lo) if k in sparse else None for k in range(n)]
             merge_tensors(
                 xs,
                 base=base_c,

@@ -36,10 +36,11 @@ chunk by chunk; never a stack of the N models, never a mask of a tensor or of th
   (task_vectors.kth_largest_magnitudes: the two k's in the same passes); kept is lo <= |tau| < hi.
 - della: pass 1 (with rescale) sums |tau_k| and |kept tau_k| per tensor; pass 2 merges. Both work on spans of
   whole rows of about chunk / N elements (a longer row is still read whole: della's memory is
-  O(max(chunk, N row))): each sorts the span's rows by magnitude (torch.argsort) into per-element drop
-  thresholds (int64, one span per sparse model at a time in pass 1, all of them in pass 2), which the fused
-  operator compares with the Philox words it draws; pass 2 recomputes the thresholds rather than storing them.
-  With every epsilon 0 the thresholds are one constant per model and no sort runs.
+  O(max(chunk, N row))): each turns the span's rows into per-element drop thresholds (int64, one span per
+  sparse model at a time in pass 1, all of them in pass 2) that drop exactly what the rank's threshold drops
+  (kernels/ranks.py: on the CPU a bucketed rank bound settles almost every element, no sort), which the fused
+  operator compares with the Philox words it draws; pass 2 recomputes them rather than storing them. With
+  every epsilon 0 the thresholds are one constant per model and no rank is needed.
 - sce: the variance threshold in the histogram's two passes (non-zero variances counted in the first), one pass
   for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read (the
   reduction passes, which hold N fp32 task vectors, on chunks of chunk / N elements).
