@@ -13,13 +13,16 @@ every other (returned None) the merge builds the model as before, so no checkpoi
   or not stored and `tie_word_embeddings` true or absent (transformers omits it when true, the library
   default): lm_head.weight is then an alias of model.embed_tokens.weight, as the model ties them.
 
+A merge whose slices stack layers (passthrough) reads the config donor's checkpoint restacked (`restacked`): each
+output layer like its layer 0, when all its layers are alike, as the built model with num_hidden_layers changed.
+
 tests/io/test_header_layout.py checks that these layouts (names, aliases, dtypes, offsets) and the order of the
 tensors outside the layers equal those of the built model for each family of causal LM transformers ships here.
 """
 
 from __future__ import annotations
 
-from evolver_kernels.storage.arena import Layout, dtype_name, layer_index
+from evolver_kernels.storage.arena import LAYER, Layout, dtype_name, layer_index
 
 HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
@@ -60,3 +63,30 @@ def causal_lm_layout(raw: dict, index: dict) -> tuple[Layout, list[str]] | None:
     placed = set(order)
     order += [n for n in names if n not in placed]
     return layout, order
+
+
+def restacked(raw: dict, index: dict, layers: int) -> tuple[dict, dict] | None:
+    """(raw config, tensor index) of the checkpoint with `layers` layers, each like its layer 0 (mergekit's layer
+    stacking: the output keeps the config donor's architecture with num_hidden_layers = layers, as
+    merge.run._built_target builds it), for causal_lm_layout; None when the layers differ in their tensors'
+    names, dtypes or shapes (the model decides then) or the config does not count its layers by that name."""
+    if not isinstance(raw.get("num_hidden_layers"), int):
+        return None
+    per_layer: dict[int, dict] = {}
+    outside = {}
+    for name, value in index.items():
+        i = layer_index(name)
+        if i is None:
+            outside[name] = value
+        else:
+            per_layer.setdefault(i, {})[LAYER.sub(r"\g<1>\g<2>.#.", name, count=1)] = value[1:]
+    if not per_layer or any(tensors != per_layer[0] for tensors in per_layer.values()):
+        return None
+    stacked = dict(outside)
+    for i in range(layers):
+        for name, (dtype, shape) in per_layer[0].items():
+            stacked[name.replace(".#.", f".{i}.", 1)] = ("", dtype, shape)
+    config = dict(raw, num_hidden_layers=layers)
+    if isinstance(config.get("layer_types"), list) and config["layer_types"]:
+        config["layer_types"] = [config["layer_types"][0]] * layers
+    return config, stacked

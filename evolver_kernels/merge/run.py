@@ -18,7 +18,7 @@ from safetensors import safe_open
 from evolver_kernels.errors import ArgumentError
 from evolver_kernels.evaluation.evaluator import Evaluator, infer_task
 from evolver_kernels.io import model_io
-from evolver_kernels.io.header_layout import causal_lm_layout
+from evolver_kernels.io.header_layout import causal_lm_layout, restacked
 from evolver_kernels.io.jsonio import write_json
 from evolver_kernels.io.rundir import OutputDir, Scratch, disk_problem, format_bytes
 from evolver_kernels.kernels.backends import device_backends
@@ -161,7 +161,9 @@ def _save_layout(
             if key in config or key == "torch_dtype":
                 config[key] = str(dtype).removeprefix("torch.")
     if num_layers is not None:
-        key = getattr(model_io.load_config(donor), "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
+        key = "num_hidden_layers"  # the attribute's own name in the file, else the config's name for it (n_layer, ...)
+        if key not in config:
+            key = getattr(model_io.load_config(donor), "attribute_map", {}).get(key, key)
         config[key] = num_layers
         if isinstance(config.get("layer_types"), list):  # one entry per layer in newer configs
             config["layer_types"] = [config["layer_types"][0]] * num_layers
@@ -214,26 +216,31 @@ class Target:
 
 
 def _from_headers(spec: MergeSpec, record, slices: list[Slice], models: list[str]):
-    """(layout, order) of the models read from their safetensors headers and raw configs (io/header_layout.py),
-    when the merge needs nothing else of transformers: no statistics, no task, one config, slices that re-lay out
-    nothing. None: the model is built instead (the merge's start-up then imports transformers' modeling code)."""
+    """(layout, order, config donor, stacked layers) of the output read from the safetensors headers and raw
+    configs (io/header_layout.py), when the merge needs nothing else of transformers: no statistics, no task,
+    one config, and slices that re-lay out layers only of layers alike. None: the model is built instead (the
+    merge's start-up then imports transformers' modeling code)."""
     if record.statistics is not None or spec.task not in (None, "causal-lm"):
         return None
     raws = [model_io.read_config_json(m) for m in models]
     if not model_io.same_config_json(raws):
         return None  # check_same_architecture on the transformers configs decides, and names what differs
     read = causal_lm_layout(raws[0], tensor_index(safetensors_files(models[0])))
-    if read is not None and spec.slices is not None and not in_place(slices, raws[0]["num_hidden_layers"]):
-        return None
-    return read
+    if read is None or spec.slices is None or in_place(slices, raws[0]["num_hidden_layers"]):
+        return None if read is None else (*read, models[0], None)
+    donor = spec.local(spec.base_model or slices[0].sources[0].model)  # mergekit's config donor
+    stacked = sum(sl.length for sl in slices)
+    relaid = restacked(model_io.read_config_json(donor), tensor_index(safetensors_files(donor)), stacked)
+    read = causal_lm_layout(*relaid) if relaid is not None else None
+    return None if read is None else (*read, donor, stacked)
 
 
 def _target(spec: MergeSpec, record, slices: list[Slice], models: list[str]) -> Target:
     read = _from_headers(spec, record, slices, models)
     config = model = None
-    task, donor, stacked = spec.task or "auto", models[0], None
+    task = spec.task or "auto"
     if read is not None:
-        native, order = read
+        native, order, donor, stacked = read
     else:
         config, model, task, donor, stacked = _built_target(spec, record, slices, models)
         native = Layout.of_model(model)

@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 from evolver_kernels.io import model_io
-from evolver_kernels.io.header_layout import causal_lm_layout
+from evolver_kernels.io.header_layout import causal_lm_layout, restacked
 from evolver_kernels.merge.config import Slice, Source
 from evolver_kernels.merge.plan import routes_of
 from evolver_kernels.storage.arena import Layout, safetensors_files, tensor_index
@@ -57,8 +57,14 @@ def _raw(path: str) -> dict:
         return json.load(f)
 
 
-def _built(path: str) -> tuple[Layout, list[str]]:
-    model = model_io.empty_model(model_io.load_config(path), "auto")
+def _built(path: str, layers: int | None = None) -> tuple[Layout, list[str]]:
+    """The built model's layout and parameter order, with `layers` layers as merge.run._built_target stacks them."""
+    config = model_io.load_config(path)
+    if layers is not None:
+        config.num_hidden_layers = layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [config.layer_types[0]] * layers
+    model = model_io.empty_model(config, "auto")
     return Layout.of_model(model), [n for n, _ in model.named_parameters(remove_duplicate=False)]
 
 
@@ -99,3 +105,28 @@ def test_other_checkpoints_are_left_to_the_model(tmp_path):
     }
     for what, (r, i) in cases.items():
         assert causal_lm_layout(r, i) is None, what
+
+
+@pytest.mark.parametrize("layers", [1, 3, 5])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "phi3"])
+def test_restacked_header_layout_is_the_stacked_models(tmp_path, family, layers):
+    path = _save(tmp_path, family, None)
+    relaid = restacked(_raw(path), tensor_index(safetensors_files(path)), layers)
+    assert relaid is not None and relaid[0]["num_hidden_layers"] == layers
+    layout, order = causal_lm_layout(*relaid)
+    built, built_order = _built(path, layers)
+    assert layout == built
+    halves = [Slice([Source("a", (0, 1))]), Slice([Source("b", (0, layers - 1))])] if layers > 1 else []
+    for slices in ([Slice([Source("a", (0, layers))])], halves):
+        if slices:
+            assert routes_of(layout, order, slices, layers) == routes_of(built, built_order, slices, layers)
+
+
+def test_layers_unlike_are_not_restacked(tmp_path):
+    path = _save(tmp_path, "llama", False)
+    raw, index = _raw(path), tensor_index(safetensors_files(path))
+    wider = {**index, "model.layers.1.mlp.up_proj.weight": (index["model.norm.weight"][0], torch.bfloat16, (49, 32))}
+    assert restacked(raw, wider, 4) is None
+    fewer = {k: v for k, v in index.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    assert restacked(raw, fewer, 4) is None
+    assert restacked({k: v for k, v in raw.items() if k != "num_hidden_layers"}, index, 4) is None

@@ -373,3 +373,49 @@ def test_a_merge_with_non_finite_values_is_not_written(bert_pop, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"the average merge of {name} has non-finite values" in err and "nothing was written" in err
     assert not (tmp_path / "o").exists()
+
+
+_NO_TRANSFORMERS = """
+import sys
+from evolver_kernels.merge import main
+code = main(sys.argv[1:])
+assert code == 0, code
+assert "transformers" not in sys.modules, sorted(m for m in sys.modules if m.startswith("transformers"))[:5]
+"""
+
+
+@pytest.mark.parametrize("method", ["linear", "passthrough"])
+def test_causal_lm_merges_start_without_transformers_and_write_the_built_models_bytes(
+    llama_pop, tmp_path, monkeypatch, method
+):
+    """A merge of causal LMs whose headers say their layout, stacking layers or not, imports no transformers (a
+    fresh process), and writes the bytes the merge writes when it builds the model to learn the layout."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from evolver_kernels.merge import run
+
+    a, b = llama_pop.models[:2]
+    if method == "linear":
+        cfg = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (a, b)]}
+    else:  # 3 layers from 2 models of 2: the output re-lays the layers out
+        cfg = {
+            "merge_method": "passthrough",
+            "dtype": "bfloat16",
+            "slices": [
+                {"sources": [{"model": a, "layer_range": [0, 2]}]},
+                {"sources": [{"model": b, "layer_range": [1, 2]}]},
+            ],
+        }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    argv = ["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "headers")]
+    done = subprocess.run([sys.executable, "-c", _NO_TRANSFORMERS, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.setattr(run, "_from_headers", lambda *args: None)
+    assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "built")]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "headers" / name).read_bytes() == (tmp_path / "built" / name).read_bytes(), name
+    if method == "passthrough":
+        assert json.loads((tmp_path / "headers" / "config.json").read_text())["num_hidden_layers"] == 3
