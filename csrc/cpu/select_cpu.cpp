@@ -76,24 +76,35 @@ void dispatch(const HistogramParams& p) {
   histogram_kernel<Codec, false, false>(p);
 }
 
-// The magnitudes in the window [lo, hi] gathered into out (their fp32 bits), those above hi counted: most elements
-// fall outside a narrow window, so the loop is loads, a subtraction and two predictable compares.
+// The magnitudes in the window [lo, hi] gathered into out (their fp32 bits), those above hi counted. Most elements
+// fall outside a narrow window, so each block of 256 is formed into bits and counted without a branch (the count
+// above hi would be a coin toss to the branch predictor), and only a block holding some of the window is looked
+// at element by element.
 template <typename Codec, bool kBase>
 void gather_kernel(const GatherParams& p) {
   using Bits = typename Codec::Bits;
+  constexpr int64_t kStep = 256;
   const Bits* x = static_cast<const Bits*>(p.x);
   const Bits* base = static_cast<const Bits*>(p.base);
-  const uint32_t lo = p.lo, span = p.hi - p.lo;
+  const uint32_t lo = p.lo, hi = p.hi, span = p.hi - p.lo;
   std::mutex lock;
   at::parallel_for(0, p.n, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> inside;
+    alignas(64) uint32_t bits[kStep];
     int64_t above = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const uint32_t bits = magnitude_bits<Codec, kBase>(x, base, i);
-      if (bits - lo <= span) {  // wraps around below the window: not gathered
-        inside.push_back(bits);
-      } else if (bits > lo) {
-        ++above;
+    for (int64_t at = begin; at < end; at += kStep) {
+      const int64_t len = std::min(kStep, end - at);
+      uint32_t in_window = 0, higher = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const uint32_t m = magnitude_bits<Codec, kBase>(x, base, at + i);
+        bits[i] = m;
+        in_window += (m - lo <= span);  // wraps around below the window: not in it
+        higher += (m > hi);
+      }
+      above += higher;
+      if (in_window == 0) continue;
+      for (int64_t i = 0; i < len; ++i) {
+        if (bits[i] - lo <= span) inside.push_back(bits[i]);
       }
     }
     std::lock_guard<std::mutex> guard(lock);

@@ -206,7 +206,7 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
         def values(a: int, b: int):
             return _part(held, a - lo, b - lo)
 
-    found = {} if callable(ks) else _sampled_kths(values, lo, hi, ks, chunk)
+    found = {} if callable(ks) else _sampled_kths(values, lo, hi, ks, chunk, held if hi - lo <= chunk else None)
     if not callable(ks) and all(k in found for k in ks):
         return [found[k] for k in ks]
 
@@ -249,7 +249,8 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
 
 
 SAMPLED_MIN = 1 << 18  # elements from which a sample narrows the selection to one pass
-SAMPLE_BLOCKS, SAMPLE_BLOCK = 256, 512  # evenly spaced blocks of contiguous elements (a few pages each)
+SAMPLE_BLOCKS = 256  # evenly spaced blocks of contiguous elements
+SAMPLE_BLOCK = (64, 512)  # their length: about 1/32 of the range in all, within these bounds (a few pages at most)
 
 
 def _check_ks(ks: list[int], n: int) -> None:
@@ -266,21 +267,33 @@ def _pair(v) -> tuple[torch.Tensor, torch.Tensor | None]:
     return v if isinstance(v, tuple) else (v, None)
 
 
-def _sampled_kths(values, lo: int, hi: int, ks: list[int], chunk: int) -> dict[int, float]:
+def sample_blocks(n: int) -> tuple[list[int], int]:
+    """(starts, length) of the sample's blocks in a range of n >= SAMPLED_MIN elements (offsets from its start)."""
+    block = min(max(n // (32 * SAMPLE_BLOCKS), SAMPLE_BLOCK[0]), SAMPLE_BLOCK[1])
+    blocks = min(SAMPLE_BLOCKS, n // block)
+    return [j * (n - block) // (blocks - 1) for j in range(blocks)], block
+
+
+def _sampled_kths(values, lo: int, hi: int, ks: list[int], chunk: int, held=None) -> dict[int, float]:
     """The k-th largest magnitudes that one pass settles, exactly (Floyd and Rivest's selection): a deterministic
     sample (evenly spaced blocks) places each k-th between two of the sample's order statistics, a margin of 6
     standard deviations of a sample rank (and 16 more) on either side; one pass over [lo, hi) counts the
     magnitudes above that window and gathers those in it (kernels/histogram.magnitude_gather); a k is settled
     when the counts put its k-th largest in the window, and it is then the right one among the few gathered.
     A k not settled (a sample that misled) is missing from the result: the two histogram passes find it. The
-    answer never depends on the sample, only the cost."""
+    answer never depends on the sample, only the cost. `held`: values(lo, hi) when the caller holds it whole,
+    sampled at once instead of block by block."""
     n = hi - lo
     _check_ks(ks, n)
     if n < SAMPLED_MIN or not ks:
         return {}
-    blocks = min(SAMPLE_BLOCKS, n // SAMPLE_BLOCK)
-    starts = [lo + j * (n - SAMPLE_BLOCK) // (blocks - 1) for j in range(blocks)]
-    sample = torch.cat([magnitude_bits(*_pair(values(a, a + SAMPLE_BLOCK))).view(-1) for a in starts]).cpu()
+    starts, block = sample_blocks(n)
+    if held is not None:
+        x, base = _pair(held)
+        at = (torch.tensor(starts)[:, None] + torch.arange(block)).view(-1).to(x.device)
+        sample = magnitude_bits(x.view(-1)[at], None if base is None else base.view(-1)[at]).view(-1).cpu()
+    else:
+        sample = torch.cat([magnitude_bits(*_pair(values(lo + a, lo + a + block))).view(-1) for a in starts]).cpu()
     m = sample.numel()
 
     def at(rank: int) -> int:  # the sample's rank-th largest (0-based) bit pattern; kthvalue, no sort

@@ -303,12 +303,14 @@ def test_sampled_selection_is_exact_and_falls_back(chunk):
     assert merger_kths(lambda lo, hi: (x[lo:hi], b[lo:hi]), n, ks, chunk) == want
     settled = tv._sampled_kths(lambda lo, hi: (x[lo:hi], b[lo:hi]), 0, n, ks, chunk)
     assert {n // 3, n // 2 + 1} <= set(settled) and all(settled[k] == want[ks.index(k)] for k in settled)
+    # the same sample taken at once from a range held whole
+    assert tv._sampled_kths(lambda lo, hi: (x[lo:hi], b[lo:hi]), 0, n, ks, chunk, held=(x, b)) == settled
     # a sample that misleads: every sampled block zero, the rest large
     v = torch.randn(n, generator=gen) + 10.0
-    blocks = tv.SAMPLE_BLOCKS
-    for j in range(blocks):
-        a = j * (n - tv.SAMPLE_BLOCK) // (blocks - 1)
-        v[a : a + tv.SAMPLE_BLOCK] = 0.0
+    starts, block = tv.sample_blocks(n)
+    for a in starts:
+        v[a : a + block] = 0.0
     k = n // 10
     assert tv._sampled_kths(lambda lo, hi: v[lo:hi], 0, n, [k], chunk) == {}
+    assert tv._sampled_kths(lambda lo, hi: v[lo:hi], 0, n, [k], chunk, held=v) == {}
     assert merger_kths(lambda lo, hi: v[lo:hi], n, [k], chunk) == [float(v.abs().kthvalue(n - k + 1).values)]
