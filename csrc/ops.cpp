@@ -119,6 +119,27 @@ void magnitude_rank_drops_cpu_op(const at::Tensor& x, const c10::optional<at::Te
   magnitude_rank_drops_cpu(p);
 }
 
+void task_vector_variance_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, const at::Tensor& out) {
+  TORCH_CHECK(!xs.empty(), "evolver_kernels: xs must hold at least one tensor");
+  const ElementType type = check_magnitude_inputs(xs[0], base);
+  std::vector<const void*> ptrs;
+  for (const at::Tensor& x : xs) {
+    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.is_contiguous() && x.numel() == xs[0].numel(),
+                "evolver_kernels: xs must be contiguous tensors of one dtype and size");
+    ptrs.push_back(x.data_ptr());
+  }
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == xs[0].numel(),
+              "evolver_kernels: out must be a contiguous float32 tensor of the inputs' size");
+  VarianceParams p{};
+  p.x = ptrs.data();
+  p.n_inputs = static_cast<int>(xs.size());
+  p.base = base ? base->data_ptr() : nullptr;
+  p.n = xs[0].numel();
+  p.type = type;
+  p.out = out.data_ptr<float>();
+  task_vector_variance_cpu(p);
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -144,6 +165,8 @@ TORCH_LIBRARY(evolver_kernels, m) {
   m.def("magnitude_gather_(Tensor x, Tensor? base, int lo, int hi, Tensor(a!) out, Tensor(b!) counts) -> ()");
   // della's drops in rows of table's length: out[r, j] = 2^32 (dropped) where element j's Philox word is below
   // table[rank of its magnitude (as above) in row r], else 0 (ranks ascending, ties by index).
+  // out = the population variance over k of xs[k] - base in fp32 (reference.variance_reference): sce's statistic.
+  m.def("task_vector_variance_(Tensor[] xs, Tensor? base, Tensor(a!) out) -> ()");
   m.def("magnitude_rank_drops_(Tensor x, Tensor? base, Tensor table, int seed, int stream, int offset, "
         "Tensor(a!) out) -> ()");
 }
@@ -156,6 +179,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("magnitude_histogram_", &evolver_kernels::magnitude_histogram_cpu_op);
   m.impl("magnitude_gather_", &evolver_kernels::magnitude_gather_cpu_op);
   m.impl("magnitude_rank_drops_", &evolver_kernels::magnitude_rank_drops_cpu_op);
+  m.impl("task_vector_variance_", &evolver_kernels::task_vector_variance_cpu_op);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).

@@ -229,7 +229,61 @@ void rank_drop_kernel(const RankDropParams& p) {
   });
 }
 
+template <typename Codec, bool kBase>
+void variance_kernel(const VarianceParams& p) {
+  using Bits = typename Codec::Bits;
+  constexpr int64_t kStep = 256;
+  const Bits* base = static_cast<const Bits*>(p.base);
+  const int n = p.n_inputs;
+  const float count = static_cast<float>(n);
+  at::parallel_for(0, p.n, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> taus(static_cast<size_t>(n) * kStep);
+    alignas(64) float b[kStep], mean[kStep], var[kStep];
+    for (int64_t at = begin; at < end; at += kStep) {
+      const int64_t len = std::min(kStep, end - at);
+      if (kBase) {
+        for (int64_t i = 0; i < len; ++i) b[i] = Codec::load(base[at + i]);
+      }
+      for (int k = 0; k < n; ++k) {
+        const Bits* x = static_cast<const Bits*>(p.x[k]) + at;
+        float* tau = taus.data() + static_cast<size_t>(k) * kStep;
+        if (kBase) {
+          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]) - b[i];
+        } else {
+          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]);
+        }
+      }
+      for (int64_t i = 0; i < len; ++i) mean[i] = taus[i];
+      for (int k = 1; k < n; ++k) {
+        const float* tau = taus.data() + static_cast<size_t>(k) * kStep;
+        for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] + tau[i];
+      }
+      for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] / count;
+      for (int64_t i = 0; i < len; ++i) {
+        const float t = taus[i] - mean[i];
+        var[i] = t * t;
+      }
+      for (int k = 1; k < n; ++k) {
+        const float* tau = taus.data() + static_cast<size_t>(k) * kStep;
+        for (int64_t i = 0; i < len; ++i) {
+          const float t = tau[i] - mean[i];
+          var[i] = var[i] + t * t;
+        }
+      }
+      for (int64_t i = 0; i < len; ++i) p.out[at + i] = var[i] / count;
+    }
+  });
+}
+
 }  // namespace
+
+void task_vector_variance_cpu(const VarianceParams& p) {
+  if (p.n <= 0) return;
+  with_codec(p.type, [&](auto codec) {
+    using Codec = decltype(codec);
+    p.base != nullptr ? variance_kernel<Codec, true>(p) : variance_kernel<Codec, false>(p);
+  });
+}
 
 void magnitude_rank_drops_cpu(const RankDropParams& p) {
   if (p.rows <= 0 || p.cols <= 0) return;

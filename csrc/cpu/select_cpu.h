@@ -54,4 +54,17 @@ constexpr int64_t kDropAll = int64_t{1} << 32;
 // the same words with: kDropAll (dropped) or 0 (kept).
 void magnitude_rank_drops_cpu(const RankDropParams& p);
 
+struct VarianceParams {
+  const void* const* x;  // n_inputs pointers to n elements each
+  int n_inputs;
+  const void* base;      // n elements of the same type, or nullptr
+  int64_t n;
+  ElementType type;
+  float* out;            // n: the population variance over the inputs of x_k - base, in fp32
+};
+
+// sce's selection statistic as the fused merge forms it (reference.variance_reference): m = (sum_k v_k) / N, then
+// (sum_k (v_k - m)^2) / N, v_k = x_k - base in fp32, sums in slot order, each operation rounded.
+void task_vector_variance_cpu(const VarianceParams& p);
+
 }  // namespace evolver_kernels

@@ -42,8 +42,9 @@ chunk by chunk; never a stack of the N models, never a mask of a tensor or of th
   operator compares with the Philox words it draws; pass 2 recomputes them rather than storing them. With
   every epsilon 0 the thresholds are one constant per model and no rank is needed.
 - sce: the variance threshold in the histogram's two passes (non-zero variances counted in the first), one pass
-  for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read (the
-  reduction passes, which hold N fp32 task vectors, on chunks of chunk / N elements).
+  for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read
+  (kernels/variance.py: on the CPU one kernel reads the N models and the base once and writes only the fp32
+  variance; the mean-square pass holds N fp32 task vectors, on chunks of chunk / N elements).
 The element-wise passes are the fused merge operator (merge_tensors, every backend, the same bits):
 breadcrumbs as the band trim_k <= |tau_k| < top_k with or without TIES' election; della as per-element drop
 thresholds (`drop_thresholds`, from the rank sort above) with each model's L1 factor (`drop_rescales`); sce as
@@ -75,8 +76,8 @@ from __future__ import annotations
 import torch
 
 from evolver_kernels.kernels.ops import merge_tensors
-from evolver_kernels.kernels.reference import variance_reference
 from evolver_kernels.kernels.rng import STREAM_DARE
+from evolver_kernels.kernels.variance import task_vector_variance
 from evolver_kernels.methods.della import (
     EPSILON,
     RESCALE,
@@ -247,11 +248,17 @@ def sce(
     n = pop.size
     work = per_model_chunk(chunk, n)  # the reduction passes form N fp32 task vectors
 
+    def variances(e: Entry, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        """The variance over the models of the task vectors on elements [lo, hi) of entry e (fp32)."""
+        a, b = e.offset + lo, e.offset + hi
+        xs = [pop.read(k, e.group, a, b).to(device) for k in range(n)]
+        return task_vector_variance(xs, base_chunk(base, e.group, a, b, device))
+
     def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device) -> list[torch.Tensor]:
         """The task vectors on elements [lo, hi) of entry e, zeroed outside the selection."""
         taus = task_vectors_of(pop, base, e, lo, hi, device)
         if threshold is not None:
-            keep = variance_reference(taus) >= threshold  # bit for bit the fused operator's selection
+            keep = variances(e, lo, hi, device) >= threshold  # bit for bit the fused operator's selection
             taus = [torch.where(keep, tau, 0.0) for tau in taus]
         return taus
 
@@ -266,9 +273,7 @@ def sce(
         threshold = None
         if select_topk < 1:
             found = kth_largest_magnitudes(
-                lambda a, b, e=e, device=dst.device: variance_reference(
-                    task_vectors_of(pop, base, e, a - e.offset, b - e.offset, device)
-                ),
+                lambda a, b, e=e, device=dst.device: variances(e, a - e.offset, b - e.offset, device),
                 e.offset,
                 e.offset + e.numel,
                 ks,
