@@ -54,14 +54,14 @@ from evolver_kernels.storage.arena import (
 from evolver_kernels.storage.population import MappedModels, MemoryPopulation, SharedMemoryPopulation, make_population
 
 
-def _fill(
-    arena: Arena, routes: dict[str, Route], source: Callable[[Route], tuple[Source, int | None]], spec: MergeSpec
-) -> Arena:
-    """`arena` (the output layout) filled tensor by tensor from the checkpoints `source(route)` names (a model
-    and the layer to read), cast to the arena's dtypes."""
+def _locate(
+    layout: Layout, routes: dict[str, Route], source: Callable[[Route], tuple[Source, int | None]], spec: MergeSpec
+) -> dict[str, tuple[str, str]]:
+    """Entry name -> (file, key) of the tensor that fills it in the checkpoint `source(route)` names (a model and
+    the layer to read), checked by name and shape before anything is read."""
     indexes: dict[str, dict] = {}
-    by_file: dict[str, list[tuple[Entry, str]]] = {}
-    for e in arena.layout.entries:
+    where = {}
+    for e in layout.entries:
         src, layer = source(routes[e.name])
         if src.model not in indexes:
             indexes[src.model] = tensor_index(safetensors_files(spec.local(src.model)))
@@ -72,12 +72,46 @@ def _fill(
             raise MergeConfigError(f"{src.model}: no tensor {input_name(e.name, layer)}{beyond}")
         if tuple(index[key][2]) != e.shape:
             raise MergeConfigError(f"{src.model}: {key} has shape {list(index[key][2])}, expected {list(e.shape)}")
-        by_file.setdefault(index[key][0], []).append((e, key))
+        where[e.name] = (index[key][0], key)
+    return where
+
+
+def _fill(
+    arena: Arena, routes: dict[str, Route], source: Callable[[Route], tuple[Source, int | None]], spec: MergeSpec
+) -> Arena:
+    """`arena` (the output layout) filled tensor by tensor from the checkpoints `source(route)` names, cast to the
+    arena's dtypes."""
+    by_file: dict[str, list[tuple[Entry, str]]] = {}
+    where = _locate(arena.layout, routes, source, spec)
+    for e in arena.layout.entries:
+        path, key = where[e.name]
+        by_file.setdefault(path, []).append((e, key))
     for path, items in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as f:
             for e, key in items:
                 arena.view(e).copy_(f.get_tensor(key))
     return arena
+
+
+class _Routed:
+    """The output's tensors read straight from the checkpoints that fill them (passthrough's slices: nothing is
+    merged), one at a time, cast to the layout's dtypes as _fill casts them: what the output writer and the
+    finite check read of an Arena (layout, view, discard), with no copy of the model held or written first."""
+
+    def __init__(
+        self, layout: Layout, routes: dict[str, Route], source: Callable[[Route], tuple[Source, int | None]], spec
+    ):
+        self.layout = layout
+        self._where = _locate(layout, routes, source, spec)
+
+    def view(self, e: Entry) -> torch.Tensor:
+        path, key = self._where[e.name]
+        with safe_open(path, framework="pt", device="cpu") as f:
+            t = f.get_tensor(key)
+        return t.to(self.layout.group_dtype(e.group))
+
+    def discard(self, e: Entry) -> None:
+        """Nothing to give back: no entry is held."""
 
 
 def _load_restacked(
@@ -120,7 +154,7 @@ def _scratch_arena(spec: MergeSpec, layout: Layout, scratch: Scratch, name: str)
 
 
 def _save_layout(
-    arena: Arena,
+    arena: Arena | _Routed,
     donor: str,
     out_dir: str,
     dtype: torch.dtype | None,
@@ -309,7 +343,7 @@ def _read_inputs(
 
 
 def _write_output(
-    spec: MergeSpec, record, target: Target, slices: list[Slice], models: list[str], arena: Arena
+    spec: MergeSpec, record, target: Target, slices: list[Slice], models: list[str], arena: Arena | _Routed
 ) -> list[str]:
     """The merged model, its config and tokenizer, and merge.json in --out; the paths written."""
     dtype = DTYPES[spec.dtype] if spec.dtype else None
@@ -354,7 +388,7 @@ def _write_output(
     return written
 
 
-def _check_finite(arena: Arena, method: str, chunk: int = 1 << 22) -> None:
+def _check_finite(arena: Arena | _Routed, method: str, chunk: int = 1 << 22) -> None:
     """Refuses to write a merge with a NaN or infinite value (a broken input, or weights that cancel under
     normalize), naming the first such tensor; one pass over the merged tensors, chunk by chunk."""
     for entry in arena.layout.entries:
@@ -408,9 +442,10 @@ def run(spec: MergeSpec, log=print) -> str:
             raise MergeConfigError(f"--out {spec.out}: {problem} (the merge's scratch files, before its output)")
         scratch = Scratch(spec.out, "--out")
         pop, base = (None, None) if direct else _read_inputs(spec, target, slices, models, base_dir, scratch)
-        arena = Arena.on_files(layout, scratch.path, "merged")  # the merge's result, until it is written out
-        if direct:
-            _fill(arena, target.routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
+        if direct:  # each tensor read from its source as it is checked and as it is written: no copy first
+            arena = _Routed(layout, target.routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
+        else:
+            arena = Arena.on_files(layout, scratch.path, "merged")  # the merge's result, until it is written out
         stats = None
         if record.statistics is not None:
             from transformers import AutoTokenizer

@@ -375,6 +375,34 @@ def test_a_merge_with_non_finite_values_is_not_written(bert_pop, tmp_path, capsy
     assert not (tmp_path / "o").exists()
 
 
+def test_a_passthrough_of_a_non_finite_tensor_is_not_written(llama_pop, tmp_path, capsys):
+    """Layer stacking reads each tensor straight from its source (no copy first): a NaN in a routed tensor is
+    still found before anything is written, and named."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_pop.models[1], broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name].view(-1)[5] = float("inf")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": llama_pop.models[0], "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(broken), "layer_range": [1, 2]}]},
+        ],
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "the passthrough merge of model.layers.2.mlp.down_proj.weight has non-finite values" in err
+    assert not (tmp_path / "o").exists()
+
+
 _NO_TRANSFORMERS = """
 import sys
 from evolver_kernels.merge import main
