@@ -103,15 +103,19 @@ class _Routed:
     ):
         self.layout = layout
         self._where = _locate(layout, routes, source, spec)
+        self._files: dict[str, Any] = {}  # path -> its open safetensors handle (its header parsed once)
 
     def view(self, e: Entry) -> torch.Tensor:
         path, key = self._where[e.name]
-        with safe_open(path, framework="pt", device="cpu") as f:
-            t = f.get_tensor(key)
-        return t.to(self.layout.group_dtype(e.group))
+        if path not in self._files:
+            self._files[path] = safe_open(path, framework="pt", device="cpu")
+        return self._files[path].get_tensor(key).to(self.layout.group_dtype(e.group))
 
     def discard(self, e: Entry) -> None:
         """Nothing to give back: no entry is held."""
+
+    def close(self) -> None:
+        self._files.clear()
 
 
 def _load_restacked(
@@ -469,6 +473,8 @@ def run(spec: MergeSpec, log=print) -> str:
         _check_finite(arena, record.name)
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
         claimed.record(_write_output(spec, record, target, slices, models, arena))
+        if isinstance(arena, _Routed):
+            arena.close()
     except BaseException:
         if scratch is not None:
             scratch.remove()
