@@ -128,12 +128,17 @@ def della(
     ranked = any(epsilons[k] > 0 for k in sparse)
     normalize = ties if normalize is None else normalize
 
+    constants: dict[int, torch.Tensor] = {}  # model -> its one threshold, as long as the longest span so far
+
     def thresholds(e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int) -> torch.Tensor:
         """Drop thresholds (flat) that drop what model k's della_thresholds of x - base (whole rows of entry e,
         at global index `offset`) drop."""
-        if epsilons[k] == 0:  # every rank alike: one threshold
-            threshold = math.floor((1 - densities[k]) * TWO_32)
-            return torch.full((x.numel(),), threshold, dtype=torch.int64, device=x.device)
+        if epsilons[k] == 0:  # every rank alike: one threshold, filled once and read by every span
+            held = constants.get(k)
+            if held is None or held.numel() < x.numel() or held.device != x.device:
+                threshold = math.floor((1 - densities[k]) * TWO_32)
+                held = constants[k] = torch.full((x.numel(),), threshold, dtype=torch.int64, device=x.device)
+            return held[: x.numel()]
         table = della_table(della_rows(e, ranked)[1], densities[k], epsilons[k], x.device)
         return rank_drop_thresholds(x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset)
 
