@@ -292,8 +292,11 @@ def _sampled_kths(values, lo: int, hi: int, ks: list[int], chunk: int, held=None
         x, base = _pair(held)
         at = (torch.tensor(starts)[:, None] + torch.arange(block)).view(-1).to(x.device)
         sample = magnitude_bits(x.view(-1)[at], None if base is None else base.view(-1)[at]).view(-1).cpu()
-    else:
-        sample = torch.cat([magnitude_bits(*_pair(values(lo + a, lo + a + block))).view(-1) for a in starts]).cpu()
+    else:  # the blocks read one by one, their magnitudes formed at once
+        parts = [_pair(values(lo + a, lo + a + block)) for a in starts]
+        x = torch.cat([p[0].reshape(-1) for p in parts])
+        base = None if parts[0][1] is None else torch.cat([p[1].reshape(-1) for p in parts])
+        sample = magnitude_bits(x, base).view(-1).cpu()
     m = sample.numel()
 
     def at(rank: int) -> int:  # the sample's rank-th largest (0-based) bit pattern; kthvalue, no sort
