@@ -163,10 +163,10 @@ TORCH_LIBRARY(evolver_kernels, m) {
   // counts[0] += the magnitudes (as above) whose fp32 bits are above hi; those in [lo, hi] appended to out at
   // counts[1] while it has room, counts[1] += how many: one pass of a selection a sample narrowed.
   m.def("magnitude_gather_(Tensor x, Tensor? base, int lo, int hi, Tensor(a!) out, Tensor(b!) counts) -> ()");
-  // della's drops in rows of table's length: out[r, j] = 2^32 (dropped) where element j's Philox word is below
-  // table[rank of its magnitude (as above) in row r], else 0 (ranks ascending, ties by index).
   // out = the population variance over k of xs[k] - base in fp32 (reference.variance_reference): sce's statistic.
   m.def("task_vector_variance_(Tensor[] xs, Tensor? base, Tensor(a!) out) -> ()");
+  // della's drops in rows of table's length: out[r, j] = 2^32 (dropped) where element j's Philox word is below
+  // table[rank of its magnitude (as above) in row r], else 0 (ranks ascending, ties by index).
   m.def("magnitude_rank_drops_(Tensor x, Tensor? base, Tensor table, int seed, int stream, int offset, "
         "Tensor(a!) out) -> ()");
 }

@@ -55,5 +55,26 @@ inline void block_words(uint64_t g, uint64_t seed, uint64_t stream, uint32_t* wo
   }
 }
 
+// var[i] = the population variance over the n task vectors taus[k * stride + i] (i < len), as
+// reference.variance_reference computes it: the mean first, then the mean of the squared deviations, sums in slot
+// order, each operation rounded (sce's statistic, for the merge's selection and for its threshold).
+inline void block_variance(const float* taus, int n, int64_t stride, int64_t len, float* mean, float* var) {
+  const float count = static_cast<float>(n);
+  for (int64_t i = 0; i < len; ++i) mean[i] = var[i] = 0.0f;
+  for (int k = 0; k < n; ++k) {
+    const float* tau = taus + k * stride;
+    for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] + tau[i];
+  }
+  for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] / count;
+  for (int k = 0; k < n; ++k) {
+    const float* tau = taus + k * stride;
+    for (int64_t i = 0; i < len; ++i) {
+      const float t = tau[i] - mean[i];
+      var[i] = var[i] + t * t;
+    }
+  }
+  for (int64_t i = 0; i < len; ++i) var[i] = var[i] / count;
+}
+
 }  // namespace
 }  // namespace evolver_kernels

@@ -34,7 +34,6 @@ void merge_kernel(const MergeParams& p) {
   const int64_t nblocks = static_cast<int64_t>((end_group - first_group + kGroups - 1) / kGroups);
   const int n = p.n_inputs;
   const bool staged = kTies || p.select_on;  // task vectors kept for a second pass
-  const float count = static_cast<float>(n);
   at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t words[kBlock];
     alignas(64) float b[kBlock], acc[kBlock], den[kBlock], tau[kBlock];
@@ -121,23 +120,11 @@ void merge_kernel(const MergeParams& p) {
       if (p.select_on) {
         // sce: the population variance over the models, as reference.variance_reference computes it.
         alignas(64) float mean[kBlock], var[kBlock];
-        for (int64_t i = 0; i < len; ++i) mean[i] = var[i] = 0.0f;
-        for (int k = 0; k < n; ++k) {
-          const float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
-          for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] + tau_k[i];
-        }
-        for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] / count;
-        for (int k = 0; k < n; ++k) {
-          const float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
-          for (int64_t i = 0; i < len; ++i) {
-            const float t = tau_k[i] - mean[i];
-            var[i] = var[i] + t * t;
-          }
-        }
+        block_variance(taus.data(), n, kBlock, len, mean, var);
         const float select = p.select;
         for (int k = 0; k < n; ++k) {
           float* tau_k = taus.data() + static_cast<size_t>(k) * kBlock;
-          for (int64_t i = 0; i < len; ++i) tau_k[i] = var[i] / count >= select ? tau_k[i] : 0.0f;
+          for (int64_t i = 0; i < len; ++i) tau_k[i] = var[i] >= select ? tau_k[i] : 0.0f;
         }
         if (!kTies) {
           for (int k = 0; k < n; ++k) {

@@ -235,10 +235,9 @@ void variance_kernel(const VarianceParams& p) {
   constexpr int64_t kStep = 256;
   const Bits* base = static_cast<const Bits*>(p.base);
   const int n = p.n_inputs;
-  const float count = static_cast<float>(n);
   at::parallel_for(0, p.n, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> taus(static_cast<size_t>(n) * kStep);
-    alignas(64) float b[kStep], mean[kStep], var[kStep];
+    alignas(64) float b[kStep], mean[kStep];
     for (int64_t at = begin; at < end; at += kStep) {
       const int64_t len = std::min(kStep, end - at);
       if (kBase) {
@@ -253,24 +252,7 @@ void variance_kernel(const VarianceParams& p) {
           for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]);
         }
       }
-      for (int64_t i = 0; i < len; ++i) mean[i] = taus[i];
-      for (int k = 1; k < n; ++k) {
-        const float* tau = taus.data() + static_cast<size_t>(k) * kStep;
-        for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] + tau[i];
-      }
-      for (int64_t i = 0; i < len; ++i) mean[i] = mean[i] / count;
-      for (int64_t i = 0; i < len; ++i) {
-        const float t = taus[i] - mean[i];
-        var[i] = t * t;
-      }
-      for (int k = 1; k < n; ++k) {
-        const float* tau = taus.data() + static_cast<size_t>(k) * kStep;
-        for (int64_t i = 0; i < len; ++i) {
-          const float t = tau[i] - mean[i];
-          var[i] = var[i] + t * t;
-        }
-      }
-      for (int64_t i = 0; i < len; ++i) p.out[at + i] = var[i] / count;
+      block_variance(taus.data(), n, kStep, len, mean, p.out + at);
     }
   });
 }

@@ -258,7 +258,7 @@ def sce(
         """The task vectors on elements [lo, hi) of entry e, zeroed outside the selection."""
         taus = task_vectors_of(pop, base, e, lo, hi, device)
         if threshold is not None:
-            keep = variances(e, lo, hi, device) >= threshold  # bit for bit the fused operator's selection
+            keep = task_vector_variance(taus, None) >= threshold  # bit for bit the fused operator's selection
             taus = [torch.where(keep, tau, 0.0) for tau in taus]
         return taus
 
