@@ -6,6 +6,7 @@
 
 #include "cpu/de_cpu.h"
 #include "cpu/merge_cpu.h"
+#include "cpu/rescale_cpu.h"
 #include "cpu/select_cpu.h"
 #include "module.h"
 #include "philox.h"
@@ -140,6 +141,43 @@ void task_vector_variance_cpu_op(at::TensorList xs, const c10::optional<at::Tens
   task_vector_variance_cpu(p);
 }
 
+void dropped_l1_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base, const at::Tensor& thresholds,
+                       int64_t seed, int64_t stream, int64_t offset, const at::Tensor& sums,
+                       const c10::optional<at::Tensor>& packed) {
+  const ElementType type = check_magnitude_inputs(x, base);
+  TORCH_CHECK(thresholds.scalar_type() == at::kLong && thresholds.is_contiguous() &&
+                  (thresholds.numel() == 1 || thresholds.numel() == x.numel()),
+              "evolver_kernels: thresholds must be a contiguous int64 tensor of one element or of x's size");
+  TORCH_CHECK(offset >= 0, "evolver_kernels: offset must be non-negative, got ", offset);
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == 2,
+              "evolver_kernels: sums must be a contiguous float64 tensor of 2 elements");
+  if (packed) {
+    TORCH_CHECK(packed->scalar_type() == at::kByte && packed->is_contiguous() &&
+                    packed->numel() == (x.numel() + 7) / 8,
+                "evolver_kernels: packed must be a contiguous uint8 tensor of ceil(x's size / 8) elements");
+  }
+  DropL1Params p{};
+  p.x = x.data_ptr();
+  p.base = base ? base->data_ptr() : nullptr;
+  p.n = x.numel();
+  p.type = type;
+  p.thresholds = thresholds.data_ptr<int64_t>();
+  p.n_thresholds = thresholds.numel();
+  p.seed = static_cast<uint64_t>(seed);
+  p.stream = static_cast<uint64_t>(stream);
+  p.offset = static_cast<uint64_t>(offset);
+  p.sums = sums.data_ptr<double>();
+  p.packed = packed ? packed->data_ptr<uint8_t>() : nullptr;
+  dropped_l1_cpu(p);
+}
+
+void expand_drops_cpu_op(const at::Tensor& packed, const at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.is_contiguous(), "evolver_kernels: out must be contiguous int64");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == (out.numel() + 7) / 8,
+              "evolver_kernels: packed must be a contiguous uint8 tensor of ceil(out's size / 8) elements");
+  expand_drops_cpu(packed.data_ptr<uint8_t>(), out.numel(), out.data_ptr<int64_t>());
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -169,6 +207,13 @@ TORCH_LIBRARY(evolver_kernels, m) {
   // table[rank of its magnitude (as above) in row r], else 0 (ranks ascending, ties by index).
   m.def("magnitude_rank_drops_(Tensor x, Tensor? base, Tensor table, int seed, int stream, int offset, "
         "Tensor(a!) out) -> ()");
+  // della's rescale: sums[0] += sum |x - base| (fp32 magnitudes, fp64 sums), sums[1] += the same over the elements
+  // whose Philox word is at or above their threshold (thresholds: one per element, or one for all); the drops as
+  // bits into packed (zeroed; bit j % 8 of byte j / 8) when given.
+  m.def("dropped_l1_(Tensor x, Tensor? base, Tensor thresholds, int seed, int stream, int offset, "
+        "Tensor(a!) sums, Tensor(b!)? packed) -> ()");
+  // out[j] = 2^32 where bit j of packed is set, else 0: drops recorded by dropped_l1_ as the merge's thresholds.
+  m.def("expand_drops_(Tensor packed, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
@@ -180,6 +225,8 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("magnitude_gather_", &evolver_kernels::magnitude_gather_cpu_op);
   m.impl("magnitude_rank_drops_", &evolver_kernels::magnitude_rank_drops_cpu_op);
   m.impl("task_vector_variance_", &evolver_kernels::task_vector_variance_cpu_op);
+  m.impl("dropped_l1_", &evolver_kernels::dropped_l1_cpu_op);
+  m.impl("expand_drops_", &evolver_kernels::expand_drops_cpu_op);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).

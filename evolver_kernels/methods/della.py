@@ -10,15 +10,11 @@ import torch
 
 from evolver_kernels.kernels.ops import merge_tensors
 from evolver_kernels.kernels.ranks import rank_drop_thresholds
+from evolver_kernels.kernels.rescale import add_dropped_l1, expand_drops, packed_size
 from evolver_kernels.kernels.rng import STREAM_DARE, random_words
 from evolver_kernels.methods.registry import Param, boolean
 from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk
-from evolver_kernels.methods.task_vectors import (
-    TWO_32,
-    densities_of,
-    per_model_values,
-    task_vector_chunk,
-)
+from evolver_kernels.methods.task_vectors import TWO_32, densities_of, per_model_values
 from evolver_kernels.storage.arena import Arena, Entry
 from evolver_kernels.storage.population import Population
 
@@ -129,18 +125,26 @@ def della(
     normalize = ties if normalize is None else normalize
 
     constants: dict[int, torch.Tensor] = {}  # model -> its one threshold, as long as the longest span so far
+    held: dict[int, torch.Tensor] = {}  # model -> its int64 buffer of per-element thresholds, reused by every span
+
+    def buffer(k: int, numel: int, device: torch.device) -> torch.Tensor:
+        if k not in held or held[k].numel() < numel or held[k].device != device:
+            held[k] = torch.empty(numel, dtype=torch.int64, device=device)
+        return held[k][:numel]
 
     def thresholds(e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int) -> torch.Tensor:
         """Drop thresholds (flat) that drop what model k's della_thresholds of x - base (whole rows of entry e,
         at global index `offset`) drop."""
         if epsilons[k] == 0:  # every rank alike: one threshold, filled once and read by every span
-            held = constants.get(k)
-            if held is None or held.numel() < x.numel() or held.device != x.device:
+            one = constants.get(k)
+            if one is None or one.numel() < x.numel() or one.device != x.device:
                 threshold = math.floor((1 - densities[k]) * TWO_32)
-                held = constants[k] = torch.full((x.numel(),), threshold, dtype=torch.int64, device=x.device)
-            return held[: x.numel()]
+                one = constants[k] = torch.full((x.numel(),), threshold, dtype=torch.int64, device=x.device)
+            return one[: x.numel()]
         table = della_table(della_rows(e, ranked)[1], densities[k], epsilons[k], x.device)
-        return rank_drop_thresholds(x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset)
+        return rank_drop_thresholds(
+            x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset, out=buffer(k, x.numel(), x.device)
+        )
 
     for e in pop.layout.entries:
         if e.numel == 0:
@@ -151,32 +155,39 @@ def della(
         spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
         start = pop.layout.groups[e.group][0] + e.offset
         factors = [1.0] * n
+        decided: dict[tuple[int, int], torch.Tensor] = {}  # (span, model) -> its ranked drops as bits
         if rescale and sparse:
-            before = torch.zeros(n, dtype=torch.float64, device=dst.device)
-            after = torch.zeros(n, dtype=torch.float64, device=dst.device)
-            for lo, hi in spans:
+            sums = torch.zeros(n, 2, dtype=torch.float64, device=dst.device)  # L1 before, after the drops
+            for s, (lo, hi) in enumerate(spans):
+                a, b = e.offset + lo, e.offset + hi
+                base_c = base_chunk(base, e.group, a, b, dst.device)
                 for k in sparse:
-                    tau = task_vector_chunk(pop, base, e, k, lo, hi, dst.device)
-                    kept = merge_tensors(
-                        [tau],
-                        drop_thresholds=[thresholds(e, k, tau, None, start + lo)],
-                        normalize=False,
-                        seed=seed,
-                        stream=STREAM_DARE + k,
-                        offset=start + lo,
-                        backend=backend,
+                    x = pop.read(k, e.group, a, b).to(dst.device)
+                    drops = thresholds(e, k, x, base_c, start + lo)
+                    bits = None
+                    if epsilons[k] == 0:
+                        drops = drops[:1]  # one threshold for every element: none read per element
+                    else:  # the ranks' drops kept (1 bit each): the merge's pass does not rank again
+                        bits = decided[s, k] = torch.zeros(packed_size(hi - lo), dtype=torch.uint8, device=dst.device)
+                    add_dropped_l1(
+                        sums[k], x, base_c, drops, seed=seed, stream=STREAM_DARE + k, offset=start + lo, packed=bits
                     )
-                    before[k] += tau.abs().sum(dtype=torch.float64)
-                    after[k] += kept.abs().sum(dtype=torch.float64)
             for k in sparse:
-                b, a = float(before[k]), float(after[k])
+                b, a = (float(v) for v in sums[k])
                 if b >= RESCALE_EPS and a >= RESCALE_EPS:
                     factors[k] = b / a
-        for lo, hi in spans:
+        for s, (lo, hi) in enumerate(spans):
             a, b = e.offset + lo, e.offset + hi
             base_c = base_chunk(base, e.group, a, b, dst.device)
             xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
-            drops = [thresholds(e, k, xs[k], base_c, start + lo) if k in sparse else None for k in range(n)]
+            drops = [
+                None
+                if k not in sparse
+                else expand_drops(decided.pop((s, k)), hi - lo, buffer(k, hi - lo, dst.device))
+                if (s, k) in decided
+                else thresholds(e, k, xs[k], base_c, start + lo)
+                for k in range(n)
+            ]
             merge_tensors(
                 xs,
                 base=base_c,

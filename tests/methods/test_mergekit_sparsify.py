@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from evolver_kernels import available_backends, methods
 from evolver_kernels.io import model_io
+from evolver_kernels.kernels import ranks, rescale
 from evolver_kernels.kernels.rng import STREAM_DARE, random_words
 from evolver_kernels.merge import main
 from evolver_kernels.methods.della import della_kept
@@ -519,6 +520,25 @@ def test_streamed_merge_equals_full_tensor_reference(case, chunk):
         if e.numel > 5:  # not vacuous: far from the average of the models and from the base
             assert (out.view(e).double() - sum(x.double() for x in xs) / n).abs().max() > FAR
             assert (out.view(e).double() - base.view(e).double()).abs().max() > FAR
+
+
+@pytest.mark.parametrize("case", ["della", "della_linear", "della_flat"])
+@pytest.mark.parametrize("chunk", [16, 1 << 20])
+def test_della_gives_the_same_bits_without_the_extensions_selection_kernels(case, chunk, monkeypatch):
+    """The torch paths of della's ranks, rescale norms and drop bits (what a GPU runs) against the CPU kernels."""
+    n, kwargs, _ = API_CASES[case]
+    method, shapes = _method_and_shapes(case)
+    layout, pop, base = _population(n, shapes=shapes)
+    kwargs = dict(kwargs)
+    weights, seed = kwargs.pop("weights", None), kwargs.pop("seed", 0)
+    merge = Merger(method, base, weights=weights, seed=seed, **kwargs)
+    native = merge(pop, Arena.empty(layout), chunk=chunk)
+    monkeypatch.setattr(ranks, "native_magnitudes", lambda x, base: False)
+    monkeypatch.setattr(rescale, "native_magnitudes", lambda x, base: False)
+    monkeypatch.setattr(rescale, "native_bits", lambda packed: False)
+    fallback = merge(pop, Arena.empty(layout), chunk=chunk)
+    for e in layout.entries:
+        assert torch.equal(fallback.view(e), native.view(e)), e.name
 
 
 @pytest.mark.parametrize("case", list(API_CASES))
