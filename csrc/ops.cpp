@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/de_cpu.h"
+#include "cpu/gram_cpu.h"
 #include "cpu/merge_cpu.h"
 #include "cpu/rescale_cpu.h"
 #include "cpu/select_cpu.h"
@@ -178,6 +179,28 @@ void expand_drops_cpu_op(const at::Tensor& packed, const at::Tensor& out) {
   expand_drops_cpu(packed.data_ptr<uint8_t>(), out.numel(), out.data_ptr<int64_t>());
 }
 
+void task_vector_gram_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, const at::Tensor& out) {
+  TORCH_CHECK(!xs.empty(), "evolver_kernels: xs must hold at least one tensor");
+  const ElementType type = check_magnitude_inputs(xs[0], base);
+  std::vector<const void*> ptrs;
+  for (const at::Tensor& x : xs) {
+    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.is_contiguous() && x.numel() == xs[0].numel(),
+                "evolver_kernels: xs must be contiguous tensors of one dtype and size");
+    ptrs.push_back(x.data_ptr());
+  }
+  const int64_t n = static_cast<int64_t>(xs.size());
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == n * n,
+              "evolver_kernels: out must be a contiguous float64 tensor of len(xs) ** 2 elements");
+  GramParams p{};
+  p.x = ptrs.data();
+  p.n_inputs = static_cast<int>(n);
+  p.base = base ? base->data_ptr() : nullptr;
+  p.n = xs[0].numel();
+  p.type = type;
+  p.out = out.data_ptr<double>();
+  task_vector_gram_cpu(p);
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -214,6 +237,8 @@ TORCH_LIBRARY(evolver_kernels, m) {
         "Tensor(a!) sums, Tensor(b!)? packed) -> ()");
   // out[j] = 2^32 where bit j of packed is set, else 0: drops recorded by dropped_l1_ as the merge's thresholds.
   m.def("expand_drops_(Tensor packed, Tensor(a!) out) -> ()");
+  // out[i, j] += <xs[i] - base, xs[j] - base>: each product in fp32, the sums in fp64 (geometry.gram's matrix).
+  m.def("task_vector_gram_(Tensor[] xs, Tensor? base, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
@@ -227,6 +252,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("task_vector_variance_", &evolver_kernels::task_vector_variance_cpu_op);
   m.impl("dropped_l1_", &evolver_kernels::dropped_l1_cpu_op);
   m.impl("expand_drops_", &evolver_kernels::expand_drops_cpu_op);
+  m.impl("task_vector_gram_", &evolver_kernels::task_vector_gram_cpu_op);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).

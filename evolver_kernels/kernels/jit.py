@@ -33,7 +33,14 @@ RECORD_HEADER = "evolver_build_record.h"
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 # sources relative to CSRC, per extension (module name -> sources)
 SOURCES = {
-    "_C": ["ops.cpp", "cpu/de_cpu.cpp", "cpu/merge_cpu.cpp", "cpu/select_cpu.cpp", "cpu/rescale_cpu.cpp"],
+    "_C": [
+        "ops.cpp",
+        "cpu/de_cpu.cpp",
+        "cpu/merge_cpu.cpp",
+        "cpu/select_cpu.cpp",
+        "cpu/rescale_cpu.cpp",
+        "cpu/gram_cpu.cpp",
+    ],
     "_cuda": ["cuda/bind_cuda.cpp", "cuda/de_cuda.cu", "cuda/merge_cuda.cu"],
 }
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+from evolver_kernels.kernels.gram import add_task_vector_gram
 from evolver_kernels.kernels.ops import merge_tensors
 from evolver_kernels.methods.streaming import Base, base_chunk, per_model_chunk
 from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
@@ -121,8 +122,14 @@ def gram(
     pop: Population, base: Base | None, e: Entry, along: int | None, chunk: int, device: torch.device
 ) -> torch.Tensor:
     """G[f, i, j] = <v_i, v_j> over vector f of entry `e`, shape [vectors, N, N], float64. Products are formed
-    in fp32 (as mergekit forms them from fp32 inputs), summed in fp64, on spans of chunk / N elements."""
+    in fp32 (as mergekit forms them from fp32 inputs), summed in fp64, on spans of chunk / N elements; one vector
+    (the whole tensor) by kernels/gram.py, rows or columns by torch."""
     n = pop.size
+    if matrix_of(e, along) is None:  # one vector: the Gram kernel, no product tensors
+        whole = torch.zeros(n, n, dtype=torch.float64, device=device)
+        for span in spans(e, None, per_model_chunk(chunk, n)):
+            add_task_vector_gram(whole, *read_span(pop, base, e, span, device))
+        return whole[None]
     g = torch.zeros(n, n, vector_count(e, along), dtype=torch.float64, device=device)
     for span in spans(e, along, per_model_chunk(chunk, n)):  # N fp32 vectors per span
         xs, b = read_span(pop, base, e, span, device)
