@@ -277,6 +277,25 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def safetensors_header(
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """(the file's first bytes: the header's length and the header, padded so the data starts 8-byte aligned as
+    safetensors' own writer does it; name -> the tensor's byte range in the data) of a safetensors file whose
+    tensors are `specs` (name, dtype, shape), in that order."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    ranges = {}
+    offset = 0
+    for name, dtype, shape in specs:
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        ranges[name] = (offset, end)
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, ranges
+
+
 def write_safetensors(
     path: str,
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -288,38 +307,33 @@ def write_safetensors(
     tensor_for(name) for one tensor at a time and writing its bytes as they are: host memory holds one tensor,
     where safetensors' save_file holds every tensor of the file and a serialised copy of them. written(name),
     when given, is called once a tensor's bytes are written (its source may then be freed)."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, dtype, shape in specs:
-        end = offset + math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does it
+    head, _ = safetensors_header(specs, metadata)
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(head)
         for name, dtype, shape in specs:
-            t = tensor_for(name)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name}: got {t.dtype} {list(t.shape)}, the header says {dtype} {list(shape)}")
+            t = checked_tensor(name, dtype, shape, tensor_for(name))
             f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
             del t
             if written is not None:
                 written(name)
 
 
-def write_shards(
-    out_dir: str,
-    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-    tensor_for: Callable[[str], torch.Tensor],
-    shard_bytes: int = 2 << 30,
-    written: Callable[[str], None] | None = None,
-) -> list[str]:
-    """Writes the tensors `specs` (name, dtype, shape) as model.safetensors, or as shards of at most
-    `shard_bytes` (planned from the specs, in their order) with model.safetensors.index.json; each shard through
-    a temporary name (removed on failure) and write_safetensors (with `written`), one tensor in memory at a
-    time. Returns the paths written."""
+def checked_tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], t: torch.Tensor) -> torch.Tensor:
+    """`t`, refused unless it has the dtype and shape the header gives `name`."""
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: got {t.dtype} {list(t.shape)}, the header says {dtype} {list(shape)}")
+    return t
+
+
+SAFETENSORS_METADATA = {"format": "pt"}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def plan_shards(
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_bytes: int = 2 << 30
+) -> list[tuple[str, list[tuple[str, torch.dtype, tuple[int, ...]]]]]:
+    """[(file name, its specs)]: model.safetensors, or shards of at most `shard_bytes` in the specs' order (a
+    tensor larger than that alone in its shard) named as transformers names them."""
     plan: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     size = 0
     for spec in specs:
@@ -329,26 +343,52 @@ def write_shards(
             size = 0
         plan[-1].append(spec)
         size += nbytes
+    if len(plan) == 1:
+        return [("model.safetensors", plan[0])]
+    return [(f"model-{n:05d}-of-{len(plan):05d}.safetensors", shard) for n, shard in enumerate(plan, 1)]
+
+
+def write_index(out_dir: str, plan: list, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """model.safetensors.index.json for a sharded plan (plan_shards); the paths written (none for one file)."""
+    if len(plan) == 1:
+        return []
+    path = os.path.join(out_dir, INDEX_FILE)
+    weight_map = {name: fname for fname, shard in plan for name, _, _ in shard}
+    total = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs)
+    with open(path, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return [path]
+
+
+def write_shards(
+    out_dir: str,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensor_for: Callable[[str], torch.Tensor],
+    shard_bytes: int = 2 << 30,
+    written: Callable[[str], None] | None = None,
+    into=None,
+) -> list[str]:
+    """Writes the tensors `specs` (name, dtype, shape) as model.safetensors, or as shards of at most
+    `shard_bytes` (plan_shards) with model.safetensors.index.json; each shard through a temporary name (removed
+    on failure) and write_safetensors (with `written`), one tensor in memory at a time. `into`: the shards
+    already exist as an io.mapped_output.MappedOutput of these specs, holding the tensors the merge wrote into
+    them; the others are copied in and the shards committed. Returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
-    paths, weight_map = [], {}
-    for n, shard in enumerate(plan, 1):
-        fname = "model.safetensors" if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
+    if into is not None:
+        return into.commit(specs, tensor_for) + write_index(out_dir, into.plan, specs)
+    paths = []
+    plan = plan_shards(specs, shard_bytes)
+    for fname, shard in plan:
         tmp = os.path.join(out_dir, fname + ".tmp")
         try:
-            write_safetensors(tmp, shard, tensor_for, metadata={"format": "pt"}, written=written)
+            write_safetensors(tmp, shard, tensor_for, metadata=SAFETENSORS_METADATA, written=written)
         except BaseException:
             if os.path.exists(tmp):  # a partial shard of ours (a full disk, an interrupt): not left behind
                 os.remove(tmp)
             raise
         os.replace(tmp, os.path.join(out_dir, fname))
         paths.append(os.path.join(out_dir, fname))
-        weight_map.update(dict.fromkeys((name for name, _, _ in shard), fname))
-    if len(plan) > 1:
-        paths.append(os.path.join(out_dir, "model.safetensors.index.json"))
-        total = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs)
-        with open(paths[-1], "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return paths
+    return paths + write_index(out_dir, plan, specs)
 
 
 def output_tensors(arena: Arena, evolved: dict, index: dict, dtype: torch.dtype | None):
@@ -377,6 +417,21 @@ def discard_written(arena: Arena, evolved: dict) -> Callable[[str], None]:
     return written
 
 
+def model_specs(layout: Layout, src_dir: str, src_files: list[str], dtype: torch.dtype | None = None):
+    """(specs, evolved, index) of save_model's output: the (name, dtype, shape) of every tensor it writes, in
+    order (the source checkpoint's names, sorted, a tied alias once); key -> the layout's entry written under it;
+    the source's tensor_index (its other tensors, buffers, are copied from it)."""
+    index = tensor_index(src_files)
+    keys = resolve_names(layout, index, src_dir)
+    evolved = {keys[e.name]: e for e in layout.entries}
+    tied = {alias for e in layout.entries for alias in e.aliases if alias != keys[e.name]}
+    names = [k for k in sorted(index) if k not in tied]
+    specs = [
+        (k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2]) for k in names
+    ]
+    return specs, evolved, index
+
+
 def save_model(
     arena: Arena,
     src_dir: str,
@@ -385,25 +440,23 @@ def save_model(
     shard_bytes: int = 2 << 30,
     dtype: torch.dtype | None = None,
     discard: bool = False,
+    into=None,
 ) -> list[str]:
     """Writes `arena` as an HF model directory: safetensors shards named as in the source checkpoint, the
     source's buffers, config, generation config and tokenizer files. With `dtype`, every floating-point
     tensor is cast to it (one rounding from the arena's values) and config.json says so. With `discard` the
     arena's entries are given back once written (Arena.discard: the merge's arena on scratch files, read once).
-    Returns every path written."""
+    `into`: the shards the arena's tensors already are (write_shards). Returns every path written."""
     os.makedirs(out_dir, exist_ok=True)
-    index = tensor_index(src_files)
-    keys = resolve_names(arena.layout, index, src_dir)
-    evolved = {keys[e.name]: e for e in arena.layout.entries}
-    tied = {alias for e in arena.layout.entries for alias in e.aliases if alias != keys[e.name]}
-    names = [k for k in sorted(index) if k not in tied]
-
+    specs, evolved, index = model_specs(arena.layout, src_dir, src_files, dtype)
     tensor_for = output_tensors(arena, evolved, index, dtype)
-    specs = [
-        (k, dtype if dtype is not None and index[k][1].is_floating_point else index[k][1], index[k][2]) for k in names
-    ]
     paths = write_shards(
-        out_dir, specs, tensor_for, shard_bytes, written=discard_written(arena, evolved) if discard else None
+        out_dir,
+        specs,
+        tensor_for,
+        shard_bytes,
+        written=discard_written(arena, evolved) if discard else None,
+        into=into,
     )
     for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
         src = os.path.join(src_dir, name)

@@ -20,6 +20,7 @@ from evolver_kernels.evaluation.evaluator import Evaluator, infer_task
 from evolver_kernels.io import model_io
 from evolver_kernels.io.header_layout import causal_lm_layout, restacked
 from evolver_kernels.io.jsonio import write_json
+from evolver_kernels.io.mapped_output import MappedOutput
 from evolver_kernels.io.rundir import OutputDir, Scratch, disk_problem, format_bytes
 from evolver_kernels.kernels.backends import device_backends
 from evolver_kernels.merge.config import (
@@ -157,20 +158,12 @@ def _scratch_arena(spec: MergeSpec, layout: Layout, scratch: Scratch, name: str)
     return Arena.empty(layout) if spec.population_on == "cpu" else Arena.on_files(layout, scratch.path, name)
 
 
-def _save_layout(
-    arena: Arena | _Routed,
-    donor: str,
-    out_dir: str,
-    dtype: torch.dtype | None,
-    num_layers: int | None,
-    shard_bytes: int = 2 << 30,
-) -> list[str]:
-    """The merge as an HF model directory when its tensors are not the donor checkpoint's (stacked layers, a
-    dtype cast before merging): each tensor under the name the donor gives it, the donor's other tensors
-    (buffers), its config (with num_layers and dtype), generation config and tokenizer files. Returns the paths."""
+def _layout_specs(layout: Layout, donor: str, dtype: torch.dtype | None, num_layers: int | None):
+    """(specs, entries, index) of _save_layout's output: every tensor it writes (name, dtype, shape) in order, the
+    layout's entries by the name the donor gives them, the donor's tensor_index (its buffers are copied)."""
     index = tensor_index(safetensors_files(donor))
-    entries = {next((a for a in e.aliases if a in index), e.name): e for e in arena.layout.entries}
-    aliases = {a for e in arena.layout.entries for a in e.aliases}
+    entries = {next((a for a in e.aliases if a in index), e.name): e for e in layout.entries}
+    aliases = {a for e in layout.entries for a in e.aliases}
     buffers = sorted(set(index) - aliases)
     for key in buffers:
         if layer_index(key) is not None and num_layers is not None:
@@ -178,19 +171,37 @@ def _save_layout(
 
     def stored(key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         if key in entries:
-            return arena.layout.group_dtype(entries[key].group), entries[key].shape
+            return layout.group_dtype(entries[key].group), entries[key].shape
         return index[key][1], index[key][2]
 
     specs = []
     for key in sorted([*entries, *buffers]):
         stored_dtype, shape = stored(key)
         specs.append((key, dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype, shape))
+    return specs, entries, index
+
+
+def _save_layout(
+    arena: Arena | _Routed,
+    donor: str,
+    out_dir: str,
+    dtype: torch.dtype | None,
+    num_layers: int | None,
+    shard_bytes: int = 2 << 30,
+    into: MappedOutput | None = None,
+) -> list[str]:
+    """The merge as an HF model directory when its tensors are not the donor checkpoint's (stacked layers, a
+    dtype cast before merging): each tensor under the name the donor gives it, the donor's other tensors
+    (buffers), its config (with num_layers and dtype), generation config and tokenizer files; `into`: the
+    shards the arena's tensors already are. Returns the paths."""
+    specs, entries, index = _layout_specs(arena.layout, donor, dtype, num_layers)
     paths = model_io.write_shards(
         out_dir,
         specs,
         model_io.output_tensors(arena, entries, index, dtype),
         shard_bytes,
         written=model_io.discard_written(arena, entries),
+        into=into,
     )
     with open(os.path.join(donor, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -346,17 +357,57 @@ def _read_inputs(
     return pop, base
 
 
-def _write_output(
-    spec: MergeSpec, record, target: Target, slices: list[Slice], models: list[str], arena: Arena | _Routed
-) -> list[str]:
-    """The merged model, its config and tokenizer, and merge.json in --out; the paths written."""
+def _output_specs(spec: MergeSpec, target: Target, models: list[str]):
+    """(specs, entries by output name) of the model _write_output writes: its tensors in order, and which of
+    them are the layout's entries."""
     dtype = DTYPES[spec.dtype] if spec.dtype else None
     if target.identity:
-        written = model_io.save_model(arena, models[0], target.files[0], spec.out, dtype=dtype, discard=True)
+        specs, evolved, _ = model_io.model_specs(target.layout, models[0], target.files[0], dtype)
+        return specs, evolved
+    layout = target.layout
+    specs, entries, _ = _layout_specs(
+        layout, target.donor, dtype or layout.group_dtype(layout.entries[0].group), target.stacked
+    )
+    return specs, entries
+
+
+def _mapped_output(
+    spec: MergeSpec, target: Target, models: list[str], scratch: Scratch
+) -> tuple[MappedOutput, Arena] | None:
+    """The output's shards made now and the arena the merge writes into them (io/mapped_output.py), where the
+    output's tensors are the merged ones as they are (no cast on the way out); None: a scratch arena instead."""
+    specs, keyed = _output_specs(spec, target, models)
+    mapped = MappedOutput(spec.out, scratch.path, specs)
+    arena = mapped.arena(target.layout, keyed)
+    if arena is None:
+        mapped.remove()
+        return None
+    return mapped, arena
+
+
+def _write_output(
+    spec: MergeSpec,
+    record,
+    target: Target,
+    slices: list[Slice],
+    models: list[str],
+    arena: Arena | _Routed,
+    into: MappedOutput | None = None,
+) -> list[str]:
+    """The merged model, its config and tokenizer, and merge.json in --out; the paths written. `into`: the shards
+    the merge wrote the arena into (_mapped_output)."""
+    dtype = DTYPES[spec.dtype] if spec.dtype else None
+    if target.identity:
+        written = model_io.save_model(arena, models[0], target.files[0], spec.out, dtype=dtype, discard=True, into=into)
     else:
         layout = target.layout
         written = _save_layout(
-            arena, target.donor, spec.out, dtype or layout.group_dtype(layout.entries[0].group), target.stacked
+            arena,
+            target.donor,
+            spec.out,
+            dtype or layout.group_dtype(layout.entries[0].group),
+            target.stacked,
+            into=into,
         )
     if spec.tokenizer_from:
         copied = _copy_files(spec.local(spec.tokenizer_from), spec.out, model_io.TOKENIZER_FILES)
@@ -422,7 +473,7 @@ def run(spec: MergeSpec, log=print) -> str:
     if spec.tokenizer_from:
         _check_vocabulary(spec)
     claimed = OutputDir.claim(spec.out, "merge", inputs)
-    scratch = None
+    scratch = mapped = None
     try:
         target = _target(spec, record, slices, models)
         layout, groups, settings = target.layout, target.groups, target.settings
@@ -448,8 +499,14 @@ def run(spec: MergeSpec, log=print) -> str:
         pop, base = (None, None) if direct else _read_inputs(spec, target, slices, models, base_dir, scratch)
         if direct:  # each tensor read from its source as it is checked and as it is written: no copy first
             arena = _Routed(layout, target.routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
-        else:
-            arena = Arena.on_files(layout, scratch.path, "merged")  # the merge's result, until it is written out
+        else:  # the merge's result: the output's own files where it can be, else scratch files until written out
+            in_place = None
+            if record.statistics is None and len(groups) == 1:
+                in_place = _mapped_output(spec, target, models, scratch)
+            if in_place is not None:
+                mapped, arena = in_place
+            else:
+                arena = Arena.on_files(layout, scratch.path, "merged")
         stats = None
         if record.statistics is not None:
             from transformers import AutoTokenizer
@@ -472,10 +529,12 @@ def run(spec: MergeSpec, log=print) -> str:
             base.close()
         _check_finite(arena, record.name)
         claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
-        claimed.record(_write_output(spec, record, target, slices, models, arena))
+        claimed.record(_write_output(spec, record, target, slices, models, arena, into=mapped))
         if isinstance(arena, _Routed):
             arena.close()
     except BaseException:
+        if mapped is not None:
+            mapped.remove()
         if scratch is not None:
             scratch.remove()
         claimed.release(remove_if_unused=True)

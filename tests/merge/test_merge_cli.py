@@ -120,6 +120,50 @@ def test_a_relaid_out_merge_is_the_same_bytes_on_every_tier_and_leaves_no_scratc
         assert all(torch.equal(outs[0][k].view(torch.uint8), other[k].view(torch.uint8)) for k in other)
 
 
+@pytest.mark.parametrize("case", ["ties", "bert_linear", "stacked_linear", "bf16_ties"])
+def test_the_output_written_in_place_is_the_scratch_paths_bytes(llama_pop, bert_pop, tmp_path, monkeypatch, case):
+    """The merge writes into the output's own shards (io/mapped_output.py) where it can: the same files, byte for
+    byte, as the merge into a scratch copy written out after it, and no scratch copy of the merge is made."""
+    import os
+
+    import yaml
+
+    import evolver_kernels.merge.run as merge_run
+
+    pop = bert_pop if case == "bert_linear" else llama_pop
+    cfg = {"merge_method": "ties" if "ties" in case else "linear", "dtype": "float32"}
+    if "ties" in case:
+        cfg.update(base_model=pop.base, parameters={"density": 0.4})
+    if case == "bf16_ties":
+        cfg["dtype"] = "bfloat16"  # a cast before merging: the models re-laid out, the output from the layout
+    if case == "stacked_linear":
+        cfg["slices"] = [
+            {"sources": [{"model": m, "layer_range": [0, 1]} for m in pop.models[:2]]},
+            {"sources": [{"model": m, "layer_range": [0, 2]} for m in pop.models[:2]]},
+        ]
+    else:
+        cfg["models"] = [{"model": m, "parameters": {"weight": 1.0}} for m in pop.models]
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    made = []
+    real_arena = merge_run.Arena.on_files
+
+    def on_files(layout, directory, prefix, create=True):
+        made.append(prefix)
+        return real_arena(layout, directory, prefix, create)
+
+    monkeypatch.setattr(merge_run.Arena, "on_files", staticmethod(on_files))
+    assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "in_place")]) == 0
+    assert "merged" not in made
+    monkeypatch.setattr(merge_run, "_mapped_output", lambda *a: None)
+    assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "scratch")]) == 0
+    assert "merged" in made
+    names = sorted(n for n in os.listdir(tmp_path / "scratch") if n.endswith(".safetensors"))
+    assert names == sorted(n for n in os.listdir(tmp_path / "in_place") if n.endswith(".safetensors"))
+    for name in names:
+        assert (tmp_path / "in_place" / name).read_bytes() == (tmp_path / "scratch" / name).read_bytes(), name
+    assert not [n for n in os.listdir(tmp_path / "in_place") if n.startswith(SCRATCH_PREFIX)]
+
+
 def test_an_arena_on_files_is_zero_filled_shared_and_gives_back_a_written_entry(tmp_path):
     """The merge's output arena (Arena.on_files): zero-filled, its writes in the file (another mapping sees
     them), and an entry written out is punched out of the file while its neighbours keep their values."""
