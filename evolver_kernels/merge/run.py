@@ -501,7 +501,7 @@ def run(spec: MergeSpec, log=print) -> str:
             arena = _Routed(layout, target.routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
         else:  # the merge's result: the output's own files where it can be, else scratch files until written out
             in_place = None
-            if record.statistics is None and len(groups) == 1:
+            if record.writes_views and record.statistics is None and len(groups) == 1:
                 in_place = _mapped_output(spec, target, models, scratch)
             if in_place is not None:
                 mapped, arena = in_place

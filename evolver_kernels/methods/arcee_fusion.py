@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from evolver_kernels.kernels.histogram import BUCKETS, count_into
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, register
-from evolver_kernels.methods.streaming import Base, base_chunk, check_base
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base, prefetched
 from evolver_kernels.storage.arena import Arena, Entry
 from evolver_kernels.storage.population import Population
 
@@ -131,7 +131,7 @@ def arcee_fusion(pop: Population, base: Base, out: Arena, chunk: int = 1 << 22, 
     base = check_base(pop, base, "arcee_fusion")
     if pop.size != 1:
         raise ValueError(f"arcee_fusion merges exactly one model into the base, got {pop.size}")
-    for e in pop.layout.entries:
+    for e in prefetched(pop, base):
         if e.numel == 0:
             continue
         _merge_entry(pop, base, out, e, chunk)
@@ -185,6 +185,7 @@ def _arcee_fusion(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 register(
     MergeMethod(
+        writes_views=True,
         name="arcee_fusion",
         needs_base=True,
         merge=_arcee_fusion,

@@ -13,7 +13,7 @@ from evolver_kernels.kernels.ranks import rank_drop_thresholds
 from evolver_kernels.kernels.rescale import add_dropped_l1, expand_drops, packed_size
 from evolver_kernels.kernels.rng import STREAM_DARE, random_words
 from evolver_kernels.methods.registry import Param, boolean
-from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk, prefetched
 from evolver_kernels.methods.task_vectors import TWO_32, densities_of, per_model_values
 from evolver_kernels.storage.arena import Arena, Entry
 from evolver_kernels.storage.population import Population
@@ -146,7 +146,7 @@ def della(
             x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset, out=buffer(k, x.numel(), x.device)
         )
 
-    for e in pop.layout.entries:
+    for e in prefetched(pop, base):
         if e.numel == 0:
             continue
         dst = out.view(e).view(-1)

@@ -36,6 +36,7 @@ def _passthrough(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 register(
     MergeMethod(
+        writes_views=True,
         name="average",
         aliases=("linear",),
         merge=_merge,
@@ -45,6 +46,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="passthrough",
         merge=_passthrough,
         min_models=1,

@@ -31,7 +31,7 @@ from evolver_kernels.methods.geometry import (
     vector_count,
 )
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
-from evolver_kernels.methods.streaming import Base, check_base
+from evolver_kernels.methods.streaming import Base, check_base, prefetched
 from evolver_kernels.storage.arena import Arena
 from evolver_kernels.storage.population import Population
 
@@ -65,7 +65,7 @@ def model_stock(
         raise ValueError(f"model_stock merges at least two models besides the base, got {pop.size}")
     along = -1 if filter_wise else None
     n = pop.size
-    for e in pop.layout.entries:
+    for e in prefetched(pop, base):
         if e.numel == 0:
             continue
         dst = out.view(e).view(-1)
@@ -91,6 +91,7 @@ def _model_stock(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 register(
     MergeMethod(
+        writes_views=True,
         name="model_stock",
         params=(FILTER_WISE,),
         needs_base=True,

@@ -50,6 +50,7 @@ def _nearswap(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 register(
     MergeMethod(
+        writes_views=True,
         name="nearswap",
         params=(T,),
         needs_base=True,

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, register
-from evolver_kernels.methods.streaming import Base, base_chunk, check_base, per_model_chunk
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base, per_model_chunk, prefetched
 from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
 from evolver_kernels.storage.population import Population
 
@@ -121,7 +121,7 @@ def ram(
         raise ValueError(f"{name}: epsilon must be >= 0, got {epsilon}")
     n = pop.size
     work = per_model_chunk(chunk, n)  # each chunk holds N fp32 task vectors and their masks
-    for e in pop.layout.entries:
+    for e in prefetched(pop, base):
         if e.numel == 0:
             continue
         dst = out.view(e).view(-1)
@@ -170,6 +170,7 @@ def _merge(plus: bool):
 
 register(
     MergeMethod(
+        writes_views=True,
         name="ram",
         params=(RAM_EPSILON,),
         needs_base=True,
@@ -182,6 +183,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="ramplus_tl",
         params=(RAM_EPSILON, R, RAMPLUS_ALPHA),
         needs_base=True,

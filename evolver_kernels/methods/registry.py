@@ -171,6 +171,11 @@ class MergeMethod:
     # only where nothing divides by the sum of the weights, which a negative one can make zero: the method's
     # normalize must default to false, and a merge that sets it true is refused
     signed_weights: bool = False
+    # its merge writes `out` only through Arena.view, chunks and segments, never through out.buffers: the merge
+    # command may then hand it an arena of the output's own files (io/mapped_output.py), each tensor a view of
+    # its bytes there, instead of a scratch copy written out afterwards. False (the default, a plug-in's): the
+    # scratch copy, whose buffers are whole groups
+    writes_views: bool = False
 
     @property
     def yaml_base_role(self) -> str:

@@ -84,7 +84,7 @@ from evolver_kernels.methods.della import (
     della,
 )
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, register
-from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk
+from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk, prefetched
 from evolver_kernels.methods.task_vectors import (
     DENSITY,
     NORMALIZE,
@@ -157,7 +157,7 @@ def breadcrumbs(
     densities = densities_of(density, n)
     gammas = per_model_values(gamma, n, "gamma", 0.0, 1.0)
     w = check_weights(weights, n)
-    for e in pop.layout.entries:
+    for e in prefetched(pop, base):
         if e.numel == 0:
             continue
         dst = out.view(e).view(-1)  # the entry's elements, on the device that holds them
@@ -266,7 +266,7 @@ def sce(
         k = int(nonzero * select_topk)
         return [k] if k > 0 else []
 
-    for e in pop.layout.entries:
+    for e in prefetched(pop, base):
         if e.numel == 0:
             continue
         dst = out.view(e).view(-1)
@@ -357,6 +357,7 @@ def _sce(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 register(
     MergeMethod(
+        writes_views=True,
         name="breadcrumbs",
         params=(SCALE, DENSITY, GAMMA, NORMALIZE),
         needs_base=True,
@@ -367,6 +368,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="breadcrumbs_ties",
         params=(SCALE, DENSITY, GAMMA, NORMALIZE),
         needs_base=True,
@@ -376,6 +378,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="della",
         params=(SCALE, DENSITY, EPSILON, RESCALE, NORMALIZE),
         needs_base=True,
@@ -386,6 +389,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="della_linear",
         params=(SCALE, DENSITY, EPSILON, RESCALE, NORMALIZE),
         needs_base=True,
@@ -395,6 +399,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="sce",
         params=(SELECT_TOPK,),
         needs_base=True,

@@ -50,7 +50,7 @@ import torch
 
 from evolver_kernels.methods.geometry import combine, gram, vector_count
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
-from evolver_kernels.methods.streaming import Base, check_weights
+from evolver_kernels.methods.streaming import Base, check_weights, prefetched
 from evolver_kernels.storage.arena import Arena
 from evolver_kernels.storage.population import Population
 
@@ -204,7 +204,7 @@ def _spherical(
     backend: str | None = None,
 ) -> Arena:
     """Entry by entry: the Gram matrices, `coefficients(g)` -> [vectors, N], then the element-wise pass."""
-    for e in pop.layout.entries:
+    for e in prefetched(pop, base):
         if e.numel == 0:
             continue
         c = coefficients(gram(pop, base, e, along, chunk, out.view(e).device))
@@ -291,6 +291,7 @@ TWO_MODELS = "it merges exactly two models, and a population merge takes every i
 
 register(
     MergeMethod(
+        writes_views=True,
         name="slerp",
         params=(T,),
         merge=_slerp,
@@ -303,6 +304,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="nuslerp",
         params=(NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
         merge=_nuslerp,
@@ -315,6 +317,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="multislerp",
         params=(NORMALIZE_WEIGHTS, EPS),
         merge=_multislerp,
@@ -325,6 +328,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="karcher",
         params=(MAX_ITER, TOL),
         merge=_karcher,

@@ -3,12 +3,14 @@ model, and the linear pass (no per-tensor state) through the fused operator merg
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from evolver_kernels.kernels.checks import MAX_MERGE_INPUTS
 from evolver_kernels.kernels.ops import merge_tensors
 from evolver_kernels.kernels.rng import STREAM_DARE
-from evolver_kernels.storage.arena import Arena, iter_chunks
+from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
 from evolver_kernels.storage.population import Population
 
 # a base model: an arena, or a one-model reader of its own files (population.MappedModels, the merge CLI's)
@@ -40,6 +42,22 @@ def per_model_chunk(chunk: int, n: int) -> int:
     """Elements per chunk of a pass that holds N fp32 task vectors (or N per-element values) at once: chunk / N,
     so that its buffers hold about one chunk's worth whatever N."""
     return max(1, chunk // n)
+
+
+def prefetched(pop: Population, base: Base | None = None) -> Iterator[Entry]:
+    """pop.layout.entries in order, the readers of the models and of the base asked to read each entry's next one
+    ahead (Population.prefetch: a hint). The per-tensor methods read a tensor at least twice (a selection or a
+    Gram matrix, then the merge) and sample some first: read ahead, the disk reads the next tensor in order
+    while this one is merged from the page cache, and a sample finds its pages on the way."""
+    entries = pop.layout.entries
+    for i, e in enumerate(entries):
+        for ahead in entries[i : i + 2] if i == 0 else entries[i + 1 : i + 2]:
+            lo, hi = ahead.offset, ahead.offset + ahead.numel
+            for k in range(pop.size):
+                pop.prefetch(k, ahead.group, lo, hi)
+            if base is not None and not isinstance(base, Arena):
+                base.prefetch(0, ahead.group, lo, hi)
+        yield e
 
 
 def read_all(pop: Population, group: str, lo: int, hi: int, device: torch.device) -> list[torch.Tensor]:

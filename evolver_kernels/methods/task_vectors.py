@@ -32,7 +32,15 @@ from evolver_kernels.kernels.histogram import BUCKETS, magnitude_bits, magnitude
 from evolver_kernels.kernels.ops import crossover_mask, merge_tensors
 from evolver_kernels.kernels.rng import STREAM_DARE
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
-from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, merge_linear, read_all
+from evolver_kernels.methods.streaming import (
+    Base,
+    base_chunk,
+    check_base,
+    check_weights,
+    merge_linear,
+    prefetched,
+    read_all,
+)
 from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
 from evolver_kernels.storage.population import Population
 
@@ -138,7 +146,7 @@ def ties(
     densities = density if isinstance(density, list) else [density] * pop.size
     w = check_weights(weights, pop.size)
     drop_p = _check_p(drop_p)
-    for e in pop.layout.entries:
+    for e in prefetched(pop, base):
         start = pop.layout.groups[e.group][0]
         dst = out.view(e).view(-1)  # the entry's elements, on the device that holds them
         lo_e, hi_e = e.offset, e.offset + e.numel
@@ -364,6 +372,7 @@ def _ties(pop: Population, out: Arena, ctx: MergeContext) -> Arena:
 
 register(
     MergeMethod(
+        writes_views=True,
         name="task_arithmetic",
         params=(SCALE, NORMALIZE),
         needs_base=True,
@@ -374,6 +383,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="ties",
         params=(SCALE, DENSITY, NORMALIZE),
         needs_base=True,
@@ -383,6 +393,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="dare_linear",
         params=(SCALE, DROP_P, NORMALIZE),
         needs_base=True,
@@ -392,6 +403,7 @@ register(
 )
 register(
     MergeMethod(
+        writes_views=True,
         name="dare_ties",
         params=(SCALE, DENSITY, DROP_P, NORMALIZE),
         needs_base=True,

@@ -82,6 +82,10 @@ class Population(abc.ABC):
         terms of those slots must not be used."""
         return frozenset()
 
+    def prefetch(self, i: int, group: str, lo: int, hi: int) -> None:  # noqa: B027 - optional hook
+        """A hint: elements [lo, hi) of individual i's group will be read soon (a reader of files starts reading
+        them now); nothing by default."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases what the tier holds open (memory maps); the population is not used afterwards."""
 
@@ -398,6 +402,9 @@ class MappedModels(ReadOnlyView):
                 first = (at + (a - start) * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
                 with contextlib.suppress(OSError, ValueError):  # a hint: never an error
                     mm.madvise(mmap.MADV_WILLNEED, first, at + (b - start) * itemsize - first)
+
+    def prefetch(self, i: int, group: str, lo: int, hi: int) -> None:
+        self._read_ahead(i, group, lo, hi)
 
     def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of model i's group (a view of the page cache when one tensor holds them), the
