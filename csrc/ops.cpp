@@ -201,6 +201,30 @@ void task_vector_gram_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>&
   task_vector_gram_cpu(p);
 }
 
+void task_vector_squares_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, c10::optional<double> select,
+                                const at::Tensor& out) {
+  TORCH_CHECK(!xs.empty(), "evolver_kernels: xs must hold at least one tensor");
+  const ElementType type = check_magnitude_inputs(xs[0], base);
+  std::vector<const void*> ptrs;
+  for (const at::Tensor& x : xs) {
+    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.is_contiguous() && x.numel() == xs[0].numel(),
+                "evolver_kernels: xs must be contiguous tensors of one dtype and size");
+    ptrs.push_back(x.data_ptr());
+  }
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == static_cast<int64_t>(xs.size()),
+              "evolver_kernels: out must be a contiguous float64 tensor of len(xs) elements");
+  SquaresParams p{};
+  p.x = ptrs.data();
+  p.n_inputs = static_cast<int>(xs.size());
+  p.base = base ? base->data_ptr() : nullptr;
+  p.n = xs[0].numel();
+  p.type = type;
+  p.select_on = select.has_value();
+  p.select = select ? static_cast<float>(*select) : 0.0f;
+  p.out = out.data_ptr<double>();
+  task_vector_squares_cpu(p);
+}
+
 }  // namespace
 }  // namespace evolver_kernels
 
@@ -239,6 +263,9 @@ TORCH_LIBRARY(evolver_kernels, m) {
   m.def("expand_drops_(Tensor packed, Tensor(a!) out) -> ()");
   // out[i, j] += <xs[i] - base, xs[j] - base>: each product in fp32, the sums in fp64 (geometry.gram's matrix).
   m.def("task_vector_gram_(Tensor[] xs, Tensor? base, Tensor(a!) out) -> ()");
+  // out[k] += sum (xs[k] - base)^2 (fp32 squares, fp64 sums) over the elements whose variance over k (as above) is
+  // at least select (all without it): sce's mean squares.
+  m.def("task_vector_squares_(Tensor[] xs, Tensor? base, float? select, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
@@ -253,6 +280,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("dropped_l1_", &evolver_kernels::dropped_l1_cpu_op);
   m.impl("expand_drops_", &evolver_kernels::expand_drops_cpu_op);
   m.impl("task_vector_gram_", &evolver_kernels::task_vector_gram_cpu_op);
+  m.impl("task_vector_squares_", &evolver_kernels::task_vector_squares_cpu_op);
 }
 
 // Importing the module runs the registrations above; the module reports its build (module.h).

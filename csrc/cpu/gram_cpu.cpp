@@ -1,4 +1,4 @@
-// CPU kernel of the task vectors' Gram matrix (gram_cpu.h), threaded with ATen's pool over blocks of elements.
+// CPU kernels of the task vectors' Gram matrix and of sce's mean squares (gram_cpu.h), threaded with ATen's pool over blocks of elements.
 #include "gram_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -70,7 +70,71 @@ void gram_kernel(const GramParams& p) {
   }
 }
 
+template <typename Codec, bool kBase>
+void squares_kernel(const SquaresParams& p) {
+  using Bits = typename Codec::Bits;
+  const Bits* base = static_cast<const Bits*>(p.base);
+  const int n = p.n_inputs;
+  const int64_t nblocks = (p.n + kStep - 1) / kStep;
+  std::vector<double> partial(static_cast<size_t>(nblocks * n));
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    std::vector<float> taus(static_cast<size_t>(n) * kStep);
+    alignas(64) float b[kStep], mean[kStep], var[kStep];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t at = blk * kStep, len = std::min(kStep, p.n - at);
+      if (kBase) {
+        for (int64_t i = 0; i < len; ++i) b[i] = Codec::load(base[at + i]);
+      }
+      for (int k = 0; k < n; ++k) {
+        const Bits* x = static_cast<const Bits*>(p.x[k]) + at;
+        float* tau = taus.data() + static_cast<size_t>(k) * kStep;
+        if (kBase) {
+          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]) - b[i];
+        } else {
+          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]);
+        }
+      }
+      if (p.select_on) {
+        block_variance(taus.data(), n, kStep, len, mean, var);
+        const float select = p.select;
+        for (int k = 0; k < n; ++k) {
+          float* tau = taus.data() + static_cast<size_t>(k) * kStep;
+          for (int64_t i = 0; i < len; ++i) tau[i] = var[i] >= select ? tau[i] : 0.0f;
+        }
+      }
+      for (int k = 0; k < n; ++k) {
+        float* tau = taus.data() + static_cast<size_t>(k) * kStep;
+        for (int64_t i = len; i < kStep; ++i) tau[i] = 0.0f;  // a partial block's tail adds nothing
+        double acc[kLanes] = {};
+        for (int64_t q = 0; q < kStep; q += kLanes) {
+          for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(tau[q + l] * tau[q + l]);
+        }
+        double sum = 0.0;
+        for (int l = 0; l < kLanes; ++l) sum += acc[l];
+        partial[blk * n + k] = sum;
+      }
+    }
+  });
+  for (int k = 0; k < n; ++k) {
+    double total = 0.0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) total += partial[blk * n + k];
+    p.out[k] += total;
+  }
+}
+
 }  // namespace
+
+void task_vector_squares_cpu(const SquaresParams& p) {
+  if (p.n <= 0) return;
+  switch (p.type) {
+    case ElementType::kFloat32:
+      return p.base ? squares_kernel<Float32Codec, true>(p) : squares_kernel<Float32Codec, false>(p);
+    case ElementType::kBFloat16:
+      return p.base ? squares_kernel<BFloat16Codec, true>(p) : squares_kernel<BFloat16Codec, false>(p);
+    case ElementType::kFloat16:
+      return p.base ? squares_kernel<Float16Codec, true>(p) : squares_kernel<Float16Codec, false>(p);
+  }
+}
 
 void task_vector_gram_cpu(const GramParams& p) {
   if (p.n <= 0) return;

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import torch
 
+from evolver_kernels.kernels.gram import add_task_vector_squares
 from evolver_kernels.kernels.ops import merge_tensors
 from evolver_kernels.kernels.rng import STREAM_DARE
 from evolver_kernels.kernels.variance import task_vector_variance
@@ -93,7 +94,6 @@ from evolver_kernels.methods.task_vectors import (
     kth_largest_magnitudes,
     normalize_of,
     per_model_values,
-    task_vectors_of,
 )
 from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
 from evolver_kernels.storage.population import Population
@@ -254,14 +254,6 @@ def sce(
         xs = [pop.read(k, e.group, a, b).to(device) for k in range(n)]
         return task_vector_variance(xs, base_chunk(base, e.group, a, b, device))
 
-    def selected(e: Entry, lo: int, hi: int, threshold: float | None, device: torch.device) -> list[torch.Tensor]:
-        """The task vectors on elements [lo, hi) of entry e, zeroed outside the selection."""
-        taus = task_vectors_of(pop, base, e, lo, hi, device)
-        if threshold is not None:
-            keep = task_vector_variance(taus, None) >= threshold  # bit for bit the fused operator's selection
-            taus = [torch.where(keep, tau, 0.0) for tau in taus]
-        return taus
-
     def ks(nonzero: int) -> list[int]:
         k = int(nonzero * select_topk)
         return [k] if k > 0 else []
@@ -282,8 +274,9 @@ def sce(
             threshold = found[0] if found else INF
         squares = torch.zeros(n, dtype=torch.float64, device=dst.device)
         for lo, hi in iter_chunks(e.numel, work):
-            for k, tau in enumerate(selected(e, lo, hi, threshold, dst.device)):
-                squares[k] += (tau * tau).sum(dtype=torch.float64)
+            a, b = e.offset + lo, e.offset + hi
+            xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
+            add_task_vector_squares(squares, xs, base_chunk(base, e.group, a, b, dst.device), threshold)
         means = squares / e.numel
         total = float(means.sum())
         c = [1.0 / n] * n if abs(total) < SCE_WEIGHT_EPS else [float(m) / total for m in means]

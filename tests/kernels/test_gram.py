@@ -76,3 +76,37 @@ def test_bad_arguments_are_refused():
         op([x, torch.randn(9)], None, torch.zeros(2, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="out must be a contiguous float64 tensor"):
         op([x], None, torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 7, 513, 70_001])
+@pytest.mark.parametrize("models", [1, 3, 6])
+@pytest.mark.parametrize("select", [None, "median", float("inf")])
+def test_native_squares_are_the_formulas(dtype, n, models, select):
+    """sce's squares: the selection the fused merge makes (the variance over the models at least `select`)."""
+    from evolver_kernels.kernels.variance import task_vector_variance
+
+    xs, base = _inputs(n, models, dtype, True, n + models)
+    taus = [x.float() - base.float() for x in xs]
+    var = task_vector_variance(taus, None)
+    if select == "median":
+        select = float(var.median())
+    out = torch.full((models,), 0.25, dtype=torch.float64)
+    gram.add_task_vector_squares(out, xs, base, select)
+    keep = torch.ones(n, dtype=torch.bool) if select is None else var >= select
+    want = torch.stack([torch.where(keep, t * t, 0.0).double().sum() for t in taus])
+    torch.testing.assert_close(out - 0.25, want, rtol=1e-12, atol=1e-12)
+    if select == float("inf"):
+        assert torch.equal(out, torch.full((models,), 0.25, dtype=torch.float64))
+
+
+def test_the_squares_torch_path_agrees(monkeypatch):
+    xs, base = _inputs(5003, 4, torch.bfloat16, True, 3)
+    native = torch.zeros(4, dtype=torch.float64)
+    gram.add_task_vector_squares(native, xs, base, 1e-6)
+    monkeypatch.setattr(gram, "native_magnitudes", lambda x, base: False)
+    fallback = torch.zeros(4, dtype=torch.float64)
+    gram.add_task_vector_squares(fallback, xs, base, 1e-6)
+    torch.testing.assert_close(fallback, native, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"out must be a float64 tensor of shape \[4\]"):
+        gram.add_task_vector_squares(torch.zeros(3, dtype=torch.float64), xs, base)
