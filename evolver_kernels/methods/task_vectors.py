@@ -259,6 +259,7 @@ def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -
 SAMPLED_MIN = 1 << 18  # elements from which a sample narrows the selection to one pass
 SAMPLE_BLOCKS = 256  # evenly spaced blocks of contiguous elements
 SAMPLE_BLOCK = (64, 512)  # their length: about 1/32 of the range in all, within these bounds (a few pages at most)
+GATHER_PIECE = 1 << 18  # elements gathered into several windows at once: a piece of x and base stays in the L2 cache
 
 
 def _check_ks(ks: list[int], n: int) -> None:
@@ -310,7 +311,7 @@ def _sampled_kths(values, lo: int, hi: int, ks: list[int], chunk: int, held=None
     def at(rank: int) -> int:  # the sample's rank-th largest (0-based) bit pattern; kthvalue, no sort
         return int(sample.kthvalue(m - rank).values)
 
-    found: dict[int, float] = {}
+    windows = []  # per k: (low, high) bits and the room for what the window holds
     for k in ks:
         r = (k - 1) * m / n
         margin = 6.0 * math.sqrt(r * (1.0 - r / m) + 1.0) + 16.0
@@ -318,17 +319,23 @@ def _sampled_kths(values, lo: int, hi: int, ks: list[int], chunk: int, held=None
         low = 0 if low_rank == m - 1 else at(low_rank)
         high = 0x7FFFFFFF if top_rank == 0 else at(top_rank)
         capacity = int(2 * (low_rank - top_rank + 1) * n / m) + 1024  # twice what the sample expects in it
-        counts = gathered = None
-        for a, b in iter_chunks(n, chunk):
-            x, base = _pair(values(lo + a, lo + b))
-            if counts is None:
-                counts = torch.zeros(2, dtype=torch.int64, device=x.device)
-                gathered = torch.empty(capacity, dtype=torch.int32, device=x.device)
-            magnitude_gather(counts, gathered, x, base, low, high)
-        above, inside = (int(c) for c in counts.cpu())
+        windows.append((low, high, capacity))
+    # one pass for every k: each piece gathered into every window while it is in the cache
+    piece = chunk if len(ks) == 1 else min(chunk, GATHER_PIECE)
+    counts = gathered = None
+    for a, b in iter_chunks(n, piece):
+        x, base = _pair(values(lo + a, lo + b))
+        if counts is None:
+            counts = [torch.zeros(2, dtype=torch.int64, device=x.device) for _ in ks]
+            gathered = [torch.empty(c, dtype=torch.int32, device=x.device) for _, _, c in windows]
+        for (low, high, _), c, g in zip(windows, counts, gathered):
+            magnitude_gather(c, g, x, base, low, high)
+    found: dict[int, float] = {}
+    for k, (_, _, capacity), c, g in zip(ks, windows, counts, gathered):
+        above, inside = (int(v) for v in c.cpu())
         if above < k <= above + inside and inside <= capacity:
             rank = k - above  # the rank-th largest of the gathered
-            bits = gathered[:inside].kthvalue(inside - rank + 1).values
+            bits = g[:inside].kthvalue(inside - rank + 1).values
             found[k] = float(bits.cpu().view(torch.float32))
     return found
 
