@@ -11,6 +11,10 @@
 #include <algorithm>
 #include <cstdint>
 
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "cpu_common.h"
 
 namespace evolver_kernels {
@@ -48,6 +52,40 @@ void for_each_block(int64_t numel, uint64_t seed, uint64_t stream, uint64_t offs
   });
 }
 
+// Outputs at least this large bypass the caches (streaming stores, as memcpy writes large copies): a store that
+// misses the cache otherwise reads the line first, one more stream than the op needs, and the output would only
+// evict the inputs.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
+// Stores vals[0 .. len) at dst: the 64-byte-aligned lines in between with streaming stores where the CPU has them
+// (AVX-512 or AVX), the ends with plain ones. The caller fences (_mm_sfence) before the data is read elsewhere.
+template <typename Bits>
+inline void stream_store(Bits* dst, const Bits* vals, int64_t len) {
+#if defined(__AVX512F__) || defined(__AVX__)
+  constexpr int64_t kLine = 64 / sizeof(Bits);
+  int64_t head = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64);
+  if (head % sizeof(Bits)) {  // not element-aligned to a line: plain stores
+    for (int64_t i = 0; i < len; ++i) dst[i] = vals[i];
+    return;
+  }
+  head = std::min<int64_t>(head / static_cast<int64_t>(sizeof(Bits)), len);
+  for (int64_t i = 0; i < head; ++i) dst[i] = vals[i];
+  int64_t i = head;
+  for (; i + kLine <= len; i += kLine) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(vals + i));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i)));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i) + 1,
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i) + 1));
+#endif
+  }
+  for (; i < len; ++i) dst[i] = vals[i];
+#else
+  for (int64_t i = 0; i < len; ++i) dst[i] = vals[i];
+#endif
+}
+
 template <typename Codec, bool kTwoInputs>
 void de_kernel(const DEParams& p) {
   using Bits = typename Codec::Bits;
@@ -55,11 +93,14 @@ void de_kernel(const DEParams& p) {
   const Bits* __restrict__ a = static_cast<const Bits*>(p.a);
   const Bits* __restrict__ base = static_cast<const Bits*>(p.base ? p.base : p.x);
   const Bits* __restrict__ b = static_cast<const Bits*>(p.b ? p.b : p.x);
-  Bits* out = static_cast<Bits*>(p.out);  // may alias x: each element is read before it is written
+  Bits* out = static_cast<Bits*>(p.out);  // may equal x: each element is read before it is written
   const float F = p.F;
   const Threshold threshold(p.threshold);
+  const bool streaming = p.numel * static_cast<int64_t>(sizeof(Bits)) >= kStreamBytes;
   for_each_block(p.numel, p.seed, p.stream, p.offset,
                  [&](const uint32_t* words, int64_t delta, int64_t p_lo, int64_t p_hi) {
+                   alignas(64) Bits block[4 * kGroups];
+                   Bits* dst = streaming ? block - p_lo : out;  // the block's results, then streamed out
                    for (int64_t i = p_lo; i < p_hi; ++i) {
                      const Bits xb = x[i];
                      float r;
@@ -69,8 +110,9 @@ void de_kernel(const DEParams& p) {
                      } else {
                        r = Codec::load(base[i]) + F * (Codec::load(a[i]) - Codec::load(b[i]));
                      }
-                     out[i] = threshold.selects(words[i + delta]) ? Codec::store(r) : xb;
+                     dst[i] = threshold.selects(words[i + delta]) ? Codec::store(r) : xb;
                    }
+                   if (streaming) stream_store(out + p_lo, block, p_hi - p_lo);
                  },
                  [&](int64_t p_lo, int64_t p_hi) {
                    constexpr int64_t kLine = 64 / sizeof(Bits);
@@ -81,9 +123,12 @@ void de_kernel(const DEParams& p) {
                        __builtin_prefetch(base + i);
                        __builtin_prefetch(b + i);
                      }
-                     __builtin_prefetch(out + i, 1);
+                     if (!streaming) __builtin_prefetch(out + i, 1);
                    }
                  });
+#if defined(__AVX512F__) || defined(__AVX__)
+  if (streaming) _mm_sfence();  // the threads' streaming stores visible before the op returns
+#endif
 }
 
 template <typename Codec>

@@ -102,3 +102,36 @@ def test_default_backend_is_the_fast_one():
     from evolver_kernels.kernels.backends import resolve_backend
 
     assert resolve_backend(None, "cpu") == expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", ["evolver", "rand/1"])
+def test_outputs_that_bypass_the_caches_have_the_same_bits(dtype, strategy):
+    """The CPU kernel streams an output of 8 MiB or more past the caches (csrc/cpu/de_cpu.cpp): one such call, out
+    of place and in place, odd size and offset, gives the bits of the same op in pieces below that size (plain
+    stores), each piece at its global offset."""
+    if "cpu" not in ek.available_backends("cpu"):
+        pytest.skip("the CPU extension is not built")
+    numel = (8 << 20) // dtype.itemsize + 1_001  # past the streaming size, not a whole number of lines
+    x, r1, r2, r3 = _population(numel, dtype, "cpu", seed=7)
+    base, a, b = (x, r1, x) if strategy == "evolver" else (r1, r2, r3)
+    kw = dict(F=0.7, CR=0.6, seed=11, offset=3)
+    whole = _run("cpu", x, base, a, b, **kw)
+    pieces = torch.empty_like(x)
+    step = 1_000_003
+    for lo in range(0, numel, step):
+        hi = min(numel, lo + step)
+        parts = [t[lo:hi] for t in (x, base, a, b)]
+        _run("cpu", *parts, F=0.7, CR=0.6, seed=11, offset=3 + lo, out=pieces[lo:hi])
+    assert_bitwise_equal(whole, pieces)
+    in_place = x.clone()
+    _run(
+        "cpu",
+        in_place,
+        in_place if strategy == "evolver" else base,
+        a,
+        in_place if strategy == "evolver" else b,
+        out=in_place,
+        **kw,
+    )
+    assert_bitwise_equal(in_place, whole)
