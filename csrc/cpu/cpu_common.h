@@ -1,9 +1,15 @@
-// Pieces shared by the CPU kernels: element codecs (bits <-> fp32) and the Philox words of one block.
+// Pieces shared by the CPU kernels: element codecs (bits <-> fp32), the Philox words of one block, streaming
+// stores of large outputs, and the variance of a block's task vectors.
 #pragma once
 
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "../bf16_bits.h"
 #include "../philox.h"
@@ -53,6 +59,47 @@ inline void block_words(uint64_t g, uint64_t seed, uint64_t stream, uint32_t* wo
     words[4 * l + 2] = c2[l];
     words[4 * l + 3] = c3[l];
   }
+}
+
+// Outputs at least this large bypass the caches (streaming stores, as memcpy writes large copies): a store that
+// misses the cache otherwise reads the line first, one more stream than the op needs, and the output would only
+// evict the inputs.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
+// Stores vals[0 .. len) at dst: the 64-byte-aligned lines in between with streaming stores where the CPU has them
+// (AVX-512 or AVX), the ends with plain ones. The caller calls stream_fence() once its threads are done.
+template <typename Bits>
+inline void stream_store(Bits* dst, const Bits* vals, int64_t len) {
+#if defined(__AVX512F__) || defined(__AVX__)
+  constexpr int64_t kLine = 64 / sizeof(Bits);
+  int64_t head = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64);
+  if (head % sizeof(Bits)) {  // not element-aligned to a line: plain stores
+    for (int64_t i = 0; i < len; ++i) dst[i] = vals[i];
+    return;
+  }
+  head = std::min<int64_t>(head / static_cast<int64_t>(sizeof(Bits)), len);
+  for (int64_t i = 0; i < head; ++i) dst[i] = vals[i];
+  int64_t i = head;
+  for (; i + kLine <= len; i += kLine) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(vals + i));
+#else
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i)));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i) + 1,
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i) + 1));
+#endif
+  }
+  for (; i < len; ++i) dst[i] = vals[i];
+#else
+  for (int64_t i = 0; i < len; ++i) dst[i] = vals[i];
+#endif
+}
+
+// Makes the streaming stores visible before the op returns (after its parallel region).
+inline void stream_fence() {
+#if defined(__AVX512F__) || defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 // var[i] = the population variance over the n task vectors taus[k * stride + i] (i < len), as

@@ -11,10 +11,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX512F__) || defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 #include "cpu_common.h"
 
 namespace evolver_kernels {
@@ -50,40 +46,6 @@ void for_each_block(int64_t numel, uint64_t seed, uint64_t stream, uint64_t offs
       body(words, delta, p_lo, p_hi);
     }
   });
-}
-
-// Outputs at least this large bypass the caches (streaming stores, as memcpy writes large copies): a store that
-// misses the cache otherwise reads the line first, one more stream than the op needs, and the output would only
-// evict the inputs.
-constexpr int64_t kStreamBytes = int64_t{8} << 20;
-
-// Stores vals[0 .. len) at dst: the 64-byte-aligned lines in between with streaming stores where the CPU has them
-// (AVX-512 or AVX), the ends with plain ones. The caller fences (_mm_sfence) before the data is read elsewhere.
-template <typename Bits>
-inline void stream_store(Bits* dst, const Bits* vals, int64_t len) {
-#if defined(__AVX512F__) || defined(__AVX__)
-  constexpr int64_t kLine = 64 / sizeof(Bits);
-  int64_t head = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64);
-  if (head % sizeof(Bits)) {  // not element-aligned to a line: plain stores
-    for (int64_t i = 0; i < len; ++i) dst[i] = vals[i];
-    return;
-  }
-  head = std::min<int64_t>(head / static_cast<int64_t>(sizeof(Bits)), len);
-  for (int64_t i = 0; i < head; ++i) dst[i] = vals[i];
-  int64_t i = head;
-  for (; i + kLine <= len; i += kLine) {
-#if defined(__AVX512F__)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(vals + i));
-#else
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i)));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i) + 1,
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + i) + 1));
-#endif
-  }
-  for (; i < len; ++i) dst[i] = vals[i];
-#else
-  for (int64_t i = 0; i < len; ++i) dst[i] = vals[i];
-#endif
 }
 
 template <typename Codec, bool kTwoInputs>
@@ -126,9 +88,7 @@ void de_kernel(const DEParams& p) {
                      if (!streaming) __builtin_prefetch(out + i, 1);
                    }
                  });
-#if defined(__AVX512F__) || defined(__AVX__)
-  if (streaming) _mm_sfence();  // the threads' streaming stores visible before the op returns
-#endif
+  if (streaming) stream_fence();
 }
 
 template <typename Codec>
