@@ -118,11 +118,10 @@ void gather_kernel(const GatherParams& p) {
 
 // Element j of a row is dropped where its Philox word < table[its rank]; the table is non-increasing, so a coarse
 // rank settles almost every element. Per row: the magnitudes' fp32 bits cut into buckets (a rank lies in its
-// bucket's range [lo, hi]). In a bucket of one magnitude (bf16 task vectors tie often) index order is rank order:
-// each member takes the bucket's next rank, exactly. In another, an element with word < table[hi] is dropped, one
-// with word >= table[lo] kept, all without a branch. Only the few others' buckets are ranked exactly: their members
-// gathered in index order and sorted by (bits, index). No sort of the row. Rows run in parallel, each with its
-// own buffers.
+// bucket's range [lo, hi]); an element with word < table[hi] is dropped, one with word >= table[lo] kept, both
+// without a branch. Only the few others' buckets are ranked exactly: their members gathered in index order, which
+// is already the rank order in a bucket of one magnitude (bf16 task vectors tie often), else sorted by (bits,
+// index). No sort of the row. Rows run in parallel, each with its own buffers.
 template <typename Codec, bool kBase>
 void rank_drop_kernel(const RankDropParams& p) {
   using Bits = typename Codec::Bits;
@@ -141,9 +140,6 @@ void rank_drop_kernel(const RankDropParams& p) {
     std::vector<uint16_t> slot(static_cast<size_t>(cols));
     std::vector<int64_t> first_thr(static_cast<size_t>(buckets)), last_thr(static_cast<size_t>(buckets));
     std::vector<uint32_t> groups, group_of(static_cast<size_t>(buckets)), cursor;
-    constexpr uint32_t kNoBits = 0xffffffffu;  // above every magnitude's bits (NaNs are 0x7fc00000)
-    std::vector<uint32_t> first_bits(static_cast<size_t>(buckets)), next_rank(static_cast<size_t>(buckets));
-    std::vector<uint8_t> mixed(static_cast<size_t>(buckets));
     for (int64_t r = begin; r < end; ++r) {
       const Bits* x = static_cast<const Bits*>(p.x) + r * cols;
       const Bits* base = kBase ? static_cast<const Bits*>(p.base) + r * cols : nullptr;
@@ -169,16 +165,10 @@ void rank_drop_kernel(const RankDropParams& p) {
         return m == 0 ? 0u : 1u + ((std::max(m, bottom) - bottom) >> shift);
       };
       std::fill(start.begin(), start.end(), 0u);
-      std::fill(first_bits.begin(), first_bits.end(), kNoBits);
-      std::fill(mixed.begin(), mixed.end(), uint8_t{0});
-      for (int64_t j = 0; j < cols; ++j) {  // counts, and which buckets hold more than one magnitude
-        const uint32_t m = bits[j];
-        const uint32_t v = bucket_of(m);
+      for (int64_t j = 0; j < cols; ++j) {
+        const uint32_t v = bucket_of(bits[j]);
         slot[j] = static_cast<uint16_t>(v);
         ++start[v + 1];
-        const uint32_t f = first_bits[v] == kNoBits ? m : first_bits[v];
-        first_bits[v] = f;
-        mixed[v] |= static_cast<uint8_t>(m != f);
       }
       for (int64_t v = 0; v + 1 < buckets; ++v) start[v + 1] += start[v];  // start[v]: the first rank of bucket v
       for (int64_t v = 0; v + 1 < buckets; ++v) {  // the thresholds of each bucket's first and last rank
@@ -186,7 +176,6 @@ void rank_drop_kernel(const RankDropParams& p) {
           first_thr[v] = table[start[v]];
           last_thr[v] = table[start[v + 1] - 1];
         }
-        next_rank[v] = start[v];
       }
       // The row's Philox words: groups aligned to the global index, as the merge draws them.
       const uint64_t row_start = p.offset + static_cast<uint64_t>(r * cols);
@@ -198,19 +187,12 @@ void rank_drop_kernel(const RankDropParams& p) {
       const uint32_t* word = words.data() + delta;
       uint32_t any_unsettled = 0;
       std::fill(unsettled.begin(), unsettled.end(), uint8_t{0});
-      // Branch-free (a drop is a coin toss to the branch predictor, and so is a bucket's kind). A bucket of one
-      // magnitude ranks its members in index order: each takes the next rank, exactly. Another bucket's member is
-      // settled by the bucket's bounds, or left open.
-      for (int64_t j = 0; j < cols; ++j) {
+      for (int64_t j = 0; j < cols; ++j) {  // branch-free: a drop is a coin toss to the branch predictor
         const uint32_t v = slot[j];
         const int64_t w = word[j];
-        const uint32_t one = 1u ^ mixed[v];
-        const uint32_t rank = next_rank[v];
-        next_rank[v] = rank + one;
-        const uint32_t exact = w < table[rank];
         const uint32_t dropped = w < last_thr[v], kept = w >= first_thr[v];
-        out[j] = static_cast<int64_t>(one ? exact : dropped) << 32;  // kDropAll or 0
-        const uint32_t open = (1u ^ one) & (1u ^ (dropped | kept));
+        out[j] = static_cast<int64_t>(dropped) << 32;  // kDropAll or 0
+        const uint32_t open = 1u ^ (dropped | kept);
         unsettled[v] |= static_cast<uint8_t>(open);
         any_unsettled |= open;
       }
