@@ -55,6 +55,24 @@ ElementType check_magnitude_inputs(const at::Tensor& x, const c10::optional<at::
   return element_type_of(x);
 }
 
+// The models' inputs of the per-element statistics (variance, Gram matrix, squares): at least one, each like xs[0]
+// (contiguous, one dtype and size), base (if any) like them.
+ElementType check_model_inputs(at::TensorList xs, const c10::optional<at::Tensor>& base) {
+  TORCH_CHECK(!xs.empty(), "evolver_kernels: xs must hold at least one tensor");
+  const ElementType type = check_magnitude_inputs(xs[0], base);
+  for (const at::Tensor& x : xs) {
+    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.is_contiguous() && x.numel() == xs[0].numel(),
+                "evolver_kernels: xs must be contiguous tensors of one dtype and size");
+  }
+  return type;
+}
+
+std::vector<const void*> data_pointers(at::TensorList xs) {
+  std::vector<const void*> ptrs;
+  for (const at::Tensor& x : xs) ptrs.push_back(x.data_ptr());
+  return ptrs;
+}
+
 void magnitude_histogram_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base,
                                 const c10::optional<at::Tensor>& slots, const at::Tensor& counts) {
   const ElementType type = check_magnitude_inputs(x, base);
@@ -122,14 +140,8 @@ void magnitude_rank_drops_cpu_op(const at::Tensor& x, const c10::optional<at::Te
 }
 
 void task_vector_variance_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, const at::Tensor& out) {
-  TORCH_CHECK(!xs.empty(), "evolver_kernels: xs must hold at least one tensor");
-  const ElementType type = check_magnitude_inputs(xs[0], base);
-  std::vector<const void*> ptrs;
-  for (const at::Tensor& x : xs) {
-    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.is_contiguous() && x.numel() == xs[0].numel(),
-                "evolver_kernels: xs must be contiguous tensors of one dtype and size");
-    ptrs.push_back(x.data_ptr());
-  }
+  const ElementType type = check_model_inputs(xs, base);
+  const std::vector<const void*> ptrs = data_pointers(xs);
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == xs[0].numel(),
               "evolver_kernels: out must be a contiguous float32 tensor of the inputs' size");
   VarianceParams p{};
@@ -180,14 +192,8 @@ void expand_drops_cpu_op(const at::Tensor& packed, const at::Tensor& out) {
 }
 
 void task_vector_gram_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, const at::Tensor& out) {
-  TORCH_CHECK(!xs.empty(), "evolver_kernels: xs must hold at least one tensor");
-  const ElementType type = check_magnitude_inputs(xs[0], base);
-  std::vector<const void*> ptrs;
-  for (const at::Tensor& x : xs) {
-    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.is_contiguous() && x.numel() == xs[0].numel(),
-                "evolver_kernels: xs must be contiguous tensors of one dtype and size");
-    ptrs.push_back(x.data_ptr());
-  }
+  const ElementType type = check_model_inputs(xs, base);
+  const std::vector<const void*> ptrs = data_pointers(xs);
   const int64_t n = static_cast<int64_t>(xs.size());
   TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == n * n,
               "evolver_kernels: out must be a contiguous float64 tensor of len(xs) ** 2 elements");
@@ -203,14 +209,8 @@ void task_vector_gram_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>&
 
 void task_vector_squares_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, c10::optional<double> select,
                                 const at::Tensor& out) {
-  TORCH_CHECK(!xs.empty(), "evolver_kernels: xs must hold at least one tensor");
-  const ElementType type = check_magnitude_inputs(xs[0], base);
-  std::vector<const void*> ptrs;
-  for (const at::Tensor& x : xs) {
-    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type() && x.is_contiguous() && x.numel() == xs[0].numel(),
-                "evolver_kernels: xs must be contiguous tensors of one dtype and size");
-    ptrs.push_back(x.data_ptr());
-  }
+  const ElementType type = check_model_inputs(xs, base);
+  const std::vector<const void*> ptrs = data_pointers(xs);
   TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == static_cast<int64_t>(xs.size()),
               "evolver_kernels: out must be a contiguous float64 tensor of len(xs) elements");
   SquaresParams p{};

@@ -102,6 +102,26 @@ inline void stream_fence() {
 #endif
 }
 
+// taus[k * stride + i] = x_k[at + i] - base[at + i] in fp32 (x_k without a base) for i < len: the task vectors of
+// one block of elements, as the fused merge forms them (b: len floats of scratch for the base).
+template <typename Codec, bool kBase>
+inline void load_task_vectors(const void* const* x, int n, const typename Codec::Bits* base, int64_t at, int64_t len,
+                              int64_t stride, float* b, float* taus) {
+  using Bits = typename Codec::Bits;
+  if (kBase) {
+    for (int64_t i = 0; i < len; ++i) b[i] = Codec::load(base[at + i]);
+  }
+  for (int k = 0; k < n; ++k) {
+    const Bits* xk = static_cast<const Bits*>(x[k]) + at;
+    float* tau = taus + k * stride;
+    if (kBase) {
+      for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(xk[i]) - b[i];
+    } else {
+      for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(xk[i]);
+    }
+  }
+}
+
 // var[i] = the population variance over the n task vectors taus[k * stride + i] (i < len), as
 // reference.variance_reference computes it: the mean first, then the mean of the squared deviations, sums in slot
 // order, each operation rounded (sce's statistic, for the merge's selection and for its threshold).

@@ -28,18 +28,9 @@ void gram_kernel(const GramParams& p) {
     alignas(64) float b[kStep];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t at = blk * kStep, len = std::min(kStep, p.n - at);
-      if (kBase) {
-        for (int64_t i = 0; i < len; ++i) b[i] = Codec::load(base[at + i]);
-      }
-      for (int k = 0; k < n; ++k) {
-        const Bits* x = static_cast<const Bits*>(p.x[k]) + at;
-        float* tau = taus.data() + static_cast<size_t>(k) * kStep;
-        if (kBase) {
-          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]) - b[i];
-        } else {
-          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]);
-        }
-        for (int64_t i = len; i < kStep; ++i) tau[i] = 0.0f;  // a partial block's tail adds nothing
+      load_task_vectors<Codec, kBase>(p.x, n, base, at, len, kStep, b, taus.data());
+      for (int k = 0; k < n; ++k) {  // a partial block's tail adds nothing
+        std::fill(taus.data() + static_cast<size_t>(k) * kStep + len, taus.data() + static_cast<size_t>(k + 1) * kStep, 0.0f);
       }
       double* out = partial.data() + blk * pairs;
       for (int i = 0; i < n; ++i) {
@@ -82,18 +73,7 @@ void squares_kernel(const SquaresParams& p) {
     alignas(64) float b[kStep], mean[kStep], var[kStep];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t at = blk * kStep, len = std::min(kStep, p.n - at);
-      if (kBase) {
-        for (int64_t i = 0; i < len; ++i) b[i] = Codec::load(base[at + i]);
-      }
-      for (int k = 0; k < n; ++k) {
-        const Bits* x = static_cast<const Bits*>(p.x[k]) + at;
-        float* tau = taus.data() + static_cast<size_t>(k) * kStep;
-        if (kBase) {
-          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]) - b[i];
-        } else {
-          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]);
-        }
-      }
+      load_task_vectors<Codec, kBase>(p.x, n, base, at, len, kStep, b, taus.data());
       if (p.select_on) {
         block_variance(taus.data(), n, kStep, len, mean, var);
         const float select = p.select;

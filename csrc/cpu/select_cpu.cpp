@@ -240,18 +240,7 @@ void variance_kernel(const VarianceParams& p) {
     alignas(64) float b[kStep], mean[kStep];
     for (int64_t at = begin; at < end; at += kStep) {
       const int64_t len = std::min(kStep, end - at);
-      if (kBase) {
-        for (int64_t i = 0; i < len; ++i) b[i] = Codec::load(base[at + i]);
-      }
-      for (int k = 0; k < n; ++k) {
-        const Bits* x = static_cast<const Bits*>(p.x[k]) + at;
-        float* tau = taus.data() + static_cast<size_t>(k) * kStep;
-        if (kBase) {
-          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]) - b[i];
-        } else {
-          for (int64_t i = 0; i < len; ++i) tau[i] = Codec::load(x[i]);
-        }
-      }
+      load_task_vectors<Codec, kBase>(p.x, n, base, at, len, kStep, b, taus.data());
       block_variance(taus.data(), n, kStep, len, mean, p.out + at);
     }
   });
