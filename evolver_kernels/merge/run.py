@@ -1,5 +1,6 @@
 """The merge itself (run): claim --out, read the models through the population tier, merge every tensor through
-the registry's method into a file-backed scratch arena, write the output and merge.json. Weights are streamed
+the registry's method into the output's own shards (io/mapped_output.py) where it can, else into a file-backed
+scratch arena written out after it, then the config, tokenizer and merge.json. Weights are streamed
 (docs/ARCHITECTURE.md §5): never a stack of the models."""
 
 from __future__ import annotations

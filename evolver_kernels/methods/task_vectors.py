@@ -41,7 +41,7 @@ from evolver_kernels.methods.streaming import (
     prefetched,
     read_all,
 )
-from evolver_kernels.storage.arena import Arena, Entry, iter_chunks
+from evolver_kernels.storage.arena import Arena, iter_chunks
 from evolver_kernels.storage.population import Population
 
 SCALE = Param("scale", float, 1.0, "task-vector scale (lambda)", aliases=("lambda",))
@@ -437,20 +437,3 @@ def per_model_values(value, n: int, name: str, low: float, high: float) -> list[
 def densities_of(density, n: int) -> list[float]:
     density = _check_density(density, n)
     return density if isinstance(density, list) else [density] * n
-
-
-def task_vector_chunk(
-    pop: Population, base: Base, e: Entry, k: int, lo: int, hi: int, device: torch.device
-) -> torch.Tensor:
-    """tau_k on elements [lo, hi) of entry `e`, in fp32."""
-    a, b = e.offset + lo, e.offset + hi
-    return pop.read(k, e.group, a, b).to(device).float() - base_chunk(base, e.group, a, b, device).float()
-
-
-def task_vectors_of(
-    pop: Population, base: Base, e: Entry, lo: int, hi: int, device: torch.device
-) -> list[torch.Tensor]:
-    """[tau_k] on elements [lo, hi) of entry `e`, in fp32."""
-    a, b = e.offset + lo, e.offset + hi
-    base_f = base_chunk(base, e.group, a, b, device).float()
-    return [pop.read(k, e.group, a, b).to(device).float() - base_f for k in range(pop.size)]
