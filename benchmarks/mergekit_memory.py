@@ -67,7 +67,7 @@ def build_models(size: str, n: int, root: str, layers: int | None = None) -> lis
     count: every tensor keeps the size's shape."""
     from transformers import LlamaConfig
 
-    from evolver_kernels.io.model_io import write_shards
+    from evolver_kernels.io.shards import write_shards
     from evolver_kernels.storage.arena import layer_index
     from evolver_kernels.testing.synthetic import llama_shapes
 

@@ -519,14 +519,14 @@ def test_disk_tier_scratch_is_fresh_and_removed(pop, tmp_path):
 def test_full_disk_is_one_line(pop, tmp_path, capsys, monkeypatch):
     import errno
 
-    import evolver_kernels.io.model_io as model_io
+    import evolver_kernels.io.shards as shards
 
     _, models, dev = pop
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o" / "model.safetensors.tmp"))
 
-    monkeypatch.setattr(model_io, "write_safetensors", full)
+    monkeypatch.setattr(shards, "write_safetensors", full)
     line = _one_line_error(capsys, main(_args(models, dev, tmp_path / "o")), "No space left on device")
     assert "--resume" in line
     assert not (tmp_path / "o" / "model.safetensors.tmp").exists()

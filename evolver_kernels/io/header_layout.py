@@ -68,7 +68,7 @@ def causal_lm_layout(raw: dict, index: dict) -> tuple[Layout, list[str]] | None:
 def restacked(raw: dict, index: dict, layers: int) -> tuple[dict, dict] | None:
     """(raw config, tensor index) of the checkpoint with `layers` layers, each like its layer 0 (mergekit's layer
     stacking: the output keeps the config donor's architecture with num_hidden_layers = layers, as
-    merge.run._built_target builds it), for causal_lm_layout; None when the layers differ in their tensors'
+    merge.target._built_target builds it), for causal_lm_layout; None when the layers differ in their tensors'
     names, dtypes or shapes (the model decides then) or the config does not count its layers by that name."""
     if not isinstance(raw.get("num_hidden_layers"), int):
         return None

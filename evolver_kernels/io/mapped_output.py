@@ -3,7 +3,7 @@ output's filesystem (their headers written, their space allocated), and mapped M
 writes each merged tensor straight into the output file's pages. Before, the merge wrote a scratch copy of the
 whole model and then copied it into the output: every byte of the output was written to the disk twice.
 
-The files are byte for byte what io/model_io.write_shards writes for the same specs (the same header, tensors in
+The files are byte for byte what io/shards.write_shards writes for the same specs (the same header, tensors in
 the same order). commit() copies in the tensors the merge did not write (the source's stored buffers) and moves
 each shard to its name in the output directory (a rename: nothing is copied); remove() takes back every file it
 made (a failed or interrupted merge leaves none).
@@ -15,26 +15,26 @@ import os
 
 import torch
 
-from evolver_kernels.io import model_io
+from evolver_kernels.io import shards
 from evolver_kernels.storage.arena import Arena, Entry, Layout
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]
 
 
 class MappedOutput:
-    """The shards of `specs` (model_io.plan_shards with `shard_bytes`) for `out_dir`, made in `work_dir` (a directory
+    """The shards of `specs` (shards.plan_shards with `shard_bytes`) for `out_dir`, made in `work_dir` (a directory
     of the run's own on out_dir's filesystem) and mapped."""
 
     def __init__(self, out_dir: str, work_dir: str, specs: list[Spec], shard_bytes: int = 2 << 30):
         self.out_dir, self.specs = out_dir, list(specs)
-        self.plan = model_io.plan_shards(self.specs, shard_bytes)
+        self.plan = shards.plan_shards(self.specs, shard_bytes)
         self._tmp: list[str] = []
         self._maps: list[torch.Tensor] = []  # per shard: the whole file as uint8
         self._at: dict[str, tuple[int, int, int]] = {}  # name -> (shard, first byte, end byte) in its file
         self._placed: set[str] = set()  # the names an arena of ours holds (written by the merge)
         try:
             for fname, shard in self.plan:
-                head, ranges = model_io.safetensors_header(shard, model_io.SAFETENSORS_METADATA)
+                head, ranges = shards.safetensors_header(shard, shards.SAFETENSORS_METADATA)
                 total = len(head) + max((end for _, end in ranges.values()), default=0)
                 tmp = os.path.join(work_dir, fname)
                 with open(tmp, "wb") as f:
@@ -83,7 +83,7 @@ class MappedOutput:
             raise ValueError("the output's tensors differ from the shards made for it")
         for name, dtype, shape in self.specs:
             if name not in self._placed:
-                t = model_io.checked_tensor(name, dtype, shape, tensor_for(name))
+                t = shards.checked_tensor(name, dtype, shape, tensor_for(name))
                 self._bytes(name).copy_(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8))
         self._maps.clear()
         paths = []

@@ -85,7 +85,15 @@ from evolver_kernels.methods.della import (
     della,
 )
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, register
-from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk, prefetched
+from evolver_kernels.methods.streaming import (
+    Base,
+    base_chunk,
+    check_base,
+    check_weights,
+    per_model_chunk,
+    prefetched,
+    read_all,
+)
 from evolver_kernels.methods.task_vectors import (
     DENSITY,
     NORMALIZE,
@@ -251,8 +259,7 @@ def sce(
     def variances(e: Entry, lo: int, hi: int, device: torch.device) -> torch.Tensor:
         """The variance over the models of the task vectors on elements [lo, hi) of entry e (fp32)."""
         a, b = e.offset + lo, e.offset + hi
-        xs = [pop.read(k, e.group, a, b).to(device) for k in range(n)]
-        return task_vector_variance(xs, base_chunk(base, e.group, a, b, device))
+        return task_vector_variance(read_all(pop, e.group, a, b, device), base_chunk(base, e.group, a, b, device))
 
     def ks(nonzero: int) -> list[int]:
         k = int(nonzero * select_topk)
@@ -275,7 +282,7 @@ def sce(
         squares = torch.zeros(n, dtype=torch.float64, device=dst.device)
         for lo, hi in iter_chunks(e.numel, work):
             a, b = e.offset + lo, e.offset + hi
-            xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
+            xs = read_all(pop, e.group, a, b, dst.device)
             add_task_vector_squares(squares, xs, base_chunk(base, e.group, a, b, dst.device), threshold)
         means = squares / e.numel
         total = float(means.sum())

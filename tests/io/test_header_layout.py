@@ -58,7 +58,7 @@ def _raw(path: str) -> dict:
 
 
 def _built(path: str, layers: int | None = None) -> tuple[Layout, list[str]]:
-    """The built model's layout and parameter order, with `layers` layers as merge.run._built_target stacks them."""
+    """The built model's layout and parameter order, with `layers` layers as merge.target._built_target stacks them."""
     config = model_io.load_config(path)
     if layers is not None:
         config.num_hidden_layers = layers

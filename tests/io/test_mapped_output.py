@@ -1,5 +1,5 @@
 """The merge's output written in place (io/mapped_output.py): the shards it makes are byte for byte what
-model_io.write_shards writes for the same tensors (one file and several, buffers copied in at commit); the arena
+shards.write_shards writes for the same tensors (one file and several, buffers copied in at commit); the arena
 over them writes the output's own bytes; an arena it cannot make is refused (None), and remove() leaves nothing."""
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evolver_kernels.io import model_io
+from evolver_kernels.io import shards
 from evolver_kernels.io.mapped_output import MappedOutput
 from evolver_kernels.storage.arena import Layout
 
@@ -42,8 +42,8 @@ def test_the_shards_are_write_shards_bytes(tmp_path, shard_bytes):
     for e in layout.entries:
         arena.view(e).copy_(tensors[e.name])  # what the merge does: write into the output's pages
     assert os.listdir(tmp_path / "out") == []  # nothing under its name before the commit
-    paths = model_io.write_shards(str(tmp_path / "out"), specs, tensors.__getitem__, shard_bytes, into=mapped)
-    want = model_io.write_shards(str(tmp_path / "want"), specs, tensors.__getitem__, shard_bytes)
+    paths = shards.write_shards(str(tmp_path / "out"), specs, tensors.__getitem__, shard_bytes, into=mapped)
+    want = shards.write_shards(str(tmp_path / "want"), specs, tensors.__getitem__, shard_bytes)
     assert [os.path.basename(p) for p in paths] == [os.path.basename(p) for p in want]
     assert len(paths) == (1 if shard_bytes > 100 else 4)  # three shards and the index
     for got, expected in zip(paths, want):

@@ -351,7 +351,7 @@ def test_fisher_and_regmean_from_dev_data(models, tmp_path, capsys, method):
 
 
 def test_outputs_are_sharded_with_an_index(models, tmp_path):
-    """model_io.write_shards: shards of at most shard_bytes (a tensor larger than that alone in its shard) and
+    """io/shards.write_shards: shards of at most shard_bytes (a tensor larger than that alone in its shard) and
     an index that transformers loads; the same tensors as one file."""
     import os
 
@@ -467,7 +467,7 @@ def test_causal_lm_merges_start_without_transformers_and_write_the_built_models_
 
     import yaml
 
-    from evolver_kernels.merge import run
+    from evolver_kernels.merge import target
 
     a, b = llama_pop.models[:2]
     if method == "linear":
@@ -485,7 +485,7 @@ def test_causal_lm_merges_start_without_transformers_and_write_the_built_models_
     argv = ["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "headers")]
     done = subprocess.run([sys.executable, "-c", _NO_TRANSFORMERS, *argv], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    monkeypatch.setattr(run, "_from_headers", lambda *args: None)
+    monkeypatch.setattr(target, "_from_headers", lambda *args: None)
     assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "built")]) == 0
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "headers" / name).read_bytes() == (tmp_path / "built" / name).read_bytes(), name
