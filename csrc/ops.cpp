@@ -93,23 +93,29 @@ void magnitude_histogram_cpu_op(const at::Tensor& x, const c10::optional<at::Ten
   magnitude_histogram_cpu(p);
 }
 
-void magnitude_gather_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& base, int64_t lo, int64_t hi,
-                             const at::Tensor& out, const at::Tensor& counts) {
-  const ElementType type = check_magnitude_inputs(x, base);
-  TORCH_CHECK(0 <= lo && lo <= hi && hi <= 0x7fffffffLL,
-              "evolver_kernels: the window [lo, hi] must lie within the non-negative fp32 bit patterns");
-  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_contiguous(), "evolver_kernels: out must be contiguous int32");
-  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.numel() == 2,
-              "evolver_kernels: counts must be a contiguous int64 tensor of 2 elements");
-  GatherParams p{x.data_ptr(),
-                 base ? base->data_ptr() : nullptr,
-                 x.numel(),
-                 type,
-                 static_cast<uint32_t>(lo),
-                 static_cast<uint32_t>(hi),
-                 out.data_ptr<int32_t>(),
-                 out.numel(),
-                 counts.data_ptr<int64_t>()};
+void magnitude_gather_cpu_op(at::TensorList xs, const c10::optional<at::Tensor>& base, at::IntArrayRef inputs,
+                             at::IntArrayRef lo, at::IntArrayRef hi, at::TensorList out, const at::Tensor& counts) {
+  const ElementType type = check_model_inputs(xs, base);
+  const std::vector<const void*> ptrs = data_pointers(xs);
+  const size_t n_windows = inputs.size();
+  TORCH_CHECK(n_windows > 0 && lo.size() == n_windows && hi.size() == n_windows && out.size() == n_windows,
+              "evolver_kernels: inputs, lo, hi and out must give the same number of windows (at least one)");
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() &&
+                  counts.numel() == 2 * static_cast<int64_t>(n_windows),
+              "evolver_kernels: counts must be a contiguous int64 tensor of 2 elements per window");
+  std::vector<GatherWindow> windows;
+  for (size_t w = 0; w < n_windows; ++w) {
+    TORCH_CHECK(0 <= inputs[w] && inputs[w] < static_cast<int64_t>(xs.size()),
+                "evolver_kernels: a window's input must index xs");
+    TORCH_CHECK(0 <= lo[w] && lo[w] <= hi[w] && hi[w] <= 0x7fffffffLL,
+                "evolver_kernels: the window [lo, hi] must lie within the non-negative fp32 bit patterns");
+    TORCH_CHECK(out[w].scalar_type() == at::kInt && out[w].is_contiguous(),
+                "evolver_kernels: out must be contiguous int32");
+    windows.push_back({static_cast<int32_t>(inputs[w]), static_cast<uint32_t>(lo[w]), static_cast<uint32_t>(hi[w]),
+                       out[w].data_ptr<int32_t>(), out[w].numel(), counts.data_ptr<int64_t>() + 2 * w});
+  }
+  GatherParams p{ptrs.data(),      static_cast<int>(xs.size()), base ? base->data_ptr() : nullptr, xs[0].numel(),
+                 type,             windows.data(),              static_cast<int>(n_windows)};
   magnitude_gather_cpu(p);
 }
 
@@ -245,9 +251,11 @@ TORCH_LIBRARY(evolver_kernels, m) {
   // counts += the radix histogram of |x - base| in fp32 (task_vectors.kth_largest_magnitudes' passes): by the top
   // 16 bits, or with slots by the low 16 bits of the elements whose top 16 bits have a slot (>= 0).
   m.def("magnitude_histogram_(Tensor x, Tensor? base, Tensor? slots, Tensor(a!) counts) -> ()");
-  // counts[0] += the magnitudes (as above) whose fp32 bits are above hi; those in [lo, hi] appended to out at
-  // counts[1] while it has room, counts[1] += how many: one pass of a selection a sample narrowed.
-  m.def("magnitude_gather_(Tensor x, Tensor? base, int lo, int hi, Tensor(a!) out, Tensor(b!) counts) -> ()");
+  // Per window w (of xs[inputs[w]]): counts[w, 0] += the magnitudes (as above) whose fp32 bits are above hi[w];
+  // those in [lo[w], hi[w]] appended to out[w] at counts[w, 1] while it has room, counts[w, 1] += how many: one pass
+  // of selections a sample narrowed, every input read once.
+  m.def("magnitude_gather_(Tensor[] xs, Tensor? base, int[] inputs, int[] lo, int[] hi, Tensor(a!)[] out, "
+        "Tensor(b!) counts) -> ()");
   // out = the population variance over k of xs[k] - base in fp32 (reference.variance_reference): sce's statistic.
   m.def("task_vector_variance_(Tensor[] xs, Tensor? base, Tensor(a!) out) -> ()");
   // della's drops in rows of table's length: out[r, j] = 2^32 (dropped) where element j's Philox word is below

@@ -76,43 +76,53 @@ void dispatch(const HistogramParams& p) {
   histogram_kernel<Codec, false, false>(p);
 }
 
-// The magnitudes in the window [lo, hi] gathered into out (their fp32 bits), those above hi counted. Most elements
-// fall outside a narrow window, so each block of 256 is formed into bits and counted without a branch (the count
-// above hi would be a coin toss to the branch predictor), and only a block holding some of the window is looked
-// at element by element.
+// Per window, the magnitudes of its x in [lo, hi] gathered into out (their fp32 bits), those above hi counted.
+// Most elements fall outside a narrow window, so each block of 256 is formed into bits (every x's, the base's
+// elements read once for all of them) and counted without a branch (the count above hi would be a coin toss to the
+// branch predictor), and only a block holding some of a window is looked at element by element.
 template <typename Codec, bool kBase>
 void gather_kernel(const GatherParams& p) {
   using Bits = typename Codec::Bits;
   constexpr int64_t kStep = 256;
-  const Bits* x = static_cast<const Bits*>(p.x);
   const Bits* base = static_cast<const Bits*>(p.base);
-  const uint32_t lo = p.lo, hi = p.hi, span = p.hi - p.lo;
   std::mutex lock;
   at::parallel_for(0, p.n, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> inside;
-    alignas(64) uint32_t bits[kStep];
-    int64_t above = 0;
+    std::vector<std::vector<uint32_t>> inside(static_cast<size_t>(p.n_windows));
+    std::vector<int64_t> above(static_cast<size_t>(p.n_windows), 0);
+    std::vector<uint32_t> bits(static_cast<size_t>(p.n_inputs * kStep));
     for (int64_t at = begin; at < end; at += kStep) {
       const int64_t len = std::min(kStep, end - at);
-      uint32_t in_window = 0, higher = 0;
-      for (int64_t i = 0; i < len; ++i) {
-        const uint32_t m = magnitude_bits<Codec, kBase>(x, base, at + i);
-        bits[i] = m;
-        in_window += (m - lo <= span);  // wraps around below the window: not in it
-        higher += (m > hi);
+      for (int j = 0; j < p.n_inputs; ++j) {
+        const Bits* x = static_cast<const Bits*>(p.x[j]);
+        uint32_t* row = bits.data() + j * kStep;
+        for (int64_t i = 0; i < len; ++i) row[i] = magnitude_bits<Codec, kBase>(x, base, at + i);
       }
-      above += higher;
-      if (in_window == 0) continue;
-      for (int64_t i = 0; i < len; ++i) {
-        if (bits[i] - lo <= span) inside.push_back(bits[i]);
+      for (int w = 0; w < p.n_windows; ++w) {
+        const GatherWindow& win = p.windows[w];
+        const uint32_t* row = bits.data() + win.input * kStep;
+        const uint32_t lo = win.lo, hi = win.hi, span = win.hi - win.lo;
+        uint32_t in_window = 0, higher = 0;
+        for (int64_t i = 0; i < len; ++i) {
+          in_window += (row[i] - lo <= span);  // wraps around below the window: not in it
+          higher += (row[i] > hi);
+        }
+        above[w] += higher;
+        if (in_window == 0) continue;
+        for (int64_t i = 0; i < len; ++i) {
+          if (row[i] - lo <= span) inside[w].push_back(row[i]);
+        }
       }
     }
     std::lock_guard<std::mutex> guard(lock);
-    p.counts[0] += above;
-    const int64_t at = p.counts[1];
-    const int64_t room = std::max<int64_t>(0, std::min<int64_t>(p.capacity - at, static_cast<int64_t>(inside.size())));
-    std::copy(inside.begin(), inside.begin() + room, p.out + at);
-    p.counts[1] += static_cast<int64_t>(inside.size());  // counted beyond the capacity too: the caller sees it
+    for (int w = 0; w < p.n_windows; ++w) {
+      const GatherWindow& win = p.windows[w];
+      const std::vector<uint32_t>& got = inside[w];
+      win.counts[0] += above[w];
+      const int64_t at = win.counts[1];
+      const int64_t room = std::max<int64_t>(0, std::min<int64_t>(win.capacity - at, static_cast<int64_t>(got.size())));
+      std::copy(got.begin(), got.begin() + room, win.out + at);
+      win.counts[1] += static_cast<int64_t>(got.size());  // counted beyond the capacity too: the caller sees it
+    }
   });
 }
 

@@ -20,19 +20,27 @@ struct HistogramParams {
 
 void magnitude_histogram_cpu(const HistogramParams& p);
 
-struct GatherParams {
-  const void* x;     // n elements
-  const void* base;  // n elements of the same type, or nullptr
-  int64_t n;
-  ElementType type;
+struct GatherWindow {
+  int32_t input;     // the x it selects from
   uint32_t lo, hi;   // the window: magnitudes whose fp32 bits are in [lo, hi]
   int32_t* out;      // the window's bits, appended at counts[1] while room is left (capacity elements)
   int64_t capacity;
   int64_t* counts;   // [2]: += the magnitudes above hi, += those in the window (gathered or not)
 };
 
-// One pass of an exact selection that a sample narrowed to a window: what lies above it counted, what lies in it
-// gathered (its k-th is then found among few).
+struct GatherParams {
+  const void* const* x;  // n_inputs pointers to n elements each
+  int n_inputs;
+  const void* base;      // n elements of the same type, or nullptr
+  int64_t n;
+  ElementType type;
+  const GatherWindow* windows;
+  int n_windows;
+};
+
+// One pass of exact selections that a sample narrowed to windows: per window, what lies above it counted, what lies
+// in it gathered (its k-th is then found among few). Every x and the base read once, whatever the windows: TIES
+// selects each model's threshold in the same pass.
 void magnitude_gather_cpu(const GatherParams& p);
 
 struct RankDropParams {

@@ -66,21 +66,34 @@ def magnitude_histogram(
 
 
 def magnitude_gather(
-    counts: torch.Tensor, out: torch.Tensor, x: torch.Tensor, base: torch.Tensor | None, lo: int, hi: int
+    counts: torch.Tensor,
+    outs: list[torch.Tensor],
+    xs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    windows: list[tuple[int, int, int]],
 ) -> None:
-    """One pass of a selection that a sample narrowed to the window [lo, hi] of fp32 bit patterns of the magnitudes
-    of x (as magnitude_histogram forms them): counts[0] += how many lie above hi; those in the window are appended
-    to `out` (int32 bits) at counts[1] while it has room, and counts[1] += how many (int64 counts of 2, on x's
-    device; which of them fill the room is unspecified, their multiset is not when they all fit)."""
-    if native_magnitudes(x, base):
+    """One pass of selections that a sample narrowed, each window (i, lo, hi) a range [lo, hi] of fp32 bit patterns
+    of the magnitudes of xs[i] (as magnitude_histogram forms them; xs 1-D chunks of one size and dtype, `base` the
+    same or None): counts[w, 0] += how many lie above hi; those in the window are appended to outs[w] (int32 bits)
+    at counts[w, 1] while it has room, and counts[w, 1] += how many (int64 counts of 2 per window, on the device of
+    xs; which of them fill the room is unspecified, their multiset is not when they all fit). The CPU kernel reads
+    every x and the base once, whatever the windows."""
+    if all(native_magnitudes(x, base) for x in xs):
         torch.ops.evolver_kernels.magnitude_gather_(
-            x.contiguous().view(-1), None if base is None else base.contiguous().view(-1), lo, hi, out, counts
+            [x.contiguous().view(-1) for x in xs],
+            None if base is None else base.contiguous().view(-1),
+            [i for i, _, _ in windows],
+            [lo for _, lo, _ in windows],
+            [hi for _, _, hi in windows],
+            outs,
+            counts,
         )
         return
-    bits = magnitude_bits(x, base).view(-1)
-    inside = bits[(bits >= lo) & (bits <= hi)]
-    at = int(counts[1])
-    room = max(0, min(out.numel() - at, inside.numel()))
-    out[at : at + room] = inside[:room]
-    counts[0] += (bits > hi).sum()
-    counts[1] += inside.numel()
+    bits = {i: magnitude_bits(xs[i], base).view(-1) for i in {i for i, _, _ in windows}}
+    for (i, lo, hi), out, c in zip(windows, outs, counts.view(-1, 2)):
+        inside = bits[i][(bits[i] >= lo) & (bits[i] <= hi)]
+        at = int(c[1])
+        room = max(0, min(out.numel() - at, inside.numel()))
+        out[at : at + room] = inside[:room]
+        c[0] += (bits[i] > hi).sum()
+        c[1] += inside.numel()

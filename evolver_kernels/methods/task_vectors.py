@@ -139,8 +139,8 @@ def ties(
     normalize: bool = True,
 ) -> Arena:
     """TIES-merging (trim, elect sign, disjoint mean; normalize false: the sum of the agreeing), optionally on
-    DARE-dropped task vectors. Tensor by tensor: the trim threshold is each tensor's own (found in two streaming
-    passes), then one fused pass. `density` is one fraction for every model or one per model."""
+    DARE-dropped task vectors. Tensor by tensor: the trim threshold is each tensor's own (without DARE every
+    model's found in one pass that reads the base once: kth_largest_magnitudes_of_models), then one fused pass. `density` is one fraction for every model or one per model."""
     base = check_base(pop, base, "TIES")
     density = _check_density(density, pop.size)
     densities = density if isinstance(density, list) else [density] * pop.size
@@ -150,15 +150,23 @@ def ties(
         start = pop.layout.groups[e.group][0]
         dst = out.view(e).view(-1)  # the entry's elements, on the device that holds them
         lo_e, hi_e = e.offset, e.offset + e.numel
-        trims = [0.0] * pop.size
-        for k in range(pop.size):
-            keep = max(1, int(densities[k] * e.numel))
-            if keep < e.numel:
+        keeps = [max(1, int(densities[k] * e.numel)) for k in range(pop.size)]
+        ks = [keep if keep < e.numel else None for keep in keeps]
+        if drop_p == 0:  # the models' trims in one pass that reads the base once
 
-                def task_vector(lo, hi, k=k, group=e.group, start=start, device=dst.device):
-                    return _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend)
+            def models(lo, hi, group=e.group, device=dst.device):
+                return read_all(pop, group, lo, hi, device), base_chunk(base, group, lo, hi, device)
 
-                trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, keep, chunk)
+            trims = [0.0 if t is None else t for t in kth_largest_magnitudes_of_models(models, lo_e, hi_e, ks, chunk)]
+        else:
+            trims = [0.0] * pop.size
+            for k in range(pop.size):
+                if ks[k] is not None:
+
+                    def task_vector(lo, hi, k=k, group=e.group, start=start, device=dst.device):
+                        return _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend)
+
+                    trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, ks[k], chunk)
         for lo, hi in iter_chunks(e.numel, chunk):
             merge_tensors(
                 read_all(pop, e.group, lo_e + lo, lo_e + hi, dst.device),
@@ -292,51 +300,89 @@ def _sampled_kths(values, lo: int, hi: int, ks: list[int], chunk: int, held=None
     A k not settled (a sample that misled) is missing from the result: the two histogram passes find it. The
     answer never depends on the sample, only the cost. `held`: values(lo, hi) when the caller holds it whole,
     sampled at once instead of block by block."""
+    _check_ks(ks, hi - lo)
+
+    def sources(a: int, b: int):
+        x, base = _pair(values(a, b) if held is None else _part(held, a - lo, b - lo))
+        return [x], base
+
+    found = _sampled_selection(sources, lo, hi, [(0, k) for k in ks], chunk, whole=held is not None)
+    return {k: v for (_, k), v in found.items()}
+
+
+def kth_largest_magnitudes_of_models(models, lo: int, hi: int, ks: list[int | None], chunk: int) -> list[float | None]:
+    """kth_largest_magnitude of |x_j - base| for every model j at once, in one pass that reads the base and each
+    model once (TIES' trims), where a sample settles them; models(a, b) gives ([x_j chunk], base chunk), ks[j] is
+    model j's k (None: none wanted, None returned). A k the sample misleads on falls back to the histogram
+    passes, over that model alone."""
+    wants = [(j, k) for j, k in enumerate(ks) if k is not None]
+    for _, k in wants:
+        _check_ks([k], hi - lo)
+    found = _sampled_selection(models, lo, hi, wants, chunk)
+    out: list[float | None] = [None] * len(ks)
+    for j, k in wants:
+        if (j, k) in found:
+            out[j] = found[(j, k)]
+        else:
+
+            def values(a: int, b: int, j=j):
+                xs, base = models(a, b)
+                return xs[j], base
+
+            out[j] = kth_largest_magnitudes(values, lo, hi, [k], chunk)[0]
+    return out
+
+
+def _sampled_selection(sources, lo: int, hi: int, wants: list[tuple[int, int]], chunk: int, whole: bool = False):
+    """_sampled_kths over several inputs: sources(a, b) gives ([x_i chunk], base chunk or None), `wants` the
+    (input, k) pairs; returns {(input, k): value} for those settled. One sample per input, one pass for all
+    (every input and the base read once); `whole`: sources(lo, hi) is held (the sample indexed at once)."""
     n = hi - lo
-    _check_ks(ks, n)
-    if n < SAMPLED_MIN or not ks:
+    if n < SAMPLED_MIN or not wants:
         return {}
     starts, block = sample_blocks(n)
-    if held is not None:
-        x, base = _pair(held)
-        at = (torch.tensor(starts)[:, None] + torch.arange(block)).view(-1).to(x.device)
-        sample = magnitude_bits(x.view(-1)[at], None if base is None else base.view(-1)[at]).view(-1).cpu()
+    if whole:
+        xs, base = sources(lo, hi)
+        at = (torch.tensor(starts)[:, None] + torch.arange(block)).view(-1).to(xs[0].device)
+        picked = [x.view(-1)[at] for x in xs], None if base is None else base.view(-1)[at]
     else:  # the blocks read one by one, their magnitudes formed at once
-        parts = [_pair(values(lo + a, lo + a + block)) for a in starts]
-        x = torch.cat([p[0].reshape(-1) for p in parts])
-        base = None if parts[0][1] is None else torch.cat([p[1].reshape(-1) for p in parts])
-        sample = magnitude_bits(x, base).view(-1).cpu()
-    m = sample.numel()
+        parts = [sources(lo + a, lo + a + block) for a in starts]
+        picked = (
+            [torch.cat([p[0][i].reshape(-1) for p in parts]) for i in range(len(parts[0][0]))],
+            None if parts[0][1] is None else torch.cat([p[1].reshape(-1) for p in parts]),
+        )
+    samples = {i: magnitude_bits(picked[0][i], picked[1]).view(-1).cpu() for i in {i for i, _ in wants}}
+    m = block * len(starts)
 
-    def at(rank: int) -> int:  # the sample's rank-th largest (0-based) bit pattern; kthvalue, no sort
-        return int(sample.kthvalue(m - rank).values)
+    def at_rank(i: int, rank: int) -> int:  # input i's sample's rank-th largest (0-based) bit pattern; no sort
+        return int(samples[i].kthvalue(m - rank).values)
 
-    windows = []  # per k: (low, high) bits and the room for what the window holds
-    for k in ks:
+    windows = []  # per want: (input, low, high) bits, and the room for what the window holds
+    for i, k in wants:
         r = (k - 1) * m / n
         margin = 6.0 * math.sqrt(r * (1.0 - r / m) + 1.0) + 16.0
         top_rank, low_rank = max(0, math.floor(r - margin)), min(m - 1, math.ceil(r + margin))
-        low = 0 if low_rank == m - 1 else at(low_rank)
-        high = 0x7FFFFFFF if top_rank == 0 else at(top_rank)
+        low = 0 if low_rank == m - 1 else at_rank(i, low_rank)
+        high = 0x7FFFFFFF if top_rank == 0 else at_rank(i, top_rank)
         capacity = int(2 * (low_rank - top_rank + 1) * n / m) + 1024  # twice what the sample expects in it
-        windows.append((low, high, capacity))
-    # one pass for every k: each piece gathered into every window while it is in the cache
-    piece = chunk if len(ks) == 1 else min(chunk, GATHER_PIECE)
+        windows.append(((i, low, high), capacity))
+    # one pass for every want: each piece gathered into every window while it is in the cache
+    piece = chunk if len(wants) == 1 else min(chunk, GATHER_PIECE)
     counts = gathered = None
     for a, b in iter_chunks(n, piece):
-        x, base = _pair(values(lo + a, lo + b))
+        xs, base = sources(lo + a, lo + b)
         if counts is None:
-            counts = [torch.zeros(2, dtype=torch.int64, device=x.device) for _ in ks]
-            gathered = [torch.empty(c, dtype=torch.int32, device=x.device) for _, _, c in windows]
-        for (low, high, _), c, g in zip(windows, counts, gathered):
-            magnitude_gather(c, g, x, base, low, high)
-    found: dict[int, float] = {}
-    for k, (_, _, capacity), c, g in zip(ks, windows, counts, gathered):
-        above, inside = (int(v) for v in c.cpu())
+            counts = torch.zeros(len(wants), 2, dtype=torch.int64, device=xs[0].device)
+            gathered = [torch.empty(c, dtype=torch.int32, device=xs[0].device) for _, c in windows]
+        magnitude_gather(counts, gathered, xs, base, [w for w, _ in windows])
+    found = {}
+    for want, (_, capacity), c, g in zip(wants, windows, counts.cpu(), gathered):
+        above, inside = (int(v) for v in c)
+        k = want[1]
         if above < k <= above + inside and inside <= capacity:
             rank = k - above  # the rank-th largest of the gathered
             bits = g[:inside].kthvalue(inside - rank + 1).values
-            found[k] = float(bits.cpu().view(torch.float32))
+            found[want] = float(bits.cpu().view(torch.float32))
     return found
 
 

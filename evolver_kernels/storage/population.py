@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from evolver_kernels.errors import ArgumentError
 from evolver_kernels.storage.arena import Arena, Layout, iter_chunks, load_into, resolve_names, tensor_index
+from evolver_kernels.storage.readahead import readahead_window, will_need
 
 TIERS = ("gpu", "cpu", "disk")
 
@@ -343,8 +344,8 @@ class MappedModels(ReadOnlyView):
         self._files: list[tuple[mmap.mmap, object]] = []
         # per individual and group: (start, end, flat view of the tensor), sorted by start
         self._spans: list[dict[str, list[tuple[int, int, torch.Tensor]]]] = []
-        # per individual and group, in the same order: (map, byte offset of the tensor) for read-ahead
-        self._bytes: list[dict[str, list[tuple[mmap.mmap, int]]]] = []
+        # per individual and group, in the same order: (map, byte offset of the tensor, read-ahead window)
+        self._bytes: list[dict[str, list[tuple[mmap.mmap, int, int]]]] = []
         self._starts: list[dict[str, list[int]]] = []
         try:
             for files, source in zip(model_files, sources):
@@ -364,10 +365,10 @@ class MappedModels(ReadOnlyView):
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._files.append((mm, f))
             header_len = int.from_bytes(mm[:8], "little")
-            maps[path] = (mm, 8 + header_len, json.loads(mm[8 : 8 + header_len]))
+            maps[path] = (mm, 8 + header_len, json.loads(mm[8 : 8 + header_len]), readahead_window(path))
         for e in self.layout.entries:
             key = keys[e.name]
-            mm, data_start, header = maps[index[key][0]]
+            mm, data_start, header, window = maps[index[key][0]]
             begin = header[key]["data_offsets"][0]
             with warnings.catch_warnings():  # a read-only map: torch warns that the tensor is not writable
                 warnings.simplefilter("ignore", UserWarning)
@@ -378,7 +379,7 @@ class MappedModels(ReadOnlyView):
                     if e.numel
                     else torch.empty(0, dtype=self.layout.group_dtype(e.group))
                 )
-            items[e.group].append((e.offset, e.offset + e.numel, view, mm, data_start + begin))
+            items[e.group].append((e.offset, e.offset + e.numel, view, mm, data_start + begin, window))
         for group_items in items.values():
             group_items.sort(key=lambda item: item[0])
         spans = {g: [item[:3] for item in group_items] for g, group_items in items.items()}
@@ -388,20 +389,16 @@ class MappedModels(ReadOnlyView):
 
     def _read_ahead(self, i: int, group: str, lo: int, hi: int) -> None:
         """Asks the kernel to start reading elements [lo, hi) of individual i's group from the disk now
-        (madvise WILLNEED: asynchronous), so that the read of the next chunk overlaps the merge of this one."""
-        if not hasattr(mmap, "MADV_WILLNEED"):
-            return
+        (storage/readahead.will_need: asynchronous), so that the read of the next chunk overlaps the merge of this one."""
         itemsize = self.layout.group_dtype(group).itemsize
         spans, places = self._spans[i][group], self._bytes[i][group]
         k = max(0, bisect.bisect_right(self._starts[i][group], lo) - 1)
-        for (start, end, _), (mm, at) in zip(spans[k:], places[k:]):
+        for (start, end, _), (mm, at, window) in zip(spans[k:], places[k:]):
             if start >= hi:
                 break
             a, b = max(lo, start), min(hi, end)
             if a < b:
-                first = (at + (a - start) * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
-                with contextlib.suppress(OSError, ValueError):  # a hint: never an error
-                    mm.madvise(mmap.MADV_WILLNEED, first, at + (b - start) * itemsize - first)
+                will_need(mm, at + (a - start) * itemsize, at + (b - start) * itemsize, window)
 
     def prefetch(self, i: int, group: str, lo: int, hi: int) -> None:
         self._read_ahead(i, group, lo, hi)

@@ -61,26 +61,35 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_base", [False, True])
 def test_native_gather_is_torchs(dtype, with_base):
-    """The window's magnitudes gathered (as a multiset) and those above it counted, chunk by chunk, as torch does;
-    a window with more than the room counts them all and fills the room."""
+    """Each window's magnitudes gathered (as a multiset) and those above it counted, chunk by chunk, as torch does,
+    for several inputs and several windows of one input in the same pass; a window with more than the room counts
+    them all and fills the room."""
     from evolver_kernels.kernels import histogram
 
     gen = torch.Generator().manual_seed(1)
     n = (1 << 20) + 11
-    x = torch.randn(n, generator=gen).to(dtype)
+    xs = [torch.randn(n, generator=gen).to(dtype) for _ in range(3)]
     base = torch.randn(n, generator=gen).to(dtype) if with_base else None
-    bits = magnitude_bits(x, base)
-    for lo, hi in [(0x3F000000, 0x3F000000), (0x3F000000, 0x3F0FFFFF), (0, 0x7FFFFFFF)]:
-        inside = torch.sort(bits[(bits >= lo) & (bits <= hi)]).values
-        for room in (inside.numel(), inside.numel() // 2):
-            counts = torch.zeros(2, dtype=torch.int64)
-            out = torch.full((room,), -1, dtype=torch.int32)
-            for a in range(0, n, 300_007):  # chunk by chunk into the same counts
-                histogram.magnitude_gather(
-                    counts, out, x[a : a + 300_007], None if base is None else base[a : a + 300_007], lo, hi
-                )
-            assert counts.tolist() == [int((bits > hi).sum()), inside.numel()]
-            if room == inside.numel():
-                assert torch.equal(torch.sort(out).values, inside)
+    bits = [magnitude_bits(x, base) for x in xs]
+    windows = [
+        (0, 0x3F000000, 0x3F000000),
+        (1, 0x3F000000, 0x3F0FFFFF),
+        (2, 0, 0x7FFFFFFF),
+        (0, 0x3E000000, 0x3F7FFFFF),
+    ]
+    inside = [torch.sort(bits[i][(bits[i] >= lo) & (bits[i] <= hi)]).values for i, lo, hi in windows]
+    for halve in (False, True):
+        rooms = [v.numel() // 2 if halve else v.numel() for v in inside]
+        counts = torch.zeros(len(windows), 2, dtype=torch.int64)
+        outs = [torch.full((room,), -1, dtype=torch.int32) for room in rooms]
+        for a in range(0, n, 300_007):  # chunk by chunk into the same counts
+            part = slice(a, a + 300_007)
+            histogram.magnitude_gather(
+                counts, outs, [x[part] for x in xs], None if base is None else base[part], windows
+            )
+        for (i, lo, hi), got, want, c in zip(windows, outs, inside, counts):
+            assert c.tolist() == [int((bits[i] > hi).sum()), want.numel()]
+            if not halve:
+                assert torch.equal(torch.sort(got).values, want)
             else:
-                assert bool(((out >= lo) & (out <= hi)).all())
+                assert bool(((got >= lo) & (got <= hi)).all())

@@ -314,3 +314,25 @@ def test_sampled_selection_is_exact_and_falls_back(chunk):
     assert tv._sampled_kths(lambda lo, hi: v[lo:hi], 0, n, [k], chunk) == {}
     assert tv._sampled_kths(lambda lo, hi: v[lo:hi], 0, n, [k], chunk, held=v) == {}
     assert merger_kths(lambda lo, hi: v[lo:hi], n, [k], chunk) == [float(v.abs().kthvalue(n - k + 1).values)]
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 100_003])
+def test_models_selected_in_one_pass_are_each_exact(chunk):
+    """TIES' trims of every model in one pass over the models and the base: each the exact k-th of its own
+    |x_j - base| (kthvalue's), a model whose sample misleads found by its histograms, a model with no k skipped."""
+    from evolver_kernels.methods import task_vectors as tv
+
+    n = tv.SAMPLED_MIN + 4099
+    gen = torch.Generator().manual_seed(6)
+    b = torch.randn(n, generator=gen).bfloat16()
+    xs = [torch.randn(n, generator=gen).bfloat16() for _ in range(3)]
+    starts, block = tv.sample_blocks(n)
+    for a in starts:  # model 2's sample misleads: its sampled blocks equal the base, the rest far from it
+        xs[2][a : a + block] = b[a : a + block]
+    xs[2] = torch.where(xs[2] == b, xs[2], xs[2] + 10.0).bfloat16()
+    ks = [n // 3, None, n // 10]
+    got = tv.kth_largest_magnitudes_of_models(lambda lo, hi: ([x[lo:hi] for x in xs], b[lo:hi]), 0, n, ks, chunk)
+    taus = [(x.float() - b.float()).abs() for x in xs]
+    assert got == [float(taus[0].kthvalue(n - ks[0] + 1).values), None, float(taus[2].kthvalue(n - ks[2] + 1).values)]
+    with pytest.raises(ValueError, match="k must be in"):
+        tv.kth_largest_magnitudes_of_models(lambda lo, hi: ([x[lo:hi] for x in xs], b[lo:hi]), 0, n, [n + 1], chunk)
