@@ -1,17 +1,19 @@
-// Pieces shared by the CPU kernels: element codecs (bits <-> fp32), the Philox words of one block, streaming
-// stores of large outputs, and the variance of a block's task vectors.
+// Pieces shared by the CPU kernels: element codecs (bits <-> fp32) and the one switch over them, the Philox words
+// of one block, streaming stores of large outputs, and the variance of a block's task vectors.
 #pragma once
 
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 #include "../bf16_bits.h"
+#include "../de_params.h"  // ElementType
 #include "../philox.h"
 
 namespace evolver_kernels {
@@ -40,6 +42,26 @@ struct Float16Codec {
   static float load(Bits v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
   static Bits store(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
 };
+
+// run(codec) with the codec of `type`: the kernels' one switch over the element types.
+template <typename Run>
+inline void with_codec(ElementType type, Run&& run) {
+  switch (type) {
+    case ElementType::kFloat32:
+      return run(Float32Codec{});
+    case ElementType::kBFloat16:
+      return run(BFloat16Codec{});
+    case ElementType::kFloat16:
+      return run(Float16Codec{});
+  }
+}
+
+// run(codec, kBase) with the codec of `type` and kBase (std::true_type or std::false_type) whether a base is given:
+// the kernels over task vectors x - base (x alone without a base).
+template <typename Run>
+inline void with_codec_base(ElementType type, bool base, Run&& run) {
+  with_codec(type, [&](auto codec) { base ? run(codec, std::true_type{}) : run(codec, std::false_type{}); });
+}
 
 // words[4 * l + w] = word w of group g + l, for l < kGroups, under (seed, stream); lane-wise (vectorised).
 inline void block_words(uint64_t g, uint64_t seed, uint64_t stream, uint32_t* words) {

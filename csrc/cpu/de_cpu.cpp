@@ -103,17 +103,7 @@ void de_dispatch_inputs(const DEParams& p) {
 }  // namespace
 
 void de_mutate_crossover_cpu(const DEParams& p) {
-  switch (p.dtype) {
-    case ElementType::kFloat32:
-      de_dispatch_inputs<Float32Codec>(p);
-      break;
-    case ElementType::kBFloat16:
-      de_dispatch_inputs<BFloat16Codec>(p);
-      break;
-    case ElementType::kFloat16:
-      de_dispatch_inputs<Float16Codec>(p);
-      break;
-  }
+  with_codec(p.dtype, [&](auto codec) { de_dispatch_inputs<decltype(codec)>(p); });
 }
 
 void crossover_mask_cpu(const MaskParams& p) {

@@ -106,26 +106,14 @@ void squares_kernel(const SquaresParams& p) {
 
 void task_vector_squares_cpu(const SquaresParams& p) {
   if (p.n <= 0) return;
-  switch (p.type) {
-    case ElementType::kFloat32:
-      return p.base ? squares_kernel<Float32Codec, true>(p) : squares_kernel<Float32Codec, false>(p);
-    case ElementType::kBFloat16:
-      return p.base ? squares_kernel<BFloat16Codec, true>(p) : squares_kernel<BFloat16Codec, false>(p);
-    case ElementType::kFloat16:
-      return p.base ? squares_kernel<Float16Codec, true>(p) : squares_kernel<Float16Codec, false>(p);
-  }
+  with_codec_base(p.type, p.base != nullptr,
+                  [&](auto codec, auto base) { squares_kernel<decltype(codec), decltype(base)::value>(p); });
 }
 
 void task_vector_gram_cpu(const GramParams& p) {
   if (p.n <= 0) return;
-  switch (p.type) {
-    case ElementType::kFloat32:
-      return p.base ? gram_kernel<Float32Codec, true>(p) : gram_kernel<Float32Codec, false>(p);
-    case ElementType::kBFloat16:
-      return p.base ? gram_kernel<BFloat16Codec, true>(p) : gram_kernel<BFloat16Codec, false>(p);
-    case ElementType::kFloat16:
-      return p.base ? gram_kernel<Float16Codec, true>(p) : gram_kernel<Float16Codec, false>(p);
-  }
+  with_codec_base(p.type, p.base != nullptr,
+                  [&](auto codec, auto base) { gram_kernel<decltype(codec), decltype(base)::value>(p); });
 }
 
 }  // namespace evolver_kernels

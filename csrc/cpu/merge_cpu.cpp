@@ -220,17 +220,7 @@ void dispatch(const MergeParams& p) {
 
 void merge_cpu(const MergeParams& p) {
   if (p.numel <= 0) return;
-  switch (p.dtype) {
-    case ElementType::kFloat32:
-      dispatch<Float32Codec>(p);
-      break;
-    case ElementType::kBFloat16:
-      dispatch<BFloat16Codec>(p);
-      break;
-    case ElementType::kFloat16:
-      dispatch<Float16Codec>(p);
-      break;
-  }
+  with_codec(p.dtype, [&](auto codec) { dispatch<decltype(codec)>(p); });
 }
 
 }  // namespace evolver_kernels

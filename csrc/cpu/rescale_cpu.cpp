@@ -98,14 +98,8 @@ void dropped_l1_kernel(const DropL1Params& p) {
 
 void dropped_l1_cpu(const DropL1Params& p) {
   if (p.n <= 0) return;
-  switch (p.type) {
-    case ElementType::kFloat32:
-      return p.base ? dropped_l1_kernel<Float32Codec, true>(p) : dropped_l1_kernel<Float32Codec, false>(p);
-    case ElementType::kBFloat16:
-      return p.base ? dropped_l1_kernel<BFloat16Codec, true>(p) : dropped_l1_kernel<BFloat16Codec, false>(p);
-    case ElementType::kFloat16:
-      return p.base ? dropped_l1_kernel<Float16Codec, true>(p) : dropped_l1_kernel<Float16Codec, false>(p);
-  }
+  with_codec_base(p.type, p.base != nullptr,
+                  [&](auto codec, auto base) { dropped_l1_kernel<decltype(codec), decltype(base)::value>(p); });
 }
 
 void expand_drops_cpu(const uint8_t* packed, int64_t n, int64_t* out) {

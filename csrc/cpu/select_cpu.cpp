@@ -25,19 +25,6 @@ inline uint32_t magnitude_bits(const typename Codec::Bits* x, const typename Cod
   return float_to_bits(v) & 0x7fffffffu;
 }
 
-// run(codec) with the codec of `type`.
-template <typename Run>
-void with_codec(ElementType type, Run&& run) {
-  switch (type) {
-    case ElementType::kFloat32:
-      return run(Float32Codec{});
-    case ElementType::kBFloat16:
-      return run(BFloat16Codec{});
-    case ElementType::kFloat16:
-      return run(Float16Codec{});
-  }
-}
-
 template <typename Codec, bool kBase, bool kSelect>
 void histogram_kernel(const HistogramParams& p) {
   using Bits = typename Codec::Bits;
@@ -260,18 +247,14 @@ void variance_kernel(const VarianceParams& p) {
 
 void task_vector_variance_cpu(const VarianceParams& p) {
   if (p.n <= 0) return;
-  with_codec(p.type, [&](auto codec) {
-    using Codec = decltype(codec);
-    p.base != nullptr ? variance_kernel<Codec, true>(p) : variance_kernel<Codec, false>(p);
-  });
+  with_codec_base(p.type, p.base != nullptr,
+                  [&](auto codec, auto base) { variance_kernel<decltype(codec), decltype(base)::value>(p); });
 }
 
 void magnitude_rank_drops_cpu(const RankDropParams& p) {
   if (p.rows <= 0 || p.cols <= 0) return;
-  with_codec(p.type, [&](auto codec) {
-    using Codec = decltype(codec);
-    p.base != nullptr ? rank_drop_kernel<Codec, true>(p) : rank_drop_kernel<Codec, false>(p);
-  });
+  with_codec_base(p.type, p.base != nullptr,
+                  [&](auto codec, auto base) { rank_drop_kernel<decltype(codec), decltype(base)::value>(p); });
 }
 
 void magnitude_histogram_cpu(const HistogramParams& p) {
@@ -279,10 +262,8 @@ void magnitude_histogram_cpu(const HistogramParams& p) {
 }
 
 void magnitude_gather_cpu(const GatherParams& p) {
-  with_codec(p.type, [&](auto codec) {
-    using Codec = decltype(codec);
-    p.base != nullptr ? gather_kernel<Codec, true>(p) : gather_kernel<Codec, false>(p);
-  });
+  with_codec_base(p.type, p.base != nullptr,
+                  [&](auto codec, auto base) { gather_kernel<decltype(codec), decltype(base)::value>(p); });
 }
 
 }  // namespace evolver_kernels
