@@ -107,9 +107,11 @@ def memory_plan(p: PlanInputs) -> Plan:
         if k > 1 and p.tier == "disk"
         else per_rank
     )
+    # the gpu tier is the compute device's memory: the host's when the device is the CPU
+    tier = "gpu (the compute device: the CPU, so host memory)" if p.tier == "gpu" and not on_gpu else p.tier
     lines = (
         f"memory plan: one model copy = {format_bytes(p.copy_bytes)} ({p.numel:,} evolved elements); "
-        f"{'population' if p.replaces else 'the models (read only)'}: {p.n} copies on {p.tier}{pop_where} "
+        f"{'population' if p.replaces else 'the models (read only)'}: {p.n} copies on {tier}{pop_where} "
         f"({format_bytes(pop_bytes)}); "
         f"evaluation model: 1 copy on {p.placement}{per_rank}"
         + ("; base model: 1 copy there" if p.base_model else "")

@@ -76,7 +76,9 @@ def test_ranks_of_one_node_share_one_population(bert_pop, reference, tmp_path, n
         )
     )
     where = "once for the node's ranks" if tier == "disk" else "in shared memory, once for the node's ranks"
-    assert f"population: 4 copies on {tier} {where}" in err and f"per rank ({nproc} ranks on this node)" in err
+    no_gpu = tier == "gpu" and not torch.cuda.is_available()
+    label = "gpu (the compute device: the CPU, so host memory)" if no_gpu else tier
+    assert f"population: 4 copies on {label} {where}" in err and f"per rank ({nproc} ranks on this node)" in err
     _same(reference[fitness], out)
     assert not _leftovers(shm, out)
 
