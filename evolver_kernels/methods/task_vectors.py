@@ -140,7 +140,8 @@ def ties(
 ) -> Arena:
     """TIES-merging (trim, elect sign, disjoint mean; normalize false: the sum of the agreeing), optionally on
     DARE-dropped task vectors. Tensor by tensor: the trim threshold is each tensor's own (without DARE every
-    model's found in one pass that reads the base once: kth_largest_magnitudes_of_models), then one fused pass. `density` is one fraction for every model or one per model."""
+    model's found in one pass that reads the base once: kth_largest_magnitudes_of_models), then one fused pass.
+    `density` is one fraction for every model or one per model."""
     base = check_base(pop, base, "TIES")
     density = _check_density(density, pop.size)
     densities = density if isinstance(density, list) else [density] * pop.size
@@ -164,7 +165,7 @@ def ties(
                 if ks[k] is not None:
 
                     def task_vector(lo, hi, k=k, group=e.group, start=start, device=dst.device):
-                        return _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend)
+                        return _dare_task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend)
 
                     trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, ks[k], chunk)
         for lo, hi in iter_chunks(e.numel, chunk):
@@ -185,12 +186,10 @@ def ties(
     return out
 
 
-def _task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend):
-    """tau_k on [lo, hi) of `group` in fp32, exactly as the fused merge computes it before trimming; without DARE
-    drops the pair (x_k, base) it is the difference of (kth_largest_magnitudes forms it in its histogram pass)."""
+def _dare_task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend):
+    """The DARE-dropped tau_k (drop_p > 0) on [lo, hi) of `group` in fp32, exactly as the fused merge computes it
+    before trimming (without drops TIES selects from the pairs (x_k, base): kth_largest_magnitudes_of_models)."""
     x, b = pop.read(k, group, lo, hi).to(device), base_chunk(base, group, lo, hi, device)
-    if drop_p == 0:
-        return x, b
     tau = x.float() - b.float()
     dropped = crossover_mask(
         hi - lo, CR=drop_p, seed=seed, stream=STREAM_DARE + k, offset=start + lo, device=device, backend=backend
@@ -316,8 +315,7 @@ def kth_largest_magnitudes_of_models(models, lo: int, hi: int, ks: list[int | No
     model j's k (None: none wanted, None returned). A k the sample misleads on falls back to the histogram
     passes, over that model alone."""
     wants = [(j, k) for j, k in enumerate(ks) if k is not None]
-    for _, k in wants:
-        _check_ks([k], hi - lo)
+    _check_ks([k for _, k in wants], hi - lo)
     found = _sampled_selection(models, lo, hi, wants, chunk)
     out: list[float | None] = [None] * len(ks)
     for j, k in wants:

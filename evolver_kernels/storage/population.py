@@ -389,7 +389,8 @@ class MappedModels(ReadOnlyView):
 
     def _read_ahead(self, i: int, group: str, lo: int, hi: int) -> None:
         """Asks the kernel to start reading elements [lo, hi) of individual i's group from the disk now
-        (storage/readahead.will_need: asynchronous), so that the read of the next chunk overlaps the merge of this one."""
+        (storage/readahead.will_need: asynchronous), so that the read of the next chunk overlaps the merge of this
+        one."""
         itemsize = self.layout.group_dtype(group).itemsize
         spans, places = self._spans[i][group], self._bytes[i][group]
         k = max(0, bisect.bisect_right(self._starts[i][group], lo) - 1)
