@@ -4,6 +4,9 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "bf16_bits.h"
 #include "cpu/de_cpu.h"
 #include "cpu/gram_cpu.h"
 #include "cpu/merge_cpu.h"
@@ -44,6 +47,50 @@ void crossover_mask_cpu_op(const at::Tensor& out, int64_t threshold, int64_t see
 }
 
 void run_merge_cpu(const MergeParams& params, const at::Tensor&) { merge_cpu(params); }
+
+// TIES with each model's trim narrowed to a window by a sample (MergeWindows, csrc/cpu/merge_cpu.h): the fused
+// merge trimming below each window's lo, gathering and recording what the windows hold.
+void ties_window_merge_cpu_op(at::TensorList xs, const at::Tensor& base, c10::ArrayRef<double> weights,
+                              c10::ArrayRef<double> elect_weights, double scale, bool normalize, at::IntArrayRef lo,
+                              at::IntArrayRef hi, int64_t index_base, at::TensorList gathered, const at::Tensor& counts,
+                              const at::Tensor& fix_index, const at::Tensor& fix_values, const at::Tensor& fix_count,
+                              const at::Tensor& out) {
+  const size_t n = xs.size();
+  TORCH_CHECK(lo.size() == n && hi.size() == n && gathered.size() == n,
+              "evolver_kernels: lo, hi and gathered need one entry per input (", n, ")");
+  std::vector<double> trim(n), top(n, 0.0);
+  MergeWindows w{};
+  for (size_t k = 0; k < n; ++k) {
+    TORCH_CHECK(0 <= lo[k] && lo[k] <= hi[k] && hi[k] <= 0x7fffffff, "evolver_kernels: window ", k, " [", lo[k],
+                ", ", hi[k], "] is not a range of non-negative fp32 bits");
+    TORCH_CHECK(gathered[k].scalar_type() == at::kInt && gathered[k].is_contiguous(),
+                "evolver_kernels: gathered must hold contiguous int32 tensors");
+    w.lo[k] = static_cast<uint32_t>(lo[k]);
+    w.hi[k] = static_cast<uint32_t>(hi[k]);
+    trim[k] = bits_to_float(w.lo[k]);
+    w.gathered[k] = gathered[k].data_ptr<int32_t>();
+    w.capacity[k] = gathered[k].numel();
+  }
+  MergeParams p = make_merge_params(xs, base, {}, weights, trim, top, elect_weights, scale, 1.0, 0,
+                                    c10::List<c10::optional<at::Tensor>>(), {}, true, false, true, c10::nullopt,
+                                    normalize, 0.0, c10::nullopt, 0, 0, 0, out);
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.numel() == 2 * static_cast<int64_t>(n),
+              "evolver_kernels: counts must be a contiguous int64 tensor of 2 per input");
+  TORCH_CHECK(fix_index.scalar_type() == at::kLong && fix_index.is_contiguous(),
+              "evolver_kernels: fix_index must be a contiguous int64 tensor");
+  TORCH_CHECK(fix_values.scalar_type() == out.scalar_type() && fix_values.is_contiguous() &&
+                  fix_values.numel() == static_cast<int64_t>(n + 1) * fix_index.numel(),
+              "evolver_kernels: fix_values must be a contiguous tensor of out's dtype, (inputs + 1) x fix_index");
+  TORCH_CHECK(fix_count.scalar_type() == at::kLong && fix_count.numel() == 1,
+              "evolver_kernels: fix_count must be an int64 tensor of one element");
+  w.counts = counts.data_ptr<int64_t>();
+  w.index_base = index_base;
+  w.fix_index = fix_index.data_ptr<int64_t>();
+  w.fix_values = fix_values.data_ptr();
+  w.fix_capacity = fix_index.numel();
+  w.fix_count = fix_count.data_ptr<int64_t>();
+  merge_cpu(p, &w);
+}
 
 // The magnitudes' inputs of both selection passes: x a contiguous 1-D float tensor, base (if any) its like.
 ElementType check_magnitude_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& base) {
@@ -248,6 +295,13 @@ TORCH_LIBRARY(evolver_kernels, m) {
       "float[] drop_rescales, bool band, bool has_top, bool ties, "
       "float? select, bool normalize, float min_den, float? nearswap_t, int seed, int stream, int offset, "
       "Tensor(a!) out) -> ()");
+  // TIES' merge with each model's trim narrowed by a sample to the window [lo[k], hi[k]] of fp32 bits of |x_k - base|
+  // (csrc/cpu/merge_cpu.h MergeWindows): out as merge_ with trim[k] the float of lo[k], except where an element lies
+  // in some window: then its index (index_base + its place) and inputs are recorded into fix_index and the rows of
+  // fix_values at fix_count while there is room, fix_count += how many; per model counts[k] as magnitude_gather_'s.
+  m.def("ties_window_merge_(Tensor[] xs, Tensor base, float[] weights, float[] elect_weights, float scale, "
+        "bool normalize, int[] lo, int[] hi, int index_base, Tensor(a!)[] gathered, Tensor(b!) counts, "
+        "Tensor(c!) fix_index, Tensor(d!) fix_values, Tensor(e!) fix_count, Tensor(f!) out) -> ()");
   // counts += the radix histogram of |x - base| in fp32 (task_vectors.kth_largest_magnitudes' passes): by the top
   // 16 bits, or with slots by the low 16 bits of the elements whose top 16 bits have a slot (>= 0).
   m.def("magnitude_histogram_(Tensor x, Tensor? base, Tensor? slots, Tensor(a!) counts) -> ()");
@@ -281,6 +335,7 @@ TORCH_LIBRARY_IMPL(evolver_kernels, CPU, m) {
   m.impl("crossover_mask_", &evolver_kernels::crossover_mask_cpu_op);
   m.impl("philox4x32_10", &evolver_kernels::philox4x32_10_cpu_op);
   m.impl("merge_", &evolver_kernels::merge_op<evolver_kernels::run_merge_cpu>);
+  m.impl("ties_window_merge_", &evolver_kernels::ties_window_merge_cpu_op);
   m.impl("magnitude_histogram_", &evolver_kernels::magnitude_histogram_cpu_op);
   m.impl("magnitude_gather_", &evolver_kernels::magnitude_gather_cpu_op);
   m.impl("magnitude_rank_drops_", &evolver_kernels::magnitude_rank_drops_cpu_op);

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "cpu_common.h"
@@ -23,8 +24,73 @@ namespace {
 constexpr int kBlock = 4 * kGroups;
 constexpr int64_t kGrainBlocks = 16;
 
+// Appends the first of `got` to dst at *at while room is left (capacity in all); *at += all of them.
+template <typename T>
+void append_bounded(const std::vector<T>& got, T* dst, int64_t* at, int64_t capacity) {
+  const int64_t room = std::max<int64_t>(0, std::min<int64_t>(capacity - *at, static_cast<int64_t>(got.size())));
+  std::copy(got.begin(), got.begin() + room, dst + *at);
+  *at += static_cast<int64_t>(got.size());
+}
+
+// One thread's share of TIES' windows (MergeWindows): what it gathered and recorded, flushed once under a lock.
+template <typename Bits>
+struct WindowRecords {
+  std::vector<std::vector<int32_t>> inside;
+  std::vector<int64_t> above, index;
+  std::vector<std::vector<Bits>> values;  // per model, then the base
+
+  explicit WindowRecords(int n) : inside(n), above(n, 0), values(n > 0 ? n + 1 : 0) {}
+
+  // A block's staged task vectors (taus: n rows of kBlock, trimmed below each window's lo), elements [0, len) of
+  // the call's elements [at, at + len).
+  void collect(const MergeWindows& w, const MergeParams& p, const float* taus, int64_t len, int64_t at) {
+    const int n = p.n_inputs;
+    alignas(64) uint8_t open[kBlock];
+    for (int64_t i = 0; i < len; ++i) open[i] = 0;
+    for (int k = 0; k < n; ++k) {
+      const float* tau = taus + static_cast<size_t>(k) * kBlock;
+      const uint32_t lo = w.lo[k], hi = w.hi[k], span = hi - lo;
+      uint32_t in_window = 0, higher = 0;
+      for (int64_t i = 0; i < len; ++i) {  // branch-free, as the gather counts (csrc/cpu/select_cpu.cpp)
+        const uint32_t m = float_to_bits(tau[i]) & 0x7fffffffu;
+        const uint32_t in = m - lo <= span;  // wraps around below the window: not in it
+        in_window += in;
+        higher += m > hi;
+        open[i] |= static_cast<uint8_t>(in);
+      }
+      above[k] += higher;
+      if (in_window == 0) continue;
+      for (int64_t i = 0; i < len; ++i) {
+        const uint32_t m = float_to_bits(tau[i]) & 0x7fffffffu;
+        if (m - lo <= span) inside[k].push_back(static_cast<int32_t>(m));
+      }
+    }
+    const Bits* base = static_cast<const Bits*>(p.base);
+    for (int64_t i = 0; i < len; ++i) {
+      if (!open[i]) continue;
+      index.push_back(w.index_base + at + i);
+      for (int k = 0; k < n; ++k) values[k].push_back(static_cast<const Bits*>(p.x[k])[at + i]);
+      values[n].push_back(base[at + i]);
+    }
+  }
+
+  void flush(const MergeWindows& w, int n) {
+    for (int k = 0; k < n; ++k) {
+      w.counts[2 * k] += above[k];
+      append_bounded(inside[k], w.gathered[k], w.counts + 2 * k + 1, w.capacity[k]);
+    }
+    const int64_t at = *w.fix_count;
+    for (int k = 0; k <= n; ++k) {
+      int64_t row_at = at;
+      append_bounded(values[k], static_cast<Bits*>(w.fix_values) + static_cast<size_t>(k) * w.fix_capacity, &row_at,
+                     w.fix_capacity);
+    }
+    append_bounded(index, w.fix_index, w.fix_count, w.fix_capacity);
+  }
+};
+
 template <typename Codec, bool kBase, bool kDrop, bool kTies>
-void merge_kernel(const MergeParams& p) {
+void merge_kernel(const MergeParams& p, const MergeWindows* windows) {
   using Bits = typename Codec::Bits;
   const Bits* base = static_cast<const Bits*>(p.base);
   Bits* out = static_cast<Bits*>(p.out);
@@ -34,10 +100,13 @@ void merge_kernel(const MergeParams& p) {
   const int64_t nblocks = static_cast<int64_t>((end_group - first_group + kGroups - 1) / kGroups);
   const int n = p.n_inputs;
   const bool staged = kTies || p.select_on;  // task vectors kept for a second pass
+  const MergeWindows* win = kTies && kBase && !kDrop && !p.select_on ? windows : nullptr;
+  std::mutex lock;
   at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t words[kBlock];
     alignas(64) float b[kBlock], acc[kBlock], den[kBlock], tau[kBlock];
     std::vector<float> taus(staged ? static_cast<size_t>(n) * kBlock : 0);
+    WindowRecords<Bits> records(win ? n : 0);
     for (int64_t blk = begin; blk < end; ++blk) {
       const uint64_t g = first_group + static_cast<uint64_t>(blk) * kGroups;
       const int64_t delta = static_cast<int64_t>(p.offset - 4 * g);  // local index i has word i + delta
@@ -139,6 +208,7 @@ void merge_kernel(const MergeParams& p) {
           }
         }
       }
+      if (win) records.collect(*win, p, taus.data(), len, lo);
       if (kTies) {
         // The elected sign's total, then the disjoint sum over the models that agree with it.
         for (int k = 0; k < n; ++k) {
@@ -174,6 +244,10 @@ void merge_kernel(const MergeParams& p) {
         out[lo + i] = Codec::store(r);
       }
     }
+    if (win) {
+      std::lock_guard<std::mutex> guard(lock);
+      records.flush(*win, n);
+    }
   });
 }
 
@@ -197,30 +271,30 @@ void nearswap_kernel(const MergeParams& p) {
 }
 
 template <typename Codec, bool kBase, bool kDrop>
-void dispatch_ties(const MergeParams& p) {
+void dispatch_ties(const MergeParams& p, const MergeWindows* w) {
   if (p.ties) {
-    merge_kernel<Codec, kBase, kDrop, true>(p);
+    merge_kernel<Codec, kBase, kDrop, true>(p, w);
   } else {
-    merge_kernel<Codec, kBase, kDrop, false>(p);
+    merge_kernel<Codec, kBase, kDrop, false>(p, w);
   }
 }
 
 template <typename Codec>
-void dispatch(const MergeParams& p) {
+void dispatch(const MergeParams& p, const MergeWindows* w) {
   if (p.nearswap) return nearswap_kernel<Codec>(p);
   const bool drop = p.drop_threshold > 0 || p.table_drop;
   if (p.base != nullptr) {
-    drop ? dispatch_ties<Codec, true, true>(p) : dispatch_ties<Codec, true, false>(p);
+    drop ? dispatch_ties<Codec, true, true>(p, w) : dispatch_ties<Codec, true, false>(p, w);
   } else {
-    drop ? dispatch_ties<Codec, false, true>(p) : dispatch_ties<Codec, false, false>(p);
+    drop ? dispatch_ties<Codec, false, true>(p, w) : dispatch_ties<Codec, false, false>(p, w);
   }
 }
 
 }  // namespace
 
-void merge_cpu(const MergeParams& p) {
+void merge_cpu(const MergeParams& p, const MergeWindows* windows) {
   if (p.numel <= 0) return;
-  with_codec(p.dtype, [&](auto codec) { dispatch<decltype(codec)>(p); });
+  with_codec(p.dtype, [&](auto codec) { dispatch<decltype(codec)>(p, windows); });
 }
 
 }  // namespace evolver_kernels

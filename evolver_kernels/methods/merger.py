@@ -32,10 +32,11 @@ from evolver_kernels.methods.linear import average
 from evolver_kernels.methods.model_stock import model_stock
 from evolver_kernels.methods.nearswap import nearswap
 from evolver_kernels.methods.ram import ram
+from evolver_kernels.methods.selection import kth_largest_magnitude
 from evolver_kernels.methods.sparsify import breadcrumbs, sce
 from evolver_kernels.methods.spherical import karcher, multislerp, nuslerp, slerp
 from evolver_kernels.methods.streaming import Base
-from evolver_kernels.methods.task_vectors import kth_largest_magnitude, task_arithmetic, ties
+from evolver_kernels.methods.task_vectors import task_arithmetic, ties
 from evolver_kernels.storage.arena import Arena, Entry, Layout
 from evolver_kernels.storage.population import Population, ReadOnlyView
 

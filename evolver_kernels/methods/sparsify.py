@@ -33,7 +33,7 @@ per-model weights (1 each by default), everything per tensor:
 Streaming: per-tensor reductions in fp32 over chunks first, then one element-wise pass writing the output
 chunk by chunk; never a stack of the N models, never a mask of a tensor or of the model:
 - breadcrumbs: both magnitude thresholds of each tau_k found exactly as TIES' are
-  (task_vectors.kth_largest_magnitudes: the two k's in the same passes); kept is lo <= |tau| < hi.
+  (selection.kth_largest_magnitudes: the two k's in the same passes); kept is lo <= |tau| < hi.
 - della: pass 1 (with rescale) sums |tau_k| and |kept tau_k| per tensor; pass 2 merges. Both work on spans of
   whole rows of about chunk / N elements (a longer row is still read whole: della's memory is
   O(max(chunk, N row))): each turns the span's rows into per-element drop thresholds (int64, one span per
@@ -85,6 +85,7 @@ from evolver_kernels.methods.della import (
     della,
 )
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, register
+from evolver_kernels.methods.selection import kth_largest_magnitudes
 from evolver_kernels.methods.streaming import (
     Base,
     base_chunk,
@@ -99,7 +100,6 @@ from evolver_kernels.methods.task_vectors import (
     NORMALIZE,
     SCALE,
     densities_of,
-    kth_largest_magnitudes,
     normalize_of,
     per_model_values,
 )

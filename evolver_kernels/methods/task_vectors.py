@@ -1,7 +1,7 @@
 """Task-vector methods (tau_k = x_k - base): task arithmetic, TIES and DARE, streamed through the fused
-operator merge_tensors, with TIES' per-tensor trim thresholds found exactly without a sort: one pass over a
-window a sample narrowed (the sample select), else two radix-histogram passes, over chunks (memory O(chunk), not
-O(tensor)): kth_largest_magnitudes.
+operator merge_tensors, with TIES' per-tensor trim thresholds found exactly without a sort (methods/selection.py).
+On the CPU, TIES without DARE finds them in its own merging pass (_ties_in_one_pass: kernels/ties_windows.py),
+the models read once; elsewhere one selecting pass, then the merge.
 
   task_arithmetic    out = base + scale * sum_k w_k tau_k                      (Ilharco et al. 2023)
   ties               trim each tau_k to its top `density` fraction by magnitude (per tensor), elect the sign
@@ -24,14 +24,19 @@ Where ours differs from mergekit's generalized task arithmetic and peft's merge_
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from evolver_kernels.kernels.histogram import BUCKETS, magnitude_bits, magnitude_gather, magnitude_histogram
+from evolver_kernels.kernels import ties_windows
 from evolver_kernels.kernels.ops import crossover_mask, merge_tensors
 from evolver_kernels.kernels.rng import STREAM_DARE
 from evolver_kernels.methods.registry import MergeContext, MergeMethod, Param, boolean, register
+from evolver_kernels.methods.selection import (
+    SAMPLED_MIN,
+    kth_largest_magnitude,
+    kth_largest_magnitudes_of_models,
+    sample_windows,
+    settle_windows,
+)
 from evolver_kernels.methods.streaming import (
     Base,
     base_chunk,
@@ -139,9 +144,10 @@ def ties(
     normalize: bool = True,
 ) -> Arena:
     """TIES-merging (trim, elect sign, disjoint mean; normalize false: the sum of the agreeing), optionally on
-    DARE-dropped task vectors. Tensor by tensor: the trim threshold is each tensor's own (without DARE every
-    model's found in one pass that reads the base once: kth_largest_magnitudes_of_models), then one fused pass.
-    `density` is one fraction for every model or one per model."""
+    DARE-dropped task vectors. Tensor by tensor: the trim threshold is each tensor's own; without DARE found in the
+    merging pass itself on the CPU (_ties_in_one_pass), else every model's in one pass that reads the base once
+    (selection.kth_largest_magnitudes_of_models), then one fused pass. `density` is one fraction for every model
+    or one per model."""
     base = check_base(pop, base, "TIES")
     density = _check_density(density, pop.size)
     densities = density if isinstance(density, list) else [density] * pop.size
@@ -150,15 +156,18 @@ def ties(
     for e in prefetched(pop, base):
         start = pop.layout.groups[e.group][0]
         dst = out.view(e).view(-1)  # the entry's elements, on the device that holds them
-        lo_e, hi_e = e.offset, e.offset + e.numel
+        lo_e = e.offset
         keeps = [max(1, int(densities[k] * e.numel)) for k in range(pop.size)]
         ks = [keep if keep < e.numel else None for keep in keeps]
-        if drop_p == 0:  # the models' trims in one pass that reads the base once
 
-            def models(lo, hi, group=e.group, device=dst.device):
-                return read_all(pop, group, lo, hi, device), base_chunk(base, group, lo, hi, device)
+        def entry(a, b, group=e.group, at=lo_e, device=dst.device):  # ([x_k], base) of the entry's [a, b)
+            return read_all(pop, group, at + a, at + b, device), base_chunk(base, group, at + a, at + b, device)
 
-            trims = [0.0 if t is None else t for t in kth_largest_magnitudes_of_models(models, lo_e, hi_e, ks, chunk)]
+        if drop_p == 0:
+            if _ties_in_one_pass(entry, e.numel, ks, w, scale, normalize, chunk, dst, backend):
+                continue
+            # the models' trims in one pass that reads the base once, then the merge
+            trims = [0.0 if t is None else t for t in kth_largest_magnitudes_of_models(entry, 0, e.numel, ks, chunk)]
         else:
             trims = [0.0] * pop.size
             for k in range(pop.size):
@@ -167,11 +176,12 @@ def ties(
                     def task_vector(lo, hi, k=k, group=e.group, start=start, device=dst.device):
                         return _dare_task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend)
 
-                    trims[k] = kth_largest_magnitude(task_vector, lo_e, hi_e, ks[k], chunk)
+                    trims[k] = kth_largest_magnitude(task_vector, lo_e, lo_e + e.numel, ks[k], chunk)
         for lo, hi in iter_chunks(e.numel, chunk):
+            xs, b = entry(lo, hi)
             merge_tensors(
-                read_all(pop, e.group, lo_e + lo, lo_e + hi, dst.device),
-                base=base_chunk(base, e.group, lo_e + lo, lo_e + hi, dst.device),
+                xs,
+                base=b,
                 weights=w,
                 trim=trims,
                 scale=scale,
@@ -186,6 +196,69 @@ def ties(
     return out
 
 
+ONE_PASS_RECORDS = 0.15  # the largest share of a tensor's elements recorded to be merged again (their n + 1 inputs)
+
+
+def _ties_in_one_pass(entry, numel: int, ks, weights, scale, normalize, chunk, dst, backend) -> bool:
+    """TIES of one tensor with the trims found in the merging pass (kernels/ties_windows.py), where the CPU
+    extension runs the merge and a sample applies (every k given, SAMPLED_MIN elements): a sample places each
+    model's trim in a window (selection.sample_windows); one fused pass merges trimming below the windows, counting
+    and gathering what they hold and recording each element in some window; the trims settled
+    (selection.settle_windows), those elements are merged again with them. The same bits as the two passes give.
+    False where it does not apply, where the sample finds magnitudes tied around a trim or too many elements in the
+    windows (the two passes are then cheaper), or where a sample misled or the records overflowed: dst is then to be
+    merged again. entry(a, b): ([x_k], base) of the tensor's elements [a, b)."""
+    n = len(ks)
+    if numel < SAMPLED_MIN or None in ks or not ties_windows.available(*entry(0, 1), dst, backend):
+        return False
+    wants = list(enumerate(ks))
+    windows, sample = sample_windows(entry, 0, numel, wants)
+    inside = [(sample[w.input] >= w.low) & (sample[w.input] <= w.high) for w in windows]
+    share = numel / len(sample[0])  # elements per sampled one
+    if any(int(s.sum()) * share > 0.75 * w.capacity for s, w in zip(inside, windows)):
+        return False  # magnitudes tied around a trim (bf16 task vectors of small updates): the gather would overflow
+    recorded = int(torch.stack(inside).any(0).sum()) * share  # the elements some window holds, as the sample sees
+    if recorded > numel * ONE_PASS_RECORDS:
+        return False
+    room = int(1.5 * recorded) + 4096
+    counts = torch.zeros(n, 2, dtype=torch.int64)
+    gathered = [torch.empty(w.capacity, dtype=torch.int32) for w in windows]
+    fix_index, fix_count = torch.empty(room, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    fix_values = torch.empty(n + 1, room, dtype=dst.dtype)
+    for lo, hi in iter_chunks(numel, chunk):
+        xs, b = entry(lo, hi)
+        ties_windows.ties_window_merge(
+            xs,
+            b,
+            weights=weights,
+            scale=scale,
+            normalize=normalize,
+            windows=[(w.low, w.high) for w in windows],
+            index_base=lo,
+            gathered=gathered,
+            counts=counts,
+            fix_index=fix_index,
+            fix_values=fix_values,
+            fix_count=fix_count,
+            out=dst[lo:hi],
+        )
+    found = settle_windows(wants, windows, counts, gathered)
+    fixes = int(fix_count)
+    if len(found) < n or fixes > room:
+        return False
+    if fixes:
+        dst[fix_index[:fixes]] = merge_tensors(
+            [fix_values[k, :fixes] for k in range(n)],
+            base=fix_values[n, :fixes],
+            weights=weights,
+            trim=[found[want] for want in wants],
+            scale=scale,
+            normalize=normalize,
+            backend=backend,
+        )
+    return True
+
+
 def _dare_task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, backend):
     """The DARE-dropped tau_k (drop_p > 0) on [lo, hi) of `group` in fp32, exactly as the fused merge computes it
     before trimming (without drops TIES selects from the pairs (x_k, base): kth_largest_magnitudes_of_models)."""
@@ -196,192 +269,6 @@ def _dare_task_vector(pop, base, k, group, lo, hi, start, drop_p, seed, device, 
     )
     rescale = torch.tensor(1.0 / (1.0 - drop_p), dtype=torch.float32, device=device)
     return torch.where(dropped, torch.zeros((), device=device), tau * rescale)
-
-
-def kth_largest_magnitude(values, lo: int, hi: int, k: int, chunk: int = 1 << 22) -> float:
-    """The k-th largest |v| over v = values(a, b) for chunks [a, b) of [lo, hi), exactly (the value
-    torch.kthvalue(|v|, n - k + 1) gives), in two histogram passes over the fp32 bit patterns (non-negative
-    floats order as their bits): the top 16 bits, then the low 16 bits within the chosen bucket."""
-    if not 1 <= k <= hi - lo:
-        raise ValueError(f"k must be in [1, {hi - lo}], got {k}")
-    return kth_largest_magnitudes(values, lo, hi, [k], chunk)[0]
-
-
-def kth_largest_magnitudes(values, lo: int, hi: int, ks, chunk: int = 1 << 22) -> list[float]:
-    """kth_largest_magnitude for several k at once, without a sort at any size: from SAMPLED_MIN elements in one
-    pass where a sample settles them (_sampled_kths), the others in two histogram passes shared by them (the
-    second histograms the buckets of every such k; a range of at most one chunk is read once). values(a, b) is a chunk's fp32
-    values, or a pair (x, base) whose fp32 difference they are (the histogram kernel then forms it, without a
-    tensor of it: kernels/histogram.py). `ks` is the list of k's, or a function of the count of non-zero |v|,
-    counted in the first pass, that gives them (sce selects a fraction of the non-zero variances); each k must be
-    in [1, hi - lo]."""
-    if hi - lo <= chunk:
-        held = values(lo, hi)
-
-        def values(a: int, b: int):
-            return _part(held, a - lo, b - lo)
-
-    found = {} if callable(ks) else _sampled_kths(values, lo, hi, ks, chunk, held if hi - lo <= chunk else None)
-    if not callable(ks) and all(k in found for k in ks):
-        return [found[k] for k in ks]
-
-    def histogram(slots: torch.Tensor | None, n_slots: int = 1) -> tuple[torch.Tensor, int]:
-        """The counts of the top 16 bits (slots None; with the count of zeros when ks needs it), else of the low
-        16 bits within each bucket that has a slot, one histogram per slot."""
-        counts = None
-        zeros = 0
-        for a, b in iter_chunks(hi - lo, chunk):
-            x, base = _pair(values(lo + a, lo + b))
-            if counts is None:
-                counts = torch.zeros(n_slots * BUCKETS, dtype=torch.int64, device=x.device)
-                slots = None if slots is None else slots.to(x.device)
-            magnitude_histogram(counts, x, base, slots)
-            if slots is None and callable(ks):
-                zeros = zeros + (magnitude_bits(x, base) == 0).sum()  # no sync per chunk
-        return counts.cpu(), int(zeros)
-
-    def bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
-        """(bucket holding the k-th largest, how many lie in higher buckets)."""
-        from_top = counts.flip(0).cumsum(0)
-        idx = int(torch.searchsorted(from_top, k))
-        return BUCKETS - 1 - idx, int(from_top[idx - 1]) if idx > 0 else 0
-
-    top, zeros = histogram(None)
-    wanted = list(ks(hi - lo - zeros)) if callable(ks) else list(ks)
-    _check_ks(wanted, hi - lo)
-    ks = [k for k in wanted if k not in found]
-    if not ks:
-        return [found[k] for k in wanted]
-    buckets = [bucket_of_kth(top, k) for k in ks]
-    highs = sorted({high for high, _ in buckets})
-    slots = torch.full((BUCKETS,), -1, dtype=torch.int32)
-    slots[highs] = torch.arange(len(highs), dtype=torch.int32)
-    lows = histogram(slots, len(highs))[0].view(len(highs), BUCKETS)
-    for k, (high, above) in zip(ks, buckets):
-        low, _ = bucket_of_kth(lows[highs.index(high)], k - above)
-        found[k] = float(torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32))
-    return [found[k] for k in wanted]
-
-
-SAMPLED_MIN = 1 << 18  # elements from which a sample narrows the selection to one pass
-SAMPLE_BLOCKS = 256  # evenly spaced blocks of contiguous elements
-SAMPLE_BLOCK = (64, 512)  # their length: about 1/32 of the range in all, within these bounds (a few pages at most)
-GATHER_PIECE = 1 << 18  # elements gathered into several windows at once: a piece of x and base stays in the L2 cache
-
-
-def _check_ks(ks: list[int], n: int) -> None:
-    if any(not 1 <= k <= n for k in ks):
-        raise ValueError(f"k must be in [1, {n}], got {ks}")
-
-
-def _part(v, a: int, b: int):
-    """Elements [a, b) of a chunk's values or of its (x, base) pair."""
-    return (v[0][a:b], v[1][a:b]) if isinstance(v, tuple) else v[a:b]
-
-
-def _pair(v) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return v if isinstance(v, tuple) else (v, None)
-
-
-def sample_blocks(n: int) -> tuple[list[int], int]:
-    """(starts, length) of the sample's blocks in a range of n >= SAMPLED_MIN elements (offsets from its start)."""
-    block = min(max(n // (32 * SAMPLE_BLOCKS), SAMPLE_BLOCK[0]), SAMPLE_BLOCK[1])
-    blocks = min(SAMPLE_BLOCKS, n // block)
-    return [j * (n - block) // (blocks - 1) for j in range(blocks)], block
-
-
-def _sampled_kths(values, lo: int, hi: int, ks: list[int], chunk: int, held=None) -> dict[int, float]:
-    """The k-th largest magnitudes that one pass settles, exactly (Floyd and Rivest's selection): a deterministic
-    sample (evenly spaced blocks) places each k-th between two of the sample's order statistics, a margin of 6
-    standard deviations of a sample rank (and 16 more) on either side; one pass over [lo, hi) counts the
-    magnitudes above that window and gathers those in it (kernels/histogram.magnitude_gather); a k is settled
-    when the counts put its k-th largest in the window, and it is then the right one among the few gathered.
-    A k not settled (a sample that misled) is missing from the result: the two histogram passes find it. The
-    answer never depends on the sample, only the cost. `held`: values(lo, hi) when the caller holds it whole,
-    sampled at once instead of block by block."""
-    _check_ks(ks, hi - lo)
-
-    def sources(a: int, b: int):
-        x, base = _pair(values(a, b) if held is None else _part(held, a - lo, b - lo))
-        return [x], base
-
-    found = _sampled_selection(sources, lo, hi, [(0, k) for k in ks], chunk, whole=held is not None)
-    return {k: v for (_, k), v in found.items()}
-
-
-def kth_largest_magnitudes_of_models(models, lo: int, hi: int, ks: list[int | None], chunk: int) -> list[float | None]:
-    """kth_largest_magnitude of |x_j - base| for every model j at once, in one pass that reads the base and each
-    model once (TIES' trims), where a sample settles them; models(a, b) gives ([x_j chunk], base chunk), ks[j] is
-    model j's k (None: none wanted, None returned). A k the sample misleads on falls back to the histogram
-    passes, over that model alone."""
-    wants = [(j, k) for j, k in enumerate(ks) if k is not None]
-    _check_ks([k for _, k in wants], hi - lo)
-    found = _sampled_selection(models, lo, hi, wants, chunk)
-    out: list[float | None] = [None] * len(ks)
-    for j, k in wants:
-        if (j, k) in found:
-            out[j] = found[(j, k)]
-        else:
-
-            def values(a: int, b: int, j=j):
-                xs, base = models(a, b)
-                return xs[j], base
-
-            out[j] = kth_largest_magnitudes(values, lo, hi, [k], chunk)[0]
-    return out
-
-
-def _sampled_selection(sources, lo: int, hi: int, wants: list[tuple[int, int]], chunk: int, whole: bool = False):
-    """_sampled_kths over several inputs: sources(a, b) gives ([x_i chunk], base chunk or None), `wants` the
-    (input, k) pairs; returns {(input, k): value} for those settled. One sample per input, one pass for all
-    (every input and the base read once); `whole`: sources(lo, hi) is held (the sample indexed at once)."""
-    n = hi - lo
-    if n < SAMPLED_MIN or not wants:
-        return {}
-    starts, block = sample_blocks(n)
-    if whole:
-        xs, base = sources(lo, hi)
-        at = (torch.tensor(starts)[:, None] + torch.arange(block)).view(-1).to(xs[0].device)
-        picked = [x.view(-1)[at] for x in xs], None if base is None else base.view(-1)[at]
-    else:  # the blocks read one by one, their magnitudes formed at once
-        parts = [sources(lo + a, lo + a + block) for a in starts]
-        picked = (
-            [torch.cat([p[0][i].reshape(-1) for p in parts]) for i in range(len(parts[0][0]))],
-            None if parts[0][1] is None else torch.cat([p[1].reshape(-1) for p in parts]),
-        )
-    samples = {i: magnitude_bits(picked[0][i], picked[1]).view(-1).cpu() for i in {i for i, _ in wants}}
-    m = block * len(starts)
-
-    def at_rank(i: int, rank: int) -> int:  # input i's sample's rank-th largest (0-based) bit pattern; no sort
-        return int(samples[i].kthvalue(m - rank).values)
-
-    windows = []  # per want: (input, low, high) bits, and the room for what the window holds
-    for i, k in wants:
-        r = (k - 1) * m / n
-        margin = 6.0 * math.sqrt(r * (1.0 - r / m) + 1.0) + 16.0
-        top_rank, low_rank = max(0, math.floor(r - margin)), min(m - 1, math.ceil(r + margin))
-        low = 0 if low_rank == m - 1 else at_rank(i, low_rank)
-        high = 0x7FFFFFFF if top_rank == 0 else at_rank(i, top_rank)
-        capacity = int(2 * (low_rank - top_rank + 1) * n / m) + 1024  # twice what the sample expects in it
-        windows.append(((i, low, high), capacity))
-    # one pass for every want: each piece gathered into every window while it is in the cache
-    piece = chunk if len(wants) == 1 else min(chunk, GATHER_PIECE)
-    counts = gathered = None
-    for a, b in iter_chunks(n, piece):
-        xs, base = sources(lo + a, lo + b)
-        if counts is None:
-            counts = torch.zeros(len(wants), 2, dtype=torch.int64, device=xs[0].device)
-            gathered = [torch.empty(c, dtype=torch.int32, device=xs[0].device) for _, c in windows]
-        magnitude_gather(counts, gathered, xs, base, [w for w, _ in windows])
-    found = {}
-    for want, (_, capacity), c, g in zip(wants, windows, counts.cpu(), gathered):
-        above, inside = (int(v) for v in c)
-        k = want[1]
-        if above < k <= above + inside and inside <= capacity:
-            rank = k - above  # the rank-th largest of the gathered
-            bits = g[:inside].kthvalue(inside - rank + 1).values
-            found[want] = float(bits.cpu().view(torch.float32))
-    return found
 
 
 def normalize_of(ctx: MergeContext, default: bool) -> bool:

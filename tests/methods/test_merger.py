@@ -201,7 +201,7 @@ def test_kth_largest_magnitude_of_pairs_is_the_task_vectors(dtype, chunk):
 
 
 def merger_kths(values, n, ks, chunk):
-    from evolver_kernels.methods.task_vectors import kth_largest_magnitudes
+    from evolver_kernels.methods.selection import kth_largest_magnitudes
 
     return kth_largest_magnitudes(values, 0, n, ks, chunk)
 
@@ -291,7 +291,7 @@ def test_regmean_solves_the_closed_form_and_tracks_changed_individuals():
 def test_sampled_selection_is_exact_and_falls_back(chunk):
     """Above SAMPLED_MIN elements a sample narrows each k-th to a window counted in one pass; the answer is the
     exact k-th (kthvalue's) whether the window settles it or, where the sample misleads, the histograms do."""
-    from evolver_kernels.methods import task_vectors as tv
+    from evolver_kernels.methods import selection as tv
 
     n = tv.SAMPLED_MIN + 4099
     gen = torch.Generator().manual_seed(5)
@@ -320,7 +320,7 @@ def test_sampled_selection_is_exact_and_falls_back(chunk):
 def test_models_selected_in_one_pass_are_each_exact(chunk):
     """TIES' trims of every model in one pass over the models and the base: each the exact k-th of its own
     |x_j - base| (kthvalue's), a model whose sample misleads found by its histograms, a model with no k skipped."""
-    from evolver_kernels.methods import task_vectors as tv
+    from evolver_kernels.methods import selection as tv
 
     n = tv.SAMPLED_MIN + 4099
     gen = torch.Generator().manual_seed(6)
