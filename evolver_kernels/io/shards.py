@@ -115,25 +115,33 @@ def write_shards(
     shard_bytes: int = 2 << 30,
     written: Callable[[str], None] | None = None,
     into=None,
+    before_commit: Callable[[], None] | None = None,
 ) -> list[str]:
     """Writes the tensors `specs` (name, dtype, shape) as model.safetensors, or as shards of at most
-    `shard_bytes` (plan_shards) with model.safetensors.index.json; each shard through a temporary name (removed
-    on failure) and write_safetensors (with `written`), one tensor in memory at a time. `into`: the shards
-    already exist as an io.mapped_output.MappedOutput of these specs, holding the tensors the merge wrote into
-    them; the others are copied in and the shards committed. Returns the paths written."""
+    `shard_bytes` (plan_shards) with model.safetensors.index.json; every shard through a temporary name and
+    write_safetensors (with `written`), one tensor in memory at a time, and renamed once all are written (a
+    failure, tensor_for's refusal included, leaves none of them: all or nothing). before_commit(), when given, is
+    called between the last write and the first rename. `into`: the shards already exist as an
+    io.mapped_output.MappedOutput of these specs, holding the tensors the merge wrote into them; the others are
+    copied in and the shards committed. Returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     if into is not None:
+        if before_commit is not None:
+            before_commit()
         return into.commit(specs, tensor_for) + write_index(out_dir, into.plan, specs)
-    paths = []
     plan = plan_shards(specs, shard_bytes)
-    for fname, shard in plan:
-        tmp = os.path.join(out_dir, fname + ".tmp")
-        try:
+    tmps = [os.path.join(out_dir, fname + ".tmp") for fname, _ in plan]
+    try:
+        for tmp, (_, shard) in zip(tmps, plan):
             write_safetensors(tmp, shard, tensor_for, metadata=SAFETENSORS_METADATA, written=written)
-        except BaseException:
-            if os.path.exists(tmp):  # a partial shard of ours (a full disk, an interrupt): not left behind
+        if before_commit is not None:
+            before_commit()
+    except BaseException:
+        for tmp in tmps:  # the shards of ours (a full disk, an interrupt, a refused tensor): not left behind
+            if os.path.exists(tmp):
                 os.remove(tmp)
-            raise
-        os.replace(tmp, os.path.join(out_dir, fname))
-        paths.append(os.path.join(out_dir, fname))
+        raise
+    paths = [os.path.join(out_dir, fname) for fname, _ in plan]
+    for tmp, path in zip(tmps, paths):
+        os.replace(tmp, path)
     return paths + write_index(out_dir, plan, specs)

@@ -89,13 +89,20 @@ def _fill(
 
 class _Routed:
     """The output's tensors read straight from the checkpoints that fill them (passthrough's slices: nothing is
-    merged), one at a time, cast to the layout's dtypes as _fill casts them: what the output writer and the
-    finite check read of an Arena (layout, view, discard), with no copy of the model held or written first."""
+    merged), one at a time, cast to the layout's dtypes as _fill casts them: what the output writer reads of an
+    Arena (layout, view, discard), with no copy of the model held or written first. Each tensor is checked for
+    NaN and inf as it is read (_check_finite's refusal, `method` named): the writer's one pass over the sources is
+    the check's, and its refusal leaves no shard (write_shards)."""
 
     def __init__(
-        self, layout: Layout, routes: dict[str, Route], source: Callable[[Route], tuple[Source, int | None]], spec
+        self,
+        layout: Layout,
+        routes: dict[str, Route],
+        source: Callable[[Route], tuple[Source, int | None]],
+        spec,
+        method: str,
     ):
-        self.layout = layout
+        self.layout, self.method = layout, method
         self._where = _locate(layout, routes, source, spec)
         self._files: dict[str, Any] = {}  # path -> its open safetensors handle (its header parsed once)
 
@@ -103,7 +110,9 @@ class _Routed:
         path, key = self._where[e.name]
         if path not in self._files:
             self._files[path] = safe_open(path, framework="pt", device="cpu")
-        return self._files[path].get_tensor(key).to(self.layout.group_dtype(e.group))
+        t = self._files[path].get_tensor(key).to(self.layout.group_dtype(e.group))
+        _check_finite_entry(t, e, self.method)
+        return t
 
     def discard(self, e: Entry) -> None:
         """Nothing to give back: no entry is held."""
@@ -182,11 +191,12 @@ def _save_layout(
     num_layers: int | None,
     shard_bytes: int = 2 << 30,
     into: MappedOutput | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> list[str]:
     """The merge as an HF model directory when its tensors are not the donor checkpoint's (stacked layers, a
     dtype cast before merging): each tensor under the name the donor gives it, the donor's other tensors
     (buffers), its config (with num_layers and dtype), generation config and tokenizer files; `into`: the
-    shards the arena's tensors already are. Returns the paths."""
+    shards the arena's tensors already are; before_commit: write_shards'. Returns the paths."""
     specs, entries, index = _layout_specs(arena.layout, donor, dtype, num_layers)
     paths = write_shards(
         out_dir,
@@ -195,6 +205,7 @@ def _save_layout(
         shard_bytes,
         written=model_io.discard_written(arena, entries),
         into=into,
+        before_commit=before_commit,
     )
     with open(os.path.join(donor, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -299,11 +310,15 @@ def _write_output(
     models: list[str],
     arena: Arena | _Routed,
     into: MappedOutput | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> list[str]:
     """The merged model, its config and tokenizer, and merge.json in --out; the paths written. `into`: the shards
-    the merge wrote the arena into (_mapped_output)."""
+    the merge wrote the arena into (_mapped_output); before_commit(): called once the tensors are written, before
+    any file of the output replaces one there (write_shards)."""
     dtype = DTYPES[spec.dtype] if spec.dtype else None
     if target.identity:
+        if before_commit is not None:
+            before_commit()
         written = model_io.save_model(arena, models[0], target.files[0], spec.out, dtype=dtype, discard=True, into=into)
     else:
         layout = target.layout
@@ -314,6 +329,7 @@ def _write_output(
             dtype or layout.group_dtype(layout.entries[0].group),
             target.stacked,
             into=into,
+            before_commit=before_commit,
         )
     if spec.tokenizer_from:
         copied = _copy_files(spec.local(spec.tokenizer_from), spec.out, model_io.TOKENIZER_FILES)
@@ -349,21 +365,26 @@ def _write_output(
     return written
 
 
-def _check_finite(arena: Arena | _Routed, method: str, chunk: int = 1 << 22) -> None:
+def _check_finite(arena: Arena, method: str) -> None:
     """Refuses to write a merge with a NaN or infinite value (a broken input, or weights that cancel under
     normalize), naming the first such tensor; one pass over the merged tensors, chunk by chunk."""
     for entry in arena.layout.entries:
-        flat = arena.view(entry).reshape(-1)
-        for lo in range(0, entry.numel, chunk):
-            if not entry.numel or all(torch.isfinite(m) for m in torch.aminmax(flat[lo : lo + chunk])):
-                continue  # min and max are NaN where a value is, and inf where one is: a pass at copy speed
-            bad = int((~torch.isfinite(flat[lo : lo + chunk])).sum())
-            if bad:
-                raise MergeConfigError(
-                    f"the {method} merge of {entry.name} has non-finite values (NaN or inf; {bad} in its first "
-                    f"{min(entry.numel, lo + chunk)} elements): check the input models for NaN or inf; nothing "
-                    "was written"
-                )
+        _check_finite_entry(arena.view(entry), entry, method)
+
+
+def _check_finite_entry(t: torch.Tensor, entry: Entry, method: str, chunk: int = 1 << 22) -> None:
+    """_check_finite's refusal for one tensor (`entry`'s values t)."""
+    flat = t.reshape(-1)
+    for lo in range(0, entry.numel, chunk):
+        if all(torch.isfinite(m) for m in torch.aminmax(flat[lo : lo + chunk])):
+            continue  # min and max are NaN where a value is, and inf where one is: a pass at copy speed
+        bad = int((~torch.isfinite(flat[lo : lo + chunk])).sum())
+        if bad:
+            raise MergeConfigError(
+                f"the {method} merge of {entry.name} has non-finite values (NaN or inf; {bad} in its first "
+                f"{min(entry.numel, lo + chunk)} elements): check the input models for NaN or inf; nothing "
+                "was written"
+            )
 
 
 def run(spec: MergeSpec, log=print) -> str:
@@ -404,7 +425,9 @@ def run(spec: MergeSpec, log=print) -> str:
         scratch = Scratch(spec.out, "--out")
         pop, base = (None, None) if direct else _read_inputs(spec, target, slices, models, base_dir, scratch)
         if direct:  # each tensor read from its source as it is checked and as it is written: no copy first
-            arena = _Routed(layout, target.routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec)
+            arena = _Routed(
+                layout, target.routes, lambda r: (slices[r.slice].sources[0], r.layers[0]), spec, record.name
+            )
         else:  # the merge's result: the output's own files where it can be, else scratch files until written out
             in_place = None
             if record.writes_views and record.statistics is None and len(groups) == 1:
@@ -433,9 +456,13 @@ def run(spec: MergeSpec, log=print) -> str:
             pop.close()
         if isinstance(base, MappedModels):
             base.close()
-        _check_finite(arena, record.name)
-        claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
-        claimed.record(_write_output(spec, record, target, slices, models, arena, into=mapped))
+        if direct:  # checked as it is written (_Routed); an earlier merge's outputs cleared once its shards are
+            written = _write_output(spec, record, target, slices, models, arena, before_commit=claimed.clear_recorded)
+        else:
+            _check_finite(arena, record.name)
+            claimed.clear_recorded()  # an earlier merge's outputs here (e.g. shards this one does not write)
+            written = _write_output(spec, record, target, slices, models, arena, into=mapped)
+        claimed.record(written)
         if isinstance(arena, _Routed):
             arena.close()
     except BaseException:

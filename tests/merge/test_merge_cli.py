@@ -445,6 +445,14 @@ def test_a_passthrough_of_a_non_finite_tensor_is_not_written(llama_pop, tmp_path
     err = capsys.readouterr().err
     assert "the passthrough merge of model.layers.2.mlp.down_proj.weight has non-finite values" in err
     assert not (tmp_path / "o").exists()
+    # over an earlier merge's output: refused as it is written, the earlier output left as it was, no shard left
+    good = dict(cfg, slices=[cfg["slices"][0], {"sources": [{"model": llama_pop.models[1], "layer_range": [1, 2]}]}])
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
+    assert main(["--config", str(tmp_path / "good.yaml"), "--out", str(tmp_path / "o")]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    assert main(["--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "has non-finite values" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
 
 
 _NO_TRANSFORMERS = """
