@@ -13,7 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <mutex>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -24,72 +25,126 @@ namespace {
 constexpr int kBlock = 4 * kGroups;
 constexpr int64_t kGrainBlocks = 16;
 
-// Appends the first of `got` to dst at *at while room is left (capacity in all); *at += all of them.
+constexpr int64_t kStage = 16 * kBlock;  // TIES' window records a thread stages before it copies them out
+
+// Reserves `count` places at *total with one atomic add (the threads' records land in any order: their set is
+// what counts) and copies the items that fit below `capacity` there; *total grows by all of them, so that the
+// caller sees an overflow.
 template <typename T>
-void append_bounded(const std::vector<T>& got, T* dst, int64_t* at, int64_t capacity) {
-  const int64_t room = std::max<int64_t>(0, std::min<int64_t>(capacity - *at, static_cast<int64_t>(got.size())));
-  std::copy(got.begin(), got.begin() + room, dst + *at);
-  *at += static_cast<int64_t>(got.size());
+void copy_out(const T* items, int64_t count, int64_t* total, T* dst, int64_t capacity) {
+  if (count == 0) return;
+  const int64_t at = __atomic_fetch_add(total, count, __ATOMIC_RELAXED);
+  const int64_t room = std::max<int64_t>(0, std::min<int64_t>(capacity - at, count));
+  std::copy(items, items + room, dst + at);
 }
 
-// One thread's share of TIES' windows (MergeWindows): what it gathered and recorded, flushed once under a lock.
+// One thread's TIES windows (MergeWindows): what it gathers and records, staged in buffers of kStage entries and
+// copied out when one fills and at the end (no growth, no lock).
 template <typename Bits>
 struct WindowRecords {
-  std::vector<std::vector<int32_t>> inside;
-  std::vector<int64_t> above, index;
-  std::vector<std::vector<Bits>> values;  // per model, then the base
+  int n;
+  std::vector<int32_t> inside;  // n rows of kStage: the magnitudes' bits in model k's window
+  std::vector<int64_t> inside_len, above;
+  std::vector<int64_t> index;  // kStage: the elements in some window
+  std::vector<Bits> values;    // n + 1 rows of kStage: their x_k, then their base
+  int64_t staged = 0;
 
-  explicit WindowRecords(int n) : inside(n), above(n, 0), values(n > 0 ? n + 1 : 0) {}
+  explicit WindowRecords(int n)
+      : n(n),
+        inside(static_cast<size_t>(n) * kStage),
+        inside_len(n, 0),
+        above(n, 0),
+        index(kStage),
+        values(static_cast<size_t>(n + 1) * kStage) {}
 
   // A block's staged task vectors (taus: n rows of kBlock, trimmed below each window's lo), elements [0, len) of
-  // the call's elements [at, at + len).
-  void collect(const MergeWindows& w, const MergeParams& p, const float* taus, int64_t len, int64_t at) {
-    const int n = p.n_inputs;
-    alignas(64) uint8_t open[kBlock];
-    for (int64_t i = 0; i < len; ++i) open[i] = 0;
+  // the call's elements [at, at + len). The counts branch-free; the few elements in a window found 8 flags at a
+  // time (an element in a window is a coin toss to the branch predictor, and most groups of 8 hold none).
+  __attribute__((noinline)) void collect(const MergeWindows& w, const MergeParams& p, const float* taus, int64_t len,
+                                         int64_t at) {
+    alignas(64) uint8_t open[kBlock], in[kBlock];
+    alignas(64) uint32_t mag[kBlock];
+    alignas(64) uint16_t place[kBlock];
+    const int64_t padded = (len + 7) & ~int64_t{7};
+    for (int64_t i = 0; i < kBlock; ++i) open[i] = in[i] = 0;
     for (int k = 0; k < n; ++k) {
       const float* tau = taus + static_cast<size_t>(k) * kBlock;
       const uint32_t lo = w.lo[k], hi = w.hi[k], span = hi - lo;
       uint32_t in_window = 0, higher = 0;
-      for (int64_t i = 0; i < len; ++i) {  // branch-free, as the gather counts (csrc/cpu/select_cpu.cpp)
+      for (int64_t i = 0; i < len; ++i) {
         const uint32_t m = float_to_bits(tau[i]) & 0x7fffffffu;
-        const uint32_t in = m - lo <= span;  // wraps around below the window: not in it
-        in_window += in;
+        const uint8_t inside_it = m - lo <= span;  // wraps around below the window: not in it
+        mag[i] = m;
+        in[i] = inside_it;
+        in_window += inside_it;
         higher += m > hi;
-        open[i] |= static_cast<uint8_t>(in);
+        open[i] |= inside_it;
       }
       above[k] += higher;
       if (in_window == 0) continue;
-      for (int64_t i = 0; i < len; ++i) {
-        const uint32_t m = float_to_bits(tau[i]) & 0x7fffffffu;
-        if (m - lo <= span) inside[k].push_back(static_cast<int32_t>(m));
+      if (inside_len[k] + len > kStage) flush_inside(w, k);
+      int32_t* dst = inside.data() + static_cast<size_t>(k) * kStage + inside_len[k];
+      int64_t c = 0;
+      for (int64_t j = 0; j < padded; j += 8) {
+        uint64_t flags;
+        std::memcpy(&flags, in + j, 8);
+        for (; flags; flags &= flags - 1) dst[c++] = static_cast<int32_t>(mag[j + (__builtin_ctzll(flags) >> 3)]);
       }
+      inside_len[k] += c;
     }
-    const Bits* base = static_cast<const Bits*>(p.base);
-    for (int64_t i = 0; i < len; ++i) {
-      if (!open[i]) continue;
-      index.push_back(w.index_base + at + i);
-      for (int k = 0; k < n; ++k) values[k].push_back(static_cast<const Bits*>(p.x[k])[at + i]);
-      values[n].push_back(base[at + i]);
+    int64_t c = 0;
+    for (int64_t j = 0; j < padded; j += 8) {
+      uint64_t flags;
+      std::memcpy(&flags, open + j, 8);
+      for (; flags; flags &= flags - 1) place[c++] = static_cast<uint16_t>(j + (__builtin_ctzll(flags) >> 3));
     }
+    if (c == 0) return;
+    if (staged + c > kStage) flush_records(w);
+    for (int64_t q = 0; q < c; ++q) index[staged + q] = w.index_base + at + place[q];
+    for (int k = 0; k <= n; ++k) {
+      const Bits* src = static_cast<const Bits*>(k < n ? p.x[k] : p.base) + at;
+      Bits* row = values.data() + static_cast<size_t>(k) * kStage + staged;
+      for (int64_t q = 0; q < c; ++q) row[q] = src[place[q]];
+    }
+    staged += c;
   }
 
-  void flush(const MergeWindows& w, int n) {
-    for (int k = 0; k < n; ++k) {
-      w.counts[2 * k] += above[k];
-      append_bounded(inside[k], w.gathered[k], w.counts + 2 * k + 1, w.capacity[k]);
-    }
-    const int64_t at = *w.fix_count;
+  void flush_inside(const MergeWindows& w, int k) {
+    copy_out(inside.data() + static_cast<size_t>(k) * kStage, inside_len[k], w.counts + 2 * k + 1, w.gathered[k],
+             w.capacity[k]);
+    inside_len[k] = 0;
+  }
+
+  void flush_records(const MergeWindows& w) {
+    if (staged == 0) return;
+    const int64_t at = __atomic_fetch_add(w.fix_count, staged, __ATOMIC_RELAXED);
+    const int64_t room = std::max<int64_t>(0, std::min<int64_t>(w.fix_capacity - at, staged));
+    std::copy(index.data(), index.data() + room, w.fix_index + at);
     for (int k = 0; k <= n; ++k) {
-      int64_t row_at = at;
-      append_bounded(values[k], static_cast<Bits*>(w.fix_values) + static_cast<size_t>(k) * w.fix_capacity, &row_at,
-                     w.fix_capacity);
+      const Bits* row = values.data() + static_cast<size_t>(k) * kStage;
+      std::copy(row, row + room, static_cast<Bits*>(w.fix_values) + static_cast<size_t>(k) * w.fix_capacity + at);
     }
-    append_bounded(index, w.fix_index, w.fix_count, w.fix_capacity);
+    staged = 0;
+  }
+
+  void flush(const MergeWindows& w) {
+    for (int k = 0; k < n; ++k) {
+      __atomic_fetch_add(w.counts + 2 * k, above[k], __ATOMIC_RELAXED);
+      flush_inside(w, k);
+    }
+    flush_records(w);
   }
 };
 
-template <typename Codec, bool kBase, bool kDrop, bool kTies>
+// No windows: what the merge kernels without them hold in their place (nothing).
+struct NoRecords {
+  explicit NoRecords(int) {}
+};
+
+// kWindows: TIES' windows (with kTies and kBase, without kDrop) collected; a template parameter, so that the
+// kernels without them are compiled as if they did not exist (a runtime test in the block loop stopped the
+// compiler from vectorising the others: TIES' merge ran 12x slower).
+template <typename Codec, bool kBase, bool kDrop, bool kTies, bool kWindows = false>
 void merge_kernel(const MergeParams& p, const MergeWindows* windows) {
   using Bits = typename Codec::Bits;
   const Bits* base = static_cast<const Bits*>(p.base);
@@ -100,13 +155,13 @@ void merge_kernel(const MergeParams& p, const MergeWindows* windows) {
   const int64_t nblocks = static_cast<int64_t>((end_group - first_group + kGroups - 1) / kGroups);
   const int n = p.n_inputs;
   const bool staged = kTies || p.select_on;  // task vectors kept for a second pass
-  const MergeWindows* win = kTies && kBase && !kDrop && !p.select_on ? windows : nullptr;
-  std::mutex lock;
+  static_assert(!kWindows || (kTies && kBase && !kDrop), "TIES' windows: a base, no drops");
+  const MergeWindows* win = windows;
   at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t words[kBlock];
     alignas(64) float b[kBlock], acc[kBlock], den[kBlock], tau[kBlock];
     std::vector<float> taus(staged ? static_cast<size_t>(n) * kBlock : 0);
-    WindowRecords<Bits> records(win ? n : 0);
+    std::conditional_t<kWindows, WindowRecords<Bits>, NoRecords> records(n);
     for (int64_t blk = begin; blk < end; ++blk) {
       const uint64_t g = first_group + static_cast<uint64_t>(blk) * kGroups;
       const int64_t delta = static_cast<int64_t>(p.offset - 4 * g);  // local index i has word i + delta
@@ -208,7 +263,6 @@ void merge_kernel(const MergeParams& p, const MergeWindows* windows) {
           }
         }
       }
-      if (win) records.collect(*win, p, taus.data(), len, lo);
       if (kTies) {
         // The elected sign's total, then the disjoint sum over the models that agree with it.
         for (int k = 0; k < n; ++k) {
@@ -243,11 +297,9 @@ void merge_kernel(const MergeParams& p, const MergeWindows* windows) {
         const float r = kBase ? b[i] + scale * y : scale * y;
         out[lo + i] = Codec::store(r);
       }
+      if constexpr (kWindows) records.collect(*win, p, taus.data(), len, lo);
     }
-    if (win) {
-      std::lock_guard<std::mutex> guard(lock);
-      records.flush(*win, n);
-    }
+    if constexpr (kWindows) records.flush(*win);
   });
 }
 
@@ -272,10 +324,13 @@ void nearswap_kernel(const MergeParams& p) {
 
 template <typename Codec, bool kBase, bool kDrop>
 void dispatch_ties(const MergeParams& p, const MergeWindows* w) {
+  if constexpr (kBase && !kDrop) {
+    if (w != nullptr && p.ties && !p.select_on) return merge_kernel<Codec, true, false, true, true>(p, w);
+  }
   if (p.ties) {
-    merge_kernel<Codec, kBase, kDrop, true>(p, w);
+    merge_kernel<Codec, kBase, kDrop, true>(p, nullptr);
   } else {
-    merge_kernel<Codec, kBase, kDrop, false>(p, w);
+    merge_kernel<Codec, kBase, kDrop, false>(p, nullptr);
   }
 }
 

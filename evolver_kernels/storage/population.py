@@ -333,6 +333,9 @@ class PopulationPrefix(ReadOnlyView):
         return self.pop.read(i, group, lo, hi)
 
 
+READ_AHEAD_MIN = 1 << 20  # bytes: a read of MappedModels smaller than this hints nothing ahead
+
+
 class MappedModels(ReadOnlyView):
     """The models' own safetensors files as a read-only population: each file memory-mapped read-only (so
     nothing can write it), a chunk within one tensor is a view of the page cache (no copy), a chunk that spans
@@ -406,8 +409,10 @@ class MappedModels(ReadOnlyView):
 
     def read(self, i: int, group: str, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of model i's group (a view of the page cache when one tensor holds them), the
-        next hi - lo elements read ahead."""
-        self._read_ahead(i, group, hi, hi + (hi - lo))
+        next hi - lo elements read ahead when they are READ_AHEAD_MIN bytes or more (a sample's small blocks are
+        read by the kernel's own read-around: a hint per block would cost more than it brings)."""
+        if (hi - lo) * self.layout.group_dtype(group).itemsize >= READ_AHEAD_MIN:
+            self._read_ahead(i, group, hi, hi + (hi - lo))
         spans = self._spans[i][group]
         k = bisect.bisect_right(self._starts[i][group], lo) - 1
         if k >= 0 and spans[k][0] <= lo and hi <= spans[k][1]:
