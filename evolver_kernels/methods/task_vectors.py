@@ -209,8 +209,11 @@ def _ties_in_one_pass(entry, numel: int, ks, weights, scale, normalize, chunk, d
     windows (the two passes are then cheaper), or where a sample misled or the records overflowed: dst is then to be
     merged again. entry(a, b): ([x_k], base) of the tensor's elements [a, b)."""
     n = len(ks)
-    if numel < SAMPLED_MIN or None in ks or not ties_windows.available(*entry(0, 1), dst, backend):
+    if numel < SAMPLED_MIN or None in ks:
         return False
+    xs0, b0 = entry(0, 1)
+    if not ties_windows.available(xs0, b0, dst, backend) or any(t.data_ptr() == dst.data_ptr() for t in [*xs0, b0]):
+        return False  # an output that is an input: a pass that fails after it would leave the inputs overwritten
     wants = list(enumerate(ks))
     windows, sample = sample_windows(entry, 0, numel, wants)
     inside = [(sample[w.input] >= w.low) & (sample[w.input] <= w.high) for w in windows]

@@ -165,3 +165,13 @@ def test_the_op_refuses_a_window_that_is_not_one():
             torch.zeros(1, dtype=torch.int64),
             torch.empty(1000),
         )
+
+
+def test_an_output_that_is_an_input_takes_the_two_passes():
+    """Merged into one of its inputs (allowed, as merge_tensors allows it), TIES does not take the one pass: one
+    that failed after it would have overwritten the input the two passes then read."""
+    xs, b = _models(torch.float32)
+    assert not tv._ties_in_one_pass(
+        lambda a, c: ([x[a:c] for x in xs], b[a:c]), N, [N // 3] * 3, [1.0] * 3, 1.0, True, 1 << 22, xs[0], None
+    )
+    assert torch.equal(_bits(xs[0]), _bits(_models(torch.float32)[0][0]))  # untouched
