@@ -52,18 +52,32 @@ def write_safetensors(
     written: Callable[[str], None] | None = None,
 ) -> None:
     """Writes a safetensors file whose tensors are `specs` (name, dtype, shape), in that order, asking
-    tensor_for(name) for one tensor at a time and writing its bytes as they are: host memory holds one tensor,
-    where safetensors' save_file holds every tensor of the file and a serialised copy of them. written(name),
-    when given, is called once a tensor's bytes are written (its source may then be freed)."""
+    tensor_for(name) for one tensor at a time and writing its bytes as they are, by a writer thread: a tensor's
+    bytes go to the file while the next tensor is formed (read, checked, cast), so host memory holds two tensors
+    at most, where safetensors' save_file holds every tensor of the file and a serialised copy of them.
+    written(name), when given, is called once a tensor's bytes are written (its source may then be freed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     head, _ = safetensors_header(specs, metadata)
-    with open(path, "wb") as f:
+
+    def write(name: str, t: torch.Tensor) -> None:
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if written is not None:
+            written(name)
+
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="safetensors-writer") as writer:
         f.write(head)
-        for name, dtype, shape in specs:
-            t = checked_tensor(name, dtype, shape, tensor_for(name))
-            f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
-            del t
-            if written is not None:
-                written(name)
+        pending = None
+        try:
+            for name, dtype, shape in specs:
+                t = checked_tensor(name, dtype, shape, tensor_for(name)).detach().to("cpu").contiguous()
+                if pending is not None:
+                    pending.result()  # one tensor in flight: the file's order, a write's error raised here
+                pending = writer.submit(write, name, t)
+                del t
+        finally:
+            if pending is not None:
+                pending.result()
 
 
 def checked_tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], t: torch.Tensor) -> torch.Tensor:

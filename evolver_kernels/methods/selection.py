@@ -199,10 +199,9 @@ def sample_windows(
         )
     samples = {i: magnitude_bits(picked[0][i], picked[1]).view(-1).cpu() for i in {i for i, _ in wants}}
     m = block * len(starts)
-    ordered = {i: s.sort(descending=True).values for i, s in samples.items()}  # one sort of each (small) sample
 
-    def at_rank(i: int, rank: int) -> int:  # input i's sample's rank-th largest (0-based) bit pattern
-        return int(ordered[i][rank])
+    def at_rank(i: int, rank: int) -> int:  # input i's sample's rank-th largest (0-based) bit pattern; no sort
+        return int(samples[i].kthvalue(m - rank).values)
 
     windows = []
     for i, k in wants:
@@ -224,18 +223,7 @@ def settle_windows(wants: list[tuple[int, int]], windows: list[Window], counts, 
         above, inside = (int(v) for v in c)
         k = want[1]
         if above < k <= above + inside and inside <= window.capacity:
-            bits = _rank_in_window(g[:inside], k - above, window.low, window.high)
-            found[want] = float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+            rank = k - above  # the rank-th largest of the gathered
+            bits = g[:inside].kthvalue(inside - rank + 1).values
+            found[want] = float(bits.cpu().view(torch.float32))
     return found
-
-
-HISTOGRAM_SPAN = 1 << 22  # a window of at most this many bit patterns is ranked by its histogram, not a selection
-
-
-def _rank_in_window(g: torch.Tensor, rank: int, low: int, high: int) -> int:
-    """The rank-th largest (1-based) of g (int32 bit patterns, all in [low, high]): from their histogram over the
-    window where it is narrow (a count per pattern, cheaper than a selection), else kthvalue."""
-    if high - low >= HISTOGRAM_SPAN:
-        return int(g.kthvalue(g.numel() - rank + 1).values)
-    from_top = torch.bincount((g - low).long(), minlength=high - low + 1).flip(0).cumsum(0)
-    return high - int(torch.searchsorted(from_top, rank))

@@ -196,12 +196,18 @@ def ties(
     return out
 
 
-ONE_PASS_RECORDS = 0.15  # the largest share of a tensor's elements recorded to be merged again (their n + 1 inputs)
+# Where the one pass is taken: at most ONE_PASS_MODELS models, recording at most ONE_PASS_RECORDS of a tensor's
+# elements to merge again (each with its n + 1 inputs). Measured on the 2-core VM (benchmarks/RESULTS.md), page
+# cache warm: 3 models of 7B shape at density 0.3 record 5% of each tensor, the one pass 6.1 to 6.9 s against the
+# two passes' 6.9 to 7.3; 5 models of 125M, 2.9 to 3.3 s against 2.0 to 2.4: there the two passes are taken.
+ONE_PASS_MODELS = 3
+ONE_PASS_RECORDS = 0.06
 
 
 def _ties_in_one_pass(entry, numel: int, ks, weights, scale, normalize, chunk, dst, backend) -> bool:
     """TIES of one tensor with the trims found in the merging pass (kernels/ties_windows.py), where the CPU
-    extension runs the merge and a sample applies (every k given, SAMPLED_MIN elements): a sample places each
+    extension runs the merge, a sample applies (every k given, SAMPLED_MIN elements) and where it was measured
+    faster than the two passes (ONE_PASS_MODELS, ONE_PASS_RECORDS): a sample places each
     model's trim in a window (selection.sample_windows); one fused pass merges trimming below the windows, counting
     and gathering what they hold and recording each element in some window; the trims settled
     (selection.settle_windows), those elements are merged again with them. The same bits as the two passes give.
@@ -209,7 +215,7 @@ def _ties_in_one_pass(entry, numel: int, ks, weights, scale, normalize, chunk, d
     windows (the two passes are then cheaper), or where a sample misled or the records overflowed: dst is then to be
     merged again. entry(a, b): ([x_k], base) of the tensor's elements [a, b)."""
     n = len(ks)
-    if numel < SAMPLED_MIN or None in ks:
+    if numel < SAMPLED_MIN or None in ks or n > ONE_PASS_MODELS:
         return False
     xs0, b0 = entry(0, 1)
     if not ties_windows.available(xs0, b0, dst, backend) or any(t.data_ptr() == dst.data_ptr() for t in [*xs0, b0]):

@@ -336,16 +336,3 @@ def test_models_selected_in_one_pass_are_each_exact(chunk):
     assert got == [float(taus[0].kthvalue(n - ks[0] + 1).values), None, float(taus[2].kthvalue(n - ks[2] + 1).values)]
     with pytest.raises(ValueError, match="k must be in"):
         tv.kth_largest_magnitudes_of_models(lambda lo, hi: ([x[lo:hi] for x in xs], b[lo:hi]), 0, n, [n + 1], chunk)
-
-
-def test_a_windows_rank_is_its_kth_largest_by_histogram_or_selection():
-    """selection._rank_in_window: the rank-th largest of a window's gathered bit patterns, ties included, from
-    the histogram of a narrow window and from kthvalue in a wide one."""
-    from evolver_kernels.methods import selection
-
-    gen = torch.Generator().manual_seed(7)
-    for low, high in ((1000, 1063), (5, 5 + selection.HISTOGRAM_SPAN + 9)):
-        g = torch.randint(low, high + 1, (5001,), generator=gen, dtype=torch.int32)
-        g[:40] = high  # a tie at the top
-        for rank in (1, 40, 41, 2500, 5001):
-            assert selection._rank_in_window(g, rank, low, high) == int(g.sort(descending=True).values[rank - 1])

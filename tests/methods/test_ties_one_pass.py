@@ -16,6 +16,13 @@ pytestmark = pytest.mark.skipif(backends.cpu_extension() is None, reason="the CP
 N = selection.SAMPLED_MIN + 4099  # odd, above the sample's floor
 
 
+@pytest.fixture(autouse=True)
+def _one_pass_wherever_exact(monkeypatch):
+    """The one pass wherever it is exact (its gate on the records' share is a matter of cost, not of bits: these
+    tensors' windows, a small sample's, hold more than it lets through)."""
+    monkeypatch.setattr(tv, "ONE_PASS_RECORDS", 0.5)
+
+
 def _models(dtype, n=N, models=3, seed=0, step=0.01):
     """A base of scale 0.02 and models `step` away from it (the benchmark's models), one tensor each."""
     gen = torch.Generator().manual_seed(seed)
@@ -143,6 +150,11 @@ def test_ties_takes_the_one_pass_on_the_cpu_and_the_two_elsewhere():
     base.view(w).copy_(b)
     outs = [merger.ties(pop, base, Arena.empty(layout), density=0.3, backend=be) for be in ("cpu", "reference")]
     assert torch.equal(_bits(outs[0].buffers["bfloat16"]), _bits(outs[1].buffers["bfloat16"]))
+
+
+def test_more_models_than_measured_take_the_two_passes():
+    xs, b = _models(torch.float32, models=tv.ONE_PASS_MODELS + 1)
+    assert not _one_pass(xs, b, [N // 3] * len(xs), [1.0] * len(xs), 1.0, True, 1 << 22)[0]
 
 
 def test_the_op_refuses_a_window_that_is_not_one():
