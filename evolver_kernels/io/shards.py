@@ -55,7 +55,8 @@ def write_safetensors(
     tensor_for(name) for one tensor at a time and writing its bytes as they are, by a writer thread: a tensor's
     bytes go to the file while the next tensor is formed (read, checked, cast), so host memory holds two tensors
     at most, where safetensors' save_file holds every tensor of the file and a serialised copy of them.
-    written(name), when given, is called once a tensor's bytes are written (its source may then be freed)."""
+    written(name), when given, is called by the writer thread once a tensor's bytes are written (its source may
+    then be freed)."""
     from concurrent.futures import ThreadPoolExecutor
 
     head, _ = safetensors_header(specs, metadata)
@@ -133,7 +134,7 @@ def write_shards(
 ) -> list[str]:
     """Writes the tensors `specs` (name, dtype, shape) as model.safetensors, or as shards of at most
     `shard_bytes` (plan_shards) with model.safetensors.index.json; every shard through a temporary name and
-    write_safetensors (with `written`), one tensor in memory at a time, and renamed once all are written (a
+    write_safetensors (with `written`), two tensors in memory at most, and renamed once all are written (a
     failure, tensor_for's refusal included, leaves none of them: all or nothing). before_commit(), when given, is
     called between the last write and the first rename. `into`: the shards already exist as an
     io.mapped_output.MappedOutput of these specs, holding the tensors the merge wrote into them; the others are
