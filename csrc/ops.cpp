@@ -176,8 +176,10 @@ void magnitude_rank_drops_cpu_op(const at::Tensor& x, const c10::optional<at::Te
               "evolver_kernels: x must be whole rows of table's length (below 2^32)");
   const at::Tensor steps = table.slice(0, 1).sub(table.slice(0, 0, cols - 1));
   TORCH_CHECK(cols == 1 || steps.max().item<int64_t>() <= 0, "evolver_kernels: table must be non-increasing");
-  TORCH_CHECK(out.scalar_type() == at::kLong && out.is_contiguous() && out.numel() == x.numel(),
-              "evolver_kernels: out must be a contiguous int64 tensor of x's size");
+  const bool packed = out.scalar_type() == at::kByte;
+  TORCH_CHECK(out.is_contiguous() && (packed ? out.numel() == (x.numel() + 7) / 8
+                                             : out.scalar_type() == at::kLong && out.numel() == x.numel()),
+              "evolver_kernels: out must be a contiguous int64 tensor of x's size or uint8 of ceil(its size / 8)");
   RankDropParams p{};
   p.x = x.data_ptr();
   p.base = base ? base->data_ptr() : nullptr;
@@ -188,7 +190,9 @@ void magnitude_rank_drops_cpu_op(const at::Tensor& x, const c10::optional<at::Te
   p.seed = static_cast<uint64_t>(seed);
   p.stream = static_cast<uint64_t>(stream);
   p.offset = static_cast<uint64_t>(offset);
-  p.out = out.data_ptr<int64_t>();
+  p.out = packed ? nullptr : out.data_ptr<int64_t>();
+  p.packed = packed ? out.data_ptr<uint8_t>() : nullptr;
+  if (packed) out.zero_();
   magnitude_rank_drops_cpu(p);
 }
 
@@ -211,9 +215,13 @@ void dropped_l1_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& bas
                        int64_t seed, int64_t stream, int64_t offset, const at::Tensor& sums,
                        const c10::optional<at::Tensor>& packed) {
   const ElementType type = check_magnitude_inputs(x, base);
-  TORCH_CHECK(thresholds.scalar_type() == at::kLong && thresholds.is_contiguous() &&
-                  (thresholds.numel() == 1 || thresholds.numel() == x.numel()),
-              "evolver_kernels: thresholds must be a contiguous int64 tensor of one element or of x's size");
+  const bool decided = thresholds.scalar_type() == at::kByte;  // the drops as bits
+  TORCH_CHECK(thresholds.is_contiguous() &&
+                  (decided ? thresholds.numel() == (x.numel() + 7) / 8
+                           : thresholds.scalar_type() == at::kLong &&
+                                 (thresholds.numel() == 1 || thresholds.numel() == x.numel())),
+              "evolver_kernels: thresholds must be a contiguous int64 tensor of one element or of x's size, or "
+              "uint8 bits of ceil(x's size / 8)");
   TORCH_CHECK(offset >= 0, "evolver_kernels: offset must be non-negative, got ", offset);
   TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == 2,
               "evolver_kernels: sums must be a contiguous float64 tensor of 2 elements");
@@ -227,8 +235,9 @@ void dropped_l1_cpu_op(const at::Tensor& x, const c10::optional<at::Tensor>& bas
   p.base = base ? base->data_ptr() : nullptr;
   p.n = x.numel();
   p.type = type;
-  p.thresholds = thresholds.data_ptr<int64_t>();
-  p.n_thresholds = thresholds.numel();
+  p.thresholds = decided ? nullptr : thresholds.data_ptr<int64_t>();
+  p.n_thresholds = decided ? 0 : thresholds.numel();
+  p.drops = decided ? thresholds.data_ptr<uint8_t>() : nullptr;
   p.seed = static_cast<uint64_t>(seed);
   p.stream = static_cast<uint64_t>(stream);
   p.offset = static_cast<uint64_t>(offset);
@@ -313,12 +322,13 @@ TORCH_LIBRARY(evolver_kernels, m) {
   // out = the population variance over k of xs[k] - base in fp32 (reference.variance_reference): sce's statistic.
   m.def("task_vector_variance_(Tensor[] xs, Tensor? base, Tensor(a!) out) -> ()");
   // della's drops in rows of table's length: out[r, j] = 2^32 (dropped) where element j's Philox word is below
-  // table[rank of its magnitude (as above) in row r], else 0 (ranks ascending, ties by index).
+  // table[rank of its magnitude (as above) in row r], else 0 (ranks ascending, ties by index); out uint8: the
+  // drops as bits (bit j % 8 of byte j / 8), as dropped_l1_ records them.
   m.def("magnitude_rank_drops_(Tensor x, Tensor? base, Tensor table, int seed, int stream, int offset, "
         "Tensor(a!) out) -> ()");
   // della's rescale: sums[0] += sum |x - base| (fp32 magnitudes, fp64 sums), sums[1] += the same over the elements
-  // whose Philox word is at or above their threshold (thresholds: one per element, or one for all); the drops as
-  // bits into packed (zeroed; bit j % 8 of byte j / 8) when given.
+  // whose Philox word is at or above their threshold (thresholds: one per element, or one for all; or uint8: the
+  // drops decided, as bits); the drops as bits into packed (zeroed; bit j % 8 of byte j / 8) when given.
   m.def("dropped_l1_(Tensor x, Tensor? base, Tensor thresholds, int seed, int stream, int offset, "
         "Tensor(a!) sums, Tensor(b!)? packed) -> ()");
   // out[j] = 2^32 where bit j of packed is set, else 0: drops recorded by dropped_l1_ as the merge's thresholds.

@@ -83,6 +83,22 @@ inline void block_words(uint64_t g, uint64_t seed, uint64_t stream, uint32_t* wo
   }
 }
 
+// Bits lo .. hi - 1 of `packed` from flags[0 .. hi - lo): whole bytes stored, a byte shared with a neighbouring
+// range (another thread's: ranges need not start or end on a byte) or-ed in atomically.
+inline void pack_bits(const uint8_t* flags, int64_t lo, int64_t hi, uint8_t* packed) {
+  for (int64_t j = lo; j < hi;) {
+    const int64_t byte = j >> 3, end = std::min(hi, (byte + 1) * 8);
+    uint8_t bits = 0;
+    for (int64_t q = j; q < end; ++q) bits |= static_cast<uint8_t>(flags[q - lo] << (q & 7));
+    if ((j & 7) == 0 && end == (byte + 1) * 8) {
+      packed[byte] = bits;
+    } else {
+      __atomic_fetch_or(packed + byte, bits, __ATOMIC_RELAXED);
+    }
+    j = end;
+  }
+}
+
 // Outputs at least this large bypass the caches (streaming stores, as memcpy writes large copies): a store that
 // misses the cache otherwise reads the line first, one more stream than the op needs, and the output would only
 // evict the inputs.

@@ -16,22 +16,6 @@ constexpr int kBlock = 4 * kGroups;
 constexpr int kLanes = 8;  // independent fp64 partial sums per block: the loop vectorises
 constexpr int64_t kGrainBlocks = 64;
 
-// Bits lo .. hi - 1 of `packed` from flags[0 .. hi - lo): whole bytes stored, a byte shared with a neighbouring
-// block (blocks follow the Philox groups, not the bytes) or-ed in atomically.
-inline void pack_bits(const uint8_t* flags, int64_t lo, int64_t hi, uint8_t* packed) {
-  for (int64_t j = lo; j < hi;) {
-    const int64_t byte = j >> 3, end = std::min(hi, (byte + 1) * 8);
-    uint8_t bits = 0;
-    for (int64_t q = j; q < end; ++q) bits |= static_cast<uint8_t>(flags[q - lo] << (q & 7));
-    if ((j & 7) == 0 && end == (byte + 1) * 8) {
-      packed[byte] = bits;
-    } else {
-      __atomic_fetch_or(packed + byte, bits, __ATOMIC_RELAXED);
-    }
-    j = end;
-  }
-}
-
 template <typename Codec, bool kBase>
 void dropped_l1_kernel(const DropL1Params& p) {
   using Bits = typename Codec::Bits;
@@ -52,19 +36,23 @@ void dropped_l1_kernel(const DropL1Params& p) {
       const int64_t lo = std::max<int64_t>(-delta, 0);
       const int64_t hi = std::min<int64_t>(kBlock - delta, p.n);
       const int64_t len = hi - lo;
-      block_words(g, p.seed, p.stream, words);
-      const uint32_t* word = words + lo + delta;
       const Bits* x = x_all + lo;
       for (int64_t i = 0; i < len; ++i) {
         const float v = kBase ? Codec::load(x[i]) - Codec::load(base_all[lo + i]) : Codec::load(x[i]);
         mag[i] = std::fabs(v);
       }
-      if (constant) {
-        const int64_t t = p.thresholds[0];
-        for (int64_t i = 0; i < len; ++i) dropped[i] = static_cast<int64_t>(word[i]) < t;
+      if (p.drops) {  // decided already: no words
+        for (int64_t i = 0; i < len; ++i) dropped[i] = (p.drops[(lo + i) >> 3] >> ((lo + i) & 7)) & 1;
       } else {
-        const int64_t* thr = p.thresholds + lo;
-        for (int64_t i = 0; i < len; ++i) dropped[i] = static_cast<int64_t>(word[i]) < thr[i];
+        block_words(g, p.seed, p.stream, words);
+        const uint32_t* word = words + lo + delta;
+        if (constant) {
+          const int64_t t = p.thresholds[0];
+          for (int64_t i = 0; i < len; ++i) dropped[i] = static_cast<int64_t>(word[i]) < t;
+        } else {
+          const int64_t* thr = p.thresholds + lo;
+          for (int64_t i = 0; i < len; ++i) dropped[i] = static_cast<int64_t>(word[i]) < thr[i];
+        }
       }
       for (int64_t i = 0; i < len; ++i) kept[i] = dropped[i] ? 0.0f : mag[i];
       if (p.packed) pack_bits(dropped, lo, hi, p.packed);

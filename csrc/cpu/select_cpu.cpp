@@ -114,11 +114,12 @@ void gather_kernel(const GatherParams& p) {
 }
 
 // Element j of a row is dropped where its Philox word < table[its rank]; the table is non-increasing, so a coarse
-// rank settles almost every element. Per row: the magnitudes' fp32 bits cut into buckets (a rank lies in its
-// bucket's range [lo, hi]); an element with word < table[hi] is dropped, one with word >= table[lo] kept, both
-// without a branch. Only the few others' buckets are ranked exactly: their members gathered in index order, which
-// is already the rank order in a bucket of one magnitude (bf16 task vectors tie often), else sorted by (bits,
-// index). No sort of the row. Rows run in parallel, each with its own buffers.
+// rank settles almost every element. Per row: the magnitudes' fp32 bits cut into buckets. A bucket of one magnitude
+// (bf16 task vectors tie often) ranks its members exactly in index order, from its first rank on; in another, a
+// rank lies in the bucket's range [lo, hi], so that an element with word < table[hi] is dropped and one with word
+// >= table[lo] kept, and only the few others are ranked exactly, by counting the row's smaller keys (bits, index: a
+// stable sort's order) in a vectorised pass over the row. All without a branch per element and with no sort of the
+// row. Rows run in parallel, each with its own buffers.
 template <typename Codec, bool kBase>
 void rank_drop_kernel(const RankDropParams& p) {
   using Bits = typename Codec::Bits;
@@ -132,15 +133,15 @@ void rank_drop_kernel(const RankDropParams& p) {
     const int64_t* table = p.table;  // locals: stores through out must not reload them
     std::vector<uint32_t> bits(static_cast<size_t>(cols)), words(static_cast<size_t>(cols) + 8 * kGroups);
     std::vector<uint32_t> start(static_cast<size_t>(buckets) + 1);  // counts at v + 1, then first ranks at v
-    std::vector<uint8_t> unsettled(static_cast<size_t>(buckets));
-    std::vector<uint64_t> keys;
     std::vector<uint16_t> slot(static_cast<size_t>(cols));
     std::vector<int64_t> first_thr(static_cast<size_t>(buckets)), last_thr(static_cast<size_t>(buckets));
-    std::vector<uint32_t> groups, group_of(static_cast<size_t>(buckets)), cursor;
+    std::vector<uint32_t> one(static_cast<size_t>(buckets)), cursor(static_cast<size_t>(buckets));
+    std::vector<uint8_t> mixed(static_cast<size_t>(buckets));
+    std::vector<uint8_t> flag(static_cast<size_t>(cols));
+    std::vector<uint32_t> open(static_cast<size_t>(cols));  // the unsettled elements
     for (int64_t r = begin; r < end; ++r) {
       const Bits* x = static_cast<const Bits*>(p.x) + r * cols;
       const Bits* base = kBase ? static_cast<const Bits*>(p.base) + r * cols : nullptr;
-      int64_t* out = p.out + r * cols;
       uint32_t low = 0xffffffffu, high = 0;  // the smallest non-zero magnitude's bits, the largest's
       for (int64_t j = 0; j < cols; ++j) {
         const uint32_t m = magnitude_bits<Codec, kBase>(x, base, j);
@@ -158,21 +159,25 @@ void rank_drop_kernel(const RankDropParams& p) {
       const uint32_t bottom = std::max(std::min(low, high), high > kSpan ? high - kSpan : 0u);
       const uint32_t range = high - bottom;
       const int shift = std::max(0, (range == 0 ? 0 : 32 - __builtin_clz(range)) - bucket_bits);
-      auto bucket_of = [bottom, shift](uint32_t m) -> uint32_t {
-        return m == 0 ? 0u : 1u + ((std::max(m, bottom) - bottom) >> shift);
-      };
       std::fill(start.begin(), start.end(), 0u);
+      std::fill(mixed.begin(), mixed.end(), uint8_t{0});
       for (int64_t j = 0; j < cols; ++j) {
-        const uint32_t v = bucket_of(bits[j]);
+        const uint32_t m = bits[j];
+        const uint32_t v = m == 0 ? 0u : 1u + ((std::max(m, bottom) - bottom) >> shift);
         slot[j] = static_cast<uint16_t>(v);
-        ++start[v + 1];
+        const uint32_t c = start[v + 1];
+        mixed[v] |= static_cast<uint8_t>((c != 0) & (one[v] != m));
+        one[v] = m;
+        start[v + 1] = c + 1;
       }
       for (int64_t v = 0; v + 1 < buckets; ++v) start[v + 1] += start[v];  // start[v]: the first rank of bucket v
-      for (int64_t v = 0; v + 1 < buckets; ++v) {  // the thresholds of each bucket's first and last rank
-        if (start[v + 1] > start[v]) {
-          first_thr[v] = table[start[v]];
-          last_thr[v] = table[start[v + 1] - 1];
-        }
+      for (int64_t v = 0; v + 1 < buckets; ++v) {
+        // A bucket of one magnitude ranks its members in index order (their cursor); another only bounds them by
+        // the thresholds of its first and last rank.
+        const bool bounded = mixed[v] && start[v + 1] > start[v];
+        cursor[v] = start[v];
+        first_thr[v] = bounded ? table[start[v]] : 0;
+        last_thr[v] = bounded ? table[start[v + 1] - 1] : 0;
       }
       // The row's Philox words: groups aligned to the global index, as the merge draws them.
       const uint64_t row_start = p.offset + static_cast<uint64_t>(r * cols);
@@ -182,45 +187,32 @@ void rank_drop_kernel(const RankDropParams& p) {
         block_words(group + static_cast<uint64_t>(at / 4), p.seed, p.stream, words.data() + at);
       }
       const uint32_t* word = words.data() + delta;
-      uint32_t any_unsettled = 0;
-      std::fill(unsettled.begin(), unsettled.end(), uint8_t{0});
+      int64_t n_open = 0;
       for (int64_t j = 0; j < cols; ++j) {  // branch-free: a drop is a coin toss to the branch predictor
         const uint32_t v = slot[j];
         const int64_t w = word[j];
-        const uint32_t dropped = w < last_thr[v], kept = w >= first_thr[v];
-        out[j] = static_cast<int64_t>(dropped) << 32;  // kDropAll or 0
-        const uint32_t open = 1u ^ (dropped | kept);
-        unsettled[v] |= static_cast<uint8_t>(open);
-        any_unsettled |= open;
+        const uint32_t rank = cursor[v]++;  // exact where the bucket holds one magnitude
+        const uint32_t single = 1u ^ mixed[v];
+        const uint32_t dropped = w < last_thr[v], kept = w >= first_thr[v];  // never, always where single
+        flag[j] = static_cast<uint8_t>(dropped | (single & (w < table[rank])));
+        open[n_open] = static_cast<uint32_t>(j);
+        n_open += 1u ^ (dropped | kept);
       }
-      if (!any_unsettled) continue;
-      // The unsettled buckets' members, grouped by bucket in index order (a counting sort over those buckets).
-      groups.clear();
-      for (int64_t v = 0; v + 1 < buckets; ++v) {
-        if (unsettled[v]) {
-          group_of[v] = static_cast<uint32_t>(groups.size());
-          groups.push_back(static_cast<uint32_t>(v));
-        }
+      for (int64_t q = 0; q < n_open; ++q) {
+        // rank of j = #{i < j : bits[i] <= bits[j]} + #{i > j : bits[i] < bits[j]}: its key (bits, index) among
+        // the row's, counted without a branch (vectorised).
+        const uint32_t j = open[q], b = bits[j];
+        uint32_t below = 0;
+        for (uint32_t i = 0; i < j; ++i) below += bits[i] <= b;
+        for (int64_t i = j + 1; i < cols; ++i) below += bits[i] < b;
+        flag[j] = static_cast<int64_t>(word[j]) < table[below];
       }
-      cursor.assign(groups.size() + 1, 0u);
-      for (size_t g = 0; g < groups.size(); ++g) cursor[g + 1] = cursor[g] + start[groups[g] + 1] - start[groups[g]];
-      keys.resize(cursor.back());
-      for (int64_t j = 0; j < cols; ++j) {
-        const uint32_t v = slot[j];
-        if (unsettled[v]) keys[cursor[group_of[v]]++] = static_cast<uint64_t>(bits[j]) << 32 | static_cast<uint64_t>(j);
-      }
-      uint64_t* member = keys.data();
-      for (size_t g = 0; g < groups.size(); ++g) {
-        const uint32_t v = groups[g];
-        const int64_t size = start[v + 1] - start[v];
-        bool tied = true;  // one magnitude (bf16 task vectors tie often): index order is rank order already
-        for (int64_t q = 1; q < size; ++q) tied &= (member[q] >> 32) == (member[0] >> 32);
-        if (!tied) std::sort(member, member + size);  // (bits, index): a stable sort's order
-        for (int64_t q = 0; q < size; ++q) {
-          const int64_t j = static_cast<int64_t>(member[q] & 0xffffffffu);
-          out[j] = static_cast<int64_t>(word[j]) < table[start[v] + q] ? kDropAll : 0;
-        }
-        member += size;
+      const int64_t at = r * cols;
+      if (p.packed) {
+        pack_bits(flag.data(), at, at + cols, p.packed);
+      } else {
+        int64_t* out = p.out + at;
+        for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<int64_t>(flag[j]) << 32;  // kDropAll or 0
       }
     }
   });

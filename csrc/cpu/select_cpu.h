@@ -50,7 +50,8 @@ struct RankDropParams {
   ElementType type;
   const int64_t* table;  // [cols], non-increasing: the drop threshold of each rank
   uint64_t seed, stream, offset;  // the Philox words: element j of the span has global index offset + j
-  int64_t* out;          // rows * cols: kDropAll where the element is dropped, else 0
+  int64_t* out;          // rows * cols: kDropAll where the element is dropped, else 0 (when packed is nullptr)
+  uint8_t* packed;       // or ceil(rows * cols / 8) bytes, zeroed: bit j % 8 of byte j / 8 set where j is dropped
 };
 
 // The drop threshold that drops everything: every 32-bit word is below it.
@@ -59,7 +60,7 @@ constexpr int64_t kDropAll = int64_t{1} << 32;
 // della's drops: element j of row r is dropped where its Philox word (seed, stream, offset + r * cols + j) is below
 // table[its rank], the rank of its magnitude among row r's (ascending, ties by index: a stable sort's order; all
 // NaNs equal and above infinity, as torch.argsort orders them). Written as thresholds the fused merge compares
-// the same words with: kDropAll (dropped) or 0 (kept).
+// the same words with: kDropAll (dropped) or 0 (kept); or as bits (packed), which the merge and the rescale take.
 void magnitude_rank_drops_cpu(const RankDropParams& p);
 
 struct VarianceParams {

@@ -9,8 +9,8 @@ import math
 import torch
 
 from evolver_kernels.kernels.ops import merge_tensors
-from evolver_kernels.kernels.ranks import rank_drop_thresholds
-from evolver_kernels.kernels.rescale import add_dropped_l1, expand_drops, packed_size
+from evolver_kernels.kernels.ranks import rank_drop_bits
+from evolver_kernels.kernels.rescale import add_dropped_l1
 from evolver_kernels.kernels.rng import STREAM_DARE, random_words
 from evolver_kernels.methods.registry import Param, boolean
 from evolver_kernels.methods.streaming import Base, base_chunk, check_base, check_weights, per_model_chunk, prefetched
@@ -125,16 +125,10 @@ def della(
     normalize = ties if normalize is None else normalize
 
     constants: dict[int, torch.Tensor] = {}  # model -> its one threshold, as long as the longest span so far
-    held: dict[int, torch.Tensor] = {}  # model -> its int64 buffer of per-element thresholds, reused by every span
 
-    def buffer(k: int, numel: int, device: torch.device) -> torch.Tensor:
-        if k not in held or held[k].numel() < numel or held[k].device != device:
-            held[k] = torch.empty(numel, dtype=torch.int64, device=device)
-        return held[k][:numel]
-
-    def thresholds(e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int) -> torch.Tensor:
-        """Drop thresholds (flat) that drop what model k's della_thresholds of x - base (whole rows of entry e,
-        at global index `offset`) drop."""
+    def drops_of(e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int) -> torch.Tensor:
+        """What drops model k's della_thresholds of x - base (whole rows of entry e, at global index `offset`):
+        with every rank alike (epsilon 0) its one threshold for every element, else the drops decided, as bits."""
         if epsilons[k] == 0:  # every rank alike: one threshold, filled once and read by every span
             one = constants.get(k)
             if one is None or one.numel() < x.numel() or one.device != x.device:
@@ -142,16 +136,14 @@ def della(
                 one = constants[k] = torch.full((x.numel(),), threshold, dtype=torch.int64, device=x.device)
             return one[: x.numel()]
         table = della_table(della_rows(e, ranked)[1], densities[k], epsilons[k], x.device)
-        return rank_drop_thresholds(
-            x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset, out=buffer(k, x.numel(), x.device)
-        )
+        return rank_drop_bits(x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset)
 
     for e in prefetched(pop, base):
         if e.numel == 0:
             continue
         dst = out.view(e).view(-1)
         rows, cols = della_rows(e, ranked)
-        per = max(1, per_model_chunk(chunk, n) // cols)  # N int64 thresholds per element, whole rows
+        per = max(1, per_model_chunk(chunk, n) // cols)  # whole rows
         spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
         start = pop.layout.groups[e.group][0] + e.offset
         factors = [1.0] * n
@@ -163,15 +155,12 @@ def della(
                 base_c = base_chunk(base, e.group, a, b, dst.device)
                 for k in sparse:
                     x = pop.read(k, e.group, a, b).to(dst.device)
-                    drops = thresholds(e, k, x, base_c, start + lo)
-                    bits = None
-                    if epsilons[k] == 0:
+                    drops = drops_of(e, k, x, base_c, start + lo)
+                    if drops.dtype == torch.uint8:  # kept: the merge's pass does not rank again
+                        decided[s, k] = drops
+                    else:
                         drops = drops[:1]  # one threshold for every element: none read per element
-                    else:  # the ranks' drops kept (1 bit each): the merge's pass does not rank again
-                        bits = decided[s, k] = torch.zeros(packed_size(hi - lo), dtype=torch.uint8, device=dst.device)
-                    add_dropped_l1(
-                        sums[k], x, base_c, drops, seed=seed, stream=STREAM_DARE + k, offset=start + lo, packed=bits
-                    )
+                    add_dropped_l1(sums[k], x, base_c, drops, seed=seed, stream=STREAM_DARE + k, offset=start + lo)
             for k in sparse:
                 b, a = (float(v) for v in sums[k])
                 if b >= RESCALE_EPS and a >= RESCALE_EPS:
@@ -183,9 +172,9 @@ def della(
             drops = [
                 None
                 if k not in sparse
-                else expand_drops(decided.pop((s, k)), hi - lo, buffer(k, hi - lo, dst.device))
+                else decided.pop((s, k))
                 if (s, k) in decided
-                else thresholds(e, k, xs[k], base_c, start + lo)
+                else drops_of(e, k, xs[k], base_c, start + lo)
                 for k in range(n)
             ]
             merge_tensors(

@@ -6,7 +6,7 @@ torch path (GPUs, no extension) gives the formula's thresholds."""
 import pytest
 import torch
 
-from evolver_kernels.kernels import backends, ranks
+from evolver_kernels.kernels import backends, drop_bits, ranks
 from evolver_kernels.kernels.rng import random_words
 from evolver_kernels.methods.della import della_kept, della_table, della_thresholds
 
@@ -20,6 +20,9 @@ def _rows(kind: str, rows: int, cols: int, dtype: torch.dtype, gen: torch.Genera
     n = rows * cols
     base = (torch.randn(n, generator=gen) * 0.02).to(dtype)
     if kind == "fine-tune":  # bf16 task vectors tie often: few distinct magnitudes per binade
+        x = (base.float() + 0.01 * torch.randn(n, generator=gen)).to(dtype)
+    elif kind == "tied":  # a base of unit scale: its ulp quantises the task vectors to a few magnitudes per row
+        base = torch.randn(n, generator=gen).to(dtype)
         x = (base.float() + 0.01 * torch.randn(n, generator=gen)).to(dtype)
     elif kind == "binades":  # magnitudes from 1e-30 to 1e3: more than the kernel's 16 binades of buckets
         x = (base.float() + torch.randn(n, generator=gen).sign() * 10 ** (torch.rand(n, generator=gen) * 33 - 30)).to(
@@ -43,7 +46,7 @@ def _kept(x, base, rows, cols, density, epsilon, offset):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["fine-tune", "binades", "specials"])
+@pytest.mark.parametrize("kind", ["fine-tune", "tied", "binades", "specials"])
 @pytest.mark.parametrize(("rows", "cols"), [(1, 1), (3, 1), (1, 7), (5, 13), (17, 2049), (3, 5000)])
 @pytest.mark.parametrize("with_base", [False, True])
 def test_native_drops_are_the_formulas(dtype, kind, rows, cols, with_base):
@@ -67,6 +70,34 @@ def test_chunks_of_whole_rows_drop_what_the_whole_does():
         lo, hi = r0 * cols, r1 * cols
         part = _kept(x[lo:hi], base[lo:hi], r1 - r0, cols, 0.4, 0.1, 1000 + lo)
         assert torch.equal(part, whole[lo:hi])
+
+
+@pytest.mark.parametrize("kind", ["tied", "binades", "specials"])
+@pytest.mark.parametrize(("rows", "cols", "offset"), [(5, 13, 3), (17, 2049, 0), (3, 5000, 12_345)])
+def test_the_drops_as_bits_are_the_thresholds_drops(monkeypatch, kind, rows, cols, offset):
+    gen = torch.Generator().manual_seed(rows + cols)
+    x, base = _rows(kind, rows, cols, torch.bfloat16, gen)
+    table = della_table(cols, 0.5, 0.15)
+    dropped = ~_kept(x, base, rows, cols, 0.5, 0.15, offset)
+    native = ranks.rank_drop_bits(x, base, table, seed=SEED, stream=STREAM, offset=offset)
+    assert torch.equal(drop_bits.unpack_drops(native, rows * cols), dropped)
+    parts = [  # row spans whose bits start within a byte: the bytes they share are or-ed, not overwritten
+        ranks.rank_drop_bits(
+            x[r0 * cols : r1 * cols],
+            base[r0 * cols : r1 * cols],
+            table,
+            seed=SEED,
+            stream=STREAM,
+            offset=offset + r0 * cols,
+        )
+        for r0, r1 in ((0, 1), (1, rows))
+    ]
+    joined = torch.cat([drop_bits.unpack_drops(p, n) for p, n in zip(parts, (cols, (rows - 1) * cols))])
+    assert torch.equal(joined, dropped)
+    monkeypatch.setattr(ranks, "native_magnitudes", lambda x, base: False)
+    assert torch.equal(ranks.rank_drop_bits(x, base, table, seed=SEED, stream=STREAM, offset=offset), native)
+    with pytest.raises(ValueError, match="out: 3 torch.uint8"):
+        ranks.rank_drop_bits(x, base, table, seed=SEED, stream=STREAM, offset=0, out=torch.zeros(3, dtype=torch.uint8))
 
 
 def test_the_torch_path_gives_the_formulas_thresholds(monkeypatch):

@@ -6,7 +6,7 @@ the whole; the drop bits it records expand to thresholds that drop exactly what 
 import pytest
 import torch
 
-from evolver_kernels.kernels import backends, rescale
+from evolver_kernels.kernels import backends, drop_bits, rescale
 from evolver_kernels.kernels.rng import random_words
 
 pytestmark = pytest.mark.skipif(backends.cpu_extension() is None, reason="the CPU extension is not built")
@@ -45,12 +45,12 @@ def test_native_norms_and_bits_are_the_formulas(dtype, n, offset, with_base, one
     if one_threshold:
         thresholds = torch.tensor([3 << 30])
     sums = torch.zeros(2, dtype=torch.float64)
-    packed = torch.zeros(rescale.packed_size(n), dtype=torch.uint8)
+    packed = torch.zeros(drop_bits.packed_size(n), dtype=torch.uint8)
     rescale.add_dropped_l1(sums, x, base, thresholds, seed=11, stream=5, offset=offset, packed=packed)
     want, dropped = _formula(x, base, thresholds, 11, 5, offset)
     torch.testing.assert_close(sums, want, rtol=1e-12, atol=0)
     assert 0 < int(dropped.sum()) < n or n < 10  # both kinds occur
-    assert torch.equal(rescale.expand_drops(packed, n), dropped.long() << 32)
+    assert torch.equal(drop_bits.expand_drops(packed, n), dropped.long() << 32)
 
 
 def test_chunked_calls_add_up_to_the_whole():
@@ -60,11 +60,11 @@ def test_chunked_calls_add_up_to_the_whole():
     parts = torch.zeros(2, dtype=torch.float64)
     bits = []
     for lo, hi in ((0, 1), (1, 4099), (4099, 77_777), (77_777, 100_003)):
-        packed = torch.zeros(rescale.packed_size(hi - lo), dtype=torch.uint8)
+        packed = torch.zeros(drop_bits.packed_size(hi - lo), dtype=torch.uint8)
         rescale.add_dropped_l1(
             parts, x[lo:hi], base[lo:hi], thresholds[lo:hi], seed=2, stream=9, offset=17 + lo, packed=packed
         )
-        bits.append(rescale.expand_drops(packed, hi - lo))
+        bits.append(drop_bits.expand_drops(packed, hi - lo))
     torch.testing.assert_close(parts, whole, rtol=1e-12, atol=0)
     _, dropped = _formula(x, base, thresholds, 2, 9, 17)
     assert torch.equal(torch.cat(bits), dropped.long() << 32)
@@ -100,25 +100,46 @@ def test_non_finite_magnitudes_propagate_as_torch_sums_them():
 
 def test_the_torch_path_is_the_kernels(monkeypatch):
     x, base, thresholds = _inputs(5003, torch.bfloat16, True, 6)
-    native, native_bits = torch.zeros(2, dtype=torch.float64), torch.zeros(rescale.packed_size(5003), dtype=torch.uint8)
+    native, native_bits = (
+        torch.zeros(2, dtype=torch.float64),
+        torch.zeros(drop_bits.packed_size(5003), dtype=torch.uint8),
+    )
     rescale.add_dropped_l1(native, x, base, thresholds, seed=3, stream=4, offset=5, packed=native_bits)
-    expanded = rescale.expand_drops(native_bits, 5003)
+    expanded = drop_bits.expand_drops(native_bits, 5003)
     monkeypatch.setattr(rescale, "native_magnitudes", lambda x, base: False)
-    monkeypatch.setattr(rescale, "native_bits", lambda packed: False)
-    sums, bits = torch.zeros(2, dtype=torch.float64), torch.zeros(rescale.packed_size(5003), dtype=torch.uint8)
+    monkeypatch.setattr(drop_bits, "native_bits", lambda packed: False)
+    sums, bits = torch.zeros(2, dtype=torch.float64), torch.zeros(drop_bits.packed_size(5003), dtype=torch.uint8)
     rescale.add_dropped_l1(sums, x, base, thresholds, seed=3, stream=4, offset=5, packed=bits)
     torch.testing.assert_close(sums, native, rtol=1e-12, atol=0)
     assert torch.equal(bits, native_bits)
-    assert torch.equal(rescale.expand_drops(bits, 5003), expanded)
+    assert torch.equal(drop_bits.expand_drops(bits, 5003), expanded)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_drops_decided_as_bits_give_the_thresholds_sums(monkeypatch, native):
+    x, base, thresholds = _inputs(10_007, torch.bfloat16, True, 7)
+    want = torch.zeros(2, dtype=torch.float64)
+    packed = torch.zeros(drop_bits.packed_size(10_007), dtype=torch.uint8)
+    rescale.add_dropped_l1(want, x, base, thresholds, seed=3, stream=4, offset=5, packed=packed)
+    if not native:
+        monkeypatch.setattr(rescale, "native_magnitudes", lambda x, base: False)
+    got = torch.zeros(2, dtype=torch.float64)
+    rescale.add_dropped_l1(got, x, base, packed, seed=99, stream=98, offset=97)  # the bits decide: no words drawn
+    if native:
+        assert torch.equal(got, want)  # the same blocks, summed in the same order
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="thresholds: 3 torch.uint8 given for 10007 elements"):
+        rescale.add_dropped_l1(got, x, base, packed[:3], seed=0, stream=0, offset=0)
 
 
 def test_bad_arguments_are_refused():
     x = torch.randn(10)
     sums = torch.zeros(2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="thresholds: 3 given for 10 elements"):
+    with pytest.raises(ValueError, match="thresholds: 3 torch.int64 given for 10 elements"):
         rescale.add_dropped_l1(sums, x, None, torch.zeros(3, dtype=torch.int64), seed=0, stream=0, offset=0)
     with pytest.raises(ValueError, match="packed: 3 bytes for 10 elements, expected 2"):
-        rescale.expand_drops(torch.zeros(3, dtype=torch.uint8), 10)
+        drop_bits.expand_drops(torch.zeros(3, dtype=torch.uint8), 10)
     op = torch.ops.evolver_kernels.dropped_l1_
     one = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="sums must be a contiguous float64 tensor of 2"):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from evolver_kernels import available_backends, methods
 from evolver_kernels.io import model_io
-from evolver_kernels.kernels import ranks, rescale
+from evolver_kernels.kernels import drop_bits, ranks, rescale
 from evolver_kernels.kernels.rng import STREAM_DARE, random_words
 from evolver_kernels.merge import main
 from evolver_kernels.methods.della import della_kept
@@ -535,7 +535,7 @@ def test_della_gives_the_same_bits_without_the_extensions_selection_kernels(case
     native = merge(pop, Arena.empty(layout), chunk=chunk)
     monkeypatch.setattr(ranks, "native_magnitudes", lambda x, base: False)
     monkeypatch.setattr(rescale, "native_magnitudes", lambda x, base: False)
-    monkeypatch.setattr(rescale, "native_bits", lambda packed: False)
+    monkeypatch.setattr(drop_bits, "native_bits", lambda packed: False)
     fallback = merge(pop, Arena.empty(layout), chunk=chunk)
     for e in layout.entries:
         assert torch.equal(fallback.view(e), native.view(e)), e.name
