@@ -31,11 +31,8 @@ struct MergeParams {
   // della: per-element thresholds of model k (int64, in [0, 2**32]; null: the global threshold above) and the
   // factor of its survivors
   const int64_t* drop_thr[kMaxMergeInputs];
-  // or della's drops of model k decided already, as bits (bit j % 8 of byte j / 8 set: element j dropped; no word
-  // drawn); the CPU kernel's only: Python expands them into drop_thr for the other backends
-  const uint8_t* drop_bits[kMaxMergeInputs];
   float drop_rescale[kMaxMergeInputs];
-  bool table_drop;  // some drop_thr or drop_bits is set
+  bool table_drop;  // some drop_thr is set
   bool band;     // trim (and top) apply
   bool has_top;  // top applies
   bool ties;

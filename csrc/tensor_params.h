@@ -125,17 +125,10 @@ inline MergeParams make_merge_params(at::TensorList xs, const c10::optional<at::
     const c10::optional<at::Tensor> t = drop_thresholds.get(k);
     p.drop_rescale[k] = static_cast<float>(drop_rescales[k]);
     if (!t.has_value()) continue;
-    const bool bits = t->scalar_type() == at::kByte;
-    TORCH_CHECK(t->is_contiguous() && t->device() == out.device() &&
-                    (bits ? t->numel() == (out.numel() + 7) / 8 && out.device().is_cpu()
-                          : t->scalar_type() == at::kLong && t->numel() == out.numel()),
-                "evolver_kernels: drop_thresholds must be contiguous int64 tensors like out (or, on the CPU, uint8 "
-                "bits of ceil(its size / 8))");
-    if (bits) {
-      p.drop_bits[k] = t->data_ptr<uint8_t>();
-    } else {
-      p.drop_thr[k] = t->data_ptr<int64_t>();
-    }
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == out.numel() &&
+                    t->device() == out.device(),
+                "evolver_kernels: drop_thresholds must be contiguous int64 tensors like out");
+    p.drop_thr[k] = t->data_ptr<int64_t>();
     p.table_drop = true;
   }
   if (base) check_like(*base, out, "base");

@@ -178,14 +178,13 @@ void merge_kernel(const MergeParams& p, const MergeWindows* windows) {
         const float w = p.weight[k], trim = p.trim[k], top = p.top[k], rescale = p.rescale;
         const bool band = p.band, has_top = p.has_top;
         const int64_t* thr = kDrop && p.drop_thr[k] ? p.drop_thr[k] + lo : nullptr;  // della's, per element
-        const uint8_t* decided = kDrop ? p.drop_bits[k] : nullptr;                  // or its drops as bits
-        const bool global_drop = kDrop && !thr && !decided && p.drop_threshold > 0;
+        const bool global_drop = kDrop && !thr && p.drop_threshold > 0;
         const float drop_rescale = p.drop_rescale[k];
         if (thr || global_drop) block_words(g, p.seed, p.stream + static_cast<uint64_t>(k), words);
         const uint32_t* word = words + lo + delta;
         // One simple loop per step (each vectorises; one loop with all the branches did not), the same
         // operations in the same order per element as before.
-        if (!thr && !decided && !global_drop && !band && !staged && !fisher) {  // linear: at memory speed
+        if (!thr && !global_drop && !band && !staged && !fisher) {  // linear: one loop, at memory speed
           for (int64_t i = 0; i < len; ++i) {
             float u = Codec::load(x[i]);
             if (kBase) u = u - b[i];
@@ -195,7 +194,7 @@ void merge_kernel(const MergeParams& p, const MergeWindows* windows) {
           continue;
         }
         float* v = staged ? taus.data() + static_cast<size_t>(k) * kBlock : tau;
-        if (!thr && !decided && !global_drop) {  // TIES, breadcrumbs: the band in the loading loop
+        if (!thr && !global_drop) {  // TIES, breadcrumbs: the band in the loading loop
           for (int64_t i = 0; i < len; ++i) {
             float u = Codec::load(x[i]);
             if (kBase) u = u - b[i];
@@ -214,11 +213,6 @@ void merge_kernel(const MergeParams& p, const MergeWindows* windows) {
           if (thr) {
             for (int64_t i = 0; i < len; ++i) {
               v[i] = static_cast<int64_t>(word[i]) < thr[i] ? 0.0f : v[i] * drop_rescale;
-            }
-          } else if (decided) {
-            for (int64_t i = 0; i < len; ++i) {
-              const int64_t j = lo + i;
-              v[i] = (decided[j >> 3] >> (j & 7)) & 1 ? 0.0f : v[i] * drop_rescale;
             }
           } else if (dropped.all) {
             for (int64_t i = 0; i < len; ++i) v[i] = 0.0f;

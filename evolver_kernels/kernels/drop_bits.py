@@ -1,7 +1,7 @@
 """Drops decided once, kept as bits: bit j % 8 of byte j // 8 set where element j is dropped (`packed_size` bytes for
-n elements). della's rank pass (kernels/ranks.py) writes them, its rescale (kernels/rescale.py) and the fused merge
-(`drop_thresholds`, on the CPU) read them instead of drawing the words again; `expand_drops` turns them into the
-thresholds that drop the same elements, for the backends that take only thresholds.
+n elements). della's rank pass (kernels/ranks.py) writes them and its rescale (kernels/rescale.py) reads them
+instead of drawing the words again; `expand_drops` turns them into the thresholds (2**32 or 0) that make the fused
+merge drop the same elements.
 """
 
 from __future__ import annotations

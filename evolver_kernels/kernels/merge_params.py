@@ -21,7 +21,6 @@ from evolver_kernels.kernels.checks import (
     check_tensor,
     to_int64,
 )
-from evolver_kernels.kernels.drop_bits import expand_drops, packed_size
 from evolver_kernels.kernels.rng import crossover_threshold
 
 
@@ -39,8 +38,7 @@ class MergeParams:
     vectors over the models is at least this (sce). drop_p in [0, 1): DARE's drop probability, from the
     Philox contract with stream + k for model k and the element's global index offset + j (needs base).
     drop_thresholds (della; not with drop_p): per model None or an int64 tensor like x of per-element
-    thresholds in [0, 2**32]: the element is dropped where its word is below, or the drops decided already
-    (uint8 bits, kernels/drop_bits.py: dropped where the element's bit is set, no word drawn); the survivors times
+    thresholds in [0, 2**32]: the element is dropped where its word is below, the survivors times
     drop_rescales[k] (default 1). normalize: divide by the summed weights (of the agreeing models, for
     TIES), or by min_den where they sum to less (min_den > 0; sce). nearswap_t: mergekit's nearswap of one
     model into `base` instead (w = clamp(t / max(|base - x|, 1e-6), 0, 1), out = w x + (1 - w) base; no
@@ -156,12 +154,11 @@ class MergeParams:
             for k, t in enumerate(self.drop_thresholds):
                 if t is None:
                     continue
-                if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.uint8):
-                    raise TypeError(f"drop_thresholds[{k}] must be an int64 tensor, uint8 drop bits or None")
-                size = like.numel() if t.dtype == torch.int64 else packed_size(like.numel())
-                if t.numel() != size or t.device != like.device or not t.is_contiguous():
+                if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+                    raise TypeError(f"drop_thresholds[{k}] must be an int64 tensor or None")
+                if t.numel() != like.numel() or t.device != like.device or not t.is_contiguous():
                     raise ValueError(
-                        f"drop_thresholds[{k}] must be contiguous, {size} {'elements' if t.dtype == torch.int64 else 'bytes of bits'} on {like.device}"
+                        f"drop_thresholds[{k}] must be contiguous, {like.numel()} elements on {like.device}"
                     )
             self.drop_rescales = check_reals(
                 "drop_rescales", [1.0] * n if self.drop_rescales is None else self.drop_rescales, n
@@ -192,15 +189,6 @@ class MergeParams:
     def election_weights(self) -> list[float] | None:
         """The weights TIES elects the sign with; None without an election."""
         return (self.elect_weights or self.weights) if self.elect else None
-
-    def expand_drop_bits(self) -> None:
-        """drop_thresholds given as bits turned into the thresholds that drop the same elements: for the backends
-        that take thresholds only (all but the CPU extension)."""
-        if self.drop_thresholds is not None:
-            numel = self.xs[0].numel()
-            self.drop_thresholds = [
-                expand_drops(t, numel) if t is not None and t.dtype == torch.uint8 else t for t in self.drop_thresholds
-            ]
 
     def options(self) -> dict:
         """The options (every field but xs), as the reference takes them."""

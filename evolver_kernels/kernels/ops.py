@@ -161,8 +161,6 @@ def merge_tensors(
             inputs["base"] = p.base
         check_out_aliasing(out, inputs)
         check_out_disjoint(out, {f"fisher[{k}]": f for k, f in enumerate(p.fisher or [])})
-    if name != "cpu":
-        p.expand_drop_bits()
     if name == "reference":
         return out.copy_(reference.merge_reference(p.xs, **p.options()))
     if name == "triton" and p.nearswap_t is not None:

@@ -8,8 +8,9 @@ CPU extension's kernel (csrc/cpu/rescale_cpu.cpp) reads x and base once and form
 survivors; elsewhere (GPUs, an installation without the extension) torch forms both. The sums agree to fp64
 rounding (the order of the additions differs), far below the float32 the factor is used in.
 
-The same pass can record the drops it decided as bits (`packed`), which the fused merge drops the same elements
-with: della decides each drop once, not in its rescale pass and again in its merge pass.
+The same pass can record the drops it decided as bits (`packed`), which expand into thresholds the fused merge
+drops the same elements with (kernels/drop_bits.py): della decides each drop once, not in its rescale pass and
+again in its merge pass.
 """
 
 from __future__ import annotations

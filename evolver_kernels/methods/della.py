@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from evolver_kernels.kernels.drop_bits import expand_drops
 from evolver_kernels.kernels.ops import merge_tensors
 from evolver_kernels.kernels.ranks import rank_drop_bits
 from evolver_kernels.kernels.rescale import add_dropped_l1
@@ -125,6 +126,12 @@ def della(
     normalize = ties if normalize is None else normalize
 
     constants: dict[int, torch.Tensor] = {}  # model -> its one threshold, as long as the longest span so far
+    held: dict[int, torch.Tensor] = {}  # model -> its int64 buffer of per-element thresholds, reused by every span
+
+    def buffer(k: int, numel: int, device: torch.device) -> torch.Tensor:
+        if k not in held or held[k].numel() < numel or held[k].device != device:
+            held[k] = torch.empty(numel, dtype=torch.int64, device=device)
+        return held[k][:numel]
 
     def drops_of(e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int) -> torch.Tensor:
         """What drops model k's della_thresholds of x - base (whole rows of entry e, at global index `offset`):
@@ -169,14 +176,12 @@ def della(
             a, b = e.offset + lo, e.offset + hi
             base_c = base_chunk(base, e.group, a, b, dst.device)
             xs = [pop.read(k, e.group, a, b).to(dst.device) for k in range(n)]
-            drops = [
-                None
-                if k not in sparse
-                else decided.pop((s, k))
-                if (s, k) in decided
-                else drops_of(e, k, xs[k], base_c, start + lo)
-                for k in range(n)
-            ]
+            drops: list[torch.Tensor | None] = [None] * n
+            for k in sparse:
+                d = decided.pop((s, k), None)
+                d = drops_of(e, k, xs[k], base_c, start + lo) if d is None else d
+                # the merge takes thresholds: bits as 2**32 (dropped) or 0, in a buffer every span reuses
+                drops[k] = expand_drops(d, hi - lo, buffer(k, hi - lo, dst.device)) if d.dtype == torch.uint8 else d
             merge_tensors(
                 xs,
                 base=base_c,

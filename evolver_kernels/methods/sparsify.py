@@ -36,18 +36,19 @@ chunk by chunk; never a stack of the N models, never a mask of a tensor or of th
   (selection.kth_largest_magnitudes: the two k's in the same passes); kept is lo <= |tau| < hi.
 - della: pass 1 (with rescale) sums |tau_k| and |kept tau_k| per tensor; pass 2 merges. Both work on spans of
   whole rows of about chunk / N elements (a longer row is still read whole: della's memory is
-  O(max(chunk, N row))): each turns the span's rows into per-element drop thresholds (int64, one span per
-  sparse model at a time in pass 1, all of them in pass 2) that drop exactly what the rank's threshold drops
-  (kernels/ranks.py: on the CPU a bucketed rank bound settles almost every element, no sort), which the fused
-  operator compares with the Philox words it draws; pass 2 recomputes them rather than storing them. With
-  every epsilon 0 the thresholds are one constant per model and no rank is needed.
+  O(max(chunk, N row))): pass 1 decides the span's drops by rank (kernels/ranks.py: on the CPU a bucket of one
+  magnitude ranks by index, a bucketed rank bound settles almost every other element, no sort) and keeps them
+  as bits (1 bit an element, kernels/drop_bits.py), which its L1 sums read without drawing the words again;
+  pass 2 expands them into per-element drop thresholds (int64: 2**32 or 0, one buffer per model) for the
+  fused operator; without rescale pass 2 decides them itself. With every epsilon 0 the thresholds are one
+  constant per model and no rank is needed.
 - sce: the variance threshold in the histogram's two passes (non-zero variances counted in the first), one pass
   for the mean squares, then the merge; each pass computes the variance of a chunk from the N chunks read
   (kernels/variance.py: on the CPU one kernel reads the N models and the base once and writes only the fp32
   variance; the mean-square pass holds N fp32 task vectors, on chunks of chunk / N elements).
 The element-wise passes are the fused merge operator (merge_tensors, every backend, the same bits):
 breadcrumbs as the band trim_k <= |tau_k| < top_k with or without TIES' election; della as per-element drop
-thresholds (`drop_thresholds`, from the rank sort above) with each model's L1 factor (`drop_rescales`); sce as
+thresholds (`drop_thresholds`, from the ranks above) with each model's L1 factor (`drop_rescales`); sce as
 the variance selection (`select`), the election on the unweighted task vectors (`elect_weights` 1) and the
 divisor floor (`min_den`).
 

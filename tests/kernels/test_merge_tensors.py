@@ -11,7 +11,6 @@ from _util import assert_bitwise_equal
 from conftest import KERNEL_CASES
 
 import evolver_kernels as ek
-from evolver_kernels.kernels import drop_bits
 from evolver_kernels.kernels.reference import crossover_mask_reference, merge_reference, nearswap_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -81,34 +80,6 @@ def test_matches_reference_bitwise(device, backend, dtype, numel, mode):
     want = merge_reference(xs, **{"weights": [1.0] * 4, **kw}, **stream_kw)
     got = ek.merge_tensors(xs, backend=backend, **kw, **stream_kw)
     assert_bitwise_equal(got, want, f"{backend} {mode} {dtype}")
-
-
-@pytest.mark.parametrize("device,backend", KERNEL_CASES + [pytest.param("cpu", "reference", id="cpu-reference")])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("numel", [1, 7, 4099, 100_003])
-@pytest.mark.parametrize("mode", ["della", "della_linear"])
-def test_drops_given_as_bits_are_their_thresholds_drops(device, backend, dtype, numel, mode):
-    xs, kw = _inputs(numel, dtype, device, mode, seed=numel)
-    gen = torch.Generator().manual_seed(numel + 1)
-    bits = [
-        None
-        if t is None
-        else drop_bits.pack_drops(
-            torch.rand(numel, generator=gen) < 0.4, torch.empty(drop_bits.packed_size(numel), dtype=torch.uint8)
-        ).to(device)
-        for t in kw["drop_thresholds"]
-    ]
-    thresholds = [None if b is None else drop_bits.expand_drops(b, numel) for b in bits]
-    stream_kw = dict(seed=2**63 + 5, stream=2**32 - 2, offset=numel % 7)
-    want = merge_reference(xs, **{"weights": [1.0] * 4, **kw, "drop_thresholds": thresholds}, **stream_kw)
-    got = ek.merge_tensors(xs, backend=backend, **{**kw, "drop_thresholds": bits}, **stream_kw)
-    assert_bitwise_equal(got, want, f"{backend} {mode} {dtype} bits")
-    with pytest.raises(ValueError, match=r"drop_thresholds\[0\] must be contiguous, \d+ bytes of bits"):
-        ek.merge_tensors(
-            xs,
-            backend=backend,
-            **{**kw, "drop_thresholds": [torch.zeros(numel + 8, dtype=torch.uint8, device=device)] + bits[1:]},
-        )
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
