@@ -117,9 +117,9 @@ void gather_kernel(const GatherParams& p) {
 // rank settles almost every element. Per row: the magnitudes' fp32 bits cut into buckets. A bucket of one magnitude
 // (bf16 task vectors tie often) ranks its members exactly in index order, from its first rank on; in another, a
 // rank lies in the bucket's range [lo, hi], so that an element with word < table[hi] is dropped and one with word
-// >= table[lo] kept, and only the few others are ranked exactly, by counting the row's smaller keys (bits, index: a
-// stable sort's order) in a vectorised pass over the row. All without a branch per element and with no sort of the
-// row. Rows run in parallel, each with its own buffers.
+// >= table[lo] kept, and only the few others are ranked exactly: by counting the row's smaller keys (bits, index: a
+// stable sort's order) in a vectorised pass over the row each, or, where more are open, by sorting the members of
+// their buckets. All without a branch per element and with no sort of the row. Rows run in parallel, each with its own buffers.
 template <typename Codec, bool kBase>
 void rank_drop_kernel(const RankDropParams& p) {
   using Bits = typename Codec::Bits;
@@ -128,6 +128,7 @@ void rank_drop_kernel(const RankDropParams& p) {
   const int bucket_bits = std::clamp(64 - __builtin_clzll(static_cast<uint64_t>(cols)) - 2, 1, 12);
   const int64_t buckets = (int64_t{1} << bucket_bits) + 2;  // the zeros' bucket, then up to 2^bits + 1 others
   constexpr uint32_t kSpan = uint32_t{16} << 23;                 // 16 binades of fp32 bits
+  constexpr int64_t kScans = 8;  // open elements ranked by a pass over the row each; more: their buckets sorted
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     const int64_t* table = p.table;  // locals: stores through out must not reload them
@@ -139,6 +140,9 @@ void rank_drop_kernel(const RankDropParams& p) {
     std::vector<uint8_t> mixed(static_cast<size_t>(buckets));
     std::vector<uint8_t> flag(static_cast<size_t>(cols));
     std::vector<uint32_t> open(static_cast<size_t>(cols));  // the unsettled elements
+    std::vector<uint8_t> unsettled(static_cast<size_t>(buckets));
+    std::vector<uint32_t> groups, group_of(static_cast<size_t>(buckets)), fill;
+    std::vector<uint64_t> keys;
     for (int64_t r = begin; r < end; ++r) {
       const Bits* x = static_cast<const Bits*>(p.x) + r * cols;
       const Bits* base = kBase ? static_cast<const Bits*>(p.base) + r * cols : nullptr;
@@ -198,14 +202,46 @@ void rank_drop_kernel(const RankDropParams& p) {
         open[n_open] = static_cast<uint32_t>(j);
         n_open += 1u ^ (dropped | kept);
       }
-      for (int64_t q = 0; q < n_open; ++q) {
-        // rank of j = #{i < j : bits[i] <= bits[j]} + #{i > j : bits[i] < bits[j]}: its key (bits, index) among
-        // the row's, counted without a branch (vectorised).
-        const uint32_t j = open[q], b = bits[j];
-        uint32_t below = 0;
-        for (uint32_t i = 0; i < j; ++i) below += bits[i] <= b;
-        for (int64_t i = j + 1; i < cols; ++i) below += bits[i] < b;
-        flag[j] = static_cast<int64_t>(word[j]) < table[below];
+      if (n_open <= kScans) {
+        for (int64_t q = 0; q < n_open; ++q) {
+          // rank of j = #{i < j : bits[i] <= bits[j]} + #{i > j : bits[i] < bits[j]}: its key (bits, index) among
+          // the row's, counted without a branch (vectorised).
+          const uint32_t j = open[q], b = bits[j];
+          uint32_t below = 0;
+          for (uint32_t i = 0; i < j; ++i) below += bits[i] <= b;
+          for (int64_t i = j + 1; i < cols; ++i) below += bits[i] < b;
+          flag[j] = static_cast<int64_t>(word[j]) < table[below];
+        }
+      } else {
+        // Many: the buckets holding them ranked whole, their members gathered in index order (a counting sort over
+        // those buckets) and sorted by (bits, index), so that the row costs O(cols log) however many are open.
+        std::fill(unsettled.begin(), unsettled.end(), uint8_t{0});
+        for (int64_t q = 0; q < n_open; ++q) unsettled[slot[open[q]]] = 1;
+        groups.clear();
+        for (int64_t v = 0; v + 1 < buckets; ++v) {
+          if (unsettled[v]) {
+            group_of[v] = static_cast<uint32_t>(groups.size());
+            groups.push_back(static_cast<uint32_t>(v));
+          }
+        }
+        fill.assign(groups.size() + 1, 0u);
+        for (size_t g = 0; g < groups.size(); ++g) fill[g + 1] = fill[g] + start[groups[g] + 1] - start[groups[g]];
+        keys.resize(fill.back());
+        for (int64_t j = 0; j < cols; ++j) {
+          const uint32_t v = slot[j];
+          if (unsettled[v]) keys[fill[group_of[v]]++] = static_cast<uint64_t>(bits[j]) << 32 | static_cast<uint64_t>(j);
+        }
+        uint64_t* member = keys.data();
+        for (size_t g = 0; g < groups.size(); ++g) {
+          const uint32_t v = groups[g];
+          const int64_t size = start[v + 1] - start[v];
+          std::sort(member, member + size);  // (bits, index): a stable sort's order
+          for (int64_t q = 0; q < size; ++q) {
+            const int64_t j = static_cast<int64_t>(member[q] & 0xffffffffu);
+            flag[j] = static_cast<int64_t>(word[j]) < table[start[v] + q];
+          }
+          member += size;
+        }
       }
       const int64_t at = r * cols;
       if (p.packed) {
