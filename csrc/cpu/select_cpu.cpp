@@ -119,7 +119,8 @@ void gather_kernel(const GatherParams& p) {
 // rank lies in the bucket's range [lo, hi], so that an element with word < table[hi] is dropped and one with word
 // >= table[lo] kept, and only the few others are ranked exactly: by counting the row's smaller keys (bits, index: a
 // stable sort's order) in a vectorised pass over the row each, or, where more are open, by sorting the members of
-// their buckets. All without a branch per element and with no sort of the row. Rows run in parallel, each with its own buffers.
+// their buckets. All without a branch per element and with no sort of the row. Rows run in parallel, each with its
+// own buffers.
 template <typename Codec, bool kBase>
 void rank_drop_kernel(const RankDropParams& p) {
   using Bits = typename Codec::Bits;
