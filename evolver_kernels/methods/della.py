@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from evolver_kernels.kernels.drop_bits import expand_drops
+from evolver_kernels.kernels.drop_bits import expand_drops, packed_size
 from evolver_kernels.kernels.ops import merge_tensors
 from evolver_kernels.kernels.ranks import rank_drop_bits
 from evolver_kernels.kernels.rescale import add_dropped_l1
@@ -133,9 +133,20 @@ def della(
             held[k] = torch.empty(numel, dtype=torch.int64, device=device)
         return held[k][:numel]
 
-    def drops_of(e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int) -> torch.Tensor:
+    stores: dict[int, torch.Tensor] = {}  # model -> the bits of its spans of one tensor, reused by every tensor
+
+    def store(k: int, byte_at: list[int], s: int, device: torch.device) -> torch.Tensor:
+        """Model k's bytes for the bits of span s, of spans starting at byte_at[s] (byte_at[-1]: their end)."""
+        if k not in stores or stores[k].numel() < byte_at[-1] or stores[k].device != device:
+            stores[k] = torch.empty(byte_at[-1], dtype=torch.uint8, device=device)
+        return stores[k][byte_at[s] : byte_at[s + 1]]
+
+    def drops_of(
+        e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int, bits: torch.Tensor
+    ) -> torch.Tensor:
         """What drops model k's della_thresholds of x - base (whole rows of entry e, at global index `offset`):
-        with every rank alike (epsilon 0) its one threshold for every element, else the drops decided, as bits."""
+        with every rank alike (epsilon 0) its one threshold for every element, else the drops decided, as bits
+        written into `bits` (packed_size(x.numel()) bytes)."""
         if epsilons[k] == 0:  # every rank alike: one threshold, filled once and read by every span
             one = constants.get(k)
             if one is None or one.numel() < x.numel() or one.device != x.device:
@@ -143,7 +154,7 @@ def della(
                 one = constants[k] = torch.full((x.numel(),), threshold, dtype=torch.int64, device=x.device)
             return one[: x.numel()]
         table = della_table(della_rows(e, ranked)[1], densities[k], epsilons[k], x.device)
-        return rank_drop_bits(x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset)
+        return rank_drop_bits(x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset, out=bits)
 
     for e in prefetched(pop, base):
         if e.numel == 0:
@@ -153,6 +164,10 @@ def della(
         per = max(1, per_model_chunk(chunk, n) // cols)  # whole rows
         spans = [(r0 * cols, min(rows, r0 + per) * cols) for r0 in range(0, rows, per)]
         start = pop.layout.groups[e.group][0] + e.offset
+        byte_at = [0]  # where each span's bits start in a model's store
+        for lo, hi in spans:
+            byte_at.append(byte_at[-1] + packed_size(hi - lo))
+
         factors = [1.0] * n
         decided: dict[tuple[int, int], torch.Tensor] = {}  # (span, model) -> its ranked drops as bits
         if rescale and sparse:
@@ -162,7 +177,7 @@ def della(
                 base_c = base_chunk(base, e.group, a, b, dst.device)
                 for k in sparse:
                     x = pop.read(k, e.group, a, b).to(dst.device)
-                    drops = drops_of(e, k, x, base_c, start + lo)
+                    drops = drops_of(e, k, x, base_c, start + lo, store(k, byte_at, s, dst.device))
                     if drops.dtype == torch.uint8:  # kept: the merge's pass does not rank again
                         decided[s, k] = drops
                     else:
@@ -179,7 +194,7 @@ def della(
             drops: list[torch.Tensor | None] = [None] * n
             for k in sparse:
                 d = decided.pop((s, k), None)
-                d = drops_of(e, k, xs[k], base_c, start + lo) if d is None else d
+                d = drops_of(e, k, xs[k], base_c, start + lo, store(k, byte_at, s, dst.device)) if d is None else d
                 # the merge takes thresholds: bits as 2**32 (dropped) or 0, in a buffer every span reuses
                 drops[k] = expand_drops(d, hi - lo, buffer(k, hi - lo, dst.device)) if d.dtype == torch.uint8 else d
             merge_tensors(
