@@ -22,10 +22,10 @@ struct DropL1Params {
   uint8_t* packed;               // ceil(n / 8) bytes, zeroed, or nullptr: bit j % 8 of byte j / 8 set where j drops
 };
 
-// Element j is dropped where its Philox word is below its threshold, as in the fused merge's drop_thresholds (or
-// where bit j of drops is set). The
-// magnitudes are fp32 (how the merge forms a task vector), summed in fp64 per block of 256 elements aligned to
-// global Philox groups, the blocks' sums added in index order: the same sums whatever the threads.
+// Element j is dropped where its Philox word is below its threshold, as in the fused merge's drop_thresholds, or
+// where bit j of drops is set. The magnitudes are fp32 (how the merge forms a task vector), summed in fp64 per
+// block of 256 elements aligned to global Philox groups, the blocks' sums added in index order: the same sums
+// whatever the threads.
 void dropped_l1_cpu(const DropL1Params& p);
 
 // The drops `packed` records as the fused merge's thresholds: out[j] = 2^32 where bit j is set (dropped), else 0.

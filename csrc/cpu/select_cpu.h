@@ -60,7 +60,8 @@ constexpr int64_t kDropAll = int64_t{1} << 32;
 // della's drops: element j of row r is dropped where its Philox word (seed, stream, offset + r * cols + j) is below
 // table[its rank], the rank of its magnitude among row r's (ascending, ties by index: a stable sort's order; all
 // NaNs equal and above infinity, as torch.argsort orders them). Written as thresholds the fused merge compares
-// the same words with: kDropAll (dropped) or 0 (kept); or as bits (packed), which the merge and the rescale take.
+// the same words with: kDropAll (dropped) or 0 (kept); or as bits (packed), which the rescale reads and which
+// expand into those thresholds for the merge.
 void magnitude_rank_drops_cpu(const RankDropParams& p);
 
 struct VarianceParams {

@@ -23,6 +23,11 @@ def is_packed(t: torch.Tensor, numel: int) -> bool:
     return t.dtype == torch.uint8 and t.numel() == packed_size(numel)
 
 
+def _check_packed(packed: torch.Tensor, numel: int) -> None:
+    if not is_packed(packed, numel):
+        raise ValueError(f"packed: {packed.numel()} bytes for {numel} elements, expected {packed_size(numel)}")
+
+
 def pack_drops(dropped: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """packed (uint8 of packed_size(dropped.numel())) = the bits of bool `dropped` (flat); returns packed."""
     flags = torch.zeros(packed.numel() * 8, dtype=torch.uint8, device=dropped.device)
@@ -32,8 +37,7 @@ def pack_drops(dropped: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def unpack_drops(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Bool [numel]: which elements `packed` drops (torch)."""
-    if not is_packed(packed, numel):
-        raise ValueError(f"packed: {packed.numel()} bytes for {numel} elements, expected {packed_size(numel)}")
+    _check_packed(packed, numel)
     bits = (packed.view(-1, 1) >> _BITS.to(packed.device)) & 1
     return bits.view(-1)[:numel].bool()
 
@@ -46,8 +50,7 @@ def native_bits(packed: torch.Tensor) -> bool:
 def expand_drops(packed: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """int64 [numel] on packed's device: 2**32 where `packed` records a drop (every word is below it), else 0 (none
     is): the fused merge's drop_thresholds for the same drops. `out` written when given."""
-    if not is_packed(packed, numel):
-        raise ValueError(f"packed: {packed.numel()} bytes for {numel} elements, expected {packed_size(numel)}")
+    _check_packed(packed, numel)
     if out is None:
         out = torch.empty(numel, dtype=torch.int64, device=packed.device)
     if native_bits(packed):

@@ -142,11 +142,11 @@ def della(
         return stores[k][byte_at[s] : byte_at[s + 1]]
 
     def drops_of(
-        e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int, bits: torch.Tensor
+        e: Entry, k: int, x: torch.Tensor, base: torch.Tensor | None, offset: int, byte_at: list[int], s: int
     ) -> torch.Tensor:
-        """What drops model k's della_thresholds of x - base (whole rows of entry e, at global index `offset`):
-        with every rank alike (epsilon 0) its one threshold for every element, else the drops decided, as bits
-        written into `bits` (packed_size(x.numel()) bytes)."""
+        """What drops model k's della_thresholds of x - base (span s of entry e's whole rows, at global index
+        `offset`): with every rank alike (epsilon 0) its one threshold for every element, else the drops decided,
+        as bits in model k's store (store(k, byte_at, s))."""
         if epsilons[k] == 0:  # every rank alike: one threshold, filled once and read by every span
             one = constants.get(k)
             if one is None or one.numel() < x.numel() or one.device != x.device:
@@ -154,6 +154,7 @@ def della(
                 one = constants[k] = torch.full((x.numel(),), threshold, dtype=torch.int64, device=x.device)
             return one[: x.numel()]
         table = della_table(della_rows(e, ranked)[1], densities[k], epsilons[k], x.device)
+        bits = store(k, byte_at, s, x.device)
         return rank_drop_bits(x, base, table, seed=seed, stream=STREAM_DARE + k, offset=offset, out=bits)
 
     for e in prefetched(pop, base):
@@ -177,7 +178,7 @@ def della(
                 base_c = base_chunk(base, e.group, a, b, dst.device)
                 for k in sparse:
                     x = pop.read(k, e.group, a, b).to(dst.device)
-                    drops = drops_of(e, k, x, base_c, start + lo, store(k, byte_at, s, dst.device))
+                    drops = drops_of(e, k, x, base_c, start + lo, byte_at, s)
                     if drops.dtype == torch.uint8:  # kept: the merge's pass does not rank again
                         decided[s, k] = drops
                     else:
@@ -194,7 +195,7 @@ def della(
             drops: list[torch.Tensor | None] = [None] * n
             for k in sparse:
                 d = decided.pop((s, k), None)
-                d = drops_of(e, k, xs[k], base_c, start + lo, store(k, byte_at, s, dst.device)) if d is None else d
+                d = drops_of(e, k, xs[k], base_c, start + lo, byte_at, s) if d is None else d
                 # the merge takes thresholds: bits as 2**32 (dropped) or 0, in a buffer every span reuses
                 drops[k] = expand_drops(d, hi - lo, buffer(k, hi - lo, dst.device)) if d.dtype == torch.uint8 else d
             merge_tensors(
